@@ -1,0 +1,307 @@
+//! The resolved security-group model: what parsing and SGP matching produce,
+//! and what the reference evaluator and the map compiler consume.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+pub use enforcer_common::EnforcingMode;
+
+/// An EC2 security group ID (`sg-…`).
+pub type GroupId = String;
+
+/// Direction of a flow as seen by the pod: `Ingress` is peer -> pod, `Egress` pod -> peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub fn opposite(self) -> Self {
+        match self {
+            Self::Ingress => Self::Egress,
+            Self::Egress => Self::Ingress,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+}
+
+/// An IPv4 or IPv6 prefix with its host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix_len: u8,
+}
+
+/// Why a string is not a CIDR.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid CIDR {0:?}")]
+pub struct CidrError(pub String);
+
+impl Cidr {
+    /// A prefix of `addr`; host bits beyond `prefix_len` are cleared.
+    pub fn new(addr: IpAddr, prefix_len: u8) -> Option<Self> {
+        let max = match addr {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        };
+        (prefix_len <= max).then(|| Self {
+            addr: mask(addr, prefix_len),
+            prefix_len,
+        })
+    }
+
+    /// The /32 or /128 of one address.
+    pub fn host(addr: IpAddr) -> Self {
+        let prefix_len = if addr.is_ipv4() { 32 } else { 128 };
+        Self { addr, prefix_len }
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+
+    /// `0.0.0.0/0` or `::/0`.
+    pub fn is_everything(&self) -> bool {
+        self.prefix_len == 0
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix_len) == self.addr
+    }
+
+    /// The address at `offset` from the network address (base + 1 is the VPC router).
+    pub fn nth(&self, offset: u32) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a).wrapping_add(offset))),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(
+                u128::from(a).wrapping_add(u128::from(offset)),
+            )),
+        }
+    }
+}
+
+fn mask(addr: IpAddr, prefix_len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let bits = u32::from(a);
+            let m = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(bits & m))
+        }
+        IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            let m = u128::MAX.checked_shl(128 - u32::from(prefix_len)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(bits & m))
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    /// Accepts `a.b.c.d/n`, `x::y/n`, and a bare address (a host prefix).
+    /// Host bits set beyond the prefix are an error, as EC2 rejects them.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || CidrError(s.to_string());
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => {
+                let addr: IpAddr = a.parse().map_err(|_| err())?;
+                if l.is_empty() || !l.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(err());
+                }
+                (addr, l.parse::<u8>().map_err(|_| err())?)
+            }
+            None => {
+                let addr: IpAddr = s.parse().map_err(|_| err())?;
+                return Ok(Self::host(addr));
+            }
+        };
+        let cidr = Self::new(addr, len).ok_or_else(err)?;
+        if cidr.addr != addr {
+            return Err(err());
+        }
+        Ok(cidr)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// What a rule allows at layer 4 (EC2 `IpProtocol` with `FromPort`/`ToPort`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum L4Match {
+    /// `IpProtocol: "-1"`: every protocol, every port.
+    All,
+    /// TCP (6) or UDP (17) destination ports `from..=to`.
+    Ports { protocol: u8, from: u16, to: u16 },
+    /// ICMP (`v6: false`, protocol 1) or ICMPv6 (`v6: true`, 58); `None` = any.
+    /// A `None` type always comes with a `None` code.
+    Icmp {
+        v6: bool,
+        icmp_type: Option<u8>,
+        code: Option<u8>,
+    },
+    /// Any other protocol number: ports are ignored.
+    Protocol(u8),
+}
+
+/// The other end of a rule.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Peer {
+    /// `IpRanges[].CidrIp` or `Ipv6Ranges[].CidrIpv6`.
+    Cidr(Cidr),
+    /// `PrefixListIds[].PrefixListId`: the CIDRs of that managed prefix list.
+    PrefixList(String),
+    /// `UserIdGroupPairs[].GroupId`: the private IPs of every ENI carrying that group.
+    Group(GroupId),
+}
+
+/// One security-group rule: one peer of one EC2 `IpPermission`, as the EC2
+/// console lists them and as the rule quota counts them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub l4: L4Match,
+    pub peer: Peer,
+    pub description: Option<String>,
+}
+
+/// An EC2 security group. Rules are indexed in order: for each
+/// `IpPermission`, its `IpRanges`, `Ipv6Ranges`, `PrefixListIds`, then
+/// `UserIdGroupPairs`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecurityGroup {
+    pub id: GroupId,
+    pub name: String,
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    pub ingress: Vec<Rule>,
+    pub egress: Vec<Rule>,
+}
+
+impl SecurityGroup {
+    pub fn rules(&self, direction: Direction) -> &[Rule] {
+        match direction {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+}
+
+/// What happens to tagged frames whose VLAN has no pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownVlanAction {
+    Drop,
+    Pass,
+}
+
+/// Idle timeouts in seconds (EC2 `ConnectionTrackingSpecification`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackTimeouts {
+    pub tcp_established: u32,
+    pub udp_stream: u32,
+    pub udp: u32,
+}
+
+impl Default for ConntrackTimeouts {
+    fn default() -> Self {
+        Self {
+            tcp_established: 432_000,
+            udp_stream: 180,
+            udp: 30,
+        }
+    }
+}
+
+/// This node, from the `NodeConfig` object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub name: String,
+    pub enforcing_mode: EnforcingMode,
+    pub trunk_interface: String,
+    pub primary_interface: String,
+    pub primary_ips: Vec<IpAddr>,
+    pub primary_security_groups: Vec<GroupId>,
+    pub vpc_cidrs: Vec<Cidr>,
+    pub external_snat: bool,
+    pub unknown_vlan: UnknownVlanAction,
+    pub connection_tracking: ConntrackTimeouts,
+    /// Security groups allowed on one branch ENI (EC2 quota: 5 by default, at most 16).
+    pub max_groups_per_pod: usize,
+    /// Rules per group and direction (EC2 quota: 60 by default).
+    pub max_rules_per_group: usize,
+}
+
+/// A pod of this node with a branch ENI: the unit the fast path enforces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BranchPod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub vlan: u16,
+    pub eni_id: String,
+    pub mac: String,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// The branch ENI's subnets (annotation `subnetCidr`, `subnetV6Cidr`); base + 1 is the router.
+    pub subnet_v4: Option<Cidr>,
+    pub subnet_v6: Option<Cidr>,
+    /// The branch ENI's groups, in SGP order (or the node's groups when no SGP matched).
+    pub groups: Vec<GroupId>,
+    pub mode: EnforcingMode,
+}
+
+impl BranchPod {
+    /// `namespace/name`, how users name a pod.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.ipv6.map(IpAddr::V6))
+    }
+}
+
+/// Everything the evaluator and the compiler need, resolved from a state directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Model {
+    pub node: NodeConfig,
+    pub groups: BTreeMap<GroupId, SecurityGroup>,
+    /// Managed prefix list ID -> its CIDRs.
+    pub prefix_lists: BTreeMap<String, Vec<Cidr>>,
+    /// Group ID -> private IPs of every ENI carrying it (for `UserIdGroupPairs` peers).
+    pub members: BTreeMap<GroupId, BTreeSet<IpAddr>>,
+    /// Branch pods of this node, sorted by VLAN.
+    pub pods: Vec<BranchPod>,
+    /// Addresses that are "on the node" (sg-semantics.md §6): the node's primary
+    /// IPs and every pod whose `spec.nodeName` is this node, branch or not.
+    pub node_local: BTreeSet<IpAddr>,
+}
+
+impl Model {
+    /// The enforced pod called `namespace/name`.
+    pub fn pod(&self, key: &str) -> Option<&BranchPod> {
+        self.pods.iter().find(|p| p.key() == key)
+    }
+}
