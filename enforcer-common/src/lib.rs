@@ -84,7 +84,22 @@ impl PodEntry {
     pub const fn mode(&self) -> Option<EnforcingMode> {
         EnforcingMode::from_u8(self.mode)
     }
+
+    /// Whether `addr` (IPv4 as `::ffff:a.b.c.d`) is one of the pod's addresses.
+    #[inline(always)]
+    pub fn owns(&self, addr: &[u8; 16], ipv6: bool) -> bool {
+        if ipv6 {
+            self.flags & POD_HAS_IPV6 != 0 && *addr == self.ipv6
+        } else {
+            self.flags & POD_HAS_IPV4 != 0
+                && addr[..12] == V4_MAPPED_PREFIX
+                && addr[12..] == self.ipv4
+        }
+    }
 }
+
+/// The first 12 bytes of an IPv4-mapped IPv6 address.
+pub const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 
 /// Data of a `PEERS_V4` LPM key. Fields are big-endian bytes so that the
 /// trie's bit order is policy first, then address: the key's prefix length is
@@ -167,10 +182,12 @@ pub enum Counter {
     DropMalformed = 3,
     /// Stacked tags (QinQ) or an ethertype that is not IP/ARP on a pod's VLAN, dropped.
     DropUnsupportedL2 = 4,
+    /// Egress source or ingress destination is not the pod's address, dropped.
+    DropSpoofed = 5,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 5;
+pub const COUNTER_SLOTS: u32 = 6;
 
 #[cfg(feature = "user")]
 mod user {

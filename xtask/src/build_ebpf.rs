@@ -1,0 +1,56 @@
+//! `cargo xtask build-ebpf`: the kernel crate for bpfel-unknown-none with
+//! nightly, build-std and BTF, staged where the `enforcer` build embeds it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::command::{run as run_command, workspace_root};
+
+const TARGET: &str = "bpfel-unknown-none";
+
+/// Where `enforcer/build.rs` picks the object up.
+pub fn staged_object() -> PathBuf {
+    workspace_root().join("target/bpf/enforcer-ebpf.o")
+}
+
+pub fn run(release: bool) -> Result<()> {
+    let root = workspace_root();
+    let target_dir = root.join("target");
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(&root)
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--package",
+            "enforcer-ebpf",
+        ])
+        .args(["--target", TARGET, "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        // BTF makes map keys and values printable with field names by bpftool.
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
+        // Variables set by the outer (stable) cargo must not leak into the nightly build.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTFLAGS");
+    if release {
+        cmd.arg("--release");
+    }
+    run_command(&mut cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    let built = target_dir.join(TARGET).join(profile).join("enforcer-ebpf");
+    let staged = staged_object();
+    std::fs::create_dir_all(staged.parent().expect("staged object has a parent"))?;
+    std::fs::copy(&built, &staged)
+        .with_context(|| format!("cannot copy {} to {}", built.display(), staged.display()))?;
+    eprintln!("xtask: eBPF object staged at {}", staged.display());
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! `cargo xtask setup`: installs what the build and the tests need, and does
+//! nothing when everything is there (recipe: ../shared/docs/toolchain.md).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::command::{output, run as run_command};
+
+/// bpf-linker must link the same LLVM major as the nightly rustc.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+
+/// Debian packages the tests and tools use, with a binary proving each is installed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("iproute2", "ip"),
+    ("nftables", "nft"),
+    ("iptables", "iptables"),
+    ("iputils-ping", "ping"),
+    ("tcpdump", "tcpdump"),
+];
+
+pub fn run() -> Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    packages()?;
+    bpffs()
+}
+
+fn rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("rustup cannot list the nightly toolchain's components: is `nightly` installed (`rustup toolchain install nightly`)?")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing rust-src for nightly (needed by -Z build-std=core)");
+    run_command(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+}
+
+fn bpf_linker() -> Result<()> {
+    // bpf-linker loads the nightly toolchain's libLLVM, which `rustup run` puts on the library path.
+    let version =
+        output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"]));
+    if version
+        .as_deref()
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask setup: installing bpf-linker {BPF_LINKER_VERSION} against the nightly toolchain's LLVM (about 2 minutes)"
+    );
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("cannot find the nightly sysroot (`rustc +nightly --print sysroot`)")?;
+    let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib_dir)
+        .with_context(|| format!("cannot read {}", lib_dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        })
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", lib_dir.display()))?;
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let prefix = PathBuf::from(home).join(".local/rust-llvm");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("cannot create {}", prefix_lib.display()))?;
+    let link = prefix_lib.join("libLLVM.so");
+    // Replace a link left by an older nightly.
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&llvm, &link)
+        .with_context(|| format!("cannot link {} to {}", link.display(), llvm.display()))?;
+    run_command(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+                BPF_LINKER_LLVM_FEATURE,
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )
+    .context("building bpf-linker failed (recipe in ../shared/docs/toolchain.md)")
+}
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(package, _)| !dpkg_installed(package))
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {}: run `cargo xtask setup` as root (or apt-get install them)",
+            missing.join(", ")
+        );
+    }
+    eprintln!("xtask setup: installing {}", missing.join(", "));
+    run_command(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    run_command(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    for (package, binary) in PACKAGES {
+        if output(Command::new("sh").args(["-c", &format!("command -v {binary}")])).is_none() {
+            bail!("package {package} is installed but `{binary}` is not on PATH");
+        }
+    }
+    Ok(())
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+/// The BPF filesystem the agent pins under; some machines boot without it.
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("/sys/fs/bpf is not mounted: run `cargo xtask setup` as root");
+    }
+    eprintln!("xtask setup: mounting bpffs on /sys/fs/bpf");
+    run_command(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+pub fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
+}

@@ -1,0 +1,39 @@
+//! `cargo xtask test`: unit tests, then the privileged integration tests,
+//! which share kernel state (bpffs, namespaces) and so run on one thread.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::command::{run as run_command, workspace_root};
+use crate::{build_ebpf, setup};
+
+/// Set to `1` to run only the unprivileged tests on a machine without root.
+const SKIP_PRIVILEGED: &str = "ENFORCER_SKIP_PRIVILEGED";
+
+pub fn run() -> Result<()> {
+    build_ebpf::run(true)?;
+    let root = workspace_root();
+    run_command(Command::new("cargo").current_dir(&root).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "enforcer-tests",
+    ]))?;
+    if std::env::var(SKIP_PRIVILEGED).as_deref() == Ok("1") {
+        eprintln!("xtask: {SKIP_PRIVILEGED}=1: privileged integration tests NOT run");
+        return Ok(());
+    }
+    if !setup::is_root() {
+        bail!(
+            "the integration tests load BPF programs and create namespaces: run as root (or set {SKIP_PRIVILEGED}=1 to skip them explicitly)"
+        );
+    }
+    run_command(Command::new("cargo").current_dir(&root).args([
+        "test",
+        "--package",
+        "enforcer-tests",
+        "--",
+        "--test-threads=1",
+    ]))
+}
