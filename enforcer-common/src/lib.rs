@@ -7,7 +7,7 @@
 pub mod map_names {
     /// VLAN ID -> [`crate::PodEntry`].
     pub const PODS: &str = "PODS";
-    /// Per-CPU counters indexed by [`crate::Counter`].
+    /// Per-CPU packet counters indexed by [`crate::Reason`].
     pub const COUNTERS: &str = "COUNTERS";
     /// LPM trie: (policy, IPv4 peer prefix) -> [`crate::PeerClass`].
     pub const PEERS_V4: &str = "PEERS_V4";
@@ -19,7 +19,43 @@ pub mod map_names {
     pub const UNFILTERED: &str = "UNFILTERED";
     /// Hash: [`crate::AddrKey`] (vlan 0) -> `u8`, addresses on this node (standard mode skips them).
     pub const NODE_LOCAL: &str = "NODE_LOCAL";
+    /// LRU hash: [`crate::CtKey`] -> [`crate::CtEntry`], the connection tracker.
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// LRU hash: [`crate::FragmentKey`] -> [`crate::FragmentVerdict`], IP fragments.
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    /// Array of one [`crate::Settings`].
+    pub const SETTINGS: &str = "SETTINGS";
+
+    /// Every map, in the order userspace pins them.
+    pub const ALL: [&str; 10] = [
+        PODS, PEERS_V4, PEERS_V6, PORTS, UNFILTERED, NODE_LOCAL, CONNTRACK, FRAGMENTS, SETTINGS,
+        COUNTERS,
+    ];
 }
+
+/// Conntrack idle timeouts in seconds that are not NodeConfig settings
+/// (sg-semantics.md §4); the kernel and `flow.rs` both use these.
+pub mod ct_timeouts {
+    /// TCP until a packet has been seen in both directions.
+    pub const TCP_OPENING: u32 = 60;
+    /// TCP after FIN from both sides, or after any RST.
+    pub const TCP_CLOSING: u32 = 10;
+    /// ICMP (echo and everything else tracked).
+    pub const ICMP: u32 = 30;
+    /// Protocols other than TCP, UDP and ICMP.
+    pub const OTHER: u32 = 600;
+}
+
+/// Capacity of the connection tracker (LRU: the oldest idle flow goes first).
+pub const MAX_FLOWS: u32 = 262_144;
+/// Capacity of each peer trie (prefixes of all policies).
+pub const MAX_PEER_PREFIXES: u32 = 1 << 20;
+/// Capacity of the port trie (entries of all peer classes).
+pub const MAX_PORT_ENTRIES: u32 = 1 << 20;
+/// Capacity of the address sets (`UNFILTERED`, `NODE_LOCAL`).
+pub const MAX_ADDRESSES: u32 = 65_536;
+/// Capacity of the fragment table.
+pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8192;
 
 /// Capacity of the pod map: every 12-bit VLAN ID a trunk can carry.
 pub const MAX_PODS: u32 = 4096;
@@ -151,7 +187,7 @@ pub const VERDICT_UNTRACKED: u32 = 1 << 0;
 /// the lowest-numbered rule allowing it (userspace maps it to group, direction
 /// and rule index).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortVerdict {
     pub rule: u32,
     pub flags: u32,
@@ -167,27 +203,158 @@ pub struct AddrKey {
     pub addr: [u8; 16],
 }
 
-/// Indexes of the per-CPU counter array: one per outcome, so an operator can
-/// tell from `bpftool map dump` why packets were passed or dropped.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
-    /// Untagged frame: not branch-ENI traffic.
-    PassUntagged = 0,
-    /// Tagged frame of a known pod, accepted.
-    PassPod = 1,
-    /// Tagged frame whose VLAN has no pod entry, dropped.
-    DropUnknownVlan = 2,
-    /// Truncated or malformed headers on a pod's VLAN, dropped.
-    DropMalformed = 3,
-    /// Stacked tags (QinQ) or an ethertype that is not IP/ARP on a pod's VLAN, dropped.
-    DropUnsupportedL2 = 4,
-    /// Egress source or ingress destination is not the pod's address, dropped.
-    DropSpoofed = 5,
+/// Node-wide settings from the NodeConfig (slot 0 of `SETTINGS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// 1: frames of a VLAN with no pod pass (`unknownVlan: pass`); 0: dropped.
+    pub unknown_vlan_pass: u32,
+    pub tcp_established_timeout: u32,
+    pub udp_stream_timeout: u32,
+    pub udp_timeout: u32,
 }
 
-/// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 6;
+/// A flow as seen by one pod: direction-independent, so a reply finds the
+/// entry its request created, and scoped by VLAN, so one pod's flows never
+/// admit traffic to another. Ports are TCP/UDP ports, the ICMP echo
+/// identifier in `pod_port`, or 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtKey {
+    pub pod_addr: [u8; 16],
+    pub peer_addr: [u8; 16],
+    pub pod_port: u16,
+    pub peer_port: u16,
+    pub vlan: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// [`CtEntry::state`] values.
+pub mod ct_state {
+    /// TCP: packets seen in one direction only.
+    pub const OPENING: u8 = 1;
+    /// TCP: packets seen in both directions.
+    pub const ESTABLISHED: u8 = 2;
+    /// TCP: FIN from both sides, or RST.
+    pub const CLOSING: u8 = 3;
+    /// UDP, ICMP, other protocols: packets seen in one direction only.
+    pub const ONE_WAY: u8 = 4;
+    /// UDP, ICMP, other protocols: packets seen in both directions (a "stream").
+    pub const BOTH_WAYS: u8 = 5;
+}
+
+/// [`CtEntry::flags`] bits.
+pub mod ct_flag {
+    pub const SEEN_INGRESS: u8 = 1 << 0;
+    pub const SEEN_EGRESS: u8 = 1 << 1;
+    pub const FIN_INGRESS: u8 = 1 << 2;
+    pub const FIN_EGRESS: u8 = 1 << 3;
+}
+
+/// Index of [`CtEntry::packets`] and [`CtEntry::bytes`] by direction.
+pub const DIR_INGRESS: usize = 0;
+pub const DIR_EGRESS: usize = 1;
+
+/// A tracked flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns` of the first and the latest packet.
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// Per direction ([`DIR_INGRESS`], [`DIR_EGRESS`]).
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    /// Rule ID that admitted the flow on the branch side, and on the primary side (standard mode; else 0).
+    pub rule: u32,
+    pub primary_rule: u32,
+    /// [`ct_state`].
+    pub state: u8,
+    /// Direction of the first packet ([`DIR_INGRESS`] or [`DIR_EGRESS`] as u8).
+    pub origin: u8,
+    /// [`ct_flag`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 5],
+}
+
+/// One IP datagram's fragments: the first fragment's verdict applies to the rest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FragmentKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub vlan: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Verdict of a fragmented datagram's first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragmentVerdict {
+    /// 1 allowed, 0 denied.
+    pub allowed: u32,
+}
+
+/// Why a frame was passed or dropped: the index of the per-CPU `COUNTERS`
+/// array and the reason carried by verdict events, so `bpftool map dump`,
+/// metrics and `enforcer flows` all say *why*.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Untagged frame: not branch-ENI traffic.
+    PassUntagged = 0,
+    /// Packet of a tracked flow.
+    PassEstablished = 1,
+    /// Tagged frame whose VLAN has no pod (`unknownVlan: drop`).
+    DropUnknownVlan = 2,
+    /// Truncated or malformed headers on a pod's VLAN.
+    DropMalformed = 3,
+    /// Stacked tags (QinQ) or an ethertype that is not IP/ARP on a pod's VLAN.
+    DropUnsupportedL2 = 4,
+    /// Egress source or ingress destination is not the pod's address.
+    DropSpoofed = 5,
+    /// First packet of a flow the rules allow.
+    PassNew = 6,
+    /// Traffic security groups never filter (VPC DNS, IMDS, time sync, router, DHCP).
+    PassUnfiltered = 7,
+    /// Standard mode: the peer is on this node, not checked.
+    PassSameNode = 8,
+    /// ICMP error carrying the header of a tracked flow.
+    PassRelated = 9,
+    /// Later fragment of a datagram whose first fragment was allowed.
+    PassFragment = 10,
+    /// Later fragment of a denied datagram, or whose first fragment was not seen.
+    DropFragment = 11,
+    /// No rule of the pod's (branch) groups allows the flow.
+    DropPolicy = 12,
+    /// Standard mode: the branch groups allow it, the node's primary groups do not.
+    DropPrimaryPolicy = 13,
+    /// ARP and IPv6 neighbour/router discovery of the pod.
+    PassLinkLayer = 14,
+    /// Tagged frame whose VLAN has no pod (`unknownVlan: pass`).
+    PassUnknownVlan = 15,
+}
+
+/// Number of [`Reason`] slots in `COUNTERS`.
+pub const REASONS: u32 = 16;
+
+impl Reason {
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Self::DropUnknownVlan
+                | Self::DropMalformed
+                | Self::DropUnsupportedL2
+                | Self::DropSpoofed
+                | Self::DropFragment
+                | Self::DropPolicy
+                | Self::DropPrimaryPolicy
+        )
+    }
+}
 
 #[cfg(feature = "user")]
 mod user {
@@ -205,4 +372,14 @@ mod user {
     unsafe impl aya::Pod for super::PortVerdict {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Settings {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragmentKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragmentVerdict {}
 }

@@ -1,12 +1,11 @@
 //! Header parsing for frames on the trunk: Ethernet, one 802.1Q tag (skb
 //! metadata or inline), IPv4/IPv6 with bounded extension headers, and L4.
 //! Every read is a bounds-checked load, so a short frame is an error value.
+//!
+//! Fields are loaded straight into their destination (`Frame::load_into`):
+//! BPF has a 512-byte stack, and a temporary per header would exceed it.
 
-use aya_ebpf::programs::TcContext;
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-};
+use aya_ebpf::{EbpfContext, helpers::bpf_skb_load_bytes, programs::TcContext};
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -14,8 +13,12 @@ const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
+const ETH_HEADER_LEN: usize = 14;
+const ETH_TYPE_OFFSET: usize = 12;
 const VLAN_VID_MASK: u16 = 0x0fff;
 const VLAN_TAG_LEN: usize = 4;
+const IPV4_HEADER_LEN: usize = 20;
+const IPV6_HEADER_LEN: usize = 40;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -26,6 +29,7 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 const MAX_IPV6_EXT_HEADERS: usize = 4;
 
 /// Why a frame of a pod's VLAN cannot be judged.
+#[repr(u8)]
 #[derive(Clone, Copy)]
 pub enum ParseError {
     /// A header is cut short or inconsistent.
@@ -37,15 +41,37 @@ pub enum ParseError {
 /// Read access to a frame's bytes and to the tag the kernel may have moved
 /// out of them; XDP will provide the same over its context.
 pub trait Frame {
-    fn load<T>(&self, offset: usize) -> Result<T, ParseError>;
+    /// Copies `size_of::<T>()` bytes at `offset` into `dst`, or fails if the frame is shorter.
+    fn load_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), ParseError>;
     /// The VLAN ID carried in metadata (`vlan_present`/`vlan_tci`), if any.
     fn vlan_metadata(&self) -> Option<u16>;
+
+    #[inline(always)]
+    fn load<T: Default>(&self, offset: usize) -> Result<T, ParseError> {
+        let mut value = T::default();
+        self.load_into(offset, &mut value)?;
+        Ok(value)
+    }
 }
 
 impl Frame for TcContext {
     #[inline(always)]
-    fn load<T>(&self, offset: usize) -> Result<T, ParseError> {
-        TcContext::load(self, offset).map_err(|_| ParseError::Malformed)
+    fn load_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), ParseError> {
+        // SAFETY: `dst` is valid for `size_of::<T>()` bytes of writes, and the
+        // helper fails without writing past the frame's end.
+        let ret = unsafe {
+            bpf_skb_load_bytes(
+                self.as_ptr(),
+                offset as u32,
+                (dst as *mut T).cast(),
+                size_of::<T>() as u32,
+            )
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(ParseError::Malformed)
+        }
     }
 
     #[inline(always)]
@@ -64,21 +90,25 @@ pub struct L2 {
     pub l3_offset: usize,
 }
 
+#[inline(always)]
+fn load_be16<F: Frame>(frame: &F, offset: usize) -> Result<u16, ParseError> {
+    frame.load::<[u8; 2]>(offset).map(u16::from_be_bytes)
+}
+
 /// Finds the frame's VLAN. `Ok(None)` is an untagged frame (not branch traffic).
 /// On `Err`, the VLAN (if it could be read) is returned so the caller can
 /// decide whether the frame belongs to a pod at all.
 #[inline(always)]
 pub fn parse_l2<F: Frame>(frame: &F) -> Result<Option<L2>, (Option<u16>, ParseError)> {
     let meta = frame.vlan_metadata();
-    let eth: EthHdr = frame.load(0).map_err(|e| (meta, e))?;
-    let ethertype = u16::from_be(eth.ether_type);
+    let ethertype = load_be16(frame, ETH_TYPE_OFFSET).map_err(|e| (meta, e))?;
     let (vlan, ethertype, l3_offset) = match meta {
-        Some(vlan) => (vlan, ethertype, EthHdr::LEN),
+        Some(vlan) => (vlan, ethertype, ETH_HEADER_LEN),
         None if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD => {
-            let tag: [u8; 4] = frame.load(EthHdr::LEN).map_err(|e| (None, e))?;
+            let tag: [u8; 4] = frame.load(ETH_HEADER_LEN).map_err(|e| (None, e))?;
             let vlan = u16::from_be_bytes([tag[0], tag[1]]) & VLAN_VID_MASK;
             let inner = u16::from_be_bytes([tag[2], tag[3]]);
-            (vlan, inner, EthHdr::LEN + VLAN_TAG_LEN)
+            (vlan, inner, ETH_HEADER_LEN + VLAN_TAG_LEN)
         }
         None => return Ok(None),
     };
@@ -93,9 +123,11 @@ pub fn parse_l2<F: Frame>(frame: &F) -> Result<Option<L2>, (Option<u16>, ParseEr
 }
 
 /// Where in a datagram a packet sits, for IPv4/IPv6 fragments.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fragment {
     /// Not fragmented.
+    #[default]
     Whole,
     /// Offset 0 with more to come: carries the L4 header.
     First,
@@ -105,81 +137,130 @@ pub enum Fragment {
 
 /// The fields a verdict is made of. IPv4 addresses are stored IPv4-mapped
 /// (`::ffff:a.b.c.d`) so one key layout serves both families.
-#[derive(Clone, Copy)]
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
 pub struct Packet {
-    pub ipv6: bool,
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    pub protocol: u8,
-    pub fragment: Fragment,
-    /// IPv4 identification or IPv6 fragment identification (low 16 bits).
-    pub fragment_id: u16,
+    /// IPv4 identification or IPv6 fragment identification.
+    pub fragment_id: u32,
     /// TCP/UDP ports; for ICMP echo the identifier is in `src_port`.
     pub src_port: u16,
     pub dst_port: u16,
+    /// Where the L4 header starts (meaningful unless a later fragment).
+    pub l4_offset: u16,
+    pub protocol: u8,
     pub icmp_type: u8,
     pub icmp_code: u8,
     pub tcp_flags: u8,
+    pub ipv6: bool,
+    pub fragment: Fragment,
 }
 
 /// What a tagged frame carries.
-pub enum Payload {
-    Ip(Packet),
-    Arp,
+pub enum L3 {
+    /// IP, parsed into the caller's [`Packet`].
+    Ip,
+    /// ARP, with the sender's IPv4 address.
+    Arp { sender: [u8; 4] },
 }
 
-/// Parses layer 3 and 4 of a tagged frame.
+/// Outcome of the out-of-line parsers. Functions the compiler keeps as
+/// separate BPF functions take and return only plain C-like types: BTF cannot
+/// describe Rust's niche-packed `Result`s.
+#[repr(u8)]
+#[derive(PartialEq, Eq)]
+pub enum ParseStatus {
+    Ok,
+    Malformed,
+}
+
+impl ParseStatus {
+    #[inline(always)]
+    fn of(result: Result<(), ParseError>) -> Self {
+        match result {
+            Ok(()) => Self::Ok,
+            Err(_) => Self::Malformed,
+        }
+    }
+}
+
+/// Parses layer 3 and 4 of a tagged frame into `packet`.
 #[inline(always)]
-pub fn parse_l3<F: Frame>(frame: &F, l2: L2) -> Result<Payload, ParseError> {
+pub fn parse_l3<F: Frame>(frame: &F, l2: L2, packet: &mut Packet) -> Result<L3, ParseError> {
     match l2.ethertype {
-        ETH_P_IPV4 => parse_ipv4(frame, l2).map(Payload::Ip),
-        ETH_P_IPV6 => parse_ipv6(frame, l2).map(Payload::Ip),
-        ETH_P_ARP => Ok(Payload::Arp),
+        ETH_P_IPV4 | ETH_P_IPV6 => match parse_ip(frame, l2, packet) {
+            ParseStatus::Ok => Ok(L3::Ip),
+            ParseStatus::Malformed => Err(ParseError::Malformed),
+        },
+        ETH_P_ARP => {
+            // Ethernet/IPv4 ARP: hardware and protocol address sizes at 4..6,
+            // the sender's IPv4 address at 14..18.
+            let sizes: [u8; 2] = frame.load(l2.l3_offset + 4)?;
+            if sizes != [6, 4] {
+                return Err(ParseError::Malformed);
+            }
+            Ok(L3::Arp {
+                sender: frame.load(l2.l3_offset + 14)?,
+            })
+        }
         _ => Err(ParseError::UnsupportedL2),
     }
 }
 
-#[inline(always)]
-fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
-    ]
+/// The IP parsers are a separate BPF function for the stack's sake.
+#[inline(never)]
+fn parse_ip<F: Frame>(frame: &F, l2: L2, packet: &mut Packet) -> ParseStatus {
+    ParseStatus::of(if l2.ethertype == ETH_P_IPV4 {
+        parse_ipv4(frame, l2.l3_offset, packet)
+    } else {
+        parse_ipv6(frame, l2.l3_offset, packet)
+    })
 }
 
 #[inline(always)]
-fn parse_ipv4<F: Frame>(frame: &F, l2: L2) -> Result<Packet, ParseError> {
-    let ip: Ipv4Hdr = frame.load(l2.l3_offset)?;
-    let header_len = usize::from(ip.vihl & 0x0f) * 4;
-    if ip.vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
-        return Err(ParseError::Malformed);
-    }
-    if usize::from(u16::from_be_bytes(ip.tot_len)) < header_len {
-        return Err(ParseError::Malformed);
-    }
-    let frags = u16::from_be_bytes(ip.frags);
-    let more_fragments = frags & 0x2000 != 0;
-    let fragment = match (frags & 0x1fff, more_fragments) {
+fn v4_mapped(addr: &mut [u8; 16]) {
+    addr[..12].copy_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+}
+
+#[inline(always)]
+fn fragment_of(offset: u16, more_fragments: bool) -> Fragment {
+    match (offset, more_fragments) {
         (0, false) => Fragment::Whole,
         (0, true) => Fragment::First,
         _ => Fragment::Later,
-    };
-    let mut packet = Packet {
-        ipv6: false,
-        src: v4_mapped(ip.src_addr),
-        dst: v4_mapped(ip.dst_addr),
-        protocol: ip.proto,
-        fragment,
-        fragment_id: u16::from_be_bytes(ip.id),
-        src_port: 0,
-        dst_port: 0,
-        icmp_type: 0,
-        icmp_code: 0,
-        tcp_flags: 0,
-    };
-    if fragment != Fragment::Later {
-        parse_l4(frame, l2.l3_offset + header_len, &mut packet)?;
     }
-    Ok(packet)
+}
+
+#[inline(always)]
+fn parse_ipv4<F: Frame>(frame: &F, l3: usize, packet: &mut Packet) -> Result<(), ParseError> {
+    // Version/IHL, TOS, total length, id, flags/fragment offset, TTL, protocol.
+    let head: [u8; 10] = frame.load(l3)?;
+    let header_len = usize::from(head[0] & 0x0f) * 4;
+    if head[0] >> 4 != 4 || header_len < IPV4_HEADER_LEN {
+        return Err(ParseError::Malformed);
+    }
+    if usize::from(u16::from_be_bytes([head[2], head[3]])) < header_len {
+        return Err(ParseError::Malformed);
+    }
+    let frags = u16::from_be_bytes([head[6], head[7]]);
+    packet.ipv6 = false;
+    packet.protocol = head[9];
+    packet.fragment_id = u32::from(u16::from_be_bytes([head[4], head[5]]));
+    packet.fragment = fragment_of(frags & 0x1fff, frags & 0x2000 != 0);
+    v4_mapped(&mut packet.src);
+    v4_mapped(&mut packet.dst);
+    let mut src = [0u8; 4];
+    let mut dst = [0u8; 4];
+    frame.load_into(l3 + 12, &mut src)?;
+    frame.load_into(l3 + 16, &mut dst)?;
+    packet.src[12..].copy_from_slice(&src);
+    packet.dst[12..].copy_from_slice(&dst);
+    packet.l4_offset = (l3 + header_len) as u16;
+    if packet.fragment != Fragment::Later {
+        parse_l4(frame, packet)?;
+    }
+    Ok(())
 }
 
 const IPV6_HOP_BY_HOP: u8 = 0;
@@ -189,71 +270,60 @@ const IPV6_AUTH: u8 = 51;
 const IPV6_DEST_OPTS: u8 = 60;
 
 #[inline(always)]
-fn parse_ipv6<F: Frame>(frame: &F, l2: L2) -> Result<Packet, ParseError> {
-    let ip: Ipv6Hdr = frame.load(l2.l3_offset)?;
-    if ip.vcf[0] >> 4 != 6 {
+fn parse_ipv6<F: Frame>(frame: &F, l3: usize, packet: &mut Packet) -> Result<(), ParseError> {
+    let head: [u8; 8] = frame.load(l3)?;
+    if head[0] >> 4 != 6 {
         return Err(ParseError::Malformed);
     }
-    let mut packet = Packet {
-        ipv6: true,
-        src: ip.src_addr,
-        dst: ip.dst_addr,
-        protocol: ip.next_hdr,
-        fragment: Fragment::Whole,
-        fragment_id: 0,
-        src_port: 0,
-        dst_port: 0,
-        icmp_type: 0,
-        icmp_code: 0,
-        tcp_flags: 0,
-    };
-    let mut offset = l2.l3_offset + Ipv6Hdr::LEN;
+    packet.ipv6 = true;
+    packet.protocol = head[6];
+    frame.load_into(l3 + 8, &mut packet.src)?;
+    frame.load_into(l3 + 24, &mut packet.dst)?;
+    let mut offset = l3 + IPV6_HEADER_LEN;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
-        let header_len = match packet.protocol {
-            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
-                let ext: [u8; 2] = frame.load(offset)?;
-                packet.protocol = ext[0];
-                (usize::from(ext[1]) + 1) * 8
-            }
-            IPV6_AUTH => {
-                let ext: [u8; 2] = frame.load(offset)?;
-                packet.protocol = ext[0];
-                (usize::from(ext[1]) + 2) * 4
-            }
-            IPV6_FRAGMENT => {
-                let ext: [u8; 8] = frame.load(offset)?;
-                packet.protocol = ext[0];
-                let offset_flags = u16::from_be_bytes([ext[2], ext[3]]);
-                packet.fragment = match (offset_flags & 0xfff8, offset_flags & 1 != 0) {
-                    (0, false) => Fragment::Whole,
-                    (0, true) => Fragment::First,
-                    _ => Fragment::Later,
-                };
-                packet.fragment_id = u16::from_be_bytes([ext[6], ext[7]]);
-                8
+        let ext: [u8; 2] = match packet.protocol {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH | IPV6_FRAGMENT => {
+                frame.load(offset)?
             }
             _ => break,
         };
+        let header_len = match packet.protocol {
+            IPV6_AUTH => (usize::from(ext[1]) + 2) * 4,
+            IPV6_FRAGMENT => {
+                let fragment: [u8; 8] = frame.load(offset)?;
+                let offset_flags = u16::from_be_bytes([fragment[2], fragment[3]]);
+                packet.fragment = fragment_of(offset_flags & 0xfff8, offset_flags & 1 != 0);
+                packet.fragment_id =
+                    u32::from_be_bytes([fragment[4], fragment[5], fragment[6], fragment[7]]);
+                8
+            }
+            _ => (usize::from(ext[1]) + 1) * 8,
+        };
+        packet.protocol = ext[0];
         offset += header_len;
     }
     match packet.protocol {
         IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH | IPV6_FRAGMENT => {
             Err(ParseError::Malformed)
         }
-        _ if packet.fragment == Fragment::Later => Ok(packet),
         _ => {
-            parse_l4(frame, offset, &mut packet)?;
-            Ok(packet)
+            packet.l4_offset = offset as u16;
+            if packet.fragment != Fragment::Later {
+                parse_l4(frame, packet)?;
+            }
+            Ok(())
         }
     }
 }
 
 #[inline(always)]
-fn parse_l4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Result<(), ParseError> {
+fn parse_l4<F: Frame>(frame: &F, packet: &mut Packet) -> Result<(), ParseError> {
+    let offset = usize::from(packet.l4_offset);
     match packet.protocol {
         IPPROTO_TCP => {
-            // Ports, then data offset and flags at bytes 12..14.
-            let tcp: [u8; 20] = frame.load(offset)?;
+            // Ports, then data offset and flags at 12..14; the header is at least 20 bytes.
+            let tcp: [u8; 14] = frame.load(offset)?;
+            let _: [u8; 1] = frame.load(offset + 19)?;
             if tcp[12] >> 4 < 5 {
                 return Err(ParseError::Malformed);
             }
@@ -271,6 +341,87 @@ fn parse_l4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Result<(
             packet.icmp_type = icmp[0];
             packet.icmp_code = icmp[1];
             packet.src_port = u16::from_be_bytes([icmp[4], icmp[5]]);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The flow an ICMP error is about: the embedded header of the packet that
+/// caused it, as sent (so its source is the original sender).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Embedded {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+}
+
+/// ICMP and ICMPv6 messages that report on another packet (RFC 792, RFC 4443).
+#[inline(always)]
+pub fn is_icmp_error(packet: &Packet) -> bool {
+    match (packet.ipv6, packet.protocol) {
+        (false, IPPROTO_ICMP) => matches!(packet.icmp_type, 3 | 4 | 11 | 12),
+        (true, IPPROTO_ICMPV6) => matches!(packet.icmp_type, 1..=4),
+        _ => false,
+    }
+}
+
+/// Whether an ICMP message is an echo request or reply, keyed by its identifier.
+#[inline(always)]
+pub fn is_icmp_echo(packet: &Packet) -> bool {
+    match (packet.ipv6, packet.protocol) {
+        (false, IPPROTO_ICMP) => matches!(packet.icmp_type, 0 | 8),
+        (true, IPPROTO_ICMPV6) => matches!(packet.icmp_type, 128 | 129),
+        _ => false,
+    }
+}
+
+/// Reads the header embedded in an ICMP error (after the 8-byte ICMP header).
+#[inline(always)]
+pub fn parse_embedded<F: Frame>(
+    frame: &F,
+    packet: &Packet,
+    embedded: &mut Embedded,
+) -> Result<(), ParseError> {
+    let offset = usize::from(packet.l4_offset) + 8;
+    let l4_offset = if packet.ipv6 {
+        let head: [u8; 8] = frame.load(offset)?;
+        embedded.protocol = head[6];
+        frame.load_into(offset + 8, &mut embedded.src)?;
+        frame.load_into(offset + 24, &mut embedded.dst)?;
+        offset + IPV6_HEADER_LEN
+    } else {
+        let head: [u8; 10] = frame.load(offset)?;
+        let header_len = usize::from(head[0] & 0x0f) * 4;
+        if header_len < IPV4_HEADER_LEN {
+            return Err(ParseError::Malformed);
+        }
+        embedded.protocol = head[9];
+        v4_mapped(&mut embedded.src);
+        v4_mapped(&mut embedded.dst);
+        let mut src = [0u8; 4];
+        let mut dst = [0u8; 4];
+        frame.load_into(offset + 12, &mut src)?;
+        frame.load_into(offset + 16, &mut dst)?;
+        embedded.src[12..].copy_from_slice(&src);
+        embedded.dst[12..].copy_from_slice(&dst);
+        offset + header_len
+    };
+    match embedded.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let ports: [u8; 4] = frame.load(l4_offset)?;
+            embedded.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+            embedded.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            // Only an embedded echo names a flow (by its identifier).
+            let icmp: [u8; 8] = frame.load(l4_offset)?;
+            if matches!(icmp[0], 0 | 8 | 128 | 129) {
+                embedded.src_port = u16::from_be_bytes([icmp[4], icmp[5]]);
+            }
         }
         _ => {}
     }

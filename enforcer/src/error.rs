@@ -1,6 +1,9 @@
-//! The library's typed errors; the binary adds context with `anyhow`.
+//! The library's typed errors for the kernel-facing parts; the binary adds
+//! context with `anyhow`.
 
-/// Errors of the kernel-facing parts of the library.
+use std::path::PathBuf;
+
+/// Errors of loading and attaching the kernel programs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -9,4 +12,18 @@ pub enum Error {
     NoEbpfObject,
     #[error("loading the eBPF object")]
     Ebpf(#[source] Box<aya::EbpfError>),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot create pin directory {path} (is bpffs mounted on /sys/fs/bpf?)")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }

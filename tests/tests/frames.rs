@@ -1,15 +1,17 @@
-//! The first program end to end: the embedded object loads, the pod map is
-//! filled from userspace, and frames run through `BPF_PROG_TEST_RUN` get the
-//! verdicts of the VLAN/parse/anti-spoofing stage.
+//! The frame stage of the programs, through `BPF_PROG_TEST_RUN`: VLAN from
+//! the tag, untagged pass-through, unknown VLANs, anti-spoofing, malformed
+//! and unsupported headers, ARP, IPv6 extension headers. The pod's policy
+//! allows everything, so only this stage can drop.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::Ebpf;
-use aya::maps::{HashMap, PerCpuArray};
+use aya::maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use enforcer::ebpf::{TC_EGRESS, TC_INGRESS};
 use enforcer_common::{
-    Counter, EnforcingMode, NO_POLICY, POD_HAS_IPV4, POD_HAS_IPV6, PodEntry, map_names,
+    EnforcingMode, NO_POLICY, POD_HAS_IPV4, POD_HAS_IPV6, PeerClass, PeerKeyV4, PeerKeyV6,
+    PodEntry, PortKey, PortVerdict, Reason, map_names,
 };
 use enforcer_tests::frame::{self, Ip, L4, Tag};
 
@@ -21,6 +23,54 @@ const POD_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 20);
 const POD_V6: Ipv6Addr = Ipv6Addr::new(0x2600, 0x1f14, 0, 1, 0, 0, 0, 0x20);
 const PEER_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 30);
 const PEER_V6: Ipv6Addr = Ipv6Addr::new(0x2600, 0x1f14, 0, 2, 0, 0, 0, 0x30);
+
+/// Policy handle whose peer tries map every address to a class allowing every protocol.
+const ALLOW_ALL: u32 = 1;
+
+fn allow_everything(ebpf: &mut Ebpf) {
+    let class = PeerClass { class: 1 };
+    let policy = ALLOW_ALL.to_be_bytes();
+    let mut v4: LpmTrie<_, PeerKeyV4, PeerClass> =
+        LpmTrie::try_from(ebpf.map_mut(map_names::PEERS_V4).unwrap()).unwrap();
+    v4.insert(
+        &Key::new(
+            32,
+            PeerKeyV4 {
+                policy,
+                addr: [0; 4],
+            },
+        ),
+        class,
+        0,
+    )
+    .unwrap();
+    let mut v6: LpmTrie<_, PeerKeyV6, PeerClass> =
+        LpmTrie::try_from(ebpf.map_mut(map_names::PEERS_V6).unwrap()).unwrap();
+    v6.insert(
+        &Key::new(
+            32,
+            PeerKeyV6 {
+                policy,
+                addr: [0; 16],
+            },
+        ),
+        class,
+        0,
+    )
+    .unwrap();
+    let mut ports: LpmTrie<_, PortKey, PortVerdict> =
+        LpmTrie::try_from(ebpf.map_mut(map_names::PORTS).unwrap()).unwrap();
+    let every_protocol = PortKey {
+        class: 1u32.to_be_bytes(),
+        protocol: 0,
+        port: [0; 2],
+        _pad: 0,
+    };
+    let verdict = PortVerdict { rule: 1, flags: 0 };
+    ports
+        .insert(&Key::new(32, every_protocol), verdict, 0)
+        .unwrap();
+}
 
 struct Harness {
     ebpf: Ebpf,
@@ -39,6 +89,7 @@ impl Harness {
             prog.load()
                 .unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
         }
+        allow_everything(&mut ebpf);
         let mut pods: HashMap<_, u16, PodEntry> =
             HashMap::try_from(ebpf.map_mut(map_names::PODS).expect("pod map")).unwrap();
         let entry = PodEntry {
@@ -47,7 +98,7 @@ impl Harness {
             mode: EnforcingMode::Strict as u8,
             flags: POD_HAS_IPV4 | POD_HAS_IPV6,
             _pad: [0; 2],
-            policies: [NO_POLICY; 4],
+            policies: [ALLOW_ALL, ALLOW_ALL, NO_POLICY, NO_POLICY],
         };
         pods.insert(VLAN, entry, 0).expect("insert pod");
         Self { ebpf }
@@ -67,7 +118,7 @@ impl Harness {
             .return_value
     }
 
-    fn counter(&self, counter: Counter) -> u64 {
+    fn counter(&self, counter: Reason) -> u64 {
         let counters: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.ebpf.map(map_names::COUNTERS).expect("counters")).unwrap();
         counters
@@ -100,7 +151,7 @@ fn untagged_frames_are_not_branch_traffic() {
     let f = frame::ip_frame(Tag::Untagged, &ingress_v4());
     assert_eq!(h.run(TC_INGRESS, &f), TC_ACT_OK);
     assert_eq!(h.run(TC_EGRESS, &f), TC_ACT_OK);
-    assert_eq!(h.counter(Counter::PassUntagged), 2);
+    assert_eq!(h.counter(Reason::PassUntagged), 2);
 }
 
 #[test]
@@ -112,7 +163,7 @@ fn known_vlan_to_the_pod_passes_in_both_families() {
     assert_eq!(h.run(TC_INGRESS, &v6), TC_ACT_OK);
     let egress = frame::ip_frame(Tag::Vlan(VLAN), &tcp(POD_V4.into(), PEER_V4.into()));
     assert_eq!(h.run(TC_EGRESS, &egress), TC_ACT_OK);
-    assert_eq!(h.counter(Counter::PassPod), 3);
+    assert_eq!(h.counter(Reason::PassNew), 3);
 }
 
 #[test]
@@ -120,7 +171,7 @@ fn unknown_vlan_is_dropped() {
     let h = Harness::new();
     let f = frame::ip_frame(Tag::Vlan(VLAN + 1), &ingress_v4());
     assert_eq!(h.run(TC_INGRESS, &f), TC_ACT_SHOT);
-    assert_eq!(h.counter(Counter::DropUnknownVlan), 1);
+    assert_eq!(h.counter(Reason::DropUnknownVlan), 1);
 }
 
 #[test]
@@ -136,7 +187,7 @@ fn addresses_not_owned_by_the_pod_are_spoofed() {
         h.run(TC_EGRESS, &frame::ip_frame(Tag::Vlan(VLAN), &ingress_v4())),
         TC_ACT_SHOT
     );
-    assert_eq!(h.counter(Counter::DropSpoofed), 3);
+    assert_eq!(h.counter(Reason::DropSpoofed), 3);
 }
 
 #[test]
@@ -151,7 +202,7 @@ fn truncated_headers_on_a_pod_vlan_are_dropped() {
     let mut bad_ihl = full.clone();
     bad_ihl[18] = 0x44;
     assert_eq!(h.run(TC_INGRESS, &bad_ihl), TC_ACT_SHOT);
-    assert_eq!(h.counter(Counter::DropMalformed), 3);
+    assert_eq!(h.counter(Reason::DropMalformed), 3);
 }
 
 #[test]
@@ -162,7 +213,7 @@ fn stacked_tags_and_unknown_ethertypes_on_a_pod_vlan_are_dropped() {
     let mpls = frame::ethernet(Tag::Vlan(VLAN), 0x8847, &ip);
     assert_eq!(h.run(TC_INGRESS, &qinq), TC_ACT_SHOT);
     assert_eq!(h.run(TC_EGRESS, &mpls), TC_ACT_SHOT);
-    assert_eq!(h.counter(Counter::DropUnsupportedL2), 2);
+    assert_eq!(h.counter(Reason::DropUnsupportedL2), 2);
 }
 
 #[test]
@@ -170,6 +221,11 @@ fn arp_on_a_pod_vlan_passes() {
     let h = Harness::new();
     let f = frame::arp_frame(Tag::Vlan(VLAN), POD_V4.octets(), PEER_V4.octets());
     assert_eq!(h.run(TC_EGRESS, &f), TC_ACT_OK);
+    // A pod announcing another address is spoofing.
+    let spoofed = frame::arp_frame(Tag::Vlan(VLAN), PEER_V4.octets(), POD_V4.octets());
+    assert_eq!(h.run(TC_EGRESS, &spoofed), TC_ACT_SHOT);
+    assert_eq!(h.counter(Reason::PassLinkLayer), 1);
+    assert_eq!(h.counter(Reason::DropSpoofed), 1);
 }
 
 #[test]

@@ -1,0 +1,232 @@
+//! Connection tracking: flows keyed per pod (VLAN) and normalised to the pod,
+//! so replies find their request's entry; the TCP/UDP state machine and idle
+//! timeouts that `enforcer/src/flow.rs` models (sg-semantics.md §4).
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use enforcer_common::{
+    CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, Settings, ct_flag, ct_state, ct_timeouts,
+};
+
+use crate::Direction;
+use crate::maps::CONNTRACK;
+use crate::parse::{
+    Embedded, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Packet, is_icmp_echo,
+};
+use crate::verdict::FlowContext;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// The key of the flow `packet` belongs to, seen from the pod on `vlan`.
+#[inline(always)]
+pub fn key(vlan: u16, packet: &Packet, direction: Direction) -> CtKey {
+    let (pod_addr, peer_addr, pod_port, peer_port) = match direction {
+        Direction::Egress => (packet.src, packet.dst, packet.src_port, packet.dst_port),
+        Direction::Ingress => (packet.dst, packet.src, packet.dst_port, packet.src_port),
+    };
+    let (pod_port, peer_port) = match packet.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => (pod_port, peer_port),
+        // The parser leaves the echo identifier in `src_port`.
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if is_icmp_echo(packet) => (packet.src_port, 0),
+        _ => (0, 0),
+    };
+    CtKey {
+        pod_addr,
+        peer_addr,
+        pod_port,
+        peer_port,
+        vlan,
+        protocol: packet.protocol,
+        _pad: 0,
+    }
+}
+
+/// The key of the flow an ICMP error travelling in `direction` reports on:
+/// an error reaching the pod is about a packet the pod sent, and vice versa.
+#[inline(always)]
+pub fn embedded_key(vlan: u16, embedded: &Embedded, direction: Direction) -> CtKey {
+    let (pod_addr, peer_addr, pod_port, peer_port) = match direction {
+        Direction::Ingress => (
+            embedded.src,
+            embedded.dst,
+            embedded.src_port,
+            embedded.dst_port,
+        ),
+        Direction::Egress => (
+            embedded.dst,
+            embedded.src,
+            embedded.dst_port,
+            embedded.src_port,
+        ),
+    };
+    let (pod_port, peer_port) = match embedded.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => (pod_port, peer_port),
+        // An embedded echo carries its identifier in `src_port` whoever sent it.
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => (embedded.src_port, 0),
+        _ => (0, 0),
+    };
+    CtKey {
+        pod_addr,
+        peer_addr,
+        pod_port,
+        peer_port,
+        vlan,
+        protocol: embedded.protocol,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Idle timeout of an entry in its current state.
+#[inline(always)]
+fn timeout_ns(entry: &CtEntry, protocol: u8, settings: &Settings) -> u64 {
+    let seconds = match (protocol, entry.state) {
+        (IPPROTO_TCP, ct_state::ESTABLISHED) => settings.tcp_established_timeout,
+        (IPPROTO_TCP, ct_state::CLOSING) => ct_timeouts::TCP_CLOSING,
+        (IPPROTO_TCP, _) => ct_timeouts::TCP_OPENING,
+        (IPPROTO_UDP, ct_state::BOTH_WAYS) => settings.udp_stream_timeout,
+        (IPPROTO_UDP, _) => settings.udp_timeout,
+        (IPPROTO_ICMP | IPPROTO_ICMPV6, _) => ct_timeouts::ICMP,
+        _ => ct_timeouts::OTHER,
+    };
+    u64::from(seconds) * NS_PER_SEC
+}
+
+#[inline(always)]
+fn live(entry: &CtEntry, protocol: u8, settings: &Settings, now: u64) -> bool {
+    now.saturating_sub(entry.last_seen_ns) <= timeout_ns(entry, protocol, settings)
+}
+
+/// Whether `key` names a live flow (for ICMP errors: no state change).
+#[inline(always)]
+pub fn is_tracked(key: &CtKey, settings: &Settings, now: u64) -> bool {
+    // SAFETY: read-only look at plain data; a concurrent update only makes it stale.
+    match unsafe { CONNTRACK.get(key) } {
+        Some(entry) => live(entry, key.protocol, settings, now),
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn direction_index(direction: Direction) -> usize {
+    match direction {
+        Direction::Ingress => DIR_INGRESS,
+        Direction::Egress => DIR_EGRESS,
+    }
+}
+
+#[inline(always)]
+fn seen_flag(direction: Direction) -> u8 {
+    match direction {
+        Direction::Ingress => ct_flag::SEEN_INGRESS,
+        Direction::Egress => ct_flag::SEEN_EGRESS,
+    }
+}
+
+#[inline(always)]
+fn fin_flag(direction: Direction) -> u8 {
+    match direction {
+        Direction::Ingress => ct_flag::FIN_INGRESS,
+        Direction::Egress => ct_flag::FIN_EGRESS,
+    }
+}
+
+/// The state after seeing a packet with `flags` already recorded.
+#[inline(always)]
+fn next_state(protocol: u8, flags: u8, tcp_flags: u8, state: u8) -> u8 {
+    let both_seen = ct_flag::SEEN_INGRESS | ct_flag::SEEN_EGRESS;
+    let both_fin = ct_flag::FIN_INGRESS | ct_flag::FIN_EGRESS;
+    if protocol == IPPROTO_TCP {
+        if state == ct_state::CLOSING || tcp_flags & TCP_RST != 0 || flags & both_fin == both_fin {
+            ct_state::CLOSING
+        } else if flags & both_seen == both_seen {
+            ct_state::ESTABLISHED
+        } else {
+            ct_state::OPENING
+        }
+    } else if flags & both_seen == both_seen {
+        ct_state::BOTH_WAYS
+    } else {
+        ct_state::ONE_WAY
+    }
+}
+
+#[inline(always)]
+fn packet_flags(packet: &Packet, direction: Direction) -> u8 {
+    let mut flags = seen_flag(direction);
+    if packet.protocol == IPPROTO_TCP && packet.tcp_flags & TCP_FIN != 0 {
+        flags |= fin_flag(direction);
+    }
+    flags
+}
+
+/// Looks the flow up; on a live entry, records the packet and returns true.
+#[inline(always)]
+pub fn track_existing(key: &CtKey, packet: &Packet, flow: &FlowContext) -> bool {
+    let (direction, now) = (flow.direction, flow.now);
+    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: the pointer comes from a successful lookup; fields are plain
+    // data, and racing updates from other CPUs only lose a state refresh.
+    let entry = unsafe { &mut *entry };
+    if !live(entry, key.protocol, flow.settings, now) {
+        return false;
+    }
+    let flags = entry.flags | packet_flags(packet, direction);
+    entry.state = next_state(key.protocol, flags, packet.tcp_flags, entry.state);
+    entry.flags = flags;
+    entry.last_seen_ns = now;
+    // Plain adds: two CPUs on one flow at once may lose an increment, which
+    // costs less than an atomic on every packet and only blurs statistics.
+    // Constant indexes, so the verifier sees every access in bounds.
+    let bytes = u64::from(flow.len);
+    match direction {
+        Direction::Ingress => {
+            entry.packets[DIR_INGRESS] += 1;
+            entry.bytes[DIR_INGRESS] += bytes;
+        }
+        Direction::Egress => {
+            entry.packets[DIR_EGRESS] += 1;
+            entry.bytes[DIR_EGRESS] += bytes;
+        }
+    }
+    true
+}
+
+/// Starts tracking a flow the rules admitted; `rules` are the branch and
+/// primary rule IDs that allowed it.
+#[inline(never)]
+pub fn create(key: &CtKey, packet: &Packet, flow: &FlowContext, rules: [u32; 2]) {
+    let (direction, now) = (flow.direction, flow.now);
+    let flags = packet_flags(packet, direction);
+    let mut entry = CtEntry {
+        created_ns: now,
+        last_seen_ns: now,
+        rule: rules[0],
+        primary_rule: rules[1],
+        state: next_state(key.protocol, flags, packet.tcp_flags, 0),
+        origin: direction_index(direction) as u8,
+        flags,
+        ..CtEntry::default()
+    };
+    let bytes = u64::from(flow.len);
+    match direction {
+        Direction::Ingress => {
+            entry.packets[DIR_INGRESS] = 1;
+            entry.bytes[DIR_INGRESS] = bytes;
+        }
+        Direction::Egress => {
+            entry.packets[DIR_EGRESS] = 1;
+            entry.bytes[DIR_EGRESS] = bytes;
+        }
+    }
+    // A full table evicts the least recently used flow (LRU), so this cannot fail for space.
+    let _ = CONNTRACK.insert(key, entry, 0);
+}

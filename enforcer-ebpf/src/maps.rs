@@ -1,0 +1,47 @@
+//! Every map of the object, BTF-typed so that `bpftool map dump` prints field
+//! names. Layouts live in `enforcer-common`; userspace fills all but the
+//! conntrack, fragment and counter maps.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use enforcer_common::{
+    AddrKey, CtEntry, CtKey, FragmentKey, FragmentVerdict, MAX_ADDRESSES, MAX_FLOWS,
+    MAX_FRAGMENTED_DATAGRAMS, MAX_PEER_PREFIXES, MAX_PODS, MAX_PORT_ENTRIES, PeerClass, PeerKeyV4,
+    PeerKeyV6, PodEntry, PortKey, PortVerdict, REASONS, Settings,
+};
+
+#[btf_map]
+pub static PODS: HashMap<u16, PodEntry, { MAX_PODS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static PEERS_V4: LpmTrie<PeerKeyV4, PeerClass, { MAX_PEER_PREFIXES as usize }> = LpmTrie::new();
+
+#[btf_map]
+pub static PEERS_V6: LpmTrie<PeerKeyV6, PeerClass, { MAX_PEER_PREFIXES as usize }> = LpmTrie::new();
+
+#[btf_map]
+pub static PORTS: LpmTrie<PortKey, PortVerdict, { MAX_PORT_ENTRIES as usize }> = LpmTrie::new();
+
+#[btf_map]
+pub static UNFILTERED: HashMap<AddrKey, u8, { MAX_ADDRESSES as usize }> = HashMap::new();
+
+#[btf_map]
+pub static NODE_LOCAL: HashMap<AddrKey, u8, { MAX_ADDRESSES as usize }> = HashMap::new();
+
+#[btf_map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<
+    FragmentKey,
+    FragmentVerdict,
+    { MAX_FRAGMENTED_DATAGRAMS as usize },
+> = LruHashMap::new();
+
+#[btf_map]
+pub static SETTINGS: Array<Settings, 1> = Array::new();
+
+#[btf_map]
+pub static COUNTERS: PerCpuArray<u64, { REASONS as usize }> = PerCpuArray::new();

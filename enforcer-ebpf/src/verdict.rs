@@ -1,0 +1,288 @@
+//! The decision for one frame on the trunk, in the order of
+//! sg-semantics.md: VLAN -> pod, anti-spoofing, fragments, conntrack, traffic
+//! never filtered, same-node (standard), then the branch and primary groups.
+
+use enforcer_common::{
+    AddrKey, EnforcingMode, FragmentKey, FragmentVerdict, NO_POLICY, PodEntry, PortVerdict, Reason,
+    Settings, V4_MAPPED_PREFIX, VERDICT_UNTRACKED, policy_slot,
+};
+
+use crate::Direction;
+use crate::conntrack;
+use crate::maps::{FRAGMENTS, NODE_LOCAL, PODS, SETTINGS, UNFILTERED};
+use crate::parse::{
+    self, Embedded, Fragment, Frame, IPPROTO_ICMPV6, IPPROTO_UDP, L3, Packet, ParseError,
+};
+use crate::policy;
+
+/// Judges one frame: the reason says pass or drop, and why.
+#[inline(always)]
+pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32) -> Reason {
+    let Some(settings) = SETTINGS.get(0) else {
+        return Reason::DropUnknownVlan;
+    };
+    let l2 = match parse::parse_l2(frame) {
+        Ok(Some(l2)) => l2,
+        Ok(None) | Err((None, _)) => return Reason::PassUntagged,
+        Err((Some(vlan), error)) => {
+            return match pod(vlan) {
+                Some(_) => parse_failure(error),
+                None => unknown_vlan(settings),
+            };
+        }
+    };
+    let Some(pod) = pod(l2.vlan) else {
+        return unknown_vlan(settings);
+    };
+    let mut packet = Packet::default();
+    match parse::parse_l3(frame, l2, &mut packet) {
+        Ok(L3::Ip) => {}
+        Ok(L3::Arp { sender }) => {
+            return match direction {
+                Direction::Egress if !owns_v4(pod, sender) => Reason::DropSpoofed,
+                _ => Reason::PassLinkLayer,
+            };
+        }
+        Err(error) => return parse_failure(error),
+    }
+    if is_neighbour_discovery(&packet) {
+        return neighbour_discovery(pod, &packet, direction);
+    }
+    let (pod_addr, peer) = match direction {
+        Direction::Ingress => (&packet.dst, &packet.src),
+        Direction::Egress => (&packet.src, &packet.dst),
+    };
+    if !pod.owns(pod_addr, packet.ipv6) {
+        return Reason::DropSpoofed;
+    }
+    if packet.fragment == Fragment::Later {
+        return if first_fragment_allowed(&packet, l2.vlan) {
+            Reason::PassFragment
+        } else {
+            Reason::DropFragment
+        };
+    }
+    let flow = FlowContext {
+        vlan: l2.vlan,
+        direction,
+        len,
+        now: conntrack::now_ns(),
+        settings,
+    };
+    let reason = judge_flow(frame, pod, &packet, peer, &flow);
+    if packet.fragment == Fragment::First {
+        remember_first_fragment(&packet, l2.vlan, !reason.is_drop());
+    }
+    reason
+}
+
+#[inline(always)]
+fn fragment_key(packet: &Packet, vlan: u16) -> FragmentKey {
+    FragmentKey {
+        src: packet.src,
+        dst: packet.dst,
+        id: packet.fragment_id,
+        vlan,
+        protocol: packet.protocol,
+        _pad: 0,
+    }
+}
+
+/// Whether the datagram of a later fragment was allowed at its first fragment.
+#[inline(never)]
+fn first_fragment_allowed(packet: &Packet, vlan: u16) -> bool {
+    // SAFETY: read-only look at plain data.
+    match unsafe { FRAGMENTS.get(&fragment_key(packet, vlan)) } {
+        Some(verdict) => verdict.allowed != 0,
+        None => false,
+    }
+}
+
+/// Records a first fragment's verdict for the rest of its datagram.
+#[inline(never)]
+fn remember_first_fragment(packet: &Packet, vlan: u16, allowed: bool) {
+    let verdict = FragmentVerdict {
+        allowed: u32::from(allowed),
+    };
+    // LRU: a full table evicts the oldest datagram.
+    let _ = FRAGMENTS.insert(&fragment_key(packet, vlan), verdict, 0);
+}
+
+/// What every stage of a flow's verdict needs besides the packet.
+pub struct FlowContext<'a> {
+    pub vlan: u16,
+    pub direction: Direction,
+    /// Frame length, for the flow's byte counters.
+    pub len: u32,
+    pub now: u64,
+    pub settings: &'a Settings,
+}
+
+/// The verdict for a whole packet or a first fragment of a pod. Not inlined,
+/// like the rarer paths below, so that each keeps its own stack frame within
+/// BPF's 512 bytes.
+#[inline(never)]
+fn judge_flow<F: Frame>(
+    frame: &F,
+    pod: &PodEntry,
+    packet: &Packet,
+    peer: &[u8; 16],
+    flow: &FlowContext,
+) -> Reason {
+    let (vlan, direction) = (flow.vlan, flow.direction);
+    let key = conntrack::key(vlan, packet, direction);
+    if conntrack::track_existing(&key, packet, flow) {
+        return Reason::PassEstablished;
+    }
+    if parse::is_icmp_error(packet) && is_related(frame, packet, flow) {
+        return Reason::PassRelated;
+    }
+    if is_unfiltered(vlan, packet, peer, direction) {
+        return Reason::PassUnfiltered;
+    }
+    let standard = pod.mode() == Some(EnforcingMode::Standard);
+    if standard && is_set(&NODE_LOCAL, 0, peer) {
+        return Reason::PassSameNode;
+    }
+    // Constant indexes, so the verifier sees every access in bounds.
+    let (branch_policy, primary_policy) = match direction {
+        Direction::Ingress => (
+            pod.policies[policy_slot::BRANCH_INGRESS],
+            pod.policies[policy_slot::PRIMARY_INGRESS],
+        ),
+        Direction::Egress => (
+            pod.policies[policy_slot::BRANCH_EGRESS],
+            pod.policies[policy_slot::PRIMARY_EGRESS],
+        ),
+    };
+    let mut branch = PortVerdict::default();
+    if !policy::allowed(branch_policy, packet, peer, &mut branch) {
+        return Reason::DropPolicy;
+    };
+    let (primary_rule, untracked) = if primary_policy == NO_POLICY {
+        (0, branch.flags & VERDICT_UNTRACKED != 0)
+    } else {
+        let mut primary = PortVerdict::default();
+        if !policy::allowed(primary_policy, packet, peer, &mut primary) {
+            return Reason::DropPrimaryPolicy;
+        }
+        (
+            primary.rule,
+            branch.flags & primary.flags & VERDICT_UNTRACKED != 0,
+        )
+    };
+    if !untracked {
+        conntrack::create(&key, packet, flow, [branch.rule, primary_rule]);
+    }
+    Reason::PassNew
+}
+
+/// Whether an ICMP error reports on a flow this pod has tracked. Out of line
+/// for the stack; `bool` in and out keeps its BTF plain.
+#[inline(never)]
+fn is_related<F: Frame>(frame: &F, packet: &Packet, flow: &FlowContext) -> bool {
+    let mut embedded = Embedded::default();
+    match parse::parse_embedded(frame, packet, &mut embedded) {
+        Ok(()) => conntrack::is_tracked(
+            &conntrack::embedded_key(flow.vlan, &embedded, flow.direction),
+            flow.settings,
+            flow.now,
+        ),
+        Err(_) => false,
+    }
+}
+
+#[inline(always)]
+fn pod(vlan: u16) -> Option<&'static PodEntry> {
+    // SAFETY: hash map updates replace elements (RCU), so the entry read here
+    // stays whole for the rest of the program run.
+    unsafe { PODS.get(vlan) }
+}
+
+#[inline(always)]
+fn unknown_vlan(settings: &Settings) -> Reason {
+    if settings.unknown_vlan_pass != 0 {
+        Reason::PassUnknownVlan
+    } else {
+        Reason::DropUnknownVlan
+    }
+}
+
+#[inline(always)]
+fn parse_failure(error: ParseError) -> Reason {
+    match error {
+        ParseError::Malformed => Reason::DropMalformed,
+        ParseError::UnsupportedL2 => Reason::DropUnsupportedL2,
+    }
+}
+
+#[inline(always)]
+fn owns_v4(pod: &PodEntry, addr: [u8; 4]) -> bool {
+    let mut mapped = [0u8; 16];
+    mapped[..12].copy_from_slice(&V4_MAPPED_PREFIX);
+    mapped[12..].copy_from_slice(&addr);
+    pod.owns(&mapped, false)
+}
+
+/// ICMPv6 router/neighbour discovery (types 133..=137): link-layer plumbing.
+#[inline(always)]
+fn is_neighbour_discovery(packet: &Packet) -> bool {
+    packet.ipv6 && packet.protocol == IPPROTO_ICMPV6 && matches!(packet.icmp_type, 133..=137)
+}
+
+/// Discovery uses link-local, unspecified (DAD) and multicast addresses, so the
+/// pod's side may be one of those as well as its own address.
+#[inline(always)]
+fn neighbour_discovery(pod: &PodEntry, packet: &Packet, direction: Direction) -> Reason {
+    let pod_side = match direction {
+        Direction::Ingress => &packet.dst,
+        Direction::Egress => &packet.src,
+    };
+    let link_local = pod_side[0] == 0xfe && pod_side[1] & 0xc0 == 0x80;
+    let multicast = pod_side[0] == 0xff;
+    let unspecified = *pod_side == [0; 16];
+    let allowed = match direction {
+        Direction::Ingress => link_local || multicast,
+        Direction::Egress => link_local || unspecified,
+    };
+    if allowed || pod.owns(pod_side, true) {
+        Reason::PassLinkLayer
+    } else {
+        Reason::DropSpoofed
+    }
+}
+
+/// DHCP server ports per family: a pod's client talks to them, hears back on the client port.
+const DHCP_V4: (u16, u16) = (67, 68);
+const DHCP_V6: (u16, u16) = (547, 546);
+
+/// Traffic security groups never filter (sg-semantics.md §5). Out of line for the stack.
+#[inline(never)]
+fn is_unfiltered(vlan: u16, packet: &Packet, peer: &[u8; 16], direction: Direction) -> bool {
+    if packet.protocol == IPPROTO_UDP {
+        let (server, client) = if packet.ipv6 { DHCP_V6 } else { DHCP_V4 };
+        let dhcp_port = match direction {
+            Direction::Egress => server,
+            Direction::Ingress => client,
+        };
+        if packet.dst_port == dhcp_port {
+            return true;
+        }
+    }
+    is_set(&UNFILTERED, 0, peer) || is_set(&UNFILTERED, vlan, peer)
+}
+
+#[inline(always)]
+fn is_set<const N: usize, const F: usize>(
+    set: &aya_ebpf::btf_maps::HashMap<AddrKey, u8, N, F>,
+    vlan: u16,
+    addr: &[u8; 16],
+) -> bool {
+    let key = AddrKey {
+        vlan,
+        _pad: [0; 2],
+        addr: *addr,
+    };
+    // SAFETY: presence check only.
+    unsafe { set.get(&key).is_some() }
+}
