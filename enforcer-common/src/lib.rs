@@ -342,6 +342,26 @@ pub enum Reason {
 pub const REASONS: u32 = 16;
 
 impl Reason {
+    /// Every reason, in counter-slot order.
+    pub const ALL: [Reason; REASONS as usize] = [
+        Self::PassUntagged,
+        Self::PassEstablished,
+        Self::DropUnknownVlan,
+        Self::DropMalformed,
+        Self::DropUnsupportedL2,
+        Self::DropSpoofed,
+        Self::PassNew,
+        Self::PassUnfiltered,
+        Self::PassSameNode,
+        Self::PassRelated,
+        Self::PassFragment,
+        Self::DropFragment,
+        Self::DropPolicy,
+        Self::DropPrimaryPolicy,
+        Self::PassLinkLayer,
+        Self::PassUnknownVlan,
+    ];
+
     pub const fn is_drop(self) -> bool {
         matches!(
             self,

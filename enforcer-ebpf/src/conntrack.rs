@@ -15,55 +15,71 @@ use crate::parse::{
 use crate::verdict::FlowContext;
 
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// The key of the flow `packet` belongs to, seen from the pod on `vlan`.
 #[inline(always)]
 pub fn key(vlan: u16, packet: &Packet, direction: Direction) -> CtKey {
-    let (pod_addr, peer_addr, pod_port, peer_port) = match direction {
-        Direction::Egress => (packet.src, packet.dst, packet.src_port, packet.dst_port),
-        Direction::Ingress => (packet.dst, packet.src, packet.dst_port, packet.src_port),
+    let endpoints = Endpoints {
+        src: packet.src,
+        dst: packet.dst,
+        src_port: packet.src_port,
+        dst_port: packet.dst_port,
     };
-    let (pod_port, peer_port) = match packet.protocol {
-        IPPROTO_TCP | IPPROTO_UDP => (pod_port, peer_port),
-        // The parser leaves the echo identifier in `src_port`.
-        IPPROTO_ICMP | IPPROTO_ICMPV6 if is_icmp_echo(packet) => (packet.src_port, 0),
-        _ => (0, 0),
-    };
-    CtKey {
-        pod_addr,
-        peer_addr,
-        pod_port,
-        peer_port,
+    // The parser leaves the echo identifier in `src_port`.
+    normalised(
         vlan,
-        protocol: packet.protocol,
-        _pad: 0,
-    }
+        packet.protocol,
+        is_icmp_echo(packet),
+        endpoints,
+        direction,
+    )
 }
 
 /// The key of the flow an ICMP error travelling in `direction` reports on:
 /// an error reaching the pod is about a packet the pod sent, and vice versa.
 #[inline(always)]
 pub fn embedded_key(vlan: u16, embedded: &Embedded, direction: Direction) -> CtKey {
-    let (pod_addr, peer_addr, pod_port, peer_port) = match direction {
-        Direction::Ingress => (
-            embedded.src,
-            embedded.dst,
-            embedded.src_port,
-            embedded.dst_port,
-        ),
-        Direction::Egress => (
-            embedded.dst,
-            embedded.src,
-            embedded.dst_port,
-            embedded.src_port,
-        ),
+    let endpoints = Endpoints {
+        src: embedded.src,
+        dst: embedded.dst,
+        src_port: embedded.src_port,
+        dst_port: embedded.dst_port,
     };
-    let (pod_port, peer_port) = match embedded.protocol {
+    // The embedded packet travelled the other way; only an echo is keyed by an
+    // ICMP identifier, and the parser only reads one for an echo.
+    let is_echo = embedded.src_port != 0;
+    normalised(
+        vlan,
+        embedded.protocol,
+        is_echo,
+        endpoints,
+        direction.reverse(),
+    )
+}
+
+/// Source and destination of a packet, before normalisation to the pod.
+struct Endpoints {
+    src: [u8; 16],
+    dst: [u8; 16],
+    src_port: u16,
+    dst_port: u16,
+}
+
+/// A key oriented to the pod: the egress source, or the ingress destination, is the pod.
+#[inline(always)]
+fn normalised(vlan: u16, protocol: u8, is_echo: bool, e: Endpoints, direction: Direction) -> CtKey {
+    let (pod_addr, peer_addr, pod_port, peer_port) = match direction {
+        Direction::Egress => (e.src, e.dst, e.src_port, e.dst_port),
+        Direction::Ingress => (e.dst, e.src, e.dst_port, e.src_port),
+    };
+    let (pod_port, peer_port) = match protocol {
         IPPROTO_TCP | IPPROTO_UDP => (pod_port, peer_port),
-        // An embedded echo carries its identifier in `src_port` whoever sent it.
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => (embedded.src_port, 0),
+        // Both ends of an echo carry the same identifier in the source slot.
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if is_echo => (e.src_port, 0),
         _ => (0, 0),
     };
     CtKey {
@@ -72,7 +88,7 @@ pub fn embedded_key(vlan: u16, embedded: &Embedded, direction: Direction) -> CtK
         pod_port,
         peer_port,
         vlan,
-        protocol: embedded.protocol,
+        protocol,
         _pad: 0,
     }
 }
@@ -96,6 +112,15 @@ fn timeout_ns(entry: &CtEntry, protocol: u8, settings: &Settings) -> u64 {
         _ => ct_timeouts::OTHER,
     };
     u64::from(seconds) * NS_PER_SEC
+}
+
+/// A SYN on a closing TCP flow starts a new connection on the same ports:
+/// it is judged by the rules again, like any new flow.
+#[inline(always)]
+fn reopens(entry: &CtEntry, packet: &Packet) -> bool {
+    packet.protocol == IPPROTO_TCP
+        && entry.state == ct_state::CLOSING
+        && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 #[inline(always)]
@@ -176,7 +201,7 @@ pub fn track_existing(key: &CtKey, packet: &Packet, flow: &FlowContext) -> bool 
     // SAFETY: the pointer comes from a successful lookup; fields are plain
     // data, and racing updates from other CPUs only lose a state refresh.
     let entry = unsafe { &mut *entry };
-    if !live(entry, key.protocol, flow.settings, now) {
+    if !live(entry, key.protocol, flow.settings, now) || reopens(entry, packet) {
         return false;
     }
     let flags = entry.flags | packet_flags(packet, direction);

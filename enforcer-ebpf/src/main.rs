@@ -26,6 +26,16 @@ pub enum Direction {
     Egress,
 }
 
+impl Direction {
+    #[inline(always)]
+    pub fn reverse(self) -> Self {
+        match self {
+            Self::Ingress => Self::Egress,
+            Self::Egress => Self::Ingress,
+        }
+    }
+}
+
 /// Network -> pod: frames arriving on the trunk.
 #[aya_ebpf::macros::classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {

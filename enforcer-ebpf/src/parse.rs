@@ -359,12 +359,13 @@ pub struct Embedded {
     pub protocol: u8,
 }
 
-/// ICMP and ICMPv6 messages that report on another packet (RFC 792, RFC 4443).
+/// ICMP and ICMPv6 messages that report on another packet (RFC 792, RFC 4443),
+/// by protocol number whatever the IP version, as `enforcer/src/flow.rs` models it.
 #[inline(always)]
 pub fn is_icmp_error(packet: &Packet) -> bool {
-    match (packet.ipv6, packet.protocol) {
-        (false, IPPROTO_ICMP) => matches!(packet.icmp_type, 3 | 4 | 11 | 12),
-        (true, IPPROTO_ICMPV6) => matches!(packet.icmp_type, 1..=4),
+    match packet.protocol {
+        IPPROTO_ICMP => matches!(packet.icmp_type, 3 | 4 | 11 | 12),
+        IPPROTO_ICMPV6 => matches!(packet.icmp_type, 1..=4),
         _ => false,
     }
 }
@@ -372,9 +373,9 @@ pub fn is_icmp_error(packet: &Packet) -> bool {
 /// Whether an ICMP message is an echo request or reply, keyed by its identifier.
 #[inline(always)]
 pub fn is_icmp_echo(packet: &Packet) -> bool {
-    match (packet.ipv6, packet.protocol) {
-        (false, IPPROTO_ICMP) => matches!(packet.icmp_type, 0 | 8),
-        (true, IPPROTO_ICMPV6) => matches!(packet.icmp_type, 128 | 129),
+    match packet.protocol {
+        IPPROTO_ICMP => matches!(packet.icmp_type, 0 | 8),
+        IPPROTO_ICMPV6 => matches!(packet.icmp_type, 128 | 129),
         _ => false,
     }
 }
@@ -419,7 +420,11 @@ pub fn parse_embedded<F: Frame>(
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             // Only an embedded echo names a flow (by its identifier).
             let icmp: [u8; 8] = frame.load(l4_offset)?;
-            if matches!(icmp[0], 0 | 8 | 128 | 129) {
+            let echo = match embedded.protocol {
+                IPPROTO_ICMP => matches!(icmp[0], 0 | 8),
+                _ => matches!(icmp[0], 128 | 129),
+            };
+            if echo {
                 embedded.src_port = u16::from_be_bytes([icmp[4], icmp[5]]);
             }
         }

@@ -23,7 +23,9 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32) -> Reason {
     };
     let l2 = match parse::parse_l2(frame) {
         Ok(Some(l2)) => l2,
-        Ok(None) | Err((None, _)) => return Reason::PassUntagged,
+        Ok(None) => return Reason::PassUntagged,
+        // A frame announcing a tag it does not carry: junk, whoever it was for.
+        Err((None, _)) => return Reason::DropMalformed,
         Err((Some(vlan), error)) => {
             return match pod(vlan) {
                 Some(_) => parse_failure(error),
@@ -141,7 +143,7 @@ fn judge_flow<F: Frame>(
         return Reason::PassUnfiltered;
     }
     let standard = pod.mode() == Some(EnforcingMode::Standard);
-    if standard && is_set(&NODE_LOCAL, 0, peer) {
+    if standard && is_set(&NODE_LOCAL, 0, peer, packet.ipv6) {
         return Reason::PassSameNode;
     }
     // Constant indexes, so the verifier sees every access in bounds.
@@ -269,7 +271,7 @@ fn is_unfiltered(vlan: u16, packet: &Packet, peer: &[u8; 16], direction: Directi
             return true;
         }
     }
-    is_set(&UNFILTERED, 0, peer) || is_set(&UNFILTERED, vlan, peer)
+    is_set(&UNFILTERED, 0, peer, packet.ipv6) || is_set(&UNFILTERED, vlan, peer, packet.ipv6)
 }
 
 #[inline(always)]
@@ -277,7 +279,13 @@ fn is_set<const N: usize, const F: usize>(
     set: &aya_ebpf::btf_maps::HashMap<AddrKey, u8, N, F>,
     vlan: u16,
     addr: &[u8; 16],
+    ipv6: bool,
 ) -> bool {
+    // The sets store IPv4 addresses IPv4-mapped: an IPv6 packet from
+    // `::ffff:a.b.c.d` must not pass as that IPv4 address.
+    if ipv6 && addr[..12] == V4_MAPPED_PREFIX {
+        return false;
+    }
     let key = AddrKey {
         vlan,
         _pad: [0; 2],

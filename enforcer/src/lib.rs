@@ -1,8 +1,17 @@
 //! The enforcer's userspace library: from a state directory to the kernel's maps.
 //! Read `ARCHITECTURE.md` at the project root first.
 
+pub mod agent;
+pub mod compile;
 pub mod ebpf;
 mod error;
+pub mod eval;
+pub mod explain;
+pub mod flow;
+pub mod maps;
 pub mod model;
+mod resolve;
+pub mod sgp;
+pub mod state;
 
 pub use error::Error;

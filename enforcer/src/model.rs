@@ -101,12 +101,16 @@ fn mask(addr: IpAddr, prefix_len: u8) -> IpAddr {
     match addr {
         IpAddr::V4(a) => {
             let bits = u32::from(a);
-            let m = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+            let m = u32::MAX
+                .checked_shl(32 - u32::from(prefix_len))
+                .unwrap_or(0);
             IpAddr::V4(Ipv4Addr::from(bits & m))
         }
         IpAddr::V6(a) => {
             let bits = u128::from(a);
-            let m = u128::MAX.checked_shl(128 - u32::from(prefix_len)).unwrap_or(0);
+            let m = u128::MAX
+                .checked_shl(128 - u32::from(prefix_len))
+                .unwrap_or(0);
             IpAddr::V6(Ipv6Addr::from(bits & m))
         }
     }

@@ -57,6 +57,15 @@ impl Ip {
         }
     }
 
+    /// Bytes after the headers the fast path must read (a cut there is not a truncated header).
+    pub fn payload_len(&self) -> usize {
+        match self.l4 {
+            L4::Udp { .. } => 4,
+            L4::Other { .. } => 8,
+            L4::Tcp { .. } | L4::Icmp { .. } => 0,
+        }
+    }
+
     /// The L3 header and payload, without Ethernet.
     pub fn to_bytes(&self) -> Vec<u8> {
         let l4 = self.l4_bytes();
@@ -118,7 +127,7 @@ impl Ip {
 }
 
 /// How the frame carries its VLAN.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tag {
     Untagged,
     /// One inline 802.1Q tag.
@@ -183,4 +192,116 @@ fn checksum(bytes: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+// Builders for the conntrack and scenario tests: payloads, ICMP errors quoting
+// another packet, IPv4 fragments.
+
+impl Ip {
+    /// The L4 header (with its few payload bytes) that [`Ip::to_bytes`] puts after the IP header.
+    pub fn transport_bytes(&self) -> Vec<u8> {
+        self.l4_bytes()
+    }
+}
+
+/// An IP header from `src` to `dst` for `payload_len` bytes of `protocol`; for IPv4,
+/// `id` and `flags_offset` (flags in the top 3 bits, offset in 8-byte units) fill the
+/// fragmentation fields, and the header checksum is set.
+fn ip_header(
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    payload_len: usize,
+    id: u16,
+    flags_offset: u16,
+) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let mut h = vec![0x45, 0];
+            h.extend_from_slice(&((20 + payload_len) as u16).to_be_bytes());
+            h.extend_from_slice(&id.to_be_bytes());
+            h.extend_from_slice(&flags_offset.to_be_bytes());
+            h.extend_from_slice(&[64, protocol, 0, 0]);
+            h.extend_from_slice(&src.octets());
+            h.extend_from_slice(&dst.octets());
+            let sum = checksum(&h);
+            h[10..12].copy_from_slice(&sum.to_be_bytes());
+            h
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut h = vec![0x60, 0, 0, 0];
+            h.extend_from_slice(&(payload_len as u16).to_be_bytes());
+            h.extend_from_slice(&[protocol, 64]);
+            h.extend_from_slice(&src.octets());
+            h.extend_from_slice(&dst.octets());
+            h
+        }
+        _ => panic!("mixed address families: {src} -> {dst}"),
+    }
+}
+
+fn ethertype_of(addr: IpAddr) -> u16 {
+    if addr.is_ipv4() {
+        ETH_P_IPV4
+    } else {
+        ETH_P_IPV6
+    }
+}
+
+/// A frame carrying `ip` followed by `payload` (application data), lengths adjusted.
+pub fn ip_frame_with_payload(tag: Tag, ip: &Ip, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = ip.transport_bytes();
+    l4.extend_from_slice(payload);
+    let mut packet = ip_header(ip.src, ip.dst, ip.protocol(), l4.len(), 0x1234, 0x4000);
+    packet.extend_from_slice(&l4);
+    ethernet(tag, ethertype_of(ip.src), &packet)
+}
+
+/// An ICMP (IPv4) or ICMPv6 error of `icmp_type`/`code` from `src` to `dst`
+/// quoting `original` whole (its IP header and L4 header), as a host or router
+/// reporting on that packet sends it. Bytes 4..8 carry an MTU of 1280 (used by
+/// "fragmentation needed" and "packet too big", ignored by the others).
+pub fn icmp_error_frame(
+    tag: Tag,
+    src: IpAddr,
+    dst: IpAddr,
+    icmp_type: u8,
+    code: u8,
+    original: &Ip,
+) -> Vec<u8> {
+    let protocol = if src.is_ipv4() { 1 } else { 58 };
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0x05, 0x00];
+    icmp.extend_from_slice(&original.to_bytes());
+    let mut packet = ip_header(src, dst, protocol, icmp.len(), 0x4321, 0);
+    packet.extend_from_slice(&icmp);
+    ethernet(tag, ethertype_of(src), &packet)
+}
+
+/// Where an IPv4 fragment sits in its datagram.
+#[derive(Clone, Copy, Debug)]
+pub struct Fragment {
+    /// IPv4 identification, shared by every fragment of the datagram.
+    pub id: u16,
+    /// Fragment offset in 8-byte units (0: the first fragment).
+    pub offset: u16,
+    /// More fragments follow.
+    pub more: bool,
+}
+
+/// One IPv4 fragment of a datagram from `ip.src` to `ip.dst` of `ip`'s protocol,
+/// carrying `payload` (for a first fragment, [`Ip::transport_bytes`] and more; for a
+/// later one, whatever bytes follow in the datagram).
+pub fn ipv4_fragment_frame(tag: Tag, ip: &Ip, fragment: Fragment, payload: &[u8]) -> Vec<u8> {
+    assert!(ip.src.is_ipv4(), "IPv4 fragments only: {ip:?}");
+    let flags_offset = (fragment.offset & 0x1fff) | if fragment.more { 0x2000 } else { 0 };
+    let mut packet = ip_header(
+        ip.src,
+        ip.dst,
+        ip.protocol(),
+        payload.len(),
+        fragment.id,
+        flags_offset,
+    );
+    packet.extend_from_slice(payload);
+    ethernet(tag, ETH_P_IPV4, &packet)
 }

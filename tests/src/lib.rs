@@ -2,6 +2,9 @@
 //! byte, and the guard that makes a test fail (never skip) without root.
 
 pub mod frame;
+pub mod kernel;
+pub mod models;
+pub mod random;
 
 /// Fails the calling test unless it runs as root: privileged tests must never
 /// pass by doing nothing.

@@ -1,0 +1,1565 @@
+//! Compiles the model into the fast path's map entries, whose lookups cost the same whatever the
+//! number of rules, and [`interpret`]s those entries exactly as the kernel looks them up.
+//!
+//! Peer tries map (policy, prefix) to a class, the set of rules whose peer covers the prefix
+//! (each longer prefix folds in every shorter covering one, as LPM returns only the longest).
+//! The port trie maps (class, protocol, port or ICMP type/code) to the lowest allowing rule ID,
+//! folded the same way. Rule IDs and policy handles start at 1; 0 means none.
+//!
+//! To keep the maps small, a class leaves out rules that can never decide a verdict (a
+//! lower rule covers all they cover), and a key whose value equals that of the nearest
+//! shorter key covering it is not emitted: the trie answers the same without it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use enforcer_common::{
+    AddrKey, EnforcingMode, NO_POLICY, POD_HAS_IPV4, POD_HAS_IPV6, PeerClass, PeerKeyV4, PeerKeyV6,
+    PodEntry, PortKey, PortVerdict, VERDICT_UNTRACKED, VLAN_MAX, VLAN_MIN, policy_slot,
+};
+
+use crate::eval::{
+    self, L4Packet, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RuleRef, everything_family,
+    opens_all_ports, sorted_set,
+};
+use crate::model::{Cidr, Direction, GroupId, L4Match, Model, Peer, Rule};
+
+/// Why a model cannot be compiled.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("pod {pod}: VLAN {vlan} is outside {VLAN_MIN}..={VLAN_MAX}")]
+    InvalidVlan { pod: String, vlan: u16 },
+    #[error("pods {first} and {second} both use VLAN {vlan}")]
+    DuplicateVlan {
+        vlan: u16,
+        first: String,
+        second: String,
+    },
+}
+
+/// An LPM trie entry: `data` with its first `prefix_len` bits significant, the rest zero.
+/// Ordered by data, then length, so a policy's or class's entries sit together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LpmKey<K> {
+    pub data: K,
+    pub prefix_len: u32,
+}
+
+/// The groups and direction a policy handle stands for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Policy {
+    /// Sorted and de-duplicated.
+    pub groups: Vec<GroupId>,
+    pub direction: Direction,
+}
+
+/// Every map entry the kernel needs for a model, in deterministic order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compiled {
+    pub pods: BTreeMap<u16, PodEntry>,
+    pub peers_v4: BTreeMap<LpmKey<PeerKeyV4>, PeerClass>,
+    pub peers_v6: BTreeMap<LpmKey<PeerKeyV6>, PeerClass>,
+    pub ports: BTreeMap<LpmKey<PortKey>, PortVerdict>,
+    pub unfiltered: BTreeMap<AddrKey, u8>,
+    pub node_local: BTreeMap<AddrKey, u8>,
+    /// Rule ID `n` is `rules[n - 1]`; sorted by (group, direction, index).
+    pub rules: Vec<RuleRef>,
+    /// Policy handle `n` is `policies[n - 1]`; sorted.
+    pub policies: Vec<Policy>,
+}
+
+impl Compiled {
+    pub fn rule(&self, id: u32) -> Option<&RuleRef> {
+        self.rules.get(usize::try_from(id).ok()?.checked_sub(1)?)
+    }
+
+    /// The ID of a rule, if it is in the table.
+    pub fn rule_id(&self, rule: &RuleRef) -> Option<u32> {
+        let index = self.rules.binary_search(rule).ok()?;
+        u32::try_from(index + 1).ok()
+    }
+}
+
+/// Builds the map entries of every pod of `model`.
+pub fn compile(model: &Model) -> Result<Compiled, CompileError> {
+    check_vlans(model)?;
+    let rules = RuleTable::new(model);
+    let policies = policies(model);
+    let pods = pod_entries(model, &policies);
+
+    // Peer entries point at interned class keys (value = order of first sight); classes are
+    // numbered in the order of their rule sets once all are known, so that IDs do not
+    // depend on the walk.
+    let mut interned: HashMap<ClassKey, usize> = HashMap::new();
+    let mut peer_entries: Vec<(bool, u32, Prefix, usize)> = Vec::new();
+    let mut sets = RuleSets::new(&rules);
+    for (i, policy) in policies.iter().enumerate() {
+        for v6 in [false, true] {
+            for (prefix, key) in policy_peers(model, &mut sets, policy, v6) {
+                let next = interned.len();
+                let provisional = *interned.entry(key).or_insert(next);
+                peer_entries.push((v6, handle(i), prefix, provisional));
+            }
+        }
+    }
+    let mut keys: Vec<(&ClassKey, usize)> = interned.iter().map(|(k, &v)| (k, v)).collect();
+    keys.sort_by(|(a, _), (b, _)| {
+        (&sets.sets[a.set], a.reverse_open).cmp(&(&sets.sets[b.set], b.reverse_open))
+    });
+    let mut class_of = vec![0; keys.len()];
+    for (i, (_, provisional)) in keys.iter().enumerate() {
+        class_of[*provisional] = handle(i);
+    }
+
+    let mut peers_v4 = BTreeMap::new();
+    let mut peers_v6 = BTreeMap::new();
+    for (v6, policy, prefix, provisional) in peer_entries {
+        let class = PeerClass {
+            class: class_of[provisional],
+        };
+        let policy = policy.to_be_bytes();
+        let prefix_len = 32 + u32::from(prefix.len);
+        if v6 {
+            let addr = prefix.bits.to_be_bytes();
+            let data = PeerKeyV6 { policy, addr };
+            peers_v6.insert(LpmKey { data, prefix_len }, class);
+        } else {
+            let addr = ((prefix.bits >> 96) as u32).to_be_bytes();
+            let data = PeerKeyV4 { policy, addr };
+            peers_v4.insert(LpmKey { data, prefix_len }, class);
+        }
+    }
+
+    let mut ports = BTreeMap::new();
+    for (key, provisional) in keys {
+        let class = class_of[provisional];
+        compile_ports(
+            &rules,
+            &sets.sets[key.set],
+            key.reverse_open,
+            class,
+            &mut ports,
+        );
+    }
+
+    let mut unfiltered = BTreeMap::new();
+    for (addr, _) in eval::node_unfiltered(model) {
+        unfiltered.insert(addr_key(0, addr), 1);
+    }
+    for pod in &model.pods {
+        for addr in eval::pod_unfiltered(pod) {
+            unfiltered.insert(addr_key(pod.vlan, addr), 1);
+        }
+    }
+    let node_local = model
+        .node_local
+        .iter()
+        .map(|&addr| (addr_key(0, addr), 1))
+        .collect();
+
+    Ok(Compiled {
+        pods,
+        peers_v4,
+        peers_v6,
+        ports,
+        unfiltered,
+        node_local,
+        rules: rules.refs,
+        policies,
+    })
+}
+
+fn check_vlans(model: &Model) -> Result<(), CompileError> {
+    let mut seen: BTreeMap<u16, String> = BTreeMap::new();
+    for pod in &model.pods {
+        if !(VLAN_MIN..=VLAN_MAX).contains(&pod.vlan) {
+            return Err(CompileError::InvalidVlan {
+                pod: pod.key(),
+                vlan: pod.vlan,
+            });
+        }
+        if let Some(first) = seen.insert(pod.vlan, pod.key()) {
+            return Err(CompileError::DuplicateVlan {
+                vlan: pod.vlan,
+                first,
+                second: pod.key(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Every distinct (group set, direction) of the pods' branch and, in standard mode, primary sides.
+fn policies(model: &Model) -> Vec<Policy> {
+    let mut set = BTreeSet::new();
+    for pod in &model.pods {
+        let mut sides = vec![&pod.groups];
+        if pod.mode == EnforcingMode::Standard {
+            sides.push(&model.node.primary_security_groups);
+        }
+        for groups in sides {
+            for direction in [Direction::Ingress, Direction::Egress] {
+                set.insert(Policy {
+                    groups: sorted_set(groups),
+                    direction,
+                });
+            }
+        }
+    }
+    set.into_iter().collect()
+}
+
+fn pod_entries(model: &Model, policies: &[Policy]) -> BTreeMap<u16, PodEntry> {
+    let handle_of = |groups: &[GroupId], direction| {
+        let policy = Policy {
+            groups: sorted_set(groups),
+            direction,
+        };
+        policies.binary_search(&policy).map_or(NO_POLICY, handle)
+    };
+    let mut pods = BTreeMap::new();
+    for pod in &model.pods {
+        let mut entry = PodEntry {
+            ipv4: [0; 4],
+            ipv6: [0; 16],
+            mode: pod.mode as u8,
+            flags: 0,
+            _pad: [0; 2],
+            policies: [NO_POLICY; 4],
+        };
+        if let Some(v4) = pod.ipv4 {
+            entry.ipv4 = v4.octets();
+            entry.flags |= POD_HAS_IPV4;
+        }
+        if let Some(v6) = pod.ipv6 {
+            entry.ipv6 = v6.octets();
+            entry.flags |= POD_HAS_IPV6;
+        }
+        entry.policies[policy_slot::BRANCH_INGRESS] = handle_of(&pod.groups, Direction::Ingress);
+        entry.policies[policy_slot::BRANCH_EGRESS] = handle_of(&pod.groups, Direction::Egress);
+        if pod.mode == EnforcingMode::Standard {
+            let primary = &model.node.primary_security_groups;
+            entry.policies[policy_slot::PRIMARY_INGRESS] = handle_of(primary, Direction::Ingress);
+            entry.policies[policy_slot::PRIMARY_EGRESS] = handle_of(primary, Direction::Egress);
+        }
+        pods.insert(pod.vlan, entry);
+    }
+    pods
+}
+
+/// Handle or ID `i + 1` of the element at index `i`.
+fn handle(i: usize) -> u32 {
+    u32::try_from(i + 1).expect("fewer than 2^32 policies, classes and rules")
+}
+
+/// Index into a table of the handle or ID `id`.
+fn index(id: u32) -> usize {
+    id as usize - 1
+}
+
+/// What a peer-trie value stands for: the rules (that can decide) whose peer covers the
+/// prefix, an index into [`RuleSets`], and for which protocols (TCP, UDP) the policy's
+/// opposite direction opens every port to everywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ClassKey {
+    set: usize,
+    reverse_open: [bool; 2],
+}
+
+/// The peer-trie entries of one policy and family, as (prefix, class key).
+fn policy_peers(
+    model: &Model,
+    sets: &mut RuleSets,
+    policy: &Policy,
+    v6: bool,
+) -> Vec<(Prefix, ClassKey)> {
+    let reverse_open = [PROTO_TCP, PROTO_UDP].map(|protocol| {
+        let opposite = policy.direction.opposite();
+        opens_all_ports(model, &policy.groups, opposite, v6, protocol)
+    });
+    let mut own: BTreeMap<Prefix, Vec<u32>> = BTreeMap::new();
+    for group in &policy.groups {
+        for (id, rule) in sets.rules.of(model, group, policy.direction) {
+            for cidr in peer_cidrs(model, &rule.peer, v6) {
+                own.entry(Prefix::of_cidr(cidr)).or_default().push(id);
+            }
+        }
+    }
+    let folded = fold(own, |inherited: Option<&usize>, own| {
+        sets.extend(inherited.copied(), own)
+    });
+    folded
+        .iter()
+        .filter(|(_, set, parent)| parent.is_none_or(|p| folded[p].1 != *set))
+        .map(|&(prefix, set, _)| {
+            let rules = &sets.sets[set];
+            let everything = rules.iter().any(|&id| sets.rules.everything[index(id)]);
+            let key = ClassKey {
+                set,
+                // Only a rule from everywhere can make a flow untracked.
+                reverse_open: if everything { reverse_open } else { [false; 2] },
+            };
+            (prefix, key)
+        })
+        .collect()
+}
+
+/// The global rule table with what the compiler needs per rule.
+struct RuleTable {
+    refs: Vec<RuleRef>,
+    /// The (protocol, port) prefixes of the rule's L4 part.
+    l4: Vec<Vec<Prefix>>,
+    is_all: Vec<bool>,
+    /// The rule's peer is `0.0.0.0/0` or `::/0`.
+    everything: Vec<bool>,
+    /// First rule ID of each group's ingress and egress rules.
+    first: BTreeMap<(GroupId, Direction), u32>,
+}
+
+impl RuleTable {
+    fn new(model: &Model) -> Self {
+        let mut table = Self {
+            refs: Vec::new(),
+            l4: Vec::new(),
+            is_all: Vec::new(),
+            everything: Vec::new(),
+            first: BTreeMap::new(),
+        };
+        for (id, group) in &model.groups {
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let first = handle(table.refs.len());
+                table.first.insert((id.clone(), direction), first);
+                for (i, rule) in group.rules(direction).iter().enumerate() {
+                    table.refs.push(RuleRef {
+                        group_id: id.clone(),
+                        direction,
+                        index: i,
+                    });
+                    table.l4.push(l4_prefixes(&rule.l4));
+                    table.is_all.push(rule.l4 == L4Match::All);
+                    let everything = everything_family(&rule.peer).is_some();
+                    table.everything.push(everything);
+                }
+            }
+        }
+        table
+    }
+
+    /// The rules of one group and direction with their IDs.
+    fn of<'m>(
+        &self,
+        model: &'m Model,
+        group: &GroupId,
+        direction: Direction,
+    ) -> impl Iterator<Item = (u32, &'m Rule)> {
+        let first = self.first.get(&(group.clone(), direction)).copied();
+        let rules = model
+            .groups
+            .get(group)
+            .map_or(&[][..], |g| g.rules(direction));
+        first
+            .into_iter()
+            .flat_map(move |first| (first..).zip(rules.iter()))
+    }
+}
+
+/// The pruned rule sets of peer prefixes, interned: the peer fold handles their indexes, and
+/// extending an inherited set with a prefix's own rules is memoised, as member addresses of
+/// one referenced group all extend the same set with the same rules.
+struct RuleSets<'r> {
+    rules: &'r RuleTable,
+    sets: Vec<Vec<u32>>,
+    ids: HashMap<Vec<u32>, usize>,
+    memo: HashMap<(Option<usize>, Vec<u32>), usize>,
+}
+
+impl<'r> RuleSets<'r> {
+    fn new(rules: &'r RuleTable) -> Self {
+        Self {
+            rules,
+            sets: Vec::new(),
+            ids: HashMap::new(),
+            memo: HashMap::new(),
+        }
+    }
+
+    /// The index of the pruned union of the set `inherited` and the rules `own`.
+    fn extend(&mut self, inherited: Option<usize>, own: Vec<u32>) -> usize {
+        let key = (inherited, own);
+        if let Some(&id) = self.memo.get(&key) {
+            return id;
+        }
+        let base = inherited.map_or(&[][..], |i| &self.sets[i]);
+        let set = self.prune(&union(base, key.1.clone()));
+        let id = match self.ids.get(&set) {
+            Some(&id) => id,
+            None => {
+                self.sets.push(set.clone());
+                self.ids.insert(set, self.sets.len() - 1);
+                self.sets.len() - 1
+            }
+        };
+        self.memo.insert(key, id);
+        id
+    }
+
+    /// Keeps a rule unless every (protocol, port) it covers is covered by lower rules, and,
+    /// if its peer is everywhere, by lower rules from everywhere too (the untracked flag).
+    fn prune(&self, set: &[u32]) -> Vec<u32> {
+        let mut covered = Spans::default();
+        let mut covered_everywhere = Spans::default();
+        let mut kept = Vec::new();
+        for &id in set {
+            let prefixes = &self.rules.l4[index(id)];
+            let everything = self.rules.everything[index(id)];
+            let within = |cover: &Spans| prefixes.iter().all(|p| cover.contains(p.port_span()));
+            if !within(&covered) || (everything && !within(&covered_everywhere)) {
+                kept.push(id);
+            }
+            for p in prefixes {
+                covered.insert(p.port_span());
+                if everything {
+                    covered_everywhere.insert(p.port_span());
+                }
+            }
+        }
+        kept
+    }
+}
+
+/// A union of ranges of the 24-bit (protocol, port) space: sorted, disjoint, not adjacent.
+#[derive(Default)]
+struct Spans(Vec<(u32, u32)>);
+
+impl Spans {
+    fn contains(&self, (lo, hi): (u32, u32)) -> bool {
+        let after = self.0.partition_point(|&(start, _)| start <= lo);
+        after > 0 && self.0[after - 1].1 >= hi
+    }
+
+    fn insert(&mut self, (lo, hi): (u32, u32)) {
+        // The spans overlapping or touching lo..=hi are merged with it.
+        let first = self.0.partition_point(|&(_, end)| end + 1 < lo);
+        let last = self.0.partition_point(|&(start, _)| start <= hi + 1);
+        let (mut lo, mut hi) = (lo, hi);
+        if first < last {
+            lo = lo.min(self.0[first].0);
+            hi = hi.max(self.0[last - 1].1);
+        }
+        self.0.splice(first..last, [(lo, hi)]);
+    }
+}
+
+/// The prefixes of `family` that a peer stands for.
+fn peer_cidrs(model: &Model, peer: &Peer, v6: bool) -> Vec<Cidr> {
+    let family = |c: &Cidr| c.is_ipv4() != v6;
+    match peer {
+        Peer::Cidr(cidr) => [*cidr].into_iter().filter(family).collect(),
+        Peer::PrefixList(id) => model
+            .prefix_lists
+            .get(id)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(family)
+            .collect(),
+        Peer::Group(id) => model
+            .members
+            .get(id)
+            .into_iter()
+            .flatten()
+            .map(|&ip| Cidr::host(ip))
+            .filter(family)
+            .collect(),
+    }
+}
+
+/// A bit string of `len` bits, left-aligned in a `u128`, the rest zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Prefix {
+    bits: u128,
+    len: u8,
+}
+
+impl Prefix {
+    fn of_cidr(cidr: Cidr) -> Self {
+        let bits = match cidr.addr() {
+            IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
+            IpAddr::V6(a) => u128::from(a),
+        };
+        Self {
+            bits,
+            len: cidr.prefix_len(),
+        }
+    }
+
+    /// `value`, the top `len` bits of a 24-bit (protocol, port) word.
+    fn of_port_space(value: u32, len: u8) -> Self {
+        Self {
+            bits: u128::from(value) << 104,
+            len,
+        }
+    }
+
+    fn covers(&self, other: &Self) -> bool {
+        self.len <= other.len && (self.bits ^ other.bits) & mask(self.len) == 0
+    }
+
+    /// First and last 24-bit word of a (protocol, port) prefix.
+    fn port_span(&self) -> (u32, u32) {
+        let lo = (self.bits >> 104) as u32;
+        (lo, lo | ((1 << (24 - self.len)) - 1))
+    }
+}
+
+fn mask(len: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
+}
+
+/// Folds into each prefix the values of the prefixes covering it: `combine` gets the folded
+/// value of the nearest covering prefix, if any, and the prefix's own value. Sorted by
+/// (bits, len), a set of prefixes is a depth-first walk of its trie, so a stack of ancestors
+/// suffices. Returns (prefix, folded value, index of the nearest covering prefix).
+fn fold<O, T>(
+    own: BTreeMap<Prefix, O>,
+    mut combine: impl FnMut(Option<&T>, O) -> T,
+) -> Vec<(Prefix, T, Option<usize>)> {
+    let mut out: Vec<(Prefix, T, Option<usize>)> = Vec::with_capacity(own.len());
+    let mut ancestors: Vec<usize> = Vec::new();
+    for (prefix, value) in own {
+        while let Some(&top) = ancestors.last() {
+            if out[top].0.covers(&prefix) {
+                break;
+            }
+            ancestors.pop();
+        }
+        let parent = ancestors.last().copied();
+        let value = combine(parent.map(|p| &out[p].1), value);
+        ancestors.push(out.len());
+        out.push((prefix, value, parent));
+    }
+    out
+}
+
+/// Sorted, de-duplicated union of an inherited and an own set of rule IDs.
+fn union(inherited: &[u32], mut own: Vec<u32>) -> Vec<u32> {
+    own.extend_from_slice(inherited);
+    own.sort_unstable();
+    own.dedup();
+    own
+}
+
+/// The (protocol, port) prefixes a rule's L4 part covers.
+fn l4_prefixes(l4: &L4Match) -> Vec<Prefix> {
+    let proto = |p: u8| u32::from(p) << 16;
+    match *l4 {
+        L4Match::All => vec![Prefix::of_port_space(0, 0)],
+        L4Match::Protocol(p) => vec![Prefix::of_port_space(proto(p), 8)],
+        L4Match::Ports { protocol, from, to } => port_blocks(from, to)
+            .into_iter()
+            .map(|(start, len)| Prefix::of_port_space(proto(protocol) | u32::from(start), 8 + len))
+            .collect(),
+        L4Match::Icmp {
+            v6,
+            icmp_type,
+            code,
+        } => {
+            let p = proto(if v6 { PROTO_ICMPV6 } else { PROTO_ICMP });
+            let prefix = match (icmp_type, code) {
+                (None, _) => Prefix::of_port_space(p, 8),
+                (Some(t), None) => Prefix::of_port_space(p | (u32::from(t) << 8), 16),
+                (Some(t), Some(c)) => {
+                    Prefix::of_port_space(p | (u32::from(t) << 8) | u32::from(c), 24)
+                }
+            };
+            vec![prefix]
+        }
+    }
+}
+
+/// The fewest aligned power-of-two blocks covering `from..=to`, as (start, prefix bits of 16).
+fn port_blocks(from: u16, to: u16) -> Vec<(u16, u8)> {
+    let mut blocks = Vec::new();
+    let (mut lo, hi) = (u32::from(from), u32::from(to));
+    while lo <= hi {
+        // The largest block aligned at `lo` that does not pass `hi`.
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1 << lo.trailing_zeros()
+        };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        let len = 16 - size.trailing_zeros() as u8;
+        blocks.push((lo as u16, len));
+        lo += size;
+    }
+    blocks
+}
+
+/// Fills the port trie of one class.
+fn compile_ports(
+    rules: &RuleTable,
+    class_rules: &[u32],
+    reverse_open: [bool; 2],
+    class: u32,
+    out: &mut BTreeMap<LpmKey<PortKey>, PortVerdict>,
+) {
+    // (lowest rule ID, some rule's peer is everywhere); u32::MAX = no own rule.
+    let mut own: BTreeMap<Prefix, (u32, bool)> = BTreeMap::new();
+    for &id in class_rules {
+        let everything = rules.everything[index(id)];
+        for &prefix in &rules.l4[index(id)] {
+            let slot = own.entry(prefix).or_insert((u32::MAX, false));
+            *slot = (slot.0.min(id), slot.1 || everything);
+        }
+        if rules.is_all[index(id)] {
+            // Per-protocol keys under "all traffic", so the untracked flag can differ.
+            for protocol in [PROTO_TCP, PROTO_UDP] {
+                own.entry(Prefix::of_port_space(u32::from(protocol) << 16, 8))
+                    .or_insert((u32::MAX, false));
+            }
+        }
+    }
+    let folded = fold(
+        own,
+        |inherited: Option<&(u32, bool)>, (rule, everything)| match inherited {
+            Some(&(up_rule, up_everything)) => (up_rule.min(rule), up_everything || everything),
+            None => (rule, everything),
+        },
+    );
+    let verdict_of = |prefix: &Prefix, (rule, everything): (u32, bool)| {
+        let protocol = (prefix.bits >> 120) as u8;
+        let open = match protocol {
+            PROTO_TCP => reverse_open[0],
+            PROTO_UDP => reverse_open[1],
+            _ => false,
+        };
+        let untracked = everything && prefix.len >= 8 && open;
+        PortVerdict {
+            rule,
+            flags: if untracked { VERDICT_UNTRACKED } else { 0 },
+        }
+    };
+    for (prefix, value, parent) in &folded {
+        let verdict = verdict_of(prefix, *value);
+        if let Some(p) = *parent {
+            let (up_prefix, up_value, _) = &folded[p];
+            if verdict_of(up_prefix, *up_value) == verdict {
+                continue;
+            }
+        }
+        let word = (prefix.bits >> 104) as u32;
+        out.insert(
+            LpmKey {
+                data: PortKey {
+                    class: class.to_be_bytes(),
+                    protocol: (word >> 16) as u8,
+                    port: (word as u16).to_be_bytes(),
+                    _pad: 0,
+                },
+                prefix_len: 32 + u32::from(prefix.len),
+            },
+            verdict,
+        );
+    }
+}
+
+/// The address-set key of `addr` for `vlan`, IPv4 as `::ffff:a.b.c.d`.
+pub fn addr_key(vlan: u16, addr: IpAddr) -> AddrKey {
+    let addr = match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(a) => a,
+    };
+    AddrKey {
+        vlan,
+        _pad: [0; 2],
+        addr: addr.octets(),
+    }
+}
+
+/// What one side's policy says about a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SideLookup {
+    /// The handle is [`NO_POLICY`]: the side is not checked.
+    NotChecked,
+    /// No peer or port entry matched.
+    Denied,
+    Allowed(PortVerdict),
+}
+
+impl SideLookup {
+    fn passes(self) -> bool {
+        self != Self::Denied
+    }
+
+    fn untracked(self) -> bool {
+        match self {
+            Self::NotChecked => true,
+            Self::Denied => false,
+            Self::Allowed(verdict) => verdict.flags & VERDICT_UNTRACKED != 0,
+        }
+    }
+}
+
+/// The kernel's decision for the first packet of a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interpretation {
+    /// No pod entry for the VLAN (`unknownVlan` decides).
+    UnknownVlan,
+    /// The peer or the protocol is never filtered.
+    Unfiltered,
+    /// Standard mode and the peer is on this node.
+    NodeLocal,
+    /// Looked up in the pod's policies.
+    Policy {
+        branch: SideLookup,
+        primary: SideLookup,
+    },
+}
+
+impl Interpretation {
+    pub fn allowed(&self) -> bool {
+        match self {
+            Self::UnknownVlan => false,
+            Self::Unfiltered | Self::NodeLocal => true,
+            Self::Policy { branch, primary } => branch.passes() && primary.passes(),
+        }
+    }
+
+    /// Allowed and without a conntrack entry.
+    pub fn untracked(&self) -> bool {
+        match self {
+            Self::UnknownVlan => false,
+            Self::Unfiltered | Self::NodeLocal => true,
+            Self::Policy { branch, primary } => {
+                self.allowed() && branch.untracked() && primary.untracked()
+            }
+        }
+    }
+}
+
+/// Looks a new flow up in the compiled entries in the kernel's order: pod, never-filtered
+/// addresses and protocols, same-node (standard), then per checked side peer LPM -> class ->
+/// port LPM.
+pub fn interpret(
+    compiled: &Compiled,
+    vlan: u16,
+    direction: Direction,
+    peer: IpAddr,
+    packet: L4Packet,
+) -> Interpretation {
+    let Some(pod) = compiled.pods.get(&vlan) else {
+        return Interpretation::UnknownVlan;
+    };
+    // An IPv6 packet with an IPv4-mapped peer must not pass as that IPv4 address.
+    let mapped = matches!(peer, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
+    let in_set =
+        |set: &BTreeMap<AddrKey, u8>, vlan| !mapped && set.contains_key(&addr_key(vlan, peer));
+    if in_set(&compiled.unfiltered, 0)
+        || in_set(&compiled.unfiltered, vlan)
+        || eval::unfiltered_l4(direction, peer, packet).is_some()
+    {
+        return Interpretation::Unfiltered;
+    }
+    if pod.mode() == Some(EnforcingMode::Standard) && in_set(&compiled.node_local, 0) {
+        return Interpretation::NodeLocal;
+    }
+    let (branch_slot, primary_slot) = match direction {
+        Direction::Ingress => (policy_slot::BRANCH_INGRESS, policy_slot::PRIMARY_INGRESS),
+        Direction::Egress => (policy_slot::BRANCH_EGRESS, policy_slot::PRIMARY_EGRESS),
+    };
+    let side = |handle: u32| {
+        if handle == NO_POLICY {
+            return SideLookup::NotChecked;
+        }
+        let class = match peer {
+            IpAddr::V4(a) => longest_match(
+                &compiled.peers_v4,
+                PeerKeyV4 {
+                    policy: handle.to_be_bytes(),
+                    addr: a.octets(),
+                },
+            ),
+            IpAddr::V6(a) => longest_match(
+                &compiled.peers_v6,
+                PeerKeyV6 {
+                    policy: handle.to_be_bytes(),
+                    addr: a.octets(),
+                },
+            ),
+        };
+        let verdict = class.and_then(|c| {
+            longest_match(
+                &compiled.ports,
+                PortKey {
+                    class: c.class.to_be_bytes(),
+                    protocol: packet.protocol,
+                    port: packet.selector.to_be_bytes(),
+                    _pad: 0,
+                },
+            )
+        });
+        verdict.map_or(SideLookup::Denied, SideLookup::Allowed)
+    };
+    Interpretation::Policy {
+        branch: side(pod.policies[branch_slot]),
+        primary: side(pod.policies[primary_slot]),
+    }
+}
+
+/// LPM key data as big-endian bytes, so keys can be cut at any bit.
+trait LpmData: Copy + Ord {
+    const BITS: u32;
+    fn masked(&self, bits: u32) -> Self;
+}
+
+/// Clears every bit of `bytes` after the first `keep`.
+fn clear_after(bytes: &mut [u8], keep: u32) {
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        let start = i as u32 * 8;
+        if keep <= start {
+            *byte = 0;
+        } else if keep < start + 8 {
+            *byte &= 0xffu8 << (start + 8 - keep);
+        }
+    }
+}
+
+impl LpmData for PeerKeyV4 {
+    const BITS: u32 = 64;
+    fn masked(&self, bits: u32) -> Self {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&self.policy);
+        b[4..].copy_from_slice(&self.addr);
+        clear_after(&mut b, bits);
+        Self {
+            policy: std::array::from_fn(|i| b[i]),
+            addr: std::array::from_fn(|i| b[4 + i]),
+        }
+    }
+}
+
+impl LpmData for PeerKeyV6 {
+    const BITS: u32 = 160;
+    fn masked(&self, bits: u32) -> Self {
+        let mut b = [0u8; 20];
+        b[..4].copy_from_slice(&self.policy);
+        b[4..].copy_from_slice(&self.addr);
+        clear_after(&mut b, bits);
+        Self {
+            policy: std::array::from_fn(|i| b[i]),
+            addr: std::array::from_fn(|i| b[4 + i]),
+        }
+    }
+}
+
+impl LpmData for PortKey {
+    const BITS: u32 = enforcer_common::PORT_KEY_BITS;
+    fn masked(&self, bits: u32) -> Self {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&self.class);
+        b[4] = self.protocol;
+        b[5..7].copy_from_slice(&self.port);
+        b[7] = self._pad;
+        clear_after(&mut b, bits);
+        Self {
+            class: [b[0], b[1], b[2], b[3]],
+            protocol: b[4],
+            port: [b[5], b[6]],
+            _pad: b[7],
+        }
+    }
+}
+
+/// The value of the longest entry matching `key`, as a kernel LPM trie returns it.
+fn longest_match<K: LpmData, V: Copy>(map: &BTreeMap<LpmKey<K>, V>, key: K) -> Option<V> {
+    (0..=K::BITS).rev().find_map(|prefix_len| {
+        map.get(&LpmKey {
+            data: key.masked(prefix_len),
+            prefix_len,
+        })
+        .copied()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::time::Instant;
+
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+
+    use super::*;
+    use crate::eval::fixtures::*;
+    use crate::eval::{Evaluation, L4Query, Query, Reason, evaluate};
+    use crate::model::{BranchPod, Rule, SecurityGroup};
+
+    const STRICT: EnforcingMode = EnforcingMode::Strict;
+    const STANDARD: EnforcingMode = EnforcingMode::Standard;
+
+    #[test]
+    fn port_blocks_are_minimal_aligned_covers() {
+        assert_eq!(port_blocks(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_blocks(443, 443), vec![(443, 16)]);
+        assert_eq!(port_blocks(8000, 8001), vec![(8000, 15)]);
+        assert_eq!(port_blocks(1, 65535).len(), 16);
+        assert_eq!(port_blocks(5, 4), vec![]);
+        assert_eq!(port_blocks(65535, 65535), vec![(65535, 16)]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn port_blocks_cover_exactly(a in any::<u16>(), b in any::<u16>()) {
+            let (from, to) = (a.min(b), a.max(b));
+            let blocks = port_blocks(from, to);
+            let mut next = u32::from(from);
+            for (start, len) in &blocks {
+                let size = 1u32 << (16 - len);
+                prop_assert_eq!(u32::from(*start), next);
+                prop_assert_eq!(u32::from(*start) % size, 0);
+                next += size;
+            }
+            prop_assert_eq!(next, u32::from(to) + 1);
+            // Minimal: no two neighbouring blocks of one size could merge into an aligned one.
+            for pair in blocks.windows(2) {
+                let ((s0, l0), (_, l1)) = (pair[0], pair[1]);
+                let size = 1u32 << (16 - l0);
+                prop_assert!(!(l0 == l1 && l0 > 0 && u32::from(s0) % (2 * size) == 0));
+            }
+        }
+    }
+
+    fn web_model() -> Model {
+        let web = group(
+            "sg-web",
+            vec![
+                rule(tcp(443, 443), cidr("0.0.0.0/0")),
+                rule(tcp(8000, 8999), cidr("10.1.0.0/16")),
+            ],
+            vec![rule(L4Match::All, cidr("0.0.0.0/0"))],
+        );
+        let node_sg = group(
+            "sg-node",
+            vec![rule(tcp(0, 65535), cidr("10.0.0.0/8"))],
+            vec![rule(L4Match::All, cidr("0.0.0.0/0"))],
+        );
+        model(
+            vec![web, node_sg],
+            vec![
+                pod(7, "10.0.64.7", &["sg-web"], STRICT),
+                pod(8, "10.0.64.8", &["sg-web", "sg-web"], STANDARD),
+                pod(9, "10.0.64.9", &["sg-node", "sg-web"], STRICT),
+            ],
+        )
+    }
+
+    #[test]
+    fn policies_are_shared_and_strict_pods_have_no_primary() {
+        let c = compile(&web_model()).unwrap();
+        assert_eq!(c.policies.len(), 6);
+        let p7 = c.pods[&7].policies;
+        let p8 = c.pods[&8].policies;
+        let p9 = c.pods[&9].policies;
+        assert_eq!(p7[..2], p8[..2]);
+        assert_eq!(p7[2..], [NO_POLICY, NO_POLICY]);
+        assert_ne!(p8[2], NO_POLICY);
+        assert_ne!(p9[0], p7[0]);
+        assert_eq!(c.policies[index(p9[0])].groups, ["sg-node", "sg-web"]);
+        assert_eq!(c.pods[&8].mode, STANDARD as u8);
+        assert_eq!(c.pods[&7].ipv4, [10, 0, 64, 7]);
+        assert_eq!(c.pods[&7].flags, POD_HAS_IPV4 | POD_HAS_IPV6);
+        assert_eq!(c.rules.len(), 5);
+        assert_eq!(c.rule(1).unwrap().group_id, "sg-node");
+        assert_eq!(c.rule(0), None);
+        assert_eq!(c.rule(6), None);
+    }
+
+    #[test]
+    fn address_sets() {
+        let m = web_model();
+        let c = compile(&m).unwrap();
+        assert!(c.unfiltered.contains_key(&addr_key(0, ip("10.0.0.2"))));
+        assert!(c.unfiltered.contains_key(&addr_key(0, ip("fd00:ec2::254"))));
+        assert!(c.unfiltered.contains_key(&addr_key(7, ip("10.0.64.1"))));
+        assert!(!c.unfiltered.contains_key(&addr_key(0, ip("10.0.64.1"))));
+        assert_eq!(
+            addr_key(0, ip("10.0.0.2")).addr[10..],
+            [0xff, 0xff, 10, 0, 0, 2]
+        );
+        assert_eq!(c.node_local.len(), m.node_local.len());
+        assert!(c.node_local.contains_key(&addr_key(0, ip("10.0.1.10"))));
+    }
+
+    #[test]
+    fn interpret_follows_the_kernel_sequence() {
+        let c = compile(&web_model()).unwrap();
+        let run = |vlan, dir, peer: &str, packet| interpret(&c, vlan, dir, ip(peer), packet);
+        let tcp443 = L4Packet::tcp(443);
+        assert_eq!(
+            run(99, Direction::Ingress, "192.0.2.1", tcp443),
+            Interpretation::UnknownVlan
+        );
+        assert_eq!(
+            run(7, Direction::Ingress, "10.0.0.2", tcp443),
+            Interpretation::Unfiltered
+        );
+        assert_eq!(
+            run(8, Direction::Ingress, "10.0.1.10", tcp443),
+            Interpretation::NodeLocal
+        );
+        let strict_node = run(7, Direction::Ingress, "10.0.1.10", L4Packet::tcp(10250));
+        assert!(!strict_node.allowed());
+        let r = run(7, Direction::Ingress, "192.0.2.1", tcp443);
+        assert!(r.allowed() && r.untracked());
+        let Interpretation::Policy {
+            branch: SideLookup::Allowed(v),
+            primary,
+        } = r
+        else {
+            panic!("{r:?}");
+        };
+        assert_eq!(primary, SideLookup::NotChecked);
+        assert_eq!(c.rule(v.rule).unwrap().index, 0);
+        let r = run(8, Direction::Ingress, "192.0.2.1", tcp443);
+        assert!(matches!(
+            r,
+            Interpretation::Policy {
+                primary: SideLookup::Denied,
+                ..
+            }
+        ));
+        // An IPv6 packet claiming an IPv4-mapped unfiltered peer is filtered.
+        let r = run(7, Direction::Ingress, "::ffff:10.0.0.2", L4Packet::tcp(22));
+        assert!(!r.allowed());
+    }
+
+    #[test]
+    fn all_traffic_gets_per_protocol_untracked_keys() {
+        let g = group(
+            "sg-a",
+            vec![rule(L4Match::All, cidr("0.0.0.0/0"))],
+            vec![rule(udp(0, 65535), cidr("0.0.0.0/0"))],
+        );
+        let m = model(vec![g], vec![pod(1, "10.0.64.1", &["sg-a"], STRICT)]);
+        let c = compile(&m).unwrap();
+        let run = |packet| interpret(&c, 1, Direction::Ingress, ip("192.0.2.1"), packet);
+        assert!(run(L4Packet::udp(5)).untracked());
+        assert!(!run(L4Packet::tcp(5)).untracked());
+        assert!(run(L4Packet::tcp(5)).allowed());
+        assert!(!run(L4Packet::icmp(8, 0)).untracked());
+    }
+
+    #[test]
+    fn compiling_is_deterministic_and_rejects_bad_vlans() {
+        let m = web_model();
+        assert_eq!(compile(&m).unwrap(), compile(&m).unwrap());
+        let mut reordered = m.clone();
+        reordered.pods.reverse();
+        reordered.pods[0].groups.reverse();
+        assert_eq!(compile(&reordered).unwrap(), compile(&m).unwrap());
+
+        let mut dup = m.clone();
+        dup.pods[1].vlan = 7;
+        assert!(matches!(
+            compile(&dup),
+            Err(CompileError::DuplicateVlan { vlan: 7, .. })
+        ));
+        let mut zero = m;
+        zero.pods[0].vlan = 0;
+        assert!(matches!(
+            compile(&zero),
+            Err(CompileError::InvalidVlan { vlan: 0, .. })
+        ));
+    }
+
+    /// 120 pods with 16 of 64 groups of 60 + 60 rules each; `all_traffic`: some rules allow
+    /// everything from everywhere, which lets the compiler drop the rules they shadow.
+    fn large_model(all_traffic: bool) -> Model {
+        let mut groups = Vec::new();
+        for g in 0..64u32 {
+            let rules = |dir: u32| -> Vec<Rule> {
+                (0..60u32)
+                    .map(|r| {
+                        let n = g * 1000 + dir * 100 + r;
+                        let peer = match r % 6 {
+                            0 => Peer::Group(format!("sg-{:03}", (g + r) % 64)),
+                            1 => Peer::PrefixList(format!("pl-{}", r % 4)),
+                            2 => cidr("0.0.0.0/0"),
+                            3 => cidr(&format!("10.{}.0.0/16", n % 200)),
+                            4 => cidr(&format!("2600:1f00:{:x}::/48", n)),
+                            _ => cidr(&format!("10.{}.{}.{}/32", g, dir, r)),
+                        };
+                        let l4 = match r % 5 {
+                            0 => tcp(1000 + r as u16, 2000 + 7 * r as u16),
+                            1 => udp(53, 53),
+                            2 => L4Match::Icmp {
+                                v6: false,
+                                icmp_type: Some(8),
+                                code: None,
+                            },
+                            3 if all_traffic => L4Match::All,
+                            3 => tcp(9000 + r as u16, 9100),
+                            _ => tcp(r as u16, r as u16 + 1),
+                        };
+                        rule(l4, peer)
+                    })
+                    .collect()
+            };
+            groups.push(group(&format!("sg-{g:03}"), rules(0), rules(1)));
+        }
+        let pods: Vec<BranchPod> = (1..=120u16)
+            .map(|vlan| {
+                let names: Vec<String> = (0..16u16)
+                    .map(|i| format!("sg-{:03}", (vlan * 7 + i * 3) % 64))
+                    .collect();
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                let mode = if vlan % 2 == 0 { STRICT } else { STANDARD };
+                pod(
+                    vlan,
+                    &format!("10.0.{}.{}", 64 + vlan / 200, vlan % 200 + 2),
+                    &names,
+                    mode,
+                )
+            })
+            .collect();
+        let mut m = model(groups, pods);
+        m.node.primary_security_groups = vec!["sg-000".to_string(), "sg-001".to_string()];
+        for g in 0..64u32 {
+            let members = (0..40u32)
+                .map(|i| IpAddr::V4(Ipv4Addr::new(10, 0, 100 + (g % 100) as u8, i as u8)))
+                .chain(std::iter::once(IpAddr::V6(Ipv6Addr::new(
+                    0x2600, 0x1f00, 0, 0, 0, 0, g as u16, 1,
+                ))))
+                .collect();
+            m.members.insert(format!("sg-{g:03}"), members);
+        }
+        for l in 0..4u32 {
+            let cidrs = (0..20u32)
+                .map(|i| format!("172.{}.{}.0/24", 16 + l, i).parse().unwrap())
+                .collect();
+            m.prefix_lists.insert(format!("pl-{l}"), cidrs);
+        }
+        m
+    }
+
+    #[test]
+    fn large_models_compile_fast() {
+        for all_traffic in [true, false] {
+            let m = large_model(all_traffic);
+            let start = Instant::now();
+            let c = compile(&m).unwrap();
+            let elapsed = start.elapsed();
+            assert_eq!(c.pods.len(), 120);
+            assert_eq!(c.rules.len(), 64 * 120);
+            // Timing only means something in release builds.
+            if !cfg!(debug_assertions) {
+                assert!(elapsed.as_millis() < 1000, "{elapsed:?}");
+            }
+            let (pod, peer) = (&m.pods[3], ip("10.0.103.5"));
+            for packet in [L4Packet::tcp(1003), L4Packet::udp(53), L4Packet::icmp(8, 0)] {
+                for direction in [Direction::Ingress, Direction::Egress] {
+                    let query = Query {
+                        direction,
+                        peer,
+                        l4: L4Query::Packet(packet),
+                    };
+                    check(&m, &c, pod, &query);
+                }
+            }
+        }
+    }
+
+    /// `interpret(compile(model))` agrees with the evaluator on verdict, reason kind,
+    /// untracked flag and lowest allowing rule of each side.
+    fn check(model: &Model, compiled: &Compiled, pod: &BranchPod, query: &Query) {
+        let L4Query::Packet(packet) = query.l4 else {
+            panic!("the kernel only sees packets");
+        };
+        let e: Evaluation = evaluate(model, pod, query);
+        let k = interpret(compiled, pod.vlan, query.direction, query.peer, packet);
+        let ctx = format!("{query:?} of {}: {e:?} vs {k:?}", pod.key());
+        assert_eq!(e.allowed, k.allowed(), "{ctx}");
+        assert_eq!(e.untracked, k.untracked(), "{ctx}");
+        let lowest = |rules: &[RuleRef]| rules.first().and_then(|r| compiled.rule_id(r));
+        let expect_side = |rules: &[RuleRef], checked: bool| match lowest(rules) {
+            _ if !checked => SideLookup::NotChecked,
+            None => SideLookup::Denied,
+            Some(rule) => SideLookup::Allowed(PortVerdict { rule, flags: 0 }),
+        };
+        let strip = |s: SideLookup| match s {
+            SideLookup::Allowed(v) => SideLookup::Allowed(PortVerdict { flags: 0, ..v }),
+            other => other,
+        };
+        match (e.reason, k) {
+            (Reason::Unfiltered(_), Interpretation::Unfiltered) => {}
+            (Reason::SameNode, Interpretation::NodeLocal) => {}
+            (
+                Reason::Allowed | Reason::NoRule { .. },
+                Interpretation::Policy { branch, primary },
+            ) => {
+                assert_eq!(strip(branch), expect_side(&e.branch, true), "{ctx}");
+                let standard = pod.mode == STANDARD;
+                assert_eq!(strip(primary), expect_side(&e.primary, standard), "{ctx}");
+            }
+            _ => panic!("reasons differ: {ctx}"),
+        }
+    }
+
+    // Random models: overlapping prefixes come from a small address space.
+    fn v4_addr() -> impl Strategy<Value = Ipv4Addr> {
+        prop_oneof![
+            3 => (0u32..4, any::<u8>(), any::<u8>())
+                .prop_map(|(a, b, c)| Ipv4Addr::new(10, a as u8, b & 0x0f, c)),
+            1 => any::<u32>().prop_map(Ipv4Addr::from),
+        ]
+    }
+
+    fn v6_addr() -> impl Strategy<Value = Ipv6Addr> {
+        prop_oneof![
+            3 => (0u16..4, any::<u8>(), any::<u16>())
+                .prop_map(|(a, b, c)| Ipv6Addr::new(0xfd00, a, 0, 0, 0, 0, u16::from(b & 0x0f), c)),
+            1 => any::<u128>().prop_map(|x| Ipv6Addr::from(x | (0xfd00 << 112))),
+        ]
+    }
+
+    fn addr() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            v4_addr().prop_map(IpAddr::V4),
+            v6_addr().prop_map(IpAddr::V6)
+        ]
+    }
+
+    fn any_cidr() -> impl Strategy<Value = Cidr> {
+        prop_oneof![
+            (v4_addr(), 0u8..=32).prop_map(|(a, l)| Cidr::new(IpAddr::V4(a), l).unwrap()),
+            (v6_addr(), 0u8..=128).prop_map(|(a, l)| Cidr::new(IpAddr::V6(a), l).unwrap()),
+            Just("0.0.0.0/0".parse().unwrap()),
+            Just("::/0".parse().unwrap()),
+        ]
+    }
+
+    fn l4() -> impl Strategy<Value = L4Match> {
+        let ports = (
+            prop_oneof![Just(6u8), Just(17u8)],
+            any::<u16>(),
+            any::<u16>(),
+        )
+            .prop_map(|(protocol, a, b)| L4Match::Ports {
+                protocol,
+                from: a.min(b),
+                to: a.max(b),
+            });
+        let near = (prop_oneof![Just(6u8), Just(17u8)], 0u16..64, 0u16..8).prop_map(
+            |(protocol, from, width)| L4Match::Ports {
+                protocol,
+                from,
+                to: from + width,
+            },
+        );
+        let every_port = prop_oneof![Just(6u8), Just(17u8)].prop_map(|protocol| L4Match::Ports {
+            protocol,
+            from: 0,
+            to: 65535,
+        });
+        let icmp = (
+            any::<bool>(),
+            proptest::option::of(0u8..4),
+            proptest::option::of(0u8..3),
+        )
+            .prop_map(|(v6, icmp_type, code)| L4Match::Icmp {
+                v6,
+                icmp_type,
+                code: icmp_type.and(code),
+            });
+        prop_oneof![
+            2 => Just(L4Match::All),
+            2 => ports,
+            3 => near,
+            2 => every_port,
+            2 => icmp,
+            1 => prop_oneof![Just(50u8), Just(132u8), any::<u8>()].prop_map(L4Match::Protocol),
+        ]
+    }
+
+    fn peer() -> impl Strategy<Value = Peer> {
+        prop_oneof![
+            6 => any_cidr().prop_map(Peer::Cidr),
+            1 => (0..3u8).prop_map(|i| Peer::PrefixList(format!("pl-{i}"))),
+            2 => (0..5u8).prop_map(|i| Peer::Group(format!("sg-{i}"))),
+        ]
+    }
+
+    fn rules() -> impl Strategy<Value = Vec<Rule>> {
+        proptest::collection::vec((l4(), peer()).prop_map(|(l4, p)| rule(l4, p)), 0..6)
+    }
+
+    fn group_ids() -> impl Strategy<Value = Vec<String>> {
+        proptest::collection::vec((0..5u8).prop_map(|i| format!("sg-{i}")), 1..4)
+    }
+
+    prop_compose! {
+        fn arb_model()(
+            rules in proptest::collection::vec((rules(), rules()), 4),
+            members in proptest::collection::vec(proptest::collection::btree_set(addr(), 0..4), 5),
+            lists in proptest::collection::vec(proptest::collection::vec(any_cidr(), 0..4), 2),
+            pods in proptest::collection::vec(
+                (group_ids(), any::<bool>(), v4_addr(), v6_addr(), any_cidr(), any_cidr()), 1..4),
+            primary in group_ids(),
+            node_local in proptest::collection::btree_set(addr(), 0..4),
+        ) -> Model {
+            // sg-4 stays undefined: referenced and assigned, but without rules.
+            let groups: Vec<SecurityGroup> = rules
+                .into_iter()
+                .enumerate()
+                .map(|(i, (ingress, egress))| group(&format!("sg-{i}"), ingress, egress))
+                .collect();
+            let pods: Vec<BranchPod> = pods
+                .into_iter()
+                .enumerate()
+                .map(|(i, (groups, standard, v4, v6, s1, s2))| {
+                    let mode = if standard { STANDARD } else { STRICT };
+                    let mut p = pod(i as u16 + 1, "10.0.64.1", &[], mode);
+                    p.groups = groups;
+                    p.ipv4 = Some(v4);
+                    p.ipv6 = Some(v6);
+                    p.subnet_v4 = [s1, s2].into_iter().find(Cidr::is_ipv4);
+                    p.subnet_v6 = [s1, s2].into_iter().find(|c| !c.is_ipv4());
+                    p
+                })
+                .collect();
+            let mut m = model(groups, pods);
+            m.node.primary_security_groups = primary;
+            m.node_local.extend(node_local);
+            m.members = members
+                .into_iter()
+                .enumerate()
+                .map(|(i, set)| (format!("sg-{i}"), set))
+                .collect();
+            m.prefix_lists = lists
+                .into_iter()
+                .enumerate()
+                .map(|(i, cidrs)| (format!("pl-{i}"), cidrs))
+                .collect();
+            m
+        }
+    }
+
+    /// Raw choices for one packet, turned into a query against a model by [`pick`].
+    type PacketSeed = (u8, bool, u8, u32, u128, u8, u8, u16);
+
+    fn packet_seed() -> impl Strategy<Value = PacketSeed> {
+        (
+            any::<u8>(),
+            any::<bool>(),
+            0u8..13,
+            any::<u32>(),
+            any::<u128>(),
+            0u8..10,
+            any::<u8>(),
+            any::<u16>(),
+        )
+    }
+
+    /// An address inside `cidr`, the host bits from `random`.
+    fn inside(cidr: Cidr, random: u128) -> IpAddr {
+        let len = u32::from(cidr.prefix_len());
+        match cidr.addr() {
+            IpAddr::V4(a) => {
+                let host = (random as u32).checked_shr(len).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) | host))
+            }
+            IpAddr::V6(a) => {
+                let host = random.checked_shr(len).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) | host))
+            }
+        }
+    }
+
+    /// Biased towards rule peers and rule ports, so that many packets hit rules.
+    fn pick(model: &Model, seed: PacketSeed) -> (&BranchPod, Query) {
+        let (pod_i, ingress, peer_kind, n, random, l4_kind, proto_i, port) = seed;
+        let pod = &model.pods[usize::from(pod_i) % model.pods.len()];
+        let direction = if ingress {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        // Mostly the rules that apply to this packet, sometimes any rule of the model.
+        let primary: &[String] = if pod.mode == STANDARD {
+            &model.node.primary_security_groups
+        } else {
+            &[]
+        };
+        let own_rules: Vec<&Rule> = pod
+            .groups
+            .iter()
+            .chain(primary)
+            .filter_map(|id| model.groups.get(id))
+            .flat_map(|g| g.rules(direction))
+            .collect();
+        let all_rules: Vec<&Rule> = model
+            .groups
+            .values()
+            .flat_map(|g| g.ingress.iter().chain(&g.egress))
+            .collect();
+        let candidates = if own_rules.is_empty() || random >> 120 == 0 {
+            all_rules
+        } else {
+            own_rules
+        };
+        let some_rule = candidates
+            .get(n as usize % candidates.len().max(1))
+            .copied();
+        let mut prefixes: Vec<Cidr> = Vec::new();
+        if let Some(r) = some_rule {
+            match &r.peer {
+                Peer::Cidr(c) => prefixes.push(*c),
+                Peer::PrefixList(id) => {
+                    prefixes.extend(model.prefix_lists.get(id).into_iter().flatten())
+                }
+                Peer::Group(id) => prefixes.extend(
+                    model
+                        .members
+                        .get(id)
+                        .into_iter()
+                        .flatten()
+                        .map(|a| Cidr::host(*a)),
+                ),
+            }
+        }
+        let specials: Vec<IpAddr> = crate::eval::node_unfiltered(model)
+            .into_iter()
+            .map(|(a, _)| a)
+            .chain(crate::eval::pod_unfiltered(pod))
+            .chain(model.node_local.iter().copied())
+            .collect();
+        let pool_v4 = Ipv4Addr::new(10, (n % 4) as u8, ((n >> 8) & 0x0f) as u8, (n >> 16) as u8);
+        let peer = match peer_kind {
+            0..=7 if !prefixes.is_empty() => {
+                inside(prefixes[(n >> 8) as usize % prefixes.len()], random)
+            }
+            8 => specials[n as usize % specials.len()],
+            9 => IpAddr::V4(pool_v4),
+            10 => IpAddr::V6(Ipv6Addr::from(
+                (0xfd00u128 << 112) | (random & 0x0003_0000_0000_0000_0000_0000_000f_ffff),
+            )),
+            _ => {
+                if random & 1 == 0 {
+                    IpAddr::V4(Ipv4Addr::from(n))
+                } else {
+                    IpAddr::V6(Ipv6Addr::from(random))
+                }
+            }
+        };
+        let protocols = [6u8, 17, 1, 58, 50, 132, proto_i];
+        let rule_l4 = if port % 4 == 0 {
+            candidates
+                .get(port as usize % candidates.len().max(1))
+                .map(|r| r.l4)
+        } else {
+            some_rule.map(|r| r.l4)
+        };
+        let packet = match (l4_kind, rule_l4) {
+            (0..=5, Some(L4Match::Ports { protocol, from, to })) => {
+                let mid = from + (to - from) / 2;
+                let candidates = [
+                    from,
+                    to,
+                    mid,
+                    from,
+                    to,
+                    from.wrapping_sub(1),
+                    to.wrapping_add(1),
+                ];
+                L4Packet::new(protocol, candidates[usize::from(proto_i) % 7], 0, 0)
+            }
+            (
+                0..=5,
+                Some(L4Match::Icmp {
+                    v6,
+                    icmp_type,
+                    code,
+                }),
+            ) => {
+                let t = icmp_type.unwrap_or(proto_i % 4);
+                let c = code.map_or(proto_i % 3, |c| {
+                    if proto_i % 4 == 0 {
+                        c.wrapping_add(1)
+                    } else {
+                        c
+                    }
+                });
+                L4Packet::new(if v6 { 58 } else { 1 }, 0, t, c)
+            }
+            (0..=5, Some(L4Match::Protocol(p))) => L4Packet::new(p, port, 0, 0),
+            _ => {
+                let protocol = protocols[usize::from(proto_i) % protocols.len()];
+                let port = if l4_kind % 2 == 0 { port % 70 } else { port };
+                L4Packet::new(protocol, port, (port >> 8) as u8 % 5, port as u8 % 4)
+            }
+        };
+        let query = Query {
+            direction,
+            peer,
+            l4: L4Query::Packet(packet),
+        };
+        (pod, query)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn compiled_maps_agree_with_the_evaluator(
+            model in arb_model(),
+            seeds in proptest::collection::vec(packet_seed(), 40),
+        ) {
+            let compiled = compile(&model).unwrap();
+            for seed in seeds {
+                let (pod, query) = pick(&model, seed);
+                check(&model, &compiled, pod, &query);
+            }
+        }
+    }
+
+    #[test]
+    fn generated_packets_often_hit_rules() {
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let (mut allowed, mut total, mut untracked) = (0, 0, 0);
+        let mut reasons = BTreeSet::new();
+        for _ in 0..300 {
+            let model = arb_model().new_tree(&mut runner).unwrap().current();
+            let seeds = proptest::collection::vec(packet_seed(), 40)
+                .new_tree(&mut runner)
+                .unwrap()
+                .current();
+            for seed in seeds {
+                let (pod, query) = pick(&model, seed);
+                let e = evaluate(&model, pod, &query);
+                total += 1;
+                if e.reason == Reason::Allowed {
+                    allowed += 1;
+                    untracked += usize::from(e.untracked);
+                }
+                reasons.insert(
+                    format!("{:?}", e.reason)
+                        .chars()
+                        .take(8)
+                        .collect::<String>(),
+                );
+            }
+        }
+        assert!(
+            allowed * 4 > total,
+            "only {allowed} of {total} allowed by rules"
+        );
+        assert!(untracked > 50, "only {untracked} untracked");
+        assert!(reasons.len() >= 4, "{reasons:?}");
+    }
+}

@@ -1,0 +1,903 @@
+//! A deterministic model of the kernel's connection tracker (sg-semantics.md §4), driven by
+//! explicit timestamps: what the fast path's `CONNTRACK` map must do, packet by packet.
+//!
+//! Per packet of a pod (VLAN), in this order:
+//! 1. Key: [`CtKey`] = (VLAN, protocol, pod address, peer address, pod port, peer port),
+//!    normalised to the pod so both directions find one entry. TCP/UDP: the ports; ICMP echo
+//!    (v4 types 8/0, v6 128/129): pod port = echo identifier, peer port 0; anything else 0/0.
+//!    Addresses are 16 bytes, IPv4 as `::ffff:a.b.c.d`.
+//! 2. Live entry (`now - last_seen <= timeout(state)`): pass, record the packet (flags,
+//!    state, last seen, counters of its direction). Rules are not consulted: changing a rule
+//!    does not cut a tracked flow. Except a SYN without ACK on a CLOSING TCP entry: a new
+//!    connection reusing the ports, handled as a miss (step 4).
+//! 3. ICMP error (v4 types 3, 4, 11, 12; v6 types 1 to 4) whose embedded header is a live
+//!    flow of this pod: pass, nothing recorded (errors do not keep a flow alive). The
+//!    embedded packet travelled the other way: an error reaching the pod reports on a packet
+//!    the pod sent (pod = embedded source), an error the pod sends on one it received.
+//! 4. Otherwise (miss, expired, or an unrelated error) evaluate as a new flow
+//!    ([`crate::eval::evaluate`]). Denied: drop, nothing recorded. Allowed and untracked
+//!    (untracked rules, never-filtered traffic, same-node): pass, no entry. Allowed and
+//!    tracked: create (or overwrite an expired) entry with the packet recorded, the
+//!    direction of origin and the lowest allowing rule of each side.
+//!
+//! Recording a packet: set SEEN_<direction>, and for TCP FIN set FIN_<direction>; then
+//! TCP: CLOSING if already CLOSING, or the packet has RST, or both FIN bits are set; else
+//! ESTABLISHED if both SEEN bits are set; else OPENING. Other protocols: BOTH_WAYS if both
+//! SEEN bits are set, else ONE_WAY. CLOSING is final for the entry (until a new SYN, above).
+//!
+//! Idle timeouts: TCP OPENING [`ct_timeouts::TCP_OPENING`], ESTABLISHED the node's
+//! `tcp_established`, CLOSING [`ct_timeouts::TCP_CLOSING`]; UDP ONE_WAY the node's `udp`,
+//! BOTH_WAYS `udp_stream`; ICMP/ICMPv6 [`ct_timeouts::ICMP`]; others [`ct_timeouts::OTHER`].
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use enforcer_common::{CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, ct_flag, ct_state, ct_timeouts};
+
+use crate::compile::Compiled;
+use crate::eval::{
+    self, Evaluation, L4Packet, L4Query, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Query,
+    RuleRef,
+};
+use crate::model::{BranchPod, ConntrackTimeouts, Direction, Model};
+
+/// TCP header flag bits, as in [`PacketMeta::tcp_flags`].
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// The header embedded in an ICMP error: the packet it reports on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmbeddedHeader {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub icmp_type: u8,
+    pub icmp_id: u16,
+}
+
+/// What the fast path parses out of one packet of a branch pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketMeta {
+    /// `Ingress`: to the pod; `Egress`: from the pod.
+    pub direction: Direction,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: u8,
+    /// TCP/UDP ports, else 0.
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// [`tcp_flags`] bits.
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// ICMP echo identifier.
+    pub icmp_id: u16,
+    /// For ICMP errors, the embedded header, if it could be read.
+    pub embedded: Option<EmbeddedHeader>,
+    /// Frame length, for the byte counters.
+    pub len: u32,
+}
+
+impl PacketMeta {
+    fn blank(direction: Direction, src: IpAddr, dst: IpAddr, protocol: u8) -> Self {
+        Self {
+            direction,
+            src,
+            dst,
+            protocol,
+            src_port: 0,
+            dst_port: 0,
+            tcp_flags: 0,
+            icmp_type: 0,
+            icmp_code: 0,
+            icmp_id: 0,
+            embedded: None,
+            len: 100,
+        }
+    }
+
+    pub fn tcp(
+        direction: Direction,
+        src: IpAddr,
+        dst: IpAddr,
+        src_port: u16,
+        dst_port: u16,
+        flags: u8,
+    ) -> Self {
+        Self {
+            src_port,
+            dst_port,
+            tcp_flags: flags,
+            ..Self::blank(direction, src, dst, PROTO_TCP)
+        }
+    }
+
+    pub fn udp(
+        direction: Direction,
+        src: IpAddr,
+        dst: IpAddr,
+        src_port: u16,
+        dst_port: u16,
+    ) -> Self {
+        Self {
+            src_port,
+            dst_port,
+            ..Self::blank(direction, src, dst, PROTO_UDP)
+        }
+    }
+
+    /// ICMP or, between IPv6 addresses, ICMPv6.
+    pub fn icmp(
+        direction: Direction,
+        src: IpAddr,
+        dst: IpAddr,
+        icmp_type: u8,
+        icmp_code: u8,
+        icmp_id: u16,
+    ) -> Self {
+        let protocol = if src.is_ipv6() {
+            PROTO_ICMPV6
+        } else {
+            PROTO_ICMP
+        };
+        Self {
+            icmp_type,
+            icmp_code,
+            icmp_id,
+            ..Self::blank(direction, src, dst, protocol)
+        }
+    }
+
+    /// Any other IP protocol.
+    pub fn other(direction: Direction, src: IpAddr, dst: IpAddr, protocol: u8) -> Self {
+        Self::blank(direction, src, dst, protocol)
+    }
+
+    /// (pod address, peer address) for the packet's direction.
+    fn pod_and_peer(&self) -> (IpAddr, IpAddr) {
+        match self.direction {
+            Direction::Ingress => (self.dst, self.src),
+            Direction::Egress => (self.src, self.dst),
+        }
+    }
+
+    fn l4(&self) -> L4Packet {
+        L4Packet::new(self.protocol, self.dst_port, self.icmp_type, self.icmp_code)
+    }
+
+    fn is_icmp_error(&self) -> bool {
+        match self.protocol {
+            PROTO_ICMP => matches!(self.icmp_type, 3 | 4 | 11 | 12),
+            PROTO_ICMPV6 => matches!(self.icmp_type, 1..=4),
+            _ => false,
+        }
+    }
+}
+
+fn is_echo(protocol: u8, icmp_type: u8) -> bool {
+    match protocol {
+        PROTO_ICMP => matches!(icmp_type, 0 | 8),
+        PROTO_ICMPV6 => matches!(icmp_type, 128 | 129),
+        _ => false,
+    }
+}
+
+fn octets(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// A packet's fields normalised to the pod: the parts of a key before the protocol rules.
+struct Tuple {
+    protocol: u8,
+    pod: IpAddr,
+    peer: IpAddr,
+    pod_port: u16,
+    peer_port: u16,
+    icmp_type: u8,
+    icmp_id: u16,
+}
+
+impl Tuple {
+    fn key(self, vlan: u16) -> CtKey {
+        let (pod_port, peer_port) = match self.protocol {
+            PROTO_TCP | PROTO_UDP => (self.pod_port, self.peer_port),
+            _ if is_echo(self.protocol, self.icmp_type) => (self.icmp_id, 0),
+            _ => (0, 0),
+        };
+        CtKey {
+            pod_addr: octets(self.pod),
+            peer_addr: octets(self.peer),
+            pod_port,
+            peer_port,
+            vlan,
+            protocol: self.protocol,
+            _pad: 0,
+        }
+    }
+}
+
+/// The key of the flow `packet` belongs to, for the pod on `vlan`.
+pub fn flow_key(vlan: u16, packet: &PacketMeta) -> CtKey {
+    let (pod, peer) = packet.pod_and_peer();
+    let (pod_port, peer_port) = match packet.direction {
+        Direction::Ingress => (packet.dst_port, packet.src_port),
+        Direction::Egress => (packet.src_port, packet.dst_port),
+    };
+    Tuple {
+        protocol: packet.protocol,
+        pod,
+        peer,
+        pod_port,
+        peer_port,
+        icmp_type: packet.icmp_type,
+        icmp_id: packet.icmp_id,
+    }
+    .key(vlan)
+}
+
+/// The key of the flow an ICMP error travelling in `direction` reports on.
+pub fn embedded_key(vlan: u16, direction: Direction, embedded: &EmbeddedHeader) -> CtKey {
+    let e = embedded;
+    let (pod, peer, pod_port, peer_port) = match direction {
+        // The error reaches the pod: the embedded packet is one the pod sent.
+        Direction::Ingress => (e.src, e.dst, e.src_port, e.dst_port),
+        Direction::Egress => (e.dst, e.src, e.dst_port, e.src_port),
+    };
+    Tuple {
+        protocol: e.protocol,
+        pod,
+        peer,
+        pod_port,
+        peer_port,
+        icmp_type: e.icmp_type,
+        icmp_id: e.icmp_id,
+    }
+    .key(vlan)
+}
+
+/// [`ct_state`] of an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtState {
+    /// TCP, packets seen in one direction only.
+    Opening,
+    /// TCP, packets seen in both directions.
+    Established,
+    /// TCP, FIN from both sides or a RST.
+    Closing,
+    /// Not TCP, packets seen in one direction only.
+    OneWay,
+    /// Not TCP, packets seen in both directions.
+    BothWays,
+}
+
+impl CtState {
+    /// The kernel's [`ct_state`] code.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Opening => ct_state::OPENING,
+            Self::Established => ct_state::ESTABLISHED,
+            Self::Closing => ct_state::CLOSING,
+            Self::OneWay => ct_state::ONE_WAY,
+            Self::BothWays => ct_state::BOTH_WAYS,
+        }
+    }
+
+    /// The state after a packet whose [`ct_flag`] bits are now `flags`.
+    fn next(state: Option<Self>, protocol: u8, flags: u8, tcp: u8) -> Self {
+        let both_seen = ct_flag::SEEN_INGRESS | ct_flag::SEEN_EGRESS;
+        let both_fin = ct_flag::FIN_INGRESS | ct_flag::FIN_EGRESS;
+        if protocol == PROTO_TCP {
+            if state == Some(Self::Closing)
+                || tcp & tcp_flags::RST != 0
+                || flags & both_fin == both_fin
+            {
+                Self::Closing
+            } else if flags & both_seen == both_seen {
+                Self::Established
+            } else {
+                Self::Opening
+            }
+        } else if flags & both_seen == both_seen {
+            Self::BothWays
+        } else {
+            Self::OneWay
+        }
+    }
+
+    /// Idle timeout of a `protocol` entry in this state, in seconds.
+    pub fn timeout_secs(self, protocol: u8, timeouts: &ConntrackTimeouts) -> u32 {
+        match (protocol, self) {
+            (PROTO_TCP, Self::Established) => timeouts.tcp_established,
+            (PROTO_TCP, Self::Closing) => ct_timeouts::TCP_CLOSING,
+            (PROTO_TCP, _) => ct_timeouts::TCP_OPENING,
+            (PROTO_UDP, Self::BothWays) => timeouts.udp_stream,
+            (PROTO_UDP, _) => timeouts.udp,
+            (PROTO_ICMP | PROTO_ICMPV6, _) => ct_timeouts::ICMP,
+            _ => ct_timeouts::OTHER,
+        }
+    }
+}
+
+/// A tracked flow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// By [`DIR_INGRESS`] / [`DIR_EGRESS`].
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    /// The lowest rule of the branch groups that admitted the flow.
+    pub rule: Option<RuleRef>,
+    /// Same for the primary groups (standard mode).
+    pub primary_rule: Option<RuleRef>,
+    pub state: CtState,
+    /// Direction of the first packet.
+    pub origin: Direction,
+    /// [`ct_flag`] bits.
+    pub flags: u8,
+}
+
+impl FlowEntry {
+    fn live(&self, protocol: u8, timeouts: &ConntrackTimeouts, now_ns: u64) -> bool {
+        let timeout = u64::from(self.state.timeout_secs(protocol, timeouts)) * NS_PER_SEC;
+        now_ns.saturating_sub(self.last_seen_ns) <= timeout
+    }
+
+    /// A SYN (without ACK) on a closing TCP flow starts a new connection on
+    /// the same ports, judged by the rules like any new flow.
+    fn reopened_by(&self, protocol: u8, packet: &PacketMeta) -> bool {
+        protocol == PROTO_TCP
+            && self.state == CtState::Closing
+            && packet.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+    }
+
+    fn record(&mut self, protocol: u8, packet: &PacketMeta, now_ns: u64) {
+        let (seen, fin, dir) = match packet.direction {
+            Direction::Ingress => (ct_flag::SEEN_INGRESS, ct_flag::FIN_INGRESS, DIR_INGRESS),
+            Direction::Egress => (ct_flag::SEEN_EGRESS, ct_flag::FIN_EGRESS, DIR_EGRESS),
+        };
+        self.flags |= seen;
+        if protocol == PROTO_TCP && packet.tcp_flags & tcp_flags::FIN != 0 {
+            self.flags |= fin;
+        }
+        self.state = CtState::next(Some(self.state), protocol, self.flags, packet.tcp_flags);
+        self.last_seen_ns = now_ns;
+        self.packets[dir] += 1;
+        self.bytes[dir] += u64::from(packet.len);
+    }
+
+    /// The entry as the kernel stores it, rules as `compiled`'s IDs (0 = none).
+    pub fn to_kernel(&self, compiled: &Compiled) -> CtEntry {
+        let id = |rule: &Option<RuleRef>| rule.as_ref().and_then(|r| compiled.rule_id(r));
+        CtEntry {
+            created_ns: self.created_ns,
+            last_seen_ns: self.last_seen_ns,
+            packets: self.packets,
+            bytes: self.bytes,
+            rule: id(&self.rule).unwrap_or(0),
+            primary_rule: id(&self.primary_rule).unwrap_or(0),
+            state: self.state.code(),
+            origin: match self.origin {
+                Direction::Ingress => DIR_INGRESS as u8,
+                Direction::Egress => DIR_EGRESS as u8,
+            },
+            flags: self.flags,
+            _pad: [0; 5],
+        }
+    }
+}
+
+/// What the tracker decided for one packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlowVerdict {
+    /// A packet of a live tracked flow; its state after the packet.
+    Established(CtState),
+    /// An ICMP error about a live tracked flow of this pod.
+    Related,
+    /// The first packet of an allowed flow; `tracked`: an entry was created.
+    New {
+        evaluation: Evaluation,
+        tracked: bool,
+    },
+    /// The first packet of a denied flow.
+    Denied(Evaluation),
+}
+
+impl FlowVerdict {
+    pub fn allowed(&self) -> bool {
+        !matches!(self, Self::Denied(_))
+    }
+}
+
+/// The connection tracker of a node: every pod's flows, keyed by VLAN and tuple.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowTable {
+    entries: BTreeMap<CtKey, FlowEntry>,
+}
+
+impl FlowTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Handles one packet of `pod` at time `now_ns` (see the module documentation).
+    pub fn process(
+        &mut self,
+        model: &Model,
+        pod: &BranchPod,
+        packet: PacketMeta,
+        now_ns: u64,
+    ) -> FlowVerdict {
+        let timeouts = &model.node.connection_tracking;
+        let key = flow_key(pod.vlan, &packet);
+        if let Some(entry) = self.entries.get_mut(&key)
+            && entry.live(key.protocol, timeouts, now_ns)
+            && !entry.reopened_by(key.protocol, &packet)
+        {
+            entry.record(key.protocol, &packet, now_ns);
+            return FlowVerdict::Established(entry.state);
+        }
+        if packet.is_icmp_error()
+            && let Some(embedded) = &packet.embedded
+        {
+            let related = embedded_key(pod.vlan, packet.direction, embedded);
+            let live = self
+                .entries
+                .get(&related)
+                .is_some_and(|e| e.live(related.protocol, timeouts, now_ns));
+            if live {
+                return FlowVerdict::Related;
+            }
+        }
+        let (_, peer) = packet.pod_and_peer();
+        let query = Query {
+            direction: packet.direction,
+            peer,
+            l4: L4Query::Packet(packet.l4()),
+        };
+        let evaluation = eval::evaluate(model, pod, &query);
+        if !evaluation.allowed {
+            return FlowVerdict::Denied(evaluation);
+        }
+        let tracked = !evaluation.untracked;
+        if tracked {
+            let mut entry = FlowEntry {
+                created_ns: now_ns,
+                last_seen_ns: now_ns,
+                packets: [0; 2],
+                bytes: [0; 2],
+                rule: evaluation.branch.first().cloned(),
+                primary_rule: evaluation.primary.first().cloned(),
+                state: CtState::next(None, key.protocol, 0, 0),
+                origin: packet.direction,
+                flags: 0,
+            };
+            entry.record(key.protocol, &packet, now_ns);
+            self.entries.insert(key, entry);
+        }
+        FlowVerdict::New {
+            evaluation,
+            tracked,
+        }
+    }
+
+    pub fn get(&self, key: &CtKey) -> Option<&FlowEntry> {
+        self.entries.get(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Forgets every flow of a VLAN: a deleted pod's flows must not serve its VLAN's next pod.
+    pub fn remove_vlan(&mut self, vlan: u16) {
+        self.entries.retain(|key, _| key.vlan != vlan);
+    }
+
+    /// Drops the entries idle past their timeout at `now_ns`.
+    pub fn expire(&mut self, timeouts: &ConntrackTimeouts, now_ns: u64) {
+        self.entries
+            .retain(|key, entry| entry.live(key.protocol, timeouts, now_ns));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tcp_flags::{ACK, FIN, RST, SYN};
+    use super::*;
+    use crate::compile::compile;
+    use crate::eval::Reason;
+    use crate::eval::fixtures::*;
+    use crate::model::{EnforcingMode, L4Match, SecurityGroup};
+
+    const IN: Direction = Direction::Ingress;
+    const OUT: Direction = Direction::Egress;
+    const SEC: u64 = NS_PER_SEC;
+
+    /// Pod 5 (10.0.64.5): ingress TCP 80 from 10.1/16; egress UDP 53 and ICMP echo to
+    /// 192.0.2.0/24, GRE to 203.0.113.0/24. Pod 6 (10.0.64.6): nothing allowed.
+    fn setup() -> Model {
+        let web = group(
+            "sg-web",
+            vec![rule(tcp(80, 80), cidr("10.1.0.0/16"))],
+            vec![
+                rule(udp(53, 53), cidr("192.0.2.0/24")),
+                rule(
+                    L4Match::Icmp {
+                        v6: false,
+                        icmp_type: Some(8),
+                        code: None,
+                    },
+                    cidr("192.0.2.0/24"),
+                ),
+                rule(L4Match::Protocol(47), cidr("203.0.113.0/24")),
+                rule(tcp(443, 443), cidr("192.0.2.0/24")),
+            ],
+        );
+        let mut m = model(
+            vec![web, group("sg-none", vec![], vec![])],
+            vec![
+                pod(5, "10.0.64.5", &["sg-web"], EnforcingMode::Strict),
+                pod(6, "10.0.64.6", &["sg-none"], EnforcingMode::Strict),
+            ],
+        );
+        m.node.connection_tracking = ConntrackTimeouts {
+            tcp_established: 100,
+            udp_stream: 90,
+            udp: 30,
+        };
+        m
+    }
+
+    fn pod5(m: &Model) -> &BranchPod {
+        &m.pods[0]
+    }
+
+    fn web_tcp(direction: Direction, flags: u8) -> PacketMeta {
+        let (pod, peer) = (ip("10.0.64.5"), ip("10.1.2.3"));
+        match direction {
+            IN => PacketMeta::tcp(IN, peer, pod, 40000, 80, flags),
+            OUT => PacketMeta::tcp(OUT, pod, peer, 80, 40000, flags),
+        }
+    }
+
+    fn state(verdict: &FlowVerdict) -> Option<CtState> {
+        match verdict {
+            FlowVerdict::Established(state) => Some(*state),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn tcp_handshake_reply_and_close() {
+        let m = setup();
+        let mut t = FlowTable::new();
+        let v = t.process(&m, pod5(&m), web_tcp(IN, SYN), 0);
+        assert!(matches!(v, FlowVerdict::New { tracked: true, .. }), "{v:?}");
+        let key = flow_key(5, &web_tcp(IN, SYN));
+        assert_eq!(key, flow_key(5, &web_tcp(OUT, SYN | ACK)));
+        let e = t.get(&key).unwrap();
+        assert_eq!((e.state, e.origin), (CtState::Opening, IN));
+        assert_eq!(e.rule.as_ref().unwrap().group_id, "sg-web");
+        assert_eq!(e.primary_rule, None);
+
+        // The reply passes on the entry alone: sg-web has no egress rule for it.
+        let v = t.process(&m, pod5(&m), web_tcp(OUT, SYN | ACK), SEC);
+        assert_eq!(state(&v), Some(CtState::Established));
+        let v = t.process(&m, pod5(&m), web_tcp(IN, ACK), 2 * SEC);
+        assert_eq!(state(&v), Some(CtState::Established));
+        let e = t.get(&key).unwrap();
+        assert_eq!((e.packets, e.bytes), ([2, 1], [200, 100]));
+        assert_eq!((e.created_ns, e.last_seen_ns), (0, 2 * SEC));
+
+        // Established lives the node's tcp_established (100 s) from the last packet.
+        let v = t.process(&m, pod5(&m), web_tcp(OUT, ACK), 102 * SEC);
+        assert_eq!(state(&v), Some(CtState::Established));
+
+        let v = t.process(&m, pod5(&m), web_tcp(OUT, FIN | ACK), 103 * SEC);
+        assert_eq!(state(&v), Some(CtState::Established));
+        let v = t.process(&m, pod5(&m), web_tcp(IN, FIN | ACK), 104 * SEC);
+        assert_eq!(state(&v), Some(CtState::Closing));
+        let v = t.process(&m, pod5(&m), web_tcp(OUT, ACK), 114 * SEC);
+        assert_eq!(state(&v), Some(CtState::Closing));
+        // Closing: 10 s after the last packet the reply direction is judged anew, and denied.
+        let v = t.process(&m, pod5(&m), web_tcp(OUT, ACK), 124 * SEC + 1);
+        assert!(matches!(v, FlowVerdict::Denied(_)), "{v:?}");
+    }
+
+    #[test]
+    fn tcp_timeouts_by_state() {
+        let m = setup();
+        let mut t = FlowTable::new();
+        t.process(&m, pod5(&m), web_tcp(IN, SYN), 0);
+        // Opening: 60 s, inclusive.
+        assert!(
+            t.process(&m, pod5(&m), web_tcp(IN, SYN), 60 * SEC)
+                .allowed()
+        );
+        let late = t.process(&m, pod5(&m), web_tcp(OUT, SYN | ACK), 120 * SEC + 1);
+        assert!(!late.allowed());
+
+        let mut t = FlowTable::new();
+        t.process(&m, pod5(&m), web_tcp(IN, SYN), 0);
+        t.process(&m, pod5(&m), web_tcp(OUT, SYN | ACK), 0);
+        assert!(
+            t.process(&m, pod5(&m), web_tcp(OUT, ACK), 100 * SEC)
+                .allowed()
+        );
+        assert!(
+            !t.process(&m, pod5(&m), web_tcp(OUT, ACK), 200 * SEC + 1)
+                .allowed()
+        );
+
+        // Any RST closes at once.
+        let mut t = FlowTable::new();
+        t.process(&m, pod5(&m), web_tcp(IN, SYN), 0);
+        let v = t.process(&m, pod5(&m), web_tcp(OUT, RST | ACK), SEC);
+        assert_eq!(state(&v), Some(CtState::Closing));
+        assert!(
+            !t.process(&m, pod5(&m), web_tcp(OUT, ACK), 11 * SEC + 1)
+                .allowed()
+        );
+    }
+
+    #[test]
+    fn expired_entries_are_judged_again_with_the_rules() {
+        let m = setup();
+        let mut t = FlowTable::new();
+        t.process(&m, pod5(&m), web_tcp(IN, SYN), 0);
+        // A new SYN after expiry is a new flow the rules allow.
+        let v = t.process(&m, pod5(&m), web_tcp(IN, SYN), 61 * SEC);
+        assert!(matches!(v, FlowVerdict::New { tracked: true, .. }));
+        assert_eq!(
+            t.get(&flow_key(5, &web_tcp(IN, SYN))).unwrap().created_ns,
+            61 * SEC
+        );
+    }
+
+    #[test]
+    fn udp_request_response_and_stream() {
+        let m = setup();
+        let (pod, dns) = (ip("10.0.64.5"), ip("192.0.2.53"));
+        let query = PacketMeta::udp(OUT, pod, dns, 33000, 53);
+        let answer = PacketMeta::udp(IN, dns, pod, 53, 33000);
+        let mut t = FlowTable::new();
+        assert!(matches!(
+            t.process(&m, pod5(&m), query, 0),
+            FlowVerdict::New { tracked: true, .. }
+        ));
+        assert_eq!(t.get(&flow_key(5, &query)).unwrap().state, CtState::OneWay);
+        // One way: the node's udp timeout (30 s).
+        let v = t.process(&m, pod5(&m), answer, 30 * SEC);
+        assert_eq!(state(&v), Some(CtState::BothWays));
+        // Both ways: udp_stream (90 s).
+        assert!(t.process(&m, pod5(&m), answer, 120 * SEC).allowed());
+        assert!(!t.process(&m, pod5(&m), answer, 210 * SEC + 1).allowed());
+
+        let mut t = FlowTable::new();
+        t.process(&m, pod5(&m), query, 0);
+        let v = t.process(&m, pod5(&m), answer, 30 * SEC + 1);
+        assert!(matches!(v, FlowVerdict::Denied(_)));
+        // A different peer port is another flow.
+        let mut t = FlowTable::new();
+        t.process(&m, pod5(&m), query, 0);
+        let other = PacketMeta::udp(IN, dns, pod, 54, 33000);
+        assert!(!t.process(&m, pod5(&m), other, SEC).allowed());
+    }
+
+    #[test]
+    fn icmp_echo_is_keyed_by_identifier() {
+        let m = setup();
+        let (pod, peer) = (ip("10.0.64.5"), ip("192.0.2.7"));
+        let request = PacketMeta::icmp(OUT, pod, peer, 8, 0, 77);
+        let reply = PacketMeta::icmp(IN, peer, pod, 0, 0, 77);
+        let mut t = FlowTable::new();
+        assert!(t.process(&m, pod5(&m), request, 0).allowed());
+        let key = flow_key(5, &request);
+        assert_eq!((key.pod_port, key.peer_port), (77, 0));
+        assert_eq!(key, flow_key(5, &reply));
+        let v = t.process(&m, pod5(&m), reply, SEC);
+        assert_eq!(state(&v), Some(CtState::BothWays));
+        let stranger = PacketMeta::icmp(IN, peer, pod, 0, 0, 78);
+        assert!(!t.process(&m, pod5(&m), stranger, SEC).allowed());
+        // ICMP lives 30 s and is always tracked.
+        assert!(t.process(&m, pod5(&m), reply, 31 * SEC).allowed());
+        assert!(!t.process(&m, pod5(&m), reply, 61 * SEC + 1).allowed());
+    }
+
+    #[test]
+    fn icmp_errors_about_tracked_flows_are_related() {
+        let m = setup();
+        let (pod, server, router) = (ip("10.0.64.5"), ip("192.0.2.9"), ip("198.51.100.1"));
+        let syn = PacketMeta::tcp(OUT, pod, server, 41000, 443, SYN);
+        let embedded = EmbeddedHeader {
+            src: pod,
+            dst: server,
+            protocol: PROTO_TCP,
+            src_port: 41000,
+            dst_port: 443,
+            icmp_type: 0,
+            icmp_id: 0,
+        };
+        let unreachable = PacketMeta {
+            embedded: Some(embedded),
+            ..PacketMeta::icmp(IN, router, pod, 3, 1, 0)
+        };
+        let mut t = FlowTable::new();
+        // Before the flow exists the error is ordinary ICMP, which no rule allows.
+        assert!(!t.process(&m, pod5(&m), unreachable, 0).allowed());
+        t.process(&m, pod5(&m), syn, 0);
+        assert_eq!(
+            t.process(&m, pod5(&m), unreachable, SEC),
+            FlowVerdict::Related
+        );
+        // Related errors record nothing.
+        assert_eq!(t.get(&flow_key(5, &syn)).unwrap().last_seen_ns, 0);
+        // Another flow's header, an error on another pod, or a non-error type: not related.
+        let other = EmbeddedHeader {
+            dst_port: 444,
+            ..embedded
+        };
+        let unrelated = PacketMeta {
+            embedded: Some(other),
+            ..unreachable
+        };
+        assert!(!t.process(&m, pod5(&m), unrelated, SEC).allowed());
+        let to_pod6 = PacketMeta {
+            dst: ip("10.0.64.6"),
+            ..unreachable
+        };
+        assert!(!t.process(&m, &m.pods[1], to_pod6, SEC).allowed());
+        let not_error = PacketMeta {
+            icmp_type: 5,
+            ..unreachable
+        };
+        assert!(!t.process(&m, pod5(&m), not_error, SEC).allowed());
+
+        // An error about an echo, and an error the pod sends about a flow it received.
+        let ping = PacketMeta::icmp(OUT, pod, server, 8, 0, 9);
+        t.process(&m, pod5(&m), ping, 0);
+        let ttl = PacketMeta {
+            embedded: Some(EmbeddedHeader {
+                src: pod,
+                dst: server,
+                protocol: PROTO_ICMP,
+                src_port: 0,
+                dst_port: 0,
+                icmp_type: 8,
+                icmp_id: 9,
+            }),
+            ..PacketMeta::icmp(IN, router, pod, 11, 0, 0)
+        };
+        assert_eq!(t.process(&m, pod5(&m), ttl, SEC), FlowVerdict::Related);
+        t.process(&m, pod5(&m), web_tcp(IN, SYN), 0);
+        let port_unreachable = PacketMeta {
+            embedded: Some(EmbeddedHeader {
+                src: ip("10.1.2.3"),
+                dst: pod,
+                protocol: PROTO_TCP,
+                src_port: 40000,
+                dst_port: 80,
+                icmp_type: 0,
+                icmp_id: 0,
+            }),
+            ..PacketMeta::icmp(OUT, pod, ip("10.1.2.3"), 3, 3, 0)
+        };
+        assert_eq!(
+            t.process(&m, pod5(&m), port_unreachable, SEC),
+            FlowVerdict::Related
+        );
+    }
+
+    #[test]
+    fn flows_never_admit_traffic_to_another_pod() {
+        let m = setup();
+        let mut t = FlowTable::new();
+        t.process(&m, pod5(&m), web_tcp(IN, SYN), 0);
+        // Pod 6's VLAN carrying the same tuple (even with pod 5's address) is another key.
+        let pod6 = &m.pods[1];
+        let spoofed = web_tcp(OUT, SYN | ACK);
+        assert_ne!(flow_key(6, &spoofed), flow_key(5, &spoofed));
+        assert!(!t.process(&m, pod6, spoofed, SEC).allowed());
+        let to_pod6 = PacketMeta::tcp(IN, ip("10.1.2.3"), ip("10.0.64.6"), 40000, 80, ACK);
+        assert!(!t.process(&m, pod6, to_pod6, SEC).allowed());
+        // A deleted pod's flows go with it.
+        t.remove_vlan(5);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn untracked_and_unfiltered_flows_leave_no_entry() {
+        let open: SecurityGroup = group(
+            "sg-open",
+            vec![rule(tcp(443, 443), cidr("0.0.0.0/0"))],
+            vec![rule(L4Match::All, cidr("0.0.0.0/0"))],
+        );
+        let mut m = model(
+            vec![open],
+            vec![pod(5, "10.0.64.5", &["sg-open"], EnforcingMode::Strict)],
+        );
+        let mut t = FlowTable::new();
+        let syn = PacketMeta::tcp(IN, ip("192.0.2.1"), ip("10.0.64.5"), 5000, 443, SYN);
+        let v = t.process(&m, &m.pods[0], syn, 0);
+        assert!(
+            matches!(v, FlowVerdict::New { tracked: false, .. }),
+            "{v:?}"
+        );
+        let dns = PacketMeta::udp(OUT, ip("10.0.64.5"), ip("10.0.0.2"), 5000, 53);
+        let v = t.process(&m, &m.pods[0], dns, 0);
+        let FlowVerdict::New {
+            evaluation,
+            tracked,
+        } = v
+        else {
+            panic!("{v:?}");
+        };
+        assert!(!tracked);
+        assert!(matches!(evaluation.reason, Reason::Unfiltered(_)));
+        // ICMP is always tracked.
+        let ping = PacketMeta::icmp(OUT, ip("10.0.64.5"), ip("192.0.2.1"), 8, 0, 1);
+        assert!(matches!(
+            t.process(&m, &m.pods[0], ping, 0),
+            FlowVerdict::New { tracked: true, .. }
+        ));
+        assert_eq!(t.len(), 1);
+
+        // Untracked flows are cut as soon as their rule goes; tracked ones are not.
+        m.groups.get_mut("sg-open").unwrap().ingress.clear();
+        assert!(!t.process(&m, &m.pods[0], syn, SEC).allowed());
+        let pong = PacketMeta::icmp(IN, ip("192.0.2.1"), ip("10.0.64.5"), 0, 0, 1);
+        m.groups.get_mut("sg-open").unwrap().egress.clear();
+        assert!(t.process(&m, &m.pods[0], pong, SEC).allowed());
+    }
+
+    #[test]
+    fn other_protocols_use_addresses_only() {
+        let m = setup();
+        let (pod, peer) = (ip("10.0.64.5"), ip("203.0.113.4"));
+        let mut t = FlowTable::new();
+        assert!(
+            t.process(&m, pod5(&m), PacketMeta::other(OUT, pod, peer, 47), 0)
+                .allowed()
+        );
+        let back = PacketMeta::other(IN, peer, pod, 47);
+        assert!(t.process(&m, pod5(&m), back, 600 * SEC).allowed());
+        assert!(!t.process(&m, pod5(&m), back, 1200 * SEC + 1).allowed());
+    }
+
+    #[test]
+    fn expire_and_kernel_form() {
+        let m = setup();
+        let mut t = FlowTable::new();
+        t.process(&m, pod5(&m), web_tcp(IN, SYN), 0);
+        let ping = PacketMeta::icmp(OUT, ip("10.0.64.5"), ip("192.0.2.7"), 8, 0, 1);
+        t.process(&m, pod5(&m), ping, 50 * SEC);
+        t.expire(&m.node.connection_tracking, 61 * SEC);
+        assert_eq!(t.len(), 1);
+
+        let compiled = compile(&m).unwrap();
+        let entry = t.get(&flow_key(5, &ping)).unwrap().to_kernel(&compiled);
+        let rule = compiled.rule(entry.rule).unwrap();
+        assert_eq!((rule.group_id.as_str(), rule.index), ("sg-web", 1));
+        assert_eq!(entry.primary_rule, 0);
+        assert_eq!(entry.state, ct_state::ONE_WAY);
+        assert_eq!(entry.origin, DIR_EGRESS as u8);
+        assert_eq!(entry.flags, ct_flag::SEEN_EGRESS);
+        assert_eq!(entry.packets, [0, 1]);
+    }
+}

@@ -1,0 +1,697 @@
+//! From the objects of a state directory to this node's model: SGP matching gives
+//! each pod its groups, pods of this node become branch pods, and groups get members.
+
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::Path;
+
+use crate::model::{BranchPod, Direction, GroupId, Model, NodeConfig};
+use crate::sgp::{self, Labels};
+use crate::state::{Inventory, Located, Pod, Reference, StateError, Target, rule_counts};
+
+/// Resolves the inventory; every error found is returned, in file order.
+pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<StateError>> {
+    let Inventory {
+        mut errors,
+        groups,
+        interfaces,
+        prefix_lists,
+        pods,
+        service_accounts,
+        policies,
+        node_configs,
+        references,
+    } = inventory;
+    let groups = unique(groups, |g| g.id.clone(), &mut errors);
+    let prefix_lists = unique(prefix_lists, |(id, _)| id.clone(), &mut errors);
+    let interfaces = unique(interfaces, |eni| eni.id.clone(), &mut errors);
+    let pods = unique(pods, |p| (p.namespace.clone(), p.name.clone()), &mut errors);
+    let accounts = unique(
+        service_accounts,
+        |a| (a.namespace.clone(), a.name.clone()),
+        &mut errors,
+    );
+    let policies = unique(
+        policies,
+        |p| (p.namespace.clone(), p.name.clone()),
+        &mut errors,
+    );
+    for reference in &references {
+        check_reference(reference, &groups, &prefix_lists, &mut errors);
+    }
+    let node = node_config(dir, node_configs, &mut errors);
+    let max_rules = node.as_ref().map_or(60, |n| n.max_rules_per_group);
+    for group in groups.values() {
+        check_rule_quota(group, max_rules, &mut errors);
+    }
+    let Some(node) = node else {
+        return Err(in_file_order(errors));
+    };
+
+    let policies: Vec<_> = policies.values().map(|p| &p.item).collect();
+    let no_labels = Labels::new();
+    let mut members: BTreeMap<GroupId, BTreeSet<IpAddr>> = groups
+        .keys()
+        .map(|id| (id.clone(), BTreeSet::new()))
+        .collect();
+    // Groups that no file defines cannot be referenced by a rule (that is an
+    // error), so only defined groups collect members.
+    let mut add_members = |groups: &[GroupId], ips: &mut dyn Iterator<Item = IpAddr>| {
+        let ips: Vec<IpAddr> = ips.collect();
+        for group in groups {
+            if let Some(set) = members.get_mut(group) {
+                set.extend(ips.iter().copied());
+            }
+        }
+    };
+    add_members(
+        &node.primary_security_groups,
+        &mut node.primary_ips.iter().copied(),
+    );
+    let mut node_local: BTreeSet<IpAddr> = node.primary_ips.iter().copied().collect();
+    let mut vlans: BTreeMap<u16, &Located<Pod>> = BTreeMap::new();
+    let mut branch_pods = Vec::new();
+    for located in pods.values() {
+        let pod = &located.item;
+        let on_node = pod.node_name.as_deref() == Some(node.name.as_str());
+        if on_node {
+            node_local.extend(pod.ips.iter().copied());
+            node_local.extend(pod.branch.iter().flat_map(|b| b.addresses()));
+        }
+        let Some(branch) = &pod.branch else {
+            // Without a branch ENI a pod uses secondary IPs of its node's ENIs,
+            // so it carries the node's groups; host-network pods are the node itself.
+            if !pod.host_network {
+                add_members(&node.primary_security_groups, &mut pod.ips.iter().copied());
+            }
+            continue;
+        };
+        let account_labels = accounts
+            .get(&(pod.namespace.clone(), pod.service_account.clone()))
+            .map_or(&no_labels, |a| &a.item.labels);
+        let matched = sgp::matching(
+            policies.iter().copied(),
+            &pod.namespace,
+            &pod.labels,
+            account_labels,
+        );
+        let mut pod_groups = sgp::union_of_groups(&matched);
+        if pod_groups.is_empty() {
+            // For pods of other nodes this assumes every node carries this
+            // node's instance groups, as nodes of one node group do.
+            pod_groups = node.primary_security_groups.clone();
+        }
+        add_members(&pod_groups, &mut branch.addresses());
+        if !on_node {
+            continue;
+        }
+        if pod_groups.len() > node.max_groups_per_pod {
+            let from = if matched.is_empty() {
+                "the node's primarySecurityGroups".to_string()
+            } else {
+                let names: Vec<_> = matched.iter().map(|p| p.name.as_str()).collect();
+                format!("SecurityGroupPolicies {}", names.join(", "))
+            };
+            errors.push(error(
+                located,
+                None,
+                format!(
+                    "{} security groups ({}) from {from}: over the quota of {} per branch ENI (maxSecurityGroupsPerPod)",
+                    pod_groups.len(),
+                    pod_groups.join(", "),
+                    node.max_groups_per_pod,
+                ),
+            ));
+        }
+        match vlans.entry(branch.vlan) {
+            Entry::Vacant(slot) => {
+                slot.insert(located);
+            }
+            Entry::Occupied(other) => errors.push(error(
+                located,
+                Some(format!(
+                    "metadata.annotations[{:?}][0].vlanId",
+                    crate::state::POD_ENI_ANNOTATION
+                )),
+                format!(
+                    "VLAN {} is also used by pod {} ({}) on this node",
+                    branch.vlan,
+                    other.get().item.key(),
+                    other.get().file.display()
+                ),
+            )),
+        }
+        branch_pods.push(BranchPod {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            uid: pod.uid.clone(),
+            vlan: branch.vlan,
+            eni_id: branch.eni_id.clone(),
+            mac: branch.mac.clone(),
+            ipv4: branch.ipv4,
+            ipv6: branch.ipv6,
+            subnet_v4: branch.subnet_v4,
+            subnet_v6: branch.subnet_v6,
+            groups: pod_groups,
+            mode: node.enforcing_mode,
+        });
+    }
+    for eni in interfaces.values() {
+        add_members(&eni.item.groups, &mut eni.item.addresses.iter().copied());
+    }
+    if !errors.is_empty() {
+        return Err(in_file_order(errors));
+    }
+    branch_pods.sort_by_key(|p| p.vlan);
+    Ok(Model {
+        node,
+        groups: groups.into_iter().map(|(id, g)| (id, g.item)).collect(),
+        prefix_lists: prefix_lists.into_values().map(|l| l.item).collect(),
+        members,
+        pods: branch_pods,
+        node_local,
+    })
+}
+
+fn error<T>(at: &Located<T>, field: Option<String>, message: String) -> StateError {
+    StateError {
+        file: at.file.clone(),
+        object: at.object.clone(),
+        field,
+        message,
+    }
+}
+
+/// Errors grouped by file, in the order found within each file.
+fn in_file_order(mut errors: Vec<StateError>) -> Vec<StateError> {
+    errors.sort_by(|a, b| a.file.cmp(&b.file));
+    errors
+}
+
+/// Objects by key; a second object with a key already seen is an error.
+fn unique<T, K: Ord>(
+    items: Vec<Located<T>>,
+    key: impl Fn(&T) -> K,
+    errors: &mut Vec<StateError>,
+) -> BTreeMap<K, Located<T>> {
+    let mut map = BTreeMap::new();
+    for item in items {
+        match map.entry(key(&item.item)) {
+            Entry::Vacant(slot) => {
+                slot.insert(item);
+            }
+            Entry::Occupied(first) => {
+                let message = format!("defined twice: also in {}", first.get().file.display());
+                errors.push(error(&item, None, message));
+            }
+        }
+    }
+    map
+}
+
+fn check_reference<G, P>(
+    reference: &Located<Reference>,
+    groups: &BTreeMap<GroupId, G>,
+    prefix_lists: &BTreeMap<String, P>,
+    errors: &mut Vec<StateError>,
+) {
+    let Reference { target, id, field } = &reference.item;
+    let message = match target {
+        Target::Group if !groups.contains_key(id) => format!(
+            "security group {id} is not defined (no describe-security-groups output lists it)"
+        ),
+        Target::PrefixList if !prefix_lists.contains_key(id) => {
+            format!("prefix list {id} is not defined (no file has PrefixListId {id})")
+        }
+        _ => return,
+    };
+    errors.push(error(reference, Some(field.clone()), message));
+}
+
+/// The single NodeConfig; none, or more than one, is an error.
+fn node_config(
+    dir: &Path,
+    configs: Vec<Located<Option<NodeConfig>>>,
+    errors: &mut Vec<StateError>,
+) -> Option<NodeConfig> {
+    let mut configs = configs.into_iter();
+    let Some(first) = configs.next() else {
+        errors.push(StateError {
+            file: dir.to_path_buf(),
+            object: "NodeConfig".to_string(),
+            field: None,
+            message: "missing: the state directory needs exactly one NodeConfig".to_string(),
+        });
+        return None;
+    };
+    for extra in configs {
+        let message = format!(
+            "duplicate NodeConfig: {} already has one",
+            first.file.display()
+        );
+        errors.push(error(&extra, None, message));
+    }
+    first.item
+}
+
+/// EC2's quota of rules per group and direction, IPv4 and IPv6 counted apart.
+fn check_rule_quota(
+    group: &Located<crate::model::SecurityGroup>,
+    max: usize,
+    errors: &mut Vec<StateError>,
+) {
+    for (direction, field) in [
+        (Direction::Ingress, "IpPermissions"),
+        (Direction::Egress, "IpPermissionsEgress"),
+    ] {
+        let (v4, v6) = rule_counts(&group.item, direction);
+        for (count, family) in [(v4, "IPv4"), (v6, "IPv6")] {
+            if count > max {
+                let message = format!(
+                    "{count} {family} {} rules: over the quota of {max} per group and direction (maxRulesPerGroup)",
+                    direction.as_str()
+                );
+                errors.push(error(group, Some(field.to_string()), message));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::EnforcingMode;
+    use crate::state::testdir::{NODE, NODE_CONFIG, NODE_GROUP, StateDir, group};
+
+    const OTHER_NODE: &str = "ip-10-0-2-20.ec2.internal";
+
+    struct PodSpec<'a> {
+        namespace: &'a str,
+        name: &'a str,
+        node: &'a str,
+        labels: &'a str,
+        account: &'a str,
+        branch: Option<(u16, &'a str)>,
+        ips: &'a [&'a str],
+        host_network: bool,
+    }
+
+    const POD: PodSpec<'static> = PodSpec {
+        namespace: "shop",
+        name: "",
+        node: NODE,
+        labels: "{}",
+        account: "default",
+        branch: None,
+        ips: &[],
+        host_network: false,
+    };
+
+    fn pod(spec: PodSpec) -> String {
+        let annotations = match spec.branch {
+            Some((vlan, ip)) => format!(
+                r#"{{"vpc.amazonaws.com/pod-eni": "[{{\"eniId\":\"eni-{vlan}\",\"ifAddress\":\"02:00:00:00:00:{vlan:02x}\",\"privateIp\":\"{ip}\",\"vlanId\":{vlan}}}]"}}"#
+            ),
+            None => "{}".into(),
+        };
+        let ips: Vec<String> = spec
+            .ips
+            .iter()
+            .map(|ip| format!(r#"{{"ip": "{ip}"}}"#))
+            .collect();
+        format!(
+            r#"{{"apiVersion": "v1", "kind": "Pod",
+                "metadata": {{"name": "{}", "namespace": "{}", "uid": "uid-{}", "labels": {}, "annotations": {annotations}}},
+                "spec": {{"nodeName": "{}", "serviceAccountName": "{}", "hostNetwork": {}}},
+                "status": {{"podIPs": [{}]}}}}"#,
+            spec.name,
+            spec.namespace,
+            spec.name,
+            spec.labels,
+            spec.node,
+            spec.account,
+            spec.host_network,
+            ips.join(",")
+        )
+    }
+
+    fn list(items: &[String]) -> String {
+        format!(
+            r#"{{"apiVersion": "v1", "kind": "List", "items": [{}]}}"#,
+            items.join(",")
+        )
+    }
+
+    const POLICIES: &str = "\
+apiVersion: vpcresources.k8s.aws/v1beta1
+kind: SecurityGroupPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  securityGroups: {groupIds: [sg-0web]}
+---
+apiVersion: vpcresources.k8s.aws/v1beta1
+kind: SecurityGroupPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  serviceAccountSelector: {matchLabels: {db-access: \"true\"}}
+  securityGroups: {groupIds: [sg-0db]}
+---
+apiVersion: vpcresources.k8s.aws/v1beta1
+kind: SecurityGroupPolicy
+metadata: {name: payments, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: payments}}
+  serviceAccountSelector:
+    matchExpressions: [{key: pci, operator: Exists}]
+  securityGroups: {groupIds: [sg-0vpn, sg-0db]}
+---
+apiVersion: vpcresources.k8s.aws/v1beta1
+kind: SecurityGroupPolicy
+metadata: {name: everything, namespace: staging}
+spec:
+  podSelector: {}
+  securityGroups: {groupIds: [sg-0db]}
+";
+
+    const ACCOUNTS: &str = "\
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: orders, namespace: shop, labels: {db-access: \"true\"}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: payments, namespace: shop, labels: {db-access: \"true\", pci: \"\"}}
+";
+
+    fn cluster(pods: &[String]) -> StateDir {
+        let rule = r#"[{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-0node"}]}]"#;
+        StateDir::with_node()
+            .file("g-web.json", &group("sg-0web", rule, "[]"))
+            .file("g-db.json", &group("sg-0db", rule, "[]"))
+            .file("g-vpn.json", &group("sg-0vpn", rule, "[]"))
+            .file("policies.yaml", POLICIES)
+            .file("accounts.yaml", ACCOUNTS)
+            .file("pods.json", &list(pods))
+    }
+
+    fn scenario() -> Vec<String> {
+        vec![
+            pod(PodSpec {
+                name: "web-1",
+                labels: r#"{"app": "web"}"#,
+                branch: Some((3, "10.0.1.101")),
+                ips: &["10.0.1.101"],
+                ..POD
+            }),
+            pod(PodSpec {
+                name: "orders",
+                account: "orders",
+                branch: Some((1, "10.0.1.102")),
+                ..POD
+            }),
+            pod(PodSpec {
+                name: "payments",
+                labels: r#"{"app": "payments"}"#,
+                account: "payments",
+                branch: Some((2, "10.0.1.103")),
+                ..POD
+            }),
+            pod(PodSpec {
+                name: "lonely",
+                labels: r#"{"app": "other"}"#,
+                account: "missing",
+                branch: Some((5, "10.0.1.104")),
+                ..POD
+            }),
+            pod(PodSpec {
+                name: "web-2",
+                node: OTHER_NODE,
+                labels: r#"{"app": "web"}"#,
+                branch: Some((3, "10.0.2.101")),
+                ..POD
+            }),
+            pod(PodSpec {
+                name: "stray",
+                node: OTHER_NODE,
+                branch: Some((4, "10.0.2.102")),
+                ..POD
+            }),
+            pod(PodSpec {
+                namespace: "staging",
+                name: "web",
+                node: OTHER_NODE,
+                labels: r#"{"app": "web"}"#,
+                branch: Some((1, "10.0.2.103")),
+                ..POD
+            }),
+            pod(PodSpec {
+                namespace: "kube-system",
+                name: "coredns-1",
+                ips: &["10.0.1.31", "2001:db8::31"],
+                ..POD
+            }),
+            pod(PodSpec {
+                namespace: "kube-system",
+                name: "coredns-2",
+                node: OTHER_NODE,
+                ips: &["10.0.2.44"],
+                ..POD
+            }),
+            pod(PodSpec {
+                namespace: "kube-system",
+                name: "aws-node",
+                node: OTHER_NODE,
+                ips: &["10.0.2.20"],
+                host_network: true,
+                ..POD
+            }),
+        ]
+    }
+
+    fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
+        list.iter().map(|ip| ip.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn branch_pods_of_this_node_by_vlan() {
+        let model = cluster(&scenario()).model();
+        let pods: Vec<_> = model
+            .pods
+            .iter()
+            .map(|p| (p.vlan, p.key(), p.groups.join(" ")))
+            .collect();
+        assert_eq!(
+            pods,
+            [
+                (1, "shop/orders".to_string(), "sg-0db".to_string()),
+                (2, "shop/payments".into(), "sg-0db sg-0vpn".into()),
+                (3, "shop/web-1".into(), "sg-0web".into()),
+                (5, "shop/lonely".into(), "sg-0node".into()),
+            ]
+        );
+        let web = model.pod("shop/web-1").unwrap();
+        assert_eq!(web.mode, EnforcingMode::Strict);
+        assert_eq!(
+            (web.uid.as_str(), web.eni_id.as_str()),
+            ("uid-web-1", "eni-3")
+        );
+    }
+
+    #[test]
+    fn mode_comes_from_the_node() {
+        let config = format!("{NODE_CONFIG}  enforcingMode: standard\n");
+        let dir = cluster(&scenario()).file("node.yaml", &config);
+        assert!(
+            dir.model()
+                .pods
+                .iter()
+                .all(|p| p.mode == EnforcingMode::Standard)
+        );
+    }
+
+    #[test]
+    fn members_of_each_group() {
+        let model = cluster(&scenario()).model();
+        assert_eq!(model.members["sg-0web"], ips(&["10.0.1.101", "10.0.2.101"]));
+        assert_eq!(
+            model.members["sg-0db"],
+            ips(&["10.0.1.102", "10.0.1.103", "10.0.2.103"])
+        );
+        assert_eq!(model.members["sg-0vpn"], ips(&["10.0.1.103"]));
+        // The node, pods without a branch ENI, and branch pods that no policy
+        // selects (on any node); never host-network pods.
+        assert_eq!(
+            model.members["sg-0node"],
+            ips(&[
+                "10.0.1.10",
+                "10.0.1.104",
+                "10.0.2.102",
+                "10.0.1.31",
+                "2001:db8::31",
+                "10.0.2.44"
+            ])
+        );
+    }
+
+    #[test]
+    fn node_local_addresses() {
+        let model = cluster(&scenario()).model();
+        assert_eq!(
+            model.node_local,
+            ips(&[
+                "10.0.1.10",
+                "10.0.1.101",
+                "10.0.1.102",
+                "10.0.1.103",
+                "10.0.1.104",
+                "10.0.1.31",
+                "2001:db8::31"
+            ])
+        );
+    }
+
+    #[test]
+    fn a_vlan_twice_on_this_node() {
+        let mut pods = scenario();
+        pods.push(pod(PodSpec {
+            name: "web-3",
+            labels: r#"{"app": "web"}"#,
+            branch: Some((2, "10.0.1.105")),
+            ..POD
+        }));
+        let dir = cluster(&pods);
+        dir.error(&[
+            "pods.json",
+            "Pod shop/web-3",
+            "metadata.annotations[\"vpc.amazonaws.com/pod-eni\"][0].vlanId",
+            "VLAN 2 is also used by pod shop/payments",
+        ]);
+    }
+
+    #[test]
+    fn groups_over_quota() {
+        let config = format!("{NODE_CONFIG}  maxSecurityGroupsPerPod: 1\n");
+        let dir = cluster(&scenario()).file("node.yaml", &config);
+        dir.error(&[
+            "pods.json",
+            "Pod shop/payments",
+            "2 security groups (sg-0db, sg-0vpn) from SecurityGroupPolicies db, payments",
+            "quota of 1 per branch ENI",
+        ]);
+    }
+
+    #[test]
+    fn rule_quota_follows_the_node() {
+        let config = format!("{NODE_CONFIG}  maxRulesPerGroup: 1\n");
+        let two = r#"[{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "10.0.0.0/16"}, {"CidrIp": "10.1.0.0/16"}]}]"#;
+        let dir = StateDir::empty()
+            .file("node.yaml", &config)
+            .file("g.json", NODE_GROUP)
+            .file("two.json", &group("sg-0two", two, "[]"));
+        dir.error(&[
+            "two.json",
+            "SecurityGroup sg-0two",
+            "IpPermissions",
+            "2 IPv4 ingress rules",
+        ]);
+    }
+
+    #[test]
+    fn without_a_node_the_rest_is_still_checked() {
+        let dir = StateDir::empty().file(
+            "g.json",
+            &group(
+                "sg-0a",
+                r#"[{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-0b"}]}]"#,
+                "[]",
+            ),
+        );
+        let errors = dir.errors();
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(errors.iter().any(|e| e.contains("NodeConfig: missing")));
+        assert!(errors.iter().any(|e| e.contains("sg-0b is not defined")));
+    }
+
+    #[test]
+    fn the_bundled_example() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/state");
+        let model = crate::state::load(&dir).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(model.node.name, NODE);
+        assert_eq!(model.node.trunk_interface, "eth1");
+        let pods: Vec<_> = model
+            .pods
+            .iter()
+            .map(|p| (p.vlan, p.key(), p.groups.clone()))
+            .collect();
+        let web = "sg-0web00000000000001".to_string();
+        let db_client = "sg-0dbc00000000000001".to_string();
+        let ipsec = "sg-0vpn00000000000001".to_string();
+        assert_eq!(
+            pods,
+            [
+                (1, "shop/web-6f7c9d8b5-x2x7q".to_string(), vec![web.clone()]),
+                (
+                    2,
+                    "shop/orders-5b8d7c6f4-k9m2p".into(),
+                    vec![db_client.clone()]
+                ),
+                (
+                    4,
+                    "shop/payments-7c9f8d6b5-z8w4n".into(),
+                    vec![db_client.clone(), ipsec]
+                ),
+            ]
+        );
+        assert_eq!(model.groups.len(), 6);
+        assert_eq!(model.prefix_lists["pl-0partner000000001"].len(), 2);
+        let web_group = &model.groups[&web];
+        assert_eq!((web_group.ingress.len(), web_group.egress.len()), (6, 6));
+        assert!(
+            model
+                .groups
+                .values()
+                .flat_map(|g| &g.ingress)
+                .any(|r| r.l4 == crate::model::L4Match::Protocol(50))
+        );
+        assert!(model.groups["sg-0rds00000000000001"].egress.is_empty());
+        assert_eq!(
+            model.members[&web],
+            ips(&[
+                "10.0.1.101",
+                "2600:1f18:4a3:6901:8a2f::1",
+                "10.0.2.101",
+                "2600:1f18:4a3:6902:5c1e::1"
+            ])
+        );
+        assert_eq!(model.members["sg-0rds00000000000001"], ips(&["10.0.3.25"]));
+        assert_eq!(
+            model.members["sg-0alb00000000000001"],
+            ips(&["10.0.101.17", "10.0.102.33", "2600:1f18:4a3:6965::11"])
+        );
+        assert_eq!(
+            model.members["sg-0node0000000000001"],
+            ips(&[
+                "10.0.1.10",
+                "10.0.1.31",
+                "10.0.1.57",
+                "10.0.2.20",
+                "10.0.2.44"
+            ])
+        );
+        assert_eq!(
+            model.node_local,
+            ips(&[
+                "10.0.1.10",
+                "10.0.1.31",
+                "10.0.1.57",
+                "10.0.1.101",
+                "10.0.1.102",
+                "10.0.1.104",
+                "2600:1f18:4a3:6901:8a2f::1",
+                "2600:1f18:4a3:6901:8a2f::4",
+            ])
+        );
+    }
+}

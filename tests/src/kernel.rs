@@ -1,0 +1,104 @@
+//! The enforcer's programs loaded (not attached) with a compiled model in
+//! their maps, driven frame by frame through `BPF_PROG_TEST_RUN`; each run
+//! reports the kernel's verdict and the reason it counted.
+
+use aya::Ebpf;
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use enforcer::compile::{self, Compiled};
+use enforcer::ebpf::{TC_EGRESS, TC_INGRESS};
+use enforcer::maps::KernelMaps;
+use enforcer::model::{Direction, Model};
+use enforcer_common::Reason;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+/// What the kernel did with one frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub passed: bool,
+    pub reason: Reason,
+}
+
+/// The programs with private maps holding a compiled model.
+pub struct Kernel {
+    ebpf: Ebpf,
+    pub maps: KernelMaps,
+    pub compiled: Compiled,
+}
+
+impl Kernel {
+    /// Loads and verifies both programs and applies `model`; fails the test without root.
+    pub fn load(model: &Model) -> Self {
+        crate::require_root();
+        let mut ebpf = enforcer::ebpf::load().expect("load the embedded eBPF object");
+        for name in [TC_INGRESS, TC_EGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} in the object"))
+                .try_into()
+                .expect("a TC classifier");
+            prog.load()
+                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
+        }
+        let maps = KernelMaps::take(&mut ebpf).expect("typed maps");
+        let compiled = compile::compile(model).expect("the model compiles");
+        let mut kernel = Self {
+            ebpf,
+            maps,
+            compiled,
+        };
+        kernel.apply(model);
+        kernel
+    }
+
+    /// Replaces the enforced model.
+    pub fn apply(&mut self, model: &Model) {
+        self.compiled = compile::compile(model).expect("the model compiles");
+        self.maps
+            .apply(&self.compiled, &model.node)
+            .expect("apply the compiled model");
+    }
+
+    /// Runs `frame` through the program of `direction` (ingress: arriving on
+    /// the trunk, towards the pod).
+    pub fn run(&self, direction: Direction, frame: &[u8]) -> Outcome {
+        let name = match direction {
+            Direction::Ingress => TC_INGRESS,
+            Direction::Egress => TC_EGRESS,
+        };
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .expect("program")
+            .try_into()
+            .expect("a TC classifier");
+        let before = self.maps.counters().expect("read counters");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        let verdict = prog
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on {frame:02x?} failed: {e:?}"))
+            .return_value;
+        let after = self.maps.counters().expect("read counters");
+        let counted: Vec<Reason> = Reason::ALL
+            .iter()
+            .zip(before.iter().zip(after.iter()))
+            .filter(|(_, (b, a))| a > b)
+            .map(|(reason, _)| *reason)
+            .collect();
+        assert_eq!(counted.len(), 1, "one reason per frame, got {counted:?}");
+        let reason = counted[0];
+        let passed = match verdict {
+            TC_ACT_OK => true,
+            TC_ACT_SHOT => false,
+            other => panic!("unexpected TC verdict {other}"),
+        };
+        assert_eq!(
+            passed,
+            !reason.is_drop(),
+            "verdict and reason {reason:?} disagree"
+        );
+        Outcome { passed, reason }
+    }
+}
