@@ -94,7 +94,7 @@ fn fragment_key(packet: &Packet, vlan: u16) -> FragmentKey {
 #[inline(never)]
 fn first_fragment_allowed(packet: &Packet, vlan: u16) -> bool {
     // SAFETY: read-only look at plain data.
-    match unsafe { FRAGMENTS.get(&fragment_key(packet, vlan)) } {
+    match unsafe { FRAGMENTS.get(fragment_key(packet, vlan)) } {
         Some(verdict) => verdict.allowed != 0,
         None => false,
     }
@@ -107,7 +107,7 @@ fn remember_first_fragment(packet: &Packet, vlan: u16, allowed: bool) {
         allowed: u32::from(allowed),
     };
     // LRU: a full table evicts the oldest datagram.
-    let _ = FRAGMENTS.insert(&fragment_key(packet, vlan), verdict, 0);
+    let _ = FRAGMENTS.insert(fragment_key(packet, vlan), verdict, 0);
 }
 
 /// What every stage of a flow's verdict needs besides the packet.
@@ -292,5 +292,5 @@ fn is_set<const N: usize, const F: usize>(
         addr: *addr,
     };
     // SAFETY: presence check only.
-    unsafe { set.get(&key).is_some() }
+    unsafe { set.get(key).is_some() }
 }
