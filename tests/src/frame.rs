@@ -57,6 +57,38 @@ impl Ip {
         }
     }
 
+    /// The same packet travelling back: addresses and ports swapped, an echo
+    /// request answered, `tcp_flags` on a TCP packet.
+    pub fn reply(&self, tcp_flags: u8) -> Ip {
+        let l4 = match self.l4 {
+            L4::Tcp { src, dst, .. } => L4::Tcp {
+                src: dst,
+                dst: src,
+                flags: tcp_flags,
+            },
+            L4::Udp { src, dst } => L4::Udp { src: dst, dst: src },
+            L4::Icmp {
+                icmp_type,
+                code,
+                id,
+            } => L4::Icmp {
+                icmp_type: match icmp_type {
+                    8 => 0,
+                    128 => 129,
+                    other => other,
+                },
+                code,
+                id,
+            },
+            other => other,
+        };
+        Ip {
+            src: self.dst,
+            dst: self.src,
+            l4,
+        }
+    }
+
     /// Bytes after the headers the fast path must read (a cut there is not a truncated header).
     pub fn payload_len(&self) -> usize {
         match self.l4 {

@@ -4,6 +4,7 @@
 pub mod frame;
 pub mod kernel;
 pub mod models;
+pub mod oracle;
 pub mod random;
 
 /// Fails the calling test unless it runs as root: privileged tests must never

@@ -306,41 +306,15 @@ impl Default for CaseGenerator {
     }
 }
 
-/// The other side's answer to `case`: addresses and ports swapped.
+/// The other side's answer to `case`.
 fn reply_to(rng: &mut Rng, case: Case) -> Case {
-    let ip = case.ip.expect("history holds IP cases");
-    let l4 = match ip.l4 {
-        L4::Tcp { src, dst, .. } => L4::Tcp {
-            src: dst,
-            dst: src,
-            flags: *rng.pick(&[
-                frame::TCP_SYN | frame::TCP_ACK,
-                frame::TCP_ACK,
-                frame::TCP_FIN | frame::TCP_ACK,
-                frame::TCP_RST,
-            ]),
-        },
-        L4::Udp { src, dst } => L4::Udp { src: dst, dst: src },
-        L4::Icmp {
-            icmp_type,
-            code,
-            id,
-        } => L4::Icmp {
-            icmp_type: match icmp_type {
-                8 => 0,
-                128 => 129,
-                other => other,
-            },
-            code,
-            id,
-        },
-        other => other,
-    };
-    let reply = Ip {
-        src: ip.dst,
-        dst: ip.src,
-        l4,
-    };
+    let flags = *rng.pick(&[
+        frame::TCP_SYN | frame::TCP_ACK,
+        frame::TCP_ACK,
+        frame::TCP_FIN | frame::TCP_ACK,
+        frame::TCP_RST,
+    ]);
+    let reply = case.ip.expect("history holds IP cases").reply(flags);
     Case {
         direction: case.direction.opposite(),
         tag: case.tag,

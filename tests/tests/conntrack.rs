@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use enforcer::eval::{self, L4Packet, L4Query, Query, RuleRef};
+use enforcer::eval::{self, L4Query, Query, RuleRef};
 use enforcer::model::{
     BranchPod, Cidr, ConntrackTimeouts, Direction, EnforcingMode, L4Match, Model, NodeConfig, Peer,
     Rule, SecurityGroup, UnknownVlanAction,
@@ -16,6 +16,7 @@ use enforcer::model::{
 use enforcer_common::{CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, Reason, ct_flag, ct_state};
 use enforcer_tests::frame::{self, Fragment, Ip, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tag};
 use enforcer_tests::kernel::Kernel;
+use enforcer_tests::oracle::{ct_key, l4_packet};
 
 use Direction::{Egress, Ingress};
 
@@ -213,85 +214,6 @@ fn other(src: impl Into<IpAddr>, dst: impl Into<IpAddr>, protocol: u8) -> Ip {
     }
 }
 
-/// The same packet travelling back: addresses and ports swapped, new TCP flags.
-fn reply(ip: &Ip, flags: u8) -> Ip {
-    let l4 = match ip.l4 {
-        L4::Tcp { src, dst, .. } => L4::Tcp {
-            src: dst,
-            dst: src,
-            flags,
-        },
-        L4::Udp { src, dst } => L4::Udp { src: dst, dst: src },
-        L4::Icmp {
-            icmp_type,
-            code,
-            id,
-        } => L4::Icmp {
-            icmp_type: match icmp_type {
-                8 => 0,
-                128 => 129,
-                other => other,
-            },
-            code,
-            id,
-        },
-        other => other,
-    };
-    Ip {
-        src: ip.dst,
-        dst: ip.src,
-        l4,
-    }
-}
-
-fn mapped(addr: IpAddr) -> [u8; 16] {
-    match addr {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
-
-/// The conntrack key the kernel files `ip` under for the pod on `vlan`.
-fn ct_key(vlan: u16, direction: Direction, ip: &Ip) -> CtKey {
-    let (pod_addr, peer_addr) = match direction {
-        Ingress => (ip.dst, ip.src),
-        Egress => (ip.src, ip.dst),
-    };
-    let (pod_port, peer_port) = match (ip.l4, direction) {
-        (L4::Tcp { src, dst, .. } | L4::Udp { src, dst }, Egress) => (src, dst),
-        (L4::Tcp { src, dst, .. } | L4::Udp { src, dst }, Ingress) => (dst, src),
-        (
-            L4::Icmp {
-                icmp_type: 0 | 8 | 128 | 129,
-                id,
-                ..
-            },
-            _,
-        ) => (id, 0),
-        _ => (0, 0),
-    };
-    CtKey {
-        pod_addr: mapped(pod_addr),
-        peer_addr: mapped(peer_addr),
-        pod_port,
-        peer_port,
-        vlan,
-        protocol: ip.protocol(),
-        _pad: 0,
-    }
-}
-
-fn l4_packet(ip: &Ip) -> L4Packet {
-    let protocol = ip.protocol();
-    match ip.l4 {
-        L4::Tcp { dst, .. } | L4::Udp { dst, .. } => L4Packet::new(protocol, dst, 0, 0),
-        L4::Icmp {
-            icmp_type, code, ..
-        } => L4Packet::new(protocol, 0, icmp_type, code),
-        L4::Other { .. } => L4Packet::new(protocol, 0, 0, 0),
-    }
-}
-
 /// The model in the kernel, and helpers to drive and inspect it.
 struct Ct {
     model: Model,
@@ -394,7 +316,7 @@ fn handshake(ct: &Ct, port: u16) -> (Ip, CtKey) {
         "SYN-ACK",
         A_VLAN,
         Ingress,
-        &reply(&syn, TCP_SYN | TCP_ACK),
+        &syn.reply(TCP_SYN | TCP_ACK),
         Reason::PassEstablished,
     );
     (syn, ct_key(A_VLAN, Egress, &syn))
@@ -409,7 +331,7 @@ fn closed(ct: &Ct, port: u16) -> (Ip, CtKey) {
         "FIN in",
         A_VLAN,
         Ingress,
-        &reply(&syn, TCP_FIN | TCP_ACK),
+        &syn.reply(TCP_FIN | TCP_ACK),
         Reason::PassEstablished,
     );
     assert_eq!(ct.expect_entry("closed", &key).state, ct_state::CLOSING);
@@ -431,7 +353,7 @@ fn tcp_handshake_data_and_close_follow_the_state_machine() {
 
     // A's ingress rules admit only TCP 8080 from the VPC: the same SYN-ACK to a
     // port with no flow is dropped.
-    let synack = reply(&syn, TCP_SYN | TCP_ACK);
+    let synack = syn.reply(TCP_SYN | TCP_ACK);
     let stray = tcp(SERVER, 443, A, 40001, TCP_SYN | TCP_ACK);
     ct.send(
         "SYN-ACK without a flow",
@@ -466,7 +388,7 @@ fn tcp_handshake_data_and_close_follow_the_state_machine() {
         "data in",
         A_VLAN,
         Ingress,
-        &reply(&syn, TCP_ACK | TCP_PSH),
+        &syn.reply(TCP_ACK | TCP_PSH),
         Reason::PassEstablished,
     );
     assert_eq!(ct.expect_entry("data", &key).state, ct_state::ESTABLISHED);
@@ -481,7 +403,7 @@ fn tcp_handshake_data_and_close_follow_the_state_machine() {
         "FIN in",
         A_VLAN,
         Ingress,
-        &reply(&syn, TCP_FIN | TCP_ACK),
+        &syn.reply(TCP_FIN | TCP_ACK),
         Reason::PassEstablished,
     );
     let entry = ct.expect_entry("after both FINs", &key);
@@ -500,7 +422,7 @@ fn tcp_reset_closes_the_flow_at_once() {
         "RST in",
         A_VLAN,
         Ingress,
-        &reply(&syn, TCP_RST | TCP_ACK),
+        &syn.reply(TCP_RST | TCP_ACK),
         Reason::PassEstablished,
     );
     assert_eq!(ct.expect_entry("after RST", &key).state, ct_state::CLOSING);
@@ -521,14 +443,14 @@ fn tcp_opening_flow_expires_after_60_seconds() {
         "SYN-ACK 55 s after the SYN",
         A_VLAN,
         Ingress,
-        &reply(&young, synack),
+        &young.reply(synack),
         Reason::PassEstablished,
     );
     ct.send(
         "SYN-ACK 61 s after the SYN",
         A_VLAN,
         Ingress,
-        &reply(&old, synack),
+        &old.reply(synack),
         Reason::DropPolicy,
     );
 }
@@ -545,14 +467,14 @@ fn tcp_established_flow_expires_after_the_configured_timeout() {
         "data within tcpEstablishedTimeout",
         A_VLAN,
         Ingress,
-        &reply(&young, TCP_ACK),
+        &young.reply(TCP_ACK),
         Reason::PassEstablished,
     );
     ct.send(
         "data past tcpEstablishedTimeout",
         A_VLAN,
         Ingress,
-        &reply(&old, TCP_ACK),
+        &old.reply(TCP_ACK),
         Reason::DropPolicy,
     );
     // The pod's own packet is judged as a new flow, which its egress rules allow.
@@ -579,14 +501,14 @@ fn tcp_closing_flow_expires_after_10_seconds() {
         "last ACK 8 s after closing",
         A_VLAN,
         Ingress,
-        &reply(&young, TCP_ACK),
+        &young.reply(TCP_ACK),
         Reason::PassEstablished,
     );
     ct.send(
         "last ACK 11 s after closing",
         A_VLAN,
         Ingress,
-        &reply(&old, TCP_ACK),
+        &old.reply(TCP_ACK),
         Reason::DropPolicy,
     );
 }
@@ -612,7 +534,7 @@ fn udp_request_and_response_become_a_stream() {
         "response",
         A_VLAN,
         Ingress,
-        &reply(&query, 0),
+        &query.reply(0),
         Reason::PassEstablished,
     );
     assert_eq!(ct.expect_entry("response", &key).state, ct_state::BOTH_WAYS);
@@ -639,14 +561,14 @@ fn udp_one_way_flow_expires_after_udp_timeout() {
         "response within udpTimeout",
         A_VLAN,
         Ingress,
-        &reply(&young, 0),
+        &young.reply(0),
         Reason::PassEstablished,
     );
     ct.send(
         "response past udpTimeout",
         A_VLAN,
         Ingress,
-        &reply(&old, 0),
+        &old.reply(0),
         Reason::DropPolicy,
     );
 }
@@ -662,7 +584,7 @@ fn udp_stream_outlives_udp_timeout_until_udp_stream_timeout() {
             "response",
             A_VLAN,
             Ingress,
-            &reply(q, 0),
+            &q.reply(0),
             Reason::PassEstablished,
         );
     }
@@ -673,14 +595,14 @@ fn udp_stream_outlives_udp_timeout_until_udp_stream_timeout() {
         "stream past udpTimeout, within udpStreamTimeout",
         A_VLAN,
         Ingress,
-        &reply(&young, 0),
+        &young.reply(0),
         Reason::PassEstablished,
     );
     ct.send(
         "stream past udpStreamTimeout",
         A_VLAN,
         Ingress,
-        &reply(&old, 0),
+        &old.reply(0),
         Reason::DropPolicy,
     );
 }
@@ -697,7 +619,7 @@ fn icmp_echo_reply_is_matched_by_identifier() {
         assert_eq!(key.pod_port, 0x77);
         ct.send("echo request", A_VLAN, Egress, &request, Reason::PassNew);
         assert_eq!(ct.expect_entry("request", &key).state, ct_state::ONE_WAY);
-        let answer = reply(&request, 0);
+        let answer = request.reply(0);
         ct.send(
             "echo reply",
             A_VLAN,
@@ -737,14 +659,14 @@ fn icmp_echo_reply_is_matched_by_identifier() {
         "reply after 25 s",
         A_VLAN,
         Ingress,
-        &reply(&young, 0),
+        &young.reply(0),
         Reason::PassEstablished,
     );
     ct.send(
         "reply after 31 s",
         A_VLAN,
         Ingress,
-        &reply(&old, 0),
+        &old.reply(0),
         Reason::DropPolicy,
     );
 }
@@ -834,7 +756,7 @@ fn icmp_errors_sent_by_the_pod_about_a_tracked_flow_are_related() {
     // B may send only TCP 443; the connection comes in on 8080.
     let syn = tcp(VPC_HOST, 40000, B, 8080, TCP_SYN);
     ct.send("SYN to B", B_VLAN, Ingress, &syn, Reason::PassNew);
-    let synack = reply(&syn, TCP_SYN | TCP_ACK);
+    let synack = syn.reply(TCP_SYN | TCP_ACK);
     assert!(!ct.evaluate(B_VLAN, Egress, &synack).allowed);
     ct.send(
         "B's SYN-ACK",
@@ -873,7 +795,7 @@ fn a_flow_tracked_for_one_pod_never_admits_traffic_to_another() {
         &to_b,
         Reason::DropPolicy,
     );
-    let synack = reply(&syn, TCP_SYN | TCP_ACK);
+    let synack = syn.reply(TCP_SYN | TCP_ACK);
     ct.send(
         "A's SYN-ACK tagged with B's VLAN",
         B_VLAN,
@@ -986,7 +908,7 @@ fn entries_count_packets_and_bytes_per_direction() {
         (Egress, frame::ip_frame(tag, &syn), Reason::PassNew),
         (
             Ingress,
-            frame::ip_frame(tag, &reply(&syn, TCP_SYN | TCP_ACK)),
+            frame::ip_frame(tag, &syn.reply(TCP_SYN | TCP_ACK)),
             Reason::PassEstablished,
         ),
         (
@@ -996,12 +918,12 @@ fn entries_count_packets_and_bytes_per_direction() {
         ),
         (
             Ingress,
-            frame::ip_frame_with_payload(tag, &reply(&syn, TCP_ACK), &[8; 1000]),
+            frame::ip_frame_with_payload(tag, &syn.reply(TCP_ACK), &[8; 1000]),
             Reason::PassEstablished,
         ),
         (
             Ingress,
-            frame::ip_frame_with_payload(tag, &reply(&syn, TCP_ACK | TCP_PSH), &[9; 500]),
+            frame::ip_frame_with_payload(tag, &syn.reply(TCP_ACK | TCP_PSH), &[9; 500]),
             Reason::PassEstablished,
         ),
     ];
@@ -1175,7 +1097,7 @@ fn other_protocols_are_tracked_by_addresses_for_600_seconds() {
             "GRE back",
             A_VLAN,
             Ingress,
-            &reply(ip, 0),
+            &ip.reply(0),
             Reason::PassEstablished,
         );
         assert_eq!(ct.expect_entry("GRE", &key).state, ct_state::BOTH_WAYS);
@@ -1186,14 +1108,14 @@ fn other_protocols_are_tracked_by_addresses_for_600_seconds() {
         "GRE back after 590 s",
         A_VLAN,
         Ingress,
-        &reply(&young, 0),
+        &young.reply(0),
         Reason::PassEstablished,
     );
     ct.send(
         "GRE back after 601 s",
         A_VLAN,
         Ingress,
-        &reply(&old, 0),
+        &old.reply(0),
         Reason::DropPolicy,
     );
 }
@@ -1219,7 +1141,7 @@ fn removing_a_pod_deletes_its_flows_and_a_reused_vlan_inherits_none() {
     ct.kernel.apply(&without_a);
     assert_eq!(ct.vlan_flows(A_VLAN), 0, "A's flows: {:?}", ct.flows());
     assert_eq!(ct.vlan_flows(B_VLAN), 1);
-    let synack = reply(&a_syn, TCP_SYN | TCP_ACK);
+    let synack = a_syn.reply(TCP_SYN | TCP_ACK);
     ct.send(
         "A's SYN-ACK, A gone",
         A_VLAN,
@@ -1231,7 +1153,7 @@ fn removing_a_pod_deletes_its_flows_and_a_reused_vlan_inherits_none() {
         "B's SYN-ACK",
         B_VLAN,
         Ingress,
-        &reply(&b_syn, TCP_SYN | TCP_ACK),
+        &b_syn.reply(TCP_SYN | TCP_ACK),
         Reason::PassEstablished,
     );
 
@@ -1262,7 +1184,7 @@ fn rule_changes_keep_tracked_flows_and_cut_untracked_ones() {
         "A's SYN-ACK",
         A_VLAN,
         Ingress,
-        &reply(&syn, TCP_SYN | TCP_ACK),
+        &syn.reply(TCP_SYN | TCP_ACK),
         Reason::PassEstablished,
     );
     ct.send(
@@ -1302,7 +1224,7 @@ fn a_new_syn_on_a_closed_flow_reopens_it() {
         "new SYN-ACK",
         A_VLAN,
         Ingress,
-        &reply(&syn, TCP_SYN | TCP_ACK),
+        &syn.reply(TCP_SYN | TCP_ACK),
         Reason::PassEstablished,
     );
     ct.send(
@@ -1324,7 +1246,7 @@ fn a_new_syn_on_a_closed_flow_reopens_it() {
         "the server's data after 30 s idle",
         A_VLAN,
         Ingress,
-        &reply(&syn, TCP_ACK | TCP_PSH),
+        &syn.reply(TCP_ACK | TCP_PSH),
         Reason::PassEstablished,
     );
 }

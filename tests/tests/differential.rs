@@ -10,11 +10,12 @@
 use std::net::IpAddr;
 
 use enforcer::eval::{Reason as EvalReason, Refused};
-use enforcer::flow::{EmbeddedHeader, FlowTable, FlowVerdict, PacketMeta, flow_key};
+use enforcer::flow::{FlowTable, FlowVerdict, PacketMeta, flow_key};
 use enforcer::model::{BranchPod, Direction, Model};
 use enforcer_common::{CtEntry, Reason, V4_MAPPED_PREFIX};
 use enforcer_tests::frame::{L4, Tag};
 use enforcer_tests::kernel::{Kernel, Outcome};
+use enforcer_tests::oracle;
 use enforcer_tests::random::{Case, CaseGenerator, Rng, random_model};
 
 const DEFAULT_SEED: u64 = 0x5eed_c0de;
@@ -44,53 +45,14 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The fields the kernel's parser reads from a generated packet.
 fn packet_meta(case: &Case) -> PacketMeta {
-    let ip = case.ip.expect("an IP case");
-    let len = case.frame.len() as u32;
-    let mut meta = match ip.l4 {
-        L4::Tcp { src, dst, flags } => {
-            PacketMeta::tcp(case.direction, ip.src, ip.dst, src, dst, flags)
-        }
-        L4::Udp { src, dst } => PacketMeta::udp(case.direction, ip.src, ip.dst, src, dst),
-        L4::Icmp {
-            icmp_type,
-            code,
-            id,
-        } => PacketMeta::icmp(case.direction, ip.src, ip.dst, icmp_type, code, id),
-        L4::Other { protocol } => {
-            let mut meta = PacketMeta::other(case.direction, ip.src, ip.dst, protocol);
-            if matches!(protocol, 1 | 58) {
-                // The parser reads any protocol 1/58 payload as an ICMP header:
-                // the generated payload starts de ad be ef 00 00.
-                meta.icmp_type = 0xde;
-                meta.icmp_code = 0xad;
-            }
-            meta
-        }
-    };
-    meta.len = len;
-    meta.embedded = case.quoted.map(|quoted| embedded_header(&quoted));
-    meta
-}
-
-/// What the parser reads of a quoted packet.
-fn embedded_header(quoted: &enforcer_tests::frame::Ip) -> EmbeddedHeader {
-    let (src_port, dst_port, icmp_type, icmp_id) = match quoted.l4 {
-        L4::Tcp { src, dst, .. } | L4::Udp { src, dst } => (src, dst, 0, 0),
-        L4::Icmp { icmp_type, id, .. } => (0, 0, icmp_type, id),
-        L4::Other { protocol: 1 | 58 } => (0, 0, 0xde, 0),
-        L4::Other { .. } => (0, 0, 0, 0),
-    };
-    EmbeddedHeader {
-        src: quoted.src,
-        dst: quoted.dst,
-        protocol: quoted.protocol(),
-        src_port,
-        dst_port,
-        icmp_type,
-        icmp_id,
-    }
+    let ip = case.ip.as_ref().expect("an IP case");
+    oracle::packet_meta(
+        case.direction,
+        ip,
+        case.quoted.as_ref(),
+        case.frame.len() as u32,
+    )
 }
 
 fn pod_address(pod: &BranchPod, addr: IpAddr) -> bool {

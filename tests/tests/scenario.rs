@@ -8,11 +8,12 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use enforcer::eval::{self, Evaluation, L4Packet, L4Query, Query, Refused, RuleRef};
+use enforcer::eval::{self, Evaluation, L4Query, Query, Refused, RuleRef};
 use enforcer::model::{BranchPod, Direction, EnforcingMode, Model, UnknownVlanAction};
 use enforcer_common::{CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, Reason, ct_state};
 use enforcer_tests::frame::{self, Ip, L4, Tag};
 use enforcer_tests::kernel::Kernel;
+use enforcer_tests::oracle::{ct_key, l4_packet};
 
 use Direction::{Egress, Ingress};
 
@@ -351,54 +352,6 @@ fn direction_index(direction: Direction) -> usize {
     match direction {
         Direction::Ingress => DIR_INGRESS,
         Direction::Egress => DIR_EGRESS,
-    }
-}
-
-fn l4_packet(ip: &Ip) -> L4Packet {
-    let protocol = ip.protocol();
-    match ip.l4 {
-        L4::Tcp { dst, .. } | L4::Udp { dst, .. } => L4Packet::new(protocol, dst, 0, 0),
-        L4::Icmp {
-            icmp_type, code, ..
-        } => L4Packet::new(protocol, 0, icmp_type, code),
-        L4::Other { .. } => L4Packet::new(protocol, 0, 0, 0),
-    }
-}
-
-fn mapped(addr: IpAddr) -> [u8; 16] {
-    match addr {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
-
-/// The conntrack key the kernel files `ip` under for the pod on `vlan`.
-fn ct_key(vlan: u16, direction: Direction, ip: &Ip) -> CtKey {
-    let (pod_addr, peer_addr) = match direction {
-        Direction::Ingress => (ip.dst, ip.src),
-        Direction::Egress => (ip.src, ip.dst),
-    };
-    let (pod_port, peer_port) = match (ip.l4, direction) {
-        (L4::Tcp { src, dst, .. } | L4::Udp { src, dst }, Direction::Egress) => (src, dst),
-        (L4::Tcp { src, dst, .. } | L4::Udp { src, dst }, Direction::Ingress) => (dst, src),
-        (
-            L4::Icmp {
-                icmp_type: 0 | 8 | 128 | 129,
-                id,
-                ..
-            },
-            _,
-        ) => (id, 0),
-        _ => (0, 0),
-    };
-    CtKey {
-        pod_addr: mapped(pod_addr),
-        peer_addr: mapped(peer_addr),
-        pod_port,
-        peer_port,
-        vlan,
-        protocol: ip.protocol(),
-        _pad: 0,
     }
 }
 
