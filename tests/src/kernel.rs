@@ -60,25 +60,35 @@ impl Kernel {
             .expect("apply the compiled model");
     }
 
-    /// Runs `frame` through the program of `direction` (ingress: arriving on
-    /// the trunk, towards the pod).
-    pub fn run(&self, direction: Direction, frame: &[u8]) -> Outcome {
+    fn program(&self, direction: Direction) -> &SchedClassifier {
         let name = match direction {
             Direction::Ingress => TC_INGRESS,
             Direction::Egress => TC_EGRESS,
         };
-        let prog: &SchedClassifier = self
-            .ebpf
+        self.ebpf
             .program(name)
             .expect("program")
             .try_into()
-            .expect("a TC classifier");
+            .expect("a TC classifier")
+    }
+
+    /// The kernel-measured time of one run of `frame` (benchmarks).
+    pub fn time(&self, direction: Direction, frame: &[u8]) -> std::time::Duration {
+        crate::time_run(self.program(direction), frame)
+    }
+
+    /// Runs `frame` through the program of `direction` (ingress: arriving on
+    /// the trunk, towards the pod).
+    pub fn run(&self, direction: Direction, frame: &[u8]) -> Outcome {
+        let prog = self.program(direction);
         let before = self.maps.counters().expect("read counters");
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         let verdict = prog
             .test_run(opts)
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on {frame:02x?} failed: {e:?}"))
+            .unwrap_or_else(|e| {
+                panic!("BPF_PROG_TEST_RUN of {direction:?} on {frame:02x?} failed: {e:?}")
+            })
             .return_value;
         let after = self.maps.counters().expect("read counters");
         let counted: Vec<Reason> = Reason::ALL

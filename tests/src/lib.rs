@@ -17,3 +17,14 @@ pub fn require_root() {
         "this test loads BPF programs and needs root (run `cargo xtask test` as root)"
     );
 }
+
+/// One `BPF_PROG_TEST_RUN` of `frame` through `program`, timed by the kernel.
+pub fn time_run(program: &aya::programs::SchedClassifier, frame: &[u8]) -> std::time::Duration {
+    use aya::programs::{TestRun, TestRunOptions};
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    program
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {frame:02x?} failed: {e:?}"))
+        .duration
+}

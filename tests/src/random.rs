@@ -474,35 +474,7 @@ fn aim_at_a_rule(
         return None;
     }
     let peer = *rng.pick(&peers);
-    let port = |rng: &mut Rng, from: u16, to: u16| rng.u16_in(from, to);
-    let l4 = match rule.l4 {
-        L4Match::All => random_l4_packet(rng, v6),
-        L4Match::Ports { protocol, from, to } => {
-            let dst = port(rng, from, to);
-            let src = rng.next_u64() as u16;
-            if protocol == 6 {
-                L4::Tcp {
-                    src,
-                    dst,
-                    flags: frame::TCP_SYN,
-                }
-            } else {
-                L4::Udp { src, dst }
-            }
-        }
-        L4Match::Icmp {
-            v6: rule_v6,
-            icmp_type,
-            code,
-        } if rule_v6 == v6 => L4::Icmp {
-            icmp_type: icmp_type.unwrap_or(if v6 { 128 } else { 8 }),
-            code: code.unwrap_or(0),
-            id: rng.below(4) as u16,
-        },
-        L4Match::Icmp { .. } => return None,
-        L4Match::Protocol(protocol) => L4::Other { protocol },
-    };
-    Some((peer, l4))
+    Some((peer, l4_for_rule(rng, rule, v6)?))
 }
 
 /// A random frame for one of `model`'s pods, an unknown VLAN, or untagged.
@@ -579,4 +551,152 @@ fn random_case(rng: &mut Rng, model: &Model) -> Case {
         frame,
         truncated,
     }
+}
+
+/// The benchmarks' node: `pods` branch pods in strict mode, each with
+/// `groups_per_pod` groups of `rules_per_group` rules in each direction (a
+/// mix of CIDR sizes, referenced groups, port ranges, ICMP, IPv4 and IPv6).
+/// Group 0 is on every pod, so changing it touches every pod's policy.
+pub fn scale_model(
+    rng: &mut Rng,
+    pods: usize,
+    groups_per_pod: usize,
+    rules_per_group: usize,
+) -> Model {
+    let group_count = (groups_per_pod * 4).max(1);
+    let rules = |rng: &mut Rng| -> Vec<Rule> {
+        (0..rules_per_group)
+            .map(|_| {
+                let v6 = rng.chance(30);
+                // No 0.0.0.0/0 peers: the deny probe must find no rule.
+                let peer = if rng.chance(15) {
+                    Peer::Group(group_id(rng.below(group_count as u64) as usize))
+                } else {
+                    let mut cidr = random_cidr(rng, v6);
+                    while cidr.is_everything() {
+                        cidr = random_cidr(rng, v6);
+                    }
+                    Peer::Cidr(cidr)
+                };
+                Rule {
+                    l4: random_l4(rng),
+                    peer,
+                    description: None,
+                }
+            })
+            .collect()
+    };
+    let groups: BTreeMap<String, SecurityGroup> = (0..group_count)
+        .map(|i| {
+            let id = group_id(i);
+            let group = SecurityGroup {
+                id: id.clone(),
+                name: format!("group-{i}"),
+                description: String::new(),
+                tags: BTreeMap::new(),
+                ingress: rules(rng),
+                egress: rules(rng),
+            };
+            (id, group)
+        })
+        .collect();
+    let members = (0..group_count)
+        .map(|i| {
+            let ips = (0..4)
+                .map(|_| {
+                    let v6 = rng.chance(30);
+                    random_addr(rng, v6)
+                })
+                .collect::<BTreeSet<_>>();
+            (group_id(i), ips)
+        })
+        .collect();
+    let pods: Vec<BranchPod> = (0..pods)
+        .map(|i| {
+            let mut groups = vec![group_id(0)];
+            while groups.len() < groups_per_pod {
+                let id = group_id(rng.below(group_count as u64) as usize);
+                if !groups.contains(&id) {
+                    groups.push(id);
+                }
+            }
+            BranchPod {
+                namespace: "bench".into(),
+                name: format!("pod-{i}"),
+                uid: format!("uid-{i}"),
+                vlan: 1 + i as u16,
+                eni_id: format!("eni-{i:017x}"),
+                mac: "0a:00:00:00:00:01".into(),
+                ipv4: Some(Ipv4Addr::new(
+                    10,
+                    0,
+                    100 + (i / 250) as u8,
+                    1 + (i % 250) as u8,
+                )),
+                ipv6: Some(Ipv6Addr::new(
+                    0x2600, 0x1f18, 0x4a3, 0x6901, 0, 0, 1, i as u16,
+                )),
+                subnet_v4: None,
+                subnet_v6: None,
+                groups,
+                mode: EnforcingMode::Strict,
+            }
+        })
+        .collect();
+    let node_local = pods.iter().flat_map(|p| p.addresses()).collect();
+    Model {
+        node: crate::models::node_config(vec![group_id(0)]),
+        groups,
+        prefix_lists: BTreeMap::new(),
+        members,
+        pods,
+        node_local,
+    }
+}
+
+/// A peer and L4 header that `rule` allows, if its peer has an address of
+/// the rule's family (ICMP rules answer with an echo or their type).
+pub fn packet_for_rule(rng: &mut Rng, model: &Model, rule: &Rule) -> Option<(IpAddr, L4)> {
+    let peer = match &rule.peer {
+        Peer::Cidr(cidr) => cidr.nth(1),
+        Peer::PrefixList(id) => model.prefix_lists[id].first()?.nth(1),
+        Peer::Group(id) => *model.members[id].iter().next()?,
+    };
+    Some((peer, l4_for_rule(rng, rule, peer.is_ipv6())?))
+}
+
+/// An L4 header `rule` allows in a packet of the family `v6`, if any.
+fn l4_for_rule(rng: &mut Rng, rule: &Rule, v6: bool) -> Option<L4> {
+    let l4 = match rule.l4 {
+        L4Match::All => L4::Tcp {
+            src: 40000,
+            dst: 443,
+            flags: frame::TCP_SYN,
+        },
+        L4Match::Ports {
+            protocol: 6,
+            from,
+            to,
+        } => L4::Tcp {
+            src: rng.next_u64() as u16,
+            dst: rng.u16_in(from, to),
+            flags: frame::TCP_SYN,
+        },
+        L4Match::Ports { from, to, .. } => L4::Udp {
+            src: rng.next_u64() as u16,
+            dst: rng.u16_in(from, to),
+        },
+        L4Match::Icmp {
+            v6: rule_v6,
+            icmp_type,
+            code,
+        } if rule_v6 == v6 => L4::Icmp {
+            icmp_type: icmp_type.unwrap_or(if v6 { 128 } else { 8 }),
+            code: code.unwrap_or(0),
+            id: rng.below(4) as u16,
+        },
+        L4Match::Icmp { .. } => return None,
+        L4Match::Protocol(protocol) => L4::Other { protocol },
+    };
+    Some(l4)
 }

@@ -1,0 +1,268 @@
+//! `cargo xtask bench [--quick] --json PATH`: the fast path's per-packet cost
+//! against the floor and by rule count, the control plane's apply time and
+//! the maps' memory, all measured in one run so that ratios hold on a noisy
+//! machine. Every figure is a median of kernel-timed `BPF_PROG_TEST_RUN`s.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use aya::EbpfLoader;
+use aya::maps::HashMap;
+use aya::programs::SchedClassifier;
+use enforcer::model::{Direction, L4Match, Model};
+use enforcer_common::{POD_HAS_IPV4, PodEntry, Reason};
+use enforcer_tests::frame::{self, Ip, L4, Tag};
+use enforcer_tests::kernel::Kernel;
+use enforcer_tests::random::{Rng, packet_for_rule, scale_model};
+use serde_json::json;
+
+/// The node of the issue: 120 branch pods.
+const PODS: usize = 120;
+/// Rules per pod and how they are made: (groups per pod, rules per group).
+const SCALES: [(usize, usize, usize); 4] = [(1, 1, 1), (60, 1, 60), (300, 5, 60), (960, 16, 60)];
+const SEED: u64 = 0xbe_7c4;
+
+struct Options {
+    quick: bool,
+    json: PathBuf,
+}
+
+fn options() -> Result<Options> {
+    let mut quick = false;
+    let mut json = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--json" => json = Some(PathBuf::from(args.next().context("--json needs a path")?)),
+            other => bail!("unknown argument {other}; usage: bench [--quick] --json PATH"),
+        }
+    }
+    Ok(Options {
+        quick,
+        json: json.context("--json PATH is required")?,
+    })
+}
+
+fn median(mut samples: Vec<Duration>) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_nanos() as f64
+}
+
+/// The object staged by `cargo xtask build-ebpf` next to the enforcer's.
+fn floor_object() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bpf/enforcer-floor.o")
+}
+
+/// A tagged TCP SYN from `peer` to the first pod.
+fn ingress_frame(model: &Model, peer: IpAddr, l4: L4) -> Vec<u8> {
+    let pod = &model.pods[0];
+    let dst = match peer {
+        IpAddr::V4(_) => IpAddr::V4(pod.ipv4.expect("bench pods have IPv4")),
+        IpAddr::V6(_) => IpAddr::V6(pod.ipv6.expect("bench pods have IPv6")),
+    };
+    frame::ip_frame(Tag::Vlan(pod.vlan), &Ip { src: peer, dst, l4 })
+}
+
+/// The floor program: same parser, one hash lookup by VLAN.
+fn floor_ns(frame: &[u8], vlan: u16, samples: usize) -> Result<f64> {
+    let object = floor_object();
+    let bytes = std::fs::read(&object).with_context(|| {
+        format!(
+            "reading {} (run `cargo xtask build-ebpf --release`)",
+            object.display()
+        )
+    })?;
+    let mut ebpf = EbpfLoader::new()
+        .load(&bytes)
+        .context("loading the floor object")?;
+    let mut pods: HashMap<_, u16, PodEntry> =
+        HashMap::try_from(ebpf.map_mut("FLOOR_PODS").context("floor map")?)?;
+    let entry = PodEntry {
+        ipv4: [10, 0, 100, 1],
+        ipv6: [0; 16],
+        mode: 1,
+        flags: POD_HAS_IPV4,
+        _pad: [0; 2],
+        policies: [0; 4],
+    };
+    pods.insert(vlan, entry, 0)?;
+    let program: &mut SchedClassifier = ebpf
+        .program_mut("floor_ingress")
+        .context("floor program")?
+        .try_into()?;
+    program.load()?;
+    Ok(median(
+        (0..samples)
+            .map(|_| enforcer_tests::time_run(program, frame))
+            .collect(),
+    ))
+}
+
+/// Cost of the first packet of a flow: the frame must be judged as new on
+/// every sample, so its tracked entry is forgotten between samples.
+fn new_flow_sample(kernel: &mut Kernel, frame: &[u8], samples: usize) -> f64 {
+    median(
+        (0..samples)
+            .map(|_| {
+                kernel.maps.forget_flows(|_| true).expect("clear conntrack");
+                kernel.time(Direction::Ingress, frame)
+            })
+            .collect(),
+    )
+}
+
+/// Frames for the first pod: allowed by its first rule, by its last rule, denied.
+fn probe_frames(rng: &mut Rng, model: &Model) -> Vec<(&'static str, Vec<u8>)> {
+    let pod = &model.pods[0];
+    let rules: Vec<_> = pod
+        .groups
+        .iter()
+        .flat_map(|id| model.groups[id].ingress.iter())
+        .filter(|rule| !matches!(rule.l4, L4Match::Icmp { .. }))
+        .collect();
+    let mut frames = Vec::new();
+    for (name, rule) in [("first rule", rules.first()), ("last rule", rules.last())] {
+        if let Some((peer, l4)) = rule.and_then(|r| packet_for_rule(rng, model, r)) {
+            frames.push((name, ingress_frame(model, peer, l4)));
+        }
+    }
+    let unmatched = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 77));
+    let deny = L4::Tcp {
+        src: 40000,
+        dst: 1,
+        flags: frame::TCP_SYN,
+    };
+    frames.push(("deny", ingress_frame(model, unmatched, deny)));
+    frames
+}
+
+/// Kernel memory of every BPF map this process holds, from `/proc/self/fdinfo`.
+fn map_memory() -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc/self/fdinfo")? {
+        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        if !info.contains("map_type:") {
+            continue;
+        }
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
+fn main() -> Result<()> {
+    let options = options()?;
+    let samples = if options.quick { 400 } else { 4000 };
+    let apply_repeats = if options.quick { 1 } else { 5 };
+    let mut rng = Rng::new(SEED);
+
+    let mut new_flow = serde_json::Map::new();
+    let mut table = Vec::new();
+    let mut established_ns = 0.0;
+    let mut floor_frame = Vec::new();
+    for (rules, groups, per_group) in SCALES {
+        let model = scale_model(&mut rng, PODS, groups, per_group);
+        let mut kernel = Kernel::load(&model);
+        let mut worst: f64 = 0.0;
+        for (what, frame) in probe_frames(&mut rng, &model) {
+            kernel.maps.forget_flows(|_| true)?;
+            let outcome = kernel.run(Direction::Ingress, &frame);
+            let expected = if what == "deny" {
+                Reason::DropPolicy
+            } else {
+                Reason::PassNew
+            };
+            if outcome.reason != expected {
+                bail!(
+                    "{rules} rules, {what}: the kernel said {:?}, not {expected:?}",
+                    outcome.reason
+                );
+            }
+            let ns = new_flow_sample(&mut kernel, &frame, samples);
+            table.push(format!(
+                "new flow, {rules:>3} rules/pod, {what:<10} {ns:>8.0} ns"
+            ));
+            worst = worst.max(ns);
+            if rules == 960 && what == "first rule" {
+                kernel.maps.forget_flows(|_| true)?;
+                let _ = kernel.run(Direction::Ingress, &frame);
+                established_ns = median(
+                    (0..samples)
+                        .map(|_| kernel.time(Direction::Ingress, &frame))
+                        .collect(),
+                );
+                floor_frame = frame;
+            }
+        }
+        new_flow.insert(rules.to_string(), json!(worst));
+    }
+    let floor = floor_ns(&floor_frame, 1, samples)?;
+
+    // Control plane at full scale: from a parsed state to an enforcing kernel.
+    let big = scale_model(&mut rng, PODS, 16, 60);
+    let empty = Model {
+        pods: Vec::new(),
+        ..big.clone()
+    };
+    let mut full = Vec::new();
+    let mut incremental = Vec::new();
+    let mut memory = 0;
+    for _ in 0..apply_repeats {
+        let mut kernel = Kernel::load(&empty);
+        let started = Instant::now();
+        kernel.apply(&big);
+        full.push(started.elapsed());
+        memory = map_memory()?;
+        let mut changed = big.clone();
+        let shared = changed
+            .groups
+            .get_mut(&big.pods[0].groups[0])
+            .expect("group 0");
+        shared.ingress[0].l4 = L4Match::Ports {
+            protocol: 6,
+            from: 8443,
+            to: 8443,
+        };
+        let started = Instant::now();
+        kernel.apply(&changed);
+        incremental.push(started.elapsed());
+    }
+    let ms = |d: Vec<Duration>| median(d) / 1e6;
+    let (full_ms, change_ms) = (ms(full), ms(incremental));
+
+    let report = json!({
+        "floor_ns": floor,
+        "established_ns": established_ns,
+        "new_flow_ns": new_flow,
+        "throughput": serde_json::Value::Null,
+        "apply_ms": {"pods": PODS, "rules_per_pod": 960, "full": full_ms, "one_group_change": change_ms},
+        "memory_bytes": {"maps": memory},
+    });
+    std::fs::write(&options.json, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", options.json.display()))?;
+
+    println!("floor (parse + one VLAN lookup)         {floor:>8.0} ns");
+    println!(
+        "established flow, 960 rules/pod         {established_ns:>8.0} ns  ({:.2}x floor)",
+        established_ns / floor
+    );
+    for line in &table {
+        println!("{line}");
+    }
+    let ratio = new_flow["960"].as_f64().unwrap_or(0.0) / new_flow["1"].as_f64().unwrap_or(1.0);
+    println!("new flow worst case, 960 vs 1 rule/pod  {ratio:.2}x");
+    println!(
+        "apply {PODS} pods x 960 rules: full {full_ms:.0} ms, one shared group changed {change_ms:.0} ms"
+    );
+    println!("map memory {:.1} MiB", memory as f64 / (1 << 20) as f64);
+    println!("report written to {}", options.json.display());
+    Ok(())
+}
