@@ -25,11 +25,39 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "FRAGMENTS";
     /// Array of one [`crate::Settings`].
     pub const SETTINGS: &str = "SETTINGS";
+    /// Hash: rule key (rule ID, [`crate::GENERATION_BIT`]) -> [`crate::RuleName`]; the
+    /// kernel never reads it, `flows` and `status` decode rule IDs with it.
+    pub const RULES: &str = "RULES";
+    /// Hash: [`crate::PodUid`] -> [`crate::EnforcingMode`] as `u8`, each pod's mode as
+    /// first seen (sg-semantics.md §6); userspace only.
+    pub const POD_MODES: &str = "POD_MODES";
+    /// Per-CPU array indexed by VLAN ID: [`crate::PodTraffic`].
+    pub const POD_TRAFFIC: &str = "POD_TRAFFIC";
+    /// Per-CPU hash: rule key -> [`crate::RuleTraffic`] of the flows the rule admitted.
+    pub const RULE_TRAFFIC: &str = "RULE_TRAFFIC";
+    /// Ring buffer of [`crate::VerdictEvent`].
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU array of one [`crate::EventBudget`]: the events' rate limit.
+    pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 
     /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 10] = [
-        PODS, PEERS_V4, PEERS_V6, PORTS, UNFILTERED, NODE_LOCAL, CONNTRACK, FRAGMENTS, SETTINGS,
+    pub const ALL: [&str; 16] = [
+        PODS,
+        PEERS_V4,
+        PEERS_V6,
+        PORTS,
+        UNFILTERED,
+        NODE_LOCAL,
+        CONNTRACK,
+        FRAGMENTS,
+        SETTINGS,
         COUNTERS,
+        RULES,
+        POD_MODES,
+        POD_TRAFFIC,
+        RULE_TRAFFIC,
+        EVENTS,
+        EVENT_BUDGET,
     ];
 }
 
@@ -59,6 +87,19 @@ pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8192;
 
 /// Capacity of the pod map: every 12-bit VLAN ID a trunk can carry.
 pub const MAX_PODS: u32 = 4096;
+/// Capacity of the rule table and of the per-rule counters (two generations).
+pub const MAX_RULES: u32 = 1 << 17;
+/// Size in bytes of the verdict event ring buffer (a power of two of pages).
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+/// Verdict events each CPU may emit per second, and in one burst.
+pub const EVENTS_PER_SECOND: u64 = 2000;
+pub const EVENTS_BURST: u64 = 500;
+
+/// Policy handles, peer classes and rule keys written by one apply carry this
+/// bit set or clear, alternating per apply: the entries of the new policy go
+/// in beside the old, each pod switches with one update of its [`PodEntry`],
+/// then the old generation goes (a policy change is atomic per pod).
+pub const GENERATION_BIT: u32 = 1 << 31;
 
 /// Lowest and highest VLAN ID a branch ENI may use (802.1Q reserves 0 and 4095).
 pub const VLAN_MIN: u16 = 1;
@@ -182,6 +223,8 @@ pub const PORT_KEY_BITS: u32 = 64;
 
 /// [`PortVerdict::flags`]: the flow is not tracked (sg-semantics.md §4).
 pub const VERDICT_UNTRACKED: u32 = 1 << 0;
+/// [`PortVerdict::flags`]: the entry belongs to the generation with [`GENERATION_BIT`] set.
+pub const VERDICT_GENERATION: u32 = 1 << 1;
 
 /// Value of `PORTS`: the flow is allowed; `rule` is the compiler's rule ID of
 /// the lowest-numbered rule allowing it (userspace maps it to group, direction
@@ -191,6 +234,18 @@ pub const VERDICT_UNTRACKED: u32 = 1 << 0;
 pub struct PortVerdict {
     pub rule: u32,
     pub flags: u32,
+}
+
+impl PortVerdict {
+    /// The rule ID with its generation: the key of `RULES` and `RULE_TRAFFIC`.
+    #[inline(always)]
+    pub const fn rule_key(&self) -> u32 {
+        if self.flags & VERDICT_GENERATION != 0 {
+            self.rule | GENERATION_BIT
+        } else {
+            self.rule
+        }
+    }
 }
 
 /// Key of the address sets: an address (IPv4 as `::ffff:a.b.c.d`) seen by one
@@ -212,7 +267,13 @@ pub struct Settings {
     pub tcp_established_timeout: u32,
     pub udp_stream_timeout: u32,
     pub udp_timeout: u32,
+    /// `EVENTS_*` bits: which verdict events go to the ring buffer besides denies.
+    /// Set by `enforcer flows`, kept by the agent's applies.
+    pub events: u32,
 }
+
+/// [`Settings::events`]: also report allowed new flows.
+pub const EVENTS_ALLOWED: u32 = 1 << 0;
 
 /// A flow as seen by one pod: direction-independent, so a reply finds the
 /// entry its request created, and scoped by VLAN, so one pod's flows never
@@ -376,6 +437,94 @@ impl Reason {
     }
 }
 
+/// Key of `POD_MODES`: a Kubernetes pod UID (a UUID), zero-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodUid {
+    pub uid: [u8; 48],
+}
+
+/// Value of `RULES`: the group, direction and index a rule ID stands for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleName {
+    /// The security group ID, zero-padded.
+    pub group: [u8; 32],
+    /// Index of the rule in the group's rules of that direction.
+    pub index: u32,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A pod's traffic by verdict (per CPU, indexed by VLAN in `POD_TRAFFIC`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodTraffic {
+    pub allowed_packets: u64,
+    pub allowed_bytes: u64,
+    pub denied_packets: u64,
+    pub denied_bytes: u64,
+}
+
+/// What one rule admitted: the packets it decided (first packets of flows,
+/// every packet of untracked flows); tracked packets count per pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RuleTraffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// [`VerdictEvent::flags`]: the addresses are IPv6 (else IPv4-mapped).
+pub const EVENT_IPV6: u8 = 1 << 0;
+/// [`VerdictEvent::flags`]: the frame had a parsed IP header (addresses and ports are set).
+pub const EVENT_IP: u8 = 1 << 1;
+/// [`VerdictEvent::flags`]: the VLAN had a pod.
+pub const EVENT_POD: u8 = 1 << 2;
+
+/// One verdict reported through `EVENTS`: denies always, allowed new flows
+/// when [`EVENTS_ALLOWED`] is set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VerdictEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// TCP/UDP ports, or the ICMP echo identifier in `src_port`.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub vlan: u16,
+    pub protocol: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub direction: u8,
+    /// [`Reason`] as `u32`.
+    pub reason: u32,
+    /// Rule keys (with generation) of the branch and primary rules that
+    /// admitted a new flow; 0 otherwise.
+    pub rule: u32,
+    pub primary_rule: u32,
+    /// Frame length.
+    pub len: u32,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// `EVENT_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Per-CPU token bucket of verdict events (slot 0 of `EVENT_BUDGET`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EventBudget {
+    pub tokens: u64,
+    /// When `tokens` was last topped up.
+    pub refilled_ns: u64,
+    /// Events not sent: over the rate, or the ring buffer was full.
+    pub suppressed: u64,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, explicit padding, every bit pattern valid.
@@ -402,4 +551,16 @@ mod user {
     unsafe impl aya::Pod for super::FragmentKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FragmentVerdict {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodUid {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RuleName {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodTraffic {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RuleTraffic {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VerdictEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EventBudget {}
 }

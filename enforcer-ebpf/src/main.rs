@@ -5,6 +5,7 @@
 
 mod conntrack;
 mod maps;
+mod observe;
 mod parse;
 mod policy;
 mod verdict;
@@ -13,9 +14,8 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use enforcer_common::Reason;
 
-use crate::maps::COUNTERS;
+use crate::verdict::Subject;
 
 /// Which way a frame crosses the trunk, as seen by the pod.
 #[derive(Clone, Copy)]
@@ -50,20 +50,13 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
-    let reason = verdict::judge(ctx, direction, ctx.len());
-    count(reason);
+    let mut subject = Subject::default();
+    let reason = verdict::judge(ctx, direction, ctx.len(), &mut subject);
+    observe::record(&subject, reason, direction, ctx.len());
     if reason.is_drop() {
         TC_ACT_SHOT
     } else {
         TC_ACT_OK
-    }
-}
-
-#[inline(always)]
-fn count(reason: Reason) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(reason as u32) {
-        // SAFETY: per-CPU slot; programs do not preempt each other on one CPU.
-        unsafe { *slot += 1 };
     }
 }
 

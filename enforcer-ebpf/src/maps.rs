@@ -1,15 +1,16 @@
 //! Every map of the object, BTF-typed so that `bpftool map dump` prints field
 //! names. Layouts live in `enforcer-common`; userspace fills all but the
-//! conntrack, fragment and counter maps.
+//! conntrack, fragment, counter and event maps, and alone reads `RULES` and `POD_MODES`.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 use enforcer_common::{
-    AddrKey, CtEntry, CtKey, FragmentKey, FragmentVerdict, MAX_ADDRESSES, MAX_FLOWS,
-    MAX_FRAGMENTED_DATAGRAMS, MAX_PEER_PREFIXES, MAX_PODS, MAX_PORT_ENTRIES, PeerClass, PeerKeyV4,
-    PeerKeyV6, PodEntry, PortKey, PortVerdict, REASONS, Settings,
+    AddrKey, CtEntry, CtKey, EVENTS_RING_BYTES, EventBudget, FragmentKey, FragmentVerdict,
+    MAX_ADDRESSES, MAX_FLOWS, MAX_FRAGMENTED_DATAGRAMS, MAX_PEER_PREFIXES, MAX_PODS,
+    MAX_PORT_ENTRIES, MAX_RULES, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodTraffic, PodUid,
+    PortKey, PortVerdict, REASONS, RuleName, RuleTraffic, Settings,
 };
 
 #[btf_map]
@@ -45,3 +46,23 @@ pub static SETTINGS: Array<Settings, 1> = Array::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { REASONS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static RULES: HashMap<u32, RuleName, { MAX_RULES as usize }> = HashMap::new();
+
+#[btf_map]
+pub static POD_MODES: HashMap<PodUid, u8, { MAX_PODS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static POD_TRAFFIC: PerCpuArray<PodTraffic, { MAX_PODS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static RULE_TRAFFIC: PerCpuHashMap<u32, RuleTraffic, { MAX_RULES as usize }> =
+    PerCpuHashMap::new();
+
+/// Untyped: libbpf (bpftool) rejects a ring buffer whose BTF value type has a size.
+#[btf_map]
+pub static EVENTS: RingBuf<(), { EVENTS_RING_BYTES as usize }> = RingBuf::new();
+
+#[btf_map]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget, 1> = PerCpuArray::new();

@@ -15,9 +15,24 @@ use crate::parse::{
 };
 use crate::policy;
 
-/// Judges one frame: the reason says pass or drop, and why.
+/// What a verdict was about, filled in as the frame is read, for the
+/// counters and events of `observe`.
+#[derive(Default)]
+pub struct Subject {
+    pub packet: Packet,
+    pub vlan: u16,
+    /// The VLAN has a pod.
+    pub pod: bool,
+    /// `packet` holds a parsed IP header.
+    pub ip: bool,
+    /// Rule keys ([`PortVerdict::rule_key`]) of the branch and primary rules
+    /// that allowed a new flow; 0 where none did.
+    pub rules: [u32; 2],
+}
+
+/// Judges one frame: the reason says pass or drop, and why; `subject` says what about.
 #[inline(always)]
-pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32) -> Reason {
+pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut Subject) -> Reason {
     let Some(settings) = SETTINGS.get(0) else {
         return Reason::DropUnknownVlan;
     };
@@ -27,18 +42,23 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32) -> Reason {
         // A frame announcing a tag it does not carry: junk, whoever it was for.
         Err((None, _)) => return Reason::DropMalformed,
         Err((Some(vlan), error)) => {
+            subject.vlan = vlan;
             return match pod(vlan) {
-                Some(_) => parse_failure(error),
+                Some(_) => {
+                    subject.pod = true;
+                    parse_failure(error)
+                }
                 None => unknown_vlan(settings),
             };
         }
     };
+    subject.vlan = l2.vlan;
     let Some(pod) = pod(l2.vlan) else {
         return unknown_vlan(settings);
     };
-    let mut packet = Packet::default();
-    match parse::parse_l3(frame, l2, &mut packet) {
-        Ok(L3::Ip) => {}
+    subject.pod = true;
+    match parse::parse_l3(frame, l2, &mut subject.packet) {
+        Ok(L3::Ip) => subject.ip = true,
         Ok(L3::Arp { sender }) => {
             return match direction {
                 Direction::Egress if !owns_v4(pod, sender) => Reason::DropSpoofed,
@@ -47,18 +67,19 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32) -> Reason {
         }
         Err(error) => return parse_failure(error),
     }
-    if is_neighbour_discovery(&packet) {
-        return neighbour_discovery(pod, &packet, direction);
+    let packet = &subject.packet;
+    if is_neighbour_discovery(packet) {
+        return neighbour_discovery(pod, packet, direction);
     }
-    let (pod_addr, peer) = match direction {
-        Direction::Ingress => (&packet.dst, &packet.src),
-        Direction::Egress => (&packet.src, &packet.dst),
+    let pod_addr = match direction {
+        Direction::Ingress => &packet.dst,
+        Direction::Egress => &packet.src,
     };
     if !pod.owns(pod_addr, packet.ipv6) {
         return Reason::DropSpoofed;
     }
     if packet.fragment == Fragment::Later {
-        return if first_fragment_allowed(&packet, l2.vlan) {
+        return if first_fragment_allowed(packet, l2.vlan) {
             Reason::PassFragment
         } else {
             Reason::DropFragment
@@ -71,9 +92,9 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32) -> Reason {
         now: conntrack::now_ns(),
         settings,
     };
-    let reason = judge_flow(frame, pod, &packet, peer, &flow);
+    let reason = judge_flow(frame, pod, packet, &flow, &mut subject.rules);
     if packet.fragment == Fragment::First {
-        remember_first_fragment(&packet, l2.vlan, !reason.is_drop());
+        remember_first_fragment(packet, l2.vlan, !reason.is_drop());
     }
     reason
 }
@@ -120,18 +141,22 @@ pub struct FlowContext<'a> {
     pub settings: &'a Settings,
 }
 
-/// The verdict for a whole packet or a first fragment of a pod. Not inlined,
-/// like the rarer paths below, so that each keeps its own stack frame within
-/// BPF's 512 bytes.
+/// The verdict for a whole packet or a first fragment of a pod; the rules
+/// that allowed a new flow go to `rules`. Not inlined, like the rarer paths
+/// below, so that each keeps its own stack frame within BPF's 512 bytes.
 #[inline(never)]
 fn judge_flow<F: Frame>(
     frame: &F,
     pod: &PodEntry,
     packet: &Packet,
-    peer: &[u8; 16],
     flow: &FlowContext,
+    rules: &mut [u32; 2],
 ) -> Reason {
     let (vlan, direction) = (flow.vlan, flow.direction);
+    let peer = match direction {
+        Direction::Ingress => &packet.src,
+        Direction::Egress => &packet.dst,
+    };
     let key = conntrack::key(vlan, packet, direction);
     if conntrack::track_existing(&key, packet, flow) {
         return Reason::PassEstablished;
@@ -161,6 +186,7 @@ fn judge_flow<F: Frame>(
     if !policy::allowed(branch_policy, packet, peer, &mut branch) {
         return Reason::DropPolicy;
     };
+    rules[0] = branch.rule_key();
     let (primary_rule, untracked) = if primary_policy == NO_POLICY {
         (0, branch.flags & VERDICT_UNTRACKED != 0)
     } else {
@@ -168,6 +194,7 @@ fn judge_flow<F: Frame>(
         if !policy::allowed(primary_policy, packet, peer, &mut primary) {
             return Reason::DropPrimaryPolicy;
         }
+        rules[1] = primary.rule_key();
         (
             primary.rule,
             branch.flags & primary.flags & VERDICT_UNTRACKED != 0,

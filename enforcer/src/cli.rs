@@ -27,25 +27,75 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
     },
-    /// Loads the programs on the trunk, enforces the state, and runs until SIGTERM/SIGINT.
+    /// Enforces the state on the trunk and follows its changes until SIGTERM/SIGINT. Adopts
+    /// what a previous agent pinned; exiting leaves enforcement in place (see `uninstall`).
     Run {
         /// Directory of EC2 CLI output, Kubernetes objects and the NodeConfig.
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
-        /// bpffs directory for the pinned maps.
+        /// bpffs directory for the pinned maps, programs and links.
+        #[arg(long, value_name = "P", default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        /// Address of the Prometheus endpoint (/metrics, /healthz, /readyz).
+        #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS_ADDR)]
+        metrics_addr: std::net::SocketAddr,
+    },
+    /// What the kernel enforces now, from the pinned maps (with or without a running agent).
+    Status {
+        #[arg(long, value_name = "P", default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live verdict events: every deny, and allowed new flows with --allowed; with the pod,
+    /// direction, addresses and ports, and the rule that allowed or the reason that denied.
+    Flows {
+        #[arg(long, value_name = "P", default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        /// Only this pod's events, as NAMESPACE/NAME.
+        #[arg(long, value_name = "NS/NAME")]
+        pod: Option<String>,
+        /// Also report allowed new flows (asks the kernel for them while this runs).
+        #[arg(long)]
+        allowed: bool,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+    /// Detaches the programs from the trunk and removes everything pinned under the pin path.
+    Uninstall {
         #[arg(long, value_name = "P", default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
 }
 
-/// Where maps (and later links) are pinned unless `--pin-path` says otherwise.
+/// Where maps, programs and links are pinned unless `--pin-path` says otherwise.
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/enforcer";
+/// The Prometheus endpoint unless `--metrics-addr` says otherwise.
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Explain(args) => explain(&args),
         Command::Check { state } => Ok(check(&state)),
-        Command::Run { state, pin_path } => run_agent(&state, &pin_path),
+        Command::Run {
+            state,
+            pin_path,
+            metrics_addr,
+        } => run_agent(&state, &pin_path, metrics_addr),
+        Command::Status { pin_path, json } => status(&pin_path, json),
+        Command::Uninstall { pin_path } => uninstall(&pin_path),
+        Command::Flows {
+            pin_path,
+            pod,
+            allowed,
+            json,
+            count,
+        } => flows(&pin_path, pod.as_deref(), allowed, json, count),
     }
 }
 
@@ -112,56 +162,163 @@ fn summary(model: &Model) -> String {
     out
 }
 
-/// `enforcer run`: enforce the state until a signal. Maps stay pinned after exit.
-fn run_agent(dir: &Path, pin_path: &Path) -> Result<ExitCode> {
-    let model = match enforcer::state::load(dir) {
-        Ok(model) => model,
-        Err(errors) => {
-            for error in &errors.0 {
-                eprintln!("{error}");
+/// `enforcer run`: enforce the state and follow it until a signal. Everything stays pinned.
+fn run_agent(dir: &Path, pin_path: &Path, metrics_addr: std::net::SocketAddr) -> Result<ExitCode> {
+    let agent = enforcer::agent::Agent::start(dir, pin_path)
+        .with_context(|| format!("starting the agent (pins under {})", pin_path.display()))?;
+    match (agent.applied(), agent.failure()) {
+        (_, Some(failure)) => log::error!(
+            "state {} not applied{}: {}",
+            dir.display(),
+            if enforcer::ebpf::is_attached(pin_path) {
+                ", the pinned programs keep enforcing the previous state"
+            } else {
+                ", nothing is enforced yet"
+            },
+            failure.message
+        ),
+        (Some(applied), None) => {
+            for line in summary(&applied.model).lines() {
+                log::info!("{line}");
             }
-            anyhow::bail!(
-                "{} error(s) in {}: nothing loaded",
-                errors.0.len(),
-                dir.display()
+            log::info!(
+                "enforcing on {}: {} pods, {} rules compiled; pinned under {}",
+                applied.model.node.trunk_interface,
+                applied.compiled.pods.len(),
+                applied.compiled.rules.len(),
+                pin_path.display()
             );
         }
-    };
-    let enforcer = enforcer::agent::Enforcer::start(&model, pin_path).with_context(|| {
-        format!(
-            "starting the enforcer on {} (pins under {})",
-            model.node.trunk_interface,
-            pin_path.display()
-        )
-    })?;
-    for line in summary(&model).lines() {
-        log::info!("{line}");
+        (None, None) => {}
     }
-    log::info!(
-        "enforcing on {}: {} pods, {} rules compiled; maps pinned under {}",
-        model.node.trunk_interface,
-        enforcer.compiled().pods.len(),
-        enforcer.compiled().rules.len(),
-        pin_path.display()
-    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {metrics_addr}"))?;
+        log::info!("metrics on http://{metrics_addr}/metrics");
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            _ = terminate.recv() => log::info!("SIGTERM: stopping"),
-            result = tokio::signal::ctrl_c() => {
-                result.context("waiting for SIGINT")?;
-                log::info!("SIGINT: stopping");
+        let stop = async move {
+            tokio::select! {
+                _ = terminate.recv() => log::info!("SIGTERM: exiting, enforcement stays pinned"),
+                _ = tokio::signal::ctrl_c() => log::info!("SIGINT: exiting, enforcement stays pinned"),
             }
-        }
-        anyhow::Ok(())
+        };
+        enforcer::agent::run(agent, Some(listener), stop)
+            .await
+            .context("running the agent")
     })?;
-    drop(enforcer);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enforcer status`: the pinned maps and the agent's report.
+fn status(pin_path: &Path, json: bool) -> Result<ExitCode> {
+    let status = enforcer::status::Status::read(pin_path).with_context(|| {
+        format!(
+            "reading the maps pinned under {} (is an enforcer installed there?)",
+            pin_path.display()
+        )
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{status}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enforcer flows`: print verdict events until a signal (or `count` of them).
+fn flows(
+    pin_path: &Path,
+    pod: Option<&str>,
+    allowed: bool,
+    json: bool,
+    count: Option<u64>,
+) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let mut stream = enforcer::events::EventStream::open(pin_path).with_context(|| {
+            format!(
+                "opening the events pinned under {} (is an enforcer installed there?)",
+                pin_path.display()
+            )
+        })?;
+        let vlan = match pod {
+            Some(pod) => Some(stream.vlan_of(pod).with_context(|| {
+                format!(
+                    "no pod {pod} in the agent's report for {}",
+                    pin_path.display()
+                )
+            })?),
+            None => None,
+        };
+        let previous = stream.maps_mut().settings()?.events;
+        if allowed {
+            stream
+                .maps_mut()
+                .set_event_flags(previous | enforcer_common::EVENTS_ALLOWED)?;
+        }
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
+        let mut printed = 0;
+        let result = loop {
+            let events = tokio::select! {
+                _ = terminate.recv() => break Ok(()),
+                _ = tokio::signal::ctrl_c() => break Ok(()),
+                events = stream.next() => events,
+            };
+            let events = match events {
+                Ok(events) => events,
+                Err(e) => break Err(anyhow::Error::new(e).context("reading events")),
+            };
+            for event in events.iter().filter(|e| vlan.is_none_or(|v| e.vlan == v)) {
+                if json {
+                    println!("{}", serde_json::to_string(event)?);
+                } else {
+                    println!("{event}");
+                }
+                printed += 1;
+            }
+            if count.is_some_and(|n| printed >= n) {
+                break Ok(());
+            }
+        };
+        if allowed {
+            stream
+                .maps_mut()
+                .set_event_flags(previous)
+                .context("switching allowed-flow events off again")?;
+        }
+        result
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enforcer uninstall`: detach and unpin everything, and forget the report.
+fn uninstall(pin_path: &Path) -> Result<ExitCode> {
+    let removed = enforcer::ebpf::uninstall(pin_path)
+        .with_context(|| format!("uninstalling from {}", pin_path.display()))?;
+    let report = enforcer::status::report_path(pin_path);
+    match std::fs::remove_file(&report) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", report.display()));
+        }
+        _ => {}
+    }
+    println!(
+        "removed {} pins under {}; the trunk is no longer enforced",
+        removed.len(),
+        pin_path.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

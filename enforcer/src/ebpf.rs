@@ -1,11 +1,13 @@
-//! The kernel programs' object, embedded at build time, and loading it:
-//! maps pinned by name under the pin path (so a restart finds them), the
-//! programs verified and attached to the trunk interface.
+//! The kernel programs' object, embedded at build time, and its life on the node:
+//! maps, programs and TCX links pinned under `P/{maps,programs,links}/`, adopted by restarts.
 
+use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::programs::{SchedClassifier, TcAttachType, tc};
-use aya::util::KernelVersion;
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use enforcer_common::map_names;
 
@@ -18,6 +20,12 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/en
 pub const TC_INGRESS: &str = "tc_ingress";
 /// Name of the TC program for traffic leaving on the trunk (pod -> network).
 pub const TC_EGRESS: &str = "tc_egress";
+
+/// Both classifiers with the trunk hook each one is attached to.
+pub const CLASSIFIERS: [(&str, TcAttachType); 2] = [
+    (TC_INGRESS, TcAttachType::Ingress),
+    (TC_EGRESS, TcAttachType::Egress),
+];
 
 /// The embedded object, or an error saying how to build it.
 pub fn object() -> Result<&'static [u8], Error> {
@@ -40,14 +48,24 @@ pub fn map_pin(pin_path: &Path, name: &str) -> PathBuf {
     pin_path.join("maps").join(name)
 }
 
+/// Where a program is pinned under `pin_path`.
+pub fn program_pin(pin_path: &Path, name: &str) -> PathBuf {
+    pin_path.join("programs").join(name)
+}
+
+/// Where the TCX link of a program is pinned under `pin_path`.
+pub fn link_pin(pin_path: &Path, name: &str) -> PathBuf {
+    pin_path.join("links").join(name)
+}
+
+fn create_dir(dir: PathBuf) -> Result<(), Error> {
+    std::fs::create_dir_all(&dir).map_err(|source| Error::PinDir { path: dir, source })
+}
+
 /// Loads the object with every map pinned under `pin_path/maps/`: maps
 /// already pinned there (by a previous agent) are reused with their content.
 pub fn load_pinned(pin_path: &Path) -> Result<Ebpf, Error> {
-    let dir = pin_path.join("maps");
-    std::fs::create_dir_all(&dir).map_err(|source| Error::PinDir {
-        path: dir.clone(),
-        source,
-    })?;
+    create_dir(pin_path.join("maps"))?;
     let mut loader = EbpfLoader::new();
     for name in map_names::ALL {
         loader.map_pin_path(name, map_pin(pin_path, name));
@@ -55,28 +73,177 @@ pub fn load_pinned(pin_path: &Path) -> Result<Ebpf, Error> {
     loader.load(object()?).map_err(|e| Error::Ebpf(Box::new(e)))
 }
 
-/// Verifies both classifiers and attaches them to `interface` (TCX where the
-/// kernel has it, clsact otherwise).
-pub fn attach(ebpf: &mut Ebpf, interface: &str) -> Result<(), Error> {
-    if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
-        // Netlink attachment needs the clsact qdisc; it may already be there.
-        let _ = tc::qdisc_add_clsact(interface);
-    }
-    for (name, attach_type) in [
-        (TC_INGRESS, TcAttachType::Ingress),
-        (TC_EGRESS, TcAttachType::Egress),
-    ] {
+/// How a classifier came to be attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// A new link was created and pinned (nothing was attached before).
+    Created,
+    /// The pinned link now runs the newly loaded program (a restart or upgrade).
+    Replaced,
+}
+
+/// Verifies both classifiers and makes them the ones attached to `interface`
+/// through links pinned under `pin_path` (TCX only: netlink attachments
+/// cannot be pinned). A pinned link on the trunk gets the new program with
+/// one atomic `BPF_LINK_UPDATE`: the trunk is never without a program and
+/// never gets a second one. Programs are always replaced, identical or not:
+/// one path for restarts and upgrades. The programs are pinned too, for
+/// `bpftool` and tests.
+pub fn attach_pinned(
+    ebpf: &mut Ebpf,
+    interface: &str,
+    pin_path: &Path,
+) -> Result<[Attachment; 2], Error> {
+    create_dir(pin_path.join("links"))?;
+    create_dir(pin_path.join("programs"))?;
+    let mut done = [Attachment::Created; 2];
+    for ((name, attach_type), done) in CLASSIFIERS.into_iter().zip(done.iter_mut()) {
+        let program_err = |source| Error::Program { name, source };
         let program: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(Error::MissingProgram(name))?
             .try_into()
-            .map_err(|e| Error::Program { name, source: e })?;
-        program
-            .load()
-            .map_err(|e| Error::Program { name, source: e })?;
-        program
-            .attach(interface, attach_type)
-            .map_err(|e| Error::Program { name, source: e })?;
+            .map_err(program_err)?;
+        if program.fd().is_err() {
+            program.load().map_err(program_err)?;
+        }
+        *done = attach_one(program, name, interface, attach_type, pin_path)?;
+        let pin = program_pin(pin_path, name);
+        remove_pin(&pin)?;
+        program.pin(&pin).map_err(|source| Error::Pin {
+            path: pin.clone(),
+            source,
+        })?;
     }
+    Ok(done)
+}
+
+fn attach_one(
+    program: &mut SchedClassifier,
+    name: &'static str,
+    interface: &str,
+    attach_type: TcAttachType,
+    pin_path: &Path,
+) -> Result<Attachment, Error> {
+    let program_err = |source| Error::Program { name, source };
+    let link_err = |source| Error::Link { name, source };
+    let pin = link_pin(pin_path, name);
+    let attached = attached_programs(interface, attach_type).map_err(program_err)?;
+    match PinnedLink::from_pin(&pin) {
+        Ok(pinned) => {
+            let link = FdLink::from(pinned);
+            let on_trunk = attached.contains(&link.info().map_err(link_err)?.program_id());
+            if on_trunk {
+                let link = SchedClassifierLink::try_from(link).map_err(link_err)?;
+                let id = program.attach_to_link(link).map_err(program_err)?;
+                // The pin holds the link; our descriptor can go.
+                drop(program.take_link(id).map_err(program_err)?);
+                return Ok(Attachment::Replaced);
+            }
+            // A link left by an agent of another trunk, or whose interface is
+            // gone: attach to the trunk first, then let the stale link go.
+            let created = create_link(program, name, interface, attach_type)?;
+            remove_pin(&pin)?;
+            pin_link(created, &pin)?;
+            Ok(Attachment::Created)
+        }
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            let created = create_link(program, name, interface, attach_type)?;
+            pin_link(created, &pin)?;
+            Ok(Attachment::Created)
+        }
+        Err(source) => Err(link_err(source)),
+    }
+}
+
+fn create_link(
+    program: &mut SchedClassifier,
+    name: &'static str,
+    interface: &str,
+    attach_type: TcAttachType,
+) -> Result<FdLink, Error> {
+    let program_err = |source| Error::Program { name, source };
+    let id = program
+        .attach_with_options(
+            interface,
+            attach_type,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(program_err)?;
+    let link = program.take_link(id).map_err(program_err)?;
+    FdLink::try_from(link).map_err(|source| Error::Link { name, source })
+}
+
+fn pin_link(link: FdLink, pin: &Path) -> Result<(), Error> {
+    link.pin(pin).map_err(|source| Error::Pin {
+        path: pin.to_path_buf(),
+        source,
+    })?;
     Ok(())
+}
+
+fn remove_pin(pin: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(pin) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::Unpin {
+            path: pin.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// IDs of the programs attached to `interface` at `attach_type` through TCX.
+pub fn attached_programs(
+    interface: &str,
+    attach_type: TcAttachType,
+) -> Result<Vec<u32>, ProgramError> {
+    let (_, programs) = SchedClassifier::query_tcx(interface, attach_type)?;
+    Ok(programs.iter().map(|p| p.id()).collect())
+}
+
+/// Whether both links are pinned under `pin_path` (the trunk is enforced).
+pub fn is_attached(pin_path: &Path) -> bool {
+    CLASSIFIERS
+        .iter()
+        .all(|(name, _)| PinnedLink::from_pin(link_pin(pin_path, name)).is_ok())
+}
+
+/// Detaches the programs and removes every pin under `pin_path`, then the
+/// directory itself; returns the pins removed. Missing pins are not an error.
+pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut pins: Vec<PathBuf> = CLASSIFIERS
+        .iter()
+        .map(|(name, _)| link_pin(pin_path, name))
+        .collect();
+    pins.extend(
+        CLASSIFIERS
+            .iter()
+            .map(|(name, _)| program_pin(pin_path, name)),
+    );
+    pins.extend(map_names::ALL.iter().map(|name| map_pin(pin_path, name)));
+    let mut removed = Vec::new();
+    for pin in pins {
+        if pin.exists() {
+            remove_pin(&pin)?;
+            removed.push(pin);
+        }
+    }
+    for dir in ["links", "programs", "maps"]
+        .iter()
+        .map(|d| pin_path.join(d))
+        .chain([pin_path.to_path_buf()])
+    {
+        match std::fs::remove_dir(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(Error::Unpin {
+                    path: dir,
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(removed)
 }

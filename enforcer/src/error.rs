@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-/// Errors of loading and attaching the kernel programs.
+/// Errors of loading, attaching, pinning and removing the kernel programs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -19,6 +19,24 @@ pub enum Error {
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    #[error("TCX link of program {name} (the kernel must support TCX, Linux 6.6 or later)")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("cannot pin {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot remove {path}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot create pin directory {path} (is bpffs mounted on /sys/fs/bpf?)")]
     PinDir {

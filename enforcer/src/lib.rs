@@ -6,12 +6,16 @@ pub mod compile;
 pub mod ebpf;
 mod error;
 pub mod eval;
+pub mod events;
 pub mod explain;
 pub mod flow;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 mod resolve;
 pub mod sgp;
 pub mod state;
+pub mod status;
+pub mod watch;
 
 pub use error::Error;

@@ -1,0 +1,316 @@
+//! What the kernel enforces now, for `enforcer status`: the pinned maps, with the names
+//! only the agent knows from its report (JSON under `/run/enforcer/`: bpffs holds no files).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use enforcer_common::{MAX_FLOWS, POD_HAS_IPV4, POD_HAS_IPV6, Reason};
+use serde::{Deserialize, Serialize};
+
+use crate::maps::{KernelMaps, MapsError};
+
+/// Directory of the agents' reports.
+pub const REPORT_DIR: &str = "/run/enforcer";
+
+/// Where the agent of `pin_path` writes its report: the path with `/` as `-`.
+pub fn report_path(pin_path: &Path) -> PathBuf {
+    let name: String = pin_path
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| if c == '/' { '-' } else { c })
+        .collect();
+    Path::new(REPORT_DIR).join(format!("{name}.json"))
+}
+
+/// What the agent tells `status` besides the maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReport {
+    pub pid: u32,
+    pub state_dir: PathBuf,
+    pub trunk: Option<String>,
+    pub node: Option<String>,
+    pub enforcing_mode: Option<String>,
+    /// Unix seconds of the last successful apply.
+    pub applied_at: Option<u64>,
+    /// Why the latest state was not applied (the kernel kept the previous one).
+    pub error: Option<String>,
+    pub error_at: Option<u64>,
+    pub pods: Vec<PodReport>,
+}
+
+/// One pod as the agent applied it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodReport {
+    pub vlan: u16,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub mode: String,
+    pub groups: Vec<String>,
+    pub ingress_rules: usize,
+    pub egress_rules: usize,
+}
+
+impl AgentReport {
+    /// Writes the report atomically (a reader never sees half of it).
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        let temporary = path.with_extension("json.tmp");
+        std::fs::write(&temporary, json)?;
+        std::fs::rename(&temporary, path)
+    }
+
+    /// The report of the agent of `pin_path`, if one was written.
+    pub fn read(pin_path: &Path) -> Option<Self> {
+        let text = std::fs::read(report_path(pin_path)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// `namespace/name` of the pod on `vlan`.
+    pub fn pod_name(&self, vlan: u16) -> Option<String> {
+        self.pods
+            .iter()
+            .find(|p| p.vlan == vlan)
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+    }
+}
+
+/// A pod the kernel enforces.
+#[derive(Clone, Debug, Serialize)]
+pub struct PodStatus {
+    pub vlan: u16,
+    /// From the agent's report; absent if the agent never reported this VLAN.
+    pub pod: Option<String>,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// As the kernel enforces it.
+    pub mode: String,
+    pub groups: Vec<String>,
+    pub ingress_rules: Option<usize>,
+    pub egress_rules: Option<usize>,
+    /// Tracked flows of this VLAN.
+    pub flows: usize,
+    pub allowed_packets: u64,
+    pub allowed_bytes: u64,
+    pub denied_packets: u64,
+    pub denied_bytes: u64,
+}
+
+/// Everything `enforcer status` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub pin_path: PathBuf,
+    /// Both TCX links are pinned (the trunk is enforced).
+    pub attached: bool,
+    pub agent_pid: Option<u32>,
+    pub agent_running: bool,
+    pub node: Option<String>,
+    pub enforcing_mode: Option<String>,
+    pub trunk: Option<String>,
+    pub unknown_vlan: &'static str,
+    pub applied_at: Option<u64>,
+    pub error: Option<String>,
+    pub error_at: Option<u64>,
+    pub conntrack_entries: usize,
+    pub conntrack_capacity: u32,
+    pub pods: Vec<PodStatus>,
+    /// Frames by verdict reason since the maps were created.
+    pub verdicts: BTreeMap<&'static str, u64>,
+    pub suppressed_events: u64,
+}
+
+impl Status {
+    /// Reads the maps pinned under `pin_path` and the agent's report.
+    pub fn read(pin_path: &Path) -> Result<Self, MapsError> {
+        let maps = KernelMaps::open_pinned(pin_path)?;
+        let report = AgentReport::read(pin_path).unwrap_or_default();
+        let flows = maps.flows()?;
+        let mut pods = Vec::new();
+        for (vlan, entry) in maps.pods()? {
+            let reported = report.pods.iter().find(|p| p.vlan == vlan);
+            let traffic = maps.pod_traffic(vlan)?;
+            pods.push(PodStatus {
+                vlan,
+                pod: reported.map(|p| format!("{}/{}", p.namespace, p.name)),
+                ipv4: (entry.flags & POD_HAS_IPV4 != 0).then(|| Ipv4Addr::from(entry.ipv4)),
+                ipv6: (entry.flags & POD_HAS_IPV6 != 0).then(|| Ipv6Addr::from(entry.ipv6)),
+                mode: entry
+                    .mode()
+                    .map_or("invalid", crate::agent::mode_name)
+                    .to_string(),
+                groups: reported.map(|p| p.groups.clone()).unwrap_or_default(),
+                ingress_rules: reported.map(|p| p.ingress_rules),
+                egress_rules: reported.map(|p| p.egress_rules),
+                flows: flows.iter().filter(|(k, _)| k.vlan == vlan).count(),
+                allowed_packets: traffic.allowed_packets,
+                allowed_bytes: traffic.allowed_bytes,
+                denied_packets: traffic.denied_packets,
+                denied_bytes: traffic.denied_bytes,
+            });
+        }
+        let counters = maps.counters()?;
+        let settings = maps.settings()?;
+        Ok(Self {
+            pin_path: pin_path.to_path_buf(),
+            attached: crate::ebpf::is_attached(pin_path),
+            agent_pid: (report.pid != 0).then_some(report.pid),
+            agent_running: report.pid != 0 && is_running(report.pid),
+            node: report.node,
+            enforcing_mode: report.enforcing_mode,
+            trunk: report.trunk,
+            unknown_vlan: if settings.unknown_vlan_pass != 0 {
+                "pass"
+            } else {
+                "drop"
+            },
+            applied_at: report.applied_at,
+            error: report.error,
+            error_at: report.error_at,
+            conntrack_entries: flows.len(),
+            conntrack_capacity: MAX_FLOWS,
+            pods,
+            verdicts: Reason::ALL
+                .iter()
+                .map(|&r| (reason_name(r), counters[r as usize]))
+                .collect(),
+            suppressed_events: maps.suppressed_events()?,
+        })
+    }
+}
+
+fn is_running(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+fn when(unix: Option<u64>) -> String {
+    let Some(at) = unix else {
+        return "never".to_string();
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{} s ago (unix {at})", now.saturating_sub(at))
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unknown = "unknown".to_string();
+        writeln!(
+            f,
+            "pin path {}: {}; agent {}",
+            self.pin_path.display(),
+            if self.attached {
+                "programs attached"
+            } else {
+                "NOT attached"
+            },
+            match (self.agent_pid, self.agent_running) {
+                (Some(pid), true) => format!("running (pid {pid})"),
+                (Some(pid), false) => format!("not running (last pid {pid})"),
+                (None, _) => "never reported".to_string(),
+            }
+        )?;
+        writeln!(
+            f,
+            "node {}: {} mode, trunk {}, unknown VLANs {}",
+            self.node.as_ref().unwrap_or(&unknown),
+            self.enforcing_mode.as_ref().unwrap_or(&unknown),
+            self.trunk.as_ref().unwrap_or(&unknown),
+            self.unknown_vlan,
+        )?;
+        writeln!(f, "last apply: {}", when(self.applied_at))?;
+        match &self.error {
+            Some(error) => writeln!(
+                f,
+                "last error ({}): the kernel keeps the previous state\n  {}",
+                when(self.error_at),
+                error.replace('\n', "\n  ")
+            )?,
+            None => writeln!(f, "last error: none")?,
+        }
+        writeln!(
+            f,
+            "conntrack: {} of {} flows",
+            self.conntrack_entries, self.conntrack_capacity
+        )?;
+        writeln!(f, "pods: {}", self.pods.len())?;
+        for pod in &self.pods {
+            let addresses: Vec<String> = pod
+                .ipv4
+                .map(|a| a.to_string())
+                .into_iter()
+                .chain(pod.ipv6.map(|a| a.to_string()))
+                .collect();
+            let count = |n: Option<usize>| n.map_or("?".to_string(), |n| n.to_string());
+            writeln!(
+                f,
+                "  VLAN {:>4}  {}  {}  {}  groups {}  rules {} in / {} out  flows {}  allowed {} pkts {} B  denied {} pkts {} B",
+                pod.vlan,
+                pod.pod.as_deref().unwrap_or("?"),
+                addresses.join(", "),
+                pod.mode,
+                if pod.groups.is_empty() {
+                    "?".to_string()
+                } else {
+                    pod.groups.join(",")
+                },
+                count(pod.ingress_rules),
+                count(pod.egress_rules),
+                pod.flows,
+                pod.allowed_packets,
+                pod.allowed_bytes,
+                pod.denied_packets,
+                pod.denied_bytes,
+            )?;
+        }
+        let counted: Vec<String> = self
+            .verdicts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        writeln!(
+            f,
+            "verdicts: {}",
+            if counted.is_empty() {
+                "none yet".to_string()
+            } else {
+                counted.join(", ")
+            }
+        )?;
+        writeln!(f, "events suppressed: {}", self.suppressed_events)
+    }
+}
+
+/// The stable name of a verdict reason (metrics label, `flows`, `status`).
+pub fn reason_name(reason: Reason) -> &'static str {
+    match reason {
+        Reason::PassUntagged => "pass_untagged",
+        Reason::PassEstablished => "pass_established",
+        Reason::DropUnknownVlan => "drop_unknown_vlan",
+        Reason::DropMalformed => "drop_malformed",
+        Reason::DropUnsupportedL2 => "drop_unsupported_l2",
+        Reason::DropSpoofed => "drop_spoofed",
+        Reason::PassNew => "pass_new",
+        Reason::PassUnfiltered => "pass_unfiltered",
+        Reason::PassSameNode => "pass_same_node",
+        Reason::PassRelated => "pass_related",
+        Reason::PassFragment => "pass_fragment",
+        Reason::DropFragment => "drop_fragment",
+        Reason::DropPolicy => "drop_policy",
+        Reason::DropPrimaryPolicy => "drop_primary_policy",
+        Reason::PassLinkLayer => "pass_link_layer",
+        Reason::PassUnknownVlan => "pass_unknown_vlan",
+    }
+}

@@ -1,0 +1,416 @@
+//! The node agent as real `enforcer` processes on a veth trunk in a fresh namespace:
+//! restarts, live and rejected states, pod lifecycle, enforcing-mode pinning.
+
+#[path = "agent_support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use enforcer::maps::KernelMaps;
+use enforcer_common::{EnforcingMode, GENERATION_BIT, PodEntry, Reason};
+use support::{Node, TestPod, TestState, ack_to, syn_to, wait_for};
+
+const OPEN: u16 = 80;
+const CLOSED: u16 = 81;
+
+fn web() -> TestPod {
+    TestPod::new("web", "uid-web-1", 10, [10, 0, 1, 50])
+}
+
+fn api() -> TestPod {
+    TestPod::new("api", "uid-api-1", 11, [10, 0, 1, 51])
+}
+
+fn state(mode: &'static str, pods: Vec<TestPod>) -> TestState {
+    TestState {
+        mode,
+        open_port: OPEN,
+        pods,
+    }
+}
+
+fn kernel_pods(node: &Node) -> std::collections::BTreeMap<u16, PodEntry> {
+    KernelMaps::open_pinned(&node.pin_path)
+        .expect("open the pinned maps")
+        .pods()
+        .expect("read PODS")
+}
+
+fn kernel_mode(node: &Node, vlan: u16) -> EnforcingMode {
+    kernel_pods(node)[&vlan].mode().expect("a valid mode")
+}
+
+#[test]
+fn kill_9_and_restart_keep_enforcing_through_one_attachment_per_direction() {
+    let mut node = Node::new();
+    let web = web();
+    node.write_state(&state("strict", vec![web.clone()]));
+    node.start_agent();
+    node.wait_ready();
+    let (ingress, egress) = node.attached();
+    assert_eq!(
+        (ingress.len(), egress.len()),
+        (1, 1),
+        "one program per hook"
+    );
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 40000)], &[(Reason::PassNew, 1)]);
+    node.expect_verdicts(
+        vec![syn_to(&web, CLOSED, 40001)],
+        &[(Reason::DropPolicy, 1)],
+    );
+
+    node.kill_agent(0);
+    assert_eq!(
+        node.attached(),
+        (ingress.clone(), egress.clone()),
+        "kill -9 detaches nothing"
+    );
+    node.expect_verdicts(
+        vec![syn_to(&web, CLOSED, 40002)],
+        &[(Reason::DropPolicy, 1)],
+    );
+
+    // Denied frames keep arriving while the next agent starts: every one of
+    // them must be judged (a moment without a program would pass some uncounted).
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let before = node.counters();
+    let sender = {
+        let (sent, stop) = (sent.clone(), stop.clone());
+        let frame = syn_to(&web, CLOSED, 40003);
+        let peer = node.peer.clone();
+        node.spawn_in_netns(move || {
+            let socket = support::PacketSocket::open(&peer);
+            while !stop.load(Ordering::SeqCst) {
+                socket.send(&frame);
+                sent.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    node.start_agent();
+    node.wait_ready();
+    stop.store(true, Ordering::SeqCst);
+    sender.join().expect("the sender");
+    let sent = sent.load(Ordering::SeqCst);
+    assert!(sent > 100, "only {sent} frames sent during the restart");
+    wait_for("every frame judged", Duration::from_secs(5), || {
+        let after = node.counters();
+        after[Reason::DropPolicy as usize] - before[Reason::DropPolicy as usize] == sent
+    });
+    let after = node.counters();
+    let others: u64 = Reason::ALL
+        .iter()
+        .filter(|&&r| r != Reason::DropPolicy)
+        .map(|&r| after[r as usize] - before[r as usize])
+        .sum();
+    assert_eq!(others, 0, "frames judged otherwise during the restart");
+
+    let (new_ingress, new_egress) = node.attached();
+    assert_eq!(
+        (new_ingress.len(), new_egress.len()),
+        (1, 1),
+        "no second attachment"
+    );
+    assert_ne!(
+        new_ingress, ingress,
+        "the restarted agent replaced the program"
+    );
+    // The flow admitted before the restarts is still tracked.
+    node.expect_verdicts(
+        vec![ack_to(&web, OPEN, 40000)],
+        &[(Reason::PassEstablished, 1)],
+    );
+
+    node.stop_agent(1);
+    assert_eq!(
+        node.attached(),
+        (new_ingress, new_egress),
+        "SIGTERM detaches nothing"
+    );
+    node.expect_verdicts(
+        vec![syn_to(&web, CLOSED, 40004)],
+        &[(Reason::DropPolicy, 1)],
+    );
+
+    let pin_path = node.pin_path.to_str().expect("utf-8").to_string();
+    let out = node.enforcer(&["uninstall", "--pin-path", &pin_path]);
+    assert!(out.contains("no longer enforced"), "{out}");
+    assert_eq!(
+        node.attached(),
+        (vec![], vec![]),
+        "uninstall detaches both programs"
+    );
+    assert!(!node.pin_path.exists(), "uninstall removes the pin path");
+}
+
+#[test]
+fn a_restart_over_a_bad_state_keeps_the_pinned_enforcement_until_the_state_is_fixed() {
+    let mut node = Node::new();
+    let web = web();
+    node.write_state(&state("strict", vec![web.clone()]));
+    node.start_agent();
+    node.wait_ready();
+    let attached = node.attached();
+    node.kill_agent(0);
+
+    support::write_atomically(
+        &node.state_dir.join("broken.json"),
+        "{\"SecurityGroups\": [",
+    );
+    node.start_agent();
+    wait_for(
+        "the restarted agent to report",
+        Duration::from_secs(10),
+        || {
+            node.http_get("/readyz")
+                .is_some_and(|(code, _)| code == 503)
+        },
+    );
+    assert_eq!(
+        node.attached(),
+        attached,
+        "the pinned programs stay, untouched"
+    );
+    node.expect_verdicts(
+        vec![syn_to(&web, CLOSED, 45000)],
+        &[(Reason::DropPolicy, 1)],
+    );
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 45001)], &[(Reason::PassNew, 1)]);
+
+    std::fs::remove_file(node.state_dir.join("broken.json")).expect("remove");
+    node.wait_ready();
+    let (ingress, egress) = node.attached();
+    assert_eq!((ingress.len(), egress.len()), (1, 1));
+    assert_ne!(
+        ingress, attached.0,
+        "the fixed state brought the new programs in"
+    );
+}
+
+#[test]
+fn a_configmap_update_swapping_the_data_symlink_is_applied() {
+    let mut node = Node::new();
+    let web = web();
+    // The layout of a ConfigMap volume: files are symlinks through `..data`.
+    let state_dir = node.state_dir.clone();
+    let version = |n: u32| state_dir.join(format!("..2026_11_28_{n}"));
+    std::fs::create_dir(version(1)).expect("version dir");
+    node.write_state_in(&version(1), &state("strict", vec![web.clone()]));
+    std::os::unix::fs::symlink("..2026_11_28_1", node.state_dir.join("..data")).expect("..data");
+    for (file, _) in node.state_files(&state("strict", vec![])) {
+        std::os::unix::fs::symlink(format!("..data/{file}"), node.state_dir.join(file))
+            .expect("file symlink");
+    }
+    node.start_agent();
+    node.wait_ready();
+    node.expect_verdicts(
+        vec![syn_to(&web, CLOSED, 46000)],
+        &[(Reason::DropPolicy, 1)],
+    );
+
+    // What the kubelet does: a new version directory, then `..data` renamed over.
+    let mut changed = state("strict", vec![web.clone()]);
+    changed.open_port = CLOSED;
+    std::fs::create_dir(version(2)).expect("version dir");
+    node.write_state_in(&version(2), &changed);
+    std::os::unix::fs::symlink("..2026_11_28_2", node.state_dir.join("..data_tmp")).expect("tmp");
+    std::fs::rename(
+        node.state_dir.join("..data_tmp"),
+        node.state_dir.join("..data"),
+    )
+    .expect("swap ..data");
+    std::fs::remove_dir_all(version(1)).expect("old version");
+    let mut port = 46001;
+    wait_for("the swapped state", Duration::from_secs(2), || {
+        port += 1;
+        let before = node.counters()[Reason::PassNew as usize];
+        node.send_to_trunk(vec![syn_to(&web, CLOSED, port)]);
+        std::thread::sleep(Duration::from_millis(10));
+        node.counters()[Reason::PassNew as usize] > before
+    });
+}
+
+#[test]
+fn a_state_change_applies_within_a_second_and_keeps_tracked_flows() {
+    let mut node = Node::new();
+    let web = web();
+    node.write_state(&state("strict", vec![web.clone()]));
+    node.start_agent();
+    node.wait_ready();
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 41000)], &[(Reason::PassNew, 1)]);
+    let generation = kernel_pods(&node)[&web.vlan].policies[0] & GENERATION_BIT;
+
+    let mut changed = state("strict", vec![web.clone()]);
+    changed.open_port = CLOSED;
+    let written = Instant::now();
+    node.write_state(&changed);
+    let mut port = 42000;
+    wait_for("the new rule", Duration::from_secs(1), || {
+        port += 1;
+        let before = node.counters()[Reason::PassNew as usize];
+        node.send_to_trunk(vec![syn_to(&web, CLOSED, port)]);
+        std::thread::sleep(Duration::from_millis(10));
+        node.counters()[Reason::PassNew as usize] > before
+    });
+    eprintln!("applied {:?} after the write", written.elapsed());
+    let entry = kernel_pods(&node)[&web.vlan];
+    assert_ne!(
+        entry.policies[0] & GENERATION_BIT,
+        generation,
+        "the pod switched to the other generation"
+    );
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 41001)], &[(Reason::DropPolicy, 1)]);
+    node.expect_verdicts(
+        vec![ack_to(&web, OPEN, 41000)],
+        &[(Reason::PassEstablished, 1)],
+    );
+}
+
+#[test]
+fn a_bad_state_is_rejected_whole_and_the_kernel_keeps_the_last_good_one() {
+    let mut node = Node::new();
+    let web = web();
+    node.write_state(&state("strict", vec![web.clone()]));
+    node.start_agent();
+    node.wait_ready();
+    let good = kernel_pods(&node);
+    let pin_path = node.pin_path.to_str().expect("utf-8").to_string();
+
+    // A syntax error in one file, and a change elsewhere that must not apply.
+    let mut changed = state("strict", vec![web.clone(), api()]);
+    changed.open_port = CLOSED;
+    node.write_state(&changed);
+    support::write_atomically(&node.state_dir.join("broken.yaml"), "kind: [unclosed\n");
+    wait_for("the rejection", Duration::from_secs(5), || {
+        node.http_get("/readyz")
+            .is_some_and(|(code, _)| code == 503)
+    });
+    assert_eq!(kernel_pods(&node), good, "the kernel maps changed");
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 43000)], &[(Reason::PassNew, 1)]);
+    node.expect_verdicts(
+        vec![syn_to(&web, CLOSED, 43001)],
+        &[(Reason::DropPolicy, 1)],
+    );
+    let status = node.enforcer(&["status", "--pin-path", &pin_path]);
+    assert!(
+        status.contains("broken.yaml"),
+        "status names the file:\n{status}"
+    );
+
+    // A dangling group reference: rejected too, naming the object.
+    std::fs::remove_file(node.state_dir.join("broken.yaml")).expect("remove");
+    support::write_atomically(
+        &node.state_dir.join("sgp-dangling.json"),
+        &serde_json::json!({
+            "apiVersion": "vpcresources.k8s.aws/v1beta1",
+            "kind": "SecurityGroupPolicy",
+            "metadata": {"name": "dangling", "namespace": "default"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "test"}},
+                "securityGroups": {"groupIds": ["sg-missing"]},
+            },
+        })
+        .to_string(),
+    );
+    wait_for(
+        "the dangling group reported",
+        Duration::from_secs(5),
+        || {
+            node.enforcer(&["status", "--pin-path", &pin_path])
+                .contains("sg-missing")
+        },
+    );
+    assert_eq!(kernel_pods(&node), good, "the kernel maps changed");
+    let metrics = node.http_get("/metrics").expect("metrics").1;
+    assert!(metrics.contains("enforcer_state_error 1"), "{metrics}");
+
+    std::fs::remove_file(node.state_dir.join("sgp-dangling.json")).expect("remove");
+    node.wait_ready();
+    assert!(
+        kernel_pods(&node).contains_key(&api().vlan),
+        "the fixed state applies"
+    );
+    node.expect_verdicts(vec![syn_to(&web, CLOSED, 43002)], &[(Reason::PassNew, 1)]);
+}
+
+#[test]
+fn a_pod_that_leaves_loses_its_vlan_entry_and_its_flows_at_once() {
+    let mut node = Node::new();
+    let (web, api) = (web(), api());
+    node.write_state(&state("strict", vec![web.clone(), api.clone()]));
+    node.start_agent();
+    node.wait_ready();
+    node.expect_verdicts(
+        vec![syn_to(&web, OPEN, 44000), syn_to(&api, OPEN, 44000)],
+        &[(Reason::PassNew, 2)],
+    );
+    let flows_of = |vlan: u16| {
+        KernelMaps::open_pinned(&node.pin_path)
+            .expect("maps")
+            .flows()
+            .expect("flows")
+            .iter()
+            .filter(|(k, _)| k.vlan == vlan)
+            .count()
+    };
+    assert_eq!(flows_of(api.vlan), 1);
+
+    node.write_state(&state("strict", vec![web.clone()]));
+    wait_for("api's VLAN entry to go", Duration::from_secs(2), || {
+        !kernel_pods(&node).contains_key(&api.vlan)
+    });
+    assert_eq!(flows_of(api.vlan), 0, "api's tracked flows are gone");
+    assert_eq!(flows_of(web.vlan), 1, "web's flow stays");
+    node.expect_verdicts(
+        vec![ack_to(&api, OPEN, 44000)],
+        &[(Reason::DropUnknownVlan, 1)],
+    );
+    node.expect_verdicts(
+        vec![ack_to(&web, OPEN, 44000)],
+        &[(Reason::PassEstablished, 1)],
+    );
+}
+
+#[test]
+fn a_pod_keeps_the_mode_it_was_first_seen_with_across_mode_changes_and_restarts() {
+    let mut node = Node::new();
+    let web = web();
+    node.write_state(&state("strict", vec![web.clone()]));
+    node.start_agent();
+    node.wait_ready();
+    assert_eq!(kernel_mode(&node, web.vlan), EnforcingMode::Strict);
+
+    // The node switches to standard: only pods created afterwards get it.
+    let api = api();
+    node.write_state(&state("standard", vec![web.clone(), api.clone()]));
+    wait_for("api to appear", Duration::from_secs(2), || {
+        kernel_pods(&node).contains_key(&api.vlan)
+    });
+    assert_eq!(kernel_mode(&node, web.vlan), EnforcingMode::Strict);
+    assert_eq!(kernel_mode(&node, api.vlan), EnforcingMode::Standard);
+
+    // The modes survive a crash and a restart under the new node mode.
+    node.kill_agent(0);
+    node.start_agent();
+    node.wait_ready();
+    assert_eq!(kernel_mode(&node, web.vlan), EnforcingMode::Strict);
+    assert_eq!(kernel_mode(&node, api.vlan), EnforcingMode::Standard);
+
+    // A recreated web (new UID, same name and VLAN) takes the current mode.
+    let recreated = TestPod::new("web", "uid-web-2", web.vlan, web.ip);
+    node.write_state(&state("standard", vec![recreated, api.clone()]));
+    wait_for(
+        "the recreated web in standard mode",
+        Duration::from_secs(2),
+        || kernel_mode(&node, web.vlan) == EnforcingMode::Standard,
+    );
+    // And back to strict: the existing pods keep standard.
+    node.write_state(&state("strict", vec![api.clone()]));
+    wait_for("web to go", Duration::from_secs(2), || {
+        !kernel_pods(&node).contains_key(&web.vlan)
+    });
+    assert_eq!(kernel_mode(&node, api.vlan), EnforcingMode::Standard);
+}

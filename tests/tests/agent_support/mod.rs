@@ -1,0 +1,562 @@
+//! A throwaway node for agent tests: a namespace whose veth pair is the trunk, a state
+//! directory, a pin path and `enforcer` processes, all removed on drop, even on failure.
+
+// Each test file uses its own subset of these helpers.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use enforcer::maps::KernelMaps;
+use enforcer_common::Reason;
+use enforcer_tests::frame::{self, Ip, L4, Tag};
+
+/// The agent's metrics endpoint inside the node's namespace.
+pub const METRICS_PORT: u16 = 9464;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+static BUILD: Once = Once::new();
+
+/// The `enforcer` binary of this build, built on first use (cargo does not
+/// build another package's binaries for this crate's tests).
+pub fn enforcer_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable under target/<profile>/deps");
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--package", "enforcer", "--bin", "enforcer"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .expect("run cargo build for the enforcer binary");
+        assert!(
+            status.success(),
+            "cargo build of the enforcer binary failed"
+        );
+    });
+    profile_dir.join("enforcer")
+}
+
+/// One pod of the test state.
+#[derive(Clone, Debug)]
+pub struct TestPod {
+    pub name: String,
+    pub uid: String,
+    pub vlan: u16,
+    pub ip: [u8; 4],
+}
+
+impl TestPod {
+    pub fn new(name: &str, uid: &str, vlan: u16, ip: [u8; 4]) -> Self {
+        Self {
+            name: name.to_string(),
+            uid: uid.to_string(),
+            vlan,
+            ip,
+        }
+    }
+
+    pub fn key(&self) -> String {
+        format!("default/{}", self.name)
+    }
+}
+
+/// What the state directory says: pods in group `sg-app`, which allows TCP
+/// `open_port` in from the VPC and everything out.
+#[derive(Clone, Debug)]
+pub struct TestState {
+    pub mode: &'static str,
+    pub open_port: u16,
+    pub pods: Vec<TestPod>,
+}
+
+/// A peer in the VPC, outside this node.
+pub const PEER: [u8; 4] = [10, 0, 2, 7];
+
+/// A network namespace with the trunk veth pair, a state directory and a pin path.
+pub struct Node {
+    pub netns: String,
+    /// The trunk the agent enforces (its TC hooks); `peer` is the other end.
+    pub trunk: String,
+    pub peer: String,
+    pub state_dir: PathBuf,
+    pub pin_path: PathBuf,
+    agents: Vec<Child>,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Node {
+    /// A fresh node; fails the test without root.
+    pub fn new() -> Self {
+        enforcer_tests::require_root();
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let tag = format!("{}{}", pid % 100_000, n);
+        let node = Self {
+            netns: format!("enforcer-test-{pid}-{n}"),
+            trunk: format!("et{tag}a"),
+            peer: format!("et{tag}b"),
+            state_dir: std::env::temp_dir().join(format!("enforcer-test-{pid}-{n}")),
+            pin_path: PathBuf::from(format!("/sys/fs/bpf/enforcer-test-{pid}-{n}")),
+            agents: Vec::new(),
+        };
+        ip(&["netns", "add", &node.netns]);
+        // No IPv6 neighbour discovery or MLD chatter on the trunk: tests count every frame.
+        for conf in ["all", "default"] {
+            let knob = format!("net.ipv6.conf.{conf}.disable_ipv6=1");
+            ip(&["netns", "exec", &node.netns, "sysctl", "-qw", &knob]);
+        }
+        ip(&[
+            "-n",
+            &node.netns,
+            "link",
+            "add",
+            &node.trunk,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &node.peer,
+        ]);
+        for link in [&node.trunk, &node.peer, "lo"] {
+            ip(&["-n", &node.netns, "link", "set", link, "up"]);
+        }
+        std::fs::create_dir_all(&node.state_dir).expect("state dir");
+        node
+    }
+
+    /// Writes the state files (JSON) for `state`, each atomically.
+    pub fn write_state(&self, state: &TestState) {
+        self.write_state_in(&self.state_dir, state);
+    }
+
+    /// Writes the state files for `state` into `dir`.
+    pub fn write_state_in(&self, dir: &Path, state: &TestState) {
+        for (file, text) in self.state_files(state) {
+            write_atomically(&dir.join(file), &text);
+        }
+    }
+
+    /// The state files of `state`, by file name.
+    pub fn state_files(&self, state: &TestState) -> [(&'static str, String); 3] {
+        [
+            ("node-config.json", node_config(self, state)),
+            ("security-groups.json", security_groups(state)),
+            ("pods.json", pods(state)),
+        ]
+    }
+
+    /// Starts `enforcer run` in the node's namespace.
+    pub fn start_agent(&mut self) -> u32 {
+        let child = self.enforcer_in_netns(&[
+            "run",
+            "--state",
+            self.state_dir.to_str().expect("utf-8 path"),
+            "--pin-path",
+            self.pin_path.to_str().expect("utf-8 path"),
+            "--metrics-addr",
+            &format!("127.0.0.1:{METRICS_PORT}"),
+        ]);
+        let pid = child.id();
+        self.agents.push(child);
+        pid
+    }
+
+    /// Starts `enforcer ARGS` in the node's namespace, stdout piped.
+    pub fn enforcer_in_netns(&self, args: &[&str]) -> Child {
+        let netns = File::open(format!("/run/netns/{}", self.netns)).expect("open the netns");
+        let mut command = Command::new(enforcer_binary());
+        // Warnings and errors only: the agents' info lines would drown the test output.
+        command
+            .args(args)
+            .stdout(Stdio::piped())
+            .env("RUST_LOG", "warn");
+        // SAFETY: setns is async-signal-safe; the descriptor outlives the spawn.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        command.spawn().expect("spawn enforcer")
+    }
+
+    /// Runs `enforcer ARGS` to completion (outside the namespace); its stdout.
+    pub fn enforcer(&self, args: &[&str]) -> String {
+        let out = Command::new(enforcer_binary())
+            .args(args)
+            .output()
+            .expect("run enforcer");
+        assert!(
+            out.status.success(),
+            "enforcer {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// `kill -9` of the agent started `index`-th.
+    pub fn kill_agent(&mut self, index: usize) {
+        let child = &mut self.agents[index];
+        child.kill().expect("SIGKILL the agent");
+        child.wait().expect("reap the agent");
+    }
+
+    /// SIGTERM to the agent started `index`-th; waits for it to exit successfully.
+    pub fn stop_agent(&mut self, index: usize) {
+        let child = &mut self.agents[index];
+        // SAFETY: plain signal to our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let status = child.wait().expect("reap the agent");
+        assert!(status.success(), "the agent exited with {status}");
+    }
+
+    /// Waits until the agent answers `/readyz` with 200.
+    pub fn wait_ready(&self) {
+        wait_for("the agent to be ready", Duration::from_secs(20), || {
+            self.http_get("/readyz")
+                .is_some_and(|(code, _)| code == 200)
+        });
+    }
+
+    /// `GET path` on the agent's endpoint inside the namespace: status code and body.
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let path = path.to_string();
+        self.in_netns(move || {
+            let mut stream = TcpStream::connect(("127.0.0.1", METRICS_PORT)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).ok()?;
+            let code = response.split(' ').nth(1)?.parse().ok()?;
+            let body = response.split_once("\r\n\r\n")?.1.to_string();
+            Some((code, body))
+        })
+    }
+
+    /// Runs `f` on a thread inside the node's network namespace.
+    pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_in_netns(f)
+            .join()
+            .expect("the thread in the namespace")
+    }
+
+    /// Starts `f` on a thread inside the node's network namespace.
+    pub fn spawn_in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let netns = File::open(format!("/run/netns/{}", self.netns)).expect("open the netns");
+        std::thread::spawn(move || {
+            // SAFETY: moves only this thread into the namespace.
+            let entered = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// Sends `frames` from the peer end, so they arrive on the trunk (ingress).
+    pub fn send_to_trunk(&self, frames: Vec<Vec<u8>>) {
+        let interface = self.peer.clone();
+        self.in_netns(move || {
+            let socket = PacketSocket::open(&interface);
+            for frame in &frames {
+                socket.send(frame);
+            }
+        });
+    }
+
+    /// Packets counted per reason by the pinned programs, summed over CPUs.
+    pub fn counters(&self) -> [u64; enforcer_common::REASONS as usize] {
+        KernelMaps::open_pinned(&self.pin_path)
+            .expect("open the pinned maps")
+            .counters()
+            .expect("read the counters")
+    }
+
+    /// Sends `frames` to the trunk and waits until the counters moved by exactly
+    /// `expected` (reason, count) and nothing else.
+    pub fn expect_verdicts(&self, frames: Vec<Vec<u8>>, expected: &[(Reason, u64)]) {
+        let before = self.counters();
+        self.send_to_trunk(frames);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let after = self.counters();
+            let moved: Vec<(Reason, u64)> = Reason::ALL
+                .iter()
+                .map(|&r| (r, after[r as usize] - before[r as usize]))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            let mut wanted: Vec<(Reason, u64)> = expected.to_vec();
+            wanted.sort_by_key(|(r, _)| *r as u32);
+            if moved == wanted {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected verdicts {wanted:?}, the kernel counted {moved:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// TCX programs attached to the trunk: (ingress, egress) program IDs.
+    pub fn attached(&self) -> (Vec<u32>, Vec<u32>) {
+        let trunk = self.trunk.clone();
+        self.in_netns(move || {
+            use aya::programs::TcAttachType;
+            let ids = |t| enforcer::ebpf::attached_programs(&trunk, t).expect("query TCX");
+            (ids(TcAttachType::Ingress), ids(TcAttachType::Egress))
+        })
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for child in &mut self.agents {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = enforcer::ebpf::uninstall(&self.pin_path);
+        let _ = std::fs::remove_file(enforcer::status::report_path(&self.pin_path));
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// A packet socket bound to one interface of the calling thread's namespace.
+pub struct PacketSocket {
+    fd: libc::c_int,
+    interface: String,
+}
+
+impl PacketSocket {
+    pub fn open(interface: &str) -> Self {
+        // SAFETY: plain socket calls; the descriptor is closed on drop.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let name = std::ffi::CString::new(interface).expect("interface name");
+            let mut address: libc::sockaddr_ll = std::mem::zeroed();
+            address.sll_family = libc::AF_PACKET as u16;
+            address.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+            assert!(address.sll_ifindex > 0, "no interface {interface}");
+            let bound = libc::bind(
+                fd,
+                (&raw const address).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+            Self {
+                fd,
+                interface: interface.to_string(),
+            }
+        }
+    }
+
+    pub fn send(&self, frame: &[u8]) {
+        // SAFETY: the buffer is valid for its length.
+        let sent = unsafe { libc::send(self.fd, frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            sent,
+            frame.len() as isize,
+            "send on {}: {}",
+            self.interface,
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for PacketSocket {
+    fn drop(&mut self) {
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// Polls `done` until it holds, failing the test after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads lines from a child's stdout on a thread, so a test can wait with a deadline.
+pub fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receiver
+}
+
+pub fn write_atomically(path: &Path, text: &str) {
+    let temporary = path.with_extension("tmp~");
+    std::fs::write(&temporary, text).expect("write state file");
+    std::fs::rename(&temporary, path).expect("rename state file");
+}
+
+/// A TCP SYN from [`PEER`] to `pod` port `port`, tagged with the pod's VLAN.
+pub fn syn_to(pod: &TestPod, port: u16, source_port: u16) -> Vec<u8> {
+    frame::ip_frame(
+        Tag::Vlan(pod.vlan),
+        &Ip {
+            src: PEER.into(),
+            dst: pod.ip.into(),
+            l4: L4::Tcp {
+                src: source_port,
+                dst: port,
+                flags: frame::TCP_SYN,
+            },
+        },
+    )
+}
+
+/// The peer's ACK of an established connection to `pod` port `port`.
+pub fn ack_to(pod: &TestPod, port: u16, source_port: u16) -> Vec<u8> {
+    frame::ip_frame(
+        Tag::Vlan(pod.vlan),
+        &Ip {
+            src: PEER.into(),
+            dst: pod.ip.into(),
+            l4: L4::Tcp {
+                src: source_port,
+                dst: port,
+                flags: frame::TCP_ACK,
+            },
+        },
+    )
+}
+
+fn dotted(ip: [u8; 4]) -> String {
+    std::net::Ipv4Addr::from(ip).to_string()
+}
+
+fn node_config(node: &Node, state: &TestState) -> String {
+    serde_json::json!({
+        "apiVersion": "enforcer.sgp.dev/v1alpha1",
+        "kind": "NodeConfig",
+        "metadata": {"name": "node-1"},
+        "spec": {
+            "enforcingMode": state.mode,
+            "trunkInterface": node.trunk,
+            "primaryInterface": "eth0",
+            "primaryIPs": ["10.0.1.10"],
+            "primarySecurityGroups": ["sg-node"],
+            "vpcCidrs": ["10.0.0.0/16"],
+        }
+    })
+    .to_string()
+}
+
+fn security_groups(state: &TestState) -> String {
+    let group = |id: &str, ingress: serde_json::Value| {
+        serde_json::json!({
+            "GroupId": id,
+            "GroupName": id,
+            "Description": "test",
+            "IpPermissions": [ingress],
+            "IpPermissionsEgress": [{
+                "IpProtocol": "-1",
+                "IpRanges": [{"CidrIp": "0.0.0.0/0"}],
+                "Ipv6Ranges": [], "PrefixListIds": [], "UserIdGroupPairs": [],
+            }],
+            "OwnerId": "111122223333",
+            "VpcId": "vpc-0test",
+        })
+    };
+    serde_json::json!({"SecurityGroups": [
+        group("sg-app", serde_json::json!({
+            "IpProtocol": "tcp", "FromPort": state.open_port, "ToPort": state.open_port,
+            "IpRanges": [{"CidrIp": "10.0.0.0/16"}],
+            "Ipv6Ranges": [], "PrefixListIds": [], "UserIdGroupPairs": [],
+        })),
+        group("sg-node", serde_json::json!({
+            "IpProtocol": "-1",
+            "IpRanges": [{"CidrIp": "10.0.0.0/16"}],
+            "Ipv6Ranges": [], "PrefixListIds": [], "UserIdGroupPairs": [],
+        })),
+    ]})
+    .to_string()
+}
+
+fn pods(state: &TestState) -> String {
+    let mut items: Vec<serde_json::Value> = state
+        .pods
+        .iter()
+        .map(|pod| {
+            let eni = serde_json::json!([{
+                "eniId": format!("eni-{:017x}", pod.vlan),
+                "ifAddress": "0a:00:00:00:00:01",
+                "privateIp": dotted(pod.ip),
+                "vlanId": pod.vlan,
+                "subnetCidr": "10.0.1.0/24",
+            }]);
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": pod.name,
+                    "namespace": "default",
+                    "uid": pod.uid,
+                    "labels": {"app": "test"},
+                    "annotations": {"vpc.amazonaws.com/pod-eni": eni.to_string()},
+                },
+                "spec": {"nodeName": "node-1", "serviceAccountName": "default"},
+                "status": {"podIP": dotted(pod.ip)},
+            })
+        })
+        .collect();
+    items.push(serde_json::json!({
+        "apiVersion": "vpcresources.k8s.aws/v1beta1",
+        "kind": "SecurityGroupPolicy",
+        "metadata": {"name": "test", "namespace": "default"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "test"}},
+            "securityGroups": {"groupIds": ["sg-app"]},
+        },
+    }));
+    serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
+}
