@@ -3,6 +3,7 @@
 //! conntrack, fragment, counter and event maps, and alone reads `RULES` and `POD_MODES`.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
@@ -13,8 +14,11 @@ use enforcer_common::{
     PortKey, PortVerdict, REASONS, RuleName, RuleTraffic, Settings,
 };
 
+/// Not preallocated: an update then frees the replaced entry only after an
+/// RCU grace period, so a program holding a reference never sees it torn.
 #[btf_map]
-pub static PODS: HashMap<u16, PodEntry, { MAX_PODS as usize }> = HashMap::new();
+pub static PODS: HashMap<u16, PodEntry, { MAX_PODS as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 #[btf_map]
 pub static PEERS_V4: LpmTrie<PeerKeyV4, PeerClass, { MAX_PEER_PREFIXES as usize }> = LpmTrie::new();
