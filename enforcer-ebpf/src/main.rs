@@ -28,6 +28,14 @@ pub enum Direction {
 
 impl Direction {
     #[inline(always)]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+
+    #[inline(always)]
     pub fn reverse(self) -> Self {
         match self {
             Self::Ingress => Self::Egress,
@@ -53,6 +61,15 @@ fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
     let mut subject = Subject::default();
     let reason = verdict::judge(ctx, direction, ctx.len(), &mut subject);
     observe::record(&subject, reason, direction, ctx.len());
+    // Off unless the agent runs at debug level (it sets AYA_LOG_LEVEL at load):
+    // then the cost is one load of a global.
+    aya_log_ebpf::debug!(
+        ctx,
+        "{} VLAN {}: reason {}",
+        direction.label(),
+        subject.vlan,
+        reason as u32
+    );
     if reason.is_drop() {
         TC_ACT_SHOT
     } else {

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use aya::Ebpf;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpListener;
 
 use crate::compile::{self, CompileError, Compiled};
@@ -34,6 +36,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("reading the programs' log records")]
+    KernelLog(#[source] aya_log::Error),
     #[error("watching the state directory {path}")]
     Watch {
         path: PathBuf,
@@ -70,7 +74,12 @@ pub struct Agent {
     failure: Option<Failure>,
     /// Reloads that applied a state, and that were rejected.
     reloads: (u64, u64),
+    /// The programs' own log records (aya-log), when this process logs at debug level.
+    kernel_log: Option<KernelLog>,
 }
+
+/// Reader of the programs' aya-log records, forwarding them to `log`.
+type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 impl Agent {
     /// Loads the programs over the maps pinned under `pin_path` (creating
@@ -79,6 +88,11 @@ impl Agent {
     /// whatever a previous agent left pinned keeps enforcing.
     pub fn start(state_dir: &Path, pin_path: &Path) -> Result<Self, AgentError> {
         let mut ebpf = crate::ebpf::load_pinned(pin_path)?;
+        let kernel_log = if crate::ebpf::kernel_log_level() == 0 {
+            None
+        } else {
+            Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(AgentError::KernelLog)?)
+        };
         let maps = KernelMaps::take(&mut ebpf)?;
         let mut agent = Self {
             state_dir: state_dir.to_path_buf(),
@@ -89,6 +103,7 @@ impl Agent {
             applied: None,
             failure: None,
             reloads: (0, 0),
+            kernel_log,
         };
         match agent.reload() {
             // The report is how the failure would be told: without it, give up.
@@ -232,6 +247,10 @@ pub async fn run(
             path: state_dir.clone(),
             source,
         })?;
+    let mut agent = agent;
+    if let Some(kernel_log) = agent.kernel_log.take() {
+        tokio::spawn(forward_kernel_log(kernel_log));
+    }
     let agent = Arc::new(Mutex::new(agent));
     if let Some(listener) = metrics {
         tokio::spawn(crate::metrics::serve(listener, agent.clone()));
@@ -331,6 +350,31 @@ pub fn error_text(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// Forwards the programs' log records to `log` as they arrive.
+async fn forward_kernel_log(kernel_log: KernelLog) {
+    // SAFETY: the logger owns its ring buffer's descriptor for as long as the AsyncFd holds it.
+    let registered = unsafe { AsyncFd::register_with_interest(kernel_log, Interest::READABLE) };
+    let mut records = match registered {
+        Ok(records) => records,
+        Err(error) => {
+            log::error!("cannot watch the programs' log records: {error}");
+            return;
+        }
+    };
+    loop {
+        match records.readable_mut().await {
+            Ok(mut ready) => {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+            Err(error) => {
+                log::error!("the programs' log records stopped: {error}");
+                return;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

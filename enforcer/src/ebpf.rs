@@ -36,9 +36,32 @@ pub fn object() -> Result<&'static [u8], Error> {
     }
 }
 
+/// The level of the programs' own log statements (aya-log): debug when this
+/// process logs at debug level, else none, so production pays nothing for them.
+pub fn kernel_log_level() -> u8 {
+    if log::max_level() >= log::LevelFilter::Debug {
+        aya_log::Level::Debug as u8
+    } else {
+        0
+    }
+}
+
+/// A loader for the embedded object with the kernel log level set.
+fn loader<'a>(level: &'a u8) -> EbpfLoader<'a> {
+    let mut loader = EbpfLoader::new();
+    loader.override_global(aya_log::LEVEL, level, true);
+    loader
+}
+
 /// Loads the object with private maps (tests, benchmarks).
 pub fn load() -> Result<Ebpf, Error> {
-    EbpfLoader::new()
+    load_with_kernel_log(kernel_log_level())
+}
+
+/// Loads the object with private maps, its log statements at `level`
+/// (an `aya_log::Level` as `u8`; 0 turns them off).
+pub fn load_with_kernel_log(level: u8) -> Result<Ebpf, Error> {
+    loader(&level)
         .load(object()?)
         .map_err(|e| Error::Ebpf(Box::new(e)))
 }
@@ -66,7 +89,8 @@ fn create_dir(dir: PathBuf) -> Result<(), Error> {
 /// already pinned there (by a previous agent) are reused with their content.
 pub fn load_pinned(pin_path: &Path) -> Result<Ebpf, Error> {
     create_dir(pin_path.join("maps"))?;
-    let mut loader = EbpfLoader::new();
+    let level = kernel_log_level();
+    let mut loader = loader(&level);
     for name in map_names::ALL {
         loader.map_pin_path(name, map_pin(pin_path, name));
     }
