@@ -11,7 +11,7 @@ mod policy;
 mod verdict;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     programs::TcContext,
 };
 
@@ -70,10 +70,12 @@ fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
         subject.vlan,
         reason as u32
     );
+    // A pass hands the frame on (TCX_NEXT / TC_ACT_UNSPEC), so programs
+    // attached after the enforcer on the trunk still run; a drop is final.
     if reason.is_drop() {
         TC_ACT_SHOT
     } else {
-        TC_ACT_OK
+        TC_ACT_UNSPEC
     }
 }
 

@@ -10,7 +10,8 @@ use enforcer::maps::KernelMaps;
 use enforcer::model::{Direction, Model};
 use enforcer_common::Reason;
 
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (TCX_NEXT): the enforcer passes a frame on to what follows it.
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 const TC_ACT_SHOT: u32 = 2;
 
 /// What the kernel did with one frame.
@@ -100,7 +101,7 @@ impl Kernel {
         assert_eq!(counted.len(), 1, "one reason per frame, got {counted:?}");
         let reason = counted[0];
         let passed = match verdict {
-            TC_ACT_OK => true,
+            TC_ACT_UNSPEC => true,
             TC_ACT_SHOT => false,
             other => panic!("unexpected TC verdict {other}"),
         };

@@ -1,5 +1,5 @@
-//! `cargo xtask build-ebpf`: the kernel crate for bpfel-unknown-none with
-//! nightly, build-std and BTF, staged where the `enforcer` build embeds it.
+//! `cargo xtask build-ebpf`: the kernel crates for bpfel-unknown-none with nightly,
+//! build-std and BTF, staged in `target/bpf/` where their loaders pick them up.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,9 +10,20 @@ use crate::command::{run as run_command, workspace_root};
 
 const TARGET: &str = "bpfel-unknown-none";
 
-/// Where `enforcer/build.rs` picks the object up.
-pub fn staged_object() -> PathBuf {
-    workspace_root().join("target/bpf/enforcer-ebpf.o")
+/// The kernel crates: the enforcer's programs and the virtual node's VLAN
+/// and fabric stand-ins.
+const CRATES: [&str; 2] = ["enforcer-ebpf", "testbed-ebpf"];
+
+/// The objects they build: the enforcer's (embedded by `enforcer/build.rs`), the
+/// benchmarks' floor (`tests/src/bin/bench.rs`) and the virtual node's
+/// (`tests/src/testbed.rs`).
+const OBJECTS: [&str; 3] = ["enforcer-ebpf", "enforcer-floor", "testbed-ebpf"];
+
+/// Where the object `name` is staged.
+fn staged_object(name: &str) -> PathBuf {
+    workspace_root()
+        .join("target/bpf")
+        .join(format!("{name}.o"))
 }
 
 pub fn run(release: bool) -> Result<()> {
@@ -26,7 +37,9 @@ pub fn run(release: bool) -> Result<()> {
             "cargo",
             "build",
             "--package",
-            "enforcer-ebpf",
+            CRATES[0],
+            "--package",
+            CRATES[1],
         ])
         .args(["--target", TARGET, "-Z", "build-std=core"])
         .arg("--target-dir")
@@ -46,11 +59,13 @@ pub fn run(release: bool) -> Result<()> {
     }
     run_command(&mut cmd)?;
     let profile = if release { "release" } else { "debug" };
-    let built = target_dir.join(TARGET).join(profile).join("enforcer-ebpf");
-    let staged = staged_object();
-    std::fs::create_dir_all(staged.parent().expect("staged object has a parent"))?;
-    std::fs::copy(&built, &staged)
-        .with_context(|| format!("cannot copy {} to {}", built.display(), staged.display()))?;
-    eprintln!("xtask: eBPF object staged at {}", staged.display());
+    for object in OBJECTS {
+        let built = target_dir.join(TARGET).join(profile).join(object);
+        let staged = staged_object(object);
+        std::fs::create_dir_all(staged.parent().expect("staged object has a parent"))?;
+        std::fs::copy(&built, &staged)
+            .with_context(|| format!("cannot copy {} to {}", built.display(), staged.display()))?;
+        eprintln!("xtask: eBPF object staged at {}", staged.display());
+    }
     Ok(())
 }

@@ -1,9 +1,14 @@
-//! Developer and CI verbs: `cargo xtask setup | build-ebpf | test`.
+//! Developer and CI verbs: `cargo xtask setup | build-ebpf | test | demo | bench`.
 
+mod bench;
 mod build_ebpf;
 mod command;
+mod demo;
 mod setup;
 mod test;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -27,18 +32,44 @@ enum Verb {
     },
     /// Run every test: unit tests, then the privileged integration tests (root, BPF, namespaces).
     Test,
+    /// Build everything, then run the enforcer on a virtual Nitro node (network namespaces,
+    /// VLAN-tagged trunk) and drive real flows in strict, then standard mode (root).
+    Demo {
+        /// State directory to build the node from (default: the bundled example).
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+        /// Only remove what an interrupted or crashed demo or test left behind.
+        #[arg(long)]
+        teardown: bool,
+    },
+    /// Measure the fast path against the floor and by rule count, apply time and map
+    /// memory; writes a JSON report (root).
+    Bench {
+        /// A smoke run (part of `cargo xtask test`): fewer samples.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the report.
+        #[arg(long, value_name = "PATH")]
+        json: PathBuf,
+    },
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<ExitCode> {
     match Cli::parse().command {
-        Verb::Setup => setup::run(),
+        Verb::Setup => setup::run()?,
         Verb::BuildEbpf { release } => {
             setup::run()?;
-            build_ebpf::run(release)
+            build_ebpf::run(release)?
         }
         Verb::Test => {
             setup::run()?;
-            test::run()
+            test::run()?
+        }
+        Verb::Demo { state, teardown } => return demo::run(state.as_deref(), teardown),
+        Verb::Bench { quick, json } => {
+            setup::run()?;
+            bench::run(quick, &json)?
         }
     }
+    Ok(ExitCode::SUCCESS)
 }

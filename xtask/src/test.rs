@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::{Result, bail};
 
 use crate::command::{run as run_command, workspace_root};
-use crate::{build_ebpf, setup};
+use crate::{bench, build_ebpf, setup};
 
 /// Set to `1` to run only the unprivileged tests on a machine without root.
 const SKIP_PRIVILEGED: &str = "ENFORCER_SKIP_PRIVILEGED";
@@ -22,6 +22,8 @@ pub fn run() -> Result<()> {
         "enforcer-tests",
         "--exclude",
         "enforcer-ebpf",
+        "--exclude",
+        "testbed-ebpf",
     ]))?;
     if std::env::var(SKIP_PRIVILEGED).as_deref() == Ok("1") {
         eprintln!("xtask: {SKIP_PRIVILEGED}=1: privileged integration tests NOT run");
@@ -38,5 +40,8 @@ pub fn run() -> Result<()> {
         "enforcer-tests",
         "--",
         "--test-threads=1",
-    ]))
+    ]))?;
+    // A smoke run of the benchmarks: they must run and write their report;
+    // no figure is asserted on a shared machine.
+    bench::run(true, &root.join("target/bench-quick.json"))
 }

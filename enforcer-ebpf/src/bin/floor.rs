@@ -11,7 +11,7 @@
 mod parse;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     btf_maps::HashMap,
     macros::{btf_map, classifier},
     programs::TcContext,
@@ -26,7 +26,7 @@ static FLOOR_PODS: HashMap<u16, PodEntry, { MAX_PODS as usize }> = HashMap::new(
 #[classifier]
 pub fn floor_ingress(ctx: TcContext) -> i32 {
     match floor(&ctx) {
-        Some(()) => TC_ACT_OK,
+        Some(()) => TC_ACT_UNSPEC,
         None => TC_ACT_SHOT,
     }
 }
