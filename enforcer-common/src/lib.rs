@@ -25,7 +25,7 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "FRAGMENTS";
     /// Array of one [`crate::Settings`].
     pub const SETTINGS: &str = "SETTINGS";
-    /// Hash: rule key (rule ID, [`crate::GENERATION_BIT`]) -> [`crate::RuleName`]; the
+    /// Hash: rule ID -> [`crate::RuleName`]; the
     /// kernel never reads it, `flows` and `status` decode rule IDs with it.
     pub const RULES: &str = "RULES";
     /// Hash: [`crate::PodUid`] -> [`crate::EnforcingMode`] as `u8`, each pod's mode as
@@ -33,7 +33,7 @@ pub mod map_names {
     pub const POD_MODES: &str = "POD_MODES";
     /// Per-CPU array indexed by VLAN ID: [`crate::PodTraffic`].
     pub const POD_TRAFFIC: &str = "POD_TRAFFIC";
-    /// Per-CPU hash: rule key -> [`crate::RuleTraffic`] of the flows the rule admitted.
+    /// Per-CPU hash: rule ID -> [`crate::RuleTraffic`] of the flows the rule admitted.
     pub const RULE_TRAFFIC: &str = "RULE_TRAFFIC";
     /// Ring buffer of [`crate::VerdictEvent`].
     pub const EVENTS: &str = "EVENTS";
@@ -87,19 +87,13 @@ pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8192;
 
 /// Capacity of the pod map: every 12-bit VLAN ID a trunk can carry.
 pub const MAX_PODS: u32 = 4096;
-/// Capacity of the rule table and of the per-rule counters (two generations).
+/// Capacity of the rule table and of the per-rule counters (the rules of two states, while one replaces the other).
 pub const MAX_RULES: u32 = 1 << 17;
 /// Size in bytes of the verdict event ring buffer (a power of two of pages).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// Verdict events each CPU may emit per second, and in one burst.
 pub const EVENTS_PER_SECOND: u64 = 2000;
 pub const EVENTS_BURST: u64 = 500;
-
-/// Policy handles, peer classes and rule keys written by one apply carry this
-/// bit set or clear, alternating per apply: the entries of the new policy go
-/// in beside the old, each pod switches with one update of its [`PodEntry`],
-/// then the old generation goes (a policy change is atomic per pod).
-pub const GENERATION_BIT: u32 = 1 << 31;
 
 /// Lowest and highest VLAN ID a branch ENI may use (802.1Q reserves 0 and 4095).
 pub const VLAN_MIN: u16 = 1;
@@ -223,8 +217,6 @@ pub const PORT_KEY_BITS: u32 = 64;
 
 /// [`PortVerdict::flags`]: the flow is not tracked (sg-semantics.md §4).
 pub const VERDICT_UNTRACKED: u32 = 1 << 0;
-/// [`PortVerdict::flags`]: the entry belongs to the generation with [`GENERATION_BIT`] set.
-pub const VERDICT_GENERATION: u32 = 1 << 1;
 
 /// Value of `PORTS`: the flow is allowed; `rule` is the compiler's rule ID of
 /// the lowest-numbered rule allowing it (userspace maps it to group, direction
@@ -234,18 +226,6 @@ pub const VERDICT_GENERATION: u32 = 1 << 1;
 pub struct PortVerdict {
     pub rule: u32,
     pub flags: u32,
-}
-
-impl PortVerdict {
-    /// The rule ID with its generation: the key of `RULES` and `RULE_TRAFFIC`.
-    #[inline(always)]
-    pub const fn rule_key(&self) -> u32 {
-        if self.flags & VERDICT_GENERATION != 0 {
-            self.rule | GENERATION_BIT
-        } else {
-            self.rule
-        }
-    }
 }
 
 /// Key of the address sets: an address (IPv4 as `::ffff:a.b.c.d`) seen by one
@@ -501,7 +481,7 @@ pub struct VerdictEvent {
     pub direction: u8,
     /// [`Reason`] as `u32`.
     pub reason: u32,
-    /// Rule keys (with generation) of the branch and primary rules that
+    /// Rule IDs of the branch and primary rules that
     /// admitted a new flow; 0 otherwise.
     pub rule: u32,
     pub primary_rule: u32,

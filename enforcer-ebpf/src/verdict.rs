@@ -25,7 +25,7 @@ pub struct Subject {
     pub pod: bool,
     /// `packet` holds a parsed IP header.
     pub ip: bool,
-    /// Rule keys ([`PortVerdict::rule_key`]) of the branch and primary rules
+    /// Rule IDs ([`PortVerdict::rule`]) of the branch and primary rules
     /// that allowed a new flow; 0 where none did.
     pub rules: [u32; 2],
 }
@@ -186,7 +186,7 @@ fn judge_flow<F: Frame>(
     if !policy::allowed(branch_policy, packet, peer, &mut branch) {
         return Reason::DropPolicy;
     };
-    rules[0] = branch.rule_key();
+    rules[0] = branch.rule;
     let (primary_rule, untracked) = if primary_policy == NO_POLICY {
         (0, branch.flags & VERDICT_UNTRACKED != 0)
     } else {
@@ -194,7 +194,7 @@ fn judge_flow<F: Frame>(
         if !policy::allowed(primary_policy, packet, peer, &mut primary) {
             return Reason::DropPrimaryPolicy;
         }
-        rules[1] = primary.rule_key();
+        rules[1] = primary.rule;
         (
             primary.rule,
             branch.flags & primary.flags & VERDICT_UNTRACKED != 0,

@@ -142,7 +142,7 @@ impl Agent {
     fn try_reload(&mut self) -> Result<(), AgentError> {
         let mut model = crate::state::load(&self.state_dir)?;
         let modes = pin_modes(&mut model, &self.maps.pod_modes()?);
-        let compiled = compile::compile(&model)?;
+        let compiled = compile::compile_with(&model, Some(self.maps.enforced()?))?;
         self.maps.record_pod_modes(&modes)?;
         let stats = self.maps.apply(&compiled, &model.node)?;
         let trunk = &model.node.trunk_interface;

@@ -150,10 +150,7 @@ impl EventStream {
                     rule.direction.as_str(),
                     rule.index
                 ),
-                None => format!(
-                    "rule {} (replaced since)",
-                    key & !enforcer_common::GENERATION_BIT
-                ),
+                None => format!("rule {key} (replaced since)"),
             }))
         };
         let at = self.clock_offset + Duration::from_nanos(event.timestamp_ns);

@@ -55,7 +55,8 @@ impl Kernel {
 
     /// Replaces the enforced model.
     pub fn apply(&mut self, model: &Model) {
-        self.compiled = compile::compile(model).expect("the model compiles");
+        let enforced = self.maps.enforced().expect("read the maps");
+        self.compiled = compile::compile_with(model, Some(enforced)).expect("the model compiles");
         self.maps
             .apply(&self.compiled, &model.node)
             .expect("apply the compiled model");

@@ -5,7 +5,9 @@ pub mod agent;
 pub mod datapath;
 pub mod matrix;
 pub mod netns;
+pub mod nft;
 pub mod scenario;
+pub mod throughput;
 pub mod traffic;
 pub mod wiring;
 

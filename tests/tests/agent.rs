@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use enforcer::maps::KernelMaps;
-use enforcer_common::{EnforcingMode, GENERATION_BIT, PodEntry, Reason};
+use enforcer_common::{EnforcingMode, PodEntry, Reason};
 use support::{Node, TestPod, TestState, ack_to, syn_to, wait_for};
 
 const OPEN: u16 = 80;
@@ -241,7 +241,7 @@ fn a_state_change_applies_within_a_second_and_keeps_tracked_flows() {
     node.start_agent();
     node.wait_ready();
     node.expect_verdicts(vec![syn_to(&web, OPEN, 41000)], &[(Reason::PassNew, 1)]);
-    let generation = kernel_pods(&node)[&web.vlan].policies[0] & GENERATION_BIT;
+    let handle = kernel_pods(&node)[&web.vlan].policies[0];
 
     let mut changed = state("strict", vec![web.clone()]);
     changed.open_port = CLOSED;
@@ -258,9 +258,8 @@ fn a_state_change_applies_within_a_second_and_keeps_tracked_flows() {
     eprintln!("applied {:?} after the write", written.elapsed());
     let entry = kernel_pods(&node)[&web.vlan];
     assert_ne!(
-        entry.policies[0] & GENERATION_BIT,
-        generation,
-        "the pod switched to the other generation"
+        entry.policies[0], handle,
+        "the changed policy is a new handle the pod switched to"
     );
     node.expect_verdicts(vec![syn_to(&web, OPEN, 41001)], &[(Reason::DropPolicy, 1)]);
     node.expect_verdicts(

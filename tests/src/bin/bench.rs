@@ -16,6 +16,7 @@ use enforcer_common::{POD_HAS_IPV4, PodEntry, Reason};
 use enforcer_tests::frame::{self, Ip, L4, Tag};
 use enforcer_tests::kernel::Kernel;
 use enforcer_tests::random::{Rng, packet_for_rule, scale_model};
+use enforcer_tests::testbed::throughput::{self, Bed, Filter};
 use serde_json::json;
 
 /// The node of the issue: 120 branch pods.
@@ -158,6 +159,140 @@ fn map_memory() -> Result<u64> {
     Ok(total)
 }
 
+/// Packets per second through the trunk per filter: new flows and one established flow.
+struct Throughput {
+    new_flows: Vec<(Filter, f64)>,
+    established: Vec<(Filter, f64)>,
+    repeats: usize,
+    linear_rules: usize,
+    set_elements: usize,
+    /// Spot-check frames the groups allow and deny.
+    spot_checked: (usize, usize),
+}
+
+impl Throughput {
+    fn new_pps(&self, filter: Filter) -> f64 {
+        self.new_flows
+            .iter()
+            .find(|(f, _)| *f == filter)
+            .map_or(0.0, |(_, p)| *p)
+    }
+
+    fn established_pps(&self, filter: Filter) -> f64 {
+        self.established
+            .iter()
+            .find(|(f, _)| *f == filter)
+            .map_or(0.0, |(_, p)| *p)
+    }
+}
+
+fn median_f64(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// The first pod of `model` behind the virtual node's trunk, its traffic judged by nothing,
+/// the enforcer, or its groups as nftables rules; every filter measured in every round, so
+/// that drift on a shared machine hits them all alike.
+fn throughput(rng: &mut Rng, model: &Model, quick: bool) -> Result<Throughput> {
+    let (repeats, duration, pool) = if quick {
+        (3, Duration::from_millis(250), 60_000)
+    } else {
+        (5, Duration::from_secs(1), 200_000)
+    };
+    let (flows, established) = throughput::new_flows(rng, model, pool)?;
+    let checks = throughput::spot_check_frames(rng, model, 100);
+    let mut bed = Bed::build(model)?;
+
+    // The same frames, the same verdicts: the evaluator's, for every filter.
+    let frames: Vec<Vec<u8>> = checks.iter().map(|(f, _)| f.clone()).collect();
+    for filter in Filter::ALL {
+        bed.install(filter)?;
+        bed.forget_flows()?;
+        let delivered = bed.deliveries(&frames);
+        bed.remove(filter)?;
+        let delivered = delivered?;
+        for (frame, allowed) in &checks {
+            let key = throughput::flow_key(frame, 18).context("a spot-check frame's key")?;
+            let expected = *allowed || filter == Filter::Unfiltered;
+            if delivered.contains(&key) != expected {
+                bail!(
+                    "{}: frame {frame:02x?} was {}delivered; the pod's groups {} it",
+                    filter.name(),
+                    if expected { "not " } else { "" },
+                    if *allowed { "allow" } else { "deny" }
+                );
+            }
+        }
+    }
+
+    let mut new_runs: Vec<Vec<f64>> = vec![Vec::new(); Filter::ALL.len()];
+    let mut established_runs: Vec<Vec<f64>> = vec![Vec::new(); Filter::ALL.len()];
+    for _ in 0..repeats {
+        for (i, filter) in Filter::ALL.into_iter().enumerate() {
+            bed.install(filter)?;
+            let measured = (|| -> Result<(f64, f64)> {
+                bed.forget_flows()?;
+                let (tracked_before, new_before) = bed.tracked_counts(filter)?;
+                let run = bed.run(&flows, false, duration)?;
+                let (tracked_after, new_after) = bed.tracked_counts(filter)?;
+                if run.received * 2 < run.sent {
+                    bail!(
+                        "{}: {} of {} new flows arrived",
+                        filter.name(),
+                        run.received,
+                        run.sent
+                    );
+                }
+                if tracked_after != tracked_before
+                    || (filter == Filter::Enforcer && new_after - new_before < run.received)
+                {
+                    bail!(
+                        "{}: {} new flows arrived, judged new {}, tracked {}",
+                        filter.name(),
+                        run.received,
+                        new_after - new_before,
+                        tracked_after - tracked_before
+                    );
+                }
+                bed.forget_flows()?;
+                bed.establish(&established)?;
+                let (tracked_before, _) = bed.tracked_counts(filter)?;
+                let one = bed.run(std::slice::from_ref(&established), true, duration / 2)?;
+                let (tracked_after, _) = bed.tracked_counts(filter)?;
+                if filter != Filter::Unfiltered && tracked_after - tracked_before < one.received {
+                    bail!(
+                        "{}: the established flow was not judged as tracked",
+                        filter.name()
+                    );
+                }
+                Ok((run.pps(), one.pps()))
+            })();
+            bed.remove(filter)?;
+            let (new, est) = measured?;
+            new_runs[i].push(new);
+            established_runs[i].push(est);
+        }
+    }
+    let by_filter = |runs: Vec<Vec<f64>>| -> Vec<(Filter, f64)> {
+        Filter::ALL
+            .into_iter()
+            .zip(runs.into_iter().map(median_f64))
+            .collect()
+    };
+    Ok(Throughput {
+        new_flows: by_filter(new_runs),
+        established: by_filter(established_runs),
+        repeats,
+        linear_rules: bed.linear.rules,
+        set_elements: bed.sets.elements,
+        spot_checked: (
+            checks.iter().filter(|(_, allowed)| *allowed).count(),
+            checks.iter().filter(|(_, allowed)| !*allowed).count(),
+        ),
+    })
+}
+
 fn main() -> Result<()> {
     let options = options()?;
     let samples = if options.quick { 400 } else { 4000 };
@@ -236,13 +371,26 @@ fn main() -> Result<()> {
         incremental.push(started.elapsed());
     }
     let ms = |d: Vec<Duration>| median(d) / 1e6;
+    let tput = throughput(&mut rng, &big, options.quick)?;
     let (full_ms, change_ms) = (ms(full), ms(incremental));
 
     let report = json!({
         "floor_ns": floor,
         "established_ns": established_ns,
         "new_flow_ns": new_flow,
-        "throughput": serde_json::Value::Null,
+        "throughput": {
+            "rules": 960,
+            "unfiltered_pps": tput.new_pps(Filter::Unfiltered),
+            "enforcer_pps": tput.new_pps(Filter::Enforcer),
+            "nft_linear_pps": tput.new_pps(Filter::NftLinear),
+            "nft_sets_pps": tput.new_pps(Filter::NftSets),
+            "established": {
+                "unfiltered_pps": tput.established_pps(Filter::Unfiltered),
+                "enforcer_pps": tput.established_pps(Filter::Enforcer),
+                "nft_linear_pps": tput.established_pps(Filter::NftLinear),
+                "nft_sets_pps": tput.established_pps(Filter::NftSets),
+            },
+        },
         "apply_ms": {"pods": PODS, "rules_per_pod": 960, "full": full_ms, "one_group_change": change_ms},
         "memory_bytes": {"maps": memory},
     });
@@ -263,6 +411,35 @@ fn main() -> Result<()> {
         "apply {PODS} pods x 960 rules: full {full_ms:.0} ms, one shared group changed {change_ms:.0} ms"
     );
     println!("map memory {:.1} MiB", memory as f64 / (1 << 20) as f64);
+    println!(
+        "throughput through the trunk, 960 rules/pod, median of {} (spot check: {} allowed and {} denied frames, same verdicts):",
+        tput.repeats, tput.spot_checked.0, tput.spot_checked.1
+    );
+    println!(
+        "  {:<40} {:>12} {:>14}",
+        "filter", "new flows/s", "established/s"
+    );
+    for filter in Filter::ALL {
+        let label = match filter {
+            Filter::NftLinear => format!("{} ({} rules)", filter.name(), tput.linear_rules),
+            Filter::NftSets => format!("{} ({} elements)", filter.name(), tput.set_elements),
+            _ => filter.name().to_string(),
+        };
+        println!(
+            "  {label:<40} {:>12.0} {:>14.0}",
+            tput.new_pps(filter),
+            tput.established_pps(filter)
+        );
+    }
+    let enforcer_pps = tput.new_pps(Filter::Enforcer);
+    for (filter, target) in [(Filter::NftLinear, 2.0), (Filter::NftSets, 0.95)] {
+        let ratio = enforcer_pps / tput.new_pps(filter);
+        println!(
+            "enforcer / {:<16} new flows {ratio:.2}x (target >= {target}: {})",
+            filter.name(),
+            if ratio >= target { "met" } else { "missed" }
+        );
+    }
     println!("report written to {}", options.json.display());
     Ok(())
 }

@@ -1,0 +1,952 @@
+//! The throughput bench's node: a sender namespace at the VPC's end of the trunk, the node
+//! (trunk `eth1`, the pod's `vlan.eth.N` link from the test bed), and one branch pod behind it.
+//! Tagged frames written with an AF_PACKET socket cross the trunk, the filter under test
+//! (the enforcer on the trunk, or nftables in the node's forward hook), are untagged and
+//! routed to the pod, whose `eth0` counts them. The node addresses them to a MAC the pod
+//! does not have, so the pod drops them silently: no reply loads the path.
+
+use std::collections::HashSet;
+use std::mem::size_of;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use aya::Ebpf;
+use aya::programs::SchedClassifier;
+use aya::programs::tc::SchedClassifierLinkId;
+use enforcer::compile;
+use enforcer::ebpf::CLASSIFIERS;
+use enforcer::eval::{self, L4Packet, L4Query, Query};
+use enforcer::maps::KernelMaps;
+use enforcer::model::{BranchPod, Direction, L4Match, Model, Peer};
+use enforcer_common::Reason;
+
+use super::NAME_PREFIX;
+use super::datapath::Datapath;
+use super::netns::Namespace;
+use super::nft::{self, ESTABLISHED_COUNTER, Layout};
+use super::wiring::{self, Mac};
+use crate::frame::{self, Ip, L4, Tag};
+use crate::random::{Rng, packet_for_rule, random_addr};
+
+/// The node's trunk and primary interface (the model's NodeConfig names are not needed here).
+const TRUNK: &str = "eth1";
+const PRIMARY: &str = "eth0";
+/// The sender's end of the trunk (named by `wiring::node`).
+const SENDER_LINK: &str = wiring::VPC_TRUNK;
+/// Where the node sends the pod's frames: not the pod's MAC, so the pod drops them unanswered.
+const ELSEWHERE: Mac = Mac([0x02, 0x73, 0x67, 8, 0, 0]);
+/// Frames per `sendmmsg`.
+const BATCH: usize = 64;
+/// The nftables table (one per node namespace).
+const TABLE: &str = "sgbench";
+
+/// What filters the trunk's traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    Unfiltered,
+    Enforcer,
+    NftLinear,
+    NftSets,
+}
+
+impl Filter {
+    pub const ALL: [Filter; 4] = [
+        Filter::Unfiltered,
+        Filter::Enforcer,
+        Filter::NftLinear,
+        Filter::NftSets,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Filter::Unfiltered => "unfiltered",
+            Filter::Enforcer => "enforcer",
+            Filter::NftLinear => "nftables linear",
+            Filter::NftSets => "nftables sets",
+        }
+    }
+}
+
+/// One measured run.
+#[derive(Clone, Copy, Debug)]
+pub struct Run {
+    pub sent: u64,
+    pub received: u64,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn pps(&self) -> f64 {
+        self.received as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// The enforcer loaded over a compiled model, attached to the trunk while enforcing.
+struct Enforcer {
+    ebpf: Ebpf,
+    maps: KernelMaps,
+    links: Vec<(&'static str, SchedClassifierLinkId)>,
+}
+
+/// The bench's node; dropping it tears everything down.
+pub struct Bed {
+    sender: Option<Namespace>,
+    node: Option<Namespace>,
+    pod_ns: Option<Namespace>,
+    datapath: Option<Datapath>,
+    enforcer: Option<Enforcer>,
+    pod: BranchPod,
+    link: String,
+    /// The sender's AF_PACKET socket on its end of the trunk.
+    socket: Option<OwnedFd>,
+    /// nftables rulesets by layout, with their sizes.
+    pub linear: nft::Ruleset,
+    pub sets: nft::Ruleset,
+}
+
+impl Bed {
+    /// Builds the node for the model's first pod; the enforcer is loaded with the whole model.
+    pub fn build(model: &Model) -> Result<Self> {
+        static RUNS: AtomicU32 = AtomicU32::new(0);
+        let run = format!(
+            "{NAME_PREFIX}{}-tput{}",
+            std::process::id(),
+            RUNS.fetch_add(1, Ordering::Relaxed)
+        );
+        let pod = model.pods.first().context("the model has no pod")?.clone();
+        let link = wiring::vlan_link(pod.vlan);
+        let mut bed = Self {
+            sender: None,
+            node: None,
+            pod_ns: None,
+            datapath: None,
+            enforcer: None,
+            linear: nft::ruleset(model, &pod, &link, TABLE, Layout::Linear),
+            sets: nft::ruleset(model, &pod, &link, TABLE, Layout::Sets),
+            pod,
+            link,
+            socket: None,
+        };
+        bed.wire(&run)?;
+        bed.enforcer = Some(Enforcer::load(model)?);
+        Ok(bed)
+    }
+
+    fn wire(&mut self, name: &str) -> Result<()> {
+        let run_of = |role: &str| format!("{name}-{role}");
+        let sender = self.sender.insert(Namespace::create(&run_of("sender"))?);
+        sender.sysctl(wiring::COMMON_SYSCTLS)?;
+        let node = self.node.insert(Namespace::create(&run_of("node"))?);
+        node.sysctl(wiring::COMMON_SYSCTLS)?;
+        node.sysctl(wiring::ROUTER_SYSCTLS)?;
+        let pod_ns = self.pod_ns.insert(Namespace::create(&run_of("pod"))?);
+        pod_ns.sysctl(wiring::COMMON_SYSCTLS)?;
+        let sender = self.sender.as_ref().expect("created");
+        let node = self.node.as_ref().expect("created");
+        let pod_ns = self.pod_ns.as_ref().expect("created");
+
+        node.ip(&wiring::node(sender.name(), PRIMARY, TRUNK, &[]))?;
+        node.sysctl(&[(&format!("net.ipv6.conf.{TRUNK}.disable_ipv6"), "1")])?;
+        sender.sysctl(&[(&format!("net.ipv6.conf.{SENDER_LINK}.disable_ipv6"), "1")])?;
+        run(sender
+            .command("ip")
+            .args(["link", "set", SENDER_LINK, "up"]))?;
+        let addresses: Vec<IpAddr> = self.pod.addresses().collect();
+        let host = wiring::host_link("vlan", &self.pod.name);
+        let pod_mac = Mac::parse(&self.pod.mac).context("the pod's MAC")?;
+        node.ip(&wiring::node_side_of_pod(
+            0,
+            pod_ns.name(),
+            &host,
+            pod_mac,
+            &addresses,
+            Some(&self.pod),
+            TRUNK,
+        ))?;
+        pod_ns.ip(&wiring::pod(&addresses, Mac::host_side(0)))?;
+        for addr in &addresses {
+            run(node.command("ip").args([
+                "neigh",
+                "replace",
+                &addr.to_string(),
+                "lladdr",
+                &ELSEWHERE.to_string(),
+                "dev",
+                &host,
+                "nud",
+                "permanent",
+            ]))?;
+        }
+        let mut datapath = Datapath::load()?;
+        datapath.attach_vlan_link(node, &self.link, self.pod.vlan)?;
+        self.datapath = Some(datapath);
+        self.socket = Some(sender.enter(|| packet_socket(SENDER_LINK, 0))??);
+        Ok(())
+    }
+
+    fn sender_fd(&self) -> i32 {
+        self.socket.as_ref().expect("opened at build").as_raw_fd()
+    }
+
+    fn node(&self) -> &Namespace {
+        self.node.as_ref().expect("node namespace")
+    }
+
+    fn pod_ns(&self) -> &Namespace {
+        self.pod_ns.as_ref().expect("pod namespace")
+    }
+
+    /// Puts `filter` on the node (after [`Bed::remove`] of the previous one).
+    pub fn install(&mut self, filter: Filter) -> Result<()> {
+        match filter {
+            Filter::Unfiltered => Ok(()),
+            Filter::Enforcer => {
+                let node = self.node.as_ref().expect("node namespace");
+                self.enforcer
+                    .as_mut()
+                    .expect("loaded at build")
+                    .attach(node)
+            }
+            Filter::NftLinear => nft_load(self.node(), &self.linear.text),
+            Filter::NftSets => nft_load(self.node(), &self.sets.text),
+        }
+    }
+
+    pub fn remove(&mut self, filter: Filter) -> Result<()> {
+        match filter {
+            Filter::Unfiltered => Ok(()),
+            Filter::Enforcer => self.enforcer.as_mut().expect("loaded").detach(),
+            Filter::NftLinear | Filter::NftSets => run(self
+                .node()
+                .command("nft")
+                .args(["delete", "table", "inet", TABLE])),
+        }
+    }
+
+    /// Forgets every tracked flow (the enforcer's and the node's conntrack).
+    pub fn forget_flows(&mut self) -> Result<()> {
+        self.enforcer
+            .as_mut()
+            .expect("loaded")
+            .maps
+            .forget_flows(|_| true)?;
+        self.node().enter(flush_conntrack)?
+    }
+
+    /// What the filter counted as passing tracked flows (enforcer: `PassEstablished`;
+    /// nftables: the established rule), and as new flows allowed (enforcer only).
+    pub fn tracked_counts(&self, filter: Filter) -> Result<(u64, u64)> {
+        match filter {
+            Filter::Unfiltered => Ok((0, 0)),
+            Filter::Enforcer => {
+                let counters = self.enforcer.as_ref().expect("loaded").maps.counters()?;
+                Ok((
+                    counters[Reason::PassEstablished as usize],
+                    counters[Reason::PassNew as usize],
+                ))
+            }
+            Filter::NftLinear | Filter::NftSets => {
+                let out = output(self.node().command("nft").args([
+                    "-j",
+                    "list",
+                    "counter",
+                    "inet",
+                    TABLE,
+                    ESTABLISHED_COUNTER,
+                ]))?;
+                let json: serde_json::Value = serde_json::from_str(&out)?;
+                let packets = json["nftables"]
+                    .as_array()
+                    .and_then(|items| items.iter().find_map(|i| i["counter"]["packets"].as_u64()))
+                    .context("no counter in `nft -j list counter`")?;
+                Ok((packets, 0))
+            }
+        }
+    }
+
+    /// Frames the pod's `eth0` received so far.
+    fn received(&self) -> Result<u64> {
+        let out = output(
+            self.pod_ns()
+                .command("ip")
+                .args(["-s", "-j", "link", "show", "dev", "eth0"]),
+        )?;
+        let json: serde_json::Value = serde_json::from_str(&out)?;
+        json[0]["stats64"]["rx"]["packets"]
+            .as_u64()
+            .context("no rx packets in `ip -s -j link`")
+    }
+
+    /// Sends `frames` (cycling through them if `repeat`) for up to `duration`, on one pinned
+    /// CPU, and counts what reached the pod.
+    pub fn run(&self, frames: &[Vec<u8>], repeat: bool, duration: Duration) -> Result<Run> {
+        let before = self.received()?;
+        let fd = self.sender_fd();
+        let (sent, elapsed) = std::thread::scope(|scope| {
+            scope
+                .spawn(|| send(fd, frames, repeat, duration))
+                .join()
+                .map_err(|_| anyhow::anyhow!("the sender panicked"))?
+        })?;
+        // Delivery is synchronous (softirq on the sender's CPU); leave a moment for a backlog.
+        std::thread::sleep(Duration::from_millis(20));
+        let received = self.received()? - before;
+        Ok(Run {
+            sent,
+            received,
+            elapsed,
+        })
+    }
+
+    /// Sends `frames` one burst and returns those the pod received (by flow key).
+    pub fn deliveries(&self, frames: &[Vec<u8>]) -> Result<HashSet<Vec<u8>>> {
+        let receiver = self.pod_ns().enter(|| packet_socket("eth0", 0x0003))??;
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        // SAFETY: setsockopt with a valid timeval on an open socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                receiver.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("SO_RCVTIMEO");
+        }
+        send(self.sender_fd(), frames, false, Duration::from_secs(5))?;
+        let mut seen = HashSet::new();
+        let mut buf = [0u8; 2048];
+        loop {
+            // SAFETY: a zeroed sockaddr_ll is valid; recvfrom fills it.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: recvfrom into a buffer and address of the sizes given.
+            let n = unsafe {
+                libc::recvfrom(
+                    receiver.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&raw mut from).cast(),
+                    &mut len,
+                )
+            };
+            if n < 0 {
+                break;
+            }
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            if let Some(key) = flow_key(&buf[..n as usize], 14) {
+                seen.insert(key);
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Makes `frame`'s UDP flow established: the pod answers it once.
+    pub fn establish(&self, frame: &[u8]) -> Result<()> {
+        send(
+            self.sender_fd(),
+            &[frame.to_vec()],
+            false,
+            Duration::from_secs(1),
+        )?;
+        let ip = &frame[18..];
+        let (peer, pod) = match ip[0] >> 4 {
+            4 => (
+                IpAddr::from(<[u8; 4]>::try_from(&ip[12..16])?),
+                IpAddr::from(<[u8; 4]>::try_from(&ip[16..20])?),
+            ),
+            _ => bail!("the established flow is IPv4"),
+        };
+        let sport = u16::from_be_bytes([ip[20], ip[21]]);
+        let dport = u16::from_be_bytes([ip[22], ip[23]]);
+        self.pod_ns().enter(|| -> Result<()> {
+            let socket = UdpSocket::bind(SocketAddr::new(pod, dport))?;
+            socket.send_to(b"reply", SocketAddr::new(peer, sport))?;
+            Ok(())
+        })??;
+        std::thread::sleep(Duration::from_millis(20));
+        Ok(())
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.enforcer = None;
+        self.datapath = None;
+        for ns in [self.pod_ns.take(), self.node.take(), self.sender.take()]
+            .into_iter()
+            .flatten()
+        {
+            let name = ns.name().to_string();
+            if let Err(e) = ns.delete() {
+                eprintln!("removing namespace {name}: {e:#}");
+            }
+        }
+    }
+}
+
+impl Enforcer {
+    fn load(model: &Model) -> Result<Self> {
+        let mut ebpf = enforcer::ebpf::load()?;
+        for (name, _) in CLASSIFIERS {
+            classifier(&mut ebpf, name)?.load()?;
+        }
+        let mut maps = KernelMaps::take(&mut ebpf)?;
+        let compiled = compile::compile(model)?;
+        maps.apply(&compiled, &model.node)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            links: Vec::new(),
+        })
+    }
+
+    fn attach(&mut self, node: &Namespace) -> Result<()> {
+        for (name, hook) in CLASSIFIERS {
+            let program = classifier(&mut self.ebpf, name)?;
+            let link = node
+                .enter(|| program.attach(TRUNK, hook))?
+                .with_context(|| format!("attaching {name} to {TRUNK}"))?;
+            self.links.push((name, link));
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self) -> Result<()> {
+        for (name, link) in self.links.drain(..) {
+            classifier(&mut self.ebpf, name)?.detach(link)?;
+        }
+        Ok(())
+    }
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name}"))?
+        .try_into()?)
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    output(command).map(drop)
+}
+
+fn output(command: &mut Command) -> Result<String> {
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn nft_load(node: &Namespace, ruleset: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = node
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting nft")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(ruleset.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft -f refused the ruleset: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .take(8)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// An AF_PACKET socket on `dev` (in the calling thread's namespace); `protocol` 0 only sends.
+fn packet_socket(dev: &str, protocol: u16) -> Result<OwnedFd> {
+    let name = std::ffi::CString::new(dev)?;
+    // SAFETY: a valid C string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("no interface {dev}"));
+    }
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(protocol.to_be()),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("AF_PACKET socket");
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = protocol.to_be();
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: bind with a sockaddr_ll of the size given.
+    if unsafe {
+        libc::bind(
+            fd,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("binding to {dev}"));
+    }
+    let one: i32 = 1;
+    // SAFETY: setsockopt with an int. PACKET_QDISC_BYPASS: straight to the driver.
+    if unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&raw const one).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error()).context("PACKET_QDISC_BYPASS");
+    }
+    Ok(socket)
+}
+
+/// Writes `frames` with `sendmmsg` bursts from a thread pinned to the last CPU, until they
+/// are all sent (`repeat`: cycled) or `duration` is over; returns frames sent and time taken.
+fn send(fd: i32, frames: &[Vec<u8>], repeat: bool, duration: Duration) -> Result<(u64, Duration)> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET on an index below its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpus - 1, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+    let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(BATCH);
+    let mut headers: Vec<libc::mmsghdr> = Vec::with_capacity(BATCH);
+    let started = Instant::now();
+    let mut next = 0usize;
+    let mut sent = 0u64;
+    while started.elapsed() < duration {
+        if next >= frames.len() {
+            if !repeat || frames.is_empty() {
+                break;
+            }
+            next = 0;
+        }
+        let batch = &frames[next..frames.len().min(next + BATCH)];
+        iovecs.clear();
+        iovecs.extend(batch.iter().map(|f| libc::iovec {
+            iov_base: f.as_ptr() as *mut libc::c_void,
+            iov_len: f.len(),
+        }));
+        headers.clear();
+        for iov in &mut iovecs {
+            // SAFETY: zeroed msghdr is valid (no address, no control data).
+            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            header.msg_hdr.msg_iov = iov;
+            header.msg_hdr.msg_iovlen = 1;
+            headers.push(header);
+        }
+        // SAFETY: `headers` point at `iovecs`, which point at live frames.
+        let n = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), headers.len() as u32, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOBUFS) {
+                continue;
+            }
+            return Err(e).context("sendmmsg");
+        }
+        next += n as usize;
+        sent += n as u64;
+    }
+    Ok((sent, started.elapsed()))
+}
+
+/// Deletes every conntrack entry of the calling thread's namespace (ctnetlink
+/// `IPCTNL_MSG_CT_DELETE` without a tuple, as `conntrack -F` does).
+fn flush_conntrack() -> Result<()> {
+    const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+    const IPCTNL_MSG_CT_DELETE: u16 = 2;
+    // SAFETY: plain socket(2); owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_NETFILTER,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("netfilter netlink socket");
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut message = Vec::with_capacity(20);
+    message.extend_from_slice(&20u32.to_ne_bytes());
+    message.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE).to_ne_bytes());
+    message.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+    message.extend_from_slice(&1u32.to_ne_bytes());
+    message.extend_from_slice(&0u32.to_ne_bytes());
+    // nfgenmsg: AF_UNSPEC, version 0, resource 0.
+    message.extend_from_slice(&[0, 0, 0, 0]);
+    // SAFETY: zeroed sockaddr_nl addresses the kernel once its family is set.
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: sendto with a buffer and address of the sizes given.
+    let n = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            message.as_ptr().cast(),
+            message.len(),
+            0,
+            (&raw const kernel).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error()).context("sending the conntrack flush");
+    }
+    let mut reply = [0u8; 256];
+    // SAFETY: recv into a buffer of the size given.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            reply.as_mut_ptr().cast(),
+            reply.len(),
+            0,
+        )
+    };
+    if n < 20 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading the conntrack flush's answer");
+    }
+    let kind = u16::from_ne_bytes([reply[4], reply[5]]);
+    let error = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
+    if kind != libc::NLMSG_ERROR as u16 || error != 0 {
+        bail!(
+            "flushing conntrack: {}",
+            std::io::Error::from_raw_os_error(-error)
+        );
+    }
+    Ok(())
+}
+
+/// Identity of an IP packet starting at `offset` in `frame`: addresses, protocol and the
+/// first 8 bytes of its transport header (ports, or ICMP type, code and id).
+pub fn flow_key(frame: &[u8], offset: usize) -> Option<Vec<u8>> {
+    let ip = frame.get(offset..)?;
+    let (addresses, protocol, l4) = match ip.first()? >> 4 {
+        4 => (ip.get(12..20)?, *ip.get(9)?, ip.get(20..28)?),
+        6 => (ip.get(8..40)?, *ip.get(6)?, ip.get(40..48)?),
+        _ => return None,
+    };
+    let mut key = addresses.to_vec();
+    key.push(protocol);
+    // Skip the checksum of ICMP, which forwarding does not change but keep the key simple.
+    key.extend_from_slice(l4);
+    Some(key)
+}
+
+/// A tagged frame for the pod's VLAN as the VPC sends it on the trunk, with correct
+/// checksums (conntrack drops bad ones to invalid).
+pub fn trunk_frame(pod: &BranchPod, ip: &Ip) -> Vec<u8> {
+    let mut frame = frame::ip_frame(Tag::Vlan(pod.vlan), ip);
+    frame[0..6].copy_from_slice(&Mac::vlan_link(pod.vlan).0);
+    frame[6..12].copy_from_slice(&Mac::VPC_TRUNK.0);
+    let packet = &mut frame[18..];
+    let v6 = packet[0] >> 4 == 6;
+    let (header, protocol, pseudo) = if v6 {
+        let mut pseudo = packet[8..40].to_vec();
+        pseudo.extend_from_slice(&((packet.len() - 40) as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, packet[6]]);
+        (40, packet[6], pseudo)
+    } else {
+        let mut pseudo = packet[12..20].to_vec();
+        pseudo.extend_from_slice(&[0, packet[9]]);
+        pseudo.extend_from_slice(&((packet.len() - 20) as u16).to_be_bytes());
+        (20, packet[9], pseudo)
+    };
+    let at = match protocol {
+        6 => 16,
+        17 => 6,
+        1 => 2,
+        58 => 2,
+        _ => return frame,
+    };
+    let l4 = &mut packet[header..];
+    l4[at] = 0;
+    l4[at + 1] = 0;
+    let mut bytes = if protocol == 1 { Vec::new() } else { pseudo };
+    bytes.extend_from_slice(l4);
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let mut sum = !(sum as u16);
+    if protocol == 17 && sum == 0 {
+        sum = 0xffff;
+    }
+    l4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
+/// A query for the evaluator from an ingress packet.
+fn query(ip: &Ip) -> Query {
+    let l4 = match ip.l4 {
+        L4::Tcp { dst, .. } => L4Packet::tcp(dst),
+        L4::Udp { dst, .. } => L4Packet::udp(dst),
+        L4::Icmp {
+            icmp_type, code, ..
+        } => L4Packet::new(ip.protocol(), 0, icmp_type, code),
+        L4::Other { protocol } => L4Packet::new(protocol, 0, 0, 0),
+    };
+    Query {
+        direction: Direction::Ingress,
+        peer: ip.src,
+        l4: L4Query::Packet(l4),
+    }
+}
+
+/// Whether the pod's groups allow `ip` (arriving for the pod) as a new flow.
+pub fn allowed(model: &Model, pod: &BranchPod, ip: &Ip) -> bool {
+    eval::evaluate(model, pod, &query(ip)).allowed
+}
+
+/// `count` new IPv4 flows to the pod, each its own 5-tuple, each aimed at one of the pod's
+/// ingress rules with an IPv4 peer (TCP and UDP port rules, all-traffic rules as TCP),
+/// rules drawn uniformly, none of it traffic never filtered. The first UDP one is also returned, to be the established flow.
+pub fn new_flows(rng: &mut Rng, model: &Model, count: usize) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
+    let pod = &model.pods[0];
+    let dst = IpAddr::V4(pod.ipv4.context("the pod has IPv4")?);
+    let mut targets: Vec<(Vec<IpAddr>, (u32, u32), L4Match)> = Vec::new();
+    for group in pod.groups.iter().filter_map(|id| model.groups.get(id)) {
+        for rule in &group.ingress {
+            if !matches!(rule.l4, L4Match::All | L4Match::Ports { .. }) {
+                continue;
+            }
+            match &rule.peer {
+                Peer::Cidr(cidr) if cidr.is_ipv4() => {
+                    let IpAddr::V4(base) = cidr.addr() else {
+                        continue;
+                    };
+                    let size = 1u64 << (32 - u32::from(cidr.prefix_len()));
+                    let base = u32::from(base);
+                    targets.push((
+                        Vec::new(),
+                        (base, (u64::from(base) + size - 1) as u32),
+                        rule.l4,
+                    ));
+                }
+                Peer::Group(id) => {
+                    let members: Vec<IpAddr> = model.members[id]
+                        .iter()
+                        .filter(|a| a.is_ipv4())
+                        .copied()
+                        .collect();
+                    if !members.is_empty() {
+                        targets.push((members, (0, 0), rule.l4));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if targets.is_empty() {
+        bail!("the pod has no IPv4 TCP/UDP ingress rule");
+    }
+    let mut seen = HashSet::new();
+    let mut frames = Vec::with_capacity(count);
+    let mut established = None;
+    while frames.len() < count {
+        let (members, (lo, hi), l4) = rng.pick(&targets).clone();
+        let src = if members.is_empty() {
+            IpAddr::V4((lo + rng.below(u64::from(hi - lo) + 1) as u32).into())
+        } else {
+            *rng.pick(&members)
+        };
+        let sport = rng.u16_in(1024, u16::MAX);
+        let l4 = match l4 {
+            L4Match::Ports {
+                protocol: 17,
+                from,
+                to,
+            } => L4::Udp {
+                src: sport,
+                dst: rng.u16_in(from, to),
+            },
+            L4Match::Ports { from, to, .. } => L4::Tcp {
+                src: sport,
+                dst: rng.u16_in(from, to),
+                flags: frame::TCP_SYN,
+            },
+            _ => L4::Tcp {
+                src: sport,
+                dst: rng.u16_in(1, u16::MAX),
+                flags: frame::TCP_SYN,
+            },
+        };
+        let ip = Ip { src, dst, l4 };
+        let (proto, dport) = match l4 {
+            L4::Tcp { dst, .. } => (6, dst),
+            L4::Udp { dst, .. } => (17, dst),
+            _ => unreachable!("TCP or UDP only"),
+        };
+        // Traffic never filtered (peers, DHCP) would not test the rules.
+        if eval::unfiltered(model, pod, &query(&ip)).is_some()
+            || !seen.insert((src, proto, sport, dport))
+        {
+            continue;
+        }
+        // Every flow must be one the enforcer (and the evaluator) allows; a sample proves it.
+        if frames.len() < 1000 && !allowed(model, pod, &ip) {
+            bail!("generated flow {ip:?} is not allowed by the pod's groups");
+        }
+        let frame = trunk_frame(pod, &ip);
+        if proto == 17 && established.is_none() {
+            established = Some(frame.clone());
+        }
+        frames.push(frame);
+    }
+    Ok((
+        frames,
+        established.context("no UDP flow among the generated ones")?,
+    ))
+}
+
+/// Frames for the spot check: about `count` the pod's groups allow (aimed at its rules, both
+/// families, every kind of rule) and `count` they refuse, with the verdict expected of each.
+pub fn spot_check_frames(rng: &mut Rng, model: &Model, count: usize) -> Vec<(Vec<u8>, bool)> {
+    let pod = &model.pods[0];
+    let rules: Vec<_> = pod
+        .groups
+        .iter()
+        .filter_map(|id| model.groups.get(id))
+        .flat_map(|g| g.ingress.iter())
+        .collect();
+    let mut keys = HashSet::new();
+    let mut out: Vec<(Vec<u8>, bool)> = Vec::new();
+    let (mut allowed_count, mut denied_count) = (0, 0);
+    let mut attempts = 0;
+    while (allowed_count < count || denied_count < count) && attempts < 100 * count {
+        attempts += 1;
+        let candidate = if allowed_count < count && rng.chance(50) {
+            {
+                let rule = *rng.pick(&rules);
+                packet_for_rule(rng, model, rule)
+            }
+        } else {
+            let v6 = rng.chance(30);
+            // Near the rules' peers (mostly allowed: the groups are wide), or in the
+            // documentation ranges no rule names (denied).
+            let peer = match (rng.chance(50), v6) {
+                (true, _) => random_addr(rng, v6),
+                (false, false) => IpAddr::V4(Ipv4Addr::new(192, 0, 2, rng.below(256) as u8)),
+                (false, true) => IpAddr::V6(Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    rng.below(65536) as u16,
+                )),
+            };
+            let l4 = match rng.below(4) {
+                0 => L4::Tcp {
+                    src: rng.u16_in(1024, u16::MAX),
+                    dst: rng.next_u64() as u16,
+                    flags: frame::TCP_SYN,
+                },
+                1 => L4::Udp {
+                    src: rng.u16_in(1024, u16::MAX),
+                    dst: rng.next_u64() as u16,
+                },
+                2 => L4::Icmp {
+                    icmp_type: *rng.pick(&[0u8, 3, 8, 11, 128, 129, 1]),
+                    code: rng.below(4) as u8,
+                    id: rng.next_u64() as u16,
+                },
+                _ => L4::Other {
+                    protocol: *rng.pick(&[50u8, 47, 132, 4]),
+                },
+            };
+            Some((peer, l4))
+        };
+        let Some((peer, l4)) = candidate else {
+            continue;
+        };
+        let dst = match peer {
+            IpAddr::V4(_) => pod.ipv4.map(IpAddr::V4),
+            IpAddr::V6(_) => pod.ipv6.map(IpAddr::V6),
+        };
+        let Some(dst) = dst else { continue };
+        // Multicast, link-local and unspecified sources are not forwarded by any node.
+        if !routable(peer) {
+            continue;
+        }
+        let ip = Ip { src: peer, dst, l4 };
+        let expected = allowed(model, pod, &ip);
+        if (expected && allowed_count >= count) || (!expected && denied_count >= count) {
+            continue;
+        }
+        let frame = trunk_frame(pod, &ip);
+        let Some(key) = flow_key(&frame, 18) else {
+            continue;
+        };
+        if !keys.insert(key) {
+            continue;
+        }
+        if expected {
+            allowed_count += 1;
+        } else {
+            denied_count += 1;
+        }
+        out.push((frame, expected));
+    }
+    out
+}
+
+fn routable(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => {
+            !(a.is_multicast() || a.is_unspecified() || a.is_broadcast() || a.is_loopback())
+                && a.octets()[0] != 0
+        }
+        IpAddr::V6(a) => {
+            !(a.is_multicast() || a.is_unspecified() || a.is_loopback())
+                && (a.segments()[0] & 0xffc0) != 0xfe80
+        }
+    }
+}
