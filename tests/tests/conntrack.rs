@@ -245,6 +245,23 @@ impl Ct {
         );
     }
 
+    /// Sends each allowed new flow and checks that it is tracked or not, as
+    /// the evaluator says and the conntrack map shows.
+    fn assert_tracking(&self, what: &str, vlan: u16, cases: &[(Direction, Ip, bool)]) {
+        for (direction, ip, untracked) in cases {
+            let e = self.evaluate(vlan, *direction, ip);
+            assert!(e.allowed, "{ip:?}");
+            assert_eq!(e.untracked, *untracked, "oracle on {ip:?}");
+            self.send(what, vlan, *direction, ip, Reason::PassNew);
+            let entry = self.entry(&ct_key(vlan, *direction, ip));
+            assert_eq!(
+                entry.is_none(),
+                *untracked,
+                "entry of {direction:?} {ip:?}: {entry:?}"
+            );
+        }
+    }
+
     fn flows(&self) -> Vec<(CtKey, CtEntry)> {
         self.kernel.maps.flows().expect("read conntrack")
     }
@@ -852,18 +869,7 @@ fn flows_allowed_from_everywhere_with_the_reverse_all_open_are_untracked() {
         (Egress, icmp(C, SERVER, 8, 1), false),
         (Egress, other(C, SERVER, 47), false),
     ];
-    for (direction, ip, untracked) in cases {
-        let e = ct.evaluate(C_VLAN, direction, &ip);
-        assert!(e.allowed, "{ip:?}");
-        assert_eq!(e.untracked, untracked, "oracle on {ip:?}");
-        ct.send("C's flow", C_VLAN, direction, &ip, Reason::PassNew);
-        let entry = ct.entry(&ct_key(C_VLAN, direction, &ip));
-        assert_eq!(
-            entry.is_none(),
-            untracked,
-            "entry of {direction:?} {ip:?}: {entry:?}"
-        );
-    }
+    ct.assert_tracking("C's flow", C_VLAN, &cases);
     assert_eq!(ct.vlan_flows(C_VLAN), 2);
     // The untracked flow's next packet is judged (and allowed) again, still without an entry.
     let answer = tcp(C, 443, CLIENT, 50000, TCP_SYN | TCP_ACK);
@@ -883,18 +889,7 @@ fn untracked_needs_the_reverse_direction_open_on_all_ports() {
         // Ingress opens no UDP: tracked.
         (Egress, udp(D, 5000, SERVER, 53), false),
     ];
-    for (direction, ip, untracked) in cases {
-        let e = ct.evaluate(D_VLAN, direction, &ip);
-        assert!(e.allowed, "{ip:?}");
-        assert_eq!(e.untracked, untracked, "oracle on {ip:?}");
-        ct.send("D's flow", D_VLAN, direction, &ip, Reason::PassNew);
-        let entry = ct.entry(&ct_key(D_VLAN, direction, &ip));
-        assert_eq!(
-            entry.is_none(),
-            untracked,
-            "entry of {direction:?} {ip:?}: {entry:?}"
-        );
-    }
+    ct.assert_tracking("D's flow", D_VLAN, &cases);
     assert_eq!(ct.vlan_flows(D_VLAN), 2);
 }
 
