@@ -158,6 +158,46 @@ impl Ip {
     }
 }
 
+/// A TCP packet from `src`:`sport` to `dst`:`dport` with `flags`.
+pub fn tcp(
+    src: impl Into<IpAddr>,
+    sport: u16,
+    dst: impl Into<IpAddr>,
+    dport: u16,
+    flags: u8,
+) -> Ip {
+    Ip {
+        src: src.into(),
+        dst: dst.into(),
+        l4: L4::Tcp {
+            src: sport,
+            dst: dport,
+            flags,
+        },
+    }
+}
+
+/// A UDP datagram from `src`:`sport` to `dst`:`dport`.
+pub fn udp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Ip {
+    Ip {
+        src: src.into(),
+        dst: dst.into(),
+        l4: L4::Udp {
+            src: sport,
+            dst: dport,
+        },
+    }
+}
+
+/// A packet of any other IP protocol.
+pub fn other(src: impl Into<IpAddr>, dst: impl Into<IpAddr>, protocol: u8) -> Ip {
+    Ip {
+        src: src.into(),
+        dst: dst.into(),
+        l4: L4::Other { protocol },
+    }
+}
+
 /// How the frame carries its VLAN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tag {

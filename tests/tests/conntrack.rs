@@ -14,7 +14,9 @@ use enforcer::model::{
     Rule, SecurityGroup, UnknownVlanAction,
 };
 use enforcer_common::{CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, Reason, ct_flag, ct_state};
-use enforcer_tests::frame::{self, Fragment, Ip, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tag};
+use enforcer_tests::frame::{
+    self, Fragment, Ip, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tag, other, tcp, udp,
+};
 use enforcer_tests::kernel::Kernel;
 use enforcer_tests::oracle::{ct_key, l4_packet};
 
@@ -171,29 +173,6 @@ fn model() -> Model {
     }
 }
 
-fn tcp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16, flags: u8) -> Ip {
-    Ip {
-        src: src.into(),
-        dst: dst.into(),
-        l4: L4::Tcp {
-            src: sport,
-            dst: dport,
-            flags,
-        },
-    }
-}
-
-fn udp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Ip {
-    Ip {
-        src: src.into(),
-        dst: dst.into(),
-        l4: L4::Udp {
-            src: sport,
-            dst: dport,
-        },
-    }
-}
-
 fn icmp(src: impl Into<IpAddr>, dst: impl Into<IpAddr>, icmp_type: u8, id: u16) -> Ip {
     Ip {
         src: src.into(),
@@ -203,14 +182,6 @@ fn icmp(src: impl Into<IpAddr>, dst: impl Into<IpAddr>, icmp_type: u8, id: u16) 
             code: 0,
             id,
         },
-    }
-}
-
-fn other(src: impl Into<IpAddr>, dst: impl Into<IpAddr>, protocol: u8) -> Ip {
-    Ip {
-        src: src.into(),
-        dst: dst.into(),
-        l4: L4::Other { protocol },
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use enforcer::eval::{self, Evaluation, L4Query, Query, Refused, RuleRef};
 use enforcer::model::{BranchPod, Direction, EnforcingMode, Model, UnknownVlanAction};
 use enforcer_common::{CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, Reason, ct_state};
-use enforcer_tests::frame::{self, Ip, L4, Tag};
+use enforcer_tests::frame::{self, Ip, L4, Tag, other, udp};
 use enforcer_tests::kernel::Kernel;
 use enforcer_tests::oracle::{ct_key, l4_packet};
 
@@ -74,27 +74,9 @@ fn node_out(index: usize) -> RuleRef {
     rule(SG_NODE, Direction::Egress, index)
 }
 
+/// A TCP SYN: the first packet of a connection.
 fn tcp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Ip {
-    Ip {
-        src: src.into(),
-        dst: dst.into(),
-        l4: L4::Tcp {
-            src: sport,
-            dst: dport,
-            flags: frame::TCP_SYN,
-        },
-    }
-}
-
-fn udp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Ip {
-    Ip {
-        src: src.into(),
-        dst: dst.into(),
-        l4: L4::Udp {
-            src: sport,
-            dst: dport,
-        },
-    }
+    frame::tcp(src, sport, dst, dport, frame::TCP_SYN)
 }
 
 fn echo_request(src: impl Into<IpAddr>, dst: impl Into<IpAddr>, id: u16) -> Ip {
@@ -107,14 +89,6 @@ fn echo_request(src: impl Into<IpAddr>, dst: impl Into<IpAddr>, id: u16) -> Ip {
             code: 0,
             id,
         },
-    }
-}
-
-fn other(src: impl Into<IpAddr>, dst: impl Into<IpAddr>, protocol: u8) -> Ip {
-    Ip {
-        src: src.into(),
-        dst: dst.into(),
-        l4: L4::Other { protocol },
     }
 }
 
