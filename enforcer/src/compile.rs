@@ -1040,31 +1040,32 @@ fn clear_after(bytes: &mut [u8], keep: u32) {
     }
 }
 
+/// A peer key's policy and address with every bit after the first `bits` cleared.
+fn masked_peer<const N: usize>(policy: [u8; 4], addr: [u8; N], bits: u32) -> ([u8; 4], [u8; N]) {
+    // Room for an IPv6 key; no allocation on this path of the compiler.
+    let mut b = [0u8; 20];
+    b[..4].copy_from_slice(&policy);
+    b[4..4 + N].copy_from_slice(&addr);
+    clear_after(&mut b[..4 + N], bits);
+    (
+        std::array::from_fn(|i| b[i]),
+        std::array::from_fn(|i| b[4 + i]),
+    )
+}
+
 impl LpmData for PeerKeyV4 {
     const BITS: u32 = 64;
     fn masked(&self, bits: u32) -> Self {
-        let mut b = [0u8; 8];
-        b[..4].copy_from_slice(&self.policy);
-        b[4..].copy_from_slice(&self.addr);
-        clear_after(&mut b, bits);
-        Self {
-            policy: std::array::from_fn(|i| b[i]),
-            addr: std::array::from_fn(|i| b[4 + i]),
-        }
+        let (policy, addr) = masked_peer(self.policy, self.addr, bits);
+        Self { policy, addr }
     }
 }
 
 impl LpmData for PeerKeyV6 {
     const BITS: u32 = 160;
     fn masked(&self, bits: u32) -> Self {
-        let mut b = [0u8; 20];
-        b[..4].copy_from_slice(&self.policy);
-        b[4..].copy_from_slice(&self.addr);
-        clear_after(&mut b, bits);
-        Self {
-            policy: std::array::from_fn(|i| b[i]),
-            addr: std::array::from_fn(|i| b[4 + i]),
-        }
+        let (policy, addr) = masked_peer(self.policy, self.addr, bits);
+        Self { policy, addr }
     }
 }
 

@@ -54,28 +54,13 @@ impl Namespace {
 
     /// Runs `ip OPTIONS -batch -` on `commands` (one per line).
     fn ip_batch(&self, options: &[&str], commands: &str) -> Result<()> {
-        let mut child = Command::new("ip")
-            .args(options)
-            .args(["-n", &self.name, "-batch", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting `ip -batch` (iproute2)")?;
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(commands.as_bytes())
-            .context("writing to `ip -batch`")?;
-        let out = child
-            .wait_with_output()
-            .context("waiting for `ip -batch`")?;
-        if !out.status.success() {
+        let mut ip = Command::new("ip");
+        ip.args(options).args(["-n", &self.name, "-batch", "-"]);
+        if let Err(stderr) = run_with_input(ip, commands)? {
             bail!(
                 "`ip -n {} -batch` failed: {}\ncommands:\n{commands}",
                 self.name,
-                String::from_utf8_lossy(&out.stderr).trim()
+                stderr.trim()
             );
         }
         Ok(())
@@ -206,4 +191,30 @@ fn run(command: &mut Command) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs `command` with `input` on its standard input: `Ok(Err(stderr))` when
+/// it ran and failed, `Err` when it could not be run.
+pub fn run_with_input(mut command: Command, input: &str) -> Result<Result<(), String>> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{program}`"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())
+        .with_context(|| format!("writing to `{program}`"))?;
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for `{program}`"))?;
+    Ok(if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    })
 }

@@ -458,29 +458,12 @@ fn output(command: &mut Command) -> Result<String> {
 }
 
 fn nft_load(node: &Namespace, ruleset: &str) -> Result<()> {
-    use std::io::Write as _;
-    let mut child = node
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting nft")?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(ruleset.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
+    let mut nft = node.command("nft");
+    nft.args(["-f", "-"]);
+    if let Err(stderr) = super::netns::run_with_input(nft, ruleset)? {
         bail!(
             "nft -f refused the ruleset: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .take(8)
-                .collect::<Vec<_>>()
-                .join("\n")
+            stderr.lines().take(8).collect::<Vec<_>>().join("\n")
         );
     }
     Ok(())

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use enforcer::maps::KernelMaps;
 use enforcer_common::Reason;
-use enforcer_tests::frame::{self, Ip, L4, Tag};
+use enforcer_tests::frame::{self, Tag};
 
 /// The agent's metrics endpoint inside the node's namespace.
 pub const METRICS_PORT: u16 = 9464;
@@ -440,34 +440,17 @@ pub fn write_atomically(path: &Path, text: &str) {
 
 /// A TCP SYN from [`PEER`] to `pod` port `port`, tagged with the pod's VLAN.
 pub fn syn_to(pod: &TestPod, port: u16, source_port: u16) -> Vec<u8> {
-    frame::ip_frame(
-        Tag::Vlan(pod.vlan),
-        &Ip {
-            src: PEER.into(),
-            dst: pod.ip.into(),
-            l4: L4::Tcp {
-                src: source_port,
-                dst: port,
-                flags: frame::TCP_SYN,
-            },
-        },
-    )
+    tcp_to(pod, port, source_port, frame::TCP_SYN)
 }
 
 /// The peer's ACK of an established connection to `pod` port `port`.
 pub fn ack_to(pod: &TestPod, port: u16, source_port: u16) -> Vec<u8> {
-    frame::ip_frame(
-        Tag::Vlan(pod.vlan),
-        &Ip {
-            src: PEER.into(),
-            dst: pod.ip.into(),
-            l4: L4::Tcp {
-                src: source_port,
-                dst: port,
-                flags: frame::TCP_ACK,
-            },
-        },
-    )
+    tcp_to(pod, port, source_port, frame::TCP_ACK)
+}
+
+fn tcp_to(pod: &TestPod, port: u16, source_port: u16, flags: u8) -> Vec<u8> {
+    let ip = frame::tcp(PEER, source_port, pod.ip, port, flags);
+    frame::ip_frame(Tag::Vlan(pod.vlan), &ip)
 }
 
 fn dotted(ip: [u8; 4]) -> String {
