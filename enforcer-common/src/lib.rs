@@ -3,17 +3,113 @@
 //! Nothing here parses or decides; it only fixes the layout.
 #![no_std]
 
+/// Longest-prefix match in hash maps by binary search on prefix lengths
+/// (Waldvogel et al., "Scalable High Speed IP Routing Lookups", SIGCOMM 1997).
+///
+/// A table's entries sit at a fixed grid of lengths (a prefix between two grid
+/// lengths is expanded to the next). A lookup probes the grid as a perfect
+/// binary search tree: a hit goes on to longer lengths, a miss to shorter
+/// ones, and the answer is the last hit's value. Userspace puts a marker on
+/// each entry's search path (so the search turns towards it) and stores in
+/// every entry and marker the value of the longest prefix covering it. A
+/// lookup therefore costs exactly `DEPTH` hash probes, whatever the number of
+/// rules, prefixes or policies: the point of the design.
+pub mod lengths {
+    /// A grid of 2^`DEPTH` - 1 ascending prefix lengths.
+    pub trait Grid {
+        /// Probes per lookup.
+        const DEPTH: u32;
+        /// The length of rank `rank` (`0..2^DEPTH - 1`).
+        fn length(rank: u32) -> u8;
+    }
+
+    /// IPv4 peers: 4, 6, ..., 32 (4 probes).
+    pub struct PeerV4;
+    impl Grid for PeerV4 {
+        const DEPTH: u32 = 4;
+        #[inline(always)]
+        fn length(rank: u32) -> u8 {
+            (4 + 2 * rank) as u8
+        }
+    }
+
+    /// IPv6 peers: 8, 12, ..., 128 (5 probes).
+    pub struct PeerV6;
+    impl Grid for PeerV6 {
+        const DEPTH: u32 = 5;
+        #[inline(always)]
+        fn length(rank: u32) -> u8 {
+            (8 + 4 * rank) as u8
+        }
+    }
+
+    /// (protocol, port) words: every protocol (0), one protocol (8), port
+    /// blocks of 2^14 ports (10) to single ports (24) by one bit, except
+    /// 21 and 23 (4 probes). ICMP types (16) and codes (24) are on the grid.
+    pub struct Port;
+    impl Grid for Port {
+        const DEPTH: u32 = 4;
+        #[inline(always)]
+        fn length(rank: u32) -> u8 {
+            match rank {
+                0 => 0,
+                1 => 8,
+                13 => 22,
+                14 => 24,
+                rank => 8 + rank as u8,
+            }
+        }
+    }
+
+    /// The longest match: `probe(len)` looks the key cut at `len` up; the value
+    /// of the last hit, if any. Always `G::DEPTH` probes.
+    #[inline(always)]
+    pub fn search<G: Grid, V>(mut probe: impl FnMut(u8) -> Option<V>) -> Option<V> {
+        let mut step = 1u32 << (G::DEPTH - 1);
+        let mut rank = step - 1;
+        let mut best = None;
+        for _ in 0..G::DEPTH {
+            step >>= 1;
+            match probe(G::length(rank)) {
+                Some(value) => {
+                    best = Some(value);
+                    rank += step;
+                }
+                None => rank -= step,
+            }
+        }
+        best
+    }
+
+    /// The top `len` bits of a `width`-bit word (`len <= width <= 32`).
+    #[inline(always)]
+    pub fn mask32(len: u8, width: u32) -> u32 {
+        let low = (width - u32::from(len)) as u64;
+        ((u64::from(u32::MAX) >> (32 - width)) & !((1u64 << low) - 1)) as u32
+    }
+
+    /// The top `len` bits of a 64-bit word (`len <= 64`).
+    #[inline(always)]
+    pub fn mask64(len: u8) -> u64 {
+        if len == 0 {
+            0
+        } else {
+            u64::MAX << (64 - u32::from(len))
+        }
+    }
+}
+
 /// Names of the maps in the eBPF object; also their file names under the pin path.
 pub mod map_names {
     /// VLAN ID -> [`crate::PodEntry`].
     pub const PODS: &str = "PODS";
     /// Per-CPU packet counters indexed by [`crate::Reason`].
     pub const COUNTERS: &str = "COUNTERS";
-    /// LPM trie: (policy, IPv4 peer prefix) -> [`crate::PeerClass`].
+    /// Hash: [`crate::PeerKeyV4`] (policy, IPv4 peer prefix) -> [`crate::PeerClass`], see [`crate::lengths`].
     pub const PEERS_V4: &str = "PEERS_V4";
-    /// LPM trie: (policy, IPv6 peer prefix) -> [`crate::PeerClass`].
+    /// Hash: [`crate::PeerKeyV6`] (policy, IPv6 peer prefix) -> [`crate::PeerClass`].
     pub const PEERS_V6: &str = "PEERS_V6";
-    /// LPM trie: (peer class, protocol, port prefix) -> [`crate::PortVerdict`].
+    /// Hash: [`crate::PortKey`] (peer class, protocol and port prefix) -> [`crate::PortVerdict`].
     pub const PORTS: &str = "PORTS";
     /// Hash: [`crate::AddrKey`] -> `u8`, peers security groups never filter (sg-semantics.md §5).
     pub const UNFILTERED: &str = "UNFILTERED";
@@ -76,10 +172,10 @@ pub mod ct_timeouts {
 
 /// Capacity of the connection tracker (LRU: the oldest idle flow goes first).
 pub const MAX_FLOWS: u32 = 262_144;
-/// Capacity of each peer trie (prefixes of all policies).
-pub const MAX_PEER_PREFIXES: u32 = 1 << 20;
-/// Capacity of the port trie (entries of all peer classes).
-pub const MAX_PORT_ENTRIES: u32 = 1 << 20;
+/// Capacity of each peer map (entries of all policies, markers included).
+pub const MAX_PEER_ENTRIES: u32 = 1 << 21;
+/// Capacity of the port map (entries of all peer classes, markers included).
+pub const MAX_PORT_ENTRIES: u32 = 1 << 21;
 /// Capacity of the address sets (`UNFILTERED`, `NODE_LOCAL`).
 pub const MAX_ADDRESSES: u32 = 65_536;
 /// Capacity of the fragment table.
@@ -172,61 +268,135 @@ impl PodEntry {
 /// The first 12 bytes of an IPv4-mapped IPv6 address.
 pub const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 
-/// Data of a `PEERS_V4` LPM key. Fields are big-endian bytes so that the
-/// trie's bit order is policy first, then address: the key's prefix length is
-/// `32 + cidr prefix length`.
+/// Key of `PEERS_V4`: a policy's IPv4 peer prefix, at one length of
+/// [`lengths::PeerV4`], the bits after `len` zero (see [`lengths`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerKeyV4 {
-    pub policy: [u8; 4],
+    pub policy: u32,
+    pub len: u8,
+    pub _pad: [u8; 3],
     pub addr: [u8; 4],
 }
 
-/// Data of a `PEERS_V6` LPM key; prefix length `32 + cidr prefix length`.
+impl PeerKeyV4 {
+    /// The key probing `addr` at prefix length `len` in `policy`.
+    #[inline(always)]
+    pub fn new(policy: u32, addr: [u8; 4], len: u8) -> Self {
+        let masked = u32::from_be_bytes(addr) & lengths::mask32(len, 32);
+        Self {
+            policy,
+            len,
+            _pad: [0; 3],
+            addr: masked.to_be_bytes(),
+        }
+    }
+}
+
+/// Key of `PEERS_V6`: as [`PeerKeyV4`], lengths of [`lengths::PeerV6`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerKeyV6 {
-    pub policy: [u8; 4],
+    pub policy: u32,
+    pub len: u8,
+    pub _pad: [u8; 3],
     pub addr: [u8; 16],
 }
 
-/// Value of the peer tries: the set of rules whose peer contains the address
+impl PeerKeyV6 {
+    /// The key probing `addr` at prefix length `len` in `policy`.
+    #[inline(always)]
+    pub fn new(policy: u32, addr: &[u8; 16], len: u8) -> Self {
+        let [
+            a0,
+            a1,
+            a2,
+            a3,
+            a4,
+            a5,
+            a6,
+            a7,
+            b0,
+            b1,
+            b2,
+            b3,
+            b4,
+            b5,
+            b6,
+            b7,
+        ] = *addr;
+        let high = u64::from_be_bytes([a0, a1, a2, a3, a4, a5, a6, a7]);
+        let low = u64::from_be_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
+        let high = high & lengths::mask64(len.min(64));
+        let low = low & lengths::mask64(len.saturating_sub(64));
+        let mut masked = [0u8; 16];
+        masked[..8].copy_from_slice(&high.to_be_bytes());
+        masked[8..].copy_from_slice(&low.to_be_bytes());
+        Self {
+            policy,
+            len,
+            _pad: [0; 3],
+            addr: masked,
+        }
+    }
+}
+
+/// Value of the peer maps: the set of rules whose peer contains the address
 /// (every covering prefix folded in), named by a class shared by all
-/// prefixes, policies and families with the same rule set.
+/// prefixes, policies and families with the same rule set; [`NO_CLASS`]: none.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerClass {
     pub class: u32,
 }
 
-/// Data of a `PORTS` LPM key, big-endian bytes: class (32 bits), protocol (8),
-/// then the destination port or, for ICMP/ICMPv6, `[type, code]` (16).
-/// Prefix length 32 matches every protocol, 40 one protocol, 40 + n a port
-/// block or ICMP type (48) or type and code (56). Lookups use 64 with `_pad` 0.
+/// [`PeerClass::class`] of an address no rule's peer contains.
+pub const NO_CLASS: u32 = 0;
+
+/// Key of `PORTS`: a class's (protocol, port) prefix at one length of
+/// [`lengths::Port`]. `len` counts bits of the 24-bit word protocol (8) then
+/// destination port, or ICMP/ICMPv6 `[type, code]` (16): 0 matches every
+/// protocol, 8 one protocol, more a port block, an ICMP type (16) or type and
+/// code (24). The bits after `len` are zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortKey {
-    pub class: [u8; 4],
+    pub class: u32,
+    pub len: u8,
     pub protocol: u8,
     pub port: [u8; 2],
-    pub _pad: u8,
 }
 
-/// Prefix length of a full `PORTS` lookup key.
-pub const PORT_KEY_BITS: u32 = 64;
+impl PortKey {
+    /// The key probing (`protocol`, `port`) at length `len` in `class`; for
+    /// ICMP, `port` is `[type, code]` as a big-endian `u16`.
+    #[inline(always)]
+    pub fn new(class: u32, protocol: u8, port: u16, len: u8) -> Self {
+        let word = ((u32::from(protocol) << 16) | u32::from(port)) & lengths::mask32(len, 24);
+        Self {
+            class,
+            len,
+            protocol: (word >> 16) as u8,
+            port: (word as u16).to_be_bytes(),
+        }
+    }
+}
 
 /// [`PortVerdict::flags`]: the flow is not tracked (sg-semantics.md §4).
 pub const VERDICT_UNTRACKED: u32 = 1 << 0;
 
 /// Value of `PORTS`: the flow is allowed; `rule` is the compiler's rule ID of
 /// the lowest-numbered rule allowing it (userspace maps it to group, direction
-/// and rule index).
+/// and rule index), or [`NO_RULE`]: none allows it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortVerdict {
     pub rule: u32,
     pub flags: u32,
 }
+
+/// [`PortVerdict::rule`] of a (protocol, port) no rule allows.
+pub const NO_RULE: u32 = 0;
 
 /// Key of the address sets: an address (IPv4 as `::ffff:a.b.c.d`) seen by one
 /// pod's VLAN, or by every pod when `vlan` is 0.

@@ -4,12 +4,12 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 use enforcer_common::{
     AddrKey, CtEntry, CtKey, EVENTS_RING_BYTES, EventBudget, FragmentKey, FragmentVerdict,
-    MAX_ADDRESSES, MAX_FLOWS, MAX_FRAGMENTED_DATAGRAMS, MAX_PEER_PREFIXES, MAX_PODS,
+    MAX_ADDRESSES, MAX_FLOWS, MAX_FRAGMENTED_DATAGRAMS, MAX_PEER_ENTRIES, MAX_PODS,
     MAX_PORT_ENTRIES, MAX_RULES, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodTraffic, PodUid,
     PortKey, PortVerdict, REASONS, RuleName, RuleTraffic, Settings,
 };
@@ -20,14 +20,30 @@ use enforcer_common::{
 pub static PODS: HashMap<u16, PodEntry, { MAX_PODS as usize }, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
 
+/// The policy maps are not preallocated: their memory follows the rules.
 #[btf_map]
-pub static PEERS_V4: LpmTrie<PeerKeyV4, PeerClass, { MAX_PEER_PREFIXES as usize }> = LpmTrie::new();
+pub static PEERS_V4: HashMap<
+    PeerKeyV4,
+    PeerClass,
+    { MAX_PEER_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 #[btf_map]
-pub static PEERS_V6: LpmTrie<PeerKeyV6, PeerClass, { MAX_PEER_PREFIXES as usize }> = LpmTrie::new();
+pub static PEERS_V6: HashMap<
+    PeerKeyV6,
+    PeerClass,
+    { MAX_PEER_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 #[btf_map]
-pub static PORTS: LpmTrie<PortKey, PortVerdict, { MAX_PORT_ENTRIES as usize }> = LpmTrie::new();
+pub static PORTS: HashMap<
+    PortKey,
+    PortVerdict,
+    { MAX_PORT_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 #[btf_map]
 pub static UNFILTERED: HashMap<AddrKey, u8, { MAX_ADDRESSES as usize }> = HashMap::new();

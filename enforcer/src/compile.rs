@@ -11,12 +11,19 @@
 //! lower rule covers all they cover), and a key whose value equals that of the nearest
 //! shorter key covering it is not emitted: the trie answers the same without it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The compiler hashes many rule sets and entry lists: a fast hasher (its inputs come from
+/// the operator's own state, not from the network).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::net::IpAddr;
 
+use enforcer_common::lengths::{self, PeerV4, PeerV6, Port};
 use enforcer_common::{
-    AddrKey, EnforcingMode, NO_POLICY, POD_HAS_IPV4, POD_HAS_IPV6, PeerClass, PeerKeyV4, PeerKeyV6,
-    PodEntry, PortKey, PortVerdict, VERDICT_UNTRACKED, VLAN_MAX, VLAN_MIN, policy_slot,
+    AddrKey, EnforcingMode, NO_CLASS, NO_POLICY, NO_RULE, POD_HAS_IPV4, POD_HAS_IPV6, PeerClass,
+    PeerKeyV4, PeerKeyV6, PodEntry, PortKey, PortVerdict, VERDICT_UNTRACKED, VLAN_MAX, VLAN_MIN,
+    policy_slot,
 };
 
 use crate::eval::{
@@ -24,6 +31,7 @@ use crate::eval::{
     opens_all_ports, sorted_set,
 };
 use crate::model::{Cidr, Direction, GroupId, L4Match, Model, Peer, Rule};
+use crate::prefix::{Prefix, fold, lay_out};
 
 /// Why a model cannot be compiled.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -36,14 +44,6 @@ pub enum CompileError {
         first: String,
         second: String,
     },
-}
-
-/// An LPM trie entry: `data` with its first `prefix_len` bits significant, the rest zero.
-/// Ordered by data, then length, so a policy's or class's entries sit together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct LpmKey<K> {
-    pub data: K,
-    pub prefix_len: u32,
 }
 
 /// The groups and direction of one side of a pod: what a policy handle is compiled from.
@@ -59,9 +59,9 @@ struct Policy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
     pub pods: BTreeMap<u16, PodEntry>,
-    pub peers_v4: BTreeMap<LpmKey<PeerKeyV4>, PeerClass>,
-    pub peers_v6: BTreeMap<LpmKey<PeerKeyV6>, PeerClass>,
-    pub ports: BTreeMap<LpmKey<PortKey>, PortVerdict>,
+    pub peers_v4: BTreeMap<PeerKeyV4, PeerClass>,
+    pub peers_v6: BTreeMap<PeerKeyV6, PeerClass>,
+    pub ports: BTreeMap<PortKey, PortVerdict>,
     pub unfiltered: BTreeMap<AddrKey, u8>,
     pub node_local: BTreeMap<AddrKey, u8>,
     /// The rules the port verdicts name.
@@ -137,7 +137,7 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
     // Peer entries point at interned class keys (value = order of first sight); classes are
     // visited in the order of their rule sets once all are known, so that fresh IDs do not
     // depend on the walk.
-    let mut interned: HashMap<ClassKey, usize> = HashMap::new();
+    let mut interned: HashMap<ClassKey, usize> = HashMap::default();
     let mut peer_entries: Vec<Vec<(bool, Prefix, usize)>> = Vec::with_capacity(policies.len());
     let mut sets = RuleSets::new(&rules);
     for policy in &policies {
@@ -159,17 +159,15 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
     // Classes with identical port entries share one ID.
     let mut ports = BTreeMap::new();
     let mut class_of = vec![0; keys.len()];
-    let mut classes: HashMap<ClassEntries, u32> = HashMap::new();
+    let mut classes: HashMap<ClassEntries, u32> = HashMap::default();
     for (key, provisional) in keys {
         let entries = class_ports(&rules, &rule_ids, &sets.sets[key.set], key.reverse_open);
         class_of[provisional] = match classes.get(&entries) {
             Some(&class) => class,
             None => {
                 let class = before.class(&entries);
-                for (key, verdict) in &entries {
-                    let mut key = *key;
-                    key.data.class = class.to_be_bytes();
-                    ports.insert(key, *verdict);
+                for &(key, verdict) in &entries {
+                    ports.insert(PortKey { class, ..key }, verdict);
                 }
                 classes.insert(entries, class);
                 class
@@ -181,31 +179,28 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
     let mut peers_v4 = BTreeMap::new();
     let mut peers_v6 = BTreeMap::new();
     let mut handles = Vec::with_capacity(policies.len());
-    let mut seen: HashMap<PolicyEntries, u32> = HashMap::new();
+    let mut seen: HashMap<PolicyEntries, u32> = HashMap::default();
     for entries in peer_entries {
-        let mut v4 = Vec::new();
-        let mut v6 = Vec::new();
+        let mut tables: [Vec<(Prefix, PeerClass)>; 2] = Default::default();
         for (is_v6, prefix, provisional) in entries {
             let class = PeerClass {
                 class: class_of[provisional],
             };
-            let prefix_len = 32 + u32::from(prefix.len);
-            if is_v6 {
-                let addr = prefix.bits.to_be_bytes();
-                let data = PeerKeyV6 {
-                    policy: [0; 4],
-                    addr,
-                };
-                v6.push((LpmKey { data, prefix_len }, class));
-            } else {
-                let addr = ((prefix.bits >> 96) as u32).to_be_bytes();
-                let data = PeerKeyV4 {
-                    policy: [0; 4],
-                    addr,
-                };
-                v4.push((LpmKey { data, prefix_len }, class));
-            }
+            tables[usize::from(is_v6)].push((prefix, class));
         }
+        let none = PeerClass { class: NO_CLASS };
+        let mut v4: Vec<_> = lay_out::<PeerV4, _>(&tables[0], none)
+            .into_iter()
+            .map(|(p, class)| {
+                let addr = ((p.bits >> 96) as u32).to_be_bytes();
+                (PeerKeyV4::new(0, addr, p.len), class)
+            })
+            .collect();
+        let mut v6: Vec<_> = lay_out::<PeerV6, _>(&tables[1], none)
+            .into_iter()
+            .map(|(p, class)| (PeerKeyV6::new(0, &p.bits.to_be_bytes(), p.len), class))
+            .collect();
+        // In key order, as a previous state's entries are read.
         v4.sort_unstable();
         v6.sort_unstable();
         let entries = (v4, v6);
@@ -213,16 +208,23 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
             Some(&handle) => handle,
             None => {
                 let handle = before.policy(&entries);
-                let policy = handle.to_be_bytes();
-                for (key, class) in &entries.0 {
-                    let mut key = *key;
-                    key.data.policy = policy;
-                    peers_v4.insert(key, *class);
+                for &(key, class) in &entries.0 {
+                    peers_v4.insert(
+                        PeerKeyV4 {
+                            policy: handle,
+                            ..key
+                        },
+                        class,
+                    );
                 }
-                for (key, class) in &entries.1 {
-                    let mut key = *key;
-                    key.data.policy = policy;
-                    peers_v6.insert(key, *class);
+                for &(key, class) in &entries.1 {
+                    peers_v6.insert(
+                        PeerKeyV6 {
+                            policy: handle,
+                            ..key
+                        },
+                        class,
+                    );
                 }
                 seen.insert(entries, handle);
                 handle
@@ -263,12 +265,9 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
 }
 
 /// A class's port entries, its own ID zeroed in the keys.
-type ClassEntries = Vec<(LpmKey<PortKey>, PortVerdict)>;
+type ClassEntries = Vec<(PortKey, PortVerdict)>;
 /// A policy's IPv4 and IPv6 peer entries, its own handle zeroed in the keys.
-type PolicyEntries = (
-    Vec<(LpmKey<PeerKeyV4>, PeerClass)>,
-    Vec<(LpmKey<PeerKeyV6>, PeerClass)>,
-);
+type PolicyEntries = (Vec<(PeerKeyV4, PeerClass)>, Vec<(PeerKeyV6, PeerClass)>);
 
 /// The IDs a previous compile gave, by what they stand for, and a source of fresh ones.
 struct Previous<'p> {
@@ -284,8 +283,8 @@ impl<'p> Previous<'p> {
     fn index(previous: Option<&'p Compiled>) -> Self {
         let mut index = Self {
             rules: previous.map(|p| &p.rules),
-            classes: HashMap::new(),
-            policies: HashMap::new(),
+            classes: HashMap::default(),
+            policies: HashMap::default(),
             rule_ids: Fresh::default(),
             class_ids: Fresh::default(),
             handles: Fresh::default(),
@@ -295,11 +294,12 @@ impl<'p> Previous<'p> {
         };
         index.rule_ids.taken.extend(previous.rules.by_id.keys());
         let mut classes: BTreeMap<u32, ClassEntries> = BTreeMap::new();
-        for (key, verdict) in &previous.ports {
-            let class = u32::from_be_bytes(key.data.class);
-            let mut key = *key;
-            key.data.class = [0; 4];
-            classes.entry(class).or_default().push((key, *verdict));
+        for (&key, &verdict) in &previous.ports {
+            let class = key.class;
+            classes
+                .entry(class)
+                .or_default()
+                .push((PortKey { class: 0, ..key }, verdict));
             index.rule_ids.taken.insert(verdict.rule);
         }
         let mut policies: BTreeMap<u32, PolicyEntries> = BTreeMap::new();
@@ -308,16 +308,14 @@ impl<'p> Previous<'p> {
                 policies.entry(handle).or_default();
             }
         }
-        for (key, class) in &previous.peers_v4 {
-            let mut key = *key;
-            let handle = u32::from_be_bytes(std::mem::take(&mut key.data.policy));
-            policies.entry(handle).or_default().0.push((key, *class));
+        for (&key, &class) in &previous.peers_v4 {
+            let entry = (PeerKeyV4 { policy: 0, ..key }, class);
+            policies.entry(key.policy).or_default().0.push(entry);
             index.class_ids.taken.insert(class.class);
         }
-        for (key, class) in &previous.peers_v6 {
-            let mut key = *key;
-            let handle = u32::from_be_bytes(std::mem::take(&mut key.data.policy));
-            policies.entry(handle).or_default().1.push((key, *class));
+        for (&key, &class) in &previous.peers_v6 {
+            let entry = (PeerKeyV6 { policy: 0, ..key }, class);
+            policies.entry(key.policy).or_default().1.push(entry);
             index.class_ids.taken.insert(class.class);
         }
         // Ascending: entries found under several IDs keep the lowest.
@@ -587,8 +585,8 @@ impl<'r> RuleSets<'r> {
         Self {
             rules,
             sets: Vec::new(),
-            ids: HashMap::new(),
-            memo: HashMap::new(),
+            ids: HashMap::default(),
+            memo: HashMap::default(),
         }
     }
 
@@ -681,73 +679,6 @@ fn peer_cidrs(model: &Model, peer: &Peer, v6: bool) -> Vec<Cidr> {
             .filter(family)
             .collect(),
     }
-}
-
-/// A bit string of `len` bits, left-aligned in a `u128`, the rest zero.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct Prefix {
-    bits: u128,
-    len: u8,
-}
-
-impl Prefix {
-    fn of_cidr(cidr: Cidr) -> Self {
-        let bits = match cidr.addr() {
-            IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
-            IpAddr::V6(a) => u128::from(a),
-        };
-        Self {
-            bits,
-            len: cidr.prefix_len(),
-        }
-    }
-
-    /// `value`, the top `len` bits of a 24-bit (protocol, port) word.
-    fn of_port_space(value: u32, len: u8) -> Self {
-        Self {
-            bits: u128::from(value) << 104,
-            len,
-        }
-    }
-
-    fn covers(&self, other: &Self) -> bool {
-        self.len <= other.len && (self.bits ^ other.bits) & mask(self.len) == 0
-    }
-
-    /// First and last 24-bit word of a (protocol, port) prefix.
-    fn port_span(&self) -> (u32, u32) {
-        let lo = (self.bits >> 104) as u32;
-        (lo, lo | ((1 << (24 - self.len)) - 1))
-    }
-}
-
-fn mask(len: u8) -> u128 {
-    u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
-}
-
-/// Folds into each prefix the values of the prefixes covering it: `combine` gets the folded
-/// value of the nearest covering prefix, if any, and the prefix's own value. Sorted by
-/// (bits, len), a set of prefixes is a depth-first walk of its trie, so a stack of ancestors
-/// suffices. Returns (prefix, folded value, index of the nearest covering prefix).
-fn fold<O, T>(
-    own: BTreeMap<Prefix, O>,
-    mut combine: impl FnMut(Option<&T>, O) -> T,
-) -> Vec<(Prefix, T, Option<usize>)> {
-    let mut out: Vec<(Prefix, T, Option<usize>)> = Vec::with_capacity(own.len());
-    let mut ancestors: Vec<usize> = Vec::new();
-    for (prefix, value) in own {
-        while let Some(&top) = ancestors.last() {
-            if out[top].0.covers(&prefix) {
-                break;
-            }
-            ancestors.pop();
-        }
-        let parent = ancestors.last().copied();
-        let value = combine(parent.map(|p| &out[p].1), value);
-        ancestors.push(out.len());
-        out.push((prefix, value, parent));
-    }
-    out
 }
 
 /// Sorted, de-duplicated union of an inherited and an own set of rule IDs.
@@ -850,7 +781,7 @@ fn class_ports(
             flags: if untracked { VERDICT_UNTRACKED } else { 0 },
         }
     };
-    let mut out = Vec::new();
+    let mut table = Vec::new();
     for (prefix, value, parent) in &folded {
         let verdict = verdict_of(prefix, *value);
         if let Some(p) = *parent {
@@ -859,24 +790,27 @@ fn class_ports(
                 continue;
             }
         }
-        let word = (prefix.bits >> 104) as u32;
-        let key = LpmKey {
-            data: PortKey {
-                class: [0; 4],
-                protocol: (word >> 16) as u8,
-                port: (word as u16).to_be_bytes(),
-                _pad: 0,
-            },
-            prefix_len: 32 + u32::from(prefix.len),
-        };
         let verdict = PortVerdict {
             rule: rule_ids[index(verdict.rule)],
             ..verdict
         };
-        out.push((key, verdict));
+        table.push((*prefix, verdict));
     }
-    out.sort_unstable();
-    out
+    let none = PortVerdict {
+        rule: NO_RULE,
+        flags: 0,
+    };
+    let mut entries: ClassEntries = lay_out::<Port, _>(&table, none)
+        .into_iter()
+        .map(|(prefix, verdict)| {
+            let word = (prefix.bits >> 104) as u32;
+            let key = PortKey::new(0, (word >> 16) as u8, word as u16, prefix.len);
+            (key, verdict)
+        })
+        .collect();
+    // In key order, as a previous state's entries are read.
+    entries.sort_unstable();
+    entries
 }
 
 /// The address-set key of `addr` for `vlan`, IPv4 as `::ffff:a.b.c.d`.
@@ -988,114 +922,28 @@ pub fn interpret(
             return SideLookup::NotChecked;
         }
         let class = match peer {
-            IpAddr::V4(a) => longest_match(
-                &compiled.peers_v4,
-                PeerKeyV4 {
-                    policy: handle.to_be_bytes(),
-                    addr: a.octets(),
-                },
-            ),
-            IpAddr::V6(a) => longest_match(
-                &compiled.peers_v6,
-                PeerKeyV6 {
-                    policy: handle.to_be_bytes(),
-                    addr: a.octets(),
-                },
-            ),
+            IpAddr::V4(a) => lengths::search::<PeerV4, _>(|len| {
+                let key = PeerKeyV4::new(handle, a.octets(), len);
+                compiled.peers_v4.get(&key).map(|c| c.class)
+            }),
+            IpAddr::V6(a) => lengths::search::<PeerV6, _>(|len| {
+                let key = PeerKeyV6::new(handle, &a.octets(), len);
+                compiled.peers_v6.get(&key).map(|c| c.class)
+            }),
         };
-        let verdict = class.and_then(|c| {
-            longest_match(
-                &compiled.ports,
-                PortKey {
-                    class: c.class.to_be_bytes(),
-                    protocol: packet.protocol,
-                    port: packet.selector.to_be_bytes(),
-                    _pad: 0,
-                },
-            )
+        let verdict = class.filter(|&c| c != NO_CLASS).and_then(|class| {
+            lengths::search::<Port, _>(|len| {
+                let key = PortKey::new(class, packet.protocol, packet.selector, len);
+                compiled.ports.get(&key).copied()
+            })
         });
+        let verdict = verdict.filter(|v| v.rule != NO_RULE);
         verdict.map_or(SideLookup::Denied, SideLookup::Allowed)
     };
     Interpretation::Policy {
         branch: side(pod.policies[branch_slot]),
         primary: side(pod.policies[primary_slot]),
     }
-}
-
-/// LPM key data as big-endian bytes, so keys can be cut at any bit.
-trait LpmData: Copy + Ord {
-    const BITS: u32;
-    fn masked(&self, bits: u32) -> Self;
-}
-
-/// Clears every bit of `bytes` after the first `keep`.
-fn clear_after(bytes: &mut [u8], keep: u32) {
-    for (i, byte) in bytes.iter_mut().enumerate() {
-        let start = i as u32 * 8;
-        if keep <= start {
-            *byte = 0;
-        } else if keep < start + 8 {
-            *byte &= 0xffu8 << (start + 8 - keep);
-        }
-    }
-}
-
-/// A peer key's policy and address with every bit after the first `bits` cleared.
-fn masked_peer<const N: usize>(policy: [u8; 4], addr: [u8; N], bits: u32) -> ([u8; 4], [u8; N]) {
-    // Room for an IPv6 key; no allocation on this path of the compiler.
-    let mut b = [0u8; 20];
-    b[..4].copy_from_slice(&policy);
-    b[4..4 + N].copy_from_slice(&addr);
-    clear_after(&mut b[..4 + N], bits);
-    (
-        std::array::from_fn(|i| b[i]),
-        std::array::from_fn(|i| b[4 + i]),
-    )
-}
-
-impl LpmData for PeerKeyV4 {
-    const BITS: u32 = 64;
-    fn masked(&self, bits: u32) -> Self {
-        let (policy, addr) = masked_peer(self.policy, self.addr, bits);
-        Self { policy, addr }
-    }
-}
-
-impl LpmData for PeerKeyV6 {
-    const BITS: u32 = 160;
-    fn masked(&self, bits: u32) -> Self {
-        let (policy, addr) = masked_peer(self.policy, self.addr, bits);
-        Self { policy, addr }
-    }
-}
-
-impl LpmData for PortKey {
-    const BITS: u32 = enforcer_common::PORT_KEY_BITS;
-    fn masked(&self, bits: u32) -> Self {
-        let mut b = [0u8; 8];
-        b[..4].copy_from_slice(&self.class);
-        b[4] = self.protocol;
-        b[5..7].copy_from_slice(&self.port);
-        b[7] = self._pad;
-        clear_after(&mut b, bits);
-        Self {
-            class: [b[0], b[1], b[2], b[3]],
-            protocol: b[4],
-            port: [b[5], b[6]],
-            _pad: b[7],
-        }
-    }
-}
-
-/// The value of the longest entry matching `key`, as a kernel LPM trie returns it.
-fn longest_match<K: LpmData, V: Copy>(map: &BTreeMap<LpmKey<K>, V>, key: K) -> Option<V> {
-    (0..=K::BITS).rev().find_map(|prefix_len| {
-        map.get(&LpmKey {
-            data: key.masked(prefix_len),
-            prefix_len,
-        })
-        .copied()
-    })
 }
 
 #[cfg(test)]
@@ -1221,7 +1069,7 @@ mod tests {
         let peers_of = |c: &Compiled, h: u32| -> Vec<_> {
             c.peers_v4
                 .iter()
-                .filter(|(k, _)| u32::from_be_bytes(k.data.policy) == h)
+                .filter(|(k, _)| k.policy == h)
                 .map(|(k, v)| (*k, *v))
                 .collect()
         };

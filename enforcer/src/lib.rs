@@ -12,6 +12,7 @@ pub mod flow;
 pub mod maps;
 pub mod metrics;
 pub mod model;
+mod prefix;
 mod resolve;
 pub mod sgp;
 pub mod state;

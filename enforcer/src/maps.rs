@@ -2,11 +2,11 @@
 //! writing only what changed between the enforced and a compiled state.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use aya::maps::{
-    Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
-    lpm_trie::Key,
+    Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
 };
 use aya::{Ebpf, Pod};
 use enforcer_common::{
@@ -15,7 +15,7 @@ use enforcer_common::{
     Settings, map_names,
 };
 
-use crate::compile::{Compiled, LpmKey, RuleIds};
+use crate::compile::{Compiled, RuleIds};
 use crate::eval::RuleRef;
 use crate::model::{Direction, EnforcingMode, NodeConfig, UnknownVlanAction};
 
@@ -44,6 +44,12 @@ pub enum MapsError {
         "the state rewrites {map} entries of ID {id}, which are in use, in place: compile it over the enforced state"
     )]
     InPlace { map: &'static str, id: u32 },
+    #[error("map {map}: batch operation")]
+    Batch {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot count the CPUs: {0}")]
     Cpus(String),
 }
@@ -58,9 +64,9 @@ const GROUP_BYTES: usize = 32;
 /// Typed handles on every map userspace fills or reads.
 pub struct KernelMaps {
     pods: HashMap<MapData, u16, PodEntry>,
-    peers_v4: LpmTrie<MapData, PeerKeyV4, PeerClass>,
-    peers_v6: LpmTrie<MapData, PeerKeyV6, PeerClass>,
-    ports: LpmTrie<MapData, PortKey, PortVerdict>,
+    peers_v4: HashMap<MapData, PeerKeyV4, PeerClass>,
+    peers_v6: HashMap<MapData, PeerKeyV6, PeerClass>,
+    ports: HashMap<MapData, PortKey, PortVerdict>,
     unfiltered: HashMap<MapData, AddrKey, u8>,
     node_local: HashMap<MapData, AddrKey, u8>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
@@ -224,13 +230,13 @@ impl KernelMaps {
                 .map_err(map_err(map_names::RULES))?;
         }
         stats.written += changes.rules.write.len();
-        stats.written += write_lpm(&mut self.ports, &changes.ports.write, map_names::PORTS)?;
-        stats.written += write_lpm(
+        stats.written += write_hash(&mut self.ports, &changes.ports.write, map_names::PORTS)?;
+        stats.written += write_hash(
             &mut self.peers_v4,
             &changes.peers_v4.write,
             map_names::PEERS_V4,
         )?;
-        stats.written += write_lpm(
+        stats.written += write_hash(
             &mut self.peers_v6,
             &changes.peers_v6.write,
             map_names::PEERS_V6,
@@ -308,17 +314,17 @@ impl KernelMaps {
             &changes.unfiltered.remove,
             map_names::UNFILTERED,
         )?;
-        remove_lpm(
+        remove_hash(
             &mut self.peers_v6,
             &changes.peers_v6.remove,
             map_names::PEERS_V6,
         )?;
-        remove_lpm(
+        remove_hash(
             &mut self.peers_v4,
             &changes.peers_v4.remove,
             map_names::PEERS_V4,
         )?;
-        remove_lpm(&mut self.ports, &changes.ports.remove, map_names::PORTS)?;
+        remove_hash(&mut self.ports, &changes.ports.remove, map_names::PORTS)?;
         for id in &changes.rules.remove {
             self.rules.remove(id).map_err(map_err(map_names::RULES))?;
         }
@@ -335,9 +341,9 @@ impl KernelMaps {
         }
         Ok(Compiled {
             pods: self.pods()?,
-            peers_v4: read_lpm(&self.peers_v4, map_names::PEERS_V4)?,
-            peers_v6: read_lpm(&self.peers_v6, map_names::PEERS_V6)?,
-            ports: read_lpm(&self.ports, map_names::PORTS)?,
+            peers_v4: read_hash(&self.peers_v4, map_names::PEERS_V4)?,
+            peers_v6: read_hash(&self.peers_v6, map_names::PEERS_V6)?,
+            ports: read_hash(&self.ports, map_names::PORTS)?,
             unfiltered: read_hash(&self.unfiltered, map_names::UNFILTERED)?,
             node_local: read_hash(&self.node_local, map_names::NODE_LOCAL)?,
             rules,
@@ -563,9 +569,9 @@ impl<K: Ord + Copy, V: PartialEq + Copy> Diff<K, V> {
 /// The entries one apply writes and removes, map by map.
 struct Changes<'c> {
     pods: Diff<u16, PodEntry>,
-    peers_v4: Diff<LpmKey<PeerKeyV4>, PeerClass>,
-    peers_v6: Diff<LpmKey<PeerKeyV6>, PeerClass>,
-    ports: Diff<LpmKey<PortKey>, PortVerdict>,
+    peers_v4: Diff<PeerKeyV4, PeerClass>,
+    peers_v6: Diff<PeerKeyV6, PeerClass>,
+    ports: Diff<PortKey, PortVerdict>,
     unfiltered: Diff<AddrKey, u8>,
     node_local: Diff<AddrKey, u8>,
     rules: Diff<u32, &'c RuleRef>,
@@ -595,9 +601,9 @@ impl<'c> Changes<'c> {
     /// under fresh IDs.
     fn copy_on_write(&self, old: &Compiled, new: &Compiled) -> Result<(), MapsError> {
         let (old_users, new_users) = (Users::of(old), Users::of(new));
-        let handle4 = |k: &LpmKey<PeerKeyV4>| u32::from_be_bytes(k.data.policy);
-        let handle6 = |k: &LpmKey<PeerKeyV6>| u32::from_be_bytes(k.data.policy);
-        let class = |k: &LpmKey<PortKey>| u32::from_be_bytes(k.data.class);
+        let handle4 = |k: &PeerKeyV4| k.policy;
+        let handle6 = |k: &PeerKeyV6| k.policy;
+        let class = |k: &PortKey| k.class;
         let checks: [IdCheck; 7] = [
             (
                 map_names::PEERS_V4,
@@ -665,8 +671,8 @@ struct Users {
 impl Users {
     fn of(c: &Compiled) -> Self {
         let pods = c.pods.values().flat_map(|p| p.policies);
-        let v4 = c.peers_v4.keys().map(|k| u32::from_be_bytes(k.data.policy));
-        let v6 = c.peers_v6.keys().map(|k| u32::from_be_bytes(k.data.policy));
+        let v4 = c.peers_v4.keys().map(|k| k.policy);
+        let v6 = c.peers_v6.keys().map(|k| k.policy);
         let classes_v4 = c.peers_v4.values().map(|v| v.class);
         let classes_v6 = c.peers_v6.values().map(|v| v.class);
         Self {
@@ -681,20 +687,12 @@ impl Users {
 
     /// Whether a peer names `class` or `c` has port entries of it.
     fn uses_class(&self, c: &Compiled, class: u32) -> bool {
-        let first = LpmKey {
-            data: PortKey {
-                class: class.to_be_bytes(),
-                protocol: 0,
-                port: [0; 2],
-                _pad: 0,
-            },
-            prefix_len: 0,
-        };
+        let first = PortKey::new(class, 0, 0, 0);
         self.peer_classes.contains(&class)
             || c.ports
                 .range(first..)
                 .next()
-                .is_some_and(|(k, _)| k.data.class == first.data.class)
+                .is_some_and(|(k, _)| k.class == class)
     }
 }
 
@@ -792,13 +790,21 @@ pub fn settings(node: &NodeConfig) -> Settings {
     }
 }
 
+/// Entries per `BPF_MAP_*_BATCH` call: the kernel copies them one by one, so this only
+/// bounds the buffers.
+const BATCH: usize = 8192;
+
 fn write_hash<K: Pod, V: Pod>(
     map: &mut HashMap<MapData, K, V>,
     entries: &[(K, V)],
     name: &'static str,
 ) -> Result<usize, MapsError> {
-    for (key, value) in entries {
-        map.insert(key, value, 0).map_err(map_err(name))?;
+    let fd = map.map().fd().as_fd();
+    for chunk in entries.chunks(BATCH) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        batch::update(fd, &keys, &values)
+            .map_err(|source| MapsError::Batch { map: name, source })?;
     }
     Ok(entries.len())
 }
@@ -808,10 +814,71 @@ fn remove_hash<K: Pod, V: Pod>(
     keys: &[K],
     name: &'static str,
 ) -> Result<(), MapsError> {
-    for key in keys {
-        map.remove(key).map_err(map_err(name))?;
+    let fd = map.map().fd().as_fd();
+    for chunk in keys.chunks(BATCH) {
+        batch::delete(fd, chunk).map_err(|source| MapsError::Batch { map: name, source })?;
     }
     Ok(())
+}
+
+/// `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_DELETE_BATCH` (Linux 5.6), which aya does not wrap:
+/// one system call for thousands of entries, the bulk of an apply's time otherwise.
+mod batch {
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd};
+
+    /// `bpf_attr.batch` of `linux/bpf.h`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+    pub fn update<K, V>(fd: BorrowedFd, keys: &[K], values: &[V]) -> io::Result<()> {
+        assert_eq!(keys.len(), values.len());
+        call(BPF_MAP_UPDATE_BATCH, fd, keys, values.as_ptr() as u64)
+    }
+
+    pub fn delete<K>(fd: BorrowedFd, keys: &[K]) -> io::Result<()> {
+        call(BPF_MAP_DELETE_BATCH, fd, keys, 0)
+    }
+
+    fn call<K>(cmd: libc::c_long, fd: BorrowedFd, keys: &[K], values: u64) -> io::Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values,
+            count: u32::try_from(keys.len()).expect("a batch fits in u32"),
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at `count` keys (and values) that outlive the call; the
+        // kernel reads them and writes back only `attr.count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 fn read_hash<K: Pod + Ord, V: Pod>(
@@ -819,46 +886,6 @@ fn read_hash<K: Pod + Ord, V: Pod>(
     name: &'static str,
 ) -> Result<BTreeMap<K, V>, MapsError> {
     map.iter().collect::<Result<_, _>>().map_err(map_err(name))
-}
-
-fn write_lpm<K: Pod, V: Pod>(
-    map: &mut LpmTrie<MapData, K, V>,
-    entries: &[(LpmKey<K>, V)],
-    name: &'static str,
-) -> Result<usize, MapsError> {
-    for (key, value) in entries {
-        map.insert(&Key::new(key.prefix_len, key.data), value, 0)
-            .map_err(map_err(name))?;
-    }
-    Ok(entries.len())
-}
-
-fn remove_lpm<K: Pod, V: Pod>(
-    map: &mut LpmTrie<MapData, K, V>,
-    keys: &[LpmKey<K>],
-    name: &'static str,
-) -> Result<(), MapsError> {
-    for key in keys {
-        map.remove(&Key::new(key.prefix_len, key.data))
-            .map_err(map_err(name))?;
-    }
-    Ok(())
-}
-
-fn read_lpm<K: Pod + Ord, V: Pod>(
-    map: &LpmTrie<MapData, K, V>,
-    name: &'static str,
-) -> Result<BTreeMap<LpmKey<K>, V>, MapsError> {
-    let mut entries = BTreeMap::new();
-    for entry in map.iter() {
-        let (key, value) = entry.map_err(map_err(name))?;
-        let key = LpmKey {
-            data: key.data(),
-            prefix_len: key.prefix_len(),
-        };
-        entries.insert(key, value);
-    }
-    Ok(entries)
 }
 
 #[cfg(test)]
@@ -945,7 +972,7 @@ mod tests {
         let peers: Vec<_> = after
             .peers_v4
             .iter()
-            .filter(|(k, _)| u32::from_be_bytes(k.data.policy) == handle)
+            .filter(|(k, _)| k.policy == handle)
             .collect();
         let written_peers: Vec<_> = changes.peers_v4.write.iter().collect();
         assert_eq!(written_peers.len(), peers.len());
@@ -954,7 +981,7 @@ mod tests {
         let class_entries = |c: &Compiled, classes: &BTreeSet<u32>| {
             c.ports
                 .keys()
-                .filter(|k| classes.contains(&u32::from_be_bytes(k.data.class)))
+                .filter(|k| classes.contains(&k.class))
                 .count()
         };
         assert!(changes.ports.write.len() <= class_entries(&after, &classes));
