@@ -1,9 +1,10 @@
 //! The kernel's maps as userspace sees them: the only place that writes them,
 //! writing only what changed between the enforced and a compiled state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::Arc;
 
 use aya::maps::{
     Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
@@ -15,7 +16,7 @@ use enforcer_common::{
     Settings, map_names,
 };
 
-use crate::compile::{Compiled, RuleIds};
+use crate::compile::{ClassEntries, Compiled, PolicyEntries, RuleIds};
 use crate::eval::RuleRef;
 use crate::model::{Direction, EnforcingMode, NodeConfig, UnknownVlanAction};
 
@@ -184,7 +185,7 @@ impl KernelMaps {
             None => self.read_back()?,
         };
         let changes = Changes::between(&old, compiled);
-        if let Err(error) = changes.copy_on_write(&old, compiled) {
+        if let Err(error) = changes.copy_on_write(&old) {
             self.enforced = Some(old);
             return Err(error);
         }
@@ -230,17 +231,14 @@ impl KernelMaps {
                 .map_err(map_err(map_names::RULES))?;
         }
         stats.written += changes.rules.write.len();
-        stats.written += write_hash(&mut self.ports, &changes.ports.write, map_names::PORTS)?;
+        let (written_v4, written_v6) = peer_entries(&changes.policies.write);
         stats.written += write_hash(
-            &mut self.peers_v4,
-            &changes.peers_v4.write,
-            map_names::PEERS_V4,
+            &mut self.ports,
+            &port_entries(&changes.classes.write),
+            map_names::PORTS,
         )?;
-        stats.written += write_hash(
-            &mut self.peers_v6,
-            &changes.peers_v6.write,
-            map_names::PEERS_V6,
-        )?;
+        stats.written += write_hash(&mut self.peers_v4, &written_v4, map_names::PEERS_V4)?;
+        stats.written += write_hash(&mut self.peers_v6, &written_v6, map_names::PEERS_V6)?;
         stats.written += write_hash(
             &mut self.unfiltered,
             &changes.unfiltered.write,
@@ -272,11 +270,13 @@ impl KernelMaps {
         }
 
         // What no pod uses any more leaves once no program can be reading it.
+        let (removed_v4, removed_v6) = peer_entries(&changes.policies.remove);
+        let removed_ports = port_entries(&changes.classes.remove);
         let retired = [
             changes.rules.remove.len(),
-            changes.ports.remove.len(),
-            changes.peers_v4.remove.len(),
-            changes.peers_v6.remove.len(),
+            removed_ports.len(),
+            removed_v4.len(),
+            removed_v6.len(),
             changes.unfiltered.remove.len(),
             changes.node_local.remove.len(),
         ];
@@ -314,17 +314,9 @@ impl KernelMaps {
             &changes.unfiltered.remove,
             map_names::UNFILTERED,
         )?;
-        remove_hash(
-            &mut self.peers_v6,
-            &changes.peers_v6.remove,
-            map_names::PEERS_V6,
-        )?;
-        remove_hash(
-            &mut self.peers_v4,
-            &changes.peers_v4.remove,
-            map_names::PEERS_V4,
-        )?;
-        remove_hash(&mut self.ports, &changes.ports.remove, map_names::PORTS)?;
+        remove_hash(&mut self.peers_v6, &keys(&removed_v6), map_names::PEERS_V6)?;
+        remove_hash(&mut self.peers_v4, &keys(&removed_v4), map_names::PEERS_V4)?;
+        remove_hash(&mut self.ports, &keys(&removed_ports), map_names::PORTS)?;
         for id in &changes.rules.remove {
             self.rules.remove(id).map_err(map_err(map_names::RULES))?;
         }
@@ -339,15 +331,38 @@ impl KernelMaps {
             let (id, name) = entry.map_err(map_err(map_names::RULES))?;
             rules.insert(id, rule_ref(&name));
         }
-        Ok(Compiled {
-            pods: self.pods()?,
-            peers_v4: read_hash(&self.peers_v4, map_names::PEERS_V4)?,
-            peers_v6: read_hash(&self.peers_v6, map_names::PEERS_V6)?,
-            ports: read_hash(&self.ports, map_names::PORTS)?,
-            unfiltered: read_hash(&self.unfiltered, map_names::UNFILTERED)?,
-            node_local: read_hash(&self.node_local, map_names::NODE_LOCAL)?,
-            rules,
-        })
+        let pods = self.pods()?;
+        // Every handle a pod uses, entries or not (a policy without entries denies all).
+        let mut policies: BTreeMap<u32, PolicyEntries> = pods
+            .values()
+            .flat_map(|p| p.policies)
+            .filter(|&h| h != NO_POLICY)
+            .map(|h| (h, PolicyEntries::default()))
+            .collect();
+        for (key, class) in read_hash(&self.peers_v4, map_names::PEERS_V4)? {
+            let entry = (PeerKeyV4 { policy: 0, ..key }, class);
+            policies.entry(key.policy).or_default().v4.push(entry);
+        }
+        for (key, class) in read_hash(&self.peers_v6, map_names::PEERS_V6)? {
+            let entry = (PeerKeyV6 { policy: 0, ..key }, class);
+            policies.entry(key.policy).or_default().v6.push(entry);
+        }
+        let mut classes: BTreeMap<u32, ClassEntries> = BTreeMap::new();
+        for (key, verdict) in read_hash(&self.ports, map_names::PORTS)? {
+            let entry = (PortKey { class: 0, ..key }, verdict);
+            classes.entry(key.class).or_default().push(entry);
+        }
+        let mut compiled = Compiled::default();
+        compiled.pods = pods;
+        compiled.policies = policies
+            .into_iter()
+            .map(|(h, e)| (h, Arc::new(e)))
+            .collect();
+        compiled.classes = classes.into_iter().map(|(c, e)| (c, Arc::new(e))).collect();
+        compiled.unfiltered = read_hash(&self.unfiltered, map_names::UNFILTERED)?;
+        compiled.node_local = read_hash(&self.node_local, map_names::NODE_LOCAL)?;
+        compiled.rules = rules;
+        Ok(compiled)
     }
 
     fn reset_pod_traffic(&mut self, vlan: u16) -> Result<(), MapsError> {
@@ -566,12 +581,11 @@ impl<K: Ord + Copy, V: PartialEq + Copy> Diff<K, V> {
     }
 }
 
-/// The entries one apply writes and removes, map by map.
+/// The entries one apply writes and removes, map by map; policies and classes by ID.
 struct Changes<'c> {
     pods: Diff<u16, PodEntry>,
-    peers_v4: Diff<PeerKeyV4, PeerClass>,
-    peers_v6: Diff<PeerKeyV6, PeerClass>,
-    ports: Diff<PortKey, PortVerdict>,
+    policies: IdDiff<'c, PolicyEntries>,
+    classes: IdDiff<'c, ClassEntries>,
     unfiltered: Diff<AddrKey, u8>,
     node_local: Diff<AddrKey, u8>,
     rules: Diff<u32, &'c RuleRef>,
@@ -587,113 +601,99 @@ impl<'c> Changes<'c> {
     fn between(old: &'c Compiled, new: &'c Compiled) -> Self {
         Self {
             pods: Diff::between(copied(&old.pods), copied(&new.pods)),
-            peers_v4: Diff::between(copied(&old.peers_v4), copied(&new.peers_v4)),
-            peers_v6: Diff::between(copied(&old.peers_v6), copied(&new.peers_v6)),
-            ports: Diff::between(copied(&old.ports), copied(&new.ports)),
+            policies: IdDiff::between(&old.policies, &new.policies),
+            classes: IdDiff::between(&old.classes, &new.classes),
             unfiltered: Diff::between(copied(&old.unfiltered), copied(&new.unfiltered)),
             node_local: Diff::between(copied(&old.node_local), copied(&new.node_local)),
             rules: Diff::between(old.rules.iter(), new.rules.iter()),
         }
     }
 
-    /// Checks that no entry of a policy, class or rule that `old` uses
-    /// changes, and that none that `new` uses goes: what changes must be
-    /// under fresh IDs.
-    fn copy_on_write(&self, old: &Compiled, new: &Compiled) -> Result<(), MapsError> {
-        let (old_users, new_users) = (Users::of(old), Users::of(new));
-        let handle4 = |k: &PeerKeyV4| k.policy;
-        let handle6 = |k: &PeerKeyV6| k.policy;
-        let class = |k: &PortKey| k.class;
-        let checks: [IdCheck; 7] = [
-            (
-                map_names::PEERS_V4,
-                self.peers_v4
-                    .write
-                    .iter()
-                    .map(|(k, _)| handle4(k))
-                    .collect(),
-                &|h| old_users.handles.contains(&h),
-            ),
-            (
-                map_names::PEERS_V4,
-                self.peers_v4.remove.iter().map(handle4).collect(),
-                &|h| new_users.handles.contains(&h),
-            ),
-            (
-                map_names::PEERS_V6,
-                self.peers_v6
-                    .write
-                    .iter()
-                    .map(|(k, _)| handle6(k))
-                    .collect(),
-                &|h| old_users.handles.contains(&h),
-            ),
-            (
-                map_names::PEERS_V6,
-                self.peers_v6.remove.iter().map(handle6).collect(),
-                &|h| new_users.handles.contains(&h),
-            ),
-            (
-                map_names::PORTS,
-                self.ports.write.iter().map(|(k, _)| class(k)).collect(),
-                &|c| old_users.uses_class(old, c),
-            ),
-            (
-                map_names::PORTS,
-                self.ports.remove.iter().map(class).collect(),
-                &|c| new_users.uses_class(new, c),
-            ),
-            (
-                map_names::RULES,
-                self.rules.write.iter().map(|(id, _)| *id).collect(),
-                &|id| old.rule(id).is_some(),
-            ),
-        ];
-        for (map, mut ids, in_use) in checks {
-            ids.dedup();
-            if let Some(id) = ids.into_iter().find(|&id| in_use(id)) {
-                return Err(MapsError::InPlace { map, id });
+    /// Checks that no policy, class or rule of `old` changes under its ID: what changes
+    /// must be under fresh IDs.
+    fn copy_on_write(&self, old: &Compiled) -> Result<(), MapsError> {
+        let in_place = |map, id| Err(MapsError::InPlace { map, id });
+        if let Some(&id) = self.policies.rewritten.first() {
+            return in_place(map_names::PEERS_V4, id);
+        }
+        if let Some(&id) = self.classes.rewritten.first() {
+            return in_place(map_names::PORTS, id);
+        }
+        match self
+            .rules
+            .write
+            .iter()
+            .find(|(id, _)| old.rule(*id).is_some())
+        {
+            Some(&(id, _)) => in_place(map_names::RULES, id),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The IDs whose entries an apply writes (new IDs) and removes (gone IDs). `rewritten`:
+/// IDs of both states whose entries differ, which copy-on-write forbids.
+struct IdDiff<'c, E> {
+    write: Vec<(u32, &'c E)>,
+    remove: Vec<(u32, &'c E)>,
+    rewritten: Vec<u32>,
+}
+
+impl<'c, E: PartialEq> IdDiff<'c, E> {
+    fn between(old: &'c BTreeMap<u32, Arc<E>>, new: &'c BTreeMap<u32, Arc<E>>) -> Self {
+        let mut diff = Self {
+            write: Vec::new(),
+            remove: Vec::new(),
+            rewritten: Vec::new(),
+        };
+        for (&id, entries) in new {
+            match old.get(&id) {
+                None => diff.write.push((id, entries)),
+                // Shared with the previous compile, or equal.
+                Some(held) if Arc::ptr_eq(held, entries) || held == entries => {}
+                Some(_) => diff.rewritten.push(id),
             }
         }
-        Ok(())
-    }
-}
-
-/// A map, IDs whose entries an apply writes or removes, and whether an ID must not be touched.
-type IdCheck<'a> = (&'static str, Vec<u32>, &'a dyn Fn(u32) -> bool);
-
-/// The policy handles a state uses (pods and peer keys) and the classes its peers name.
-struct Users {
-    handles: BTreeSet<u32>,
-    peer_classes: BTreeSet<u32>,
-}
-
-impl Users {
-    fn of(c: &Compiled) -> Self {
-        let pods = c.pods.values().flat_map(|p| p.policies);
-        let v4 = c.peers_v4.keys().map(|k| k.policy);
-        let v6 = c.peers_v6.keys().map(|k| k.policy);
-        let classes_v4 = c.peers_v4.values().map(|v| v.class);
-        let classes_v6 = c.peers_v6.values().map(|v| v.class);
-        Self {
-            handles: pods
-                .chain(v4)
-                .chain(v6)
-                .filter(|&h| h != NO_POLICY)
-                .collect(),
-            peer_classes: classes_v4.chain(classes_v6).collect(),
+        for (&id, entries) in old {
+            if !new.contains_key(&id) {
+                diff.remove.push((id, entries));
+            }
         }
+        diff
     }
+}
 
-    /// Whether a peer names `class` or `c` has port entries of it.
-    fn uses_class(&self, c: &Compiled, class: u32) -> bool {
-        let first = PortKey::new(class, 0, 0, 0);
-        self.peer_classes.contains(&class)
-            || c.ports
-                .range(first..)
-                .next()
-                .is_some_and(|(k, _)| k.class == class)
-    }
+/// The map entries of policies, their handles in the keys.
+fn peer_entries(
+    policies: &[(u32, &PolicyEntries)],
+) -> (Vec<(PeerKeyV4, PeerClass)>, Vec<(PeerKeyV6, PeerClass)>) {
+    let v4 = policies
+        .iter()
+        .flat_map(|&(policy, e)| {
+            e.v4.iter()
+                .map(move |&(k, c)| (PeerKeyV4 { policy, ..k }, c))
+        })
+        .collect();
+    let v6 = policies
+        .iter()
+        .flat_map(|&(policy, e)| {
+            e.v6.iter()
+                .map(move |&(k, c)| (PeerKeyV6 { policy, ..k }, c))
+        })
+        .collect();
+    (v4, v6)
+}
+
+fn keys<K: Copy, V>(entries: &[(K, V)]) -> Vec<K> {
+    entries.iter().map(|(k, _)| *k).collect()
+}
+
+/// The map entries of classes, their IDs in the keys.
+fn port_entries(classes: &[(u32, &ClassEntries)]) -> Vec<(PortKey, PortVerdict)> {
+    classes
+        .iter()
+        .flat_map(|&(class, e)| e.iter().map(move |&(k, v)| (PortKey { class, ..k }, v)))
+        .collect()
 }
 
 /// Waits until every program that may have read a pod's old entry has finished:
@@ -962,34 +962,28 @@ mod tests {
         let state = spread(81);
         let after = crate::compile::compile_with(&state, Some(&before)).expect("compiles");
         let changes = Changes::between(&before, &after);
-        changes
-            .copy_on_write(&before, &after)
-            .expect("copy-on-write");
+        changes.copy_on_write(&before).expect("copy-on-write");
 
-        // The new policy of pod 4's ingress side, with its classes, is all that is written.
-        let handle = after.pods[&4].policies[0];
-        assert_ne!(handle, before.pods[&4].policies[0]);
-        let peers: Vec<_> = after
-            .peers_v4
-            .iter()
-            .filter(|(k, _)| k.policy == handle)
-            .collect();
-        let written_peers: Vec<_> = changes.peers_v4.write.iter().collect();
-        assert_eq!(written_peers.len(), peers.len());
-        assert!(changes.peers_v6.write.is_empty());
-        let classes: BTreeSet<u32> = peers.iter().map(|(_, c)| c.class).collect();
-        let class_entries = |c: &Compiled, classes: &BTreeSet<u32>| {
-            c.ports
-                .keys()
-                .filter(|k| classes.contains(&k.class))
-                .count()
-        };
-        assert!(changes.ports.write.len() <= class_entries(&after, &classes));
-        assert!(changes.ports.write.len() * 10 < after.ports.len());
+        // The new policy of pod 4's ingress side, with its new classes, is all that is written.
+        let (handle, old_handle) = (after.pods[&4].policies[0], before.pods[&4].policies[0]);
+        assert_ne!(handle, old_handle);
+        let written: Vec<u32> = changes.policies.write.iter().map(|(h, _)| *h).collect();
+        assert_eq!(written, [handle]);
+        let classes: Vec<u32> = after.policies[&handle].classes().collect();
+        assert!(!changes.classes.write.is_empty());
+        assert!(
+            changes
+                .classes
+                .write
+                .iter()
+                .all(|(class, _)| classes.contains(class))
+        );
+        assert!(changes.classes.write.len() * 10 < after.classes.len());
         assert_eq!(changes.pods.write.len(), 1, "pod 4 switches, no other");
         assert!(changes.rules.write.is_empty() && changes.rules.remove.is_empty());
         // And the old policy is all that goes.
-        assert_eq!(changes.peers_v4.remove.len(), peers.len());
+        let removed: Vec<u32> = changes.policies.remove.iter().map(|(h, _)| *h).collect();
+        assert_eq!(removed, [old_handle]);
         assert!(changes.unfiltered.write.is_empty() && changes.unfiltered.remove.is_empty());
 
         // Recompiling the same state over itself changes nothing.
@@ -1006,12 +1000,12 @@ mod tests {
         let fresh = crate::compile::compile(&state).expect("compiles");
         let changes = Changes::between(&before, &fresh);
         assert!(matches!(
-            changes.copy_on_write(&before, &fresh),
+            changes.copy_on_write(&before),
             Err(MapsError::InPlace { .. })
         ));
         let over = crate::compile::compile_with(&state, Some(&before)).expect("compiles");
         Changes::between(&before, &over)
-            .copy_on_write(&before, &over)
+            .copy_on_write(&before)
             .expect("copy-on-write");
     }
 
