@@ -211,7 +211,7 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
     // sight); classes are visited in the order of their rule sets once all are known, so
     // that fresh IDs do not depend on the walk.
     let mut interned: HashMap<ClassKey, usize> = HashMap::default();
-    let mut peer_entries: Vec<(usize, Vec<(bool, Prefix, usize)>)> = Vec::new();
+    let mut peer_entries: Vec<(usize, PeerPrefixes)> = Vec::new();
     let mut sets = RuleSets::new(&rules);
     for (i, policy) in policies.iter().enumerate() {
         if handles[i].is_some() {
@@ -327,6 +327,9 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
         memo: Some(Arc::new(memo)),
     })
 }
+
+/// A policy's peer prefixes: (IPv6, prefix, provisional class).
+type PeerPrefixes = Vec<(bool, Prefix, usize)>;
 
 /// A policy's peer tables laid out for the kernel's search, keys sorted.
 fn policy_layout(v4: &[(Prefix, PeerClass)], v6: &[(Prefix, PeerClass)]) -> PolicyEntries {
@@ -1854,7 +1857,7 @@ mod tests {
         let ids: Vec<GroupId> = m.groups.keys().cloned().collect();
         let id = &ids[at % ids.len()];
         let group = m.groups.get_mut(id).expect("a group");
-        let rules = if at % 2 == 0 {
+        let rules = if at.is_multiple_of(2) {
             &mut group.ingress
         } else {
             &mut group.egress

@@ -231,14 +231,14 @@ impl KernelMaps {
                 .map_err(map_err(map_names::RULES))?;
         }
         stats.written += changes.rules.write.len();
-        let (written_v4, written_v6) = peer_entries(&changes.policies.write);
+        let written = peer_entries(&changes.policies.write);
         stats.written += write_hash(
             &mut self.ports,
             &port_entries(&changes.classes.write),
             map_names::PORTS,
         )?;
-        stats.written += write_hash(&mut self.peers_v4, &written_v4, map_names::PEERS_V4)?;
-        stats.written += write_hash(&mut self.peers_v6, &written_v6, map_names::PEERS_V6)?;
+        stats.written += write_hash(&mut self.peers_v4, &written.v4, map_names::PEERS_V4)?;
+        stats.written += write_hash(&mut self.peers_v6, &written.v6, map_names::PEERS_V6)?;
         stats.written += write_hash(
             &mut self.unfiltered,
             &changes.unfiltered.write,
@@ -270,13 +270,13 @@ impl KernelMaps {
         }
 
         // What no pod uses any more leaves once no program can be reading it.
-        let (removed_v4, removed_v6) = peer_entries(&changes.policies.remove);
+        let removed_peers = peer_entries(&changes.policies.remove);
         let removed_ports = port_entries(&changes.classes.remove);
         let retired = [
             changes.rules.remove.len(),
             removed_ports.len(),
-            removed_v4.len(),
-            removed_v6.len(),
+            removed_peers.v4.len(),
+            removed_peers.v6.len(),
             changes.unfiltered.remove.len(),
             changes.node_local.remove.len(),
         ];
@@ -314,8 +314,16 @@ impl KernelMaps {
             &changes.unfiltered.remove,
             map_names::UNFILTERED,
         )?;
-        remove_hash(&mut self.peers_v6, &keys(&removed_v6), map_names::PEERS_V6)?;
-        remove_hash(&mut self.peers_v4, &keys(&removed_v4), map_names::PEERS_V4)?;
+        remove_hash(
+            &mut self.peers_v6,
+            &keys(&removed_peers.v6),
+            map_names::PEERS_V6,
+        )?;
+        remove_hash(
+            &mut self.peers_v4,
+            &keys(&removed_peers.v4),
+            map_names::PEERS_V4,
+        )?;
         remove_hash(&mut self.ports, &keys(&removed_ports), map_names::PORTS)?;
         for id in &changes.rules.remove {
             self.rules.remove(id).map_err(map_err(map_names::RULES))?;
@@ -664,9 +672,7 @@ impl<'c, E: PartialEq> IdDiff<'c, E> {
 }
 
 /// The map entries of policies, their handles in the keys.
-fn peer_entries(
-    policies: &[(u32, &PolicyEntries)],
-) -> (Vec<(PeerKeyV4, PeerClass)>, Vec<(PeerKeyV6, PeerClass)>) {
+fn peer_entries(policies: &[(u32, &PolicyEntries)]) -> PolicyEntries {
     let v4 = policies
         .iter()
         .flat_map(|&(policy, e)| {
@@ -681,7 +687,7 @@ fn peer_entries(
                 .map(move |&(k, c)| (PeerKeyV6 { policy, ..k }, c))
         })
         .collect();
-    (v4, v6)
+    PolicyEntries { v4, v6 }
 }
 
 fn keys<K: Copy, V>(entries: &[(K, V)]) -> Vec<K> {

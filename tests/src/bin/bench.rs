@@ -350,12 +350,19 @@ fn main() -> Result<()> {
     let mut full = Vec::new();
     let mut incremental = Vec::new();
     let mut memory = 0;
+    let mut entries = [0; 3];
     for _ in 0..apply_repeats {
         let mut kernel = Kernel::load(&empty);
         let started = Instant::now();
         kernel.apply(&big);
         full.push(started.elapsed());
         memory = map_memory()?;
+        let compiled = &kernel.compiled;
+        entries = [
+            compiled.policies.values().map(|p| p.v4.len()).sum(),
+            compiled.policies.values().map(|p| p.v6.len()).sum(),
+            compiled.classes.values().map(|c| c.len()).sum(),
+        ];
         let mut changed = big.clone();
         let shared = changed
             .groups
@@ -393,6 +400,7 @@ fn main() -> Result<()> {
         },
         "apply_ms": {"pods": PODS, "rules_per_pod": 960, "full": full_ms, "one_group_change": change_ms},
         "memory_bytes": {"maps": memory},
+        "entries": {"peers_v4": entries[0], "peers_v6": entries[1], "ports": entries[2]},
     });
     std::fs::write(&options.json, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("writing {}", options.json.display()))?;
@@ -410,7 +418,13 @@ fn main() -> Result<()> {
     println!(
         "apply {PODS} pods x 960 rules: full {full_ms:.0} ms, one shared group changed {change_ms:.0} ms"
     );
-    println!("map memory {:.1} MiB", memory as f64 / (1 << 20) as f64);
+    println!(
+        "map memory {:.1} MiB; entries: peers IPv4 {}, peers IPv6 {}, ports {}",
+        memory as f64 / (1 << 20) as f64,
+        entries[0],
+        entries[1],
+        entries[2]
+    );
     println!(
         "throughput through the trunk, 960 rules/pod, median of {} (spot check: {} allowed and {} denied frames, same verdicts):",
         tput.repeats, tput.spot_checked.0, tput.spot_checked.1
