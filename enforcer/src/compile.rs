@@ -207,25 +207,30 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
         policy_entries.insert(handle, entries);
     }
 
-    // The other policies' peer entries point at interned class keys (value = order of first
-    // sight); classes are visited in the order of their rule sets once all are known, so
-    // that fresh IDs do not depend on the walk.
-    let mut interned: HashMap<ClassKey, usize> = HashMap::default();
-    let mut peer_entries: Vec<(usize, PeerPrefixes)> = Vec::new();
+    // The other policies' peer entries, computed in parallel, point at interned class keys
+    // (value = order of first sight); classes are visited in the order of their rule sets
+    // once all are known, so that fresh IDs depend neither on the walk nor on the threads.
+    let pending: Vec<usize> = (0..policies.len())
+        .filter(|&i| handles[i].is_none())
+        .collect();
     let mut sets = RuleSets::new(&rules);
-    for (i, policy) in policies.iter().enumerate() {
-        if handles[i].is_some() {
-            continue;
-        }
-        let mut entries = Vec::new();
-        for v6 in [false, true] {
-            for (prefix, key) in policy_peers(model, &mut sets, policy, v6) {
+    let mut interned: HashMap<ClassKey, usize> = HashMap::default();
+    let mut peer_entries: Vec<(usize, PeerPrefixes)> = Vec::with_capacity(pending.len());
+    for work in peer_work(model, &rules, &policies, &pending) {
+        let global: Vec<usize> = work.sets.into_iter().map(|set| sets.intern(set)).collect();
+        for (i, tables) in work.policies {
+            let mut entries = Vec::with_capacity(tables.len());
+            for (v6, prefix, key) in tables {
+                let key = ClassKey {
+                    set: global[key.set],
+                    ..key
+                };
                 let next = interned.len();
                 let provisional = *interned.entry(key).or_insert(next);
                 entries.push((v6, prefix, provisional));
             }
+            peer_entries.push((i, entries));
         }
-        peer_entries.push((i, entries));
     }
     let mut keys: Vec<(&ClassKey, usize)> = interned.iter().map(|(k, &v)| (k, v)).collect();
     keys.sort_by(|(a, _), (b, _)| {
@@ -325,6 +330,62 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
         node_local,
         rules: ids,
         memo: Some(Arc::new(memo)),
+    })
+}
+
+/// One policy's (IPv6, prefix, class key) of both families.
+type PolicyPeers = Vec<(bool, Prefix, ClassKey)>;
+
+/// Peer prefixes of some policies (by index), their classes' rule sets local to the work.
+struct PeerWork {
+    sets: Vec<Vec<u32>>,
+    policies: Vec<(usize, PolicyPeers)>,
+}
+
+/// The peer prefixes of `policies[pending]`, the work spread over the CPUs (each policy's
+/// fold is independent; a node's hundreds of policies are most of a compile).
+fn peer_work(
+    model: &Model,
+    rules: &RuleTable,
+    policies: &[Policy],
+    pending: &[usize],
+) -> Vec<PeerWork> {
+    let work = |chunk: &[usize]| {
+        let mut sets = RuleSets::new(rules);
+        let policies = chunk
+            .iter()
+            .map(|&i| {
+                let tables = [false, true]
+                    .into_iter()
+                    .flat_map(|v6| {
+                        policy_peers(model, &mut sets, &policies[i], v6)
+                            .into_iter()
+                            .map(move |(prefix, key)| (v6, prefix, key))
+                    })
+                    .collect();
+                (i, tables)
+            })
+            .collect();
+        PeerWork {
+            sets: sets.sets,
+            policies,
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    // Threads only pay off for more than a handful of policies.
+    if threads == 1 || pending.len() < 4 * threads {
+        return vec![work(pending)];
+    }
+    let chunk = pending.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let running: Vec<_> = pending
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || work(part)))
+            .collect();
+        running
+            .into_iter()
+            .map(|thread| thread.join().expect("a compile thread does not panic"))
+            .collect()
     })
 }
 
@@ -686,6 +747,8 @@ struct RuleTable {
     refs: Vec<RuleRef>,
     /// The (protocol, port) prefixes of the rule's L4 part.
     l4: Vec<Vec<Prefix>>,
+    /// The same as one span of the 24-bit (protocol, port) space: an L4 part is contiguous.
+    spans: Vec<(u32, u32)>,
     is_all: Vec<bool>,
     /// The rule's peer is `0.0.0.0/0` or `::/0`.
     everything: Vec<bool>,
@@ -698,6 +761,7 @@ impl RuleTable {
         let mut table = Self {
             refs: Vec::new(),
             l4: Vec::new(),
+            spans: Vec::new(),
             is_all: Vec::new(),
             everything: Vec::new(),
             first: BTreeMap::new(),
@@ -712,7 +776,12 @@ impl RuleTable {
                         direction,
                         index: i,
                     });
-                    table.l4.push(l4_prefixes(&rule.l4));
+                    let prefixes = l4_prefixes(&rule.l4);
+                    let spans = prefixes.iter().map(Prefix::port_span);
+                    let first = spans.clone().map(|(lo, _)| lo).min();
+                    let last = spans.map(|(_, hi)| hi).max();
+                    table.spans.push((first.unwrap_or(0), last.unwrap_or(0)));
+                    table.l4.push(prefixes);
                     table.is_all.push(rule.l4 == L4Match::All);
                     let everything = everything_family(&rule.peer).is_some();
                     table.everything.push(everything);
@@ -768,16 +837,21 @@ impl<'r> RuleSets<'r> {
         }
         let base = inherited.map_or(&[][..], |i| &self.sets[i]);
         let set = self.prune(&union(base, key.1.clone()));
-        let id = match self.ids.get(&set) {
+        let id = self.intern(set);
+        self.memo.insert(key, id);
+        id
+    }
+
+    /// The index of `set`.
+    fn intern(&mut self, set: Vec<u32>) -> usize {
+        match self.ids.get(&set) {
             Some(&id) => id,
             None => {
                 self.sets.push(set.clone());
                 self.ids.insert(set, self.sets.len() - 1);
                 self.sets.len() - 1
             }
-        };
-        self.memo.insert(key, id);
-        id
+        }
     }
 
     /// Keeps a rule unless every (protocol, port) it covers is covered by lower rules, and,
@@ -787,17 +861,14 @@ impl<'r> RuleSets<'r> {
         let mut covered_everywhere = Spans::default();
         let mut kept = Vec::new();
         for &id in set {
-            let prefixes = &self.rules.l4[index(id)];
+            let span = self.rules.spans[index(id)];
             let everything = self.rules.everything[index(id)];
-            let within = |cover: &Spans| prefixes.iter().all(|p| cover.contains(p.port_span()));
-            if !within(&covered) || (everything && !within(&covered_everywhere)) {
+            if !covered.contains(span) || (everything && !covered_everywhere.contains(span)) {
                 kept.push(id);
             }
-            for p in prefixes {
-                covered.insert(p.port_span());
-                if everything {
-                    covered_everywhere.insert(p.port_span());
-                }
+            covered.insert(span);
+            if everything {
+                covered_everywhere.insert(span);
             }
         }
         kept
