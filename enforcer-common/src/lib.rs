@@ -23,13 +23,14 @@ pub mod lengths {
         fn length(rank: u32) -> u8;
     }
 
-    /// IPv4 peers: 4, 6, ..., 32 (4 probes).
+    /// IPv4 peers: 8, 12, ..., 32 (3 probes; a prefix is expanded at most 8 times, 0.0.0.0/0
+    /// into 256 /8s).
     pub struct PeerV4;
     impl Grid for PeerV4 {
-        const DEPTH: u32 = 4;
+        const DEPTH: u32 = 3;
         #[inline(always)]
         fn length(rank: u32) -> u8 {
-            (4 + 2 * rank) as u8
+            (8 + 4 * rank) as u8
         }
     }
 
@@ -111,7 +112,8 @@ pub mod map_names {
     pub const PEERS_V6: &str = "PEERS_V6";
     /// Hash: [`crate::PortKey`] (peer class, protocol and port prefix) -> [`crate::PortVerdict`].
     pub const PORTS: &str = "PORTS";
-    /// Hash: [`crate::AddrKey`] -> `u8`, peers security groups never filter (sg-semantics.md §5).
+    /// Hash: [`crate::AddrKey`] -> `u8`, per pod VLAN the peers security groups never filter
+    /// (sg-semantics.md §5), the node's and the pod's own.
     pub const UNFILTERED: &str = "UNFILTERED";
     /// Hash: [`crate::AddrKey`] (vlan 0) -> `u8`, addresses on this node (standard mode skips them).
     pub const NODE_LOCAL: &str = "NODE_LOCAL";
@@ -398,8 +400,8 @@ pub struct PortVerdict {
 /// [`PortVerdict::rule`] of a (protocol, port) no rule allows.
 pub const NO_RULE: u32 = 0;
 
-/// Key of the address sets: an address (IPv4 as `::ffff:a.b.c.d`) seen by one
-/// pod's VLAN, or by every pod when `vlan` is 0.
+/// Key of the address sets: an address (IPv4 as `::ffff:a.b.c.d`) for one pod's
+/// VLAN (`UNFILTERED`), or for the node when `vlan` is 0 (`NODE_LOCAL`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AddrKey {

@@ -298,7 +298,7 @@ fn is_unfiltered(vlan: u16, packet: &Packet, peer: &[u8; 16], direction: Directi
             return true;
         }
     }
-    is_set(&UNFILTERED, 0, peer, packet.ipv6) || is_set(&UNFILTERED, vlan, peer, packet.ipv6)
+    is_set(&UNFILTERED, vlan, peer, packet.ipv6)
 }
 
 #[inline(always)]

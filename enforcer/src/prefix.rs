@@ -224,7 +224,7 @@ mod tests {
         assert_eq!(probes, PeerV6::DEPTH);
         for len in [0, 1, 8, 31, 32] {
             let keys = lay_out::<PeerV4, u32>(&[(Prefix { bits: 0, len }, 7)], 0);
-            assert!(keys.iter().all(|(k, _)| k.len % 2 == 0 && k.len >= 4));
+            assert!(keys.iter().all(|(k, _)| k.len % 4 == 0 && k.len >= 8));
             assert_eq!(
                 search::<PeerV4>(&keys, Prefix { bits: 0, len: 32 }),
                 Some(7)

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod generator;
 pub mod matrix;
 pub mod netns;
 pub mod nft;

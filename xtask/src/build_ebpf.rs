@@ -15,9 +15,15 @@ const TARGET: &str = "bpfel-unknown-none";
 const CRATES: [&str; 2] = ["enforcer-ebpf", "testbed-ebpf"];
 
 /// The objects they build: the enforcer's (embedded by `enforcer/build.rs`), the
-/// benchmarks' floor (`tests/src/bin/bench.rs`) and the virtual node's
-/// (`tests/src/testbed.rs`).
-const OBJECTS: [&str; 3] = ["enforcer-ebpf", "enforcer-floor", "testbed-ebpf"];
+/// benchmarks' floor (`tests/src/bin/bench.rs`), the virtual node's
+/// (`tests/src/testbed.rs`) and the throughput bench's traffic generator
+/// (`tests/src/testbed/generator.rs`).
+const OBJECTS: [&str; 4] = [
+    "enforcer-ebpf",
+    "enforcer-floor",
+    "testbed-ebpf",
+    "testbed-generator",
+];
 
 /// Where the object `name` is staged.
 fn staged_object(name: &str) -> PathBuf {

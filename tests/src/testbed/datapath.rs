@@ -194,7 +194,7 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassif
 }
 
 /// The index of `dev` in the calling thread's namespace.
-fn ifindex(dev: &str) -> Result<u32> {
+pub(super) fn ifindex(dev: &str) -> Result<u32> {
     let name = std::ffi::CString::new(dev).context("interface name")?;
     // SAFETY: `name` is a valid C string for the duration of the call.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };

@@ -1,6 +1,7 @@
-//! The throughput bench's node: a sender namespace at the VPC's end of the trunk, the node
-//! (trunk `eth1`, the pod's `vlan.eth.N` link from the test bed), and one branch pod behind it.
-//! Tagged frames written with an AF_PACKET socket cross the trunk, the filter under test
+//! The throughput bench's node: a namespace at the VPC's end of the trunk, the node (trunk
+//! `eth1`, the pod's `vlan.eth.N` link from the test bed), and one branch pod behind it.
+//! Tagged frames arrive on the trunk from the generator (`generator.rs`: injected into the
+//! trunk's receive path, as its driver would pass them up), cross the filter under test
 //! (the enforcer on the trunk, or nftables in the node's forward hook), are untagged and
 //! routed to the pod, whose `eth0` counts them. The node addresses them to a MAC the pod
 //! does not have, so the pod drops them silently: no reply loads the path.
@@ -11,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use aya::Ebpf;
@@ -26,6 +27,7 @@ use enforcer_common::Reason;
 
 use super::NAME_PREFIX;
 use super::datapath::Datapath;
+use super::generator::{Frames, Generator, Sent};
 use super::netns::Namespace;
 use super::nft::{self, ESTABLISHED_COUNTER, Layout};
 use super::wiring::{self, Mac};
@@ -35,12 +37,10 @@ use crate::random::{Rng, packet_for_rule, random_addr};
 /// The node's trunk and primary interface (the model's NodeConfig names are not needed here).
 const TRUNK: &str = "eth1";
 const PRIMARY: &str = "eth0";
-/// The sender's end of the trunk (named by `wiring::node`).
-const SENDER_LINK: &str = wiring::VPC_TRUNK;
+/// The VPC's end of the trunk (named by `wiring::node`), where the pod's replies go.
+const VPC_LINK: &str = wiring::VPC_TRUNK;
 /// Where the node sends the pod's frames: not the pod's MAC, so the pod drops them unanswered.
 const ELSEWHERE: Mac = Mac([0x02, 0x73, 0x67, 8, 0, 0]);
-/// Frames per `sendmmsg`.
-const BATCH: usize = 64;
 /// The nftables table (one per node namespace).
 const TABLE: &str = "sgbench";
 
@@ -76,12 +76,14 @@ impl Filter {
 pub struct Run {
     pub sent: u64,
     pub received: u64,
-    pub elapsed: Duration,
+    /// CPU time the node took for the frames, as the kernel timed it.
+    pub busy: Duration,
 }
 
 impl Run {
+    /// Packets per second of one CPU's time.
     pub fn pps(&self) -> f64 {
-        self.received as f64 / self.elapsed.as_secs_f64()
+        self.received as f64 / self.busy.as_secs_f64()
     }
 }
 
@@ -94,15 +96,15 @@ struct Enforcer {
 
 /// The bench's node; dropping it tears everything down.
 pub struct Bed {
-    sender: Option<Namespace>,
+    vpc: Option<Namespace>,
     node: Option<Namespace>,
     pod_ns: Option<Namespace>,
     datapath: Option<Datapath>,
     enforcer: Option<Enforcer>,
     pod: BranchPod,
     link: String,
-    /// The sender's AF_PACKET socket on its end of the trunk.
-    socket: Option<OwnedFd>,
+    /// The trunk's traffic.
+    generator: Option<Generator>,
     /// nftables rulesets by layout, with their sizes.
     pub linear: nft::Ruleset,
     pub sets: nft::Ruleset,
@@ -120,7 +122,7 @@ impl Bed {
         let pod = model.pods.first().context("the model has no pod")?.clone();
         let link = wiring::vlan_link(pod.vlan);
         let mut bed = Self {
-            sender: None,
+            vpc: None,
             node: None,
             pod_ns: None,
             datapath: None,
@@ -129,7 +131,7 @@ impl Bed {
             sets: nft::ruleset(model, &pod, &link, TABLE, Layout::Sets),
             pod,
             link,
-            socket: None,
+            generator: None,
         };
         bed.wire(&run)?;
         bed.enforcer = Some(Enforcer::load(model)?);
@@ -138,23 +140,21 @@ impl Bed {
 
     fn wire(&mut self, name: &str) -> Result<()> {
         let run_of = |role: &str| format!("{name}-{role}");
-        let sender = self.sender.insert(Namespace::create(&run_of("sender"))?);
-        sender.sysctl(wiring::COMMON_SYSCTLS)?;
+        let vpc = self.vpc.insert(Namespace::create(&run_of("vpc"))?);
+        vpc.sysctl(wiring::COMMON_SYSCTLS)?;
         let node = self.node.insert(Namespace::create(&run_of("node"))?);
         node.sysctl(wiring::COMMON_SYSCTLS)?;
         node.sysctl(wiring::ROUTER_SYSCTLS)?;
         let pod_ns = self.pod_ns.insert(Namespace::create(&run_of("pod"))?);
         pod_ns.sysctl(wiring::COMMON_SYSCTLS)?;
-        let sender = self.sender.as_ref().expect("created");
+        let vpc = self.vpc.as_ref().expect("created");
         let node = self.node.as_ref().expect("created");
         let pod_ns = self.pod_ns.as_ref().expect("created");
 
-        node.ip(&wiring::node(sender.name(), PRIMARY, TRUNK, &[]))?;
+        node.ip(&wiring::node(vpc.name(), PRIMARY, TRUNK, &[]))?;
         node.sysctl(&[(&format!("net.ipv6.conf.{TRUNK}.disable_ipv6"), "1")])?;
-        sender.sysctl(&[(&format!("net.ipv6.conf.{SENDER_LINK}.disable_ipv6"), "1")])?;
-        run(sender
-            .command("ip")
-            .args(["link", "set", SENDER_LINK, "up"]))?;
+        vpc.sysctl(&[(&format!("net.ipv6.conf.{VPC_LINK}.disable_ipv6"), "1")])?;
+        run(vpc.command("ip").args(["link", "set", VPC_LINK, "up"]))?;
         let addresses: Vec<IpAddr> = self.pod.addresses().collect();
         let host = wiring::host_link("vlan", &self.pod.name);
         let pod_mac = Mac::parse(&self.pod.mac).context("the pod's MAC")?;
@@ -184,12 +184,25 @@ impl Bed {
         let mut datapath = Datapath::load()?;
         datapath.attach_vlan_link(node, &self.link, self.pod.vlan)?;
         self.datapath = Some(datapath);
-        self.socket = Some(sender.enter(|| packet_socket(SENDER_LINK, 0))??);
+        self.generator = Some(Generator::load(node, TRUNK)?);
         Ok(())
     }
 
-    fn sender_fd(&self) -> i32 {
-        self.socket.as_ref().expect("opened at build").as_raw_fd()
+    /// Stores `frames` in the generator, to be sent by [`Bed::run`] and [`Bed::deliveries`].
+    pub fn store(&mut self, frames: &[Vec<u8>]) -> Result<Frames> {
+        self.generator
+            .as_mut()
+            .expect("loaded at build")
+            .store(frames)
+    }
+
+    /// Passes `count` of `frames` (cycled) up the trunk, or as many as take `budget` of CPU.
+    fn send(&mut self, frames: &Frames, count: u64, budget: Duration) -> Result<Sent> {
+        let node = self.node.as_ref().expect("node namespace");
+        self.generator
+            .as_mut()
+            .expect("loaded at build")
+            .send(node, frames, count, budget)
     }
 
     fn node(&self) -> &Namespace {
@@ -281,48 +294,26 @@ impl Bed {
             .context("no rx packets in `ip -s -j link`")
     }
 
-    /// Sends `frames` (cycling through them if `repeat`) for up to `duration`, on one pinned
-    /// CPU, and counts what reached the pod.
-    pub fn run(&self, frames: &[Vec<u8>], repeat: bool, duration: Duration) -> Result<Run> {
+    /// Sends `frames` (cycling through them if `repeat`, else each once) for up to `budget`
+    /// of CPU time, on one pinned CPU, and counts what reached the pod.
+    pub fn run(&mut self, frames: &Frames, repeat: bool, budget: Duration) -> Result<Run> {
         let before = self.received()?;
-        let fd = self.sender_fd();
-        let (sent, elapsed) = std::thread::scope(|scope| {
-            scope
-                .spawn(|| send(fd, frames, repeat, duration))
-                .join()
-                .map_err(|_| anyhow::anyhow!("the sender panicked"))?
-        })?;
-        // Delivery is synchronous (softirq on the sender's CPU); leave a moment for a backlog.
+        let count = if repeat { u64::MAX } else { frames.len() };
+        let sent = self.send(frames, count, budget)?;
+        // Delivery is synchronous (softirq on the generator's CPU); leave a moment for a backlog.
         std::thread::sleep(Duration::from_millis(20));
         let received = self.received()? - before;
         Ok(Run {
-            sent,
+            sent: sent.frames,
             received,
-            elapsed,
+            busy: sent.busy,
         })
     }
 
-    /// Sends `frames` one burst and returns those the pod received (by flow key).
-    pub fn deliveries(&self, frames: &[Vec<u8>]) -> Result<HashSet<Vec<u8>>> {
-        let receiver = self.pod_ns().enter(|| packet_socket("eth0", 0x0003))??;
-        let timeout = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        // SAFETY: setsockopt with a valid timeval on an open socket.
-        let rc = unsafe {
-            libc::setsockopt(
-                receiver.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("SO_RCVTIMEO");
-        }
-        send(self.sender_fd(), frames, false, Duration::from_secs(5))?;
+    /// Sends `frames` once and returns those the pod received (by flow key).
+    pub fn deliveries(&mut self, frames: &Frames) -> Result<HashSet<Vec<u8>>> {
+        let receiver = self.pod_ns().enter(|| receiver("eth0", frames.len()))??;
+        self.send(frames, frames.len(), Duration::from_secs(5))?;
         let mut seen = HashSet::new();
         let mut buf = [0u8; 2048];
         loop {
@@ -353,14 +344,10 @@ impl Bed {
         Ok(seen)
     }
 
-    /// Makes `frame`'s UDP flow established: the pod answers it once.
-    pub fn establish(&self, frame: &[u8]) -> Result<()> {
-        send(
-            self.sender_fd(),
-            &[frame.to_vec()],
-            false,
-            Duration::from_secs(1),
-        )?;
+    /// Makes `frame`'s UDP flow established (`stored`: `frame` in the generator): the pod
+    /// answers it once.
+    pub fn establish(&mut self, frame: &[u8], stored: &Frames) -> Result<()> {
+        self.send(stored, 1, Duration::from_secs(1))?;
         let ip = &frame[18..];
         let (peer, pod) = match ip[0] >> 4 {
             4 => (
@@ -385,7 +372,7 @@ impl Drop for Bed {
     fn drop(&mut self) {
         self.enforcer = None;
         self.datapath = None;
-        for ns in [self.pod_ns.take(), self.node.take(), self.sender.take()]
+        for ns in [self.pod_ns.take(), self.node.take(), self.vpc.take()]
             .into_iter()
             .flatten()
         {
@@ -469,8 +456,10 @@ fn nft_load(node: &Namespace, ruleset: &str) -> Result<()> {
     Ok(())
 }
 
-/// An AF_PACKET socket on `dev` (in the calling thread's namespace); `protocol` 0 only sends.
-fn packet_socket(dev: &str, protocol: u16) -> Result<OwnedFd> {
+/// An AF_PACKET socket receiving every frame of `dev` (in the calling thread's namespace),
+/// with room for `frames` frames, waiting up to 200 ms for each.
+fn receiver(dev: &str, frames: u64) -> Result<OwnedFd> {
+    const ETH_P_ALL: u16 = 0x0003;
     let name = std::ffi::CString::new(dev)?;
     // SAFETY: a valid C string.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -482,7 +471,7 @@ fn packet_socket(dev: &str, protocol: u16) -> Result<OwnedFd> {
         libc::socket(
             libc::AF_PACKET,
             libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            i32::from(protocol.to_be()),
+            i32::from(ETH_P_ALL.to_be()),
         )
     };
     if fd < 0 {
@@ -493,7 +482,7 @@ fn packet_socket(dev: &str, protocol: u16) -> Result<OwnedFd> {
     // SAFETY: zeroed sockaddr_ll is valid; fields set below.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = protocol.to_be();
+    addr.sll_protocol = ETH_P_ALL.to_be();
     addr.sll_ifindex = ifindex as i32;
     // SAFETY: bind with a sockaddr_ll of the size given.
     if unsafe {
@@ -506,72 +495,34 @@ fn packet_socket(dev: &str, protocol: u16) -> Result<OwnedFd> {
     {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("binding to {dev}"));
     }
-    let one: i32 = 1;
-    // SAFETY: setsockopt with an int. PACKET_QDISC_BYPASS: straight to the driver.
-    if unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&raw const one).cast(),
-            size_of::<i32>() as libc::socklen_t,
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error()).context("PACKET_QDISC_BYPASS");
-    }
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    set_option(&socket, libc::SO_RCVTIMEO, &timeout).context("SO_RCVTIMEO")?;
+    // The generator's frames arrive all at once, each in a page of its own (the truesize a
+    // receive buffer is charged): beyond the default buffer, most would be dropped.
+    let room = i32::try_from(frames * 8192).unwrap_or(i32::MAX);
+    set_option(&socket, libc::SO_RCVBUFFORCE, &room).context("SO_RCVBUFFORCE")?;
     Ok(socket)
 }
 
-/// Writes `frames` with `sendmmsg` bursts from a thread pinned to the last CPU, until they
-/// are all sent (`repeat`: cycled) or `duration` is over; returns frames sent and time taken.
-fn send(fd: i32, frames: &[Vec<u8>], repeat: bool, duration: Duration) -> Result<(u64, Duration)> {
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET on an index below its size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpus - 1, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+/// Sets the socket-level option `name` to `value`.
+fn set_option<T>(socket: &OwnedFd, name: i32, value: &T) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads a `T` from a valid reference on an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(BATCH);
-    let mut headers: Vec<libc::mmsghdr> = Vec::with_capacity(BATCH);
-    let started = Instant::now();
-    let mut next = 0usize;
-    let mut sent = 0u64;
-    while started.elapsed() < duration {
-        if next >= frames.len() {
-            if !repeat || frames.is_empty() {
-                break;
-            }
-            next = 0;
-        }
-        let batch = &frames[next..frames.len().min(next + BATCH)];
-        iovecs.clear();
-        iovecs.extend(batch.iter().map(|f| libc::iovec {
-            iov_base: f.as_ptr() as *mut libc::c_void,
-            iov_len: f.len(),
-        }));
-        headers.clear();
-        for iov in &mut iovecs {
-            // SAFETY: zeroed msghdr is valid (no address, no control data).
-            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            header.msg_hdr.msg_iov = iov;
-            header.msg_hdr.msg_iovlen = 1;
-            headers.push(header);
-        }
-        // SAFETY: `headers` point at `iovecs`, which point at live frames.
-        let n = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), headers.len() as u32, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOBUFS) {
-                continue;
-            }
-            return Err(e).context("sendmmsg");
-        }
-        next += n as usize;
-        sent += n as u64;
-    }
-    Ok((sent, started.elapsed()))
+    Ok(())
 }
 
 /// Deletes every conntrack entry of the calling thread's namespace (ctnetlink
