@@ -182,16 +182,19 @@ pub fn compile(model: &Model) -> Result<Compiled, CompileError> {
 }
 
 /// Builds the map entries of every pod of `model`, keeping the IDs `previous` gave to what
-/// did not change: a rule keeps its ID while its (group, direction, index) exists; a peer
-/// class or policy handle keeps its ID if its entries are identical, and entries that change
-/// get a fresh class or handle (copy-on-write: `maps.rs` never rewrites entries in use).
-/// Fresh IDs are the lowest that neither `previous` nor this compile uses, so an ID freed by
-/// one compile is reused at the earliest by the next. Deterministic for (model, previous).
+/// did not change: a rule keeps its ID while its (group, direction, index) exists; a policy
+/// handle keeps its ID if its entries are identical, and so does a peer class, found by the
+/// rules it was computed from (or, over a state read back from the kernel, by its entries);
+/// entries that change get a fresh class or handle (copy-on-write: `maps.rs` never rewrites
+/// entries in use). Over a compiled `previous`, policies and classes whose inputs did not
+/// change are taken over as they are, not computed again. Fresh IDs are the lowest that
+/// neither `previous` nor this compile uses, so an ID freed by one compile is reused at the
+/// earliest by the next. Deterministic for (model, previous).
 pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compiled, CompileError> {
     check_vlans(model)?;
     let rules = RuleTable::new(model);
     let policies = policies(model);
-    let reuse = Reuse::new(previous, model, &rules);
+    let reuse = Reuse::new(previous, model);
     let mut before = Previous::index(previous);
     let rule_ids: Vec<u32> = rules.refs.iter().map(|r| before.rule_id(r)).collect();
 
@@ -423,24 +426,23 @@ fn policy_layout(v4: &[(Prefix, PeerClass)], v6: &[(Prefix, PeerClass)]) -> Poli
 struct Reuse<'p> {
     previous: Option<(&'p Compiled, &'p Memo)>,
     model: &'p Model,
-    /// Stable IDs of rules whose contents changed.
+    /// Stable IDs of rules whose contents changed, or that are gone (their IDs may name
+    /// other rules one compile later).
     stale: HashSet<u32>,
 }
 
 impl<'p> Reuse<'p> {
-    fn new(previous: Option<&'p Compiled>, model: &'p Model, rules: &RuleTable) -> Self {
+    fn new(previous: Option<&'p Compiled>, model: &'p Model) -> Self {
         let previous = previous.and_then(|p| p.memo.as_deref().map(|memo| (p, memo)));
         let mut stale = HashSet::default();
         if let Some((compiled, memo)) = previous {
-            for rule in &rules.refs {
-                let rules_of = |m: &'p Model| {
-                    m.groups
-                        .get(&rule.group_id)
-                        .and_then(|g| g.rules(rule.direction).get(rule.index))
-                };
-                if rules_of(&memo.model) != rules_of(model)
-                    && let Some(id) = compiled.rules.id(rule)
-                {
+            let rule_of = |m: &'p Model, rule: &RuleRef| {
+                m.groups
+                    .get(&rule.group_id)
+                    .and_then(|g| g.rules(rule.direction).get(rule.index))
+            };
+            for (id, rule) in compiled.rules.iter() {
+                if rule_of(&memo.model, rule) != rule_of(model, rule) {
                     stale.insert(id);
                 }
             }
