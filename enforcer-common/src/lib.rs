@@ -174,9 +174,13 @@ pub mod ct_timeouts {
 
 /// Capacity of the connection tracker (LRU: the oldest idle flow goes first).
 pub const MAX_FLOWS: u32 = 262_144;
-/// Capacity of each peer map (entries of all policies, markers included).
-pub const MAX_PEER_ENTRIES: u32 = 1 << 21;
-/// Capacity of the port map (entries of all peer classes, markers included).
+/// Capacity of each peer map (entries of all policies, markers included). A
+/// node at the limits (120 branch pods, 16 groups of 60 rules each) needs about
+/// 35k; room for twice that while a change is written beside what it replaces.
+/// Hash buckets cost memory whether used or not (16 bytes per entry of capacity).
+pub const MAX_PEER_ENTRIES: u32 = 1 << 18;
+/// Capacity of the port map (entries of all peer classes, markers included):
+/// about 640k at the same limits with arbitrary port ranges.
 pub const MAX_PORT_ENTRIES: u32 = 1 << 21;
 /// Capacity of the address sets (`UNFILTERED`, `NODE_LOCAL`).
 pub const MAX_ADDRESSES: u32 = 65_536;
