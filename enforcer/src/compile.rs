@@ -843,7 +843,7 @@ impl<'r> RuleSets<'r> {
             return id;
         }
         let base = inherited.map_or(&[][..], |i| &self.sets[i]);
-        let set = self.prune(&union(base, key.1.clone()));
+        let set = self.prune(&union(base, &key.1));
         let id = self.intern(set);
         self.memo.insert(key, id);
         id
@@ -866,7 +866,7 @@ impl<'r> RuleSets<'r> {
     fn prune(&self, set: &[u32]) -> Vec<u32> {
         let mut covered = Spans::default();
         let mut covered_everywhere = Spans::default();
-        let mut kept = Vec::new();
+        let mut kept = Vec::with_capacity(set.len());
         for &id in set {
             let span = self.rules.spans[index(id)];
             let everything = self.rules.everything[index(id)];
@@ -900,41 +900,35 @@ impl Spans {
         if first < last {
             lo = lo.min(self.0[first].0);
             hi = hi.max(self.0[last - 1].1);
+            self.0[first] = (lo, hi);
+            self.0.drain(first + 1..last);
+        } else {
+            self.0.insert(first, (lo, hi));
         }
-        self.0.splice(first..last, [(lo, hi)]);
     }
 }
 
 /// The prefixes of `family` that a peer stands for.
-fn peer_cidrs(model: &Model, peer: &Peer, v6: bool) -> Vec<Cidr> {
-    let family = |c: &Cidr| c.is_ipv4() != v6;
-    match peer {
-        Peer::Cidr(cidr) => [*cidr].into_iter().filter(family).collect(),
-        Peer::PrefixList(id) => model
-            .prefix_lists
-            .get(id)
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(family)
-            .collect(),
-        Peer::Group(id) => model
-            .members
-            .get(id)
-            .into_iter()
-            .flatten()
-            .map(|&ip| Cidr::host(ip))
-            .filter(family)
-            .collect(),
-    }
+fn peer_cidrs<'m>(model: &'m Model, peer: &'m Peer, v6: bool) -> impl Iterator<Item = Cidr> + 'm {
+    let (cidr, list, members) = match peer {
+        Peer::Cidr(cidr) => (Some(*cidr), None, None),
+        Peer::PrefixList(id) => (None, model.prefix_lists.get(id), None),
+        Peer::Group(id) => (None, None, model.members.get(id)),
+    };
+    cidr.into_iter()
+        .chain(list.into_iter().flatten().copied())
+        .chain(members.into_iter().flatten().map(|&ip| Cidr::host(ip)))
+        .filter(move |c| c.is_ipv4() != v6)
 }
 
 /// Sorted, de-duplicated union of an inherited and an own set of rule IDs.
-fn union(inherited: &[u32], mut own: Vec<u32>) -> Vec<u32> {
-    own.extend_from_slice(inherited);
-    own.sort_unstable();
-    own.dedup();
-    own
+fn union(inherited: &[u32], own: &[u32]) -> Vec<u32> {
+    let mut all = Vec::with_capacity(inherited.len() + own.len());
+    all.extend_from_slice(inherited);
+    all.extend_from_slice(own);
+    all.sort_unstable();
+    all.dedup();
+    all
 }
 
 /// The (protocol, port) prefixes a rule's L4 part covers.
