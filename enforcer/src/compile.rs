@@ -1,15 +1,17 @@
 //! Compiles the model into the fast path's map entries, whose lookups cost the same whatever the
 //! number of rules, and [`interpret`]s those entries exactly as the kernel looks them up.
 //!
-//! Peer tries map (policy, prefix) to a class, the set of rules whose peer covers the prefix
-//! (each longer prefix folds in every shorter covering one, as LPM returns only the longest).
-//! The port trie maps (class, protocol, port or ICMP type/code) to the lowest allowing rule ID,
-//! folded the same way. Rule IDs, classes and policy handles start at 1; 0 means none. They
-//! are stable across compiles ([`compile_with`]): what did not change keeps its ID.
+//! A policy's peer table maps (prefix) to a class, the set of rules whose peer covers the
+//! prefix (each longer prefix folds in every shorter covering one, as a longest-prefix match
+//! returns only the longest). A class's port table maps (protocol, port or ICMP type/code) to
+//! the lowest allowing rule ID, folded the same way. Both are laid out for the kernel's
+//! binary search on prefix lengths (`prefix::lay_out`). Rule IDs, classes and policy handles
+//! start at 1; 0 means none. They are stable across compiles ([`compile_with`]): what did not
+//! change keeps its ID.
 //!
 //! To keep the maps small, a class leaves out rules that can never decide a verdict (a
-//! lower rule covers all they cover), and a key whose value equals that of the nearest
-//! shorter key covering it is not emitted: the trie answers the same without it.
+//! lower rule covers all they cover), and a prefix whose value equals that of the nearest
+//! shorter prefix covering it is left out: the longest match answers the same without it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -702,7 +704,7 @@ fn index(id: u32) -> usize {
     id as usize - 1
 }
 
-/// What a peer-trie value stands for: the rules (that can decide) whose peer covers the
+/// What a peer-table value stands for: the rules (that can decide) whose peer covers the
 /// prefix, an index into [`RuleSets`], and for which protocols (TCP, UDP) the policy's
 /// opposite direction opens every port to everywhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -711,7 +713,7 @@ struct ClassKey {
     reverse_open: [bool; 2],
 }
 
-/// The peer-trie entries of one policy and family, as (prefix, class key).
+/// The peer table of one policy and family, as (prefix, class key).
 fn policy_peers(
     model: &Model,
     sets: &mut RuleSets,
@@ -980,7 +982,7 @@ fn port_blocks(from: u16, to: u16) -> Vec<(u16, u8)> {
     blocks
 }
 
-/// The port trie entries of one class (class bytes zero), naming rules by `rule_ids`.
+/// The port entries of one class (class zero), naming rules by `rule_ids`.
 fn class_ports(
     rules: &RuleTable,
     rule_ids: &[u32],
@@ -1130,8 +1132,8 @@ impl Interpretation {
 }
 
 /// Looks a new flow up in the compiled entries in the kernel's order: pod, never-filtered
-/// addresses and protocols, same-node (standard), then per checked side peer LPM -> class ->
-/// port LPM.
+/// addresses and protocols, same-node (standard), then per checked side the peer search ->
+/// class -> port search.
 pub fn interpret(
     compiled: &Compiled,
     vlan: u16,
