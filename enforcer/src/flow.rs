@@ -20,7 +20,7 @@
 //!    tracked: create (or overwrite an expired) entry with the packet recorded, the
 //!    direction of origin and the lowest allowing rule of each side.
 //!
-//! Recording a packet: set SEEN_<direction>, and for TCP FIN set FIN_<direction>; then
+//! Recording a packet: set `SEEN_<direction>`, and for TCP FIN set `FIN_<direction>`; then
 //! TCP: CLOSING if already CLOSING, or the packet has RST, or both FIN bits are set; else
 //! ESTABLISHED if both SEEN bits are set; else OPENING. Other protocols: BOTH_WAYS if both
 //! SEEN bits are set, else ONE_WAY. CLOSING is final for the entry (until a new SYN, above).
