@@ -45,6 +45,10 @@ pub enum MapsError {
         "the state rewrites {map} entries of ID {id}, which are in use, in place: compile it over the enforced state"
     )]
     InPlace { map: &'static str, id: u32 },
+    #[error(
+        "map {map} is full ({capacity} entries): the state needs more than the enforcer holds; the kernel keeps enforcing the state before it"
+    )]
+    Full { map: &'static str, capacity: u32 },
     #[error("map {map}: batch operation")]
     Batch {
         map: &'static str,
@@ -809,8 +813,18 @@ fn write_hash<K: Pod, V: Pod>(
     for chunk in entries.chunks(BATCH) {
         let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
         let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
-        batch::update(fd, &keys, &values)
-            .map_err(|source| MapsError::Batch { map: name, source })?;
+        batch::update(fd, &keys, &values).map_err(|source| {
+            // A hash map refuses a new key when full with E2BIG.
+            if source.raw_os_error() == Some(libc::E2BIG) {
+                let capacity = map.map().info().map_or(0, |info| info.max_entries());
+                MapsError::Full {
+                    map: name,
+                    capacity,
+                }
+            } else {
+                MapsError::Batch { map: name, source }
+            }
+        })?;
     }
     Ok(entries.len())
 }
