@@ -107,14 +107,6 @@ impl PolicyEntries {
         v4.chain(self.v6.iter().map(|(_, c)| c.class))
             .filter(|&c| c != NO_CLASS)
     }
-
-    pub fn len(&self) -> usize {
-        self.v4.len() + self.v6.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// What a compile remembers for the next: the model it compiled, its policies' handles and
