@@ -266,11 +266,9 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
         class_inputs.insert(inputs, class);
     }
 
-    // Policies with identical peer entries share one handle.
-    let mut seen: HashMap<Arc<PolicyEntries>, u32> = policy_entries
-        .iter()
-        .map(|(&handle, entries)| (entries.clone(), handle))
-        .collect();
+    // Policies with identical peer entries share one handle (a kept policy's is found by
+    // `before`, which indexes every previous policy by its entries).
+    let mut seen: HashMap<Arc<PolicyEntries>, u32> = HashMap::default();
     for (i, entries) in peer_entries {
         let mut tables: [Vec<(Prefix, PeerClass)>; 2] = Default::default();
         for (is_v6, prefix, provisional) in entries {
