@@ -112,9 +112,6 @@ pub mod map_names {
     pub const PEERS_V6: &str = "PEERS_V6";
     /// Hash: [`crate::PortKey`] (peer class, protocol and port prefix) -> [`crate::PortVerdict`].
     pub const PORTS: &str = "PORTS";
-    /// Hash: [`crate::AddrKey`] -> `u8`, per pod VLAN the peers security groups never filter
-    /// (sg-semantics.md §5), the node's and the pod's own.
-    pub const UNFILTERED: &str = "UNFILTERED";
     /// Hash: [`crate::AddrKey`] (vlan 0) -> `u8`, addresses on this node (standard mode skips them).
     pub const NODE_LOCAL: &str = "NODE_LOCAL";
     /// LRU hash: [`crate::CtKey`] -> [`crate::CtEntry`], the connection tracker.
@@ -139,12 +136,11 @@ pub mod map_names {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 
     /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 15] = [
         PODS,
         PEERS_V4,
         PEERS_V6,
         PORTS,
-        UNFILTERED,
         NODE_LOCAL,
         CONNTRACK,
         FRAGMENTS,
@@ -247,11 +243,24 @@ pub struct PodEntry {
     pub mode: u8,
     /// `POD_HAS_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// How many of `unfiltered_v4` and `unfiltered_v6` are in use.
+    pub unfiltered_v4_count: u8,
+    pub unfiltered_v6_count: u8,
     /// Policy handles by [`policy_slot`]; a packet must be allowed by every
     /// side whose handle is not [`NO_POLICY`]. A handle with no entries denies all.
     pub policies: [u32; 4],
+    /// Peers security groups never filter for this pod (sg-semantics.md §5): the node's
+    /// and its subnets' routers. In the pod's entry, which a packet has already read,
+    /// because a separate map costs a new flow a cold lookup.
+    pub unfiltered_v4: [[u8; 4]; MAX_UNFILTERED_V4],
+    pub unfiltered_v6: [[u8; 16]; MAX_UNFILTERED_V6],
 }
+
+/// Never-filtered peers of one pod: Amazon DNS (the VPC's base + 2 and the link-local
+/// resolver), the metadata service, Time Sync and the subnet's router.
+pub const MAX_UNFILTERED_V4: usize = 5;
+/// The link-local resolver, metadata service and Time Sync, and the subnet's router.
+pub const MAX_UNFILTERED_V6: usize = 4;
 
 impl PodEntry {
     pub const fn mode(&self) -> Option<EnforcingMode> {
@@ -268,6 +277,32 @@ impl PodEntry {
                 && addr[..12] == V4_MAPPED_PREFIX
                 && addr[12..] == self.ipv4
         }
+    }
+
+    /// Whether security groups never filter traffic with peer `addr` (IPv4 as
+    /// `::ffff:a.b.c.d`; an IPv6 packet from an IPv4-mapped address is not IPv4).
+    #[inline(always)]
+    pub fn never_filters(&self, addr: &[u8; 16], ipv6: bool) -> bool {
+        let mapped = addr[..12] == V4_MAPPED_PREFIX;
+        if ipv6 {
+            if mapped {
+                return false;
+            }
+            let count = usize::from(self.unfiltered_v6_count);
+            for (i, unfiltered) in self.unfiltered_v6.iter().enumerate() {
+                if i < count && unfiltered == addr {
+                    return true;
+                }
+            }
+        } else {
+            let count = usize::from(self.unfiltered_v4_count);
+            for (i, unfiltered) in self.unfiltered_v4.iter().enumerate() {
+                if i < count && unfiltered[..] == addr[12..] {
+                    return true;
+                }
+            }
+        }
+        false
     }
 }
 

@@ -46,9 +46,6 @@ pub static PORTS: HashMap<
 > = HashMap::new();
 
 #[btf_map]
-pub static UNFILTERED: HashMap<AddrKey, u8, { MAX_ADDRESSES as usize }> = HashMap::new();
-
-#[btf_map]
 pub static NODE_LOCAL: HashMap<AddrKey, u8, { MAX_ADDRESSES as usize }> = HashMap::new();
 
 #[btf_map]

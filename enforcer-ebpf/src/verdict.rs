@@ -9,7 +9,7 @@ use enforcer_common::{
 
 use crate::Direction;
 use crate::conntrack;
-use crate::maps::{FRAGMENTS, NODE_LOCAL, PODS, SETTINGS, UNFILTERED};
+use crate::maps::{FRAGMENTS, NODE_LOCAL, PODS, SETTINGS};
 use crate::parse::{
     self, Embedded, Fragment, Frame, IPPROTO_ICMPV6, IPPROTO_UDP, L3, Packet, ParseError,
 };
@@ -164,11 +164,11 @@ fn judge_flow<F: Frame>(
     if parse::is_icmp_error(packet) && is_related(frame, packet, flow) {
         return Reason::PassRelated;
     }
-    if is_unfiltered(vlan, packet, peer, direction) {
+    if is_unfiltered(pod, packet, peer, direction) {
         return Reason::PassUnfiltered;
     }
     let standard = pod.mode() == Some(EnforcingMode::Standard);
-    if standard && is_set(&NODE_LOCAL, 0, peer, packet.ipv6) {
+    if standard && is_node_local(peer, packet.ipv6) {
         return Reason::PassSameNode;
     }
     // Constant indexes, so the verifier sees every access in bounds.
@@ -287,7 +287,7 @@ const DHCP_V6: (u16, u16) = (547, 546);
 
 /// Traffic security groups never filter (sg-semantics.md §5). Out of line for the stack.
 #[inline(never)]
-fn is_unfiltered(vlan: u16, packet: &Packet, peer: &[u8; 16], direction: Direction) -> bool {
+fn is_unfiltered(pod: &PodEntry, packet: &Packet, peer: &[u8; 16], direction: Direction) -> bool {
     if packet.protocol == IPPROTO_UDP {
         let (server, client) = if packet.ipv6 { DHCP_V6 } else { DHCP_V4 };
         let dhcp_port = match direction {
@@ -298,26 +298,22 @@ fn is_unfiltered(vlan: u16, packet: &Packet, peer: &[u8; 16], direction: Directi
             return true;
         }
     }
-    is_set(&UNFILTERED, vlan, peer, packet.ipv6)
+    pod.never_filters(peer, packet.ipv6)
 }
 
+/// Whether `addr` is on this node (standard mode does not check same-node traffic).
 #[inline(always)]
-fn is_set<const N: usize, const F: usize>(
-    set: &aya_ebpf::btf_maps::HashMap<AddrKey, u8, N, F>,
-    vlan: u16,
-    addr: &[u8; 16],
-    ipv6: bool,
-) -> bool {
-    // The sets store IPv4 addresses IPv4-mapped: an IPv6 packet from
+fn is_node_local(addr: &[u8; 16], ipv6: bool) -> bool {
+    // The set stores IPv4 addresses IPv4-mapped: an IPv6 packet from
     // `::ffff:a.b.c.d` must not pass as that IPv4 address.
     if ipv6 && addr[..12] == V4_MAPPED_PREFIX {
         return false;
     }
     let key = AddrKey {
-        vlan,
+        vlan: 0,
         _pad: [0; 2],
         addr: *addr,
     };
     // SAFETY: presence check only.
-    unsafe { set.get(key).is_some() }
+    unsafe { NODE_LOCAL.get(key).is_some() }
 }

@@ -24,9 +24,9 @@ use std::net::IpAddr;
 
 use enforcer_common::lengths::{self, PeerV4, PeerV6, Port};
 use enforcer_common::{
-    AddrKey, EnforcingMode, NO_CLASS, NO_POLICY, NO_RULE, POD_HAS_IPV4, POD_HAS_IPV6, PeerClass,
-    PeerKeyV4, PeerKeyV6, PodEntry, PortKey, PortVerdict, VERDICT_UNTRACKED, VLAN_MAX, VLAN_MIN,
-    policy_slot,
+    AddrKey, EnforcingMode, MAX_UNFILTERED_V4, MAX_UNFILTERED_V6, NO_CLASS, NO_POLICY, NO_RULE,
+    POD_HAS_IPV4, POD_HAS_IPV6, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PortKey, PortVerdict,
+    V4_MAPPED_PREFIX, VERDICT_UNTRACKED, VLAN_MAX, VLAN_MIN, policy_slot,
 };
 
 use crate::eval::{
@@ -47,6 +47,8 @@ pub enum CompileError {
         first: String,
         second: String,
     },
+    #[error("pod {pod}: more than {capacity} never-filtered peers of one family")]
+    TooManyUnfiltered { pod: String, capacity: usize },
 }
 
 /// The groups and direction of one side of a pod: what a policy handle is compiled from.
@@ -68,7 +70,6 @@ pub struct Compiled {
     pub policies: BTreeMap<u32, Arc<PolicyEntries>>,
     /// Port entries by class (the keys' `class` zero), every class the policies name.
     pub classes: BTreeMap<u32, Arc<ClassEntries>>,
-    pub unfiltered: BTreeMap<AddrKey, u8>,
     pub node_local: BTreeMap<AddrKey, u8>,
     /// The rules the port verdicts name.
     pub rules: RuleIds,
@@ -82,7 +83,6 @@ impl PartialEq for Compiled {
         self.pods == other.pods
             && self.policies == other.policies
             && self.classes == other.classes
-            && self.unfiltered == other.unfiltered
             && self.node_local == other.node_local
             && self.rules == other.rules
     }
@@ -291,22 +291,8 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
         handles[i] = Some(handle);
     }
     let handles: Vec<u32> = handles.into_iter().flatten().collect();
-    let pods = pod_entries(model, &policies, &handles);
+    let pods = pod_entries(model, &policies, &handles)?;
 
-    // Per pod, the node's never-filtered peers with its own: one lookup per new flow.
-    let node_unfiltered: Vec<IpAddr> = eval::node_unfiltered(model)
-        .into_iter()
-        .map(|(addr, _)| addr)
-        .collect();
-    let mut unfiltered = BTreeMap::new();
-    for pod in &model.pods {
-        for addr in eval::pod_unfiltered(pod)
-            .into_iter()
-            .chain(node_unfiltered.iter().copied())
-        {
-            unfiltered.insert(addr_key(pod.vlan, addr), 1);
-        }
-    }
     let node_local = model
         .node_local
         .iter()
@@ -326,7 +312,6 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
         pods,
         policies: policy_entries,
         classes,
-        unfiltered,
         node_local,
         rules: ids,
         memo: Some(Arc::new(memo)),
@@ -643,7 +628,11 @@ fn policies(model: &Model) -> Vec<Policy> {
     set.into_iter().collect()
 }
 
-fn pod_entries(model: &Model, policies: &[Policy], handles: &[u32]) -> BTreeMap<u16, PodEntry> {
+fn pod_entries(
+    model: &Model,
+    policies: &[Policy],
+    handles: &[u32],
+) -> Result<BTreeMap<u16, PodEntry>, CompileError> {
     let handle_of = |groups: &[GroupId], direction| {
         let policy = Policy {
             groups: sorted_set(groups),
@@ -660,9 +649,40 @@ fn pod_entries(model: &Model, policies: &[Policy], handles: &[u32]) -> BTreeMap<
             ipv6: [0; 16],
             mode: pod.mode as u8,
             flags: 0,
-            _pad: [0; 2],
+            unfiltered_v4_count: 0,
+            unfiltered_v6_count: 0,
             policies: [NO_POLICY; 4],
+            unfiltered_v4: [[0; 4]; MAX_UNFILTERED_V4],
+            unfiltered_v6: [[0; 16]; MAX_UNFILTERED_V6],
         };
+        let node_unfiltered = eval::node_unfiltered(model)
+            .into_iter()
+            .map(|(addr, _)| addr);
+        for addr in eval::pod_unfiltered(pod).into_iter().chain(node_unfiltered) {
+            let (count, capacity) = match addr {
+                IpAddr::V4(v4) => {
+                    let count = &mut entry.unfiltered_v4_count;
+                    if let Some(slot) = entry.unfiltered_v4.get_mut(usize::from(*count)) {
+                        *slot = v4.octets();
+                    }
+                    (count, MAX_UNFILTERED_V4)
+                }
+                IpAddr::V6(v6) => {
+                    let count = &mut entry.unfiltered_v6_count;
+                    if let Some(slot) = entry.unfiltered_v6.get_mut(usize::from(*count)) {
+                        *slot = v6.octets();
+                    }
+                    (count, MAX_UNFILTERED_V6)
+                }
+            };
+            if usize::from(*count) == capacity {
+                return Err(CompileError::TooManyUnfiltered {
+                    pod: pod.name.clone(),
+                    capacity,
+                });
+            }
+            *count += 1;
+        }
         if let Some(v4) = pod.ipv4 {
             entry.ipv4 = v4.octets();
             entry.flags |= POD_HAS_IPV4;
@@ -680,7 +700,7 @@ fn pod_entries(model: &Model, policies: &[Policy], handles: &[u32]) -> BTreeMap<
         }
         pods.insert(pod.vlan, entry);
     }
-    pods
+    Ok(pods)
 }
 
 /// Position `i + 1` of the element at index `i` (the compiler orders rules by position; the
@@ -1134,15 +1154,20 @@ pub fn interpret(
     let Some(pod) = compiled.pods.get(&vlan) else {
         return Interpretation::UnknownVlan;
     };
-    // An IPv6 packet with an IPv4-mapped peer must not pass as that IPv4 address.
-    let mapped = matches!(peer, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
-    let in_set =
-        |set: &BTreeMap<AddrKey, u8>, vlan| !mapped && set.contains_key(&addr_key(vlan, peer));
-    if in_set(&compiled.unfiltered, vlan) || eval::unfiltered_l4(direction, peer, packet).is_some()
-    {
+    // The kernel's view of the peer: IPv4 as IPv4-mapped, and the packet's family.
+    let (addr, ipv6) = match peer {
+        IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), false),
+        IpAddr::V6(v6) => (v6.octets(), true),
+    };
+    if pod.never_filters(&addr, ipv6) || eval::unfiltered_l4(direction, peer, packet).is_some() {
         return Interpretation::Unfiltered;
     }
-    if pod.mode() == Some(EnforcingMode::Standard) && in_set(&compiled.node_local, 0) {
+    // An IPv6 packet with an IPv4-mapped peer must not pass as that IPv4 address.
+    let mapped = ipv6 && addr[..12] == V4_MAPPED_PREFIX;
+    if pod.mode() == Some(EnforcingMode::Standard)
+        && !mapped
+        && compiled.node_local.contains_key(&addr_key(0, peer))
+    {
         return Interpretation::NodeLocal;
     }
     let (branch_slot, primary_slot) = match direction {
@@ -1348,10 +1373,24 @@ mod tests {
         let m = web_model();
         let c = compile(&m).unwrap();
         // The node's never-filtered peers for every pod, a pod's own (its subnet router) for it.
-        assert!(c.unfiltered.contains_key(&addr_key(7, ip("10.0.0.2"))));
-        assert!(c.unfiltered.contains_key(&addr_key(9, ip("fd00:ec2::254"))));
-        assert!(c.unfiltered.contains_key(&addr_key(7, ip("10.0.64.1"))));
-        assert!(!c.unfiltered.keys().any(|k| k.vlan == 0));
+        let never_filters = |vlan: u16, peer: &str| {
+            let (addr, ipv6) = match ip(peer) {
+                IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), false),
+                IpAddr::V6(v6) => (v6.octets(), true),
+            };
+            c.pods[&vlan].never_filters(&addr, ipv6)
+        };
+        assert!(never_filters(7, "10.0.0.2"));
+        assert!(never_filters(9, "fd00:ec2::254"));
+        assert!(never_filters(7, "10.0.64.1"));
+        assert!(!never_filters(7, "10.0.0.3"));
+        assert_eq!(
+            (
+                c.pods[&7].unfiltered_v4_count,
+                c.pods[&7].unfiltered_v6_count
+            ),
+            (MAX_UNFILTERED_V4 as u8, MAX_UNFILTERED_V6 as u8)
+        );
         assert_eq!(
             addr_key(0, ip("10.0.0.2")).addr[10..],
             [0xff, 0xff, 10, 0, 0, 2]

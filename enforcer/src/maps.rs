@@ -72,7 +72,6 @@ pub struct KernelMaps {
     peers_v4: HashMap<MapData, PeerKeyV4, PeerClass>,
     peers_v6: HashMap<MapData, PeerKeyV6, PeerClass>,
     ports: HashMap<MapData, PortKey, PortVerdict>,
-    unfiltered: HashMap<MapData, AddrKey, u8>,
     node_local: HashMap<MapData, AddrKey, u8>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     settings: Array<MapData, Settings>,
@@ -142,7 +141,6 @@ impl KernelMaps {
             peers_v4: typed(source, map_names::PEERS_V4)?,
             peers_v6: typed(source, map_names::PEERS_V6)?,
             ports: typed(source, map_names::PORTS)?,
-            unfiltered: typed(source, map_names::UNFILTERED)?,
             node_local: typed(source, map_names::NODE_LOCAL)?,
             conntrack: typed(source, map_names::CONNTRACK)?,
             settings: typed(source, map_names::SETTINGS)?,
@@ -244,11 +242,6 @@ impl KernelMaps {
         stats.written += write_hash(&mut self.peers_v4, &written.v4, map_names::PEERS_V4)?;
         stats.written += write_hash(&mut self.peers_v6, &written.v6, map_names::PEERS_V6)?;
         stats.written += write_hash(
-            &mut self.unfiltered,
-            &changes.unfiltered.write,
-            map_names::UNFILTERED,
-        )?;
-        stats.written += write_hash(
             &mut self.node_local,
             &changes.node_local.write,
             map_names::NODE_LOCAL,
@@ -281,7 +274,6 @@ impl KernelMaps {
             removed_ports.len(),
             removed_peers.v4.len(),
             removed_peers.v6.len(),
-            changes.unfiltered.remove.len(),
             changes.node_local.remove.len(),
         ];
         if retired.iter().any(|&n| n > 0) && !old.pods.is_empty() {
@@ -312,11 +304,6 @@ impl KernelMaps {
             &mut self.node_local,
             &changes.node_local.remove,
             map_names::NODE_LOCAL,
-        )?;
-        remove_hash(
-            &mut self.unfiltered,
-            &changes.unfiltered.remove,
-            map_names::UNFILTERED,
         )?;
         remove_hash(
             &mut self.peers_v6,
@@ -371,7 +358,6 @@ impl KernelMaps {
             .map(|(h, e)| (h, Arc::new(e)))
             .collect();
         compiled.classes = classes.into_iter().map(|(c, e)| (c, Arc::new(e))).collect();
-        compiled.unfiltered = read_hash(&self.unfiltered, map_names::UNFILTERED)?;
         compiled.node_local = read_hash(&self.node_local, map_names::NODE_LOCAL)?;
         compiled.rules = rules;
         Ok(compiled)
@@ -598,7 +584,6 @@ struct Changes<'c> {
     pods: Diff<u16, PodEntry>,
     policies: IdDiff<'c, PolicyEntries>,
     classes: IdDiff<'c, ClassEntries>,
-    unfiltered: Diff<AddrKey, u8>,
     node_local: Diff<AddrKey, u8>,
     rules: Diff<u32, &'c RuleRef>,
 }
@@ -615,7 +600,6 @@ impl<'c> Changes<'c> {
             pods: Diff::between(copied(&old.pods), copied(&new.pods)),
             policies: IdDiff::between(&old.policies, &new.policies),
             classes: IdDiff::between(&old.classes, &new.classes),
-            unfiltered: Diff::between(copied(&old.unfiltered), copied(&new.unfiltered)),
             node_local: Diff::between(copied(&old.node_local), copied(&new.node_local)),
             rules: Diff::between(old.rules.iter(), new.rules.iter()),
         }
@@ -1004,7 +988,6 @@ mod tests {
         // And the old policy is all that goes.
         let removed: Vec<u32> = changes.policies.remove.iter().map(|(h, _)| *h).collect();
         assert_eq!(removed, [old_handle]);
-        assert!(changes.unfiltered.write.is_empty() && changes.unfiltered.remove.is_empty());
 
         // Recompiling the same state over itself changes nothing.
         let again = crate::compile::compile_with(&state, Some(&after)).expect("compiles");

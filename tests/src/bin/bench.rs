@@ -12,7 +12,7 @@ use aya::EbpfLoader;
 use aya::maps::HashMap;
 use aya::programs::SchedClassifier;
 use enforcer::model::{Direction, L4Match, Model};
-use enforcer_common::{POD_HAS_IPV4, PodEntry, Reason};
+use enforcer_common::{MAX_UNFILTERED_V4, MAX_UNFILTERED_V6, POD_HAS_IPV4, PodEntry, Reason};
 use enforcer_tests::frame::{self, Ip, L4, Tag};
 use enforcer_tests::kernel::Kernel;
 use enforcer_tests::random::{Rng, packet_for_rule, scale_model};
@@ -86,8 +86,11 @@ fn floor_ns(frame: &[u8], vlan: u16, samples: usize) -> Result<f64> {
         ipv6: [0; 16],
         mode: 1,
         flags: POD_HAS_IPV4,
-        _pad: [0; 2],
+        unfiltered_v4_count: 0,
+        unfiltered_v6_count: 0,
         policies: [0; 4],
+        unfiltered_v4: [[0; 4]; MAX_UNFILTERED_V4],
+        unfiltered_v6: [[0; 16]; MAX_UNFILTERED_V6],
     };
     pods.insert(vlan, entry, 0)?;
     let program: &mut SchedClassifier = ebpf
