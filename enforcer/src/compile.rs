@@ -642,6 +642,10 @@ fn pod_entries(
             .binary_search(&policy)
             .map_or(NO_POLICY, |i| handles[i])
     };
+    let node_unfiltered: Vec<IpAddr> = eval::node_unfiltered(model)
+        .into_iter()
+        .map(|(addr, _)| addr)
+        .collect();
     let mut pods = BTreeMap::new();
     for pod in &model.pods {
         let mut entry = PodEntry {
@@ -655,33 +659,34 @@ fn pod_entries(
             unfiltered_v4: [[0; 4]; MAX_UNFILTERED_V4],
             unfiltered_v6: [[0; 16]; MAX_UNFILTERED_V6],
         };
-        let node_unfiltered = eval::node_unfiltered(model)
+        for addr in eval::pod_unfiltered(pod)
             .into_iter()
-            .map(|(addr, _)| addr);
-        for addr in eval::pod_unfiltered(pod).into_iter().chain(node_unfiltered) {
-            let (count, capacity) = match addr {
-                IpAddr::V4(v4) => {
-                    let count = &mut entry.unfiltered_v4_count;
-                    if let Some(slot) = entry.unfiltered_v4.get_mut(usize::from(*count)) {
-                        *slot = v4.octets();
-                    }
-                    (count, MAX_UNFILTERED_V4)
-                }
-                IpAddr::V6(v6) => {
-                    let count = &mut entry.unfiltered_v6_count;
-                    if let Some(slot) = entry.unfiltered_v6.get_mut(usize::from(*count)) {
-                        *slot = v6.octets();
-                    }
-                    (count, MAX_UNFILTERED_V6)
-                }
+            .chain(node_unfiltered.iter().copied())
+        {
+            let (placed, capacity) = match addr {
+                IpAddr::V4(v4) => (
+                    append(
+                        &mut entry.unfiltered_v4,
+                        &mut entry.unfiltered_v4_count,
+                        v4.octets(),
+                    ),
+                    MAX_UNFILTERED_V4,
+                ),
+                IpAddr::V6(v6) => (
+                    append(
+                        &mut entry.unfiltered_v6,
+                        &mut entry.unfiltered_v6_count,
+                        v6.octets(),
+                    ),
+                    MAX_UNFILTERED_V6,
+                ),
             };
-            if usize::from(*count) == capacity {
+            if !placed {
                 return Err(CompileError::TooManyUnfiltered {
                     pod: pod.name.clone(),
                     capacity,
                 });
             }
-            *count += 1;
         }
         if let Some(v4) = pod.ipv4 {
             entry.ipv4 = v4.octets();
@@ -701,6 +706,18 @@ fn pod_entries(
         pods.insert(pod.vlan, entry);
     }
     Ok(pods)
+}
+
+/// Puts `value` after the first `count` of `slots`; false when they are all in use.
+fn append<T, const N: usize>(slots: &mut [T; N], count: &mut u8, value: T) -> bool {
+    match slots.get_mut(usize::from(*count)) {
+        Some(slot) => {
+            *slot = value;
+            *count += 1;
+            true
+        }
+        None => false,
+    }
 }
 
 /// Position `i + 1` of the element at index `i` (the compiler orders rules by position; the
