@@ -255,7 +255,7 @@ pub fn arp_frame(tag: Tag, sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
 }
 
 /// The Internet checksum (RFC 1071).
-fn checksum(bytes: &[u8]) -> u16 {
+pub fn checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))

@@ -180,7 +180,14 @@ pub fn named(wanted: impl Fn(&str) -> bool) -> Result<Vec<String>> {
     Ok(names)
 }
 
-fn run(command: &mut Command) -> Result<()> {
+/// Runs `command` to its end; its stderr is the error when it fails.
+pub fn run(command: &mut Command) -> Result<()> {
+    output(command).map(drop)
+}
+
+/// Runs `command` to its end (stdin empty) and returns its stdout; its stderr is the
+/// error when it fails.
+pub fn output(command: &mut Command) -> Result<String> {
     let out = command
         .output()
         .with_context(|| format!("starting {command:?}"))?;
@@ -190,7 +197,7 @@ fn run(command: &mut Command) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs `command` with `input` on its standard input: `Ok(Err(stderr))` when

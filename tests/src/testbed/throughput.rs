@@ -10,7 +10,6 @@ use std::collections::HashSet;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ use enforcer_common::Reason;
 use super::NAME_PREFIX;
 use super::datapath::Datapath;
 use super::generator::{Frames, Generator, Sent};
-use super::netns::Namespace;
+use super::netns::{Namespace, output, run};
 use super::nft::{self, ESTABLISHED_COUNTER, Layout};
 use super::wiring::{self, Mac};
 use crate::frame::{self, Ip, L4, Tag};
@@ -426,24 +425,6 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassif
         .try_into()?)
 }
 
-fn run(command: &mut Command) -> Result<()> {
-    output(command).map(drop)
-}
-
-fn output(command: &mut Command) -> Result<String> {
-    let out = command
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("starting {command:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn nft_load(node: &Namespace, ruleset: &str) -> Result<()> {
     let mut nft = node.command("nft");
     nft.args(["-f", "-"]);
@@ -640,14 +621,7 @@ pub fn trunk_frame(pod: &BranchPod, ip: &Ip) -> Vec<u8> {
     l4[at + 1] = 0;
     let mut bytes = if protocol == 1 { Vec::new() } else { pseudo };
     bytes.extend_from_slice(l4);
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let mut sum = !(sum as u16);
+    let mut sum = frame::checksum(&bytes);
     if protocol == 17 && sum == 0 {
         sum = 0xffff;
     }
