@@ -25,6 +25,27 @@ use Direction::{Egress, Ingress};
 const TCP_PSH: u8 = 0x08;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
+/// Flows are stamped with CLOCK_MONOTONIC (time since boot), so a flow can be
+/// aged by `seconds` only once the machine has been up longer than that: on a
+/// freshly booted machine (CI), wait for it before the test makes its flows.
+fn wait_for_uptime(seconds: u64) {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec we own.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) },
+        0
+    );
+    let up = std::time::Duration::new(now.tv_sec as u64, now.tv_nsec as u32);
+    let needed = std::time::Duration::from_secs(seconds + 5);
+    if let Some(wait) = needed.checked_sub(up) {
+        eprintln!("the machine has been up {up:?}: waiting {wait:?} to age flows by {seconds} s");
+        std::thread::sleep(wait);
+    }
+}
+
 /// NodeConfig timeouts, all different from the defaults so the kernel must read them.
 /// (A 5-day TCP default could not be aged past on a machine up for less.)
 const TCP_ESTABLISHED_TIMEOUT: u64 = 350;
@@ -253,14 +274,17 @@ impl Ct {
         self.flows().iter().filter(|(k, _)| k.vlan == vlan).count()
     }
 
-    /// Pretends the flow has been idle `seconds` longer than it has.
+    /// Pretends the flow has been idle `seconds` longer than it has (moves its
+    /// CLOCK_MONOTONIC stamp back: see [`wait_for_uptime`]).
     fn age(&mut self, key: &CtKey, seconds: u64) {
         let mut entry = self.expect_entry("ageing", key);
         entry.last_seen_ns = entry
             .last_seen_ns
             .checked_sub(seconds * NS_PER_SEC)
             .unwrap_or_else(|| {
-                panic!("CLOCK_MONOTONIC is below {seconds} s: cannot age a flow that far")
+                panic!(
+                    "CLOCK_MONOTONIC is below {seconds} s: call wait_for_uptime before making the flow"
+                )
             });
         self.kernel
             .maps
@@ -445,6 +469,7 @@ fn tcp_opening_flow_expires_after_60_seconds() {
 
 #[test]
 fn tcp_established_flow_expires_after_the_configured_timeout() {
+    wait_for_uptime(TCP_ESTABLISHED_TIMEOUT + 1);
     let mut ct = Ct::new();
     let (young, young_key) = handshake(&ct, 40000);
     let (old, old_key) = handshake(&ct, 40001);
@@ -1051,6 +1076,7 @@ fn a_later_fragment_without_its_first_is_dropped_and_matches_no_port_rule() {
 
 #[test]
 fn other_protocols_are_tracked_by_addresses_for_600_seconds() {
+    wait_for_uptime(601);
     let mut ct = Ct::new();
     const GRE: u8 = 47;
     let young = other(A, SERVER, GRE);
