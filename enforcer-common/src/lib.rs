@@ -458,13 +458,15 @@ pub struct Settings {
     pub tcp_established_timeout: u32,
     pub udp_stream_timeout: u32,
     pub udp_timeout: u32,
-    /// `EVENTS_*` bits: which verdict events go to the ring buffer besides denies.
-    /// Set by `enforcer flows`, kept by the agent's applies.
-    pub events: u32,
+    pub _pad: u32,
+    /// Allowed new flows are reported as events while CLOCK_MONOTONIC is below
+    /// this (ns): a lease that `enforcer flows --allowed` renews, so the events
+    /// stop however it ends (even SIGKILL). Kept by the agent's applies.
+    pub allowed_events_until_ns: u64,
 }
 
-/// [`Settings::events`]: also report allowed new flows.
-pub const EVENTS_ALLOWED: u32 = 1 << 0;
+/// How long one renewal of [`Settings::allowed_events_until_ns`] lasts.
+pub const ALLOWED_EVENTS_LEASE_NS: u64 = 5_000_000_000;
 
 /// A flow as seen by one pod: direction-independent, so a reply finds the
 /// entry its request created, and scoped by VLAN, so one pod's flows never
@@ -675,7 +677,7 @@ pub const EVENT_IP: u8 = 1 << 1;
 pub const EVENT_POD: u8 = 1 << 2;
 
 /// One verdict reported through `EVENTS`: denies always, allowed new flows
-/// when [`EVENTS_ALLOWED`] is set.
+/// while [`Settings::allowed_events_until_ns`] is ahead.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VerdictEvent {

@@ -3,8 +3,8 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use enforcer_common::{
-    DIR_EGRESS, DIR_INGRESS, EVENT_IP, EVENT_IPV6, EVENT_POD, EVENTS_ALLOWED, EVENTS_BURST,
-    EVENTS_PER_SECOND, Reason, RuleTraffic, VerdictEvent,
+    DIR_EGRESS, DIR_INGRESS, EVENT_IP, EVENT_IPV6, EVENT_POD, EVENTS_BURST, EVENTS_PER_SECOND,
+    Reason, RuleTraffic, VerdictEvent,
 };
 
 use crate::Direction;
@@ -66,24 +66,23 @@ fn count_rule(key: u32, bytes: u64) {
     }
 }
 
-/// Denies always; allowed new flows while `enforcer flows` asks for them.
+/// Denies always; allowed new flows while `enforcer flows` holds the lease.
 #[inline(always)]
 fn is_event(reason: Reason) -> bool {
     if reason.is_drop() {
         return true;
     }
-    let allowed = match SETTINGS.get(0) {
-        Some(settings) => settings.events & EVENTS_ALLOWED != 0,
-        None => false,
-    };
-    allowed
-        && matches!(
-            reason,
-            Reason::PassNew
-                | Reason::PassUnfiltered
-                | Reason::PassSameNode
-                | Reason::PassUnknownVlan
-        )
+    let new_flow = matches!(
+        reason,
+        Reason::PassNew | Reason::PassUnfiltered | Reason::PassSameNode | Reason::PassUnknownVlan
+    );
+    new_flow
+        && match SETTINGS.get(0) {
+            Some(settings) => {
+                settings.allowed_events_until_ns != 0 && now_ns() < settings.allowed_events_until_ns
+            }
+            None => false,
+        }
 }
 
 #[inline(always)]

@@ -1,23 +1,35 @@
 //! The node agent: keeps the kernel enforcing the state directory, adopting what a
-//! previous agent pinned, applying every valid change and keeping the last good state.
+//! previous agent pinned, applying every valid change and keeping the last good state,
+//! and keeping its programs first on the trunk whatever happens to the links.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use aya::Ebpf;
+use aya::maps::MapData;
+use enforcer_common::map_names;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpListener;
 
 use crate::compile::{self, CompileError, Compiled};
-use crate::ebpf::Attachment;
+use crate::ebpf::{Attachment, LinkState};
 use crate::maps::{ApplyStats, KernelMaps, MapsError};
+use crate::metrics::{AgentView, Feed};
 use crate::model::{BranchPod, EnforcingMode, Model};
 use crate::state::StateErrors;
 use crate::status::{AgentReport, PodReport};
+
+/// How often the agent checks that its programs are still attached first on the trunk.
+pub const SUPERVISE_INTERVAL: Duration = Duration::from_secs(1);
+/// Waits before a rejected state is read again: doubling from 1 s to 30 s.
+const RELOAD_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+/// Waits before a failed attachment (a trunk not there yet) is tried again:
+/// short, because enforcement waits on it.
+const ATTACH_RETRY: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(4));
 
 /// Why the agent could not start, or could not apply a state.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +80,16 @@ pub struct Agent {
     /// The loaded programs; attached through pinned links, so dropping them detaches nothing.
     ebpf: Ebpf,
     maps: KernelMaps,
-    /// The interface the programs of this process are attached to.
+    /// Every map, by name, to pin again if its pin is removed while the agent runs.
+    map_pins: Vec<(&'static str, MapData)>,
+    /// Where the programs must be: the trunk of the applied state.
     trunk: Option<String>,
+    /// Both programs first on `trunk`, as last checked.
+    attached: bool,
+    /// Why the last attempt to attach failed.
+    attach_error: Option<String>,
+    /// When to try attaching again after a failure, and the wait after that.
+    attach_retry: (Instant, Backoff),
     applied: Option<Applied>,
     failure: Option<Failure>,
     /// Reloads that applied a state, and that were rejected.
@@ -83,9 +103,11 @@ type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 impl Agent {
     /// Loads the programs over the maps pinned under `pin_path` (creating
-    /// them on a first start), then applies the state directory. A state
-    /// that does not apply is reported (see [`Agent::failure`]), not fatal:
-    /// whatever a previous agent left pinned keeps enforcing.
+    /// them on a first start), applies the state directory and attaches the
+    /// programs to its trunk. A state that does not apply, or a trunk that is
+    /// not there yet, is reported (see [`Agent::failure`], [`Agent::is_ready`]),
+    /// not fatal: whatever a previous agent left pinned keeps enforcing, and
+    /// [`run`] tries again.
     pub fn start(state_dir: &Path, pin_path: &Path) -> Result<Self, AgentError> {
         let mut ebpf = crate::ebpf::load_pinned(pin_path)?;
         let kernel_log = if crate::ebpf::kernel_log_level() == 0 {
@@ -93,13 +115,26 @@ impl Agent {
         } else {
             Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(AgentError::KernelLog)?)
         };
+        let map_pins = map_names::ALL
+            .iter()
+            .map(|&name| {
+                let pin = crate::ebpf::map_pin(pin_path, name);
+                MapData::from_pin(&pin)
+                    .map(|data| (name, data))
+                    .map_err(|source| MapsError::Pinned { path: pin, source })
+            })
+            .collect::<Result<_, _>>()?;
         let maps = KernelMaps::take(&mut ebpf)?;
         let mut agent = Self {
             state_dir: state_dir.to_path_buf(),
             pin_path: pin_path.to_path_buf(),
             ebpf,
             maps,
+            map_pins,
             trunk: None,
+            attached: false,
+            attach_error: None,
+            attach_retry: (Instant::now(), Backoff::new(ATTACH_RETRY)),
             applied: None,
             failure: None,
             reloads: (0, 0),
@@ -112,9 +147,10 @@ impl Agent {
         }
     }
 
-    /// Reads the state directory again and makes the kernel enforce it. On
-    /// any error the kernel keeps the last good state and the error is kept
-    /// for `status`, metrics and the next report.
+    /// Reads the state directory again and makes the kernel enforce it, then
+    /// makes sure the programs are attached to its trunk. On any error the
+    /// kernel keeps the last good state and the error is kept for `status`,
+    /// metrics and the next report.
     pub fn reload(&mut self) -> Result<&Applied, AgentError> {
         let result = self.try_reload();
         let now = SystemTime::now();
@@ -126,11 +162,12 @@ impl Agent {
             Err(error) => {
                 self.failure = Some(Failure {
                     at: now,
-                    message: error_text(error),
+                    message: crate::error_chain(error),
                 });
                 self.reloads.1 += 1;
             }
         }
+        self.supervise();
         self.write_report()?;
         result?;
         Ok(self
@@ -142,21 +179,13 @@ impl Agent {
     fn try_reload(&mut self) -> Result<(), AgentError> {
         let mut model = crate::state::load(&self.state_dir)?;
         let modes = pin_modes(&mut model, &self.maps.pod_modes()?);
-        let compiled = compile::compile_with(&model, Some(self.maps.enforced()?))?;
-        self.maps.record_pod_modes(&modes)?;
+        let compiled = compile_checked(&model, Some(self.maps.enforced()?))?;
         let stats = self.maps.apply(&compiled, &model.node)?;
-        let trunk = &model.node.trunk_interface;
-        if self.trunk.as_ref() != Some(trunk) {
-            let how = crate::ebpf::attach_pinned(&mut self.ebpf, trunk, &self.pin_path)?;
-            log::info!(
-                "programs on {trunk}: {}",
-                if how.contains(&Attachment::Replaced) {
-                    "replaced the pinned ones"
-                } else {
-                    "attached and pinned"
-                }
-            );
-            self.trunk = Some(trunk.clone());
+        // Only a mode the kernel enforces is remembered as the pod's first.
+        self.maps.record_pod_modes(&modes)?;
+        if self.trunk.as_ref() != Some(&model.node.trunk_interface) {
+            self.trunk = Some(model.node.trunk_interface.clone());
+            self.attached = false;
         }
         self.applied = Some(Applied {
             model,
@@ -165,6 +194,82 @@ impl Agent {
             stats,
         });
         Ok(())
+    }
+
+    /// Makes sure both programs are attached to the trunk, ahead of any
+    /// other program, and every pin is in place; re-attaches and re-pins what
+    /// was lost (a deleted and recreated trunk, `enforcer uninstall`, another
+    /// tool). Returns whether the programs are attached.
+    pub fn supervise(&mut self) -> bool {
+        let Some(trunk) = self.trunk.clone() else {
+            return false;
+        };
+        let was_attached = self.attached;
+        let states = crate::ebpf::link_states(&self.pin_path, &trunk);
+        if let Ok(states) = &states
+            && states.iter().all(|s| *s == LinkState::First)
+            && self.attached
+        {
+            self.restore_map_pins();
+            return true;
+        }
+        if !was_attached && Instant::now() < self.attach_retry.0 {
+            return false;
+        }
+        if was_attached {
+            log::warn!(
+                "programs no longer first on {trunk} ({}): attaching again",
+                match &states {
+                    Ok([ingress, egress]) => format!("ingress {ingress:?}, egress {egress:?}"),
+                    Err(e) => crate::error_chain(e),
+                }
+            );
+        }
+        match crate::ebpf::attach_pinned(&mut self.ebpf, &trunk, &self.pin_path) {
+            Ok(how) => {
+                self.attached = true;
+                self.attach_error = None;
+                self.attach_retry = (Instant::now(), Backoff::new(ATTACH_RETRY));
+                log::info!(
+                    "programs on {trunk}: {}",
+                    if how.iter().all(|a| *a == Attachment::Replaced) {
+                        "replaced the pinned ones"
+                    } else {
+                        "attached first and pinned"
+                    }
+                );
+            }
+            Err(error) => {
+                let message = crate::error_chain(&error);
+                if self.attach_error.as_ref() != Some(&message) {
+                    log::error!("cannot attach to {trunk}, will try again: {message}");
+                }
+                self.attached = false;
+                self.attach_error = Some(message);
+                let wait = self.attach_retry.1.next();
+                self.attach_retry.0 = Instant::now() + wait;
+            }
+        }
+        self.restore_map_pins();
+        self.attached
+    }
+
+    /// Pins again every map whose pin was removed, so `status`, `flows` and the
+    /// next agent find them.
+    fn restore_map_pins(&self) {
+        for (name, data) in &self.map_pins {
+            let pin = crate::ebpf::map_pin(&self.pin_path, name);
+            if pin.exists() {
+                continue;
+            }
+            let pinned = std::fs::create_dir_all(pin.parent().expect("a map pin has a directory"))
+                .map_err(|e| e.to_string())
+                .and_then(|()| data.pin(&pin).map_err(|e| crate::error_chain(&e)));
+            match pinned {
+                Ok(()) => log::warn!("map pin {} was removed: pinned again", pin.display()),
+                Err(e) => log::error!("cannot pin {} again: {e}", pin.display()),
+            }
+        }
     }
 
     /// What the kernel enforces, once a state has been applied.
@@ -177,9 +282,14 @@ impl Agent {
         self.failure.as_ref()
     }
 
-    /// Programs attached and the current state applied.
+    /// Why the programs could not be attached the last time, if they could not.
+    pub fn attach_error(&self) -> Option<&str> {
+        self.attach_error.as_deref()
+    }
+
+    /// Programs attached first on the trunk and the current state applied.
     pub fn is_ready(&self) -> bool {
-        self.trunk.is_some() && self.applied.is_some() && self.failure.is_none()
+        self.view().is_ready()
     }
 
     /// Reloads that applied a state, and that were rejected, since start.
@@ -199,6 +309,24 @@ impl Agent {
         &self.pin_path
     }
 
+    /// What the metrics endpoint shows of the agent now.
+    pub fn view(&self) -> AgentView {
+        AgentView {
+            attached: self.attached,
+            applied: self.applied.is_some(),
+            state_error: self.failure.is_some(),
+            reloads: self.reloads,
+            applied_at: self.applied.as_ref().map(|a| a.at),
+            pods: Arc::new(
+                self.applied
+                    .as_ref()
+                    .map(|a| a.model.pods.iter().map(|p| (p.key(), p.vlan)).collect())
+                    .unwrap_or_default(),
+            ),
+            retired_traffic: Arc::new(self.maps.retired_traffic().clone()),
+        }
+    }
+
     /// Tells `enforcer status` what the maps cannot: names, groups, errors.
     fn write_report(&self) -> Result<(), AgentError> {
         let report = AgentReport {
@@ -213,6 +341,7 @@ impl Agent {
             applied_at: self.applied.as_ref().map(|a| unix_seconds(a.at)),
             error: self.failure.as_ref().map(|f| f.message.clone()),
             error_at: self.failure.as_ref().map(|f| unix_seconds(f.at)),
+            attach_error: self.attach_error.clone(),
             pods: self
                 .applied
                 .as_ref()
@@ -230,54 +359,152 @@ impl Agent {
             .write(&path)
             .map_err(|source| AgentError::Report { path, source })
     }
+
+    fn reload_logged(&mut self) {
+        match self.reload() {
+            Ok(applied) => log::info!(
+                "state applied: {} pods, {} rules; {} map entries written, {} removed",
+                applied.model.pods.len(),
+                applied.compiled.rules.len(),
+                applied.stats.written,
+                applied.stats.removed,
+            ),
+            Err(error) => log::error!(
+                "state not applied, the kernel keeps the previous one: {}",
+                crate::error_chain(&error)
+            ),
+        }
+    }
+
+    /// Checks the attachment; the report follows what changed.
+    fn supervise_reported(&mut self) {
+        let before = (self.attached, self.attach_error.clone());
+        self.supervise();
+        if (self.attached, self.attach_error.clone()) != before
+            && let Err(error) = self.write_report()
+        {
+            log::error!("{}", crate::error_chain(&error));
+        }
+    }
+}
+
+/// Everything `enforcer run` checks before it writes the kernel: compiles
+/// `model` (over the `enforced` state, for stable IDs) and admits it to the
+/// maps. `enforcer check` runs exactly this, so it refuses what `run` would.
+pub fn compile_checked(model: &Model, enforced: Option<&Compiled>) -> Result<Compiled, AgentError> {
+    let compiled = compile::compile_with(model, enforced)?;
+    crate::maps::admit(model, &compiled)?;
+    Ok(compiled)
+}
+
+/// The wait before the next try: doubling from a minimum to a maximum.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    bounds: (Duration, Duration),
+}
+
+impl Backoff {
+    fn new(bounds: (Duration, Duration)) -> Self {
+        Self {
+            next: bounds.0,
+            bounds,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(self.bounds.1);
+        wait
+    }
 }
 
 /// Keeps the kernel enforcing the state directory until `stop` completes:
-/// every change (debounced) is reloaded, and `metrics` (if given) serves
+/// every change (debounced) is reloaded, a rejected state is tried again with
+/// backoff, the attachment is checked every [`SUPERVISE_INTERVAL`] and
+/// restored, and `metrics` (if given, bound before the agent started) serves
 /// `/metrics`, `/healthz` and `/readyz`. Errors of a reload are logged and
 /// reported, never fatal. Nothing is detached on return.
 pub async fn run(
-    agent: Agent,
+    mut agent: Agent,
     metrics: Option<TcpListener>,
     stop: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let state_dir = agent.state_dir.clone();
-    let mut watch =
-        crate::watch::StateWatch::new(&state_dir).map_err(|source| AgentError::Watch {
-            path: state_dir.clone(),
-            source,
-        })?;
-    let mut agent = agent;
+    let mut changes = watch_changes(&state_dir)?;
     if let Some(kernel_log) = agent.kernel_log.take() {
         tokio::spawn(forward_kernel_log(kernel_log));
     }
-    let agent = Arc::new(Mutex::new(agent));
+    let (feed, source) = crate::metrics::feed(agent.view(), agent.pin_path.clone());
     if let Some(listener) = metrics {
-        tokio::spawn(crate::metrics::serve(listener, agent.clone()));
+        tokio::spawn(crate::http::serve(listener, source));
     }
-    tokio::pin!(stop);
+    let mut supervise = tokio::time::interval(SUPERVISE_INTERVAL);
+    supervise.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = Backoff::new(RELOAD_RETRY);
+    let retry = tokio::time::sleep(backoff.next());
+    tokio::pin!(stop, retry);
     loop {
         tokio::select! {
             () = &mut stop => return Ok(()),
-            changed = watch.changed() => {
-                changed.map_err(|source| AgentError::Watch { path: state_dir.clone(), source })?;
-                let mut agent = agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                match agent.reload() {
-                    Ok(applied) => log::info!(
-                        "state applied: {} pods, {} rules; {} map entries written, {} removed",
-                        applied.model.pods.len(),
-                        applied.compiled.rules.len(),
-                        applied.stats.written,
-                        applied.stats.removed,
-                    ),
-                    Err(error) => log::error!(
-                        "state not applied, the kernel keeps the previous one: {}",
-                        error_text(&error)
-                    ),
+            changed = changes.recv() => {
+                changed
+                    .unwrap_or_else(|| Err(std::io::Error::other("the watch ended")))
+                    .map_err(|source| AgentError::Watch { path: state_dir.clone(), source })?;
+                update(&feed, &mut agent, Agent::reload_logged);
+                backoff = Backoff::new(RELOAD_RETRY);
+                retry.as_mut().reset(tokio::time::Instant::now() + backoff.next());
+            }
+            () = &mut retry, if agent.failure.is_some() => {
+                log::info!("reading the rejected state again");
+                update(&feed, &mut agent, Agent::reload_logged);
+                retry.as_mut().reset(tokio::time::Instant::now() + backoff.next());
+            }
+            _ = supervise.tick() => update(&feed, &mut agent, Agent::supervise_reported),
+        }
+    }
+}
+
+/// The state directory's changes, debounced, from a task of their own: a
+/// change seen while the agent is busy is kept (one pending reload), never
+/// lost with a cancelled wait.
+fn watch_changes(
+    state_dir: &Path,
+) -> Result<tokio::sync::mpsc::Receiver<std::io::Result<()>>, AgentError> {
+    let mut watch =
+        crate::watch::StateWatch::new(state_dir).map_err(|source| AgentError::Watch {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            match watch.changed().await {
+                // Full: a reload is pending already and will read this change too.
+                Ok(()) => {
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                        sender.try_send(Ok(()))
+                    {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    let _ = sender.send(Err(error)).await;
+                    return;
                 }
             }
         }
-    }
+    });
+    Ok(receiver)
+}
+
+/// Runs `change` on the agent (blocking: applies write the maps) and
+/// publishes the agent's view to the metrics endpoint.
+fn update(feed: &Feed, agent: &mut Agent, change: fn(&mut Agent)) {
+    feed.update(|| {
+        tokio::task::block_in_place(|| change(agent));
+        ((), agent.view())
+    });
 }
 
 /// Gives each pod the mode it had when the agent first saw it (sg-semantics.md
@@ -292,20 +519,11 @@ pub fn pin_modes(
     let node_mode = model.node.enforcing_mode;
     let mut modes = BTreeMap::new();
     for pod in &mut model.pods {
-        let identity = pod_identity(pod);
+        let identity = pod.identity();
         pod.mode = known.get(&identity).copied().unwrap_or(node_mode);
         modes.insert(identity, pod.mode);
     }
     modes
-}
-
-/// The pod's UID, or `namespace/name` for an object without one.
-fn pod_identity(pod: &BranchPod) -> String {
-    if pod.uid.is_empty() {
-        pod.key()
-    } else {
-        pod.uid.clone()
-    }
 }
 
 fn pod_report(model: &Model, pod: &BranchPod) -> PodReport {
@@ -338,18 +556,6 @@ pub fn mode_name(mode: EnforcingMode) -> &'static str {
 fn unix_seconds(at: SystemTime) -> u64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// An error with its causes, on one line per cause.
-pub fn error_text(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Forwards the programs' log records to `log` as they arrive.

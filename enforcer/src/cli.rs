@@ -1,6 +1,7 @@
 //! The `enforcer` command line (contract: `../shared/docs/design.md`, "CLI").
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -99,18 +100,26 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// `enforcer check`: the summary on stdout, or every error on stderr, one per line.
+/// `enforcer check`: the summary on stdout, or every error on stderr, one per
+/// line. It runs the agent's own checks, so it refuses what `run` would.
 fn check(dir: &Path) -> ExitCode {
-    match enforcer::state::load(dir) {
-        Ok(model) => {
-            print!("{}", summary(&model));
-            ExitCode::SUCCESS
-        }
+    let model = match enforcer::state::load(dir) {
+        Ok(model) => model,
         Err(errors) => {
             for error in &errors.0 {
                 eprintln!("{error}");
             }
             eprintln!("{} error(s) in {}", errors.0.len(), dir.display());
+            return ExitCode::from(1);
+        }
+    };
+    match enforcer::agent::compile_checked(&model, None) {
+        Ok(_) => {
+            print!("{}", summary(&model));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{}: {}", dir.display(), enforcer::error_chain(&error));
             ExitCode::from(1)
         }
     }
@@ -164,17 +173,24 @@ fn summary(model: &Model) -> String {
 
 /// `enforcer run`: enforce the state and follow it until a signal. Everything stays pinned.
 fn run_agent(dir: &Path, pin_path: &Path, metrics_addr: std::net::SocketAddr) -> Result<ExitCode> {
+    // Bound before anything is attached: a taken port stops the start, not the endpoint.
+    let listener = std::net::TcpListener::bind(metrics_addr)
+        .with_context(|| format!("binding the metrics endpoint {metrics_addr}"))?;
+    listener
+        .set_nonblocking(true)
+        .context("making the metrics endpoint non-blocking")?;
+    // Two workers: applies block one, the endpoint answers on the other.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     let agent = enforcer::agent::Agent::start(dir, pin_path)
         .with_context(|| format!("starting the agent (pins under {})", pin_path.display()))?;
     match (agent.applied(), agent.failure()) {
         (_, Some(failure)) => log::error!(
-            "state {} not applied{}: {}",
+            "state {} not applied, the pinned programs (if any) keep enforcing the previous state: {}",
             dir.display(),
-            if enforcer::ebpf::is_attached(pin_path) {
-                ", the pinned programs keep enforcing the previous state"
-            } else {
-                ", nothing is enforced yet"
-            },
             failure.message
         ),
         (Some(applied), None) => {
@@ -182,8 +198,7 @@ fn run_agent(dir: &Path, pin_path: &Path, metrics_addr: std::net::SocketAddr) ->
                 log::info!("{line}");
             }
             log::info!(
-                "enforcing on {}: {} pods, {} rules compiled; pinned under {}",
-                applied.model.node.trunk_interface,
+                "enforcing {} pods, {} rules compiled; pinned under {}",
                 applied.compiled.pods.len(),
                 applied.compiled.rules.len(),
                 pin_path.display()
@@ -191,14 +206,12 @@ fn run_agent(dir: &Path, pin_path: &Path, metrics_addr: std::net::SocketAddr) ->
         }
         (None, None) => {}
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    if let Some(error) = agent.attach_error() {
+        log::error!("not attached yet, trying again: {error}");
+    }
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(metrics_addr)
-            .await
-            .with_context(|| format!("binding the metrics endpoint {metrics_addr}"))?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .context("serving the metrics endpoint")?;
         log::info!("metrics on http://{metrics_addr}/metrics");
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -260,33 +273,50 @@ fn flows(
             })?),
             None => None,
         };
-        let previous = stream.maps_mut().settings()?.events;
         if allowed {
-            stream
-                .maps_mut()
-                .set_event_flags(previous | enforcer_common::EVENTS_ALLOWED)?;
+            stream.lease_allowed_events()?;
         }
+        // Renewed well before it runs out; if this process dies, the kernel stops on its own.
+        let mut renew = tokio::time::interval(std::time::Duration::from_nanos(
+            enforcer_common::ALLOWED_EVENTS_LEASE_NS / 5,
+        ));
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("installing the SIGTERM handler")?;
+        let mut stdout = std::io::stdout().lock();
         let mut printed = 0;
         let result = loop {
             let events = tokio::select! {
                 _ = terminate.recv() => break Ok(()),
                 _ = tokio::signal::ctrl_c() => break Ok(()),
+                _ = renew.tick(), if allowed => match stream.lease_allowed_events() {
+                    Ok(()) => continue,
+                    Err(e) => break Err(anyhow::Error::new(e).context("renewing the allowed-flow events")),
+                },
                 events = stream.next() => events,
             };
             let events = match events {
                 Ok(events) => events,
                 Err(e) => break Err(anyhow::Error::new(e).context("reading events")),
             };
-            for event in events.iter().filter(|e| vlan.is_none_or(|v| e.vlan == v)) {
-                if json {
-                    println!("{}", serde_json::to_string(event)?);
-                } else {
-                    println!("{event}");
-                }
-                printed += 1;
+            let written = events
+                .iter()
+                .filter(|e| vlan.is_none_or(|v| e.vlan == v))
+                .try_for_each(|event| {
+                    printed += 1;
+                    if json {
+                        let line = serde_json::to_string(event).map_err(std::io::Error::other)?;
+                        writeln!(stdout, "{line}")
+                    } else {
+                        writeln!(stdout, "{event}")
+                    }
+                })
+                .and_then(|()| stdout.flush());
+            match written {
+                Ok(()) => {}
+                // The reader went away (`flows | head`): a normal end.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
+                Err(e) => break Err(anyhow::Error::new(e).context("writing events")),
             }
             if count.is_some_and(|n| printed >= n) {
                 break Ok(());
@@ -294,8 +324,7 @@ fn flows(
         };
         if allowed {
             stream
-                .maps_mut()
-                .set_event_flags(previous)
+                .end_allowed_events()
                 .context("switching allowed-flow events off again")?;
         }
         result

@@ -152,23 +152,27 @@ fn attach_one(
     let program_err = |source| Error::Program { name, source };
     let link_err = |source| Error::Link { name, source };
     let pin = link_pin(pin_path, name);
-    let attached = attached_programs(interface, attach_type).map_err(program_err)?;
     match PinnedLink::from_pin(&pin) {
         Ok(pinned) => {
             let link = FdLink::from(pinned);
-            let on_trunk = attached.contains(&link.info().map_err(link_err)?.program_id());
-            if on_trunk {
+            let state = link_state_of(&link, interface, attach_type).map_err(|e| match e {
+                LinkQuery::Link(source) => link_err(source),
+                LinkQuery::Program(source) => program_err(source),
+            })?;
+            if state == LinkState::First {
                 let link = SchedClassifierLink::try_from(link).map_err(link_err)?;
                 let id = program.attach_to_link(link).map_err(program_err)?;
                 // The pin holds the link; our descriptor can go.
                 drop(program.take_link(id).map_err(program_err)?);
                 return Ok(Attachment::Replaced);
             }
-            // A link left by an agent of another trunk, or whose interface is
-            // gone: attach to the trunk first, then let the stale link go.
+            // A link left on another interface, one whose interface is gone, or
+            // one another program went ahead of: attach first on the trunk, then
+            // let the old link go (the old one holds until the new one runs).
             let created = create_link(program, name, interface, attach_type)?;
             remove_pin(&pin)?;
             pin_link(created, &pin)?;
+            drop(link);
             Ok(Attachment::Created)
         }
         Err(LinkError::SyscallError(SyscallError { io_error, .. }))
@@ -182,6 +186,86 @@ fn attach_one(
     }
 }
 
+/// Where one of the enforcer's pinned links stands on the trunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Attached to the trunk, ahead of every other program there.
+    First,
+    /// Attached to the trunk behind `ahead` other programs: one of them may
+    /// pass a frame before the enforcer judges it.
+    Behind { ahead: usize },
+    /// Not on the trunk: attached elsewhere, or its interface was deleted.
+    Elsewhere,
+    /// No link pinned (never attached, or removed by `uninstall` or another tool).
+    Missing,
+}
+
+#[derive(Debug)]
+enum LinkQuery {
+    Link(LinkError),
+    Program(ProgramError),
+}
+
+/// Where the link pinned for `name` stands on `interface`, read from the
+/// kernel (the link's program among the interface's TCX programs), not from
+/// the pin's existence. A missing interface is [`LinkState::Elsewhere`].
+pub fn link_state(
+    pin_path: &Path,
+    name: &'static str,
+    interface: &str,
+    attach_type: TcAttachType,
+) -> Result<LinkState, Error> {
+    let link = match PinnedLink::from_pin(link_pin(pin_path, name)) {
+        Ok(pinned) => FdLink::from(pinned),
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            return Ok(LinkState::Missing);
+        }
+        Err(source) => return Err(Error::Link { name, source }),
+    };
+    link_state_of(&link, interface, attach_type).map_err(|e| match e {
+        LinkQuery::Link(source) => Error::Link { name, source },
+        LinkQuery::Program(source) => Error::Program { name, source },
+    })
+}
+
+fn link_state_of(
+    link: &FdLink,
+    interface: &str,
+    attach_type: TcAttachType,
+) -> Result<LinkState, LinkQuery> {
+    let program = link.info().map_err(LinkQuery::Link)?.program_id();
+    let attached = match attached_programs(interface, attach_type) {
+        Ok(attached) => attached,
+        Err(error) if interface_missing(&error) => return Ok(LinkState::Elsewhere),
+        Err(error) => return Err(LinkQuery::Program(error)),
+    };
+    Ok(match attached.iter().position(|&id| id == program) {
+        Some(0) => LinkState::First,
+        Some(ahead) => LinkState::Behind { ahead },
+        None => LinkState::Elsewhere,
+    })
+}
+
+/// The interface does not exist (in this network namespace).
+fn interface_missing(error: &ProgramError) -> bool {
+    matches!(
+        error,
+        ProgramError::TcError(aya::programs::tc::TcError::IoError(e))
+            if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+    )
+}
+
+/// Where both classifiers stand on `interface`.
+pub fn link_states(pin_path: &Path, interface: &str) -> Result<[LinkState; 2], Error> {
+    let [(ingress, ingress_hook), (egress, egress_hook)] = CLASSIFIERS;
+    Ok([
+        link_state(pin_path, ingress, interface, ingress_hook)?,
+        link_state(pin_path, egress, interface, egress_hook)?,
+    ])
+}
+
 fn create_link(
     program: &mut SchedClassifier,
     name: &'static str,
@@ -193,7 +277,9 @@ fn create_link(
         .attach_with_options(
             interface,
             attach_type,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
+            // First in the chain: a program before the enforcer could pass a
+            // frame (TCX_PASS ends the chain) that the enforcer would drop.
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
         )
         .map_err(program_err)?;
     let link = program.take_link(id).map_err(program_err)?;
@@ -225,13 +311,6 @@ pub fn attached_programs(
 ) -> Result<Vec<u32>, ProgramError> {
     let (_, programs) = SchedClassifier::query_tcx(interface, attach_type)?;
     Ok(programs.iter().map(|p| p.id()).collect())
-}
-
-/// Whether both links are pinned under `pin_path` (the trunk is enforced).
-pub fn is_attached(pin_path: &Path) -> bool {
-    CLASSIFIERS
-        .iter()
-        .all(|(name, _)| PinnedLink::from_pin(link_pin(pin_path, name)).is_ok())
 }
 
 /// Detaches the programs and removes every pin under `pin_path`, then the

@@ -45,3 +45,15 @@ pub enum Error {
         source: std::io::Error,
     },
 }
+
+/// An error with its causes, on one line: `error: cause: cause`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

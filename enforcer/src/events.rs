@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use aya::maps::{Map, MapData, MapError, RingBuf};
 use enforcer_common::{
-    DIR_EGRESS, EVENT_IP, EVENT_IPV6, EVENT_POD, Reason, VerdictEvent, map_names,
+    ALLOWED_EVENTS_LEASE_NS, DIR_EGRESS, EVENT_IP, EVENT_IPV6, EVENT_POD, Reason, VerdictEvent,
+    map_names,
 };
 use serde::Serialize;
 use tokio::io::Interest;
@@ -89,9 +90,16 @@ impl EventStream {
         })
     }
 
-    /// The kernel's maps under this pin path (to set which events are sent).
-    pub fn maps_mut(&mut self) -> &mut KernelMaps {
-        &mut self.maps
+    /// Asks the kernel for allowed new flows too, for the next
+    /// [`ALLOWED_EVENTS_LEASE_NS`]: call again before it runs out.
+    pub fn lease_allowed_events(&mut self) -> Result<(), EventsError> {
+        let until = monotonic().as_nanos() as u64 + ALLOWED_EVENTS_LEASE_NS;
+        Ok(self.maps.set_allowed_events_until(until)?)
+    }
+
+    /// Ends the lease now: denies only.
+    pub fn end_allowed_events(&mut self) -> Result<(), EventsError> {
+        Ok(self.maps.set_allowed_events_until(0)?)
     }
 
     /// The VLAN of `namespace/name` according to the agent's report.
@@ -185,19 +193,23 @@ impl EventStream {
     }
 }
 
-/// Wall-clock time at the monotonic clock's zero.
-fn clock_offset() -> Duration {
+/// CLOCK_MONOTONIC, the clock of the kernel's `bpf_ktime_get_ns`.
+pub fn monotonic() -> Duration {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: writes into our timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    let monotonic = Duration::new(now.tv_sec as u64, now.tv_nsec as u32);
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// Wall-clock time at the monotonic clock's zero.
+fn clock_offset() -> Duration {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
-        .saturating_sub(monotonic)
+        .saturating_sub(monotonic())
 }
 
 impl fmt::Display for FlowEvent {

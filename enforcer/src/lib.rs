@@ -9,6 +9,7 @@ pub mod eval;
 pub mod events;
 pub mod explain;
 pub mod flow;
+pub mod http;
 pub mod maps;
 pub mod metrics;
 pub mod model;
@@ -19,4 +20,4 @@ pub mod state;
 pub mod status;
 pub mod watch;
 
-pub use error::Error;
+pub use error::{Error, error_chain};

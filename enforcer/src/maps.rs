@@ -11,14 +11,14 @@ use aya::maps::{
 };
 use aya::{Ebpf, Pod};
 use enforcer_common::{
-    AddrKey, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, EventBudget, NO_POLICY, PeerClass, PeerKeyV4,
-    PeerKeyV6, PodEntry, PodTraffic, PodUid, PortKey, PortVerdict, REASONS, RuleName, RuleTraffic,
-    Settings, map_names,
+    AddrKey, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, EventBudget, MAX_ADDRESSES, MAX_PEER_ENTRIES,
+    MAX_PODS, MAX_PORT_ENTRIES, MAX_RULES, NO_POLICY, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry,
+    PodTraffic, PodUid, PortKey, PortVerdict, REASONS, RuleName, RuleTraffic, Settings, map_names,
 };
 
 use crate::compile::{ClassEntries, Compiled, PolicyEntries, RuleIds};
 use crate::eval::RuleRef;
-use crate::model::{Direction, EnforcingMode, NodeConfig, UnknownVlanAction};
+use crate::model::{Direction, EnforcingMode, Model, NodeConfig, UnknownVlanAction};
 
 /// Errors of reading or writing a map, naming it.
 #[derive(Debug, thiserror::Error)]
@@ -210,7 +210,7 @@ impl KernelMaps {
         let mut stats = ApplyStats::default();
         let current = self.settings()?;
         let wanted = Settings {
-            events: current.events,
+            allowed_events_until_ns: current.allowed_events_until_ns,
             ..settings(node)
         };
         if wanted != current {
@@ -421,6 +421,14 @@ impl KernelMaps {
             .map_err(map_err(map_names::CONNTRACK))
     }
 
+    /// How many flows are tracked now (walks the keys only).
+    pub fn flow_count(&self) -> Result<usize, MapsError> {
+        self.conntrack.keys().try_fold(0, |count, key| {
+            key.map(|_| count + 1)
+                .map_err(map_err(map_names::CONNTRACK))
+        })
+    }
+
     /// Packets per [`enforcer_common::Reason`], summed over CPUs.
     pub fn counters(&self) -> Result<[u64; REASONS as usize], MapsError> {
         let mut totals = [0; REASONS as usize];
@@ -456,10 +464,10 @@ impl KernelMaps {
             .map_err(map_err(map_names::SETTINGS))
     }
 
-    /// Sets [`Settings::events`] (which verdicts become events), keeping the rest.
-    pub fn set_event_flags(&mut self, events: u32) -> Result<(), MapsError> {
+    /// Sets [`Settings::allowed_events_until_ns`], keeping the rest.
+    pub fn set_allowed_events_until(&mut self, until_ns: u64) -> Result<(), MapsError> {
         let mut settings = self.settings()?;
-        settings.events = events;
+        settings.allowed_events_until_ns = until_ns;
         self.settings
             .set(0, settings, 0)
             .map_err(map_err(map_names::SETTINGS))
@@ -483,7 +491,21 @@ impl KernelMaps {
     /// What each rule admitted since this process first applied a state:
     /// retired generations folded in, the current one live from the kernel.
     pub fn rule_traffic(&self) -> Result<BTreeMap<RuleRef, RuleTraffic>, MapsError> {
-        let mut totals = self.retired_traffic.clone();
+        self.rule_traffic_over(&self.retired_traffic)
+    }
+
+    /// What rules no longer in the maps admitted, as this process folded it.
+    pub fn retired_traffic(&self) -> &BTreeMap<RuleRef, RuleTraffic> {
+        &self.retired_traffic
+    }
+
+    /// What each rule admitted: `retired` (another handle's
+    /// [`KernelMaps::retired_traffic`]) plus what the kernel counts now.
+    pub fn rule_traffic_over(
+        &self,
+        retired: &BTreeMap<RuleRef, RuleTraffic>,
+    ) -> Result<BTreeMap<RuleRef, RuleTraffic>, MapsError> {
+        let mut totals = retired.clone();
         for entry in self.rule_traffic.iter() {
             let (key, values) = entry.map_err(map_err(map_names::RULE_TRAFFIC))?;
             if let Some(rule) = self.rule_ref(key)? {
@@ -539,6 +561,47 @@ impl KernelMaps {
         let diff = Diff::between(held, wanted);
         write_hash(&mut self.pod_modes, &diff.write, map_names::POD_MODES)?;
         remove_hash(&mut self.pod_modes, &diff.remove, map_names::POD_MODES)
+    }
+}
+
+/// Refuses, before anything is written, a state the maps cannot hold: names
+/// longer than their keys, or more entries than a map's capacity. `enforcer
+/// check` and the agent both run it, so `check` refuses what `run` would.
+/// (An apply can still find a map full when old and new entries coexist
+/// during a copy-on-write switch: [`MapsError::Full`] then.)
+pub fn admit(model: &Model, compiled: &Compiled) -> Result<(), MapsError> {
+    for pod in &model.pods {
+        pod_uid(&pod.identity())?;
+    }
+    for (_, rule) in compiled.rules.iter() {
+        rule_name(rule)?;
+    }
+    let peers = |v4: bool| -> usize {
+        compiled
+            .policies
+            .values()
+            .map(|p| if v4 { p.v4.len() } else { p.v6.len() })
+            .sum()
+    };
+    let ports: usize = compiled.classes.values().map(|c| c.len()).sum();
+    let needs = [
+        (map_names::PODS, compiled.pods.len(), MAX_PODS),
+        (map_names::RULES, compiled.rules.len(), MAX_RULES),
+        (map_names::PEERS_V4, peers(true), MAX_PEER_ENTRIES),
+        (map_names::PEERS_V6, peers(false), MAX_PEER_ENTRIES),
+        (map_names::PORTS, ports, MAX_PORT_ENTRIES),
+        (
+            map_names::NODE_LOCAL,
+            compiled.node_local.len(),
+            MAX_ADDRESSES,
+        ),
+    ];
+    match needs
+        .into_iter()
+        .find(|&(_, n, capacity)| n > capacity as usize)
+    {
+        Some((map, _, capacity)) => Err(MapsError::Full { map, capacity }),
+        None => Ok(()),
     }
 }
 
@@ -780,7 +843,7 @@ pub fn settings(node: &NodeConfig) -> Settings {
         tcp_established_timeout: node.connection_tracking.tcp_established,
         udp_stream_timeout: node.connection_tracking.udp_stream,
         udp_timeout: node.connection_tracking.udp,
-        events: 0,
+        ..Settings::default()
     }
 }
 

@@ -1,260 +1,431 @@
-//! The agent's Prometheus endpoint: `/metrics` (text format 0.0.4) with
-//! verdict, per-pod and per-rule counters, `/healthz` and `/readyz`.
+//! The agent's Prometheus metrics (prometheus-client, OpenMetrics text): what
+//! the agent publishes of itself, and what the kernel counted, read from the
+//! pinned maps at scrape time, never under the agent's control of the maps.
 
-use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use enforcer_common::Reason;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use enforcer_common::{PodTraffic, REASONS, Reason, RuleTraffic};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 
-use crate::agent::Agent;
-use crate::maps::MapsError;
+use crate::eval::RuleRef;
+use crate::maps::{KernelMaps, MapsError};
 use crate::status::reason_name;
 
-/// How long a client may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_REQUEST_BYTES: usize = 8192;
+/// What the agent tells the endpoint about itself, published after every
+/// change; the endpoint reads it without waiting for the agent.
+#[derive(Clone, Debug, Default)]
+pub struct AgentView {
+    /// Both programs first on the configured trunk.
+    pub attached: bool,
+    /// A state has been applied.
+    pub applied: bool,
+    /// The latest state was rejected (the kernel keeps the previous one).
+    pub state_error: bool,
+    /// Reloads that applied a state, and that were rejected.
+    pub reloads: (u64, u64),
+    pub applied_at: Option<SystemTime>,
+    /// The pods enforced: `namespace/name` and VLAN.
+    pub pods: Arc<Vec<(String, u16)>>,
+    /// What rules no longer in the maps admitted (the kernel forgot it).
+    pub retired_traffic: Arc<BTreeMap<RuleRef, RuleTraffic>>,
+}
 
-/// Answers HTTP requests on `listener` until the runtime stops.
-pub async fn serve(listener: TcpListener, agent: Arc<Mutex<Agent>>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(answer(stream, agent.clone()));
+impl AgentView {
+    /// Attached, applied, and the latest state is the applied one.
+    pub fn is_ready(&self) -> bool {
+        self.attached && self.applied && !self.state_error
+    }
+
+    /// Why it is not ready, in words that reveal nothing of the state's content.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if !self.applied {
+            Some("no state applied yet")
+        } else if self.state_error {
+            Some(
+                "the latest state was rejected; the kernel keeps the previous one (see `enforcer status`)",
+            )
+        } else if !self.attached {
+            Some("the programs are not attached first on the trunk")
+        } else {
+            None
+        }
+    }
+}
+
+/// The agent's end: publishes its view around every change of the maps.
+pub struct Feed {
+    view: watch::Sender<Arc<AgentView>>,
+    /// Odd while the agent changes the maps; a scrape that overlaps a change reads again.
+    changes: Arc<AtomicU64>,
+}
+
+/// The endpoint's end: the latest view and the maps pinned under `pin_path`.
+#[derive(Clone)]
+pub struct Source {
+    view: watch::Receiver<Arc<AgentView>>,
+    changes: Arc<AtomicU64>,
+    pin_path: PathBuf,
+}
+
+/// A feed and its source, starting from `view`.
+pub fn feed(view: AgentView, pin_path: PathBuf) -> (Feed, Source) {
+    let (sender, receiver) = watch::channel(Arc::new(view));
+    let changes = Arc::new(AtomicU64::new(0));
+    (
+        Feed {
+            view: sender,
+            changes: changes.clone(),
+        },
+        Source {
+            view: receiver,
+            changes,
+            pin_path,
+        },
+    )
+}
+
+impl Feed {
+    /// Runs `change` (which may write the maps), then publishes the view it returns.
+    pub fn update<T>(&self, change: impl FnOnce() -> (T, AgentView)) -> T {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        let (result, view) = change();
+        self.view.send_replace(Arc::new(view));
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+}
+
+/// How often a scrape reads again when the agent changed the maps meanwhile.
+const CONSISTENT_READS: usize = 10;
+const REREAD_AFTER: Duration = Duration::from_millis(20);
+
+impl Source {
+    pub fn view(&self) -> Arc<AgentView> {
+        self.view.borrow().clone()
+    }
+
+    /// The metrics text now. Blocking (it walks the maps): call it off the
+    /// async threads. A read that overlapped a change of the maps is taken
+    /// again, so counters moved by an apply (folded into the retired totals)
+    /// are not missed; after a few tries the last read is served.
+    pub fn scrape(&self) -> Result<String, MapsError> {
+        let maps = KernelMaps::open_pinned(&self.pin_path)?;
+        let mut sample = None;
+        for _ in 0..CONSISTENT_READS {
+            let before = self.changes.load(Ordering::SeqCst);
+            let read = Sample::read(self.view(), &maps)?;
+            let consistent =
+                before.is_multiple_of(2) && self.changes.load(Ordering::SeqCst) == before;
+            sample = Some(read);
+            if consistent {
+                break;
             }
-            Err(e) => log::warn!("metrics endpoint: accept: {e}"),
+            std::thread::sleep(REREAD_AFTER);
         }
+        Ok(sample.expect("at least one read").render())
     }
 }
 
-async fn answer(mut stream: TcpStream, agent: Arc<Mutex<Agent>>) {
-    let Ok(Some(path)) = tokio::time::timeout(REQUEST_TIMEOUT, request_path(&mut stream)).await
-    else {
-        return;
-    };
-    let (status, body) = {
-        let agent = agent
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match path.as_str() {
-            "/metrics" => match render(&agent) {
-                Ok(text) => ("200 OK", text),
-                Err(e) => (
-                    "500 Internal Server Error",
-                    format!("{}\n", crate::agent::error_text(&e)),
-                ),
-            },
-            "/healthz" => ("200 OK", "ok\n".to_string()),
-            "/readyz" if agent.is_ready() => ("200 OK", "ready\n".to_string()),
-            "/readyz" => ("503 Service Unavailable", not_ready(&agent)),
-            _ => (
-                "404 Not Found",
-                "try /metrics, /healthz or /readyz\n".to_string(),
-            ),
+/// One scrape's figures: read first (reading can fail), then encoded.
+#[derive(Debug)]
+struct Sample {
+    view: Arc<AgentView>,
+    conntrack_entries: usize,
+    verdicts: [u64; REASONS as usize],
+    suppressed_events: u64,
+    pods: Vec<(String, u16, PodTraffic)>,
+    rules: BTreeMap<RuleRef, RuleTraffic>,
+}
+
+impl Sample {
+    fn read(view: Arc<AgentView>, maps: &KernelMaps) -> Result<Self, MapsError> {
+        let pods = view
+            .pods
+            .iter()
+            .map(|(pod, vlan)| Ok((pod.clone(), *vlan, maps.pod_traffic(*vlan)?)))
+            .collect::<Result<_, MapsError>>()?;
+        Ok(Self {
+            conntrack_entries: maps.flow_count()?,
+            verdicts: maps.counters()?,
+            suppressed_events: maps.suppressed_events()?,
+            pods,
+            rules: maps.rule_traffic_over(&view.retired_traffic)?,
+            view,
+        })
+    }
+
+    fn render(self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// One gauge without labels.
+fn gauge<N: EncodeGaugeValue + Clone + std::fmt::Debug>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> std::fmt::Result {
+    let gauge = ConstGauge::new(value);
+    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+}
+
+/// A counter family: `name` gets its `_total` suffix from the encoder.
+fn counters<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, u64)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (labels, value) in samples {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Sample {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let view = &self.view;
+        let e = &mut encoder;
+        gauge(
+            e,
+            "enforcer_ready",
+            "1 when the programs are attached first on the trunk and the current state is applied.",
+            i64::from(view.is_ready()),
+        )?;
+        gauge(
+            e,
+            "enforcer_attached",
+            "1 when both programs are attached to the configured trunk, ahead of any other program.",
+            i64::from(view.attached),
+        )?;
+        gauge(
+            e,
+            "enforcer_state_error",
+            "1 when the latest state was rejected (the kernel keeps the previous state).",
+            i64::from(view.state_error),
+        )?;
+        counters(
+            e,
+            "enforcer_reloads",
+            "Attempts to apply the state, by result.",
+            [
+                ([("result", "applied")], view.reloads.0),
+                ([("result", "rejected")], view.reloads.1),
+            ],
+        )?;
+        if let Some(at) = view.applied_at {
+            let seconds = at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            gauge(
+                e,
+                "enforcer_state_applied_timestamp_seconds",
+                "When the enforced state was applied.",
+                seconds,
+            )?;
+            gauge(e, "enforcer_pods", "Pods enforced.", view.pods.len() as i64)?;
         }
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if let Err(e) = stream.write_all(response.as_bytes()).await {
-        log::debug!("metrics endpoint: write: {e}");
-    }
-}
-
-/// The path of a `GET` request, once its headers are in.
-async fn request_path(stream: &mut TcpStream) -> Option<String> {
-    let mut request = Vec::new();
-    let mut buffer = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buffer).await.ok()?;
-        if n == 0 || request.len() + n > MAX_REQUEST_BYTES {
-            return None;
-        }
-        request.extend_from_slice(&buffer[..n]);
-    }
-    let line = request.split(|&b| b == b'\r').next()?;
-    let mut words = std::str::from_utf8(line).ok()?.split(' ');
-    match (words.next(), words.next()) {
-        (Some("GET"), Some(target)) => Some(target.split('?').next()?.to_string()),
-        _ => None,
-    }
-}
-
-fn not_ready(agent: &Agent) -> String {
-    if let Some(failure) = agent.failure() {
-        format!("the latest state was not applied: {}\n", failure.message)
-    } else {
-        "programs not attached yet\n".to_string()
-    }
-}
-
-/// One metric family's header.
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// A label value with `\`, `"` and newlines escaped.
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// The metrics text of `agent` now.
-pub fn render(agent: &Agent) -> Result<String, MapsError> {
-    let maps = agent.maps();
-    let mut out = String::new();
-    family(
-        &mut out,
-        "enforcer_ready",
-        "gauge",
-        "1 when the programs are attached and the current state is applied.",
-    );
-    let _ = writeln!(out, "enforcer_ready {}", u8::from(agent.is_ready()));
-    family(
-        &mut out,
-        "enforcer_state_error",
-        "gauge",
-        "1 when the latest state directory was rejected (the kernel keeps the previous state).",
-    );
-    let _ = writeln!(
-        out,
-        "enforcer_state_error {}",
-        u8::from(agent.failure().is_some())
-    );
-    family(
-        &mut out,
-        "enforcer_reloads_total",
-        "counter",
-        "Attempts to apply the state directory, by result.",
-    );
-    let (applied, rejected) = agent.reloads();
-    let _ = writeln!(
-        out,
-        "enforcer_reloads_total{{result=\"applied\"}} {applied}"
-    );
-    let _ = writeln!(
-        out,
-        "enforcer_reloads_total{{result=\"rejected\"}} {rejected}"
-    );
-    if let Some(applied) = agent.applied() {
-        family(
-            &mut out,
-            "enforcer_state_applied_timestamp_seconds",
-            "gauge",
-            "When the enforced state was applied.",
-        );
-        let at = applied
-            .at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        let _ = writeln!(out, "enforcer_state_applied_timestamp_seconds {at:.3}");
-        family(&mut out, "enforcer_pods", "gauge", "Pods enforced.");
-        let _ = writeln!(out, "enforcer_pods {}", applied.model.pods.len());
-    }
-    family(
-        &mut out,
-        "enforcer_conntrack_entries",
-        "gauge",
-        "Tracked flows.",
-    );
-    let _ = writeln!(out, "enforcer_conntrack_entries {}", maps.flows()?.len());
-    family(
-        &mut out,
-        "enforcer_verdicts_total",
-        "counter",
-        "Frames judged on the trunk, by reason.",
-    );
-    let counters = maps.counters()?;
-    for reason in Reason::ALL {
-        let verdict = if reason.is_drop() { "deny" } else { "allow" };
-        let _ = writeln!(
-            out,
-            "enforcer_verdicts_total{{reason=\"{}\",verdict=\"{verdict}\"}} {}",
-            reason_name(reason),
-            counters[reason as usize]
-        );
-    }
-    family(
-        &mut out,
-        "enforcer_events_suppressed_total",
-        "counter",
-        "Verdict events not sent: over the rate limit or ring buffer full.",
-    );
-    let _ = writeln!(
-        out,
-        "enforcer_events_suppressed_total {}",
-        maps.suppressed_events()?
-    );
-    if let Some(applied) = agent.applied() {
-        family(
-            &mut out,
-            "enforcer_pod_packets_total",
-            "counter",
+        gauge(
+            e,
+            "enforcer_conntrack_entries",
+            "Tracked flows.",
+            self.conntrack_entries as i64,
+        )?;
+        counters(
+            e,
+            "enforcer_verdicts",
+            "Frames judged on the trunk, by reason.",
+            Reason::ALL.iter().map(|&reason| {
+                let verdict = if reason.is_drop() { "deny" } else { "allow" };
+                (
+                    [("reason", reason_name(reason)), ("verdict", verdict)],
+                    self.verdicts[reason as usize],
+                )
+            }),
+        )?;
+        let suppressed = ConstCounter::new(self.suppressed_events);
+        suppressed.encode(e.encode_descriptor(
+            "enforcer_events_suppressed",
+            "Verdict events not sent: over the rate limit or ring buffer full.",
+            None,
+            suppressed.metric_type(),
+        )?)?;
+        let pod_labels = |pod: &str, vlan: u16, verdict: &'static str| {
+            [
+                ("pod", pod.to_string()),
+                ("vlan", vlan.to_string()),
+                ("verdict", verdict.to_string()),
+            ]
+        };
+        counters(
+            e,
+            "enforcer_pod_packets",
             "Packets of each pod, by verdict.",
-        );
-        let mut bytes = String::new();
-        family(
-            &mut bytes,
-            "enforcer_pod_bytes_total",
-            "counter",
+            self.pods.iter().flat_map(|(pod, vlan, t)| {
+                [
+                    (pod_labels(pod, *vlan, "allow"), t.allowed_packets),
+                    (pod_labels(pod, *vlan, "deny"), t.denied_packets),
+                ]
+            }),
+        )?;
+        counters(
+            e,
+            "enforcer_pod_bytes",
             "Bytes of each pod, by verdict.",
-        );
-        for pod in &applied.model.pods {
-            let traffic = maps.pod_traffic(pod.vlan)?;
-            let labels = format!("pod=\"{}\",vlan=\"{}\"", label(&pod.key()), pod.vlan);
-            for (verdict, packets, octets) in [
-                ("allow", traffic.allowed_packets, traffic.allowed_bytes),
-                ("deny", traffic.denied_packets, traffic.denied_bytes),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "enforcer_pod_packets_total{{{labels},verdict=\"{verdict}\"}} {packets}"
-                );
-                let _ = writeln!(
-                    bytes,
-                    "enforcer_pod_bytes_total{{{labels},verdict=\"{verdict}\"}} {octets}"
-                );
-            }
+            self.pods.iter().flat_map(|(pod, vlan, t)| {
+                [
+                    (pod_labels(pod, *vlan, "allow"), t.allowed_bytes),
+                    (pod_labels(pod, *vlan, "deny"), t.denied_bytes),
+                ]
+            }),
+        )?;
+        let rule_labels = |rule: &RuleRef| {
+            [
+                ("group", rule.group_id.clone()),
+                ("direction", rule.direction.as_str().to_string()),
+                ("rule", rule.index.to_string()),
+            ]
+        };
+        counters(
+            e,
+            "enforcer_rule_packets",
+            "Packets each rule decided to allow (first packets of flows, untracked packets).",
+            self.rules
+                .iter()
+                .map(|(rule, traffic)| (rule_labels(rule), traffic.packets)),
+        )?;
+        counters(
+            e,
+            "enforcer_rule_bytes",
+            "Bytes of the packets each rule decided to allow.",
+            self.rules
+                .iter()
+                .map(|(rule, traffic)| (rule_labels(rule), traffic.bytes)),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Direction;
+
+    #[test]
+    fn a_sample_renders_the_metric_names_operators_scrape() {
+        let rule = RuleRef {
+            group_id: "sg-0a\"b".to_string(),
+            direction: Direction::Ingress,
+            index: 3,
+        };
+        let view = AgentView {
+            attached: true,
+            applied: true,
+            state_error: false,
+            reloads: (2, 1),
+            applied_at: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)),
+            pods: Arc::new(vec![("shop/web".to_string(), 7)]),
+            retired_traffic: Arc::default(),
+        };
+        let mut verdicts = [0; REASONS as usize];
+        verdicts[Reason::DropPolicy as usize] = 4;
+        let sample = Sample {
+            view: Arc::new(view),
+            conntrack_entries: 9,
+            verdicts,
+            suppressed_events: 5,
+            pods: vec![(
+                "shop/web".to_string(),
+                7,
+                PodTraffic {
+                    allowed_packets: 1,
+                    allowed_bytes: 60,
+                    denied_packets: 2,
+                    denied_bytes: 120,
+                },
+            )],
+            rules: BTreeMap::from([(
+                rule,
+                RuleTraffic {
+                    packets: 6,
+                    bytes: 600,
+                },
+            )]),
+        };
+        let text = sample.render();
+        for line in [
+            "enforcer_ready 1",
+            "enforcer_attached 1",
+            "enforcer_state_error 0",
+            r#"enforcer_reloads_total{result="applied"} 2"#,
+            r#"enforcer_reloads_total{result="rejected"} 1"#,
+            "enforcer_state_applied_timestamp_seconds 1.5",
+            "enforcer_pods 1",
+            "enforcer_conntrack_entries 9",
+            r#"enforcer_verdicts_total{reason="drop_policy",verdict="deny"} 4"#,
+            r#"enforcer_verdicts_total{reason="pass_new",verdict="allow"} 0"#,
+            "enforcer_events_suppressed_total 5",
+            r#"enforcer_pod_packets_total{pod="shop/web",vlan="7",verdict="deny"} 2"#,
+            r#"enforcer_pod_bytes_total{pod="shop/web",vlan="7",verdict="allow"} 60"#,
+            r#"enforcer_rule_packets_total{group="sg-0a\"b",direction="ingress",rule="3"} 6"#,
+            r#"enforcer_rule_bytes_total{group="sg-0a\"b",direction="ingress",rule="3"} 600"#,
+            "# TYPE enforcer_verdicts counter",
+            "# EOF",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing from:\n{text}"
+            );
         }
-        out.push_str(&bytes);
     }
-    let rules = maps.rule_traffic()?;
-    family(
-        &mut out,
-        "enforcer_rule_packets_total",
-        "counter",
-        "Packets each rule decided to allow (first packets of flows, untracked packets).",
-    );
-    let mut bytes = String::new();
-    family(
-        &mut bytes,
-        "enforcer_rule_bytes_total",
-        "counter",
-        "Bytes of the packets each rule decided to allow.",
-    );
-    for (rule, traffic) in &rules {
-        let labels = format!(
-            "group=\"{}\",direction=\"{}\",rule=\"{}\"",
-            label(&rule.group_id),
-            rule.direction.as_str(),
-            rule.index
-        );
-        let _ = writeln!(
-            out,
-            "enforcer_rule_packets_total{{{labels}}} {}",
-            traffic.packets
-        );
-        let _ = writeln!(
-            bytes,
-            "enforcer_rule_bytes_total{{{labels}}} {}",
-            traffic.bytes
-        );
+
+    #[test]
+    fn readiness_needs_attachment_an_applied_state_and_no_rejected_one() {
+        let ready = AgentView {
+            attached: true,
+            applied: true,
+            ..AgentView::default()
+        };
+        assert!(ready.is_ready());
+        assert_eq!(ready.not_ready_reason(), None);
+        for view in [
+            AgentView {
+                attached: false,
+                ..ready.clone()
+            },
+            AgentView {
+                applied: false,
+                ..ready.clone()
+            },
+            AgentView {
+                state_error: true,
+                ..ready.clone()
+            },
+        ] {
+            assert!(!view.is_ready(), "{view:?}");
+            assert!(view.not_ready_reason().is_some());
+        }
     }
-    out.push_str(&bytes);
-    Ok(out)
 }

@@ -274,6 +274,16 @@ pub struct BranchPod {
 }
 
 impl BranchPod {
+    /// What the agent knows the pod by across reloads: its UID, or
+    /// `namespace/name` for an object without one.
+    pub fn identity(&self) -> String {
+        if self.uid.is_empty() {
+            self.key()
+        } else {
+            self.uid.clone()
+        }
+    }
+
     /// `namespace/name`, how users name a pod.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)

@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use enforcer_common::{MAX_FLOWS, POD_HAS_IPV4, POD_HAS_IPV6, Reason};
 use serde::{Deserialize, Serialize};
 
+use crate::ebpf::LinkState;
 use crate::maps::{KernelMaps, MapsError};
 
 /// Directory of the agents' reports.
@@ -39,6 +40,9 @@ pub struct AgentReport {
     /// Why the latest state was not applied (the kernel kept the previous one).
     pub error: Option<String>,
     pub error_at: Option<u64>,
+    /// Why the programs could not be attached to the trunk the last time.
+    #[serde(default)]
+    pub attach_error: Option<String>,
     pub pods: Vec<PodReport>,
 }
 
@@ -56,14 +60,24 @@ pub struct PodReport {
 }
 
 impl AgentReport {
-    /// Writes the report atomically (a reader never sees half of it).
+    /// Writes the report atomically (a reader never sees half of it), readable
+    /// by root only: its errors may quote the state's files.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         let temporary = path.with_extension("json.tmp");
-        std::fs::write(&temporary, json)?;
+        let _ = std::fs::remove_file(&temporary);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.write_all(&json)?;
+        file.sync_all()?;
         std::fs::rename(&temporary, path)
     }
 
@@ -107,8 +121,12 @@ pub struct PodStatus {
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
     pub pin_path: PathBuf,
-    /// Both TCX links are pinned (the trunk is enforced).
+    /// Both programs are attached to the trunk ahead of any other program
+    /// (read from the kernel: the links' programs among the trunk's).
     pub attached: bool,
+    /// Where each program's link stands on the trunk: `first`, `behind N`,
+    /// `not on the trunk`, `not pinned` (ingress, egress).
+    pub links: [String; 2],
     pub agent_pid: Option<u32>,
     pub agent_running: bool,
     pub node: Option<String>,
@@ -157,9 +175,19 @@ impl Status {
         }
         let counters = maps.counters()?;
         let settings = maps.settings()?;
+        let links = report
+            .trunk
+            .as_deref()
+            .map(|trunk| crate::ebpf::link_states(pin_path, trunk));
+        let described = |i: usize| match &links {
+            None => "trunk unknown (no agent report)".to_string(),
+            Some(Err(e)) => crate::error_chain(e),
+            Some(Ok(states)) => link_text(states[i]),
+        };
         Ok(Self {
             pin_path: pin_path.to_path_buf(),
-            attached: crate::ebpf::is_attached(pin_path),
+            attached: matches!(&links, Some(Ok(states)) if states.iter().all(|s| *s == LinkState::First)),
+            links: [described(0), described(1)],
             agent_pid: (report.pid != 0).then_some(report.pid),
             agent_running: report.pid != 0 && is_running(report.pid),
             node: report.node,
@@ -182,6 +210,15 @@ impl Status {
                 .collect(),
             suppressed_events: maps.suppressed_events()?,
         })
+    }
+}
+
+fn link_text(state: LinkState) -> String {
+    match state {
+        LinkState::First => "first".to_string(),
+        LinkState::Behind { ahead } => format!("behind {ahead} other program(s)"),
+        LinkState::Elsewhere => "not on the trunk".to_string(),
+        LinkState::Missing => "not pinned".to_string(),
     }
 }
 
@@ -211,9 +248,12 @@ impl fmt::Display for Status {
             "pin path {}: {}; agent {}",
             self.pin_path.display(),
             if self.attached {
-                "programs attached"
+                "programs attached first on the trunk".to_string()
             } else {
-                "NOT attached"
+                format!(
+                    "NOT enforcing on the trunk (ingress {}, egress {})",
+                    self.links[0], self.links[1]
+                )
             },
             match (self.agent_pid, self.agent_running) {
                 (Some(pid), true) => format!("running (pid {pid})"),

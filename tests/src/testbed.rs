@@ -348,7 +348,7 @@ impl VirtualNode {
         agent::counters(&self.pin_path)
     }
 
-    /// What the witness before the enforcer counted on the trunk.
+    /// What the witness behind the enforcer counted on the trunk (frames it passed).
     pub fn trunk_frames(&self, direction: TrunkDirection, vlan: u16) -> Result<TrunkFrames> {
         self.datapath
             .as_ref()

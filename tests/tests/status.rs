@@ -125,7 +125,7 @@ fn flows_reports_denies_and_allowed_flows_with_their_rule() {
     wait_for(
         "allowed-flow events switched on",
         Duration::from_secs(5),
-        || maps().settings().expect("settings").events != 0,
+        || leased(&maps()),
     );
     node.send_to_trunk(vec![syn_to(&web, OPEN, 51000), syn_to(&web, CLOSED, 51001)]);
     let events: Vec<Value> = (0..2)
@@ -159,7 +159,7 @@ fn flows_reports_denies_and_allowed_flows_with_their_rule() {
     let status = flows.wait().expect("flows exits after --count");
     assert!(status.success());
     assert_eq!(
-        maps().settings().expect("settings").events,
+        maps().settings().expect("settings").allowed_events_until_ns,
         0,
         "flows switched allowed events off"
     );
@@ -204,6 +204,53 @@ fn flows_reports_denies_and_allowed_flows_with_their_rule() {
     });
 }
 
+/// Whether allowed new flows are events now (the lease of `flows --allowed` runs).
+fn leased(maps: &KernelMaps) -> bool {
+    let until = maps.settings().expect("settings").allowed_events_until_ns;
+    until > enforcer::events::monotonic().as_nanos() as u64
+}
+
+#[test]
+fn allowed_flow_events_stop_when_flows_is_killed() {
+    let node = started();
+    let web = web();
+    let maps = || KernelMaps::open_pinned(&node.pin_path).expect("maps");
+    let mut allowed = node.enforcer_in_netns(&["flows", "--pin-path", &pin(&node), "--allowed"]);
+    wait_for(
+        "the lease taken",
+        Duration::from_secs(5),
+        || leased(&maps()),
+    );
+    // The lease is renewed while `flows` runs...
+    std::thread::sleep(Duration::from_nanos(
+        enforcer_common::ALLOWED_EVENTS_LEASE_NS + 1_000_000_000,
+    ));
+    assert!(leased(&maps()), "renewed while flows --allowed runs");
+    // ... and runs out when it is killed, though it could not switch events off itself.
+    allowed.kill().expect("SIGKILL flows");
+    allowed.wait().expect("reap flows");
+    assert!(leased(&maps()), "SIGKILL leaves the lease as it was");
+    wait_for(
+        "the lease ran out",
+        Duration::from_nanos(enforcer_common::ALLOWED_EVENTS_LEASE_NS + 1_000_000_000),
+        || !leased(&maps()),
+    );
+    // The kernel sends denies only: an allowed flow then a denied one, and the
+    // first event a reader gets is the deny.
+    let mut denies =
+        node.enforcer_in_netns(&["flows", "--pin-path", &pin(&node), "--json", "--count", "1"]);
+    let lines = stdout_lines(&mut denies);
+    std::thread::sleep(Duration::from_millis(300));
+    node.send_to_trunk(vec![syn_to(&web, OPEN, 53000), syn_to(&web, CLOSED, 53001)]);
+    let line = lines
+        .recv_timeout(Duration::from_secs(5))
+        .expect("an event line");
+    let event: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(event["verdict"], "deny", "{event}");
+    assert_eq!(event["dst_port"], CLOSED, "{event}");
+    assert!(denies.wait().expect("flows exits").success());
+}
+
 #[test]
 fn the_metrics_endpoint_serves_counters_health_and_readiness() {
     let node = started();
@@ -236,7 +283,10 @@ fn the_metrics_endpoint_serves_counters_health_and_readiness() {
             "{line:?} missing from:\n{metrics}"
         );
     }
-    assert!(metrics.contains("# TYPE enforcer_verdicts_total counter"));
+    assert!(
+        metrics.contains("# TYPE enforcer_verdicts counter"),
+        "{metrics}"
+    );
 
     // A new generation of rules (rule #0 now opens port 81): what the old
     // generation counted is folded into the rule's total, not lost.

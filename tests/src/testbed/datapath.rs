@@ -1,5 +1,5 @@
 //! The test bed's own programs (`tests/testbed-ebpf`, staged by `cargo xtask build-ebpf`) on
-//! the VLAN links, the VPC's end of the trunk, and the trunk itself, before the enforcer.
+//! the VLAN links, the VPC's end of the trunk, and the trunk itself, behind the enforcer.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -130,7 +130,8 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches the witness to both hooks of `trunk`, before any program already there.
+    /// Attaches the witness to both hooks of `trunk`, last: the enforcer always
+    /// goes first, so the witness counts the frames the enforcer passed.
     pub fn attach_trunk_witness(&mut self, node: &Namespace, trunk: &str) -> Result<()> {
         for (name, hook) in [
             (TRUNK_WITNESS_INGRESS, TcAttachType::Ingress),
@@ -141,7 +142,7 @@ impl Datapath {
                 program.attach_with_options(
                     trunk,
                     hook,
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    TcAttachOptions::TcxOrder(LinkOrder::last()),
                 )
             })?
             .with_context(|| format!("attaching {name} to {trunk}"))?;

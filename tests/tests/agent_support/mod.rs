@@ -188,6 +188,28 @@ impl Node {
 
     /// Starts `enforcer ARGS` in the node's namespace, stdout piped.
     pub fn enforcer_in_netns(&self, args: &[&str]) -> Child {
+        self.command_in_netns(args).spawn().expect("spawn enforcer")
+    }
+
+    /// Runs `enforcer ARGS` to completion in the node's namespace, as an
+    /// operator on the node would; its stdout.
+    pub fn enforcer(&self, args: &[&str]) -> String {
+        let out = self
+            .command_in_netns(args)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run enforcer");
+        assert!(
+            out.status.success(),
+            "enforcer {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// `enforcer ARGS` to run in the node's namespace, stdout piped.
+    pub fn command_in_netns(&self, args: &[&str]) -> Command {
         let netns = File::open(format!("/run/netns/{}", self.netns)).expect("open the netns");
         let mut command = Command::new(enforcer_binary());
         // Warnings and errors only: the agents' info lines would drown the test output.
@@ -205,22 +227,7 @@ impl Node {
                 }
             });
         }
-        command.spawn().expect("spawn enforcer")
-    }
-
-    /// Runs `enforcer ARGS` to completion (outside the namespace); its stdout.
-    pub fn enforcer(&self, args: &[&str]) -> String {
-        let out = Command::new(enforcer_binary())
-            .args(args)
-            .output()
-            .expect("run enforcer");
-        assert!(
-            out.status.success(),
-            "enforcer {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 output")
+        command
     }
 
     /// `kill -9` of the agent started `index`-th.
@@ -253,7 +260,11 @@ impl Node {
         self.in_netns(move || {
             let mut stream = TcpStream::connect(("127.0.0.1", METRICS_PORT)).ok()?;
             stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
             let mut response = String::new();
             stream.read_to_string(&mut response).ok()?;
             let code = response.split(' ').nth(1)?.parse().ok()?;
