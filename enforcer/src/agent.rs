@@ -292,20 +292,11 @@ pub fn pin_modes(
     let node_mode = model.node.enforcing_mode;
     let mut modes = BTreeMap::new();
     for pod in &mut model.pods {
-        let identity = pod_identity(pod);
+        let identity = pod.identity();
         pod.mode = known.get(&identity).copied().unwrap_or(node_mode);
         modes.insert(identity, pod.mode);
     }
     modes
-}
-
-/// The pod's UID, or `namespace/name` for an object without one.
-fn pod_identity(pod: &BranchPod) -> String {
-    if pod.uid.is_empty() {
-        pod.key()
-    } else {
-        pod.uid.clone()
-    }
 }
 
 fn pod_report(model: &Model, pod: &BranchPod) -> PodReport {

@@ -279,6 +279,16 @@ impl BranchPod {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    /// What tells this pod from another of the same name or VLAN: its UID, or
+    /// `namespace/name` for an object without one.
+    pub fn identity(&self) -> String {
+        if self.uid.is_empty() {
+            self.key()
+        } else {
+            self.uid.clone()
+        }
+    }
+
     pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.ipv4
             .map(IpAddr::V4)
