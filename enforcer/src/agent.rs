@@ -16,6 +16,7 @@ use crate::compile::{self, CompileError, Compiled};
 use crate::ebpf::Attachment;
 use crate::maps::{ApplyStats, KernelMaps, MapsError};
 use crate::model::{BranchPod, EnforcingMode, Model};
+use crate::pins::Migration;
 use crate::state::StateErrors;
 use crate::status::{AgentReport, PodReport};
 
@@ -68,6 +69,8 @@ pub struct Agent {
     /// The loaded programs; attached through pinned links, so dropping them detaches nothing.
     ebpf: Ebpf,
     maps: KernelMaps,
+    /// Maps replacing pinned ones of another layout, until the programs using them are attached.
+    migration: Migration,
     /// The interface the programs of this process are attached to.
     trunk: Option<String>,
     applied: Option<Applied>,
@@ -83,11 +86,15 @@ type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 impl Agent {
     /// Loads the programs over the maps pinned under `pin_path` (creating
-    /// them on a first start), then applies the state directory. A state
-    /// that does not apply is reported (see [`Agent::failure`]), not fatal:
-    /// whatever a previous agent left pinned keeps enforcing.
+    /// them on a first start, migrating those of another layout: see
+    /// [`crate::pins`]), then applies the state directory. A state that does
+    /// not apply is reported (see [`Agent::failure`]), not fatal: whatever a
+    /// previous agent left pinned keeps enforcing.
     pub fn start(state_dir: &Path, pin_path: &Path) -> Result<Self, AgentError> {
-        let mut ebpf = crate::ebpf::load_pinned(pin_path)?;
+        let crate::pins::Loaded {
+            mut ebpf,
+            migration,
+        } = crate::pins::load(pin_path)?;
         let kernel_log = if crate::ebpf::kernel_log_level() == 0 {
             None
         } else {
@@ -99,6 +106,7 @@ impl Agent {
             pin_path: pin_path.to_path_buf(),
             ebpf,
             maps,
+            migration,
             trunk: None,
             applied: None,
             failure: None,
@@ -144,7 +152,11 @@ impl Agent {
         let modes = pin_modes(&mut model, &self.maps.pod_modes()?);
         let compiled = compile::compile_with(&model, Some(self.maps.enforced()?))?;
         self.maps.record_pod_modes(&modes)?;
-        let stats = self.maps.apply(&compiled, &model.node)?;
+        let mut stats = if self.migration.is_empty() {
+            self.maps.apply(&compiled, &model.node)?
+        } else {
+            self.maps.stage(&compiled, &model.node)?
+        };
         let trunk = &model.node.trunk_interface;
         if self.trunk.as_ref() != Some(trunk) {
             let how = crate::ebpf::attach_pinned(&mut self.ebpf, trunk, &self.pin_path)?;
@@ -157,6 +169,11 @@ impl Agent {
                 }
             );
             self.trunk = Some(trunk.clone());
+        }
+        if !self.migration.is_empty() {
+            self.migration.commit()?;
+            // What only the previous build's programs used goes now.
+            stats.removed += self.maps.apply(&compiled, &model.node)?.removed;
         }
         self.applied = Some(Applied {
             model,

@@ -12,6 +12,7 @@ pub mod flow;
 pub mod maps;
 pub mod metrics;
 pub mod model;
+pub mod pins;
 mod prefix;
 mod resolve;
 pub mod sgp;
