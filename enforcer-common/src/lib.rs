@@ -249,6 +249,9 @@ pub struct PodEntry {
     /// Policy handles by [`policy_slot`]; a packet must be allowed by every
     /// side whose handle is not [`NO_POLICY`]. A handle with no entries denies all.
     pub policies: [u32; 4],
+    /// [`PodEntry::identity_of`] the pod's UID: userspace tells a pod replaced on
+    /// the same VLAN from the one before it, even across restarts. The kernel never reads it.
+    pub identity: [u8; 8],
     /// Peers security groups never filter for this pod (sg-semantics.md §5): the node's
     /// and its subnets' routers. In the pod's entry, which a packet has already read,
     /// because a separate map costs a new flow a cold lookup.
@@ -263,6 +266,19 @@ pub const MAX_UNFILTERED_V4: usize = 5;
 pub const MAX_UNFILTERED_V6: usize = 4;
 
 impl PodEntry {
+    /// FNV-1a (64 bits) of a pod's identity (its UID): fixed by this definition, so every
+    /// build of the agent computes the same value for the entries an older one wrote.
+    pub const fn identity_of(uid: &[u8]) -> [u8; 8] {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut i = 0;
+        while i < uid.len() {
+            hash ^= uid[i] as u64;
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            i += 1;
+        }
+        hash.to_le_bytes()
+    }
+
     pub const fn mode(&self) -> Option<EnforcingMode> {
         EnforcingMode::from_u8(self.mode)
     }

@@ -20,6 +20,7 @@ use crate::ebpf::{Attachment, LinkState};
 use crate::maps::{ApplyStats, KernelMaps, MapsError};
 use crate::metrics::{AgentView, Feed};
 use crate::model::{BranchPod, EnforcingMode, Model};
+use crate::pins::Migration;
 use crate::state::StateErrors;
 use crate::status::{AgentReport, PodReport};
 
@@ -50,6 +51,10 @@ pub enum AgentError {
     },
     #[error("reading the programs' log records")]
     KernelLog(#[source] aya_log::Error),
+    #[error(
+        "the programs of this build are not attached to {trunk} yet: the maps of the previous layout stay in use until they are"
+    )]
+    Migration { trunk: String },
     #[error("watching the state directory {path}")]
     Watch {
         path: PathBuf,
@@ -80,7 +85,10 @@ pub struct Agent {
     /// The loaded programs; attached through pinned links, so dropping them detaches nothing.
     ebpf: Ebpf,
     maps: KernelMaps,
-    /// Every map, by name, to pin again if its pin is removed while the agent runs.
+    /// Maps replacing pinned ones of another layout, until the programs using them are attached.
+    migration: Migration,
+    /// Every map, by name, to pin again if its pin is removed while the agent runs
+    /// (empty while a migration is pending).
     map_pins: Vec<(&'static str, MapData)>,
     /// Where the programs must be: the trunk of the applied state.
     trunk: Option<String>,
@@ -103,33 +111,34 @@ type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 impl Agent {
     /// Loads the programs over the maps pinned under `pin_path` (creating
-    /// them on a first start), applies the state directory and attaches the
+    /// them on a first start, migrating those of another layout: see
+    /// [`crate::pins`]), applies the state directory and attaches the
     /// programs to its trunk. A state that does not apply, or a trunk that is
     /// not there yet, is reported (see [`Agent::failure`], [`Agent::is_ready`]),
     /// not fatal: whatever a previous agent left pinned keeps enforcing, and
     /// [`run`] tries again.
     pub fn start(state_dir: &Path, pin_path: &Path) -> Result<Self, AgentError> {
-        let mut ebpf = crate::ebpf::load_pinned(pin_path)?;
+        let crate::pins::Loaded {
+            mut ebpf,
+            migration,
+        } = crate::pins::load(pin_path)?;
         let kernel_log = if crate::ebpf::kernel_log_level() == 0 {
             None
         } else {
             Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(AgentError::KernelLog)?)
         };
-        let map_pins = map_names::ALL
-            .iter()
-            .map(|&name| {
-                let pin = crate::ebpf::map_pin(pin_path, name);
-                MapData::from_pin(&pin)
-                    .map(|data| (name, data))
-                    .map_err(|source| MapsError::Pinned { path: pin, source })
-            })
-            .collect::<Result<_, _>>()?;
+        let map_pins = if migration.is_empty() {
+            open_map_pins(pin_path)?
+        } else {
+            Vec::new()
+        };
         let maps = KernelMaps::take(&mut ebpf)?;
         let mut agent = Self {
             state_dir: state_dir.to_path_buf(),
             pin_path: pin_path.to_path_buf(),
             ebpf,
             maps,
+            migration,
             map_pins,
             trunk: None,
             attached: false,
@@ -180,12 +189,29 @@ impl Agent {
         let mut model = crate::state::load(&self.state_dir)?;
         let modes = pin_modes(&mut model, &self.maps.pod_modes()?);
         let compiled = compile_checked(&model, Some(self.maps.enforced()?))?;
-        let stats = self.maps.apply(&compiled, &model.node)?;
+        let mut stats = if self.migration.is_empty() {
+            self.maps.apply(&compiled, &model.node)?
+        } else {
+            self.maps.stage(&compiled, &model.node)?
+        };
         // Only a mode the kernel enforces is remembered as the pod's first.
         self.maps.record_pod_modes(&modes)?;
-        if self.trunk.as_ref() != Some(&model.node.trunk_interface) {
-            self.trunk = Some(model.node.trunk_interface.clone());
+        let trunk = &model.node.trunk_interface;
+        if self.trunk.as_ref() != Some(trunk) {
+            self.trunk = Some(trunk.clone());
             self.attached = false;
+        }
+        if !self.migration.is_empty() {
+            // The new maps replace the old pins only once the programs that use them run.
+            if !self.supervise() {
+                return Err(AgentError::Migration {
+                    trunk: trunk.clone(),
+                });
+            }
+            self.migration.commit()?;
+            self.map_pins = open_map_pins(&self.pin_path)?;
+            // What only the previous build's programs used goes now.
+            stats.removed += self.maps.apply(&compiled, &model.node)?.removed;
         }
         self.applied = Some(Applied {
             model,
@@ -386,6 +412,19 @@ impl Agent {
             log::error!("{}", crate::error_chain(&error));
         }
     }
+}
+
+/// Every map pinned under `pin_path`, by name.
+fn open_map_pins(pin_path: &Path) -> Result<Vec<(&'static str, MapData)>, MapsError> {
+    map_names::ALL
+        .iter()
+        .map(|&name| {
+            let pin = crate::ebpf::map_pin(pin_path, name);
+            MapData::from_pin(&pin)
+                .map(|data| (name, data))
+                .map_err(|source| MapsError::Pinned { path: pin, source })
+        })
+        .collect()
 }
 
 /// Everything `enforcer run` checks before it writes the kernel: compiles

@@ -656,6 +656,7 @@ fn pod_entries(
             unfiltered_v4_count: 0,
             unfiltered_v6_count: 0,
             policies: [NO_POLICY; 4],
+            identity: PodEntry::identity_of(pod.identity().as_bytes()),
             unfiltered_v4: [[0; 4]; MAX_UNFILTERED_V4],
             unfiltered_v6: [[0; 16]; MAX_UNFILTERED_V6],
         };

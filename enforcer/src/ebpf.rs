@@ -1,5 +1,6 @@
 //! The kernel programs' object, embedded at build time, and its life on the node:
-//! maps, programs and TCX links pinned under `P/{maps,programs,links}/`, adopted by restarts.
+//! maps, programs and TCX links pinned under `P/{maps,programs,links}/`, adopted by restarts
+//! (maps through [`crate::pins`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -47,7 +48,7 @@ pub fn kernel_log_level() -> u8 {
 }
 
 /// A loader for the embedded object with the kernel log level set.
-fn loader<'a>(level: &'a u8) -> EbpfLoader<'a> {
+pub(crate) fn loader<'a>(level: &'a u8) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
     loader.override_global(aya_log::LEVEL, level, true);
     loader
@@ -81,20 +82,8 @@ pub fn link_pin(pin_path: &Path, name: &str) -> PathBuf {
     pin_path.join("links").join(name)
 }
 
-fn create_dir(dir: PathBuf) -> Result<(), Error> {
+pub(crate) fn create_dir(dir: PathBuf) -> Result<(), Error> {
     std::fs::create_dir_all(&dir).map_err(|source| Error::PinDir { path: dir, source })
-}
-
-/// Loads the object with every map pinned under `pin_path/maps/`: maps
-/// already pinned there (by a previous agent) are reused with their content.
-pub fn load_pinned(pin_path: &Path) -> Result<Ebpf, Error> {
-    create_dir(pin_path.join("maps"))?;
-    let level = kernel_log_level();
-    let mut loader = loader(&level);
-    for name in map_names::ALL {
-        loader.map_pin_path(name, map_pin(pin_path, name));
-    }
-    loader.load(object()?).map_err(|e| Error::Ebpf(Box::new(e)))
 }
 
 /// How a classifier came to be attached.
@@ -294,7 +283,7 @@ fn pin_link(link: FdLink, pin: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-fn remove_pin(pin: &Path) -> Result<(), Error> {
+pub(crate) fn remove_pin(pin: &Path) -> Result<(), Error> {
     match std::fs::remove_file(pin) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::Unpin {
             path: pin.to_path_buf(),
@@ -326,6 +315,12 @@ pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>, Error> {
             .map(|(name, _)| program_pin(pin_path, name)),
     );
     pins.extend(map_names::ALL.iter().map(|name| map_pin(pin_path, name)));
+    // Maps of an upgrade that did not finish.
+    pins.extend(
+        map_names::ALL
+            .iter()
+            .map(|name| crate::pins::staging_pin(pin_path, name)),
+    );
     let mut removed = Vec::new();
     for pin in pins {
         if pin.exists() {
@@ -333,7 +328,7 @@ pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>, Error> {
             removed.push(pin);
         }
     }
-    for dir in ["links", "programs", "maps"]
+    for dir in ["links", "programs", "maps", "staging"]
         .iter()
         .map(|d| pin_path.join(d))
         .chain([pin_path.to_path_buf()])

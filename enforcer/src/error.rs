@@ -12,6 +12,23 @@ pub enum Error {
     NoEbpfObject,
     #[error("loading the eBPF object")]
     Ebpf(#[source] Box<aya::EbpfError>),
+    #[error("reading the eBPF object's map definitions")]
+    Object(#[source] Box<aya_obj::ParseError>),
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("cannot read the pinned map {path}")]
+    PinnedMap {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot rename the pin {from} over {to}")]
+    Repin {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("program {name}")]

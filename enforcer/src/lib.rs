@@ -13,6 +13,7 @@ pub mod http;
 pub mod maps;
 pub mod metrics;
 pub mod model;
+pub mod pins;
 mod prefix;
 mod resolve;
 pub mod sgp;

@@ -1,7 +1,7 @@
 //! The kernel's maps as userspace sees them: the only place that writes them,
 //! writing only what changed between the enforced and a compiled state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
@@ -11,9 +11,10 @@ use aya::maps::{
 };
 use aya::{Ebpf, Pod};
 use enforcer_common::{
-    AddrKey, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, EventBudget, MAX_ADDRESSES, MAX_PEER_ENTRIES,
-    MAX_PODS, MAX_PORT_ENTRIES, MAX_RULES, NO_POLICY, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry,
-    PodTraffic, PodUid, PortKey, PortVerdict, REASONS, RuleName, RuleTraffic, Settings, map_names,
+    AddrKey, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, EventBudget, FragmentKey, FragmentVerdict,
+    MAX_ADDRESSES, MAX_PEER_ENTRIES, MAX_PODS, MAX_PORT_ENTRIES, MAX_RULES, NO_POLICY, PeerClass,
+    PeerKeyV4, PeerKeyV6, PodEntry, PodTraffic, PodUid, PortKey, PortVerdict, REASONS, RuleName,
+    RuleTraffic, Settings, map_names,
 };
 
 use crate::compile::{ClassEntries, Compiled, PolicyEntries, RuleIds};
@@ -74,6 +75,7 @@ pub struct KernelMaps {
     ports: HashMap<MapData, PortKey, PortVerdict>,
     node_local: HashMap<MapData, AddrKey, u8>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
+    fragments: HashMap<MapData, FragmentKey, FragmentVerdict>,
     settings: Array<MapData, Settings>,
     counters: PerCpuArray<MapData, u64>,
     rules: HashMap<MapData, u32, RuleName>,
@@ -143,6 +145,7 @@ impl KernelMaps {
             ports: typed(source, map_names::PORTS)?,
             node_local: typed(source, map_names::NODE_LOCAL)?,
             conntrack: typed(source, map_names::CONNTRACK)?,
+            fragments: typed(source, map_names::FRAGMENTS)?,
             settings: typed(source, map_names::SETTINGS)?,
             counters: typed(source, map_names::COUNTERS)?,
             rules: typed(source, map_names::RULES)?,
@@ -174,12 +177,37 @@ impl KernelMaps {
     /// ones are written before the pods switch to them, one atomic update
     /// per pod, and the old ones leave after a grace period, so no pod ever
     /// points at a missing or half-written policy; unchanged ones are not
-    /// touched. A pod that is gone loses its tracked flows and counters, so
-    /// a reused VLAN inherits neither. Tracked flows of remaining pods are kept.
+    /// touched. A pod that is gone, or replaced on its VLAN by another
+    /// (`PodEntry::identity`), loses its tracked flows, fragment verdicts and
+    /// counters, so the VLAN's next pod inherits none. Tracked flows of
+    /// remaining pods are kept.
     pub fn apply(
         &mut self,
         compiled: &Compiled,
         node: &NodeConfig,
+    ) -> Result<ApplyStats, MapsError> {
+        self.write_state(compiled, node, true)
+    }
+
+    /// As [`KernelMaps::apply`], but the entries `compiled` no longer uses stay:
+    /// the attached programs are a previous build's, reading maps of their own
+    /// beside these ([`crate::pins`]), and may still use them. Once the new
+    /// programs are attached, the next apply reads the maps back and retires them.
+    pub fn stage(
+        &mut self,
+        compiled: &Compiled,
+        node: &NodeConfig,
+    ) -> Result<ApplyStats, MapsError> {
+        let stats = self.write_state(compiled, node, false)?;
+        self.enforced = None;
+        Ok(stats)
+    }
+
+    fn write_state(
+        &mut self,
+        compiled: &Compiled,
+        node: &NodeConfig,
+        retire: bool,
     ) -> Result<ApplyStats, MapsError> {
         let reconcile = self.enforced.is_none();
         let old = match self.enforced.take() {
@@ -191,7 +219,7 @@ impl KernelMaps {
             self.enforced = Some(old);
             return Err(error);
         }
-        let result = self.apply_changes(&old, compiled, &changes, node, reconcile);
+        let result = self.apply_changes(&old, compiled, &changes, node, reconcile, retire);
         // After an error the maps hold neither state: the next apply reads them back.
         if result.is_ok() {
             self.enforced = Some(compiled.clone());
@@ -206,6 +234,7 @@ impl KernelMaps {
         changes: &Changes,
         node: &NodeConfig,
         reconcile: bool,
+        retire: bool,
     ) -> Result<ApplyStats, MapsError> {
         let mut stats = ApplyStats::default();
         let current = self.settings()?;
@@ -247,12 +276,24 @@ impl KernelMaps {
             map_names::NODE_LOCAL,
         )?;
 
-        // Each pod switches with one update.
+        // Each pod switches with one update. A VLAN that gets a pod, or another
+        // pod than before, starts its counters at zero.
+        let replaced: BTreeSet<u16> = changes
+            .pods
+            .write
+            .iter()
+            .filter(|(vlan, entry)| {
+                old.pods
+                    .get(vlan)
+                    .is_some_and(|held| held.identity != entry.identity)
+            })
+            .map(|(vlan, _)| *vlan)
+            .collect();
         for (vlan, _) in changes
             .pods
             .write
             .iter()
-            .filter(|(v, _)| !old.pods.contains_key(v))
+            .filter(|(v, _)| !old.pods.contains_key(v) || replaced.contains(v))
         {
             self.reset_pod_traffic(*vlan)?;
         }
@@ -262,8 +303,14 @@ impl KernelMaps {
             self.reset_pod_traffic(*vlan)?;
         }
         stats.removed += changes.pods.remove.len();
-        if reconcile || !changes.pods.remove.is_empty() {
-            stats.removed += self.forget_flows(|key| !new.pods.contains_key(&key.vlan))?;
+        // What the kernel learnt of a pod that left or was replaced must not
+        // admit the next pod's traffic: flows and fragment verdicts go with it.
+        if reconcile || !changes.pods.remove.is_empty() || !replaced.is_empty() {
+            stats.removed += self
+                .forget_vlans(|vlan| !new.pods.contains_key(&vlan) || replaced.contains(&vlan))?;
+        }
+        if !retire {
+            return Ok(stats);
         }
 
         // What no pod uses any more leaves once no program can be reading it.
@@ -387,21 +434,17 @@ impl KernelMaps {
 
     /// Removes the tracked flows `doomed` selects; returns how many.
     pub fn forget_flows(&mut self, doomed: impl Fn(&CtKey) -> bool) -> Result<usize, MapsError> {
-        let keys: Vec<CtKey> = self
-            .conntrack
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::CONNTRACK))?;
-        let mut removed = 0;
-        for key in keys.iter().filter(|k| doomed(k)) {
-            match self.conntrack.remove(key) {
-                // An LRU eviction may have beaten us to it.
-                Ok(()) => removed += 1,
-                Err(e) if absent(&e) => removed += 1,
-                Err(e) => return Err(map_err(map_names::CONNTRACK)(e)),
-            }
-        }
-        Ok(removed)
+        remove_where(&mut self.conntrack, map_names::CONNTRACK, doomed)
+    }
+
+    /// Removes the tracked flows and fragment verdicts of the VLANs `doomed`
+    /// selects; returns how many.
+    fn forget_vlans(&mut self, doomed: impl Fn(u16) -> bool) -> Result<usize, MapsError> {
+        let flows = self.forget_flows(|key| doomed(key.vlan))?;
+        let fragments = remove_where(&mut self.fragments, map_names::FRAGMENTS, |key| {
+            doomed(key.vlan)
+        })?;
+        Ok(flows + fragments)
     }
 
     /// One tracked flow, if the kernel holds it.
@@ -946,6 +989,28 @@ mod batch {
         }
         Ok(())
     }
+}
+
+/// Removes the entries of an LRU map whose keys `doomed` selects; returns how many.
+fn remove_where<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    doomed: impl Fn(&K) -> bool,
+) -> Result<usize, MapsError> {
+    let keys: Vec<K> = map
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(name))?;
+    let mut removed = 0;
+    for key in keys.iter().filter(|k| doomed(k)) {
+        match map.remove(key) {
+            // An LRU eviction may have beaten us to it.
+            Ok(()) => removed += 1,
+            Err(e) if absent(&e) => removed += 1,
+            Err(e) => return Err(map_err(name)(e)),
+        }
+    }
+    Ok(removed)
 }
 
 fn read_hash<K: Pod + Ord, V: Pod>(

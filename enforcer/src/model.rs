@@ -274,7 +274,12 @@ pub struct BranchPod {
 }
 
 impl BranchPod {
-    /// What the agent knows the pod by across reloads: its UID, or
+    /// `namespace/name`, how users name a pod.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// What tells this pod from another of the same name or VLAN: its UID, or
     /// `namespace/name` for an object without one.
     pub fn identity(&self) -> String {
         if self.uid.is_empty() {
@@ -282,11 +287,6 @@ impl BranchPod {
         } else {
             self.uid.clone()
         }
-    }
-
-    /// `namespace/name`, how users name a pod.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
     }
 
     pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {

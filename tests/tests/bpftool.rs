@@ -26,7 +26,9 @@ fn pinned_maps_print_with_field_names() {
         "/sys/fs/bpf/enforcer-test-bpftool-{}",
         std::process::id()
     )));
-    let mut ebpf = enforcer::ebpf::load_pinned(&pins.0).expect("load with pinned maps");
+    let mut ebpf = enforcer::pins::load(&pins.0)
+        .expect("load with pinned maps")
+        .ebpf;
     let mut maps = KernelMaps::take(&mut ebpf).expect("typed maps");
     let web = group(
         "sg-0web",
@@ -55,7 +57,7 @@ fn pinned_maps_print_with_field_names() {
     assert_eq!(entry["key"], 7, "the VLAN is the key: {dump}");
     let value = &entry["value"];
     assert_eq!(value["ipv4"], serde_json::json!([10, 0, 1, 101]), "{dump}");
-    for field in ["ipv6", "mode", "flags", "policies"] {
+    for field in ["ipv6", "mode", "flags", "policies", "identity"] {
         assert!(value.get(field).is_some(), "no field {field} in {dump}");
     }
 }

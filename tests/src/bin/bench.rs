@@ -89,6 +89,7 @@ fn floor_ns(frame: &[u8], vlan: u16, samples: usize) -> Result<f64> {
         unfiltered_v4_count: 0,
         unfiltered_v6_count: 0,
         policies: [0; 4],
+        identity: [0; 8],
         unfiltered_v4: [[0; 4]; MAX_UNFILTERED_V4],
         unfiltered_v6: [[0; 16]; MAX_UNFILTERED_V6],
     };

@@ -1,0 +1,151 @@
+//! Loading the programs over the maps a previous agent pinned, when that agent may
+//! have been another build.
+//!
+//! aya reuses whatever map is pinned at a map's pin path without comparing it
+//! with the object's definition, so a build whose layout changed (a `PodEntry`
+//! that grew) would fail verification over the old pins, or worse, read and
+//! write them with the wrong sizes. Hence each pinned map's kernel parameters
+//! (type, key and value size, capacity, flags) are compared with the object's
+//! definition first:
+//!
+//! - a map that matches is reused with its content (tracked flows, counters);
+//! - a map pinned by no one is created and pinned (no program uses a pin that
+//!   does not exist);
+//! - a map that differs is **migrated**: created fresh beside the pinned one,
+//!   pinned under `P/staging/`, filled by the agent's first apply
+//!   ([`crate::maps::KernelMaps::stage`]: the attached programs, of the
+//!   previous build, still read the old map), and only once the new programs
+//!   are swapped into the pinned links (one atomic `BPF_LINK_UPDATE` each)
+//!   does [`Migration::commit`] rename the staging pin over the old one.
+//!
+//! So a pod is judged by the old programs and maps, then by the new programs
+//! and maps, never by neither. A rename replaces the pin in one step: the live
+//! path always names a whole map, never nothing (with unlink and pin, a
+//! reader would find no map, and a starting agent would create an empty one).
+//! A migrated map starts empty: entries the agent computes are written again,
+//! what the kernel accumulated in it (flows, counters) is lost.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::Ebpf;
+use aya::maps::{MapError, MapInfo};
+use aya::sys::SyscallError;
+use enforcer_common::map_names;
+
+use crate::Error;
+use crate::ebpf::{create_dir, loader, map_pin, object, remove_pin};
+
+/// The programs and maps of the embedded object, loaded over a pin path.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    /// Maps that replace pinned maps of another layout; empty on a first start
+    /// or a restart of the same layout.
+    pub migration: Migration,
+}
+
+/// Fresh maps pinned under staging names, waiting for the programs that use them
+/// to be attached before they take over the live pins.
+#[derive(Debug)]
+pub struct Migration {
+    pin_path: PathBuf,
+    maps: Vec<&'static str>,
+}
+
+/// Where a migrated map waits for the programs that use it to be attached (bpffs
+/// refuses dots in names; a rename between its directories is still one step).
+pub fn staging_pin(pin_path: &Path, name: &str) -> PathBuf {
+    pin_path.join("staging").join(name)
+}
+
+/// Loads the object with every map pinned under `pin_path/maps/`: maps of the
+/// same layout are reused, those of another are migrated (see the module).
+pub fn load(pin_path: &Path) -> Result<Loaded, Error> {
+    create_dir(pin_path.join("maps"))?;
+    create_dir(pin_path.join("staging"))?;
+    let object = object()?;
+    let definitions = aya_obj::Object::parse(object)
+        .map_err(|e| Error::Object(Box::new(e)))?
+        .maps;
+    let level = crate::ebpf::kernel_log_level();
+    let mut loader = loader(&level);
+    let mut migrated = Vec::new();
+    for name in map_names::ALL {
+        let definition = definitions.get(name).ok_or(Error::MissingMap(name))?;
+        // A staging pin left by an upgrade that did not finish.
+        remove_pin(&staging_pin(pin_path, name))?;
+        let live = map_pin(pin_path, name);
+        match MapInfo::from_pin(&live) {
+            Ok(pinned) if same_layout(definition, &pinned) => {
+                loader.map_pin_path(name, live);
+            }
+            // Created unpinned and pinned below: aya would reuse any map at a pin path it is given.
+            Ok(_) => migrated.push(name),
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                loader.map_pin_path(name, live);
+            }
+            Err(source) => return Err(Error::PinnedMap { path: live, source }),
+        }
+    }
+    let ebpf = loader.load(object).map_err(|e| Error::Ebpf(Box::new(e)))?;
+    for &name in &migrated {
+        let staging = staging_pin(pin_path, name);
+        let map = ebpf.map(name).ok_or(Error::MissingMap(name))?;
+        map.pin(&staging).map_err(|source| Error::Pin {
+            path: staging.clone(),
+            source,
+        })?;
+        log::warn!(
+            "map {name}: the pinned one has another layout; a new one waits at {} until the new programs are attached",
+            staging.display()
+        );
+    }
+    Ok(Loaded {
+        ebpf,
+        migration: Migration {
+            pin_path: pin_path.to_path_buf(),
+            maps: migrated,
+        },
+    })
+}
+
+/// Whether the kernel map `pinned` is what the object defines: the programs
+/// and userspace may use it as their own.
+fn same_layout(definition: &aya_obj::Map, pinned: &MapInfo) -> bool {
+    pinned
+        .map_type()
+        .is_ok_and(|t| t as u32 == definition.map_type())
+        && pinned.key_size() == definition.key_size()
+        && pinned.value_size() == definition.value_size()
+        && pinned.max_entries() == definition.max_entries()
+        && pinned.map_flags() == definition.map_flags()
+}
+
+impl Migration {
+    /// No map was migrated.
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty()
+    }
+
+    /// Points the live pins at the migrated maps; call only once the programs
+    /// using them are attached. Each rename replaces the old pin in one step.
+    /// The old maps go when their last user, the replaced programs, does.
+    pub fn commit(&mut self) -> Result<(), Error> {
+        while let Some(&name) = self.maps.first() {
+            let (staging, live) = (
+                staging_pin(&self.pin_path, name),
+                map_pin(&self.pin_path, name),
+            );
+            std::fs::rename(&staging, &live).map_err(|source| Error::Repin {
+                from: staging,
+                to: live,
+                source,
+            })?;
+            self.maps.remove(0);
+            log::warn!("map {name}: migrated to the new layout");
+        }
+        Ok(())
+    }
+}

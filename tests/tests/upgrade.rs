@@ -1,0 +1,257 @@
+//! Agent hardening as real `enforcer` processes on a veth trunk: an upgrade over
+//! pinned maps of another layout, and a pod replaced on its VLAN, never leave a
+//! pod unenforced nor let it inherit what the pod before it left.
+
+#[path = "agent_support/mod.rs"]
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use aya::maps::{Map, MapData, MapInfo, PerCpuArray};
+use enforcer::maps::KernelMaps;
+use enforcer_common::{PodEntry, PodTraffic, Reason, map_names};
+use support::{Node, TestPod, TestState, ack_to, syn_to, wait_for};
+
+const OPEN: u16 = 80;
+const CLOSED: u16 = 81;
+
+fn web() -> TestPod {
+    TestPod::new("web", "uid-web-1", 10, [10, 0, 1, 50])
+}
+
+fn state(pods: Vec<TestPod>) -> TestState {
+    TestState {
+        mode: "strict",
+        open_port: OPEN,
+        pods,
+    }
+}
+
+fn maps(node: &Node) -> KernelMaps {
+    KernelMaps::open_pinned(&node.pin_path).expect("open the pinned maps")
+}
+
+fn flows_of(node: &Node, vlan: u16) -> usize {
+    maps(node)
+        .flows()
+        .expect("read CONNTRACK")
+        .iter()
+        .filter(|(key, _)| key.vlan == vlan)
+        .count()
+}
+
+fn pinned_map(node: &Node, name: &str) -> MapInfo {
+    MapInfo::from_pin(enforcer::ebpf::map_pin(&node.pin_path, name)).expect("pinned map info")
+}
+
+/// Packets per reason, from the pinned `COUNTERS` alone (the other pins may be of
+/// another layout while an upgrade is under way).
+fn counters(node: &Node) -> Vec<u64> {
+    let pin = enforcer::ebpf::map_pin(&node.pin_path, map_names::COUNTERS);
+    let map = Map::from_map_data(MapData::from_pin(pin).expect("pinned COUNTERS")).expect("a map");
+    let counters = PerCpuArray::<MapData, u64>::try_from(map).expect("COUNTERS of u64");
+    Reason::ALL
+        .iter()
+        .map(|&r| {
+            let per_cpu = counters.get(&(r as u32), 0).expect("a counter");
+            per_cpu.iter().sum()
+        })
+        .collect()
+}
+
+/// The maps the program attached at the trunk's ingress uses, by ID.
+fn maps_of_attached_program(node: &Node) -> BTreeSet<u32> {
+    let program = node.attached().0[0];
+    aya::programs::loaded_programs()
+        .map(|info| info.expect("program info"))
+        .find(|info| info.id() == program)
+        .expect("the attached program is loaded")
+        .map_ids()
+        .expect("map IDs")
+        .expect("the kernel reports map IDs")
+        .into_iter()
+        .collect()
+}
+
+/// Replaces the pinned `PODS` with the map a build whose `PodEntry` was 8 bytes
+/// smaller would have pinned (the attached programs keep the map they hold).
+fn pin_pods_map_of_an_older_layout(node: &Node) -> u32 {
+    let pin = enforcer::ebpf::map_pin(&node.pin_path, map_names::PODS);
+    let current = pinned_map(node, map_names::PODS);
+    std::fs::remove_file(&pin).expect("unpin PODS");
+    let older_value = (size_of::<PodEntry>() - 8).to_string();
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args(["type", "hash", "key", "2", "value", &older_value])
+        .args(["entries", &current.max_entries().to_string()])
+        .args(["name", map_names::PODS, "flags"])
+        .arg(current.map_flags().to_string())
+        .output()
+        .expect("run bpftool (installed by `cargo xtask setup`)");
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let older = pinned_map(node, map_names::PODS);
+    assert_ne!(older.value_size(), current.value_size());
+    older.id()
+}
+
+#[test]
+fn an_upgrade_over_a_pods_map_of_another_layout_migrates_it_without_a_moment_unenforced() {
+    let mut node = Node::new();
+    let web = web();
+    node.write_state(&state(vec![web.clone()]));
+    node.start_agent();
+    node.wait_ready();
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 47000)], &[(Reason::PassNew, 1)]);
+    node.stop_agent(0);
+    let conntrack = pinned_map(&node, map_names::CONNTRACK).id();
+    let older_pods = pin_pods_map_of_an_older_layout(&node);
+
+    // Userspace never reads a map of another layout as its own: a clear error.
+    let pin_path = node.pin_path.to_str().expect("utf-8").to_string();
+    let status = Command::new(support::enforcer_binary())
+        .args(["status", "--pin-path", &pin_path])
+        .output()
+        .expect("run enforcer status");
+    let error = String::from_utf8_lossy(&status.stderr);
+    assert!(
+        !status.status.success() && error.contains(map_names::PODS) && error.contains("size"),
+        "status over a PODS map of another layout: {error}"
+    );
+
+    // Denied frames keep arriving while the new build starts: every one is judged.
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let before = counters(&node);
+    let sender = {
+        let (sent, stop) = (sent.clone(), stop.clone());
+        let frame = syn_to(&web, CLOSED, 47001);
+        let peer = node.peer.clone();
+        node.spawn_in_netns(move || {
+            let socket = support::PacketSocket::open(&peer);
+            while !stop.load(Ordering::SeqCst) {
+                socket.send(&frame);
+                sent.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    node.start_agent();
+    node.wait_ready();
+    stop.store(true, Ordering::SeqCst);
+    sender.join().expect("the sender");
+    let sent = sent.load(Ordering::SeqCst);
+    assert!(sent > 100, "only {sent} frames sent during the upgrade");
+    wait_for("every frame judged", Duration::from_secs(5), || {
+        let after = counters(&node);
+        after[Reason::DropPolicy as usize] - before[Reason::DropPolicy as usize] == sent
+    });
+    let after = counters(&node);
+    let others: Vec<(Reason, u64)> = Reason::ALL
+        .iter()
+        .map(|&r| (r, after[r as usize] - before[r as usize]))
+        .filter(|&(r, n)| r != Reason::DropPolicy && n > 0)
+        .collect();
+    assert!(others.is_empty(), "frames judged otherwise: {others:?}");
+
+    // The pins name the maps the new programs use: PODS migrated, CONNTRACK kept.
+    let pods = pinned_map(&node, map_names::PODS);
+    assert_eq!(pods.value_size() as usize, size_of::<PodEntry>());
+    assert_ne!(pods.id(), older_pods, "the older PODS pin is replaced");
+    assert_eq!(pinned_map(&node, map_names::CONNTRACK).id(), conntrack);
+    let used = maps_of_attached_program(&node);
+    assert!(used.contains(&pods.id()) && used.contains(&conntrack));
+    wait_for("the older PODS map freed", Duration::from_secs(5), || {
+        MapInfo::from_id(older_pods).is_err()
+    });
+    let pinned: BTreeSet<String> = std::fs::read_dir(node.pin_path.join("maps"))
+        .expect("maps dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let expected: BTreeSet<String> = map_names::ALL.iter().map(|n| n.to_string()).collect();
+    assert_eq!(pinned, expected, "no staging pin is left");
+
+    // Enforcing: the flow tracked before the upgrade survives, the rules hold.
+    assert!(maps(&node).pods().expect("PODS").contains_key(&web.vlan));
+    node.expect_verdicts(
+        vec![ack_to(&web, OPEN, 47000)],
+        &[(Reason::PassEstablished, 1)],
+    );
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 47002)], &[(Reason::PassNew, 1)]);
+    let status = node.enforcer(&["status", "--pin-path", &pin_path]);
+    assert!(status.contains("web"), "{status}");
+
+    // A restart of the same build reuses every map.
+    let ids: Vec<u32> = map_names::ALL
+        .iter()
+        .map(|name| pinned_map(&node, name).id())
+        .collect();
+    node.stop_agent(1);
+    node.start_agent();
+    node.wait_ready();
+    let again: Vec<u32> = map_names::ALL
+        .iter()
+        .map(|name| pinned_map(&node, name).id())
+        .collect();
+    assert_eq!(again, ids, "a restart of the same build migrates nothing");
+}
+
+#[test]
+fn a_pod_replaced_on_its_vlan_loses_the_old_pods_flows_and_counters() {
+    let mut node = Node::new();
+    let web = web();
+    node.write_state(&state(vec![web.clone()]));
+    node.start_agent();
+    node.wait_ready();
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 48000)], &[(Reason::PassNew, 1)]);
+    assert_eq!(flows_of(&node, web.vlan), 1);
+    assert_ne!(
+        maps(&node).pod_traffic(web.vlan).expect("POD_TRAFFIC"),
+        PodTraffic::default()
+    );
+
+    // web deleted and created again between two reloads: same name and VLAN, new UID.
+    let replaced = TestPod::new("web", "uid-web-2", web.vlan, [10, 0, 1, 60]);
+    node.write_state(&state(vec![replaced.clone()]));
+    wait_for("the replacement in PODS", Duration::from_secs(2), || {
+        maps(&node).pods().expect("PODS")[&web.vlan].ipv4 == replaced.ip
+    });
+    assert_eq!(flows_of(&node, web.vlan), 0, "the old pod's flows are gone");
+    assert_eq!(
+        maps(&node).pod_traffic(web.vlan).expect("POD_TRAFFIC"),
+        PodTraffic::default(),
+        "the new pod's counters start at zero"
+    );
+    node.expect_verdicts(
+        vec![syn_to(&replaced, OPEN, 48001)],
+        &[(Reason::PassNew, 1)],
+    );
+    assert_eq!(
+        maps(&node)
+            .pod_traffic(web.vlan)
+            .expect("POD_TRAFFIC")
+            .allowed_packets,
+        1
+    );
+
+    // Replaced again while no agent runs: the next one tells it from the pinned entry.
+    node.stop_agent(0);
+    let again = TestPod::new("web", "uid-web-3", web.vlan, [10, 0, 1, 60]);
+    node.write_state(&state(vec![again]));
+    node.start_agent();
+    node.wait_ready();
+    assert_eq!(flows_of(&node, web.vlan), 0, "the old pod's flows are gone");
+    assert_eq!(
+        maps(&node).pod_traffic(web.vlan).expect("POD_TRAFFIC"),
+        PodTraffic::default(),
+        "the new pod's counters start at zero"
+    );
+}
