@@ -1,5 +1,5 @@
 //! `cargo xtask build-ebpf`: the kernel crates for bpfel-unknown-none with nightly,
-//! build-std and BTF, staged in `target/bpf/` where their loaders pick them up.
+//! build-std and BTF, staged in `target/bpf/<profile>/` where their loaders pick them up.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,10 +25,14 @@ const OBJECTS: [&str; 4] = [
     "testbed-generator",
 ];
 
-/// Where the object `name` is staged.
-fn staged_object(name: &str) -> PathBuf {
+/// Where the object `name` of `profile` is staged: `target/bpf/<profile>/<name>.o`, with
+/// `profile` named as cargo names its output directories and tells build scripts
+/// (`PROFILE`: `debug` or `release`), so that each binary embeds or loads the objects of its
+/// own profile (`enforcer/build.rs`, `enforcer_tests::staged_object`).
+fn staged_object(profile: &str, name: &str) -> PathBuf {
     workspace_root()
         .join("target/bpf")
+        .join(profile)
         .join(format!("{name}.o"))
 }
 
@@ -67,7 +71,7 @@ pub fn run(release: bool) -> Result<()> {
     let profile = if release { "release" } else { "debug" };
     for object in OBJECTS {
         let built = target_dir.join(TARGET).join(profile).join(object);
-        let staged = staged_object(object);
+        let staged = staged_object(profile, object);
         std::fs::create_dir_all(staged.parent().expect("staged object has a parent"))?;
         std::fs::copy(&built, &staged)
             .with_context(|| format!("cannot copy {} to {}", built.display(), staged.display()))?;

@@ -12,6 +12,9 @@ use crate::{bench, build_ebpf, setup};
 const SKIP_PRIVILEGED: &str = "ENFORCER_SKIP_PRIVILEGED";
 
 pub fn run() -> Result<()> {
+    // Each binary embeds or loads the objects of its own profile: the tests run in
+    // the dev profile, the benchmarks in release, and `staged_objects` verifies both.
+    build_ebpf::run(false)?;
     build_ebpf::run(true)?;
     let root = workspace_root();
     // The kernel crates build for bpfel-unknown-none only (`build_ebpf` above).
