@@ -36,7 +36,28 @@ fn staged_object(profile: &str, name: &str) -> PathBuf {
         .join(format!("{name}.o"))
 }
 
+/// How every crate of a kernel object is compiled, in either profile: `core` and
+/// `compiler_builtins` (built by `-Z build-std`) and the eBPF crates' dependencies
+/// included, which a profile's section in `Cargo.toml` would not reach. With the dev
+/// defaults (debug assertions, overflow checks, no optimisation) `compiler_builtins`'
+/// memset and memcpy keep `core`'s precondition checks, whose never-returning panic
+/// call ends the function: the verifier rejects every program linking them ("last insn
+/// is not an exit or jmp"). The profile only chooses where the objects are staged.
+const CODEGEN: [&str; 5] = [
+    "opt-level=3",
+    "debug-assertions=false",
+    "overflow-checks=false",
+    "codegen-units=1",
+    // The object must not depend on what was built before.
+    "incremental=false",
+];
+
 pub fn run(release: bool) -> Result<()> {
+    let (cargo_profile, profile) = if release {
+        ("release", "release")
+    } else {
+        ("dev", "debug")
+    };
     let root = workspace_root();
     let target_dir = root.join("target");
     let mut cmd = Command::new("rustup");
@@ -52,6 +73,13 @@ pub fn run(release: bool) -> Result<()> {
             CRATES[1],
         ])
         .args(["--target", TARGET, "-Z", "build-std=core"])
+        .args(["--profile", cargo_profile])
+        .args(CODEGEN.iter().flat_map(|setting| {
+            [
+                "--config".into(),
+                format!("profile.{cargo_profile}.{setting}"),
+            ]
+        }))
         .arg("--target-dir")
         .arg(&target_dir)
         // BTF makes map keys and values printable with field names by bpftool.
@@ -64,11 +92,7 @@ pub fn run(release: bool) -> Result<()> {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTFLAGS");
-    if release {
-        cmd.arg("--release");
-    }
     run_command(&mut cmd)?;
-    let profile = if release { "release" } else { "debug" };
     for object in OBJECTS {
         let built = target_dir.join(TARGET).join(profile).join(object);
         let staged = staged_object(profile, object);
