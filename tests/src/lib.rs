@@ -6,6 +6,7 @@ pub mod kernel;
 pub mod models;
 pub mod oracle;
 pub mod random;
+pub mod staged;
 pub mod testbed;
 
 /// Fails the calling test unless it runs as root: privileged tests must never

@@ -336,6 +336,42 @@ fn a_bad_state_is_rejected_whole_and_the_kernel_keeps_the_last_good_one() {
 }
 
 #[test]
+fn an_emptied_pods_file_is_rejected_and_the_kernel_keeps_its_pods() {
+    let mut node = Node::new();
+    let web = web();
+    node.write_state(&state("strict", vec![web.clone()]));
+    // The pods as YAML (JSON is YAML): an empty YAML file parses as no document at all.
+    let pods = node.state_dir.join("pods.yaml");
+    std::fs::rename(node.state_dir.join("pods.json"), &pods).expect("pods.yaml");
+    node.start_agent();
+    node.wait_ready();
+    let good = kernel_pods(&node);
+    assert!(good.contains_key(&web.vlan), "the pod is enforced");
+    let pin_path = node.pin_path.to_str().expect("utf-8").to_string();
+
+    // Truncated in place, as a writer that has not written yet leaves it.
+    std::fs::write(&pods, "").expect("empty pods.yaml");
+    wait_for("the rejection", Duration::from_secs(5), || {
+        node.http_get("/readyz")
+            .is_some_and(|(code, _)| code == 503)
+    });
+    assert_eq!(kernel_pods(&node), good, "the kernel maps changed");
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 44000)], &[(Reason::PassNew, 1)]);
+    let status = node.enforcer(&["status", "--pin-path", &pin_path]);
+    assert!(
+        status.contains("pods.yaml"),
+        "status names the file:\n{status}"
+    );
+
+    // An explicit empty list is a state without pods: applied.
+    support::write_atomically(&pods, "apiVersion: v1\nkind: List\nitems: []\n");
+    node.wait_ready();
+    wait_for("the pod removed", Duration::from_secs(5), || {
+        kernel_pods(&node).is_empty()
+    });
+}
+
+#[test]
 fn a_pod_that_leaves_loses_its_vlan_entry_and_its_flows_at_once() {
     let mut node = Node::new();
     let (web, api) = (web(), api());

@@ -287,7 +287,7 @@ mod tests {
         let dir = StateDir::with_node();
         std::os::unix::fs::symlink(dir.path().join("gone.yaml"), dir.path().join("pods.yaml"))
             .unwrap();
-        dir.error(&["pods.yaml", "document 1", "cannot read"]);
+        dir.error(&["pods.yaml", "cannot read"]);
     }
 
     #[test]
@@ -357,6 +357,117 @@ mod tests {
             "{}",
             errors[1]
         );
+    }
+
+    #[test]
+    fn a_file_without_any_object_is_an_error() {
+        for text in [
+            "",
+            " \n  \n",
+            "# no pods yet\n",
+            "---\n",
+            "--- # none\n...\n",
+        ] {
+            let dir = StateDir::with_node().file("pods.yaml", text);
+            dir.error(&["pods.yaml", "no object"]);
+        }
+        let dir = StateDir::with_node().file("pods.json", " \n");
+        dir.error(&["pods.json", "malformed JSON"]);
+    }
+
+    #[test]
+    fn a_truncated_file_is_an_error() {
+        let list = "apiVersion: v1\nkind: List\nitems:\n\
+                    - apiVersion: v1\n  kind: ServiceAccount\n  metadata: {name: web, namespace: shop}\n\
+                    - apiVersion: v1\n  kind: ServiceAccount\n  metadata: {name: db, namespace: shop}\n";
+        StateDir::with_node().file("accounts.yaml", list).model();
+        for cut in [
+            "items:\n",
+            "- apiVersion: v1\n  kind: Servi",
+            "metadata: {name: db, nam",
+            "namespace: shop}\n- apiVersion: v1\n",
+            "- ",
+        ] {
+            let end = list.rfind(cut).expect("a cut point") + cut.len();
+            let dir = StateDir::with_node().file("accounts.yaml", &list[..end]);
+            let errors = dir.errors();
+            assert!(
+                errors.iter().all(|e| e.contains("accounts.yaml")),
+                "cut after {cut:?}: {errors:#?}"
+            );
+        }
+        let dir = StateDir::with_node().file(
+            "pods.json",
+            r#"{"apiVersion": "v1", "kind": "PodList", "items": [{"apiVersion": "v1", "kin"#,
+        );
+        dir.error(&["pods.json", "malformed JSON"]);
+    }
+
+    #[test]
+    fn explicit_empty_lists_are_states_without_objects() {
+        let model = StateDir::with_node()
+            .file("pods.yaml", "apiVersion: v1\nkind: List\nitems: []\n")
+            .file(
+                "pods.json",
+                r#"{"apiVersion": "v1", "kind": "PodList", "items": []}"#,
+            )
+            .file("enis.json", r#"{"NetworkInterfaces": []}"#)
+            .model();
+        assert!(model.pods.is_empty());
+    }
+
+    /// Loads `dir` on another thread: a state file that blocks the reader fails the test.
+    fn errors_without_hanging(dir: &StateDir) -> Vec<String> {
+        let path = dir.path().to_path_buf();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let errors = load(&path)
+                .err()
+                .map(|e| e.0.iter().map(ToString::to_string).collect());
+            let _ = sender.send(errors);
+        });
+        receiver
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("loading the state hung")
+            .expect("the state loaded without errors")
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = StateDir::with_node();
+        let fifo = std::ffi::CString::new(
+            dir.path()
+                .join("pods.yaml")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+        std::os::unix::fs::symlink("/dev/null", dir.path().join("device.yaml")).unwrap();
+        let _socket =
+            std::os::unix::net::UnixListener::bind(dir.path().join("socket.json")).unwrap();
+        let errors = errors_without_hanging(&dir);
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        for (error, name) in errors
+            .iter()
+            .zip(["device.yaml", "pods.yaml", "socket.json"])
+        {
+            assert!(error.contains(name), "{error}");
+            assert!(error.contains("not a regular file"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_file_larger_than_the_cap_is_not_read() {
+        let dir = StateDir::with_node();
+        let big = std::fs::File::create(dir.path().join("pods.yaml")).unwrap();
+        // Sparse: no disk is used, but reading it whole would take 64 MiB.
+        big.set_len(reader::MAX_FILE_BYTES + 1).unwrap();
+        let errors = errors_without_hanging(&dir);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].contains("pods.yaml"), "{}", errors[0]);
+        assert!(errors[0].contains("more than the 64 MiB"), "{}", errors[0]);
     }
 
     #[test]

@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fs::{Metadata, OpenOptions};
+use std::io::Read as _;
 use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -53,8 +56,68 @@ pub(crate) fn state_files(dir: &Path) -> Result<Vec<PathBuf>, StateError> {
     Ok(files)
 }
 
+/// The largest state file read: far above any real node's state, and a bound on
+/// what a runaway or hostile file can make the agent allocate.
+pub(crate) const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// Why a file's metadata rules it out: only regular files (symlinks followed) of at
+/// most [`MAX_FILE_BYTES`] are read; a FIFO or a device could block or never end.
+fn unreadable_kind(metadata: &Metadata) -> Option<String> {
+    if !metadata.is_file() {
+        return Some(format!(
+            "not a regular file ({:?}): a state file must be one, or a symlink to one",
+            metadata.file_type()
+        ));
+    }
+    (metadata.len() > MAX_FILE_BYTES).then(|| {
+        format!(
+            "{} bytes, more than the {} MiB a state file may hold",
+            metadata.len(),
+            MAX_FILE_BYTES >> 20
+        )
+    })
+}
+
+/// The text of a state file, or why it cannot be used as a whole.
+fn read_state_file(file: &Path) -> Result<String, String> {
+    let cannot_read = |e: std::io::Error| format!("cannot read: {e}");
+    // Judged before opening: opening a FIFO blocks, opening a device may act on it.
+    if let Some(message) = unreadable_kind(&std::fs::metadata(file).map_err(cannot_read)?) {
+        return Err(message);
+    }
+    let mut opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(file)
+        .map_err(cannot_read)?;
+    // The name may have been re-pointed since: judge what was opened too.
+    let at_open = opened.metadata().map_err(cannot_read)?;
+    if let Some(message) = unreadable_kind(&at_open) {
+        return Err(message);
+    }
+    let mut bytes = Vec::new();
+    (&mut opened)
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "grew past the {} MiB a state file may hold while it was read",
+            MAX_FILE_BYTES >> 20
+        ));
+    }
+    let at_end = opened.metadata().map_err(cannot_read)?;
+    if at_end.len() != bytes.len() as u64 || at_end.modified().ok() != at_open.modified().ok() {
+        return Err("changed while it was read (still being written?)".to_string());
+    }
+    String::from_utf8(bytes).map_err(|e| format!("cannot read: not UTF-8 text: {e}"))
+}
+
 /// The documents of one file; a syntax error ends the file (later documents
 /// cannot be located reliably) and is reported against the document it broke.
+/// A file without any document is an error: an empty, comment-only or
+/// half-written file must not read as a state without its objects (an
+/// explicit empty list says there are none).
 pub(crate) fn documents(file: &Path, errors: &mut Vec<StateError>) -> Vec<Document> {
     let error = |index: usize, message: String| StateError {
         file: file.to_path_buf(),
@@ -62,10 +125,16 @@ pub(crate) fn documents(file: &Path, errors: &mut Vec<StateError>) -> Vec<Docume
         field: None,
         message,
     };
-    let text = match std::fs::read_to_string(file) {
+    let file_error = |message: String| StateError {
+        file: file.to_path_buf(),
+        object: String::new(),
+        field: None,
+        message,
+    };
+    let text = match read_state_file(file) {
         Ok(text) => text,
-        Err(e) => {
-            errors.push(error(1, format!("cannot read: {e}")));
+        Err(message) => {
+            errors.push(file_error(message));
             return Vec::new();
         }
     };
@@ -91,12 +160,19 @@ pub(crate) fn documents(file: &Path, errors: &mut Vec<StateError>) -> Vec<Docume
             Ok(value) => docs.push(document(i + 1, value)),
             Err(e) => {
                 errors.push(error(i + 1, format!("malformed YAML: {e}")));
-                break;
+                return docs;
             }
         }
     }
+    if docs.is_empty() {
+        errors.push(file_error(NO_DOCUMENT.to_string()));
+    }
     docs
 }
+
+/// Why a file without any document is refused.
+const NO_DOCUMENT: &str = "no object: the file is empty or holds only comments (half-written?); \
+     a state without such objects is an explicit empty list, e.g. `kind: List` with `items: []`";
 
 /// A problem inside one object, before the object's name is known.
 #[derive(Clone, Debug, PartialEq, Eq)]

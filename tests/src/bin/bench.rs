@@ -16,6 +16,7 @@ use enforcer_common::{MAX_UNFILTERED_V4, MAX_UNFILTERED_V6, POD_HAS_IPV4, PodEnt
 use enforcer_tests::frame::{self, Ip, L4, Tag};
 use enforcer_tests::kernel::Kernel;
 use enforcer_tests::random::{Rng, packet_for_rule, scale_model};
+use enforcer_tests::staged;
 use enforcer_tests::testbed::throughput::{self, Bed, Filter};
 use serde_json::json;
 
@@ -52,11 +53,6 @@ fn median(mut samples: Vec<Duration>) -> f64 {
     samples[samples.len() / 2].as_nanos() as f64
 }
 
-/// The object staged by `cargo xtask build-ebpf` next to the enforcer's.
-fn floor_object() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bpf/enforcer-floor.o")
-}
-
 /// A tagged TCP SYN from `peer` to the first pod.
 fn ingress_frame(model: &Model, peer: IpAddr, l4: L4) -> Vec<u8> {
     let pod = &model.pods[0];
@@ -69,11 +65,12 @@ fn ingress_frame(model: &Model, peer: IpAddr, l4: L4) -> Vec<u8> {
 
 /// The floor program: same parser, one hash lookup by VLAN.
 fn floor_ns(frame: &[u8], vlan: u16, samples: usize) -> Result<f64> {
-    let object = floor_object();
+    let object = staged::object("enforcer-floor");
     let bytes = std::fs::read(&object).with_context(|| {
         format!(
-            "reading {} (run `cargo xtask build-ebpf --release`)",
-            object.display()
+            "reading {} (run `{}`)",
+            object.display(),
+            staged::build_command(staged::PROFILE)
         )
     })?;
     let mut ebpf = EbpfLoader::new()

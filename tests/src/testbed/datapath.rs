@@ -40,9 +40,7 @@ const VLAN_IDS: u32 = 4096;
 pub fn object_path() -> PathBuf {
     std::env::var_os(OBJECT_VARIABLE)
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bpf/testbed-ebpf.o")
-        })
+        .unwrap_or_else(|| crate::staged::object("testbed-ebpf"))
 }
 
 /// The loaded programs and their attachments (dropped: detached).
@@ -82,8 +80,9 @@ impl Datapath {
         let path = object_path();
         if !path.exists() {
             bail!(
-                "{} is missing: run `cargo xtask build-ebpf --release`",
-                path.display()
+                "{} is missing: run `{}`",
+                path.display(),
+                crate::staged::build_command(crate::staged::PROFILE)
             );
         }
         let mut ebpf =

@@ -5,7 +5,6 @@
 //! CPU spends is the node's receive path, the filter, routing and delivery to the pod.
 
 use std::ops::Range;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -70,18 +69,15 @@ pub struct Generator {
     stored: u32,
 }
 
-fn object_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bpf/testbed-generator.o")
-}
-
 impl Generator {
     /// Loads the generator for `trunk` in `node`.
     pub fn load(node: &Namespace, trunk: &str) -> Result<Self> {
-        let path = object_path();
+        let path = crate::staged::object("testbed-generator");
         let mut ebpf = Ebpf::load_file(&path).with_context(|| {
             format!(
-                "loading {} (run `cargo xtask build-ebpf --release`)",
-                path.display()
+                "loading {} (run `{}`)",
+                path.display(),
+                crate::staged::build_command(crate::staged::PROFILE)
             )
         })?;
         program(&mut ebpf)?
