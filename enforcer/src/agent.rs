@@ -194,8 +194,6 @@ impl Agent {
         } else {
             self.maps.stage(&compiled, &model.node)?
         };
-        // Only a mode the kernel enforces is remembered as the pod's first.
-        self.maps.record_pod_modes(&modes)?;
         let trunk = &model.node.trunk_interface;
         if self.trunk.as_ref() != Some(trunk) {
             self.trunk = Some(trunk.clone());
@@ -213,6 +211,8 @@ impl Agent {
             // What only the previous build's programs used goes now.
             stats.removed += self.maps.apply(&compiled, &model.node)?.removed;
         }
+        // Only a mode the kernel enforces is remembered as the pod's first.
+        self.maps.record_pod_modes(&modes)?;
         self.applied = Some(Applied {
             model,
             compiled,
@@ -250,6 +250,22 @@ impl Agent {
                     Err(e) => crate::error_chain(e),
                 }
             );
+        }
+        let behind = matches!(&states, Ok(states)
+            if states.iter().any(|s| matches!(s, LinkState::Behind { .. })));
+        if behind && self.migration.is_empty() {
+            // TCX takes a program once per hook: to go first again, attach a new
+            // instance of the programs (over the same pinned maps), then let the old go.
+            match crate::pins::load(&self.pin_path) {
+                Ok(loaded) if loaded.migration.is_empty() => self.ebpf = loaded.ebpf,
+                Ok(_) => log::error!(
+                    "the pinned maps changed layout under the running agent: not reloading the programs"
+                ),
+                Err(error) => log::error!(
+                    "cannot load the programs again to go first: {}",
+                    crate::error_chain(&error)
+                ),
+            }
         }
         match crate::ebpf::attach_pinned(&mut self.ebpf, &trunk, &self.pin_path) {
             Ok(how) => {

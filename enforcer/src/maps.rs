@@ -87,6 +87,9 @@ pub struct KernelMaps {
     retired_traffic: BTreeMap<RuleRef, RuleTraffic>,
     /// What the maps hold, as this process last applied it; `None` until read back.
     enforced: Option<Compiled>,
+    /// `enforced` was read back from the kernel (after a start or a failed
+    /// apply), not applied by this process: the next apply reconciles.
+    unreconciled: bool,
 }
 
 /// What one apply changed, for logs and for the benchmarks.
@@ -155,6 +158,7 @@ impl KernelMaps {
             event_budget: typed(source, map_names::EVENT_BUDGET)?,
             retired_traffic: BTreeMap::new(),
             enforced: None,
+            unreconciled: false,
         })
     }
 
@@ -165,7 +169,10 @@ impl KernelMaps {
     pub fn enforced(&mut self) -> Result<&Compiled, MapsError> {
         let enforced = match self.enforced.take() {
             Some(enforced) => enforced,
-            None => self.read_back()?,
+            None => {
+                self.unreconciled = true;
+                self.read_back()?
+            }
         };
         Ok(self.enforced.insert(enforced))
     }
@@ -209,22 +216,95 @@ impl KernelMaps {
         node: &NodeConfig,
         retire: bool,
     ) -> Result<ApplyStats, MapsError> {
-        let reconcile = self.enforced.is_none();
-        let old = match self.enforced.take() {
+        let reconcile = self.enforced.is_none() || self.unreconciled;
+        let mut old = match self.enforced.take() {
             Some(old) => old,
             None => self.read_back()?,
         };
+        let mut swept = 0;
+        if reconcile && retire {
+            swept = self.sweep_unreached(&mut old)?;
+        }
         let changes = Changes::between(&old, compiled);
         if let Err(error) = changes.copy_on_write(&old) {
             self.enforced = Some(old);
             return Err(error);
         }
-        let result = self.apply_changes(&old, compiled, &changes, node, reconcile, retire);
+        let result = self
+            .apply_changes(&old, compiled, &changes, node, reconcile, retire)
+            .map(|stats| ApplyStats {
+                removed: stats.removed + swept,
+                ..stats
+            });
         // After an error the maps hold neither state: the next apply reads them back.
         if result.is_ok() {
             self.enforced = Some(compiled.clone());
+            self.unreconciled = false;
         }
         result
+    }
+
+    /// Removes the policies and classes no pod reaches: what an apply that
+    /// failed half-way (a map that filled up) wrote before it stopped. No
+    /// program reads them once a grace period has passed, and they must go
+    /// before anything is written, or the next state finds the map still full.
+    fn sweep_unreached(&mut self, held: &mut Compiled) -> Result<usize, MapsError> {
+        let reached: std::collections::BTreeSet<u32> = held
+            .pods
+            .values()
+            .flat_map(|pod| pod.policies)
+            .filter(|&handle| handle != NO_POLICY)
+            .collect();
+        let policies: Vec<u32> = held
+            .policies
+            .keys()
+            .copied()
+            .filter(|handle| !reached.contains(handle))
+            .collect();
+        let named: std::collections::BTreeSet<u32> = held
+            .policies
+            .iter()
+            .filter(|(handle, _)| reached.contains(handle))
+            .flat_map(|(_, entries)| entries.classes())
+            .collect();
+        let classes: Vec<u32> = held
+            .classes
+            .keys()
+            .copied()
+            .filter(|class| !named.contains(class))
+            .collect();
+        if policies.is_empty() && classes.is_empty() {
+            return Ok(0);
+        }
+        // A pod switched away from one of them just before the failure may still be read.
+        wait_for_running_programs();
+        let peers = peer_entries(
+            &policies
+                .iter()
+                .map(|h| (*h, held.policies[h].as_ref()))
+                .collect::<Vec<_>>(),
+        );
+        let ports = port_entries(
+            &classes
+                .iter()
+                .map(|c| (*c, held.classes[c].as_ref()))
+                .collect::<Vec<_>>(),
+        );
+        remove_hash(&mut self.peers_v4, &keys(&peers.v4), map_names::PEERS_V4)?;
+        remove_hash(&mut self.peers_v6, &keys(&peers.v6), map_names::PEERS_V6)?;
+        remove_hash(&mut self.ports, &keys(&ports), map_names::PORTS)?;
+        for handle in &policies {
+            held.policies.remove(handle);
+        }
+        for class in &classes {
+            held.classes.remove(class);
+        }
+        log::warn!(
+            "removed {} policies and {} peer classes no pod uses (left by an apply that failed)",
+            policies.len(),
+            classes.len()
+        );
+        Ok(peers.v4.len() + peers.v6.len() + ports.len())
     }
 
     fn apply_changes(

@@ -165,7 +165,7 @@ impl Node {
     pub fn state_files(&self, state: &TestState) -> [(&'static str, String); 3] {
         [
             ("node-config.json", node_config(self, state)),
-            ("security-groups.json", security_groups(state)),
+            ("security-groups.json", security_groups(state).to_string()),
             ("pods.json", pods(state)),
         ]
     }
@@ -485,7 +485,8 @@ fn node_config(node: &Node, state: &TestState) -> String {
     .to_string()
 }
 
-fn security_groups(state: &TestState) -> String {
+/// `describe-security-groups` output: `sg-app` (the pods' group) and `sg-node`.
+pub fn security_groups(state: &TestState) -> serde_json::Value {
     let group = |id: &str, ingress: serde_json::Value| {
         serde_json::json!({
             "GroupId": id,
@@ -513,7 +514,6 @@ fn security_groups(state: &TestState) -> String {
             "Ipv6Ranges": [], "PrefixListIds": [], "UserIdGroupPairs": [],
         })),
     ]})
-    .to_string()
 }
 
 fn pods(state: &TestState) -> String {
