@@ -321,6 +321,13 @@ pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>, Error> {
             .iter()
             .map(|name| crate::pins::staging_pin(pin_path, name)),
     );
+    // Detached first, whoever else holds the links: removing the last pin only
+    // lets them go once every descriptor is closed, and the kernel may do even
+    // that later.
+    for (name, _) in CLASSIFIERS {
+        detach_pinned_link(&link_pin(pin_path, name))
+            .map_err(|source| Error::Detach { name, source })?;
+    }
     let mut removed = Vec::new();
     for pin in pins {
         if pin.exists() {
@@ -344,4 +351,60 @@ pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>, Error> {
         }
     }
     Ok(removed)
+}
+
+/// Detaches the link pinned at `pin` from its hook now (`BPF_LINK_DETACH`,
+/// which aya does not wrap), though descriptors and the pin may live on. No
+/// pin: nothing to do.
+fn detach_pinned_link(pin: &Path) -> io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    use std::os::unix::ffi::OsStrExt as _;
+    /// `bpf_attr.obj_get` and `bpf_attr.link_detach` of `linux/bpf.h`.
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct LinkDetachAttr {
+        link_fd: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let bpf = |cmd: libc::c_long, attr: *const libc::c_void, size: usize| {
+        // SAFETY: `attr` points at a valid bpf_attr prefix of `size` bytes.
+        let result = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+        if result < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(result)
+        }
+    };
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let get = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = match bpf(
+        BPF_OBJ_GET,
+        (&raw const get).cast(),
+        std::mem::size_of::<ObjGetAttr>(),
+    ) {
+        Ok(fd) => fd as i32,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: a fresh descriptor the kernel just gave us.
+    let link = unsafe { OwnedFd::from_raw_fd(fd) };
+    let detach = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    bpf(
+        BPF_LINK_DETACH,
+        (&raw const detach).cast(),
+        std::mem::size_of::<LinkDetachAttr>(),
+    )
+    .map(|_| ())
 }

@@ -43,6 +43,12 @@ pub enum Error {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error("cannot detach the link of program {name}")]
+    Detach {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot pin {path}")]
     Pin {
         path: PathBuf,
