@@ -136,6 +136,8 @@ pub struct Status {
     pub applied_at: Option<u64>,
     pub error: Option<String>,
     pub error_at: Option<u64>,
+    /// Why the agent could not attach the programs the last time it tried.
+    pub attach_error: Option<String>,
     pub conntrack_entries: usize,
     pub conntrack_capacity: u32,
     pub pods: Vec<PodStatus>,
@@ -201,6 +203,7 @@ impl Status {
             applied_at: report.applied_at,
             error: report.error,
             error_at: report.error_at,
+            attach_error: report.attach_error,
             conntrack_entries: flows.len(),
             conntrack_capacity: MAX_FLOWS,
             pods,
@@ -278,6 +281,12 @@ impl fmt::Display for Status {
                 error.replace('\n', "\n  ")
             )?,
             None => writeln!(f, "last error: none")?,
+        }
+        if let Some(error) = &self.attach_error {
+            writeln!(
+                f,
+                "cannot attach to the trunk (the agent keeps trying): {error}"
+            )?;
         }
         writeln!(
             f,

@@ -4,8 +4,6 @@
 #[path = "agent_support/mod.rs"]
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use enforcer::maps::KernelMaps;
@@ -74,39 +72,7 @@ fn kill_9_and_restart_keep_enforcing_through_one_attachment_per_direction() {
 
     // Denied frames keep arriving while the next agent starts: every one of
     // them must be judged (a moment without a program would pass some uncounted).
-    let sent = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let before = node.counters();
-    let sender = {
-        let (sent, stop) = (sent.clone(), stop.clone());
-        let frame = syn_to(&web, CLOSED, 40003);
-        let peer = node.peer.clone();
-        node.spawn_in_netns(move || {
-            let socket = support::PacketSocket::open(&peer);
-            while !stop.load(Ordering::SeqCst) {
-                socket.send(&frame);
-                sent.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        })
-    };
-    node.start_agent();
-    node.wait_ready();
-    stop.store(true, Ordering::SeqCst);
-    sender.join().expect("the sender");
-    let sent = sent.load(Ordering::SeqCst);
-    assert!(sent > 100, "only {sent} frames sent during the restart");
-    wait_for("every frame judged", Duration::from_secs(5), || {
-        let after = node.counters();
-        after[Reason::DropPolicy as usize] - before[Reason::DropPolicy as usize] == sent
-    });
-    let after = node.counters();
-    let others: u64 = Reason::ALL
-        .iter()
-        .filter(|&&r| r != Reason::DropPolicy)
-        .map(|&r| after[r as usize] - before[r as usize])
-        .sum();
-    assert_eq!(others, 0, "frames judged otherwise during the restart");
+    node.start_agent_under_denied_traffic(syn_to(&web, CLOSED, 40003));
 
     let (new_ingress, new_egress) = node.attached();
     assert_eq!(

@@ -68,25 +68,6 @@ fn expect_enforced(node: &Node, source_port: u16) {
     );
 }
 
-fn add_trunk(node: &Node) {
-    for args in [
-        vec![
-            "link",
-            "add",
-            &node.trunk,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &node.peer,
-        ],
-        vec!["link", "set", &node.trunk, "up"],
-        vec!["link", "set", &node.peer, "up"],
-    ] {
-        ip_in(node, &args);
-    }
-}
-
 fn ip_in(node: &Node, args: &[&str]) {
     let out = std::process::Command::new("ip")
         .arg("-n")
@@ -110,7 +91,7 @@ fn a_deleted_and_recreated_trunk_is_enforced_again_within_two_seconds() {
     wait_for("/readyz to say not ready", NOTICE, || {
         readyz(&node) == Some(503)
     });
-    add_trunk(&node);
+    node.add_trunk();
     let recreated = Instant::now();
     wait_for("the programs on the new trunk", NOTICE, || {
         first_on_the_trunk(&node)
@@ -173,8 +154,18 @@ fn a_trunk_missing_at_start_is_waited_for_and_then_enforced() {
             .contains_key(&web().vlan),
         "the state is applied while the trunk is awaited"
     );
+    let pin_path = node.pin_path.to_str().expect("utf-8").to_string();
+    let status = node.enforcer(&["status", "--pin-path", &pin_path, "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    assert_eq!(status["attached"], false, "{status:#}");
+    assert!(
+        status["attach_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No such device")),
+        "{status:#}"
+    );
     std::thread::sleep(Duration::from_secs(3));
-    add_trunk(&node);
+    node.add_trunk();
     // Attach retries back off to at most 4 s.
     wait_for("the programs on the trunk", Duration::from_secs(5), || {
         first_on_the_trunk(&node)

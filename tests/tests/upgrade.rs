@@ -7,11 +7,9 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use aya::maps::{Map, MapData, MapInfo, PerCpuArray};
+use aya::maps::MapInfo;
 use enforcer::maps::KernelMaps;
 use enforcer_common::{PodEntry, PodTraffic, Reason, map_names};
 use support::{Node, TestPod, TestState, ack_to, syn_to, wait_for};
@@ -46,21 +44,6 @@ fn flows_of(node: &Node, vlan: u16) -> usize {
 
 fn pinned_map(node: &Node, name: &str) -> MapInfo {
     MapInfo::from_pin(enforcer::ebpf::map_pin(&node.pin_path, name)).expect("pinned map info")
-}
-
-/// Packets per reason, from the pinned `COUNTERS` alone (the other pins may be of
-/// another layout while an upgrade is under way).
-fn counters(node: &Node) -> Vec<u64> {
-    let pin = enforcer::ebpf::map_pin(&node.pin_path, map_names::COUNTERS);
-    let map = Map::from_map_data(MapData::from_pin(pin).expect("pinned COUNTERS")).expect("a map");
-    let counters = PerCpuArray::<MapData, u64>::try_from(map).expect("COUNTERS of u64");
-    Reason::ALL
-        .iter()
-        .map(|&r| {
-            let per_cpu = counters.get(&(r as u32), 0).expect("a counter");
-            per_cpu.iter().sum()
-        })
-        .collect()
 }
 
 /// The maps the program attached at the trunk's ingress uses, by ID.
@@ -128,39 +111,7 @@ fn an_upgrade_over_a_pods_map_of_another_layout_migrates_it_without_a_moment_une
     );
 
     // Denied frames keep arriving while the new build starts: every one is judged.
-    let sent = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let before = counters(&node);
-    let sender = {
-        let (sent, stop) = (sent.clone(), stop.clone());
-        let frame = syn_to(&web, CLOSED, 47001);
-        let peer = node.peer.clone();
-        node.spawn_in_netns(move || {
-            let socket = support::PacketSocket::open(&peer);
-            while !stop.load(Ordering::SeqCst) {
-                socket.send(&frame);
-                sent.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        })
-    };
-    node.start_agent();
-    node.wait_ready();
-    stop.store(true, Ordering::SeqCst);
-    sender.join().expect("the sender");
-    let sent = sent.load(Ordering::SeqCst);
-    assert!(sent > 100, "only {sent} frames sent during the upgrade");
-    wait_for("every frame judged", Duration::from_secs(5), || {
-        let after = counters(&node);
-        after[Reason::DropPolicy as usize] - before[Reason::DropPolicy as usize] == sent
-    });
-    let after = counters(&node);
-    let others: Vec<(Reason, u64)> = Reason::ALL
-        .iter()
-        .map(|&r| (r, after[r as usize] - before[r as usize]))
-        .filter(|&(r, n)| r != Reason::DropPolicy && n > 0)
-        .collect();
-    assert!(others.is_empty(), "frames judged otherwise: {others:?}");
+    node.start_agent_under_denied_traffic(syn_to(&web, CLOSED, 47001));
 
     // The pins name the maps the new programs use: PODS migrated, CONNTRACK kept.
     let pods = pinned_map(&node, map_names::PODS);

@@ -11,11 +11,11 @@ use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::Once;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use enforcer::maps::KernelMaps;
 use enforcer_common::Reason;
 use enforcer_tests::frame::{self, Tag};
 
@@ -130,23 +130,29 @@ impl Node {
             let knob = format!("net.ipv6.conf.{conf}.disable_ipv6=1");
             ip(&["netns", "exec", &node.netns, "sysctl", "-qw", &knob]);
         }
+        ip(&["-n", &node.netns, "link", "set", "lo", "up"]);
+        node.add_trunk();
+        std::fs::create_dir_all(&node.state_dir).expect("state dir");
+        node
+    }
+
+    /// Creates the trunk veth pair, both ends up (again, after a test deleted it).
+    pub fn add_trunk(&self) {
         ip(&[
             "-n",
-            &node.netns,
+            &self.netns,
             "link",
             "add",
-            &node.trunk,
+            &self.trunk,
             "type",
             "veth",
             "peer",
             "name",
-            &node.peer,
+            &self.peer,
         ]);
-        for link in [&node.trunk, &node.peer, "lo"] {
-            ip(&["-n", &node.netns, "link", "set", link, "up"]);
+        for link in [&self.trunk, &self.peer] {
+            ip(&["-n", &self.netns, "link", "set", link, "up"]);
         }
-        std::fs::create_dir_all(&node.state_dir).expect("state dir");
-        node
     }
 
     /// Writes the state files (JSON) for `state`, each atomically.
@@ -305,12 +311,55 @@ impl Node {
         });
     }
 
-    /// Packets counted per reason by the pinned programs, summed over CPUs.
+    /// Packets counted per reason by the pinned programs, summed over CPUs, from
+    /// the pinned `COUNTERS` alone (other pins may be of another layout while an
+    /// upgrade is under way).
     pub fn counters(&self) -> [u64; enforcer_common::REASONS as usize] {
-        KernelMaps::open_pinned(&self.pin_path)
-            .expect("open the pinned maps")
-            .counters()
-            .expect("read the counters")
+        enforcer_tests::testbed::agent::counters(&self.pin_path).expect("read the counters")
+    }
+
+    /// Starts an agent while a frame the policy denies (`denied`) arrives on the
+    /// trunk every 200 µs, and checks that every one of them was judged and
+    /// dropped: a moment without a program would let some pass uncounted.
+    pub fn start_agent_under_denied_traffic(&mut self, denied: Vec<u8>) {
+        let sent = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let before = self.counters();
+        let sender = {
+            let (sent, stop) = (sent.clone(), stop.clone());
+            let peer = self.peer.clone();
+            self.spawn_in_netns(move || {
+                let socket = PacketSocket::open(&peer);
+                while !stop.load(Ordering::SeqCst) {
+                    socket.send(&denied);
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
+        self.start_agent();
+        self.wait_ready();
+        stop.store(true, Ordering::SeqCst);
+        sender.join().expect("the sender");
+        let sent = sent.load(Ordering::SeqCst);
+        assert!(
+            sent > 100,
+            "only {sent} frames sent while the agent started"
+        );
+        wait_for("every frame judged", Duration::from_secs(5), || {
+            let after = self.counters();
+            after[Reason::DropPolicy as usize] - before[Reason::DropPolicy as usize] == sent
+        });
+        let after = self.counters();
+        let others: Vec<(Reason, u64)> = Reason::ALL
+            .iter()
+            .map(|&r| (r, after[r as usize] - before[r as usize]))
+            .filter(|&(r, n)| r != Reason::DropPolicy && n > 0)
+            .collect();
+        assert!(
+            others.is_empty(),
+            "frames judged otherwise while the agent started: {others:?}"
+        );
     }
 
     /// Sends `frames` to the trunk and waits until the counters moved by exactly
