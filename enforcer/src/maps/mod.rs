@@ -1,0 +1,519 @@
+//! The kernel's maps as userspace sees them: the only place that writes them,
+//! writing only what changed between the enforced and a compiled state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::{Ebpf, Pod};
+use enforcer_common::{
+    AddrKey, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, EventBudget, FragmentKey, FragmentVerdict,
+    MAX_ADDRESSES, MAX_PEER_ENTRIES, MAX_PODS, MAX_PORT_ENTRIES, MAX_RULES, NO_POLICY, PeerClass,
+    PeerKeyV4, PeerKeyV6, PodEntry, PodTraffic, PodUid, PortKey, PortVerdict, REASONS, RuleName,
+    RuleTraffic, Settings, map_names,
+};
+
+use crate::compile::{ClassEntries, Compiled, PolicyEntries, RuleIds};
+use crate::eval::RuleRef;
+use crate::model::{Direction, EnforcingMode, Model, NodeConfig, UnknownVlanAction};
+
+mod apply;
+mod batch;
+
+use apply::Diff;
+pub use apply::admit;
+use batch::{remove_hash, write_hash};
+
+/// Errors of reading or writing a map, naming it.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {0} is missing from the eBPF object")]
+    Missing(&'static str),
+    #[error("map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot open the pinned map {path}")]
+    Pinned {
+        path: std::path::PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("pod UID {0:?} is longer than the kernel's {max} bytes", max = UID_BYTES)]
+    UidTooLong(String),
+    #[error("security group ID {0:?} is longer than the kernel's {max} bytes", max = GROUP_BYTES)]
+    GroupIdTooLong(String),
+    #[error(
+        "the state rewrites {map} entries of ID {id}, which are in use, in place: compile it over the enforced state"
+    )]
+    InPlace { map: &'static str, id: u32 },
+    #[error(
+        "map {map} is full ({capacity} entries): the state needs more than the enforcer holds; the kernel keeps enforcing the state before it"
+    )]
+    Full { map: &'static str, capacity: u32 },
+    #[error("map {map}: batch operation")]
+    Batch {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot count the CPUs: {0}")]
+    Cpus(String),
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> MapsError {
+    move |source| MapsError::Map { map, source }
+}
+
+const UID_BYTES: usize = 48;
+const GROUP_BYTES: usize = 32;
+
+/// Typed handles on every map userspace fills or reads.
+pub struct KernelMaps {
+    pods: HashMap<MapData, u16, PodEntry>,
+    peers_v4: HashMap<MapData, PeerKeyV4, PeerClass>,
+    peers_v6: HashMap<MapData, PeerKeyV6, PeerClass>,
+    ports: HashMap<MapData, PortKey, PortVerdict>,
+    node_local: HashMap<MapData, AddrKey, u8>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    fragments: HashMap<MapData, FragmentKey, FragmentVerdict>,
+    settings: Array<MapData, Settings>,
+    counters: PerCpuArray<MapData, u64>,
+    rules: HashMap<MapData, u32, RuleName>,
+    pod_modes: HashMap<MapData, PodUid, u8>,
+    pod_traffic: PerCpuArray<MapData, PodTraffic>,
+    rule_traffic: PerCpuHashMap<MapData, u32, RuleTraffic>,
+    event_budget: PerCpuArray<MapData, EventBudget>,
+    /// What rules no longer in the maps admitted, by rule.
+    retired_traffic: BTreeMap<RuleRef, RuleTraffic>,
+    /// What the maps hold, as this process last applied it; `None` until read back.
+    enforced: Option<Compiled>,
+    /// `enforced` was read back from the kernel (after a start or a failed
+    /// apply), not applied by this process: the next apply reconciles.
+    unreconciled: bool,
+}
+
+/// What one apply changed, for logs and for the benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub written: usize,
+    pub removed: usize,
+}
+
+/// A map found by name, in a loaded object or pinned under a pin path.
+trait MapSource {
+    fn map(&mut self, name: &'static str) -> Result<Map, MapsError>;
+}
+
+impl MapSource for Ebpf {
+    fn map(&mut self, name: &'static str) -> Result<Map, MapsError> {
+        self.take_map(name).ok_or(MapsError::Missing(name))
+    }
+}
+
+impl MapSource for &Path {
+    fn map(&mut self, name: &'static str) -> Result<Map, MapsError> {
+        let path = crate::ebpf::map_pin(self, name);
+        let pinned = |source| MapsError::Pinned {
+            path: path.clone(),
+            source,
+        };
+        let data = MapData::from_pin(&path).map_err(pinned)?;
+        Map::from_map_data(data).map_err(pinned)
+    }
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    source: &mut impl MapSource,
+    name: &'static str,
+) -> Result<T, MapsError> {
+    T::try_from(source.map(name)?).map_err(map_err(name))
+}
+
+impl KernelMaps {
+    /// Takes the maps out of a loaded object (its programs keep using them).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Self::from_source(ebpf)
+    }
+
+    /// Opens the maps pinned under `pin_path` (no programs needed).
+    pub fn open_pinned(pin_path: &Path) -> Result<Self, MapsError> {
+        Self::from_source(&mut { pin_path })
+    }
+
+    fn from_source(source: &mut impl MapSource) -> Result<Self, MapsError> {
+        Ok(Self {
+            pods: typed(source, map_names::PODS)?,
+            peers_v4: typed(source, map_names::PEERS_V4)?,
+            peers_v6: typed(source, map_names::PEERS_V6)?,
+            ports: typed(source, map_names::PORTS)?,
+            node_local: typed(source, map_names::NODE_LOCAL)?,
+            conntrack: typed(source, map_names::CONNTRACK)?,
+            fragments: typed(source, map_names::FRAGMENTS)?,
+            settings: typed(source, map_names::SETTINGS)?,
+            counters: typed(source, map_names::COUNTERS)?,
+            rules: typed(source, map_names::RULES)?,
+            pod_modes: typed(source, map_names::POD_MODES)?,
+            pod_traffic: typed(source, map_names::POD_TRAFFIC)?,
+            rule_traffic: typed(source, map_names::RULE_TRAFFIC)?,
+            event_budget: typed(source, map_names::EVENT_BUDGET)?,
+            retired_traffic: BTreeMap::new(),
+            enforced: None,
+            unreconciled: false,
+        })
+    }
+
+    /// The state the maps hold, to compile the next one against
+    /// ([`crate::compile::compile_with`]): as this process last applied it,
+    /// or read back from the kernel on the first call after a start or a
+    /// failed apply (so what a previous agent pinned is reconciled).
+    pub fn enforced(&mut self) -> Result<&Compiled, MapsError> {
+        let enforced = match self.enforced.take() {
+            Some(enforced) => enforced,
+            None => {
+                self.unreconciled = true;
+                self.read_back()?
+            }
+        };
+        Ok(self.enforced.insert(enforced))
+    }
+
+    /// Removes the tracked flows `doomed` selects; returns how many.
+    pub fn forget_flows(&mut self, doomed: impl Fn(&CtKey) -> bool) -> Result<usize, MapsError> {
+        remove_where(&mut self.conntrack, map_names::CONNTRACK, doomed)
+    }
+
+    /// Removes the tracked flows and fragment verdicts of the VLANs `doomed`
+    /// selects; returns how many.
+    fn forget_vlans(&mut self, doomed: impl Fn(u16) -> bool) -> Result<usize, MapsError> {
+        let flows = self.forget_flows(|key| doomed(key.vlan))?;
+        let fragments = remove_where(&mut self.fragments, map_names::FRAGMENTS, |key| {
+            doomed(key.vlan)
+        })?;
+        Ok(flows + fragments)
+    }
+
+    /// One tracked flow, if the kernel holds it.
+    pub fn flow(&self, key: &CtKey) -> Result<Option<CtEntry>, MapsError> {
+        match self.conntrack.get(key, 0) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::CONNTRACK)(e)),
+        }
+    }
+
+    /// Every tracked flow, as the kernel holds it now.
+    pub fn flows(&self) -> Result<Vec<(CtKey, CtEntry)>, MapsError> {
+        self.conntrack
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::CONNTRACK))
+    }
+
+    /// How many flows are tracked now (walks the keys only).
+    pub fn flow_count(&self) -> Result<usize, MapsError> {
+        self.conntrack.keys().try_fold(0, |count, key| {
+            key.map(|_| count + 1)
+                .map_err(map_err(map_names::CONNTRACK))
+        })
+    }
+
+    /// Packets per [`enforcer_common::Reason`], summed over CPUs.
+    pub fn counters(&self) -> Result<[u64; REASONS as usize], MapsError> {
+        let mut totals = [0; REASONS as usize];
+        for (slot, total) in (0..REASONS).zip(totals.iter_mut()) {
+            let per_cpu = self
+                .counters
+                .get(&slot, 0)
+                .map_err(map_err(map_names::COUNTERS))?;
+            *total = per_cpu.iter().sum();
+        }
+        Ok(totals)
+    }
+
+    /// Overwrites one tracked flow (tests use it to age entries past their timeouts).
+    pub fn set_flow(&mut self, key: &CtKey, entry: &CtEntry) -> Result<(), MapsError> {
+        self.conntrack
+            .insert(key, entry, 0)
+            .map_err(map_err(map_names::CONNTRACK))
+    }
+
+    /// The pods the kernel enforces now, by VLAN.
+    pub fn pods(&self) -> Result<BTreeMap<u16, PodEntry>, MapsError> {
+        self.pods
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::PODS))
+    }
+
+    /// The node settings the kernel uses now.
+    pub fn settings(&self) -> Result<Settings, MapsError> {
+        self.settings
+            .get(&0, 0)
+            .map_err(map_err(map_names::SETTINGS))
+    }
+
+    /// Sets [`Settings::allowed_events_until_ns`], keeping the rest.
+    pub fn set_allowed_events_until(&mut self, until_ns: u64) -> Result<(), MapsError> {
+        let mut settings = self.settings()?;
+        settings.allowed_events_until_ns = until_ns;
+        self.settings
+            .set(0, settings, 0)
+            .map_err(map_err(map_names::SETTINGS))
+    }
+
+    /// A pod's traffic by verdict since it appeared, summed over CPUs.
+    pub fn pod_traffic(&self, vlan: u16) -> Result<PodTraffic, MapsError> {
+        let values = self
+            .pod_traffic
+            .get(&u32::from(vlan), 0)
+            .map_err(map_err(map_names::POD_TRAFFIC))?;
+        Ok(values.iter().fold(PodTraffic::default(), |mut sum, t| {
+            sum.allowed_packets += t.allowed_packets;
+            sum.allowed_bytes += t.allowed_bytes;
+            sum.denied_packets += t.denied_packets;
+            sum.denied_bytes += t.denied_bytes;
+            sum
+        }))
+    }
+
+    /// What each rule admitted since this process first applied a state:
+    /// retired generations folded in, the current one live from the kernel.
+    pub fn rule_traffic(&self) -> Result<BTreeMap<RuleRef, RuleTraffic>, MapsError> {
+        self.rule_traffic_over(&self.retired_traffic)
+    }
+
+    /// What rules no longer in the maps admitted, as this process folded it.
+    pub fn retired_traffic(&self) -> &BTreeMap<RuleRef, RuleTraffic> {
+        &self.retired_traffic
+    }
+
+    /// What each rule admitted: `retired` (another handle's
+    /// [`KernelMaps::retired_traffic`]) plus what the kernel counts now.
+    pub fn rule_traffic_over(
+        &self,
+        retired: &BTreeMap<RuleRef, RuleTraffic>,
+    ) -> Result<BTreeMap<RuleRef, RuleTraffic>, MapsError> {
+        let mut totals = retired.clone();
+        for entry in self.rule_traffic.iter() {
+            let (key, values) = entry.map_err(map_err(map_names::RULE_TRAFFIC))?;
+            if let Some(rule) = self.rule_ref(key)? {
+                let traffic = sum_rule_traffic(&values);
+                let total = totals.entry(rule).or_default();
+                total.packets += traffic.packets;
+                total.bytes += traffic.bytes;
+            }
+        }
+        Ok(totals)
+    }
+
+    /// Verdict events not sent (over the rate limit or a full ring), all CPUs.
+    pub fn suppressed_events(&self) -> Result<u64, MapsError> {
+        let values = self
+            .event_budget
+            .get(&0, 0)
+            .map_err(map_err(map_names::EVENT_BUDGET))?;
+        Ok(values.iter().map(|b| b.suppressed).sum())
+    }
+
+    /// The rule a rule ID stands for, while it is in the maps.
+    pub fn rule_ref(&self, key: u32) -> Result<Option<RuleRef>, MapsError> {
+        match self.rules.get(&key, 0) {
+            Ok(name) => Ok(Some(rule_ref(&name))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::RULES)(e)),
+        }
+    }
+
+    /// Every pod's enforcing mode as first seen, by pod UID.
+    pub fn pod_modes(&self) -> Result<BTreeMap<String, EnforcingMode>, MapsError> {
+        let mut modes = BTreeMap::new();
+        for entry in self.pod_modes.iter() {
+            let (uid, mode) = entry.map_err(map_err(map_names::POD_MODES))?;
+            if let Some(mode) = EnforcingMode::from_u8(mode) {
+                modes.insert(text(&uid.uid), mode);
+            }
+        }
+        Ok(modes)
+    }
+
+    /// Makes the mode store hold exactly `modes`: pods gone from the state leave it.
+    pub fn record_pod_modes(
+        &mut self,
+        modes: &BTreeMap<String, EnforcingMode>,
+    ) -> Result<(), MapsError> {
+        let wanted: BTreeMap<PodUid, u8> = modes
+            .iter()
+            .map(|(uid, mode)| Ok((pod_uid(uid)?, *mode as u8)))
+            .collect::<Result<_, MapsError>>()?;
+        let held = read_hash(&self.pod_modes, map_names::POD_MODES)?;
+        let diff = Diff::between(held, wanted);
+        write_hash(&mut self.pod_modes, &diff.write, map_names::POD_MODES)?;
+        remove_hash(&mut self.pod_modes, &diff.remove, map_names::POD_MODES)
+    }
+}
+
+/// The key was not in the map (lookups say `KeyNotFound`, deletes `ENOENT`).
+fn absent(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+fn cpus() -> Result<usize, MapsError> {
+    aya::util::nr_cpus().map_err(|(what, e)| MapsError::Cpus(format!("{what}: {e}")))
+}
+
+fn sum_rule_traffic(values: &PerCpuValues<RuleTraffic>) -> RuleTraffic {
+    values.iter().fold(RuleTraffic::default(), |mut sum, t| {
+        sum.packets += t.packets;
+        sum.bytes += t.bytes;
+        sum
+    })
+}
+
+fn pod_uid(uid: &str) -> Result<PodUid, MapsError> {
+    let mut key = PodUid {
+        uid: [0; UID_BYTES],
+    };
+    let bytes = uid.as_bytes();
+    key.uid
+        .get_mut(..bytes.len())
+        .ok_or_else(|| MapsError::UidTooLong(uid.to_string()))?
+        .copy_from_slice(bytes);
+    Ok(key)
+}
+
+fn rule_name(rule: &RuleRef) -> Result<RuleName, MapsError> {
+    let mut group = [0; GROUP_BYTES];
+    let bytes = rule.group_id.as_bytes();
+    group
+        .get_mut(..bytes.len())
+        .ok_or_else(|| MapsError::GroupIdTooLong(rule.group_id.clone()))?
+        .copy_from_slice(bytes);
+    Ok(RuleName {
+        group,
+        index: u32::try_from(rule.index).unwrap_or(u32::MAX),
+        direction: match rule.direction {
+            Direction::Ingress => DIR_INGRESS as u8,
+            Direction::Egress => DIR_EGRESS as u8,
+        },
+        _pad: [0; 3],
+    })
+}
+
+fn rule_ref(name: &RuleName) -> RuleRef {
+    RuleRef {
+        group_id: text(&name.group),
+        direction: if usize::from(name.direction) == DIR_EGRESS {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        },
+        index: name.index as usize,
+    }
+}
+
+/// A zero-padded string of a map key or value.
+fn text(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// The kernel's copy of the NodeConfig settings it needs per packet.
+pub fn settings(node: &NodeConfig) -> Settings {
+    Settings {
+        unknown_vlan_pass: u32::from(node.unknown_vlan == UnknownVlanAction::Pass),
+        tcp_established_timeout: node.connection_tracking.tcp_established,
+        udp_stream_timeout: node.connection_tracking.udp_stream,
+        udp_timeout: node.connection_tracking.udp,
+        ..Settings::default()
+    }
+}
+
+/// Removes the entries of an LRU map whose keys `doomed` selects; returns how many.
+fn remove_where<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    doomed: impl Fn(&K) -> bool,
+) -> Result<usize, MapsError> {
+    let keys: Vec<K> = map
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(name))?;
+    let mut removed = 0;
+    for key in keys.iter().filter(|k| doomed(k)) {
+        match map.remove(key) {
+            // An LRU eviction may have beaten us to it.
+            Ok(()) => removed += 1,
+            Err(e) if absent(&e) => removed += 1,
+            Err(e) => return Err(map_err(name)(e)),
+        }
+    }
+    Ok(removed)
+}
+
+fn read_hash<K: Pod + Ord, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>, MapsError> {
+    map.iter().collect::<Result<_, _>>().map_err(map_err(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::fixtures::{cidr, group, model, node, pod, rule, tcp};
+
+    /// A strict or standard pod with one rule on each side, compiled.
+    pub(super) fn compiled(mode: EnforcingMode) -> Compiled {
+        let mut state = model(
+            vec![
+                group(
+                    "sg-web",
+                    vec![rule(tcp(443, 443), cidr("10.0.0.0/16"))],
+                    vec![],
+                ),
+                group(
+                    "sg-node",
+                    vec![rule(tcp(22, 22), cidr("10.0.0.0/8"))],
+                    vec![],
+                ),
+            ],
+            vec![pod(7, "10.0.1.7", &["sg-web"], mode)],
+        );
+        state.node = node(mode, &["sg-node"]);
+        crate::compile::compile(&state).expect("compiles")
+    }
+
+    #[test]
+    fn rule_names_round_trip() {
+        let compiled = compiled(EnforcingMode::Standard);
+        for (_, rule) in compiled.rules.iter() {
+            assert_eq!(&rule_ref(&rule_name(rule).expect("fits")), rule);
+        }
+    }
+
+    #[test]
+    fn over_long_names_are_errors_not_truncations() {
+        assert!(matches!(
+            pod_uid(&"u".repeat(UID_BYTES + 1)),
+            Err(MapsError::UidTooLong(_))
+        ));
+        assert_eq!(text(&pod_uid("uid-1").expect("fits").uid), "uid-1");
+        let rule = RuleRef {
+            group_id: "sg-".repeat(11),
+            direction: Direction::Egress,
+            index: 3,
+        };
+        assert!(matches!(
+            rule_name(&rule),
+            Err(MapsError::GroupIdTooLong(_))
+        ));
+    }
+}
