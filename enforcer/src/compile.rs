@@ -179,7 +179,7 @@ pub fn compile(model: &Model) -> Result<Compiled, CompileError> {
 /// did not change: a rule keeps its ID while its (group, direction, index) exists; a policy
 /// handle keeps its ID if its entries are identical, and so does a peer class, found by the
 /// rules it was computed from (or, over a state read back from the kernel, by its entries);
-/// entries that change get a fresh class or handle (copy-on-write: `maps.rs` never rewrites
+/// entries that change get a fresh class or handle (copy-on-write: `maps/apply.rs` never rewrites
 /// entries in use). Over a compiled `previous`, policies and classes whose inputs did not
 /// change are taken over as they are, not computed again. Fresh IDs are the lowest that
 /// neither `previous` nor this compile uses, so an ID freed by one compile is reused at the
