@@ -206,6 +206,14 @@ pub enum EnforcingMode {
 }
 
 impl EnforcingMode {
+    /// `strict` or `standard`, as the NodeConfig spells it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Strict => "strict",
+            Self::Standard => "standard",
+        }
+    }
+
     pub const fn from_u8(value: u8) -> Option<Self> {
         match value {
             1 => Some(Self::Strict),
@@ -612,6 +620,28 @@ pub enum Reason {
 pub const REASONS: u32 = 16;
 
 impl Reason {
+    /// The reason's stable name: metrics label, `flows`, `status`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PassUntagged => "pass_untagged",
+            Self::PassEstablished => "pass_established",
+            Self::DropUnknownVlan => "drop_unknown_vlan",
+            Self::DropMalformed => "drop_malformed",
+            Self::DropUnsupportedL2 => "drop_unsupported_l2",
+            Self::DropSpoofed => "drop_spoofed",
+            Self::PassNew => "pass_new",
+            Self::PassUnfiltered => "pass_unfiltered",
+            Self::PassSameNode => "pass_same_node",
+            Self::PassRelated => "pass_related",
+            Self::PassFragment => "pass_fragment",
+            Self::DropFragment => "drop_fragment",
+            Self::DropPolicy => "drop_policy",
+            Self::DropPrimaryPolicy => "drop_primary_policy",
+            Self::PassLinkLayer => "pass_link_layer",
+            Self::PassUnknownVlan => "pass_unknown_vlan",
+        }
+    }
+
     /// Every reason, in counter-slot order.
     pub const ALL: [Reason; REASONS as usize] = [
         Self::PassUntagged,

@@ -379,7 +379,7 @@ impl Agent {
             enforcing_mode: self
                 .applied
                 .as_ref()
-                .map(|a| mode_name(a.model.node.enforcing_mode).to_string()),
+                .map(|a| a.model.node.enforcing_mode.name().to_string()),
             applied_at: self.applied.as_ref().map(|a| unix_seconds(a.at)),
             error: self.failure.as_ref().map(|f| f.message.clone()),
             error_at: self.failure.as_ref().map(|f| unix_seconds(f.at)),
@@ -594,17 +594,10 @@ fn pod_report(model: &Model, pod: &BranchPod) -> PodReport {
         namespace: pod.namespace.clone(),
         name: pod.name.clone(),
         uid: pod.uid.clone(),
-        mode: mode_name(pod.mode).to_string(),
+        mode: pod.mode.name().to_string(),
         groups: pod.groups.clone(),
         ingress_rules: rules(crate::model::Direction::Ingress),
         egress_rules: rules(crate::model::Direction::Egress),
-    }
-}
-
-pub fn mode_name(mode: EnforcingMode) -> &'static str {
-    match mode {
-        EnforcingMode::Strict => "strict",
-        EnforcingMode::Standard => "standard",
     }
 }
 

@@ -127,10 +127,7 @@ fn check(dir: &Path) -> ExitCode {
 
 fn summary(model: &Model) -> String {
     let node = &model.node;
-    let mode = match node.enforcing_mode {
-        enforcer::model::EnforcingMode::Strict => "strict",
-        enforcer::model::EnforcingMode::Standard => "standard",
-    };
+    let mode = node.enforcing_mode.name();
     let join = |items: &mut dyn Iterator<Item = String>| items.collect::<Vec<_>>().join(", ");
     let mut out = String::new();
     let _ = writeln!(

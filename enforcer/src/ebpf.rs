@@ -72,6 +72,12 @@ pub fn map_pin(pin_path: &Path, name: &str) -> PathBuf {
     pin_path.join("maps").join(name)
 }
 
+/// Where a migrated map waits for the programs that use it to be attached (bpffs
+/// refuses dots in names; a rename between its directories is still one step).
+pub fn staging_pin(pin_path: &Path, name: &str) -> PathBuf {
+    pin_path.join("staging").join(name)
+}
+
 /// Where a program is pinned under `pin_path`.
 pub fn program_pin(pin_path: &Path, name: &str) -> PathBuf {
     pin_path.join("programs").join(name)
@@ -319,7 +325,7 @@ pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>, Error> {
     pins.extend(
         map_names::ALL
             .iter()
-            .map(|name| crate::pins::staging_pin(pin_path, name)),
+            .map(|name| staging_pin(pin_path, name)),
     );
     // Detached first, whoever else holds the links: removing the last pin only
     // lets them go once every descriptor is closed, and the kernel may do even

@@ -16,7 +16,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::maps::{KernelMaps, MapsError};
-use crate::status::{AgentReport, reason_name};
+use crate::status::AgentReport;
 
 /// Why events cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +178,7 @@ impl EventStream {
                 Some(_) => "allow",
                 None => "unknown",
             },
-            reason: reason.map_or("unknown", reason_name),
+            reason: reason.map_or("unknown", Reason::name),
             protocol: ip.then_some(event.protocol),
             src: ip.then(|| address(event.src)),
             dst: ip.then(|| address(event.dst)),

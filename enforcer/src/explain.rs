@@ -199,7 +199,7 @@ pub fn explanation(
         icmp_type,
         icmp_code,
         verdict: if evaluation.allowed { "allow" } else { "deny" },
-        mode: mode_name(evaluation.mode),
+        mode: evaluation.mode.name(),
         reason: reason_text(model, pod, query, evaluation),
         reason_code: match evaluation.reason {
             Reason::Unfiltered(_) => "unfiltered",
@@ -278,13 +278,6 @@ impl Explanation {
             }
             (Some(p), ..) => protocol_name(p),
         }
-    }
-}
-
-fn mode_name(mode: EnforcingMode) -> &'static str {
-    match mode {
-        EnforcingMode::Strict => "strict",
-        EnforcingMode::Standard => "standard",
     }
 }
 

@@ -20,7 +20,6 @@ use tokio::sync::watch;
 
 use crate::eval::RuleRef;
 use crate::maps::{KernelMaps, MapsError};
-use crate::status::reason_name;
 
 /// What the agent tells the endpoint about itself, published after every
 /// change; the endpoint reads it without waiting for the agent.
@@ -261,7 +260,7 @@ impl Collector for Sample {
             Reason::ALL.iter().map(|&reason| {
                 let verdict = if reason.is_drop() { "deny" } else { "allow" };
                 (
-                    [("reason", reason_name(reason)), ("verdict", verdict)],
+                    [("reason", reason.name()), ("verdict", verdict)],
                     self.verdicts[reason as usize],
                 )
             }),

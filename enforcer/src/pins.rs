@@ -34,7 +34,7 @@ use aya::sys::SyscallError;
 use enforcer_common::map_names;
 
 use crate::Error;
-use crate::ebpf::{create_dir, loader, map_pin, object, remove_pin};
+use crate::ebpf::{create_dir, loader, map_pin, object, remove_pin, staging_pin};
 
 /// The programs and maps of the embedded object, loaded over a pin path.
 pub struct Loaded {
@@ -50,12 +50,6 @@ pub struct Loaded {
 pub struct Migration {
     pin_path: PathBuf,
     maps: Vec<&'static str>,
-}
-
-/// Where a migrated map waits for the programs that use it to be attached (bpffs
-/// refuses dots in names; a rename between its directories is still one step).
-pub fn staging_pin(pin_path: &Path, name: &str) -> PathBuf {
-    pin_path.join("staging").join(name)
 }
 
 /// Loads the object with every map pinned under `pin_path/maps/`: maps of the

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use enforcer_common::{MAX_FLOWS, POD_HAS_IPV4, POD_HAS_IPV6, Reason};
+use enforcer_common::{EnforcingMode, MAX_FLOWS, POD_HAS_IPV4, POD_HAS_IPV6, Reason};
 use serde::{Deserialize, Serialize};
 
 use crate::ebpf::LinkState;
@@ -163,7 +163,7 @@ impl Status {
                 ipv6: (entry.flags & POD_HAS_IPV6 != 0).then(|| Ipv6Addr::from(entry.ipv6)),
                 mode: entry
                     .mode()
-                    .map_or("invalid", crate::agent::mode_name)
+                    .map_or("invalid", EnforcingMode::name)
                     .to_string(),
                 groups: reported.map(|p| p.groups.clone()).unwrap_or_default(),
                 ingress_rules: reported.map(|p| p.ingress_rules),
@@ -209,7 +209,7 @@ impl Status {
             pods,
             verdicts: Reason::ALL
                 .iter()
-                .map(|&r| (reason_name(r), counters[r as usize]))
+                .map(|&r| (r.name(), counters[r as usize]))
                 .collect(),
             suppressed_events: maps.suppressed_events()?,
         })
@@ -339,27 +339,5 @@ impl fmt::Display for Status {
             }
         )?;
         writeln!(f, "events suppressed: {}", self.suppressed_events)
-    }
-}
-
-/// The stable name of a verdict reason (metrics label, `flows`, `status`).
-pub fn reason_name(reason: Reason) -> &'static str {
-    match reason {
-        Reason::PassUntagged => "pass_untagged",
-        Reason::PassEstablished => "pass_established",
-        Reason::DropUnknownVlan => "drop_unknown_vlan",
-        Reason::DropMalformed => "drop_malformed",
-        Reason::DropUnsupportedL2 => "drop_unsupported_l2",
-        Reason::DropSpoofed => "drop_spoofed",
-        Reason::PassNew => "pass_new",
-        Reason::PassUnfiltered => "pass_unfiltered",
-        Reason::PassSameNode => "pass_same_node",
-        Reason::PassRelated => "pass_related",
-        Reason::PassFragment => "pass_fragment",
-        Reason::DropFragment => "drop_fragment",
-        Reason::DropPolicy => "drop_policy",
-        Reason::DropPrimaryPolicy => "drop_primary_policy",
-        Reason::PassLinkLayer => "pass_link_layer",
-        Reason::PassUnknownVlan => "pass_unknown_vlan",
     }
 }

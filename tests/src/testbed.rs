@@ -35,14 +35,6 @@ pub const NAME_PREFIX: &str = "sgptb-";
 /// Where the enforcer's pins of each virtual node go (`<here>/<run>`).
 const BPF_FS: &str = "/sys/fs/bpf";
 
-/// `strict` or `standard`, as the NodeConfig spells them.
-pub fn mode_name(mode: EnforcingMode) -> &'static str {
-    match mode {
-        EnforcingMode::Strict => "strict",
-        EnforcingMode::Standard => "standard",
-    }
-}
-
 /// What to build.
 pub struct NodeSpec {
     /// The state directory (copied: the agent reads the copy, which tests may change).
@@ -462,7 +454,7 @@ impl VirtualNode {
             out,
             "virtual node {} ({} mode): primary {} {}, trunk {}; namespaces {}-*",
             config.name,
-            mode_name(config.enforcing_mode),
+            config.enforcing_mode.name(),
             config.primary_interface,
             config
                 .primary_ips
@@ -546,7 +538,7 @@ fn remove_dir(dir: &Path) -> Result<()> {
 /// NodeConfig's `spec.enforcingMode` set to `mode`.
 fn copy_state(from: &Path, to: &Path, mode: EnforcingMode) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    let mode = mode_name(mode);
+    let mode = mode.name();
     let mut node_configs = 0;
     for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
         let path = entry?.path();

@@ -11,7 +11,7 @@ use enforcer::model::{Direction, EnforcingMode};
 
 use super::scenario::{Expect, Flow};
 use super::traffic::{Outcome, Probe};
-use super::{Observation, VirtualNode, mode_name};
+use super::{Observation, VirtualNode};
 
 /// `enforcer explain --json` on a state directory.
 pub struct Explainer {
@@ -293,7 +293,7 @@ pub fn render_summary(matrix: &Matrix) -> String {
     let not_yet = matrix.rows.len() - judged;
     let mut line = format!(
         "{} mode: {}/{judged} as expected",
-        mode_name(matrix.mode),
+        matrix.mode.name(),
         judged - failed
     );
     if not_yet > 0 {
