@@ -159,14 +159,17 @@ fn model() -> Model {
     let node_ip: IpAddr = Ipv4Addr::new(10, 0, 1, 10).into();
     let mut node_local: BTreeSet<IpAddr> = pods.iter().flat_map(|p| p.addresses()).collect();
     node_local.insert(node_ip);
-    let mut members: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+    let mut members: BTreeMap<String, BTreeSet<Cidr>> = BTreeMap::new();
     for p in &pods {
         members
             .entry(p.groups[0].clone())
             .or_default()
-            .extend(p.addresses());
+            .extend(p.addresses().map(Cidr::host));
     }
-    members.entry("sg-node".into()).or_default().insert(node_ip);
+    members
+        .entry("sg-node".into())
+        .or_default()
+        .insert(Cidr::host(node_ip));
     Model {
         node: NodeConfig {
             name: "ip-10-0-1-10.ec2.internal".to_string(),
