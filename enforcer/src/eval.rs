@@ -550,6 +550,7 @@ pub(crate) mod fixtures {
             members: BTreeMap::new(),
             pods,
             node_local,
+            warnings: Vec::new(),
         }
     }
 }

@@ -313,6 +313,9 @@ pub struct Model {
     /// Addresses that are "on the node" (sg-semantics.md §6): the node's primary
     /// IPs and every pod whose `spec.nodeName` is this node, branch or not.
     pub node_local: BTreeSet<IpAddr>,
+    /// What the state directory holds that EC2 accepts but deserves a look
+    /// (a rule referencing a group the state does not define).
+    pub warnings: Vec<crate::state::StateWarning>,
 }
 
 impl Model {

@@ -42,6 +42,12 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
     for reference in &references {
         check_reference(reference, &groups, &prefix_lists, &mut errors);
     }
+    // Rules may reference groups the state does not define (EC2 accepts
+    // them): each is a warning, and matches the members the ENI data lists.
+    let unknown: Vec<&Located<Reference>> = references
+        .iter()
+        .filter(|r| r.item.target == Target::ReferencedGroup && !groups.contains_key(&r.item.id))
+        .collect();
     let node = node_config(dir, node_configs, &mut errors);
     let max_rules = node.as_ref().map_or(60, |n| n.max_rules_per_group);
     for group in groups.values() {
@@ -53,12 +59,12 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
 
     let policies: Vec<_> = policies.values().map(|p| &p.item).collect();
     let no_labels = Labels::new();
+    // Only groups that are defined or referenced by a rule collect members.
     let mut members: BTreeMap<GroupId, BTreeSet<Cidr>> = groups
         .keys()
+        .chain(unknown.iter().map(|r| &r.item.id))
         .map(|id| (id.clone(), BTreeSet::new()))
         .collect();
-    // Groups that no file defines cannot be referenced by a rule (that is an
-    // error), so only defined groups collect members.
     let mut add_members = |groups: &[GroupId], cidrs: &mut dyn Iterator<Item = Cidr>| {
         let cidrs: Vec<Cidr> = cidrs.collect();
         for group in groups {
@@ -191,6 +197,19 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
         return Err(in_file_order(errors));
     }
     branch_pods.sort_by_key(|p| p.vlan);
+    let warnings = unknown
+        .into_iter()
+        .map(|reference| {
+            let id = &reference.item.id;
+            let known = members.get(id).map_or(0, BTreeSet::len);
+            let message = format!(
+                "security group {id} is not defined (another account's, a peered VPC's or a \
+                 deleted group?): EC2 accepts the rule; it matches the {known} member \
+                 address(es) and prefix(es) the ENI data lists"
+            );
+            error(reference, Some(reference.item.field.clone()), message)
+        })
+        .collect();
     Ok(Model {
         node,
         groups: groups.into_iter().map(|(id, g)| (id, g.item)).collect(),
@@ -198,6 +217,7 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
         members,
         pods: branch_pods,
         node_local,
+        warnings,
     })
 }
 
@@ -774,14 +794,14 @@ metadata: {name: payments, namespace: shop, labels: {db-access: \"true\", pci: \
             "g.json",
             &group(
                 "sg-0a",
-                r#"[{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-0b"}]}]"#,
+                r#"[{"IpProtocol": "-1", "PrefixListIds": [{"PrefixListId": "pl-0b"}]}]"#,
                 "[]",
             ),
         );
         let errors = dir.errors();
         assert_eq!(errors.len(), 2, "{errors:#?}");
         assert!(errors.iter().any(|e| e.contains("NodeConfig: missing")));
-        assert!(errors.iter().any(|e| e.contains("sg-0b is not defined")));
+        assert!(errors.iter().any(|e| e.contains("pl-0b is not defined")));
     }
 
     #[test]

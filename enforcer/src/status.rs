@@ -43,6 +43,9 @@ pub struct AgentReport {
     /// Why the programs could not be attached to the trunk the last time.
     #[serde(default)]
     pub attach_error: Option<String>,
+    /// The applied state's warnings (accepted, worth a look), one line each.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub pods: Vec<PodReport>,
 }
 
@@ -136,6 +139,7 @@ pub struct Status {
     pub applied_at: Option<u64>,
     pub error: Option<String>,
     pub error_at: Option<u64>,
+    pub warnings: Vec<String>,
     pub conntrack_entries: usize,
     pub conntrack_capacity: u32,
     pub pods: Vec<PodStatus>,
@@ -201,6 +205,7 @@ impl Status {
             applied_at: report.applied_at,
             error: report.error,
             error_at: report.error_at,
+            warnings: report.warnings,
             conntrack_entries: flows.len(),
             conntrack_capacity: MAX_FLOWS,
             pods,
@@ -278,6 +283,9 @@ impl fmt::Display for Status {
                 error.replace('\n', "\n  ")
             )?,
             None => writeln!(f, "last error: none")?,
+        }
+        for warning in &self.warnings {
+            writeln!(f, "warning: {warning}")?;
         }
         writeln!(
             f,

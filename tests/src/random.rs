@@ -266,6 +266,7 @@ pub fn random_model(rng: &mut Rng) -> Model {
         members,
         pods,
         node_local,
+        warnings: Vec::new(),
     }
 }
 
@@ -678,6 +679,7 @@ pub fn scale_model(
         members,
         pods,
         node_local,
+        warnings: Vec::new(),
     }
 }
 

@@ -194,6 +194,7 @@ fn model() -> Model {
         members,
         pods,
         node_local,
+        warnings: Vec::new(),
     }
 }
 

@@ -363,7 +363,7 @@ fn peers(
             continue;
         };
         if let Some(id) = problems.ok(group_id(&field)) {
-            references.push(Reference::new(Target::Group, &id, &field.path));
+            references.push(Reference::new(Target::ReferencedGroup, &id, &field.path));
             peers.push((Peer::Group(id), description));
         }
     }
@@ -649,21 +649,58 @@ mod tests {
             &group(
                 "sg-0app",
                 "[]",
-                r#"[{"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432,
-                     "UserIdGroupPairs": [{"GroupId": "sg-0node"}, {"GroupId": "sg-0rds"}]},
-                    {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443,
+                r#"[{"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443,
                      "PrefixListIds": [{"PrefixListId": "pl-0gone"}]}]"#,
             ),
         );
-        let errors = dir.errors();
-        assert_eq!(errors.len(), 2, "{errors:#?}");
-        let expected = [
-            "app.json: SecurityGroup sg-0app: IpPermissionsEgress[0].UserIdGroupPairs[1].GroupId: security group sg-0rds is not defined",
-            "app.json: SecurityGroup sg-0app: IpPermissionsEgress[1].PrefixListIds[0].PrefixListId: prefix list pl-0gone is not defined",
-        ];
-        for (error, expected) in errors.iter().zip(expected) {
-            assert!(error.contains(expected), "{error:?}");
-        }
+        dir.error(&[
+            "app.json: SecurityGroup sg-0app: IpPermissionsEgress[0].PrefixListIds[0].PrefixListId: prefix list pl-0gone is not defined",
+        ]);
+    }
+
+    /// A rule may reference a group the state does not define (another
+    /// account's, a peered VPC's, a deleted one): EC2 accepts it, and it
+    /// matches the members the ENI data lists. A warning, not an error.
+    #[test]
+    fn a_referenced_group_the_state_does_not_define_is_a_warning() {
+        let dir = StateDir::with_node()
+            .file(
+                "app.json",
+                &group(
+                    "sg-0app",
+                    r#"[{"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432,
+                         "UserIdGroupPairs": [{"GroupId": "sg-0node"},
+                                              {"GroupId": "sg-0peer", "UserId": "444455556666",
+                                               "VpcPeeringConnectionId": "pcx-0a"}]},
+                        {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-0gone"}]}]"#,
+                    "[]",
+                ),
+            )
+            .file(
+                "enis.json",
+                r#"{"NetworkInterfaces": [{"NetworkInterfaceId": "eni-0peer",
+                    "Groups": [{"GroupId": "sg-0peer"}], "PrivateIpAddress": "10.0.9.9",
+                    "Ipv4Prefixes": [{"Ipv4Prefix": "10.0.9.16/28"}]}]}"#,
+            );
+        let model = dir.model();
+        let warnings: Vec<String> = model.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(warnings.len(), 2, "{warnings:#?}");
+        assert!(warnings[0].contains(
+            "app.json: SecurityGroup sg-0app: IpPermissions[0].UserIdGroupPairs[1].GroupId: security group sg-0peer is not defined"
+        ), "{warnings:?}");
+        assert!(warnings[0].contains("matches the 2 member"), "{warnings:?}");
+        assert!(
+            warnings[1]
+                .contains("IpPermissions[1].UserIdGroupPairs[0].GroupId: security group sg-0gone")
+        );
+        assert!(warnings[1].contains("matches the 0 member"), "{warnings:?}");
+        assert_eq!(
+            model.members["sg-0peer"],
+            ["10.0.9.9/32", "10.0.9.16/28"]
+                .map(|c| c.parse().unwrap())
+                .into()
+        );
+        assert!(model.members["sg-0gone"].is_empty());
     }
 
     #[test]
@@ -768,7 +805,7 @@ mod tests {
         ] {
             assert!(members.contains(&cidr.parse().unwrap()), "{cidr}");
         }
-        // Only defined groups collect members.
+        // Only groups defined or referenced by a rule collect members.
         assert!(!model.members.contains_key("sg-0elsewhere"));
     }
 
