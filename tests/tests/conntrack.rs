@@ -531,7 +531,7 @@ fn tcp_closing_flow_expires_after_10_seconds() {
 }
 
 #[test]
-fn udp_request_and_response_become_a_stream() {
+fn udp_becomes_a_stream_after_more_than_one_transaction() {
     let ct = Ct::new();
     let query = udp(A, 5000, SERVER, 53);
     let key = ct_key(A_VLAN, Egress, &query);
@@ -547,14 +547,29 @@ fn udp_request_and_response_become_a_stream() {
         Reason::PassEstablished,
     );
     assert_eq!(ct.expect_entry("requests", &key).state, ct_state::ONE_WAY);
-    ct.send(
-        "response",
-        A_VLAN,
-        Ingress,
-        &query.reply(0),
-        Reason::PassEstablished,
-    );
-    assert_eq!(ct.expect_entry("response", &key).state, ct_state::BOTH_WAYS);
+    let steps = [
+        ("response", Ingress, ct_state::ANSWERED),
+        ("another response", Ingress, ct_state::ANSWERED),
+        (
+            "a request after the response",
+            Egress,
+            ct_state::ASKED_AGAIN,
+        ),
+        (
+            "its response: two transactions",
+            Ingress,
+            ct_state::BOTH_WAYS,
+        ),
+        ("a request on the stream", Egress, ct_state::BOTH_WAYS),
+    ];
+    for (step, direction, state) in steps {
+        let ip = match direction {
+            Ingress => query.reply(0),
+            Egress => query,
+        };
+        ct.send(step, A_VLAN, direction, &ip, Reason::PassEstablished);
+        assert_eq!(ct.expect_entry(step, &key).state, state, "{step}");
+    }
     ct.send(
         "the server from another port",
         A_VLAN,
@@ -590,8 +605,10 @@ fn udp_one_way_flow_expires_after_udp_timeout() {
     );
 }
 
+/// One request and its response (a DNS lookup) are no stream: the flow
+/// keeps the UDP timeout, not the stream timeout.
 #[test]
-fn udp_stream_outlives_udp_timeout_until_udp_stream_timeout() {
+fn one_udp_transaction_keeps_the_udp_timeout() {
     let mut ct = Ct::new();
     let young = udp(A, 5000, SERVER, 53);
     let old = udp(A, 5001, SERVER, 53);
@@ -604,6 +621,39 @@ fn udp_stream_outlives_udp_timeout_until_udp_stream_timeout() {
             &q.reply(0),
             Reason::PassEstablished,
         );
+    }
+    ct.age(&ct_key(A_VLAN, Egress, &young), UDP_TIMEOUT - 5);
+    ct.age(&ct_key(A_VLAN, Egress, &old), UDP_TIMEOUT + 1);
+    ct.send(
+        "a late response within udpTimeout",
+        A_VLAN,
+        Ingress,
+        &young.reply(0),
+        Reason::PassEstablished,
+    );
+    ct.send(
+        "a late response past udpTimeout",
+        A_VLAN,
+        Ingress,
+        &old.reply(0),
+        Reason::DropPolicy,
+    );
+}
+
+#[test]
+fn udp_stream_outlives_udp_timeout_until_udp_stream_timeout() {
+    let mut ct = Ct::new();
+    let young = udp(A, 5000, SERVER, 53);
+    let old = udp(A, 5001, SERVER, 53);
+    for q in [&young, &old] {
+        ct.send("request", A_VLAN, Egress, q, Reason::PassNew);
+        for (step, direction, ip) in [
+            ("response", Ingress, q.reply(0)),
+            ("second request", Egress, *q),
+            ("second response", Ingress, q.reply(0)),
+        ] {
+            ct.send(step, A_VLAN, direction, &ip, Reason::PassEstablished);
+        }
     }
     ct.age(&ct_key(A_VLAN, Egress, &young), UDP_STREAM_TIMEOUT - 5);
     ct.age(&ct_key(A_VLAN, Egress, &old), UDP_STREAM_TIMEOUT + 1);
