@@ -518,8 +518,15 @@ pub mod ct_state {
     pub const CLOSING: u8 = 3;
     /// UDP, ICMP, other protocols: packets seen in one direction only.
     pub const ONE_WAY: u8 = 4;
-    /// UDP, ICMP, other protocols: packets seen in both directions (a "stream").
+    /// ICMP, other protocols: packets seen in both directions. UDP: a
+    /// "stream", a flow that has seen more than one request-response
+    /// transaction (EC2's `UdpStreamTimeout` applies).
     pub const BOTH_WAYS: u8 = 5;
+    /// UDP: one request-response transaction; the last packet was a response.
+    pub const ANSWERED: u8 = 6;
+    /// UDP: after one transaction, the origin's side sent again (a second
+    /// request); its response makes the flow a stream.
+    pub const ASKED_AGAIN: u8 = 7;
 }
 
 /// [`CtEntry::flags`] bits.

@@ -162,9 +162,10 @@ fn fin_flag(direction: Direction) -> u8 {
     }
 }
 
-/// The state after seeing a packet with `flags` already recorded.
+/// The state after seeing a packet with `flags` already recorded, sent by
+/// the flow's origin (`from_origin`) or by the other side.
 #[inline(always)]
-fn next_state(protocol: u8, flags: u8, tcp_flags: u8, state: u8) -> u8 {
+fn next_state(protocol: u8, flags: u8, tcp_flags: u8, state: u8, from_origin: bool) -> u8 {
     let both_seen = ct_flag::SEEN_INGRESS | ct_flag::SEEN_EGRESS;
     let both_fin = ct_flag::FIN_INGRESS | ct_flag::FIN_EGRESS;
     if protocol == IPPROTO_TCP {
@@ -175,10 +176,25 @@ fn next_state(protocol: u8, flags: u8, tcp_flags: u8, state: u8) -> u8 {
         } else {
             ct_state::OPENING
         }
+    } else if protocol == IPPROTO_UDP {
+        udp_next_state(state, from_origin)
     } else if flags & both_seen == both_seen {
         ct_state::BOTH_WAYS
     } else {
         ct_state::ONE_WAY
+    }
+}
+
+/// UDP counts request-response transactions: a response after a second
+/// request makes the flow a stream (BOTH_WAYS); one request and its response
+/// stay ANSWERED (sg-semantics.md §4).
+#[inline(always)]
+fn udp_next_state(state: u8, from_origin: bool) -> u8 {
+    match (state, from_origin) {
+        (ct_state::BOTH_WAYS, _) | (ct_state::ASKED_AGAIN, false) => ct_state::BOTH_WAYS,
+        (ct_state::ANSWERED | ct_state::ASKED_AGAIN, true) => ct_state::ASKED_AGAIN,
+        (_, false) => ct_state::ANSWERED,
+        (_, true) => ct_state::ONE_WAY,
     }
 }
 
@@ -205,7 +221,14 @@ pub fn track_existing(key: &CtKey, packet: &Packet, flow: &FlowContext) -> bool 
         return false;
     }
     let flags = entry.flags | packet_flags(packet, direction);
-    entry.state = next_state(key.protocol, flags, packet.tcp_flags, entry.state);
+    let from_origin = entry.origin == direction_index(direction) as u8;
+    entry.state = next_state(
+        key.protocol,
+        flags,
+        packet.tcp_flags,
+        entry.state,
+        from_origin,
+    );
     entry.flags = flags;
     entry.last_seen_ns = now;
     // Plain adds: two CPUs on one flow at once may lose an increment, which
@@ -236,7 +259,7 @@ pub fn create(key: &CtKey, packet: &Packet, flow: &FlowContext, rules: [u32; 2])
         last_seen_ns: now,
         rule: rules[0],
         primary_rule: rules[1],
-        state: next_state(key.protocol, flags, packet.tcp_flags, 0),
+        state: next_state(key.protocol, flags, packet.tcp_flags, 0, true),
         origin: direction_index(direction) as u8,
         flags,
         ..CtEntry::default()

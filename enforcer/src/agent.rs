@@ -366,7 +366,13 @@ impl Agent {
                     .unwrap_or_default(),
             ),
             retired_traffic: Arc::new(self.maps.retired_traffic().clone()),
+            warnings: self.warnings().len(),
         }
+    }
+
+    /// The applied state's warnings.
+    fn warnings(&self) -> &[crate::state::StateWarning] {
+        self.applied.as_ref().map_or(&[], |a| &a.model.warnings)
     }
 
     /// Tells `enforcer status` what the maps cannot: names, groups, errors.
@@ -384,6 +390,7 @@ impl Agent {
             error: self.failure.as_ref().map(|f| f.message.clone()),
             error_at: self.failure.as_ref().map(|f| unix_seconds(f.at)),
             attach_error: self.attach_error.clone(),
+            warnings: self.warnings().iter().map(ToString::to_string).collect(),
             pods: self
                 .applied
                 .as_ref()
@@ -404,13 +411,18 @@ impl Agent {
 
     fn reload_logged(&mut self) {
         match self.reload() {
-            Ok(applied) => log::info!(
-                "state applied: {} pods, {} rules; {} map entries written, {} removed",
-                applied.model.pods.len(),
-                applied.compiled.rules.len(),
-                applied.stats.written,
-                applied.stats.removed,
-            ),
+            Ok(applied) => {
+                log::info!(
+                    "state applied: {} pods, {} rules; {} map entries written, {} removed",
+                    applied.model.pods.len(),
+                    applied.compiled.rules.len(),
+                    applied.stats.written,
+                    applied.stats.removed,
+                );
+                for warning in &applied.model.warnings {
+                    log::warn!("state warning: {warning}");
+                }
+            }
             Err(error) => log::error!(
                 "state not applied, the kernel keeps the previous one: {}",
                 crate::error_chain(&error)

@@ -101,7 +101,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `enforcer check`: the summary on stdout, or every error on stderr, one per
-/// line. It runs the agent's own checks, so it refuses what `run` would.
+/// line; warnings (what EC2 accepts but deserves a look) go to stderr and
+/// leave the exit status 0. It runs the agent's own checks, so it refuses
+/// what `run` would.
 fn check(dir: &Path) -> ExitCode {
     let model = match enforcer::state::load(dir) {
         Ok(model) => model,
@@ -116,6 +118,9 @@ fn check(dir: &Path) -> ExitCode {
     match enforcer::agent::compile_checked(&model, None) {
         Ok(_) => {
             print!("{}", summary(&model));
+            for warning in &model.warnings {
+                eprintln!("warning: {warning}");
+            }
             ExitCode::SUCCESS
         }
         Err(error) => {

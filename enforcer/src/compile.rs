@@ -947,7 +947,7 @@ fn peer_cidrs<'m>(model: &'m Model, peer: &'m Peer, v6: bool) -> impl Iterator<I
     };
     cidr.into_iter()
         .chain(list.into_iter().flatten().copied())
-        .chain(members.into_iter().flatten().map(|&ip| Cidr::host(ip)))
+        .chain(members.into_iter().flatten().copied())
         .filter(move |c| c.is_ipv4() != v6)
 }
 
@@ -1557,6 +1557,7 @@ mod tests {
                 .chain(std::iter::once(IpAddr::V6(Ipv6Addr::new(
                     0x2600, 0x1f00, 0, 0, 0, 0, g as u16, 1,
                 ))))
+                .map(Cidr::host)
                 .collect();
             m.members.insert(format!("sg-{g:03}"), members);
         }
@@ -1651,6 +1652,15 @@ mod tests {
         ]
     }
 
+    /// A member of a referenced group: an ENI's address or one of its delegated prefixes.
+    fn member() -> impl Strategy<Value = Cidr> {
+        prop_oneof![
+            3 => addr().prop_map(Cidr::host),
+            1 => (v4_addr(), 28u8..=32).prop_map(|(a, l)| Cidr::new(IpAddr::V4(a), l).unwrap()),
+            1 => (v6_addr(), 80u8..=128).prop_map(|(a, l)| Cidr::new(IpAddr::V6(a), l).unwrap()),
+        ]
+    }
+
     fn any_cidr() -> impl Strategy<Value = Cidr> {
         prop_oneof![
             (v4_addr(), 0u8..=32).prop_map(|(a, l)| Cidr::new(IpAddr::V4(a), l).unwrap()),
@@ -1722,7 +1732,7 @@ mod tests {
     prop_compose! {
         fn arb_model()(
             rules in proptest::collection::vec((rules(), rules()), 4),
-            members in proptest::collection::vec(proptest::collection::btree_set(addr(), 0..4), 5),
+            members in proptest::collection::vec(proptest::collection::btree_set(member(), 0..4), 5),
             lists in proptest::collection::vec(proptest::collection::vec(any_cidr(), 0..4), 2),
             pods in proptest::collection::vec(
                 (group_ids(), any::<bool>(), v4_addr(), v6_addr(), any_cidr(), any_cidr()), 1..4),
@@ -1839,14 +1849,9 @@ mod tests {
                 Peer::PrefixList(id) => {
                     prefixes.extend(model.prefix_lists.get(id).into_iter().flatten())
                 }
-                Peer::Group(id) => prefixes.extend(
-                    model
-                        .members
-                        .get(id)
-                        .into_iter()
-                        .flatten()
-                        .map(|a| Cidr::host(*a)),
-                ),
+                Peer::Group(id) => {
+                    prefixes.extend(model.members.get(id).into_iter().flatten().copied())
+                }
             }
         }
         let specials: Vec<IpAddr> = crate::eval::node_unfiltered(model)
@@ -1994,7 +1999,10 @@ mod tests {
                 description: None,
             }),
             3 => {
-                m.members.entry(id.clone()).or_default().insert(ip);
+                m.members
+                    .entry(id.clone())
+                    .or_default()
+                    .insert(Cidr::host(ip));
             }
             4 => m.prefix_lists.entry("pl-0".into()).or_default().push(cidr),
             _ if !rules.is_empty() => rules[i].description = Some(format!("changed {at}")),

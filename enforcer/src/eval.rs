@@ -444,7 +444,10 @@ fn peer_matches(model: &Model, peer: &Peer, ip: IpAddr) -> bool {
             .prefix_lists
             .get(id)
             .is_some_and(|cidrs| cidrs.iter().any(|c| c.contains(ip))),
-        Peer::Group(id) => model.members.get(id).is_some_and(|m| m.contains(&ip)),
+        Peer::Group(id) => model
+            .members
+            .get(id)
+            .is_some_and(|m| m.iter().any(|c| c.contains(ip))),
     }
 }
 
@@ -547,6 +550,7 @@ pub(crate) mod fixtures {
             members: BTreeMap::new(),
             pods,
             node_local,
+            warnings: Vec::new(),
         }
     }
 }
@@ -723,7 +727,7 @@ mod tests {
         );
         m.members.insert(
             "sg-b".to_string(),
-            [ip("10.0.9.9"), ip("2600:1f00::99")].into(),
+            [ip("10.0.9.9"), ip("2600:1f00::99")].map(Cidr::host).into(),
         );
         assert!(eval(&m, ingress("203.0.113.77", L4Packet::tcp(22))).allowed);
         assert!(eval(&m, ingress("2001:db8:1::1", L4Packet::tcp(22))).allowed);

@@ -22,12 +22,16 @@
 //!
 //! Recording a packet: set `SEEN_<direction>`, and for TCP FIN set `FIN_<direction>`; then
 //! TCP: CLOSING if already CLOSING, or the packet has RST, or both FIN bits are set; else
-//! ESTABLISHED if both SEEN bits are set; else OPENING. Other protocols: BOTH_WAYS if both
-//! SEEN bits are set, else ONE_WAY. CLOSING is final for the entry (until a new SYN, above).
+//! ESTABLISHED if both SEEN bits are set; else OPENING. UDP counts request-response
+//! transactions by the packet's side (the origin's or the other): ONE_WAY until a response,
+//! then ANSWERED (one transaction); a packet from the origin after that is ASKED_AGAIN, and
+//! its response makes BOTH_WAYS, a stream (more than one transaction), which it stays. Other
+//! protocols: BOTH_WAYS if both SEEN bits are set, else ONE_WAY. CLOSING is final for the
+//! entry (until a new SYN, above).
 //!
 //! Idle timeouts: TCP OPENING [`ct_timeouts::TCP_OPENING`], ESTABLISHED the node's
-//! `tcp_established`, CLOSING [`ct_timeouts::TCP_CLOSING`]; UDP ONE_WAY the node's `udp`,
-//! BOTH_WAYS `udp_stream`; ICMP/ICMPv6 [`ct_timeouts::ICMP`]; others [`ct_timeouts::OTHER`].
+//! `tcp_established`, CLOSING [`ct_timeouts::TCP_CLOSING`]; UDP BOTH_WAYS (a stream) the
+//! node's `udp_stream`, every other UDP state `udp`; ICMP/ICMPv6 [`ct_timeouts::ICMP`]; others [`ct_timeouts::OTHER`].
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -277,7 +281,12 @@ pub enum CtState {
     Closing,
     /// Not TCP, packets seen in one direction only.
     OneWay,
-    /// Not TCP, packets seen in both directions.
+    /// UDP: one request and its response.
+    Answered,
+    /// UDP: a second request after a response.
+    AskedAgain,
+    /// Not UDP nor TCP: packets seen in both directions. UDP: a stream, more
+    /// than one request-response transaction.
     BothWays,
 }
 
@@ -289,12 +298,15 @@ impl CtState {
             Self::Established => ct_state::ESTABLISHED,
             Self::Closing => ct_state::CLOSING,
             Self::OneWay => ct_state::ONE_WAY,
+            Self::Answered => ct_state::ANSWERED,
+            Self::AskedAgain => ct_state::ASKED_AGAIN,
             Self::BothWays => ct_state::BOTH_WAYS,
         }
     }
 
-    /// The state after a packet whose [`ct_flag`] bits are now `flags`.
-    fn next(state: Option<Self>, protocol: u8, flags: u8, tcp: u8) -> Self {
+    /// The state after a packet whose [`ct_flag`] bits are now `flags`, sent
+    /// by the flow's origin (`from_origin`) or by the other side.
+    fn next(state: Option<Self>, protocol: u8, flags: u8, tcp: u8, from_origin: bool) -> Self {
         let both_seen = ct_flag::SEEN_INGRESS | ct_flag::SEEN_EGRESS;
         let both_fin = ct_flag::FIN_INGRESS | ct_flag::FIN_EGRESS;
         if protocol == PROTO_TCP {
@@ -307,6 +319,13 @@ impl CtState {
                 Self::Established
             } else {
                 Self::Opening
+            }
+        } else if protocol == PROTO_UDP {
+            match (state, from_origin) {
+                (Some(Self::BothWays), _) | (Some(Self::AskedAgain), false) => Self::BothWays,
+                (Some(Self::Answered | Self::AskedAgain), true) => Self::AskedAgain,
+                (_, false) => Self::Answered,
+                (_, true) => Self::OneWay,
             }
         } else if flags & both_seen == both_seen {
             Self::BothWays
@@ -371,7 +390,14 @@ impl FlowEntry {
         if protocol == PROTO_TCP && packet.tcp_flags & tcp_flags::FIN != 0 {
             self.flags |= fin;
         }
-        self.state = CtState::next(Some(self.state), protocol, self.flags, packet.tcp_flags);
+        let from_origin = packet.direction == self.origin;
+        self.state = CtState::next(
+            Some(self.state),
+            protocol,
+            self.flags,
+            packet.tcp_flags,
+            from_origin,
+        );
         self.last_seen_ns = now_ns;
         self.packets[dir] += 1;
         self.bytes[dir] += u64::from(packet.len);
@@ -479,7 +505,7 @@ impl FlowTable {
                 bytes: [0; 2],
                 rule: evaluation.branch.first().cloned(),
                 primary_rule: evaluation.primary.first().cloned(),
-                state: CtState::next(None, key.protocol, 0, 0),
+                state: CtState::next(None, key.protocol, 0, 0, true),
                 origin: packet.direction,
                 flags: 0,
             };
@@ -684,10 +710,25 @@ mod tests {
         assert_eq!(t.get(&flow_key(5, &query)).unwrap().state, CtState::OneWay);
         // One way: the node's udp timeout (30 s).
         let v = t.process(&m, pod5(&m), answer, 30 * SEC);
+        assert_eq!(state(&v), Some(CtState::Answered));
+        // One request and its response are no stream: still 30 s.
+        assert!(t.process(&m, pod5(&m), answer, 60 * SEC).allowed());
+        assert!(!t.process(&m, pod5(&m), answer, 90 * SEC + 1).allowed());
+
+        // A second transaction makes a stream: udp_stream (90 s).
+        let mut t = FlowTable::new();
+        t.process(&m, pod5(&m), query, 0);
+        t.process(&m, pod5(&m), answer, SEC);
+        let v = t.process(&m, pod5(&m), query, 2 * SEC);
+        assert_eq!(state(&v), Some(CtState::AskedAgain));
+        let v = t.process(&m, pod5(&m), query, 3 * SEC);
+        assert_eq!(state(&v), Some(CtState::AskedAgain));
+        let v = t.process(&m, pod5(&m), answer, 4 * SEC);
         assert_eq!(state(&v), Some(CtState::BothWays));
-        // Both ways: udp_stream (90 s).
-        assert!(t.process(&m, pod5(&m), answer, 120 * SEC).allowed());
-        assert!(!t.process(&m, pod5(&m), answer, 210 * SEC + 1).allowed());
+        let v = t.process(&m, pod5(&m), query, 5 * SEC);
+        assert_eq!(state(&v), Some(CtState::BothWays));
+        assert!(t.process(&m, pod5(&m), answer, 95 * SEC).allowed());
+        assert!(!t.process(&m, pod5(&m), answer, 185 * SEC + 1).allowed());
 
         let mut t = FlowTable::new();
         t.process(&m, pod5(&m), query, 0);

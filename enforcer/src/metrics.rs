@@ -38,6 +38,8 @@ pub struct AgentView {
     pub pods: Arc<Vec<(String, u16)>>,
     /// What rules no longer in the maps admitted (the kernel forgot it).
     pub retired_traffic: Arc<BTreeMap<RuleRef, RuleTraffic>>,
+    /// Warnings of the applied state (accepted, worth a look).
+    pub warnings: usize,
 }
 
 impl AgentView {
@@ -246,6 +248,12 @@ impl Collector for Sample {
                 seconds,
             )?;
             gauge(e, "enforcer_pods", "Pods enforced.", view.pods.len() as i64)?;
+            gauge(
+                e,
+                "enforcer_state_warnings",
+                "Warnings of the applied state (e.g. a rule referencing a group the state does not define).",
+                view.warnings as i64,
+            )?;
         }
         gauge(
             e,
@@ -347,6 +355,7 @@ mod tests {
             applied_at: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)),
             pods: Arc::new(vec![("shop/web".to_string(), 7)]),
             retired_traffic: Arc::default(),
+            warnings: 2,
         };
         let mut verdicts = [0; REASONS as usize];
         verdicts[Reason::DropPolicy as usize] = 4;
@@ -382,6 +391,7 @@ mod tests {
             r#"enforcer_reloads_total{result="rejected"} 1"#,
             "enforcer_state_applied_timestamp_seconds 1.5",
             "enforcer_pods 1",
+            "enforcer_state_warnings 2",
             "enforcer_conntrack_entries 9",
             r#"enforcer_verdicts_total{reason="drop_policy",verdict="deny"} 4"#,
             r#"enforcer_verdicts_total{reason="pass_new",verdict="allow"} 0"#,

@@ -175,7 +175,8 @@ pub enum Peer {
     Cidr(Cidr),
     /// `PrefixListIds[].PrefixListId`: the CIDRs of that managed prefix list.
     PrefixList(String),
-    /// `UserIdGroupPairs[].GroupId`: the private IPs of every ENI carrying that group.
+    /// `UserIdGroupPairs[].GroupId`: the private addresses and delegated prefixes of every
+    /// ENI carrying that group.
     Group(GroupId),
 }
 
@@ -304,13 +305,17 @@ pub struct Model {
     pub groups: BTreeMap<GroupId, SecurityGroup>,
     /// Managed prefix list ID -> its CIDRs.
     pub prefix_lists: BTreeMap<String, Vec<Cidr>>,
-    /// Group ID -> private IPs of every ENI carrying it (for `UserIdGroupPairs` peers).
-    pub members: BTreeMap<GroupId, BTreeSet<IpAddr>>,
+    /// Group ID -> the private addresses (host prefixes) and delegated prefixes of every
+    /// ENI carrying it (for `UserIdGroupPairs` peers), as sg-semantics.md §3 builds them.
+    pub members: BTreeMap<GroupId, BTreeSet<Cidr>>,
     /// Branch pods of this node, sorted by VLAN.
     pub pods: Vec<BranchPod>,
     /// Addresses that are "on the node" (sg-semantics.md §6): the node's primary
     /// IPs and every pod whose `spec.nodeName` is this node, branch or not.
     pub node_local: BTreeSet<IpAddr>,
+    /// What the state directory holds that EC2 accepts but deserves a look
+    /// (a rule referencing a group the state does not define).
+    pub warnings: Vec<crate::state::StateWarning>,
 }
 
 impl Model {

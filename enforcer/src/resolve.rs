@@ -6,9 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
 
-use crate::model::{BranchPod, Direction, GroupId, Model, NodeConfig};
+use crate::model::{BranchPod, Cidr, Direction, GroupId, Model, NodeConfig};
 use crate::sgp::{self, Labels};
-use crate::state::{Inventory, Located, Pod, Reference, StateError, Target, rule_counts};
+use crate::state::{
+    Inventory, Located, NetworkInterface, Pod, Reference, StateError, Target, rule_counts,
+};
 
 /// Resolves the inventory; every error found is returned, in file order.
 pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<StateError>> {
@@ -40,6 +42,12 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
     for reference in &references {
         check_reference(reference, &groups, &prefix_lists, &mut errors);
     }
+    // Rules may reference groups the state does not define (EC2 accepts
+    // them): each is a warning, and matches the members the ENI data lists.
+    let unknown: Vec<&Located<Reference>> = references
+        .iter()
+        .filter(|r| r.item.target == Target::ReferencedGroup && !groups.contains_key(&r.item.id))
+        .collect();
     let node = node_config(dir, node_configs, &mut errors);
     let max_rules = node.as_ref().map_or(60, |n| n.max_rules_per_group);
     for group in groups.values() {
@@ -51,23 +59,36 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
 
     let policies: Vec<_> = policies.values().map(|p| &p.item).collect();
     let no_labels = Labels::new();
-    let mut members: BTreeMap<GroupId, BTreeSet<IpAddr>> = groups
+    // Only groups that are defined or referenced by a rule collect members.
+    let mut members: BTreeMap<GroupId, BTreeSet<Cidr>> = groups
         .keys()
+        .chain(unknown.iter().map(|r| &r.item.id))
         .map(|id| (id.clone(), BTreeSet::new()))
         .collect();
-    // Groups that no file defines cannot be referenced by a rule (that is an
-    // error), so only defined groups collect members.
-    let mut add_members = |groups: &[GroupId], ips: &mut dyn Iterator<Item = IpAddr>| {
-        let ips: Vec<IpAddr> = ips.collect();
+    let mut add_members = |groups: &[GroupId], cidrs: &mut dyn Iterator<Item = Cidr>| {
+        let cidrs: Vec<Cidr> = cidrs.collect();
         for group in groups {
             if let Some(set) = members.get_mut(group) {
-                set.extend(ips.iter().copied());
+                set.extend(cidrs.iter().copied());
             }
         }
     };
+    // The ENI data is the truth: every address and delegated prefix of an ENI
+    // is a member of each of its groups. Pods add only what is certain.
+    for eni in interfaces.values() {
+        add_members(&eni.item.groups, &mut eni.item.cidrs());
+    }
+    let held_by_an_eni = |ip: IpAddr| interfaces.values().any(|eni| eni.item.holds(ip));
+    // Each node's own addresses: those of its host-network pods.
+    let mut node_ips: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
+    for pod in pods.values().map(|p| &p.item).filter(|p| p.host_network) {
+        if let Some(name) = pod.node_name.as_deref() {
+            node_ips.entry(name).or_default().extend(&pod.ips);
+        }
+    }
     add_members(
         &node.primary_security_groups,
-        &mut node.primary_ips.iter().copied(),
+        &mut node.primary_ips.iter().map(|&ip| Cidr::host(ip)),
     );
     let mut node_local: BTreeSet<IpAddr> = node.primary_ips.iter().copied().collect();
     let mut vlans: BTreeMap<u16, &Located<Pod>> = BTreeMap::new();
@@ -80,10 +101,17 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
             node_local.extend(pod.branch.iter().flat_map(|b| b.addresses()));
         }
         let Some(branch) = &pod.branch else {
-            // Without a branch ENI a pod uses secondary IPs of its node's ENIs,
-            // so it carries the node's groups; host-network pods are the node itself.
-            if !pod.host_network {
-                add_members(&node.primary_security_groups, &mut pod.ips.iter().copied());
+            // Without a branch ENI a pod uses an address of one of its node's
+            // ENIs and carries that ENI's groups: the ENI data says which. On
+            // this node, an address no ENI lists is on the primary ENI that the
+            // NodeConfig describes. A pod of another node is a member only
+            // through the ENI data; host-network pods are their node itself.
+            if on_node && !pod.host_network {
+                let unlisted = pod.ips.iter().filter(|&&ip| !held_by_an_eni(ip));
+                add_members(
+                    &node.primary_security_groups,
+                    &mut unlisted.map(|&ip| Cidr::host(ip)),
+                );
             }
             continue;
         };
@@ -98,11 +126,19 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
         );
         let mut pod_groups = sgp::union_of_groups(&matched);
         if pod_groups.is_empty() {
-            // For pods of other nodes this assumes every node carries this
-            // node's instance groups, as nodes of one node group do.
-            pod_groups = node.primary_security_groups.clone();
+            // No policy matched: the branch ENI carries its node's instance
+            // groups, this node's from the NodeConfig, another's from the ENI
+            // data (its primary ENI), or none known.
+            pod_groups = if on_node {
+                node.primary_security_groups.clone()
+            } else {
+                pod.node_name
+                    .as_deref()
+                    .and_then(|name| instance_groups(name, &interfaces, &node_ips))
+                    .unwrap_or_default()
+            };
         }
-        add_members(&pod_groups, &mut branch.addresses());
+        add_members(&pod_groups, &mut branch.addresses().map(Cidr::host));
         if !on_node {
             continue;
         }
@@ -157,13 +193,23 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
             mode: node.enforcing_mode,
         });
     }
-    for eni in interfaces.values() {
-        add_members(&eni.item.groups, &mut eni.item.addresses.iter().copied());
-    }
     if !errors.is_empty() {
         return Err(in_file_order(errors));
     }
     branch_pods.sort_by_key(|p| p.vlan);
+    let warnings = unknown
+        .into_iter()
+        .map(|reference| {
+            let id = &reference.item.id;
+            let known = members.get(id).map_or(0, BTreeSet::len);
+            let message = format!(
+                "security group {id} is not defined (another account's, a peered VPC's or a \
+                 deleted group?): EC2 accepts the rule; it matches the {known} member \
+                 address(es) and prefix(es) the ENI data lists"
+            );
+            error(reference, Some(reference.item.field.clone()), message)
+        })
+        .collect();
     Ok(Model {
         node,
         groups: groups.into_iter().map(|(id, g)| (id, g.item)).collect(),
@@ -171,7 +217,27 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
         members,
         pods: branch_pods,
         node_local,
+        warnings,
     })
+}
+
+/// The instance security groups of the node called `name`, from the ENI data:
+/// its primary ENI, whose `PrivateDnsName` is the node's name, or the ENI
+/// holding the address of one of its host-network pods (the node's own address).
+fn instance_groups(
+    name: &str,
+    interfaces: &BTreeMap<String, Located<NetworkInterface>>,
+    node_ips: &BTreeMap<&str, BTreeSet<IpAddr>>,
+) -> Option<Vec<GroupId>> {
+    let ips = node_ips.get(name);
+    interfaces
+        .values()
+        .map(|eni| &eni.item)
+        .find(|eni| {
+            eni.dns_name.as_deref() == Some(name)
+                || ips.is_some_and(|ips| eni.addresses.iter().any(|ip| ips.contains(ip)))
+        })
+        .map(|eni| eni.groups.clone())
 }
 
 fn error<T>(at: &Located<T>, field: Option<String>, message: String) -> StateError {
@@ -474,6 +540,11 @@ metadata: {name: payments, namespace: shop, labels: {db-access: \"true\", pci: \
         list.iter().map(|ip| ip.parse().unwrap()).collect()
     }
 
+    /// Members: addresses (host prefixes) or delegated prefixes.
+    fn cidrs(list: &[&str]) -> BTreeSet<Cidr> {
+        list.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
     #[test]
     fn branch_pods_of_this_node_by_vlan() {
         let model = cluster(&scenario()).model();
@@ -514,25 +585,144 @@ metadata: {name: payments, namespace: shop, labels: {db-access: \"true\", pci: \
     #[test]
     fn members_of_each_group() {
         let model = cluster(&scenario()).model();
-        assert_eq!(model.members["sg-0web"], ips(&["10.0.1.101", "10.0.2.101"]));
+        assert_eq!(
+            model.members["sg-0web"],
+            cidrs(&["10.0.1.101", "10.0.2.101"])
+        );
         assert_eq!(
             model.members["sg-0db"],
-            ips(&["10.0.1.102", "10.0.1.103", "10.0.2.103"])
+            cidrs(&["10.0.1.102", "10.0.1.103", "10.0.2.103"])
         );
-        assert_eq!(model.members["sg-0vpn"], ips(&["10.0.1.103"]));
-        // The node, pods without a branch ENI, and branch pods that no policy
-        // selects (on any node); never host-network pods.
+        assert_eq!(model.members["sg-0vpn"], cidrs(&["10.0.1.103"]));
+        // The node, this node's pods without a branch ENI (no ENI data lists
+        // them: the primary ENI) and its branch pods that no policy selects;
+        // never host-network pods. Pods of the other node, whose ENIs no file
+        // describes, are members of nothing by assumption.
         assert_eq!(
             model.members["sg-0node"],
-            ips(&[
-                "10.0.1.10",
-                "10.0.1.104",
-                "10.0.2.102",
-                "10.0.1.31",
-                "2001:db8::31",
-                "10.0.2.44"
-            ])
+            cidrs(&["10.0.1.10", "10.0.1.104", "10.0.1.31", "2001:db8::31"])
         );
+    }
+
+    /// The ENIs of another node group's node (found by its DNS name, with a
+    /// delegated prefix), of a node found through its host-network pod, of a
+    /// Fargate pod, and of this node with custom networking.
+    const INTERFACES: &str = r#"{"NetworkInterfaces": [
+        {"NetworkInterfaceId": "eni-0other", "PrivateDnsName": "ip-10-0-2-20.ec2.internal",
+         "Groups": [{"GroupId": "sg-0other"}],
+         "PrivateIpAddresses": [{"PrivateIpAddress": "10.0.2.20"}],
+         "Ipv4Prefixes": [{"Ipv4Prefix": "10.0.2.48/28"}],
+         "Ipv6Prefixes": [{"Ipv6Prefix": "2001:db8:2::/80"}]},
+        {"NetworkInterfaceId": "eni-0b", "PrivateDnsName": "ip-10-0-4-40.ec2.internal",
+         "Groups": [{"GroupId": "sg-0b"}], "PrivateIpAddress": "10.0.4.40"},
+        {"NetworkInterfaceId": "eni-0fargate", "Description": "[Fargate] pod",
+         "Groups": [{"GroupId": "sg-0cluster"}], "PrivateIpAddress": "10.0.5.9"},
+        {"NetworkInterfaceId": "eni-0custom", "Description": "ENIConfig us-east-1a",
+         "Groups": [{"GroupId": "sg-0pods"}],
+         "PrivateIpAddresses": [{"PrivateIpAddress": "10.0.1.31"}],
+         "Ipv6Addresses": [{"Ipv6Address": "2001:db8::31"}]}]}"#;
+
+    fn cluster_with_enis() -> StateDir {
+        let mut pods = scenario();
+        pods.extend([
+            pod(PodSpec {
+                namespace: "kube-system",
+                name: "cache",
+                node: OTHER_NODE,
+                ips: &["10.0.2.50", "2001:db8:2::7"],
+                ..POD
+            }),
+            pod(PodSpec {
+                name: "fargate",
+                node: "fargate-ip-10-0-5-9.ec2.internal",
+                ips: &["10.0.5.9"],
+                ..POD
+            }),
+            pod(PodSpec {
+                namespace: "kube-system",
+                name: "aws-node-b",
+                node: "worker-b",
+                ips: &["10.0.4.40"],
+                host_network: true,
+                ..POD
+            }),
+            pod(PodSpec {
+                name: "stray-b",
+                node: "worker-b",
+                branch: Some((4, "10.0.4.102")),
+                ..POD
+            }),
+            pod(PodSpec {
+                name: "stray-c",
+                node: "worker-c",
+                branch: Some((4, "10.0.6.102")),
+                ..POD
+            }),
+        ]);
+        let mut dir = cluster(&pods).file("enis.json", INTERFACES);
+        for id in ["sg-0other", "sg-0b", "sg-0cluster", "sg-0pods"] {
+            dir = dir.file(&format!("g-{id}.json"), &group(id, "[]", "[]"));
+        }
+        dir
+    }
+
+    #[test]
+    fn members_follow_the_eni_data() {
+        let model = cluster_with_enis().model();
+        // Another node group's node: its ENI's addresses and delegated
+        // prefixes, and its branch pod that no policy selects.
+        assert_eq!(
+            model.members["sg-0other"],
+            cidrs(&["10.0.2.20", "10.0.2.48/28", "2001:db8:2::/80", "10.0.2.102"])
+        );
+        // A node named otherwise, found by its host-network pod's address.
+        assert_eq!(model.members["sg-0b"], cidrs(&["10.0.4.40", "10.0.4.102"]));
+        assert_eq!(model.members["sg-0cluster"], cidrs(&["10.0.5.9"]));
+        // This node's pod on an ENIConfig's ENI carries that ENI's groups.
+        assert_eq!(
+            model.members["sg-0pods"],
+            cidrs(&["10.0.1.31", "2001:db8::31"])
+        );
+        // Neither pods of other nodes (in a prefix or not, Fargate), nor the
+        // branch pod of a node whose ENIs are unknown, are in this node's group.
+        assert_eq!(
+            model.members["sg-0node"],
+            cidrs(&["10.0.1.10", "10.0.1.104"])
+        );
+        let everywhere: BTreeSet<Cidr> = model.members.values().flatten().copied().collect();
+        for absent in ["10.0.2.44", "10.0.6.102"] {
+            assert!(!everywhere.contains(&Cidr::host(absent.parse().unwrap())));
+        }
+    }
+
+    #[test]
+    fn members_through_a_prefix_are_judged_as_ec2_does() {
+        use crate::eval::{L4Packet, L4Query, Query, evaluate};
+        // "8080 from the node group": EC2 admits the node group's members
+        // only, the pod in this node's delegated prefix among them.
+        let rule = r#"[{"IpProtocol": "tcp", "FromPort": 8080, "ToPort": 8080,
+                        "UserIdGroupPairs": [{"GroupId": "sg-0node"}]}]"#;
+        let enis = r#"{"NetworkInterfaces": [
+            {"NetworkInterfaceId": "eni-0here", "PrivateDnsName": "ip-10-0-1-10.ec2.internal",
+             "Groups": [{"GroupId": "sg-0node"}], "PrivateIpAddress": "10.0.1.10",
+             "Ipv4Prefixes": [{"Ipv4Prefix": "10.0.1.64/28"}]}]}"#;
+        let model = cluster_with_enis()
+            .file("g-web.json", &group("sg-0web", rule, "[]"))
+            .file("enis-here.json", enis)
+            .model();
+        let web = model.pod("shop/web-1").unwrap();
+        let from = |peer: &str| {
+            let query = Query {
+                direction: Direction::Ingress,
+                peer: peer.parse().unwrap(),
+                l4: L4Query::Packet(L4Packet::tcp(8080)),
+            };
+            evaluate(&model, web, &query).allowed
+        };
+        assert!(from("10.0.1.70"), "a pod in the node's delegated prefix");
+        assert!(!from("10.0.2.50"), "a pod of another node group");
+        assert!(!from("10.0.5.9"), "a Fargate pod");
+        assert!(!from("10.0.2.44"), "a pod of a node whose ENIs are unknown");
     }
 
     #[test]
@@ -604,14 +794,14 @@ metadata: {name: payments, namespace: shop, labels: {db-access: \"true\", pci: \
             "g.json",
             &group(
                 "sg-0a",
-                r#"[{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-0b"}]}]"#,
+                r#"[{"IpProtocol": "-1", "PrefixListIds": [{"PrefixListId": "pl-0b"}]}]"#,
                 "[]",
             ),
         );
         let errors = dir.errors();
         assert_eq!(errors.len(), 2, "{errors:#?}");
         assert!(errors.iter().any(|e| e.contains("NodeConfig: missing")));
-        assert!(errors.iter().any(|e| e.contains("sg-0b is not defined")));
+        assert!(errors.iter().any(|e| e.contains("pl-0b is not defined")));
     }
 
     #[test]
@@ -658,21 +848,24 @@ metadata: {name: payments, namespace: shop, labels: {db-access: \"true\", pci: \
         assert!(model.groups["sg-0rds00000000000001"].egress.is_empty());
         assert_eq!(
             model.members[&web],
-            ips(&[
+            cidrs(&[
                 "10.0.1.101",
                 "2600:1f18:4a3:6901:8a2f::1",
                 "10.0.2.101",
                 "2600:1f18:4a3:6902:5c1e::1"
             ])
         );
-        assert_eq!(model.members["sg-0rds00000000000001"], ips(&["10.0.3.25"]));
+        assert_eq!(
+            model.members["sg-0rds00000000000001"],
+            cidrs(&["10.0.3.25"])
+        );
         assert_eq!(
             model.members["sg-0alb00000000000001"],
-            ips(&["10.0.101.17", "10.0.102.33", "2600:1f18:4a3:6965::11"])
+            cidrs(&["10.0.101.17", "10.0.102.33", "2600:1f18:4a3:6965::11"])
         );
         assert_eq!(
             model.members["sg-0node0000000000001"],
-            ips(&[
+            cidrs(&[
                 "10.0.1.10",
                 "10.0.1.31",
                 "10.0.1.57",

@@ -43,6 +43,9 @@ pub struct AgentReport {
     /// Why the programs could not be attached to the trunk the last time.
     #[serde(default)]
     pub attach_error: Option<String>,
+    /// The applied state's warnings (accepted, worth a look), one line each.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub pods: Vec<PodReport>,
 }
 
@@ -138,6 +141,7 @@ pub struct Status {
     pub error_at: Option<u64>,
     /// Why the agent could not attach the programs the last time it tried.
     pub attach_error: Option<String>,
+    pub warnings: Vec<String>,
     pub conntrack_entries: usize,
     pub conntrack_capacity: u32,
     pub pods: Vec<PodStatus>,
@@ -204,6 +208,7 @@ impl Status {
             error: report.error,
             error_at: report.error_at,
             attach_error: report.attach_error,
+            warnings: report.warnings,
             conntrack_entries: flows.len(),
             conntrack_capacity: MAX_FLOWS,
             pods,
@@ -287,6 +292,9 @@ impl fmt::Display for Status {
                 f,
                 "cannot attach to the trunk (the agent keeps trying): {error}"
             )?;
+        }
+        for warning in &self.warnings {
+            writeln!(f, "warning: {warning}")?;
         }
         writeln!(
             f,

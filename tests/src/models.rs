@@ -88,6 +88,7 @@ pub fn model(node: NodeConfig, groups: Vec<SecurityGroup>, pods: Vec<BranchPod>)
         prefix_lists: BTreeMap::new(),
         pods,
         node_local,
+        warnings: Vec::new(),
         node,
     }
 }

@@ -93,6 +93,28 @@ fn random_cidr(rng: &mut Rng, v6: bool) -> Cidr {
     Cidr::new(addr, len).expect("valid prefix length")
 }
 
+/// A member of a referenced group as ENI data gives it: an address, or a
+/// delegated prefix (prefix mode, IPv6 clusters).
+fn random_member(rng: &mut Rng) -> Cidr {
+    let v6 = rng.chance(30);
+    let addr = random_addr(rng, v6);
+    let len = match (rng.chance(30), v6) {
+        (false, false) => 32,
+        (false, true) => 128,
+        (true, false) => 28,
+        (true, true) => 80,
+    };
+    Cidr::new(addr, len).expect("valid prefix length")
+}
+
+/// An address inside a member: the address itself, or one in the prefix.
+fn inside(member: &Cidr) -> IpAddr {
+    match member.prefix_len() {
+        32 | 128 => member.addr(),
+        _ => member.nth(3),
+    }
+}
+
 fn random_l4(rng: &mut Rng) -> L4Match {
     match rng.below(10) {
         0 => L4Match::All,
@@ -150,7 +172,9 @@ pub fn random_model(rng: &mut Rng) -> Model {
                     let peer = match rng.below(10) {
                         0..=5 => Peer::Cidr(random_cidr(rng, v6)),
                         6 => Peer::PrefixList(rng.pick(&PREFIX_LISTS).to_string()),
-                        _ => Peer::Group(group_id(rng.below(GROUPS as u64) as usize)),
+                        // Two IDs past the defined groups: references the state does not
+                        // define (another account, a deleted group), one with members.
+                        _ => Peer::Group(group_id(rng.below(GROUPS as u64 + 2) as usize)),
                     };
                     Rule {
                         l4: random_l4(rng),
@@ -187,15 +211,12 @@ pub fn random_model(rng: &mut Rng) -> Model {
             (id.to_string(), cidrs)
         })
         .collect();
-    let members = (0..GROUPS)
+    let members = (0..=GROUPS)
         .map(|i| {
-            let ips = (0..rng.below(5))
-                .map(|_| {
-                    let v6 = rng.chance(30);
-                    random_addr(rng, v6)
-                })
+            let cidrs = (0..rng.below(5))
+                .map(|_| random_member(rng))
                 .collect::<BTreeSet<_>>();
-            (group_id(i), ips)
+            (group_id(i), cidrs)
         })
         .collect();
     let primary_security_groups = vec![group_id(rng.below(GROUPS as u64) as usize)];
@@ -245,6 +266,7 @@ pub fn random_model(rng: &mut Rng) -> Model {
         members,
         pods,
         node_local,
+        warnings: Vec::new(),
     }
 }
 
@@ -367,7 +389,7 @@ fn peer_candidates(model: &Model, v6: bool) -> Vec<IpAddr> {
         .members
         .values()
         .flatten()
-        .copied()
+        .flat_map(|c| [inside(c), c.nth(1)])
         .filter(family)
         .collect();
     out.extend(model.node_local.iter().copied().filter(family));
@@ -467,7 +489,13 @@ fn aim_at_a_rule(
     let peers: Vec<IpAddr> = match &rule.peer {
         Peer::Cidr(cidr) => vec![cidr.addr(), cidr.nth(1), cidr.nth(5)],
         Peer::PrefixList(id) => model.prefix_lists[id].iter().map(|c| c.nth(2)).collect(),
-        Peer::Group(id) => model.members[id].iter().copied().collect(),
+        Peer::Group(id) => model
+            .members
+            .get(id)
+            .into_iter()
+            .flatten()
+            .map(inside)
+            .collect(),
     };
     let peers: Vec<IpAddr> = peers.into_iter().filter(|p| p.is_ipv6() == v6).collect();
     if peers.is_empty() {
@@ -605,7 +633,7 @@ pub fn scale_model(
             let ips = (0..4)
                 .map(|_| {
                     let v6 = rng.chance(30);
-                    random_addr(rng, v6)
+                    Cidr::host(random_addr(rng, v6))
                 })
                 .collect::<BTreeSet<_>>();
             (group_id(i), ips)
@@ -651,6 +679,7 @@ pub fn scale_model(
         members,
         pods,
         node_local,
+        warnings: Vec::new(),
     }
 }
 
@@ -660,7 +689,7 @@ pub fn packet_for_rule(rng: &mut Rng, model: &Model, rule: &Rule) -> Option<(IpA
     let peer = match &rule.peer {
         Peer::Cidr(cidr) => cidr.nth(1),
         Peer::PrefixList(id) => model.prefix_lists[id].first()?.nth(1),
-        Peer::Group(id) => *model.members[id].iter().next()?,
+        Peer::Group(id) => inside(model.members.get(id)?.iter().next()?),
     };
     Some((peer, l4_for_rule(rng, rule, peer.is_ipv6())?))
 }

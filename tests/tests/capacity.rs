@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use enforcer::compile;
 use enforcer::maps::MapsError;
-use enforcer::model::{Direction, L4Match, Peer, Rule};
+use enforcer::model::{Cidr, Direction, L4Match, Peer, Rule};
 use enforcer_common::{MAX_PEER_ENTRIES, Reason, map_names};
 use enforcer_tests::frame::{self, TCP_SYN, Tag};
 use enforcer_tests::kernel::Kernel;
@@ -53,7 +53,7 @@ fn a_state_over_capacity_names_the_full_map_and_keeps_the_one_before() {
     big.members.insert(
         crowd.into(),
         (0..MAX_PEER_ENTRIES + 1000)
-            .map(|i| IpAddr::V4(Ipv4Addr::from(first + i)))
+            .map(|i| Cidr::host(IpAddr::V4(Ipv4Addr::from(first + i))))
             .collect(),
     );
     let enforced = kernel.maps.enforced().expect("enforced state").clone();

@@ -159,14 +159,17 @@ fn model() -> Model {
     let node_ip: IpAddr = Ipv4Addr::new(10, 0, 1, 10).into();
     let mut node_local: BTreeSet<IpAddr> = pods.iter().flat_map(|p| p.addresses()).collect();
     node_local.insert(node_ip);
-    let mut members: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+    let mut members: BTreeMap<String, BTreeSet<Cidr>> = BTreeMap::new();
     for p in &pods {
         members
             .entry(p.groups[0].clone())
             .or_default()
-            .extend(p.addresses());
+            .extend(p.addresses().map(Cidr::host));
     }
-    members.entry("sg-node".into()).or_default().insert(node_ip);
+    members
+        .entry("sg-node".into())
+        .or_default()
+        .insert(Cidr::host(node_ip));
     Model {
         node: NodeConfig {
             name: "ip-10-0-1-10.ec2.internal".to_string(),
@@ -191,6 +194,7 @@ fn model() -> Model {
         members,
         pods,
         node_local,
+        warnings: Vec::new(),
     }
 }
 
@@ -527,7 +531,7 @@ fn tcp_closing_flow_expires_after_10_seconds() {
 }
 
 #[test]
-fn udp_request_and_response_become_a_stream() {
+fn udp_becomes_a_stream_after_more_than_one_transaction() {
     let ct = Ct::new();
     let query = udp(A, 5000, SERVER, 53);
     let key = ct_key(A_VLAN, Egress, &query);
@@ -543,14 +547,29 @@ fn udp_request_and_response_become_a_stream() {
         Reason::PassEstablished,
     );
     assert_eq!(ct.expect_entry("requests", &key).state, ct_state::ONE_WAY);
-    ct.send(
-        "response",
-        A_VLAN,
-        Ingress,
-        &query.reply(0),
-        Reason::PassEstablished,
-    );
-    assert_eq!(ct.expect_entry("response", &key).state, ct_state::BOTH_WAYS);
+    let steps = [
+        ("response", Ingress, ct_state::ANSWERED),
+        ("another response", Ingress, ct_state::ANSWERED),
+        (
+            "a request after the response",
+            Egress,
+            ct_state::ASKED_AGAIN,
+        ),
+        (
+            "its response: two transactions",
+            Ingress,
+            ct_state::BOTH_WAYS,
+        ),
+        ("a request on the stream", Egress, ct_state::BOTH_WAYS),
+    ];
+    for (step, direction, state) in steps {
+        let ip = match direction {
+            Ingress => query.reply(0),
+            Egress => query,
+        };
+        ct.send(step, A_VLAN, direction, &ip, Reason::PassEstablished);
+        assert_eq!(ct.expect_entry(step, &key).state, state, "{step}");
+    }
     ct.send(
         "the server from another port",
         A_VLAN,
@@ -586,8 +605,10 @@ fn udp_one_way_flow_expires_after_udp_timeout() {
     );
 }
 
+/// One request and its response (a DNS lookup) are no stream: the flow
+/// keeps the UDP timeout, not the stream timeout.
 #[test]
-fn udp_stream_outlives_udp_timeout_until_udp_stream_timeout() {
+fn one_udp_transaction_keeps_the_udp_timeout() {
     let mut ct = Ct::new();
     let young = udp(A, 5000, SERVER, 53);
     let old = udp(A, 5001, SERVER, 53);
@@ -600,6 +621,39 @@ fn udp_stream_outlives_udp_timeout_until_udp_stream_timeout() {
             &q.reply(0),
             Reason::PassEstablished,
         );
+    }
+    ct.age(&ct_key(A_VLAN, Egress, &young), UDP_TIMEOUT - 5);
+    ct.age(&ct_key(A_VLAN, Egress, &old), UDP_TIMEOUT + 1);
+    ct.send(
+        "a late response within udpTimeout",
+        A_VLAN,
+        Ingress,
+        &young.reply(0),
+        Reason::PassEstablished,
+    );
+    ct.send(
+        "a late response past udpTimeout",
+        A_VLAN,
+        Ingress,
+        &old.reply(0),
+        Reason::DropPolicy,
+    );
+}
+
+#[test]
+fn udp_stream_outlives_udp_timeout_until_udp_stream_timeout() {
+    let mut ct = Ct::new();
+    let young = udp(A, 5000, SERVER, 53);
+    let old = udp(A, 5001, SERVER, 53);
+    for q in [&young, &old] {
+        ct.send("request", A_VLAN, Egress, q, Reason::PassNew);
+        for (step, direction, ip) in [
+            ("response", Ingress, q.reply(0)),
+            ("second request", Egress, *q),
+            ("second response", Ingress, q.reply(0)),
+        ] {
+            ct.send(step, A_VLAN, direction, &ip, Reason::PassEstablished);
+        }
     }
     ct.age(&ct_key(A_VLAN, Egress, &young), UDP_STREAM_TIMEOUT - 5);
     ct.age(&ct_key(A_VLAN, Egress, &old), UDP_STREAM_TIMEOUT + 1);

@@ -1086,3 +1086,93 @@ fn spoofed_addresses_are_dropped() {
         );
     }
 }
+
+/// A copy of the bundled state with more files, removed when dropped.
+struct ExtendedState(std::path::PathBuf);
+
+impl ExtendedState {
+    fn new(name: &str, files: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(format!("enforcer-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the state copy");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/state");
+        for entry in std::fs::read_dir(&fixture).expect("read the fixture") {
+            let path = entry.expect("fixture entry").path();
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).expect("copy");
+        }
+        for (file, text) in files {
+            std::fs::write(dir.join(file), text).expect("write a state file");
+        }
+        Self(dir)
+    }
+
+    fn model(&self) -> Model {
+        enforcer::state::load(&self.0).unwrap_or_else(|e| panic!("the state loads: {e}"))
+    }
+}
+
+impl Drop for ExtendedState {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A second ENI of this node with a delegated prefix, a node of another node group
+/// (its ENI carries another group) with a pod in its prefix, and a Fargate pod.
+const OTHER_NODE_GROUPS: &str = r#"{"NetworkInterfaces": [
+    {"NetworkInterfaceId": "eni-0node0000000001011", "PrivateDnsName": "ip-10-0-1-11.ec2.internal",
+     "Groups": [{"GroupId": "sg-0node0000000000001"}], "PrivateIpAddress": "10.0.1.11",
+     "Ipv4Prefixes": [{"Ipv4Prefix": "10.0.1.64/28"}]},
+    {"NetworkInterfaceId": "eni-0ngb000000000230", "PrivateDnsName": "ip-10-0-2-30.ec2.internal",
+     "Groups": [{"GroupId": "sg-0ngb00000000000001"}], "PrivateIpAddress": "10.0.2.30",
+     "Ipv4Prefixes": [{"Ipv4Prefix": "10.0.2.48/28"}]},
+    {"NetworkInterfaceId": "eni-0fargate00000509", "Description": "[Fargate] shop/batch",
+     "Groups": [{"GroupId": "sg-0cluster000000001"}], "PrivateIpAddress": "10.0.5.9"}]}"#;
+
+const OTHER_NODE_PODS: &str = r#"{"apiVersion": "v1", "kind": "List", "items": [
+    {"apiVersion": "v1", "kind": "Pod",
+     "metadata": {"name": "batch-b", "namespace": "shop", "uid": "uid-batch-b"},
+     "spec": {"nodeName": "ip-10-0-2-30.ec2.internal"}, "status": {"podIPs": [{"ip": "10.0.2.50"}]}},
+    {"apiVersion": "v1", "kind": "Pod",
+     "metadata": {"name": "batch-f", "namespace": "shop", "uid": "uid-batch-f"},
+     "spec": {"nodeName": "fargate-ip-10-0-5-9.ec2.internal"}, "status": {"podIPs": [{"ip": "10.0.5.9"}]}}]}"#;
+
+#[test]
+fn the_node_group_is_its_eni_data_not_every_pod() {
+    let state = ExtendedState::new(
+        "node-groups",
+        &[
+            ("other-node-groups.json", OTHER_NODE_GROUPS),
+            ("other-node-pods.json", OTHER_NODE_PODS),
+        ],
+    );
+    let s = Scenario::new(state.model());
+    s.case(
+        "a pod in this node's delegated prefix: an sg-0node member",
+        WEB_VLAN,
+        Ingress,
+        tcp(Ipv4Addr::new(10, 0, 1, 70), 50010, WEB, 8080),
+        new(web_in(3)),
+    );
+    s.case(
+        "a pod of another node group: its node's ENI carries another group",
+        WEB_VLAN,
+        Ingress,
+        tcp(Ipv4Addr::new(10, 0, 2, 50), 50011, WEB, 8080),
+        verdict(Reason::DropPolicy),
+    );
+    s.case(
+        "a Fargate pod: its ENI carries the cluster group",
+        WEB_VLAN,
+        Ingress,
+        tcp(Ipv4Addr::new(10, 0, 5, 9), 50012, WEB, 8080),
+        verdict(Reason::DropPolicy),
+    );
+    s.case(
+        "the cache on this node's ENI is still a member",
+        WEB_VLAN,
+        Ingress,
+        tcp(Ipv4Addr::new(10, 0, 1, 57), 50013, WEB, 8080),
+        new(web_in(3)),
+    );
+}

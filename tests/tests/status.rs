@@ -303,3 +303,47 @@ fn the_metrics_endpoint_serves_counters_health_and_readiness() {
         "{total:?} missing from:\n{metrics}"
     );
 }
+
+/// A rule referencing a group the state does not define (another account's):
+/// EC2 accepts it, so `check` passes with a warning, the agent applies the
+/// state (a pod added later is enforced, not dropped as an unknown VLAN) and
+/// reports the warning in `status` and `/metrics`.
+#[test]
+fn a_reference_to_an_undefined_group_is_a_warning_everywhere() {
+    let mut node = Node::new();
+    node.write_state(&state(OPEN));
+    let peered = serde_json::json!({"SecurityGroups": [{
+        "GroupId": "sg-peered", "GroupName": "peered", "Description": "test",
+        "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432,
+            "UserIdGroupPairs": [{"GroupId": "sg-0otheraccount", "UserId": "444455556666"}]}],
+        "IpPermissionsEgress": [],
+    }]});
+    support::write_atomically(&node.state_dir.join("peered.json"), &peered.to_string());
+    let state_dir = node.state_dir.to_str().expect("utf-8").to_string();
+    let out = node
+        .command_in_netns(&["check", "--state", &state_dir])
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("sg-0otheraccount is not defined"),
+        "{stderr}"
+    );
+
+    node.start_agent();
+    node.wait_ready();
+    let status = node.enforcer(&["status", "--pin-path", &pin(&node)]);
+    assert!(
+        status.contains("warning: ") && status.contains("sg-0otheraccount"),
+        "{status}"
+    );
+    let metrics = node.http_get("/metrics").expect("metrics").1;
+    assert!(
+        metrics.lines().any(|l| l == "enforcer_state_warnings 1"),
+        "{metrics}"
+    );
+    let web = web();
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 52100)], &[(Reason::PassNew, 1)]);
+}

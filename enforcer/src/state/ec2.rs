@@ -7,14 +7,33 @@ use std::path::Path;
 
 use super::reader::{Field, Invalid, Problems};
 use super::{Inventory, Located, Reference, Target};
-use crate::model::{Direction, GroupId, L4Match, Peer, Rule, SecurityGroup};
+use crate::model::{Cidr, Direction, GroupId, L4Match, Peer, Rule, SecurityGroup};
 
 /// `describe-network-interfaces`: what matters is which addresses carry which groups.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct NetworkInterface {
     pub id: String,
     pub groups: Vec<GroupId>,
+    /// Private IPv4 (primary and secondary) and IPv6 addresses.
     pub addresses: BTreeSet<IpAddr>,
+    /// Delegated prefixes (`Ipv4Prefixes`, `Ipv6Prefixes`): prefix mode and IPv6 clusters
+    /// assign pod addresses from them.
+    pub prefixes: BTreeSet<Cidr>,
+    /// `PrivateDnsName`: an instance's primary ENI carries its node's name.
+    pub dns_name: Option<String>,
+}
+
+impl NetworkInterface {
+    /// Every address and delegated prefix, as prefixes.
+    pub fn cidrs(&self) -> impl Iterator<Item = Cidr> + '_ {
+        let hosts = self.addresses.iter().map(|&ip| Cidr::host(ip));
+        hosts.chain(self.prefixes.iter().copied())
+    }
+
+    /// Holds `ip` as one of its addresses or inside one of its prefixes.
+    pub fn holds(&self, ip: IpAddr) -> bool {
+        self.addresses.contains(&ip) || self.prefixes.iter().any(|p| p.contains(ip))
+    }
 }
 
 /// Each entry of `SecurityGroups`, as one object named by its `GroupId`.
@@ -98,6 +117,20 @@ pub(crate) fn network_interfaces(file: &Path, list: Field, inventory: &mut Inven
         for a in list_of(&eni, "Ipv6Addresses", &mut problems) {
             addresses.extend(problems.ok(a.require("Ipv6Address").and_then(|f| f.ip())));
         }
+        let mut prefixes = BTreeSet::new();
+        for (list, key) in [
+            ("Ipv4Prefixes", "Ipv4Prefix"),
+            ("Ipv6Prefixes", "Ipv6Prefix"),
+        ] {
+            for p in list_of(&eni, list, &mut problems) {
+                prefixes.extend(problems.ok(p.require(key).and_then(|f| f.cidr())));
+            }
+        }
+        let dns_name = eni
+            .get("PrivateDnsName")
+            .and_then(|f| problems.ok(f.str()))
+            .filter(|name| !name.is_empty())
+            .map(str::to_string);
         let object = match &id {
             Some(id) => format!("NetworkInterface {id}"),
             None => format!("NetworkInterfaces[{i}]"),
@@ -108,6 +141,8 @@ pub(crate) fn network_interfaces(file: &Path, list: Field, inventory: &mut Inven
                 id,
                 groups,
                 addresses,
+                prefixes,
+                dns_name,
             };
             inventory.interfaces.push(Located::new(file, object, eni));
         }
@@ -328,7 +363,7 @@ fn peers(
             continue;
         };
         if let Some(id) = problems.ok(group_id(&field)) {
-            references.push(Reference::new(Target::Group, &id, &field.path));
+            references.push(Reference::new(Target::ReferencedGroup, &id, &field.path));
             peers.push((Peer::Group(id), description));
         }
     }
@@ -614,21 +649,58 @@ mod tests {
             &group(
                 "sg-0app",
                 "[]",
-                r#"[{"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432,
-                     "UserIdGroupPairs": [{"GroupId": "sg-0node"}, {"GroupId": "sg-0rds"}]},
-                    {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443,
+                r#"[{"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443,
                      "PrefixListIds": [{"PrefixListId": "pl-0gone"}]}]"#,
             ),
         );
-        let errors = dir.errors();
-        assert_eq!(errors.len(), 2, "{errors:#?}");
-        let expected = [
-            "app.json: SecurityGroup sg-0app: IpPermissionsEgress[0].UserIdGroupPairs[1].GroupId: security group sg-0rds is not defined",
-            "app.json: SecurityGroup sg-0app: IpPermissionsEgress[1].PrefixListIds[0].PrefixListId: prefix list pl-0gone is not defined",
-        ];
-        for (error, expected) in errors.iter().zip(expected) {
-            assert!(error.contains(expected), "{error:?}");
-        }
+        dir.error(&[
+            "app.json: SecurityGroup sg-0app: IpPermissionsEgress[0].PrefixListIds[0].PrefixListId: prefix list pl-0gone is not defined",
+        ]);
+    }
+
+    /// A rule may reference a group the state does not define (another
+    /// account's, a peered VPC's, a deleted one): EC2 accepts it, and it
+    /// matches the members the ENI data lists. A warning, not an error.
+    #[test]
+    fn a_referenced_group_the_state_does_not_define_is_a_warning() {
+        let dir = StateDir::with_node()
+            .file(
+                "app.json",
+                &group(
+                    "sg-0app",
+                    r#"[{"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432,
+                         "UserIdGroupPairs": [{"GroupId": "sg-0node"},
+                                              {"GroupId": "sg-0peer", "UserId": "444455556666",
+                                               "VpcPeeringConnectionId": "pcx-0a"}]},
+                        {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-0gone"}]}]"#,
+                    "[]",
+                ),
+            )
+            .file(
+                "enis.json",
+                r#"{"NetworkInterfaces": [{"NetworkInterfaceId": "eni-0peer",
+                    "Groups": [{"GroupId": "sg-0peer"}], "PrivateIpAddress": "10.0.9.9",
+                    "Ipv4Prefixes": [{"Ipv4Prefix": "10.0.9.16/28"}]}]}"#,
+            );
+        let model = dir.model();
+        let warnings: Vec<String> = model.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(warnings.len(), 2, "{warnings:#?}");
+        assert!(warnings[0].contains(
+            "app.json: SecurityGroup sg-0app: IpPermissions[0].UserIdGroupPairs[1].GroupId: security group sg-0peer is not defined"
+        ), "{warnings:?}");
+        assert!(warnings[0].contains("matches the 2 member"), "{warnings:?}");
+        assert!(
+            warnings[1]
+                .contains("IpPermissions[1].UserIdGroupPairs[0].GroupId: security group sg-0gone")
+        );
+        assert!(warnings[1].contains("matches the 0 member"), "{warnings:?}");
+        assert_eq!(
+            model.members["sg-0peer"],
+            ["10.0.9.9/32", "10.0.9.16/28"]
+                .map(|c| c.parse().unwrap())
+                .into()
+        );
+        assert!(model.members["sg-0gone"].is_empty());
     }
 
     #[test]
@@ -718,14 +790,22 @@ mod tests {
                 "Groups": [{"GroupId": "sg-0node", "GroupName": "node"}, {"GroupId": "sg-0elsewhere"}],
                 "PrivateIpAddress": "10.0.3.25",
                 "PrivateIpAddresses": [{"PrivateIpAddress": "10.0.3.25", "Primary": true}, {"PrivateIpAddress": "10.0.3.26"}],
-                "Ipv6Addresses": [{"Ipv6Address": "2001:db8::25"}]}]}"#,
+                "Ipv6Addresses": [{"Ipv6Address": "2001:db8::25"}],
+                "Ipv4Prefixes": [{"Ipv4Prefix": "10.0.3.32/28"}],
+                "Ipv6Prefixes": [{"Ipv6Prefix": "2001:db8:0:1::/80"}]}]}"#,
         );
         let model = dir.model();
         let members = &model.members["sg-0node"];
-        for ip in ["10.0.3.25", "10.0.3.26", "2001:db8::25"] {
-            assert!(members.contains(&ip.parse().unwrap()), "{ip}");
+        for cidr in [
+            "10.0.3.25",
+            "10.0.3.26",
+            "2001:db8::25",
+            "10.0.3.32/28",
+            "2001:db8:0:1::/80",
+        ] {
+            assert!(members.contains(&cidr.parse().unwrap()), "{cidr}");
         }
-        // Only defined groups collect members.
+        // Only groups defined or referenced by a rule collect members.
         assert!(!model.members.contains_key("sg-0elsewhere"));
     }
 
@@ -734,14 +814,18 @@ mod tests {
         let dir = StateDir::with_node().file(
             "enis.json",
             r#"{"NetworkInterfaces": [{"NetworkInterfaceId": "eni-1", "PrivateIpAddress": "10.0.3.999"},
-                                      {"NetworkInterfaceId": "eni-1"}]}"#,
+                                      {"NetworkInterfaceId": "eni-1"},
+                                      {"NetworkInterfaceId": "eni-2", "Ipv4Prefixes": [{"Ipv4Prefix": "10.0.3.33/28"}]}]}"#,
         );
         let errors = dir.errors();
-        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert_eq!(errors.len(), 3, "{errors:#?}");
         assert!(errors[0].contains(
             "NetworkInterface eni-1: PrivateIpAddress: \"10.0.3.999\" is not an IP address"
         ));
-        assert!(errors[1].contains("NetworkInterface eni-1: defined twice"));
+        assert!(errors[1].contains(
+            "NetworkInterface eni-2: Ipv4Prefixes[0].Ipv4Prefix: \"10.0.3.33/28\" has host bits set"
+        ));
+        assert!(errors[2].contains("NetworkInterface eni-1: defined twice"));
     }
 
     #[test]

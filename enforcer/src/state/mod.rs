@@ -45,6 +45,10 @@ impl fmt::Display for StateError {
 
 impl std::error::Error for StateError {}
 
+/// Something in a state directory that EC2 accepts but that may not do what
+/// its author meant: reported (`check`, `status`, metrics), never refused.
+pub type StateWarning = StateError;
+
 /// Every error found in a state directory, in file order; never empty.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{}", display_lines(.0))]
@@ -93,7 +97,11 @@ impl<T> Located<T> {
 /// What a reference names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Target {
+    /// A group a pod or the node carries (SGP `groupIds`, `primarySecurityGroups`).
     Group,
+    /// A group a rule references (`UserIdGroupPairs`): legal in EC2 even when
+    /// the state does not define it (another account, a peered VPC, a deleted group).
+    ReferencedGroup,
     PrefixList,
 }
 

@@ -156,7 +156,7 @@ fn rules_with_peers(model: &Model, pod: &BranchPod, direction: Direction) -> Vec
                 Peer::Group(id) => model
                     .members
                     .get(id)
-                    .map(|m| m.iter().map(|a| Cidr::host(*a)).collect())
+                    .map(|m| m.iter().copied().collect())
                     .unwrap_or_default(),
             };
             out.extend(peers.into_iter().map(|peer| (peer, rule.l4)));

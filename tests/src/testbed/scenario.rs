@@ -495,8 +495,8 @@ fn representative(model: &Model, peer: &Peer, v6: bool) -> Option<IpAddr> {
             .members
             .get(id)?
             .iter()
-            .find(|a| a.is_ipv6() == v6)
-            .copied(),
+            .find(|a| a.is_ipv4() != v6)
+            .map(|a| a.addr()),
     }
 }
 

@@ -680,7 +680,7 @@ pub fn new_flows(rng: &mut Rng, model: &Model, count: usize) -> Result<(Vec<Vec<
                     let members: Vec<IpAddr> = model.members[id]
                         .iter()
                         .filter(|a| a.is_ipv4())
-                        .copied()
+                        .map(|a| a.addr())
                         .collect();
                     if !members.is_empty() {
                         targets.push((members, (0, 0), rule.l4));
