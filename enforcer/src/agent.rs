@@ -30,7 +30,7 @@ pub const SUPERVISE_INTERVAL: Duration = Duration::from_secs(1);
 const RELOAD_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// Waits before a failed attachment (a trunk not there yet) is tried again:
 /// short, because enforcement waits on it.
-const ATTACH_RETRY: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(4));
+const ATTACH_RETRY: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(2));
 
 /// Why the agent could not start, or could not apply a state.
 #[derive(Debug, thiserror::Error)]

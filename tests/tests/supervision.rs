@@ -166,8 +166,9 @@ fn a_trunk_missing_at_start_is_waited_for_and_then_enforced() {
     );
     std::thread::sleep(Duration::from_secs(3));
     node.add_trunk();
-    // Attach retries back off to at most 4 s.
-    wait_for("the programs on the trunk", Duration::from_secs(5), || {
+    // Attach retries back off to at most 2 s and are checked every second: 3 s,
+    // with room for a loaded machine.
+    wait_for("the programs on the trunk", Duration::from_secs(6), || {
         first_on_the_trunk(&node)
     });
     wait_for("/readyz to say ready", NOTICE, || {
