@@ -268,8 +268,9 @@ pub struct PodEntry {
 }
 
 /// Never-filtered peers of one pod: Amazon DNS (the VPC's base + 2 and the link-local
-/// resolver), the metadata service, Time Sync and the subnet's router.
-pub const MAX_UNFILTERED_V4: usize = 5;
+/// resolver), the metadata service, Time Sync, Windows license activation (two), the
+/// ECS task metadata endpoint and the subnet's router.
+pub const MAX_UNFILTERED_V4: usize = 8;
 /// The link-local resolver, metadata service and Time Sync, and the subnet's router.
 pub const MAX_UNFILTERED_V6: usize = 4;
 

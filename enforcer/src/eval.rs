@@ -101,6 +101,10 @@ pub enum Unfiltered {
     TimeSync,
     /// The pod subnet's router, base + 1.
     SubnetRouter,
+    /// Windows license activation: 169.254.169.250 and 169.254.169.251.
+    WindowsActivation,
+    /// The ECS task metadata endpoint: 169.254.170.2.
+    EcsTaskMetadata,
     /// DHCP (UDP 67/68) and DHCPv6 (UDP 546/547).
     Dhcp,
     /// ICMPv6 router and neighbour discovery (types 133 to 137).
@@ -114,6 +118,8 @@ impl Unfiltered {
             Self::Imds => "instance metadata service",
             Self::TimeSync => "Amazon Time Sync",
             Self::SubnetRouter => "the pod subnet's router",
+            Self::WindowsActivation => "Windows license activation",
+            Self::EcsTaskMetadata => "the ECS task metadata endpoint",
             Self::Dhcp => "DHCP",
             Self::NeighborDiscovery => "IPv6 neighbour/router discovery",
         }
@@ -205,6 +211,21 @@ pub fn node_unfiltered(model: &Model) -> Vec<(IpAddr, Unfiltered)> {
             IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, v6_low)),
             kind,
         ));
+    }
+    // IPv4 only, as the VPC user guide lists them ("Security groups": traffic
+    // security groups do not filter).
+    for (v4, kind) in [
+        (
+            Ipv4Addr::new(169, 254, 169, 250),
+            Unfiltered::WindowsActivation,
+        ),
+        (
+            Ipv4Addr::new(169, 254, 169, 251),
+            Unfiltered::WindowsActivation,
+        ),
+        (Ipv4Addr::new(169, 254, 170, 2), Unfiltered::EcsTaskMetadata),
+    ] {
+        out.push((IpAddr::V4(v4), kind));
     }
     out
 }
@@ -534,6 +555,8 @@ pub(crate) mod fixtures {
             external_snat: false,
             unknown_vlan: UnknownVlanAction::Drop,
             connection_tracking: ConntrackTimeouts::default(),
+            instance_type: None,
+            service_cidrs: Vec::new(),
             max_groups_per_pod: 16,
             max_rules_per_group: 60,
         }
@@ -551,6 +574,7 @@ pub(crate) mod fixtures {
             pods,
             node_local,
             warnings: Vec::new(),
+            nlb_groups: BTreeSet::new(),
         }
     }
 }
@@ -824,13 +848,26 @@ mod tests {
             ("fd00:ec2::123", Unfiltered::TimeSync),
             ("10.0.64.1", Unfiltered::SubnetRouter),
             ("2600:1f00::1", Unfiltered::SubnetRouter),
+            ("169.254.169.250", Unfiltered::WindowsActivation),
+            ("169.254.169.251", Unfiltered::WindowsActivation),
+            ("169.254.170.2", Unfiltered::EcsTaskMetadata),
         ];
         for (peer, kind) in cases {
             let e = eval(&m, ingress(peer, L4Packet::udp(9999)));
             assert_eq!(e.reason, Reason::Unfiltered(kind), "{peer}");
             assert!(e.allowed && e.untracked);
         }
-        assert!(!eval(&m, ingress("10.0.0.3", L4Packet::udp(9999))).allowed);
+        for filtered in [
+            "10.0.0.3",
+            "169.254.169.249",
+            "169.254.170.3",
+            "fd00:ec2::250",
+        ] {
+            assert!(
+                !eval(&m, ingress(filtered, L4Packet::udp(9999))).allowed,
+                "{filtered}"
+            );
+        }
         let dhcp = [
             (egress("255.255.255.255", L4Packet::udp(67)), true),
             (ingress("10.0.64.9", L4Packet::udp(68)), true),

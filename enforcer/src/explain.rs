@@ -426,6 +426,21 @@ fn reason_text(model: &Model, pod: &BranchPod, query: &Query, e: &Evaluation) ->
 /// Pitfalls users hit (sg-semantics.md §8), when they apply to a denied flow.
 fn hints(model: &Model, pod: &BranchPod, query: &Query, e: &Evaluation) -> Vec<String> {
     let mut hints = Vec::new();
+    let in_vpc = model.node.vpc_cidrs.iter().any(|c| c.contains(query.peer));
+    if !in_vpc
+        && model
+            .node
+            .service_cidrs
+            .iter()
+            .any(|c| c.contains(query.peer))
+    {
+        hints.push(format!(
+            "{} is a Service ClusterIP: kube-proxy translates it to an endpoint before the \
+             packet reaches the trunk, so security groups judge the endpoint (a pod or node \
+             address), never the ClusterIP; explain the endpoint's address instead",
+            query.peer
+        ));
+    }
     let Reason::NoRule { refused } = e.reason else {
         return hints;
     };
@@ -447,9 +462,14 @@ fn hints(model: &Model, pod: &BranchPod, query: &Query, e: &Evaluation) -> Vec<S
     let dns = matches!(query.l4, L4Query::Packet(p) if p.has_ports() && p.selector == 53);
     if dns && query.direction == Direction::Egress {
         hints.push(
-            "DNS needs egress TCP and UDP 53 to CoreDNS (pods or service) in the pod's groups"
+            "DNS needs egress TCP and UDP 53 to the CoreDNS pods (their addresses or their \
+             security group; the kube-dns Service address is never what groups see) in the \
+             pod's groups"
                 .to_string(),
         );
+    }
+    if query.direction == Direction::Ingress {
+        hints.extend(nlb_notes(model, pod, refused));
     }
     let unknown: Vec<&str> = pod
         .groups
@@ -494,6 +514,37 @@ fn hints(model: &Model, pod: &BranchPod, query: &Query, e: &Evaluation) -> Vec<S
         }
     }
     hints
+}
+
+/// Rules of the refusing side that name a Network Load Balancer's group: with
+/// client IP preservation the NLB relays the client's own address, which such a
+/// rule cannot match here (the trunk sees the client, not the path it took).
+fn nlb_notes(model: &Model, pod: &BranchPod, refused: Refused) -> Vec<String> {
+    let branch = matches!(refused, Refused::Branch | Refused::Both).then_some(&pod.groups);
+    let primary = matches!(refused, Refused::Primary | Refused::Both)
+        .then_some(&model.node.primary_security_groups);
+    branch
+        .into_iter()
+        .chain(primary)
+        .flatten()
+        .filter_map(|id| model.groups.get(id))
+        .flat_map(|group| {
+            group
+                .ingress
+                .iter()
+                .enumerate()
+                .filter_map(move |(index, rule)| match &rule.peer {
+                    Peer::Group(nlb) if model.nlb_groups.contains(nlb) => Some(format!(
+                        "{} #{index} allows {nlb}, a Network Load Balancer's group: with client IP \
+                     preservation the NLB relays the client's own address, which no rule naming \
+                     the NLB's group can match; allow the clients' addresses, or turn client IP \
+                     preservation off",
+                        group.id
+                    )),
+                    _ => None,
+                })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -772,6 +823,68 @@ mod tests {
             x.hints.iter().any(|h| h.contains("TCP and UDP 53")),
             "{:?}",
             x.hints
+        );
+        assert!(
+            !x.hints.iter().any(|h| h.contains("pods or service")),
+            "no service address to open in a group: {:?}",
+            x.hints
+        );
+    }
+
+    #[test]
+    fn a_service_cluster_ip_is_not_what_groups_see() {
+        let mut m = setup(EnforcingMode::Strict);
+        m.node.service_cidrs = vec!["172.20.0.0/16".parse().unwrap()];
+        let cluster_ip = explain(
+            &m,
+            &m.pods[0],
+            &query(Direction::Egress, "172.20.0.10", "tcp", Some(443)),
+        );
+        assert!(
+            cluster_ip
+                .hints
+                .iter()
+                .any(|h| h.contains("Service ClusterIP")),
+            "{:?}",
+            cluster_ip.hints
+        );
+        // An address of the VPC inside a (misconfigured) service range is judged as it is.
+        m.node.service_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+        let in_vpc = explain(
+            &m,
+            &m.pods[0],
+            &query(Direction::Egress, "10.0.1.20", "tcp", Some(443)),
+        );
+        assert!(!in_vpc.hints.iter().any(|h| h.contains("ClusterIP")));
+    }
+
+    #[test]
+    fn a_rule_naming_a_network_load_balancers_group_is_explained() {
+        let mut m = setup(EnforcingMode::Strict);
+        m.groups
+            .get_mut("sg-0abc")
+            .unwrap()
+            .ingress
+            .push(rule(tcp(9000, 9000), Peer::Group("sg-0nlb".to_string())));
+        m.groups
+            .insert("sg-0nlb".to_string(), group("sg-0nlb", vec![], vec![]));
+        let client = query(Direction::Ingress, "198.51.100.7", "tcp", Some(9000));
+        let without = explain(&m, &m.pods[0], &client);
+        assert_eq!(without.verdict, "deny");
+        assert!(
+            !without
+                .hints
+                .iter()
+                .any(|h| h.contains("Network Load Balancer"))
+        );
+        m.nlb_groups.insert("sg-0nlb".to_string());
+        let with = explain(&m, &m.pods[0], &client);
+        assert!(
+            with.hints
+                .iter()
+                .any(|h| h.contains("sg-0abc #4 allows sg-0nlb, a Network Load Balancer's group")),
+            "{:?}",
+            with.hints
         );
     }
 }

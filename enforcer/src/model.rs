@@ -236,6 +236,31 @@ impl Default for ConntrackTimeouts {
     }
 }
 
+/// Instance families built on Nitro v6, where EC2's default TCP established
+/// timeout is 350 s instead of 432000 s. Sources: EC2 API Reference,
+/// `ConnectionTrackingSpecificationRequest.TcpEstablishedTimeout` ("350 seconds
+/// for Nitro v6 instance types (excluding P6e-GB200); 432000 seconds for all
+/// other instance types"), and the Nitro version in each family's platform
+/// summary (EC2 instance types guide, "Instances built on the AWS Nitro
+/// System"), as of 2025. EC2's `DescribeInstanceTypes` reports the default of
+/// any type (`DefaultConnectionTrackingConfiguration`): an explicit
+/// `connectionTracking.tcpEstablishedTimeout` overrides this table.
+const NITRO_V6_FAMILIES: &[&str] = &["c8i", "c8i-flex", "m8i", "m8i-flex", "r8i", "r8i-flex"];
+
+impl ConntrackTimeouts {
+    /// EC2's defaults on `instance_type` (`family.size`), when it is known.
+    pub fn defaults_for(instance_type: Option<&str>) -> Self {
+        let family = instance_type
+            .and_then(|t| t.split_once('.'))
+            .map(|(f, _)| f);
+        let nitro_v6 = family.is_some_and(|f| NITRO_V6_FAMILIES.contains(&f));
+        Self {
+            tcp_established: if nitro_v6 { 350 } else { 432_000 },
+            ..Self::default()
+        }
+    }
+}
+
 /// This node, from the `NodeConfig` object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -249,6 +274,12 @@ pub struct NodeConfig {
     pub external_snat: bool,
     pub unknown_vlan: UnknownVlanAction,
     pub connection_tracking: ConntrackTimeouts,
+    /// The instance type (`m5.large`), when the NodeConfig names it: it sets
+    /// the default TCP established timeout.
+    pub instance_type: Option<String>,
+    /// The cluster's Service CIDRs, when known: `explain` tells a ClusterIP
+    /// from an address security groups see.
+    pub service_cidrs: Vec<Cidr>,
     /// Security groups allowed on one branch ENI (EC2 quota: 5 by default, at most 16).
     pub max_groups_per_pod: usize,
     /// Rules per group and direction (EC2 quota: 60 by default).
@@ -316,6 +347,10 @@ pub struct Model {
     /// What the state directory holds that EC2 accepts but deserves a look
     /// (a rule referencing a group the state does not define).
     pub warnings: Vec<crate::state::StateWarning>,
+    /// Groups carried by a Network Load Balancer's ENIs (`ELB net/…`): with
+    /// client IP preservation, relayed traffic keeps the client's address, so
+    /// a rule naming such a group cannot match it on the pod's side.
+    pub nlb_groups: BTreeSet<GroupId>,
 }
 
 impl Model {

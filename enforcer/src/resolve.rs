@@ -210,6 +210,11 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
             error(reference, Some(reference.item.field.clone()), message)
         })
         .collect();
+    let nlb_groups = interfaces
+        .values()
+        .filter(|eni| eni.item.network_load_balancer)
+        .flat_map(|eni| eni.item.groups.iter().cloned())
+        .collect();
     Ok(Model {
         node,
         groups: groups.into_iter().map(|(id, g)| (id, g.item)).collect(),
@@ -218,6 +223,7 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
         pods: branch_pods,
         node_local,
         warnings,
+        nlb_groups,
     })
 }
 

@@ -25,6 +25,8 @@ pub fn node_config(primary_groups: Vec<String>) -> NodeConfig {
         external_snat: false,
         unknown_vlan: UnknownVlanAction::Drop,
         connection_tracking: ConntrackTimeouts::default(),
+        instance_type: None,
+        service_cidrs: Vec::new(),
         max_groups_per_pod: 16,
         max_rules_per_group: 60,
     }
@@ -89,6 +91,7 @@ pub fn model(node: NodeConfig, groups: Vec<SecurityGroup>, pods: Vec<BranchPod>)
         pods,
         node_local,
         warnings: Vec::new(),
+        nlb_groups: Default::default(),
         node,
     }
 }

@@ -267,6 +267,7 @@ pub fn random_model(rng: &mut Rng) -> Model {
         pods,
         node_local,
         warnings: Vec::new(),
+        nlb_groups: Default::default(),
     }
 }
 
@@ -409,7 +410,15 @@ fn peer_candidates(model: &Model, v6: bool) -> Vec<IpAddr> {
     let specials: &[&str] = if v6 {
         &["fd00:ec2::253", "fd00:ec2::254", "2600:1f18:4a3:6901::1"]
     } else {
-        &["10.0.0.2", "169.254.169.254", "169.254.169.123", "10.0.1.1"]
+        &[
+            "10.0.0.2",
+            "169.254.169.254",
+            "169.254.169.123",
+            "169.254.169.250",
+            "169.254.170.2",
+            "169.254.169.249",
+            "10.0.1.1",
+        ]
     };
     out.extend(
         specials
@@ -680,6 +689,7 @@ pub fn scale_model(
         pods,
         node_local,
         warnings: Vec::new(),
+        nlb_groups: Default::default(),
     }
 }
 

@@ -186,6 +186,8 @@ fn model() -> Model {
                 udp_stream: UDP_STREAM_TIMEOUT as u32,
                 udp: UDP_TIMEOUT as u32,
             },
+            instance_type: None,
+            service_cidrs: Vec::new(),
             max_groups_per_pod: 16,
             max_rules_per_group: 60,
         },
@@ -195,6 +197,7 @@ fn model() -> Model {
         pods,
         node_local,
         warnings: Vec::new(),
+        nlb_groups: Default::default(),
     }
 }
 

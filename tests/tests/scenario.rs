@@ -949,10 +949,24 @@ fn instance_metadata_and_time_sync_are_unfiltered() {
             verdict(Reason::PassUnfiltered),
         );
         s.case(
+            "Windows license activation",
+            WEB_VLAN,
+            Egress,
+            tcp(WEB, 43006, Ipv4Addr::new(169, 254, 169, 251), 1688),
+            verdict(Reason::PassUnfiltered),
+        );
+        s.case(
+            "the ECS task metadata endpoint",
+            ORDERS_VLAN,
+            Egress,
+            tcp(ORDERS, 43007, Ipv4Addr::new(169, 254, 170, 2), 80),
+            verdict(Reason::PassUnfiltered),
+        );
+        s.case(
             "a neighbour of IMDS is filtered",
             WEB_VLAN,
             Egress,
-            tcp(WEB, 43005, Ipv4Addr::new(169, 254, 169, 250), 80),
+            tcp(WEB, 43005, Ipv4Addr::new(169, 254, 169, 249), 80),
             verdict(Reason::DropPolicy),
         );
     }

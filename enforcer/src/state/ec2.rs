@@ -21,6 +21,8 @@ pub(crate) struct NetworkInterface {
     pub prefixes: BTreeSet<Cidr>,
     /// `PrivateDnsName`: an instance's primary ENI carries its node's name.
     pub dns_name: Option<String>,
+    /// A Network Load Balancer's ENI (`Description` `ELB net/…`).
+    pub network_load_balancer: bool,
 }
 
 impl NetworkInterface {
@@ -131,6 +133,10 @@ pub(crate) fn network_interfaces(file: &Path, list: Field, inventory: &mut Inven
             .and_then(|f| problems.ok(f.str()))
             .filter(|name| !name.is_empty())
             .map(str::to_string);
+        let network_load_balancer = eni
+            .get("Description")
+            .and_then(|f| problems.ok(f.str()))
+            .is_some_and(|d| d.starts_with("ELB net/"));
         let object = match &id {
             Some(id) => format!("NetworkInterface {id}"),
             None => format!("NetworkInterfaces[{i}]"),
@@ -143,6 +149,7 @@ pub(crate) fn network_interfaces(file: &Path, list: Field, inventory: &mut Inven
                 addresses,
                 prefixes,
                 dns_name,
+                network_load_balancer,
             };
             inventory.interfaces.push(Located::new(file, object, eni));
         }
@@ -807,6 +814,28 @@ mod tests {
         }
         // Only groups defined or referenced by a rule collect members.
         assert!(!model.members.contains_key("sg-0elsewhere"));
+        assert!(
+            model.nlb_groups.is_empty(),
+            "an RDS ENI is no load balancer"
+        );
+    }
+
+    #[test]
+    fn the_groups_of_network_load_balancer_enis_are_known() {
+        let dir = StateDir::with_node().file(
+            "enis.json",
+            r#"{"NetworkInterfaces": [
+                {"NetworkInterfaceId": "eni-0nlb", "Description": "ELB net/k8s-shop-api/50dc6c495c0c9188",
+                 "Groups": [{"GroupId": "sg-0node"}], "PrivateIpAddress": "10.0.3.40"},
+                {"NetworkInterfaceId": "eni-0alb", "Description": "ELB app/k8s-shop-web/9f8e7d6c5b4a3921",
+                 "Groups": [{"GroupId": "sg-0alb"}], "PrivateIpAddress": "10.0.3.41"}]}"#,
+        );
+        let model = dir.model();
+        assert_eq!(
+            model.nlb_groups,
+            BTreeSet::from(["sg-0node".to_string()]),
+            "an ALB proxies (its own address is what pods see); an NLB may not"
+        );
     }
 
     #[test]

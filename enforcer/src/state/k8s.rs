@@ -386,6 +386,8 @@ const NODE_CONFIG_FIELDS: &[&str] = &[
     "externalSnat",
     "unknownVlan",
     "connectionTracking",
+    "instanceType",
+    "serviceCidrs",
     "maxSecurityGroupsPerPod",
     "maxRulesPerGroup",
 ];
@@ -463,9 +465,32 @@ fn node_spec(
         None => Some(false),
         Some(f) => problems.ok(f.bool()),
     };
+    let instance_type = match spec.get("instanceType") {
+        None => Some(None),
+        Some(f) => problems.ok(f.name().and_then(|t| match t.split_once('.') {
+            Some((family, size)) if !family.is_empty() && !size.is_empty() => {
+                Ok(Some(t.to_string()))
+            }
+            _ => Err(Invalid::new(
+                &f.path,
+                format!("{t:?} is not an instance type (family.size, e.g. m5.large)"),
+            )),
+        })),
+    };
+    let defaults =
+        ConntrackTimeouts::defaults_for(instance_type.as_ref().and_then(Option::as_deref));
     let connection_tracking = match spec.get("connectionTracking") {
-        None => Some(ConntrackTimeouts::default()),
-        Some(f) => conntrack(&f, problems),
+        None => Some(defaults),
+        Some(f) => conntrack(&f, defaults, problems),
+    };
+    let service_cidrs: Vec<Cidr> = match spec.get("serviceCidrs") {
+        None => Vec::new(),
+        Some(f) => problems
+            .ok(f.items())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| problems.ok(c.cidr()))
+            .collect(),
     };
     let bounded = |key, range, default, problems: &mut Problems| match spec.get(key) {
         None => Some(default),
@@ -494,6 +519,8 @@ fn node_spec(
         external_snat: external_snat?,
         unknown_vlan: unknown_vlan?,
         connection_tracking: connection_tracking?,
+        instance_type: instance_type?,
+        service_cidrs,
         max_groups_per_pod: max_groups_per_pod?,
         max_rules_per_group: max_rules_per_group?,
     })
@@ -528,13 +555,17 @@ fn interface_name(spec: &Field, key: &str) -> Result<String, Invalid> {
     Ok(name.to_string())
 }
 
-/// EC2 `ConnectionTrackingSpecification` timeouts, within EC2's ranges.
-fn conntrack(field: &Field, problems: &mut Problems) -> Option<ConntrackTimeouts> {
+/// EC2 `ConnectionTrackingSpecification` timeouts, within EC2's ranges;
+/// those not given take `defaults` (the instance type's).
+fn conntrack(
+    field: &Field,
+    defaults: ConntrackTimeouts,
+    problems: &mut Problems,
+) -> Option<ConntrackTimeouts> {
     for unknown in field.unknown_keys(&["tcpEstablishedTimeout", "udpStreamTimeout", "udpTimeout"])
     {
         problems.push(unknown);
     }
-    let defaults = ConntrackTimeouts::default();
     let mut timeout = |key, range, default| match field.get(key) {
         None => Some(default),
         Some(f) => problems.ok(f.int_in::<u32>(range)),
@@ -836,6 +867,49 @@ mod tests {
         assert_eq!(node.connection_tracking, expected);
     }
 
+    #[test]
+    fn the_tcp_established_default_follows_the_instance_type() {
+        let node = |extra: &str| {
+            StateDir::empty()
+                .file("node.yaml", &format!("{NODE_CONFIG}{extra}"))
+                .file("g.json", NODE_GROUP)
+                .model()
+                .node
+        };
+        for (instance_type, expected) in [
+            ("m8i.large", 350),
+            ("c8i-flex.xlarge", 350),
+            ("r8i.48xlarge", 350),
+            ("m5.large", 432_000),
+            ("m8g.large", 432_000),
+            ("p6e-gb200.36xlarge", 432_000),
+        ] {
+            let node = node(&format!("  instanceType: {instance_type}\n"));
+            assert_eq!(node.instance_type.as_deref(), Some(instance_type));
+            assert_eq!(
+                node.connection_tracking.tcp_established, expected,
+                "{instance_type}"
+            );
+            assert_eq!(node.connection_tracking.udp_stream, 180);
+        }
+        // An explicit timeout wins; the rest still follows the instance type.
+        let explicit = node("  instanceType: m8i.large\n  connectionTracking: {udpTimeout: 60}\n");
+        assert_eq!(explicit.connection_tracking.tcp_established, 350);
+        assert_eq!(explicit.connection_tracking.udp, 60);
+        let set = node(
+            "  instanceType: m8i.large\n  connectionTracking: {tcpEstablishedTimeout: 3600}\n",
+        );
+        assert_eq!(set.connection_tracking.tcp_established, 3600);
+        let services = node("  serviceCidrs: [172.20.0.0/16, fd00:20::/108]\n");
+        assert_eq!(
+            services.service_cidrs,
+            [
+                "172.20.0.0/16".parse::<Cidr>().unwrap(),
+                "fd00:20::/108".parse::<Cidr>().unwrap()
+            ]
+        );
+    }
+
     fn node_error(extra: &str, parts: &[&str]) {
         let dir = StateDir::empty()
             .file("node.yaml", &format!("{NODE_CONFIG}{extra}"))
@@ -858,6 +932,14 @@ mod tests {
         node_error(
             "  externalSNAT: true\n",
             &["spec.externalSNAT", "unknown field"],
+        );
+        node_error(
+            "  instanceType: m5\n",
+            &["spec.instanceType", "not an instance type"],
+        );
+        node_error(
+            "  serviceCidrs: [172.20.0.1/16]\n",
+            &["spec.serviceCidrs[0]", "host bits set"],
         );
         node_error(
             "  maxSecurityGroupsPerPod: 17\n",
