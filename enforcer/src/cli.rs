@@ -28,6 +28,19 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
     },
+    /// Finds the pitfalls of security groups for pods in a state before they break anything;
+    /// exit 0 clean, 1 findings at or above --severity, 2 the state could not be read.
+    Lint {
+        /// Directory of EC2 CLI output, Kubernetes objects and the NodeConfig.
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// Print `{"findings": [...]}` instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Report findings of this severity and above.
+        #[arg(long, value_enum, default_value = "info")]
+        severity: enforcer::lint::Severity,
+    },
     /// Enforces the state on the trunk and follows its changes until SIGTERM/SIGINT. Adopts
     /// what a previous agent pinned; exiting leaves enforcement in place (see `uninstall`).
     Run {
@@ -83,6 +96,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Explain(args) => explain(&args),
         Command::Check { state } => Ok(check(&state)),
+        Command::Lint {
+            state,
+            json,
+            severity,
+        } => lint(&state, json, severity),
         Command::Run {
             state,
             pin_path,
@@ -128,6 +146,36 @@ fn check(dir: &Path) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `enforcer lint`: the findings at or above `severity`, as text or JSON.
+fn lint(dir: &Path, json: bool, severity: enforcer::lint::Severity) -> Result<ExitCode> {
+    let model = match enforcer::state::load(dir) {
+        Ok(model) => model,
+        Err(errors) => {
+            for error in &errors.0 {
+                eprintln!("{error}");
+            }
+            eprintln!("the state in {} cannot be linted", dir.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let findings: Vec<_> = enforcer::lint::lint(&model)
+        .into_iter()
+        .filter(|f| f.severity >= severity)
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "findings": findings }))?
+        );
+    } else {
+        for finding in &findings {
+            println!("{finding}");
+        }
+        println!("{} finding(s) in {}", findings.len(), dir.display());
+    }
+    Ok(ExitCode::from(u8::from(!findings.is_empty())))
 }
 
 fn summary(model: &Model) -> String {

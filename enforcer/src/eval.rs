@@ -540,6 +540,7 @@ pub(crate) mod fixtures {
             subnet_v6: Some("2600:1f00::/64".parse().unwrap()),
             groups: groups.iter().map(|g| g.to_string()).collect(),
             mode,
+            facts: Default::default(),
         }
     }
 
@@ -575,6 +576,7 @@ pub(crate) mod fixtures {
             node_local,
             warnings: Vec::new(),
             nlb_groups: BTreeSet::new(),
+            cluster: Default::default(),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod events;
 pub mod explain;
 pub mod flow;
 pub mod http;
+pub mod lint;
 pub mod maps;
 pub mod metrics;
 pub mod model;

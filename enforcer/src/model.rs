@@ -303,6 +303,39 @@ pub struct BranchPod {
     /// The branch ENI's groups, in SGP order (or the node's groups when no SGP matched).
     pub groups: Vec<GroupId>,
     pub mode: EnforcingMode,
+    /// What `enforcer lint` looks at; enforcement never does.
+    pub facts: PodFacts,
+}
+
+/// What `enforcer lint` needs of a pod beyond enforcement.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodFacts {
+    /// TCP ports the kubelet probes (named ports resolved).
+    pub probes: Vec<Probe>,
+    /// `spec.dnsConfig.nameservers`.
+    pub dns_nameservers: Vec<IpAddr>,
+    /// `spec.terminationGracePeriodSeconds`, when set.
+    pub termination_grace_seconds: Option<i64>,
+    /// The SecurityGroupPolicies that select the pod, as `namespace/name`.
+    pub policies: Vec<String>,
+}
+
+/// A liveness, readiness or startup probe over TCP (`httpGet`, `tcpSocket`, `grpc`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// `livenessProbe`, `readinessProbe` or `startupProbe`.
+    pub kind: &'static str,
+    pub container: String,
+    pub port: u16,
+}
+
+/// What `enforcer lint` needs of the cluster beyond this node's pods.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterFacts {
+    /// Addresses of the cluster DNS endpoints (pods labelled `k8s-app: kube-dns`).
+    pub dns_endpoints: Vec<IpAddr>,
+    /// SecurityGroupPolicies that select no pod of the state, as `namespace/name`.
+    pub idle_policies: Vec<String>,
 }
 
 impl BranchPod {
@@ -351,6 +384,8 @@ pub struct Model {
     /// client IP preservation, relayed traffic keeps the client's address, so
     /// a rule naming such a group cannot match it on the pod's side.
     pub nlb_groups: BTreeSet<GroupId>,
+    /// What `enforcer lint` looks at beyond this node.
+    pub cluster: ClusterFacts,
 }
 
 impl Model {

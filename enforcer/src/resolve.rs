@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
 
-use crate::model::{BranchPod, Cidr, Direction, GroupId, Model, NodeConfig};
+use crate::model::{
+    BranchPod, Cidr, ClusterFacts, Direction, GroupId, Model, NodeConfig, PodFacts,
+};
 use crate::sgp::{self, Labels};
 use crate::state::{
     Inventory, Located, NetworkInterface, Pod, Reference, StateError, Target, rule_counts,
@@ -91,6 +93,37 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
         &mut node.primary_ips.iter().map(|&ip| Cidr::host(ip)),
     );
     let mut node_local: BTreeSet<IpAddr> = node.primary_ips.iter().copied().collect();
+    let policies_of = |pod: &Pod| {
+        let account_labels = accounts
+            .get(&(pod.namespace.clone(), pod.service_account.clone()))
+            .map_or(&no_labels, |a| &a.item.labels);
+        sgp::matching(
+            policies.iter().copied(),
+            &pod.namespace,
+            &pod.labels,
+            account_labels,
+        )
+    };
+    let cluster = ClusterFacts {
+        dns_endpoints: pods
+            .values()
+            .map(|p| &p.item)
+            .filter(|p| p.labels.get("k8s-app").is_some_and(|app| app == "kube-dns"))
+            .flat_map(|p| p.ips.iter().copied())
+            .collect(),
+        idle_policies: policies
+            .iter()
+            .filter(|policy| {
+                !pods.values().any(|p| {
+                    !p.item.host_network
+                        && policies_of(&p.item)
+                            .iter()
+                            .any(|m| (&m.namespace, &m.name) == (&policy.namespace, &policy.name))
+                })
+            })
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect(),
+    };
     let mut vlans: BTreeMap<u16, &Located<Pod>> = BTreeMap::new();
     let mut branch_pods = Vec::new();
     for located in pods.values() {
@@ -115,15 +148,7 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
             }
             continue;
         };
-        let account_labels = accounts
-            .get(&(pod.namespace.clone(), pod.service_account.clone()))
-            .map_or(&no_labels, |a| &a.item.labels);
-        let matched = sgp::matching(
-            policies.iter().copied(),
-            &pod.namespace,
-            &pod.labels,
-            account_labels,
-        );
+        let matched = policies_of(pod);
         let mut pod_groups = sgp::union_of_groups(&matched);
         if pod_groups.is_empty() {
             // No policy matched: the branch ENI carries its node's instance
@@ -191,6 +216,13 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
             subnet_v6: branch.subnet_v6,
             groups: pod_groups,
             mode: node.enforcing_mode,
+            facts: PodFacts {
+                policies: matched
+                    .iter()
+                    .map(|p| format!("{}/{}", p.namespace, p.name))
+                    .collect(),
+                ..pod.facts.clone()
+            },
         });
     }
     if !errors.is_empty() {
@@ -224,6 +256,7 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
         node_local,
         warnings,
         nlb_groups,
+        cluster,
     })
 }
 

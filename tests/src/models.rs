@@ -74,6 +74,7 @@ pub fn branch_pod(
         subnet_v6: None,
         groups: groups.iter().map(|g| g.to_string()).collect(),
         mode: EnforcingMode::Strict,
+        facts: Default::default(),
     }
 }
 
@@ -93,5 +94,6 @@ pub fn model(node: NodeConfig, groups: Vec<SecurityGroup>, pods: Vec<BranchPod>)
         warnings: Vec::new(),
         nlb_groups: Default::default(),
         node,
+        cluster: Default::default(),
     }
 }

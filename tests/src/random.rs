@@ -253,6 +253,7 @@ pub fn random_model(rng: &mut Rng) -> Model {
                 } else {
                     EnforcingMode::Standard
                 },
+                facts: Default::default(),
             }
         })
         .collect();
@@ -268,6 +269,7 @@ pub fn random_model(rng: &mut Rng) -> Model {
         node_local,
         warnings: Vec::new(),
         nlb_groups: Default::default(),
+        cluster: Default::default(),
     }
 }
 
@@ -677,6 +679,7 @@ pub fn scale_model(
                 subnet_v6: None,
                 groups,
                 mode: EnforcingMode::Strict,
+                facts: Default::default(),
             }
         })
         .collect();
@@ -690,6 +693,7 @@ pub fn scale_model(
         node_local,
         warnings: Vec::new(),
         nlb_groups: Default::default(),
+        cluster: Default::default(),
     }
 }
 

@@ -116,6 +116,7 @@ fn pod(name: &str, vlan: u16, ipv4: Ipv4Addr, ipv6: Ipv6Addr, group: &str) -> Br
         subnet_v6: Some("2600:1f00::/64".parse().unwrap()),
         groups: vec![group.to_string()],
         mode: EnforcingMode::Strict,
+        facts: Default::default(),
     }
 }
 
@@ -198,6 +199,7 @@ fn model() -> Model {
         node_local,
         warnings: Vec::new(),
         nlb_groups: Default::default(),
+        cluster: Default::default(),
     }
 }
 

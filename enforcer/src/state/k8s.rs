@@ -6,7 +6,9 @@ use std::path::Path;
 
 use super::reader::{Field, Invalid, Problems};
 use super::{Inventory, Located, Reference, Target};
-use crate::model::{Cidr, ConntrackTimeouts, EnforcingMode, NodeConfig, UnknownVlanAction};
+use crate::model::{
+    Cidr, ConntrackTimeouts, EnforcingMode, NodeConfig, PodFacts, Probe, UnknownVlanAction,
+};
 use crate::sgp::{LabelSelector, Labels, Operator, Requirement, SecurityGroupPolicy};
 
 /// The annotation the VPC resource controller writes on a pod with a branch ENI.
@@ -25,6 +27,8 @@ pub(crate) struct Pod {
     /// `status.podIP` and `status.podIPs`.
     pub ips: Vec<IpAddr>,
     pub branch: Option<BranchEni>,
+    /// What `enforcer lint` looks at (the policies are filled in by resolution).
+    pub facts: PodFacts,
 }
 
 impl Pod {
@@ -114,6 +118,7 @@ pub(crate) fn pod(file: &Path, root: Field, inventory: &mut Inventory) {
     let host_network = spec_field("hostNetwork")
         .and_then(|f| problems.ok(f.bool()))
         .unwrap_or(false);
+    let facts = spec.as_ref().map(pod_facts).unwrap_or_default();
     let status = root.get("status");
     let mut ip_fields: Vec<Field> = status.iter().filter_map(|s| s.get("podIP")).collect();
     let listed = status.as_ref().and_then(|s| s.get("podIPs"));
@@ -144,8 +149,69 @@ pub(crate) fn pod(file: &Path, root: Field, inventory: &mut Inventory) {
             host_network,
             ips,
             branch,
+            facts,
         };
         inventory.pods.push(Located::new(file, object, pod));
+    }
+}
+
+/// Probes, DNS servers and grace period, read leniently: enforcement does not
+/// use them, so a value `lint` cannot read is left out, never an error.
+fn pod_facts(spec: &Field) -> PodFacts {
+    let mut probes = Vec::new();
+    for container in spec
+        .get("containers")
+        .and_then(|c| c.items().ok())
+        .unwrap_or_default()
+    {
+        let name = container
+            .get("name")
+            .and_then(|n| n.str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let named_port = |wanted: &str| {
+            container
+                .get("ports")
+                .and_then(|p| p.items().ok())
+                .unwrap_or_default()
+                .into_iter()
+                .find(|p| p.get("name").and_then(|n| n.str().ok()) == Some(wanted))
+                .and_then(|p| p.get("containerPort")?.int_in::<u16>(1..=65535).ok())
+        };
+        for kind in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            let Some(probe) = container.get(kind) else {
+                continue;
+            };
+            let port = ["httpGet", "tcpSocket", "grpc"]
+                .into_iter()
+                .find_map(|how| probe.get(how)?.get("port"))
+                .and_then(|port| match port.value.as_str() {
+                    Some(named) => named_port(named),
+                    None => port.int_in::<u16>(1..=65535).ok(),
+                });
+            if let Some(port) = port {
+                probes.push(Probe {
+                    kind,
+                    container: name.clone(),
+                    port,
+                });
+            }
+        }
+    }
+    PodFacts {
+        probes,
+        dns_nameservers: spec
+            .get("dnsConfig")
+            .and_then(|d| d.get("nameservers"))
+            .and_then(|n| n.items().ok())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|ip| ip.ip().ok())
+            .collect(),
+        termination_grace_seconds: spec
+            .get("terminationGracePeriodSeconds")
+            .and_then(|g| g.int().ok()),
+        policies: Vec::new(),
     }
 }
 
@@ -623,6 +689,74 @@ mod tests {
         assert_eq!(pod.subnet_v4, Some("10.0.1.0/24".parse().unwrap()));
         assert_eq!(pod.subnet_v6, Some("2001:db8::/64".parse().unwrap()));
         assert_eq!(pod.uid, "u-1");
+    }
+
+    #[test]
+    fn lint_facts_of_a_pod_named_ports_resolved_and_unreadable_ones_left_out() {
+        let eni = r#"[{"eniId":"eni-0a","ifAddress":"0a:1b:2c:3d:4e:5f","privateIp":"10.0.1.101","vlanId":7,"subnetCidr":"10.0.1.0/24"}]"#;
+        let spec = "  terminationGracePeriodSeconds: 0
+  dnsConfig:
+    nameservers: [169.254.20.10, not-an-ip]
+  containers:
+  - name: app
+    ports: [{name: http, containerPort: 8080}]
+    readinessProbe: {httpGet: {port: http}}
+    livenessProbe: {tcpSocket: {port: 9090}}
+    startupProbe: {httpGet: {port: nowhere}}
+  - name: side
+    livenessProbe: {grpc: {port: 7000}}
+    readinessProbe: {exec: {command: [true]}}
+";
+        let pod = format!("{}{spec}", pod_with_eni(eni));
+        let policy = "apiVersion: vpcresources.k8s.aws/v1beta1
+kind: SecurityGroupPolicy
+metadata: {name: everyone, namespace: shop}
+spec:
+  podSelector: {}
+  securityGroups: {groupIds: [sg-0node]}
+---
+apiVersion: vpcresources.k8s.aws/v1beta1
+kind: SecurityGroupPolicy
+metadata: {name: nobody, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: nothing}}
+  securityGroups: {groupIds: [sg-0node]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: coredns-1, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec: {nodeName: elsewhere}
+status: {podIP: 10.0.9.9}
+";
+        let model = StateDir::with_node()
+            .file("pod.yaml", &pod)
+            .file("policies.yaml", policy)
+            .model();
+        let facts = &model.pod("shop/web").expect("enforced").facts;
+        let ports: Vec<(&str, &str, u16)> = facts
+            .probes
+            .iter()
+            .map(|p| (p.kind, p.container.as_str(), p.port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("livenessProbe", "app", 9090),
+                ("readinessProbe", "app", 8080),
+                ("livenessProbe", "side", 7000)
+            ]
+        );
+        assert_eq!(
+            facts.dns_nameservers,
+            ["169.254.20.10".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(facts.termination_grace_seconds, Some(0));
+        assert_eq!(facts.policies, ["shop/everyone"]);
+        assert_eq!(model.cluster.idle_policies, ["shop/nobody"]);
+        assert_eq!(
+            model.cluster.dns_endpoints,
+            ["10.0.9.9".parse::<IpAddr>().unwrap()]
+        );
     }
 
     #[test]
