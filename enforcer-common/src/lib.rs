@@ -126,6 +126,9 @@ pub mod map_names {
     /// Hash: [`crate::PodUid`] -> [`crate::EnforcingMode`] as `u8`, each pod's mode as
     /// first seen (sg-semantics.md §6); userspace only.
     pub const POD_MODES: &str = "POD_MODES";
+    /// Hash: [`crate::PodUid`] -> [`crate::PodGroups`], each pod's security groups as
+    /// first enforced (sg-semantics.md §2: a running pod keeps its groups); userspace only.
+    pub const POD_GROUPS: &str = "POD_GROUPS";
     /// Per-CPU array indexed by VLAN ID: [`crate::PodTraffic`].
     pub const POD_TRAFFIC: &str = "POD_TRAFFIC";
     /// Per-CPU hash: rule ID -> [`crate::RuleTraffic`] of the flows the rule admitted.
@@ -136,7 +139,7 @@ pub mod map_names {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 
     /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         PODS,
         PEERS_V4,
         PEERS_V6,
@@ -148,6 +151,7 @@ pub mod map_names {
         COUNTERS,
         RULES,
         POD_MODES,
+        POD_GROUPS,
         POD_TRAFFIC,
         RULE_TRAFFIC,
         EVENTS,
@@ -704,6 +708,19 @@ pub struct RuleName {
     pub _pad: [u8; 3],
 }
 
+/// Security groups on one ENI at most (EC2's quota can be raised to 16).
+pub const MAX_GROUPS_PER_POD: usize = 16;
+
+/// Value of `POD_GROUPS`: a pod's group IDs, zero-padded, in order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodGroups {
+    /// How many of `groups` are in use.
+    pub count: u8,
+    pub _pad: [u8; 3],
+    pub groups: [[u8; 32]; MAX_GROUPS_PER_POD],
+}
+
 /// A pod's traffic by verdict (per CPU, indexed by VLAN in `POD_TRAFFIC`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -800,6 +817,8 @@ mod user {
     unsafe impl aya::Pod for super::FragmentVerdict {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PodUid {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodGroups {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RuleName {}
     // SAFETY: as above.

@@ -1,6 +1,6 @@
 //! Every map of the object, BTF-typed so that `bpftool map dump` prints field
 //! names. Layouts live in `enforcer-common`; userspace fills all but the
-//! conntrack, fragment, counter and event maps, and alone reads `RULES` and `POD_MODES`.
+//! conntrack, fragment, counter and event maps, and alone reads `RULES`, `POD_MODES` and `POD_GROUPS`.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -10,8 +10,8 @@ use aya_ebpf::{
 use enforcer_common::{
     AddrKey, CtEntry, CtKey, EVENTS_RING_BYTES, EventBudget, FragmentKey, FragmentVerdict,
     MAX_ADDRESSES, MAX_FLOWS, MAX_FRAGMENTED_DATAGRAMS, MAX_PEER_ENTRIES, MAX_PODS,
-    MAX_PORT_ENTRIES, MAX_RULES, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodTraffic, PodUid,
-    PortKey, PortVerdict, REASONS, RuleName, RuleTraffic, Settings,
+    MAX_PORT_ENTRIES, MAX_RULES, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups, PodTraffic,
+    PodUid, PortKey, PortVerdict, REASONS, RuleName, RuleTraffic, Settings,
 };
 
 /// Not preallocated: an update then frees the replaced entry only after an
@@ -69,6 +69,9 @@ pub static RULES: HashMap<u32, RuleName, { MAX_RULES as usize }> = HashMap::new(
 
 #[btf_map]
 pub static POD_MODES: HashMap<PodUid, u8, { MAX_PODS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static POD_GROUPS: HashMap<PodUid, PodGroups, { MAX_PODS as usize }> = HashMap::new();
 
 #[btf_map]
 pub static POD_TRAFFIC: PerCpuArray<PodTraffic, { MAX_PODS as usize }> = PerCpuArray::new();

@@ -19,7 +19,7 @@ use crate::compile::{self, CompileError, Compiled};
 use crate::ebpf::{Attachment, LinkState};
 use crate::maps::{ApplyStats, KernelMaps, MapsError};
 use crate::metrics::{AgentView, Feed};
-use crate::model::{BranchPod, EnforcingMode, Model};
+use crate::model::{BranchPod, EnforcingMode, GroupId, GroupsSource, Model};
 use crate::pins::Migration;
 use crate::state::StateErrors;
 use crate::status::{AgentReport, PodReport};
@@ -187,7 +187,11 @@ impl Agent {
 
     fn try_reload(&mut self) -> Result<(), AgentError> {
         let mut model = crate::state::load(&self.state_dir)?;
-        let modes = pin_modes(&mut model, &self.maps.pod_modes()?);
+        let known = Pinned {
+            modes: self.maps.pod_modes()?,
+            groups: self.maps.pod_groups()?,
+        };
+        let pinned = pin_pods(&mut model, &known);
         let compiled = compile_checked(&model, Some(self.maps.enforced()?))?;
         let mut stats = if self.migration.is_empty() {
             self.maps.apply(&compiled, &model.node)?
@@ -211,8 +215,9 @@ impl Agent {
             // What only the previous build's programs used goes now.
             stats.removed += self.maps.apply(&compiled, &model.node)?.removed;
         }
-        // Only a mode the kernel enforces is remembered as the pod's first.
-        self.maps.record_pod_modes(&modes)?;
+        // Only what the kernel enforces is remembered as the pod's first.
+        self.maps.record_pod_modes(&pinned.modes)?;
+        self.maps.record_pod_groups(&pinned.groups)?;
         self.applied = Some(Applied {
             model,
             compiled,
@@ -574,23 +579,38 @@ fn update(feed: &Feed, agent: &mut Agent, change: fn(&mut Agent)) {
     });
 }
 
-/// Gives each pod the mode it had when the agent first saw it (sg-semantics.md
-/// §6: a mode change affects only pods created after it); a pod seen for the
-/// first time takes the node's mode. Returns the modes to remember, by pod
-/// identity: pods gone from the state are forgotten, so a recreated pod (new
-/// UID) takes the mode in force when it comes back.
-pub fn pin_modes(
-    model: &mut Model,
-    known: &BTreeMap<String, EnforcingMode>,
-) -> BTreeMap<String, EnforcingMode> {
+/// What each pod keeps from when the agent first enforced it, by pod identity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pinned {
+    pub modes: BTreeMap<String, EnforcingMode>,
+    /// Groups of pods whose branch ENI the state does not list.
+    pub groups: BTreeMap<String, Vec<GroupId>>,
+}
+
+/// Gives each pod what it had when the agent first saw it: its mode
+/// (sg-semantics.md §6: a mode change affects only pods created after it) and,
+/// unless its branch ENI's groups are known, its groups (§2: a policy change
+/// does not touch running pods). A pod seen for the first time takes the
+/// node's mode and its policies' groups. Returns what to remember: pods gone
+/// from the state are forgotten, so a recreated pod (new UID) takes what is
+/// in force when it comes back.
+pub fn pin_pods(model: &mut Model, known: &Pinned) -> Pinned {
     let node_mode = model.node.enforcing_mode;
-    let mut modes = BTreeMap::new();
+    let mut pinned = Pinned::default();
     for pod in &mut model.pods {
         let identity = pod.identity();
-        pod.mode = known.get(&identity).copied().unwrap_or(node_mode);
-        modes.insert(identity, pod.mode);
+        pod.mode = known.modes.get(&identity).copied().unwrap_or(node_mode);
+        pinned.modes.insert(identity.clone(), pod.mode);
+        if pod.facts.groups_source == GroupsSource::BranchEni {
+            continue;
+        }
+        if let Some(groups) = known.groups.get(&identity) {
+            pod.groups = groups.clone();
+            pod.facts.groups_source = GroupsSource::Pinned;
+        }
+        pinned.groups.insert(identity, pod.groups.clone());
     }
-    modes
+    pinned
 }
 
 fn pod_report(model: &Model, pod: &BranchPod) -> PodReport {
@@ -608,6 +628,7 @@ fn pod_report(model: &Model, pod: &BranchPod) -> PodReport {
         uid: pod.uid.clone(),
         mode: pod.mode.name().to_string(),
         groups: pod.groups.clone(),
+        groups_source: pod.facts.groups_source,
         ingress_rules: rules(crate::model::Direction::Ingress),
         egress_rules: rules(crate::model::Direction::Egress),
     }
@@ -651,6 +672,13 @@ mod tests {
     const STRICT: EnforcingMode = EnforcingMode::Strict;
     const STANDARD: EnforcingMode = EnforcingMode::Standard;
 
+    fn modes(known: &[(&str, EnforcingMode)]) -> Pinned {
+        Pinned {
+            modes: known.iter().map(|(id, m)| (id.to_string(), *m)).collect(),
+            groups: BTreeMap::new(),
+        }
+    }
+
     #[test]
     fn known_pods_keep_their_mode_and_new_ones_take_the_nodes() {
         let mut state = model(
@@ -661,15 +689,14 @@ mod tests {
             ],
         );
         state.node = node(STANDARD, &[]);
-        let known = BTreeMap::from([
-            ("uid-1".to_string(), STRICT),
-            ("uid-gone".to_string(), STANDARD),
-        ]);
-        let remembered = pin_modes(&mut state, &known);
-        let modes: Vec<_> = state.pods.iter().map(|p| p.mode).collect();
-        assert_eq!(modes, [STRICT, STANDARD]);
+        let remembered = pin_pods(
+            &mut state,
+            &modes(&[("uid-1", STRICT), ("uid-gone", STANDARD)]),
+        );
+        let pinned: Vec<_> = state.pods.iter().map(|p| p.mode).collect();
+        assert_eq!(pinned, [STRICT, STANDARD]);
         assert_eq!(
-            remembered,
+            remembered.modes,
             BTreeMap::from([
                 ("uid-1".to_string(), STRICT),
                 ("uid-2".to_string(), STANDARD)
@@ -684,11 +711,50 @@ mod tests {
         without_uid.uid.clear();
         let key = without_uid.key();
         let mut state = model(vec![], vec![without_uid]);
-        let known = BTreeMap::from([(key.clone(), STANDARD)]);
-        assert_eq!(
-            pin_modes(&mut state, &known),
-            BTreeMap::from([(key, STANDARD)])
-        );
+        let remembered = pin_pods(&mut state, &modes(&[(&key, STANDARD)]));
+        assert_eq!(remembered.modes, BTreeMap::from([(key, STANDARD)]));
         assert_eq!(state.pods[0].mode, STANDARD);
+    }
+
+    #[test]
+    fn known_pods_keep_their_groups_unless_their_branch_eni_says_otherwise() {
+        let mut state = model(
+            vec![],
+            vec![
+                pod(1, "10.0.1.1", &["sg-new"], STRICT),
+                pod(2, "10.0.1.2", &["sg-new"], STRICT),
+                pod(3, "10.0.1.3", &["sg-eni"], STRICT),
+            ],
+        );
+        state.pods[2].facts.groups_source = GroupsSource::BranchEni;
+        let known = Pinned {
+            modes: BTreeMap::new(),
+            groups: ["uid-1", "uid-3"]
+                .into_iter()
+                .map(|id| (id.to_string(), vec!["sg-old".to_string()]))
+                .collect(),
+        };
+        let remembered = pin_pods(&mut state, &known);
+        let groups: Vec<(&[String], GroupsSource)> = state
+            .pods
+            .iter()
+            .map(|p| (p.groups.as_slice(), p.facts.groups_source))
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                (&["sg-old".to_string()][..], GroupsSource::Pinned),
+                (&["sg-new".to_string()][..], GroupsSource::Policies),
+                (&["sg-eni".to_string()][..], GroupsSource::BranchEni),
+            ]
+        );
+        assert_eq!(
+            remembered.groups,
+            BTreeMap::from([
+                ("uid-1".to_string(), vec!["sg-old".to_string()]),
+                ("uid-2".to_string(), vec!["sg-new".to_string()]),
+            ]),
+            "a branch ENI's groups need no pin; the ENI data says them"
+        );
     }
 }

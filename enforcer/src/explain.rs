@@ -10,7 +10,7 @@ use crate::eval::{
     self, Evaluation, L4Packet, L4Query, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Query,
     Reason, Refused, RuleRef, Side,
 };
-use crate::model::{BranchPod, Direction, EnforcingMode, L4Match, Model, Peer};
+use crate::model::{BranchPod, Direction, EnforcingMode, GroupsSource, L4Match, Model, Peer};
 
 /// Why the command line does not describe a flow.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -147,6 +147,11 @@ pub struct Explanation {
     /// On deny in standard mode, the rules of the side that did allow it.
     pub other_side_matched: Vec<MatchedRule>,
     pub hints: Vec<String>,
+    /// The pod's groups, and where they come from: `branchEni` (the ENI data),
+    /// `pinned` (as the agent first enforced the pod) or `policies` (the
+    /// SecurityGroupPolicies selecting it now).
+    pub groups: Vec<String>,
+    pub groups_source: GroupsSource,
 }
 
 /// Evaluates `query` for `pod` and explains the verdict.
@@ -219,6 +224,8 @@ pub fn explanation(
         matched,
         other_side_matched,
         hints: hints(model, pod, query, evaluation),
+        groups: pod.groups.clone(),
+        groups_source: pod.facts.groups_source,
     }
 }
 
@@ -260,6 +267,16 @@ impl fmt::Display for Explanation {
                 rule.group_id, rule.group_name, rule.direction, rule.rule_index, rule.rule
             )?;
         }
+        writeln!(
+            f,
+            "  the pod's groups {} come from {}",
+            self.groups.join(", "),
+            match self.groups_source {
+                GroupsSource::BranchEni => "its branch ENI",
+                GroupsSource::Pinned => "the agent, as it first enforced the pod",
+                GroupsSource::Policies => "the SecurityGroupPolicies that select it now",
+            }
+        )?;
         for hint in &self.hints {
             writeln!(f, "  hint: {hint}")?;
         }

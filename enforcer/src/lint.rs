@@ -8,7 +8,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use serde::Serialize;
 
 use crate::eval::{self, L4Packet, L4Query, Query, Reason, Refused};
-use crate::model::{BranchPod, Cidr, Direction, EnforcingMode, L4Match, Model, Peer, Rule};
+use crate::model::{
+    BranchPod, Cidr, Direction, EnforcingMode, GroupsSource, L4Match, Model, Peer, Rule,
+};
 
 /// How bad a finding is: `--severity` keeps those at or above a level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
@@ -65,6 +67,7 @@ pub fn lint(model: &Model) -> Vec<Finding> {
         grace_period(pod, &mut findings);
         policies(pod, &mut findings);
         cluster_tag(model, pod, &mut findings);
+        drift(pod, &mut findings);
     }
     for policy in &model.cluster.idle_policies {
         findings.push(Finding {
@@ -407,6 +410,31 @@ fn cluster_tag(model: &Model, pod: &BranchPod, findings: &mut Vec<Finding>) {
     }
 }
 
+/// SGP012: groups are fixed when a pod is created; a policy edited since then
+/// applies to the pod only once it is recreated.
+fn drift(pod: &BranchPod, findings: &mut Vec<Finding>) {
+    if pod.facts.groups_source == GroupsSource::Policies
+        || eval::sorted_set(&pod.groups) == eval::sorted_set(&pod.facts.policy_groups)
+    {
+        return;
+    }
+    findings.push(Finding {
+        id: "SGP012",
+        severity: Severity::Warning,
+        objects: std::iter::once(pod_object(pod))
+            .chain(pod.facts.policies.iter().map(|p| format!("policy {p}")))
+            .collect(),
+        message: format!(
+            "the pod has {}, its policies now give {}: a running pod keeps the groups it was \
+             created with",
+            pod.groups.join(", "),
+            pod.facts.policy_groups.join(", ")
+        ),
+        fix: "recreate the pod (roll its deployment) to take the policies' groups".to_string(),
+        reference: "sg-semantics.md §2",
+    });
+}
+
 fn join(addresses: &[IpAddr]) -> String {
     addresses
         .iter()
@@ -557,6 +585,28 @@ mod tests {
         assert!(!ids(&m).contains(&"SGP010"));
         tag(m.groups.get_mut("sg-node").unwrap());
         assert!(ids(&m).contains(&"SGP010"), "two tagged is as bad as none");
+    }
+
+    #[test]
+    fn a_pod_whose_policies_changed_since_it_was_created_is_reported() {
+        let mut m = setup(STRICT);
+        m.pods[0].facts.policy_groups = vec!["sg-node".to_string()];
+        assert_eq!(
+            ids(&m),
+            Vec::<&str>::new(),
+            "policies are the source: no drift"
+        );
+        m.pods[0].facts.groups_source = GroupsSource::BranchEni;
+        let findings = lint(&m);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!(findings[0].id, "SGP012");
+        assert!(
+            findings[0]
+                .message
+                .contains("has sg-app, its policies now give sg-node")
+        );
+        m.pods[0].facts.policy_groups = vec!["sg-app".to_string()];
+        assert_eq!(ids(&m), Vec::<&str>::new());
     }
 
     #[test]

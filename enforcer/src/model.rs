@@ -303,13 +303,31 @@ pub struct BranchPod {
     /// The branch ENI's groups, in SGP order (or the node's groups when no SGP matched).
     pub groups: Vec<GroupId>,
     pub mode: EnforcingMode,
-    /// What `enforcer lint` looks at; enforcement never does.
+    /// What `explain` and `lint` report; enforcement never reads it.
     pub facts: PodFacts,
 }
 
-/// What `enforcer lint` needs of a pod beyond enforcement.
+/// Where a pod's groups come from (sg-semantics.md §2: fixed when the pod is created).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum GroupsSource {
+    /// The branch ENI's groups, as `describe-network-interfaces` lists them.
+    BranchEni,
+    /// Those the agent resolved when it first enforced the pod (by UID).
+    Pinned,
+    /// The SecurityGroupPolicies selecting the pod now (or the node's groups
+    /// when none does): a pod the agent has not enforced yet.
+    #[default]
+    Policies,
+}
+
+/// What `explain` and `lint` need of a pod beyond enforcement.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodFacts {
+    pub groups_source: GroupsSource,
+    /// The groups the policies give the pod now (they differ from its groups
+    /// when a policy changed after the pod was created).
+    pub policy_groups: Vec<GroupId>,
     /// TCP ports the kubelet probes (named ports resolved).
     pub probes: Vec<Probe>,
     /// `spec.dnsConfig.nameservers`.

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use crate::model::{
-    BranchPod, Cidr, ClusterFacts, Direction, GroupId, Model, NodeConfig, PodFacts,
+    BranchPod, Cidr, ClusterFacts, Direction, GroupId, GroupsSource, Model, NodeConfig, PodFacts,
 };
 use crate::sgp::{self, Labels};
 use crate::state::{
@@ -163,7 +163,14 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
                     .unwrap_or_default()
             };
         }
-        add_members(&pod_groups, &mut branch.addresses().map(Cidr::host));
+        // A branch ENI the ENI data lists made its members above, with the
+        // groups it really carries; otherwise the policies' groups are the best known.
+        let branch_eni_groups = interfaces
+            .get(&branch.eni_id)
+            .map(|eni| eni.item.groups.clone());
+        if branch_eni_groups.is_none() {
+            add_members(&pod_groups, &mut branch.addresses().map(Cidr::host));
+        }
         if !on_node {
             continue;
         }
@@ -214,9 +221,19 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
             ipv6: branch.ipv6,
             subnet_v4: branch.subnet_v4,
             subnet_v6: branch.subnet_v6,
-            groups: pod_groups,
+            // EC2 enforces the groups on the branch ENI, set when the pod was
+            // created; the policies' groups are only a pod's until the agent pins them.
+            groups: branch_eni_groups
+                .clone()
+                .unwrap_or_else(|| pod_groups.clone()),
             mode: node.enforcing_mode,
             facts: PodFacts {
+                groups_source: if branch_eni_groups.is_some() {
+                    GroupsSource::BranchEni
+                } else {
+                    GroupsSource::Policies
+                },
+                policy_groups: pod_groups,
                 policies: matched
                     .iter()
                     .map(|p| format!("{}/{}", p.namespace, p.name))

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ebpf::LinkState;
 use crate::maps::{KernelMaps, MapsError};
+use crate::model::GroupsSource;
 
 /// Directory of the agents' reports.
 pub const REPORT_DIR: &str = "/run/enforcer";
@@ -58,6 +59,9 @@ pub struct PodReport {
     pub uid: String,
     pub mode: String,
     pub groups: Vec<String>,
+    /// Where the groups come from: `branchEni`, `pinned` or `policies`.
+    #[serde(default)]
+    pub groups_source: GroupsSource,
     pub ingress_rules: usize,
     pub egress_rules: usize,
 }

@@ -415,3 +415,60 @@ fn a_pod_keeps_the_mode_it_was_first_seen_with_across_mode_changes_and_restarts(
     });
     assert_eq!(kernel_mode(&node, api.vlan), EnforcingMode::Standard);
 }
+
+/// Writes `state` with its SecurityGroupPolicy giving `group` instead of `sg-app`.
+fn write_state_with_policy_group(node: &Node, state: &TestState, group: &str) {
+    for (file, text) in node.state_files(state) {
+        let text = text.replace(
+            r#""groupIds":["sg-app"]"#,
+            &format!(r#""groupIds":["{group}"]"#),
+        );
+        support::write_atomically(&node.state_dir.join(file), &text);
+    }
+}
+
+fn wait_for_applied_reloads(node: &Node, count: u64) {
+    let line = format!(r#"enforcer_reloads_total{{result="applied"}} {count}"#);
+    wait_for("the state applied", Duration::from_secs(3), || {
+        node.http_get("/metrics")
+            .is_some_and(|(_, metrics)| metrics.lines().any(|l| l == line))
+    });
+}
+
+#[test]
+fn a_running_pod_keeps_its_groups_when_its_policy_changes_and_a_recreated_one_takes_the_new() {
+    let mut node = Node::new();
+    let web = web();
+    let before = state("strict", vec![web.clone()]);
+    node.write_state(&before);
+    node.start_agent();
+    node.wait_ready();
+    // sg-app opens only port 80.
+    node.expect_verdicts(
+        vec![syn_to(&web, CLOSED, 45000)],
+        &[(Reason::DropPolicy, 1)],
+    );
+    // The policy now gives sg-node (everything from the VPC): web keeps sg-app.
+    write_state_with_policy_group(&node, &before, "sg-node");
+    wait_for_applied_reloads(&node, 2);
+    node.expect_verdicts(
+        vec![syn_to(&web, CLOSED, 45001)],
+        &[(Reason::DropPolicy, 1)],
+    );
+    // So it does across a restart: the groups are pinned with the mode.
+    node.kill_agent(0);
+    node.start_agent();
+    node.wait_ready();
+    node.expect_verdicts(
+        vec![syn_to(&web, CLOSED, 45002)],
+        &[(Reason::DropPolicy, 1)],
+    );
+    // A recreated web (new UID) is created under the new policy.
+    let recreated = TestPod::new("web", "uid-web-2", web.vlan, web.ip);
+    write_state_with_policy_group(&node, &state("strict", vec![recreated.clone()]), "sg-node");
+    wait_for_applied_reloads(&node, 2);
+    node.expect_verdicts(
+        vec![syn_to(&recreated, CLOSED, 45003)],
+        &[(Reason::PassNew, 1)],
+    );
+}

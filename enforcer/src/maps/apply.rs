@@ -349,6 +349,7 @@ impl KernelMaps {
 pub fn admit(model: &Model, compiled: &Compiled) -> Result<(), MapsError> {
     for pod in &model.pods {
         pod_uid(&pod.identity())?;
+        pod_groups(&pod.groups)?;
     }
     for (_, rule) in compiled.rules.iter() {
         rule_name(rule)?;

@@ -9,14 +9,14 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashM
 use aya::{Ebpf, Pod};
 use enforcer_common::{
     AddrKey, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, EventBudget, FragmentKey, FragmentVerdict,
-    MAX_ADDRESSES, MAX_PEER_ENTRIES, MAX_PODS, MAX_PORT_ENTRIES, MAX_RULES, NO_POLICY, PeerClass,
-    PeerKeyV4, PeerKeyV6, PodEntry, PodTraffic, PodUid, PortKey, PortVerdict, REASONS, RuleName,
-    RuleTraffic, Settings, map_names,
+    MAX_ADDRESSES, MAX_GROUPS_PER_POD, MAX_PEER_ENTRIES, MAX_PODS, MAX_PORT_ENTRIES, MAX_RULES,
+    NO_POLICY, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups, PodTraffic, PodUid, PortKey,
+    PortVerdict, REASONS, RuleName, RuleTraffic, Settings, map_names,
 };
 
 use crate::compile::{ClassEntries, Compiled, PolicyEntries, RuleIds};
 use crate::eval::RuleRef;
-use crate::model::{Direction, EnforcingMode, Model, NodeConfig, UnknownVlanAction};
+use crate::model::{Direction, EnforcingMode, GroupId, Model, NodeConfig, UnknownVlanAction};
 
 mod apply;
 mod batch;
@@ -46,6 +46,8 @@ pub enum MapsError {
     UidTooLong(String),
     #[error("security group ID {0:?} is longer than the kernel's {max} bytes", max = GROUP_BYTES)]
     GroupIdTooLong(String),
+    #[error("{0} security groups on one pod: EC2 allows at most {max}", max = MAX_GROUPS_PER_POD)]
+    TooManyGroups(usize),
     #[error(
         "the state rewrites {map} entries of ID {id}, which are in use, in place: compile it over the enforced state"
     )]
@@ -84,6 +86,7 @@ pub struct KernelMaps {
     counters: PerCpuArray<MapData, u64>,
     rules: HashMap<MapData, u32, RuleName>,
     pod_modes: HashMap<MapData, PodUid, u8>,
+    pod_groups: HashMap<MapData, PodUid, PodGroups>,
     pod_traffic: PerCpuArray<MapData, PodTraffic>,
     rule_traffic: PerCpuHashMap<MapData, u32, RuleTraffic>,
     event_budget: PerCpuArray<MapData, EventBudget>,
@@ -157,6 +160,7 @@ impl KernelMaps {
             counters: typed(source, map_names::COUNTERS)?,
             rules: typed(source, map_names::RULES)?,
             pod_modes: typed(source, map_names::POD_MODES)?,
+            pod_groups: typed(source, map_names::POD_GROUPS)?,
             pod_traffic: typed(source, map_names::POD_TRAFFIC)?,
             rule_traffic: typed(source, map_names::RULE_TRAFFIC)?,
             event_budget: typed(source, map_names::EVENT_BUDGET)?,
@@ -345,15 +349,68 @@ impl KernelMaps {
         &mut self,
         modes: &BTreeMap<String, EnforcingMode>,
     ) -> Result<(), MapsError> {
-        let wanted: BTreeMap<PodUid, u8> = modes
+        let wanted = modes
             .iter()
             .map(|(uid, mode)| Ok((pod_uid(uid)?, *mode as u8)))
             .collect::<Result<_, MapsError>>()?;
-        let held = read_hash(&self.pod_modes, map_names::POD_MODES)?;
-        let diff = Diff::between(held, wanted);
-        write_hash(&mut self.pod_modes, &diff.write, map_names::POD_MODES)?;
-        remove_hash(&mut self.pod_modes, &diff.remove, map_names::POD_MODES)
+        record(&mut self.pod_modes, map_names::POD_MODES, wanted)
     }
+
+    /// Every pod's security groups as first enforced, by pod UID.
+    pub fn pod_groups(&self) -> Result<BTreeMap<String, Vec<GroupId>>, MapsError> {
+        let mut groups = BTreeMap::new();
+        for entry in self.pod_groups.iter() {
+            let (uid, held) = entry.map_err(map_err(map_names::POD_GROUPS))?;
+            let count = usize::from(held.count).min(MAX_GROUPS_PER_POD);
+            groups.insert(
+                text(&uid.uid),
+                held.groups[..count].iter().map(|g| text(g)).collect(),
+            );
+        }
+        Ok(groups)
+    }
+
+    /// Makes the group store hold exactly `groups`: pods gone from the state leave it.
+    pub fn record_pod_groups(
+        &mut self,
+        groups: &BTreeMap<String, Vec<GroupId>>,
+    ) -> Result<(), MapsError> {
+        let wanted = groups
+            .iter()
+            .map(|(uid, ids)| Ok((pod_uid(uid)?, pod_groups(ids)?)))
+            .collect::<Result<_, MapsError>>()?;
+        record(&mut self.pod_groups, map_names::POD_GROUPS, wanted)
+    }
+}
+
+/// Makes a userspace-only map hold exactly `wanted`.
+fn record<V: Pod + PartialEq>(
+    map: &mut HashMap<MapData, PodUid, V>,
+    name: &'static str,
+    wanted: BTreeMap<PodUid, V>,
+) -> Result<(), MapsError> {
+    let held = read_hash(map, name)?;
+    let diff = Diff::between(held, wanted);
+    write_hash(map, &diff.write, name)?;
+    remove_hash(map, &diff.remove, name)
+}
+
+fn pod_groups(ids: &[GroupId]) -> Result<PodGroups, MapsError> {
+    let mut value = PodGroups {
+        count: 0,
+        _pad: [0; 3],
+        groups: [[0; GROUP_BYTES]; MAX_GROUPS_PER_POD],
+    };
+    if ids.len() > MAX_GROUPS_PER_POD {
+        return Err(MapsError::TooManyGroups(ids.len()));
+    }
+    for (slot, id) in value.groups.iter_mut().zip(ids) {
+        slot.get_mut(..id.len())
+            .ok_or_else(|| MapsError::GroupIdTooLong(id.clone()))?
+            .copy_from_slice(id.as_bytes());
+    }
+    value.count = ids.len() as u8;
+    Ok(value)
 }
 
 /// The key was not in the map (lookups say `KeyNotFound`, deletes `ENOENT`).

@@ -199,6 +199,8 @@ fn pod_facts(spec: &Field) -> PodFacts {
         }
     }
     PodFacts {
+        groups_source: Default::default(),
+        policy_groups: Vec::new(),
         probes,
         dns_nameservers: spec
             .get("dnsConfig")
@@ -653,6 +655,7 @@ fn conntrack(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::GroupsSource;
     use crate::state::testdir::{NODE, NODE_CONFIG, NODE_GROUP, StateDir};
 
     /// A pod of namespace `shop` on this node carrying the annotation `eni`.
@@ -756,6 +759,51 @@ status: {podIP: 10.0.9.9}
         assert_eq!(
             model.cluster.dns_endpoints,
             ["10.0.9.9".parse::<IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn a_listed_branch_eni_gives_the_pod_its_groups_whatever_the_policies_say_now() {
+        let eni = r#"[{"eniId":"eni-0a","ifAddress":"0a:1b:2c:3d:4e:5f","privateIp":"10.0.1.101","vlanId":7,"subnetCidr":"10.0.1.0/24"}]"#;
+        let policy = "apiVersion: vpcresources.k8s.aws/v1beta1
+kind: SecurityGroupPolicy
+metadata: {name: everyone, namespace: shop}
+spec:
+  podSelector: {}
+  securityGroups: {groupIds: [sg-0node]}
+";
+        let state = || {
+            StateDir::with_node()
+                .file("pod.yaml", &pod_with_eni(eni))
+                .file("policies.yaml", policy)
+                .file(
+                    "old-group.json",
+                    r#"{"SecurityGroups": [{"GroupId": "sg-0old", "GroupName": "old",
+                        "Description": "created with", "IpPermissions": [], "IpPermissionsEgress": []}]}"#,
+                )
+        };
+        // Without ENI data, the policies' groups (the agent pins them on first sight).
+        let model = state().model();
+        let pod = model.pod("shop/web").expect("enforced");
+        assert_eq!(pod.groups, ["sg-0node"]);
+        assert_eq!(pod.facts.groups_source, GroupsSource::Policies);
+        // With the branch ENI listed, its groups, whatever the policies give now.
+        let model = state()
+            .file(
+                "enis.json",
+                r#"{"NetworkInterfaces": [{"NetworkInterfaceId": "eni-0a",
+                    "Groups": [{"GroupId": "sg-0old"}], "PrivateIpAddress": "10.0.1.101"}]}"#,
+            )
+            .model();
+        let pod = model.pod("shop/web").expect("enforced");
+        assert_eq!(pod.groups, ["sg-0old"], "EC2 enforces the ENI's groups");
+        assert_eq!(pod.facts.groups_source, GroupsSource::BranchEni);
+        assert_eq!(pod.facts.policy_groups, ["sg-0node"]);
+        let member = "10.0.1.101/32".parse::<Cidr>().unwrap();
+        assert!(model.members["sg-0old"].contains(&member));
+        assert!(
+            !model.members["sg-0node"].contains(&member),
+            "a member of the groups its ENI carries, not of those its policies name now"
         );
     }
 
