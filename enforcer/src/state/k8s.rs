@@ -658,6 +658,18 @@ mod tests {
     use crate::model::GroupsSource;
     use crate::state::testdir::{NODE, NODE_CONFIG, NODE_GROUP, StateDir};
 
+    /// A branch ENI on VLAN 7 whose ENI ID is `eni-0a`.
+    const BRANCH_ENI: &str = r#"[{"eniId":"eni-0a","ifAddress":"0a:1b:2c:3d:4e:5f","privateIp":"10.0.1.101","vlanId":7,"subnetCidr":"10.0.1.0/24"}]"#;
+
+    /// A SecurityGroupPolicy giving every pod of `shop` the node's group.
+    const EVERYONE: &str = "apiVersion: vpcresources.k8s.aws/v1beta1
+kind: SecurityGroupPolicy
+metadata: {name: everyone, namespace: shop}
+spec:
+  podSelector: {}
+  securityGroups: {groupIds: [sg-0node]}
+";
+
     /// A pod of namespace `shop` on this node carrying the annotation `eni`.
     fn pod_with_eni(eni: &str) -> String {
         format!(
@@ -696,7 +708,6 @@ mod tests {
 
     #[test]
     fn lint_facts_of_a_pod_named_ports_resolved_and_unreadable_ones_left_out() {
-        let eni = r#"[{"eniId":"eni-0a","ifAddress":"0a:1b:2c:3d:4e:5f","privateIp":"10.0.1.101","vlanId":7,"subnetCidr":"10.0.1.0/24"}]"#;
         let spec = "  terminationGracePeriodSeconds: 0
   dnsConfig:
     nameservers: [169.254.20.10, not-an-ip]
@@ -710,14 +721,10 @@ mod tests {
     livenessProbe: {grpc: {port: 7000}}
     readinessProbe: {exec: {command: [true]}}
 ";
-        let pod = format!("{}{spec}", pod_with_eni(eni));
-        let policy = "apiVersion: vpcresources.k8s.aws/v1beta1
-kind: SecurityGroupPolicy
-metadata: {name: everyone, namespace: shop}
-spec:
-  podSelector: {}
-  securityGroups: {groupIds: [sg-0node]}
----
+        let pod = format!("{}{spec}", pod_with_eni(BRANCH_ENI));
+        let policy = [
+            EVERYONE,
+            "---
 apiVersion: vpcresources.k8s.aws/v1beta1
 kind: SecurityGroupPolicy
 metadata: {name: nobody, namespace: shop}
@@ -730,10 +737,12 @@ kind: Pod
 metadata: {name: coredns-1, namespace: kube-system, labels: {k8s-app: kube-dns}}
 spec: {nodeName: elsewhere}
 status: {podIP: 10.0.9.9}
-";
+",
+        ]
+        .concat();
         let model = StateDir::with_node()
             .file("pod.yaml", &pod)
-            .file("policies.yaml", policy)
+            .file("policies.yaml", &policy)
             .model();
         let facts = &model.pod("shop/web").expect("enforced").facts;
         let ports: Vec<(&str, &str, u16)> = facts
@@ -764,18 +773,10 @@ status: {podIP: 10.0.9.9}
 
     #[test]
     fn a_listed_branch_eni_gives_the_pod_its_groups_whatever_the_policies_say_now() {
-        let eni = r#"[{"eniId":"eni-0a","ifAddress":"0a:1b:2c:3d:4e:5f","privateIp":"10.0.1.101","vlanId":7,"subnetCidr":"10.0.1.0/24"}]"#;
-        let policy = "apiVersion: vpcresources.k8s.aws/v1beta1
-kind: SecurityGroupPolicy
-metadata: {name: everyone, namespace: shop}
-spec:
-  podSelector: {}
-  securityGroups: {groupIds: [sg-0node]}
-";
         let state = || {
             StateDir::with_node()
-                .file("pod.yaml", &pod_with_eni(eni))
-                .file("policies.yaml", policy)
+                .file("pod.yaml", &pod_with_eni(BRANCH_ENI))
+                .file("policies.yaml", EVERYONE)
                 .file(
                     "old-group.json",
                     r#"{"SecurityGroups": [{"GroupId": "sg-0old", "GroupName": "old",
