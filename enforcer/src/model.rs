@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 pub use enforcer_common::EnforcingMode;
@@ -397,7 +398,7 @@ pub struct Model {
     pub node_local: BTreeSet<IpAddr>,
     /// What the state directory holds that EC2 accepts but deserves a look
     /// (a rule referencing a group the state does not define).
-    pub warnings: Vec<crate::state::StateWarning>,
+    pub warnings: Vec<StateWarning>,
     /// Groups carried by a Network Load Balancer's ENIs (`ELB net/…`): with
     /// client IP preservation, relayed traffic keeps the client's address, so
     /// a rule naming such a group cannot match it on the pod's side.
@@ -412,3 +413,33 @@ impl Model {
         self.pods.iter().find(|p| p.key() == key)
     }
 }
+
+/// One problem in a state directory: where it is, and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateError {
+    pub file: PathBuf,
+    /// The object, e.g. `SecurityGroup sg-0abc`, `Pod default/web`, `NodeConfig`.
+    pub object: String,
+    /// The field inside the object, e.g. `IpPermissions[2].FromPort`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for StateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.file.display())?;
+        if !self.object.is_empty() {
+            write!(f, "{}: ", self.object)?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StateError {}
+
+/// Something in a state directory that EC2 accepts but that may not do what
+/// its author meant: reported (`check`, `status`, metrics), never refused.
+pub type StateWarning = StateError;

@@ -7,7 +7,6 @@ mod reader;
 #[cfg(test)]
 pub(crate) mod testdir;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -19,35 +18,7 @@ use reader::{Field, Invalid};
 use crate::model::{Cidr, Model, NodeConfig, SecurityGroup};
 use crate::sgp::SecurityGroupPolicy;
 
-/// One problem in a state directory: where it is, and what is wrong.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StateError {
-    pub file: PathBuf,
-    /// The object, e.g. `SecurityGroup sg-0abc`, `Pod default/web`, `NodeConfig`.
-    pub object: String,
-    /// The field inside the object, e.g. `IpPermissions[2].FromPort`.
-    pub field: Option<String>,
-    pub message: String,
-}
-
-impl fmt::Display for StateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: ", self.file.display())?;
-        if !self.object.is_empty() {
-            write!(f, "{}: ", self.object)?;
-        }
-        if let Some(field) = &self.field {
-            write!(f, "{field}: ")?;
-        }
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for StateError {}
-
-/// Something in a state directory that EC2 accepts but that may not do what
-/// its author meant: reported (`check`, `status`, metrics), never refused.
-pub type StateWarning = StateError;
+pub use crate::model::{StateError, StateWarning};
 
 /// Every error found in a state directory, in file order; never empty.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
