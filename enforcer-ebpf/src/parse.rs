@@ -12,6 +12,8 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+/// The VLAN ID of an 802.1p priority tag: the frame belongs to no VLAN.
+const PRIORITY_TAG_VID: u16 = 0;
 
 const ETH_HEADER_LEN: usize = 14;
 const ETH_TYPE_OFFSET: usize = 12;
@@ -112,7 +114,19 @@ pub fn parse_l2<F: Frame>(frame: &F) -> Result<Option<L2>, (Option<u16>, ParseEr
         }
         None => return Ok(None),
     };
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+    let tagged = |ethertype| ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD;
+    if vlan == PRIORITY_TAG_VID {
+        // An 802.1p priority tag is no VLAN: Linux hands the frame to its inner
+        // tag's VLAN device, or to the trunk itself when there is none. A pod's
+        // VLAN behind it is stacked tags for that pod, never an unknown VLAN.
+        if !tagged(ethertype) {
+            return Ok(None);
+        }
+        let inner: [u8; 2] = frame.load(l3_offset).map_err(|e| (None, e))?;
+        let inner = u16::from_be_bytes(inner) & VLAN_VID_MASK;
+        return Err((Some(inner), ParseError::UnsupportedL2));
+    }
+    if tagged(ethertype) {
         return Err((Some(vlan), ParseError::UnsupportedL2));
     }
     Ok(Some(L2 {

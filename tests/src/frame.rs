@@ -206,6 +206,8 @@ pub enum Tag {
     Vlan(u16),
     /// Two stacked tags (QinQ): outer 802.1ad, inner 802.1Q.
     Stacked(u16, u16),
+    /// An 802.1p priority tag (802.1Q, VLAN ID 0), then an inner 802.1Q tag if given.
+    Priority(Option<u16>),
 }
 
 const POD_MAC: [u8; 6] = [0x0a, 0x00, 0x00, 0x00, 0x00, 0x01];
@@ -227,6 +229,15 @@ pub fn ethernet(tag: Tag, ethertype: u16, payload: &[u8]) -> Vec<u8> {
             f.extend_from_slice(&outer.to_be_bytes());
             f.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
             f.extend_from_slice(&inner.to_be_bytes());
+        }
+        Tag::Priority(inner) => {
+            // PCP 5, VLAN ID 0.
+            f.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+            f.extend_from_slice(&(5u16 << 13).to_be_bytes());
+            if let Some(inner) = inner {
+                f.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+                f.extend_from_slice(&inner.to_be_bytes());
+            }
         }
     }
     f.extend_from_slice(&ethertype.to_be_bytes());

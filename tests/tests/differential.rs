@@ -75,7 +75,7 @@ fn expected(model: &Model, flows: &mut FlowTable, case: &Case, now_ns: u64) -> R
     let vlan = match case.tag {
         Tag::Untagged => return Reason::PassUntagged,
         Tag::Vlan(vlan) => vlan,
-        Tag::Stacked(..) => unreachable!("not generated"),
+        Tag::Stacked(..) | Tag::Priority(_) => unreachable!("not generated"),
     };
     if case.truncated && case.frame.len() < 18 {
         return Reason::DropMalformed;

@@ -89,6 +89,52 @@ fn unknown_vlan_is_dropped() {
     );
 }
 
+/// An 802.1p priority tag (VLAN ID 0) is no VLAN: Linux hands the frame to its
+/// inner tag's VLAN device. So a pod's VLAN behind one is judged as stacked tags,
+/// even where unknown VLANs pass; without an inner tag it is untagged.
+#[test]
+fn a_priority_tag_never_hides_a_pods_vlan() {
+    let mut state = model(
+        node_config(vec!["sg-0open".into()]),
+        vec![group(
+            "sg-0open",
+            vec![rule(L4Match::All, "0.0.0.0/0")],
+            vec![],
+        )],
+        vec![branch_pod("pod", VLAN, POD_V4, Some(POD_V6), &["sg-0open"])],
+    );
+    state.node.unknown_vlan = enforcer::model::UnknownVlanAction::Pass;
+    let k = Kernel::load(&state);
+    let run = |tag| k.run(Direction::Ingress, &frame::ip_frame(tag, &ingress_v4()));
+    assert_eq!(
+        run(Tag::Priority(Some(VLAN))),
+        dropped(Reason::DropUnsupportedL2),
+        "a pod's VLAN behind a priority tag"
+    );
+    assert_eq!(
+        run(Tag::Priority(Some(VLAN + 1))),
+        Outcome {
+            passed: true,
+            reason: Reason::PassUnknownVlan,
+        },
+        "an unknown VLAN behind a priority tag is an unknown VLAN"
+    );
+    assert_eq!(
+        run(Tag::Priority(None)),
+        Outcome {
+            passed: true,
+            reason: Reason::PassUntagged,
+        },
+        "a priority tag alone: the trunk's own traffic"
+    );
+    let cut = frame::ethernet(Tag::Priority(None), 0x8100, &[0x00]);
+    assert_eq!(
+        k.run(Direction::Ingress, &cut),
+        dropped(Reason::DropMalformed),
+        "an inner tag cut short"
+    );
+}
+
 #[test]
 fn addresses_not_owned_by_the_pod_are_spoofed() {
     let k = kernel();
