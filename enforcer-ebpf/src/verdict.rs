@@ -284,21 +284,34 @@ fn neighbour_discovery(pod: &PodEntry, packet: &Packet, direction: Direction) ->
 /// DHCP server ports per family: a pod's client talks to them, hears back on the client port.
 const DHCP_V4: (u16, u16) = (67, 68);
 const DHCP_V6: (u16, u16) = (547, 546);
+/// Where a DHCP client sends without knowing its server: `255.255.255.255`
+/// (IPv4-mapped) and `ff02::1:2` (All_DHCP_Relay_Agents_and_Servers).
+const DHCP_BROADCAST_V4: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 255, 255, 255, 255];
+const DHCP_SERVERS_V6: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2];
 
 /// Traffic security groups never filter (sg-semantics.md §5). Out of line for the stack.
 #[inline(never)]
 fn is_unfiltered(pod: &PodEntry, packet: &Packet, peer: &[u8; 16], direction: Direction) -> bool {
-    if packet.protocol == IPPROTO_UDP {
-        let (server, client) = if packet.ipv6 { DHCP_V6 } else { DHCP_V4 };
-        let dhcp_port = match direction {
-            Direction::Egress => server,
-            Direction::Ingress => client,
-        };
-        if packet.dst_port == dhcp_port {
-            return true;
-        }
+    if packet.protocol == IPPROTO_UDP && is_dhcp(packet, peer, direction) {
+        return true;
     }
     pod.never_filters(peer, packet.ipv6)
+}
+
+/// DHCP as DHCP only (sg-semantics.md §5): to the server port at the
+/// broadcast or servers' multicast address, and DHCPv6 replies from a
+/// link-local server. DHCP with the subnet router passes as the router's
+/// traffic; UDP 67/68 with anyone else is ordinary traffic.
+#[inline(always)]
+fn is_dhcp(packet: &Packet, peer: &[u8; 16], direction: Direction) -> bool {
+    let (server, client) = if packet.ipv6 { DHCP_V6 } else { DHCP_V4 };
+    match direction {
+        Direction::Egress if packet.ipv6 => packet.dst_port == server && *peer == DHCP_SERVERS_V6,
+        Direction::Egress => packet.dst_port == server && *peer == DHCP_BROADCAST_V4,
+        Direction::Ingress => {
+            packet.ipv6 && packet.dst_port == client && peer[0] == 0xfe && peer[1] & 0xc0 == 0x80
+        }
+    }
 }
 
 /// Whether `addr` is on this node (standard mode does not check same-node traffic).

@@ -239,14 +239,21 @@ pub fn pod_unfiltered(pod: &BranchPod) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Protocol-level traffic never filtered, whatever the address: DHCP, DHCPv6, NDP.
+/// Protocol-level traffic never filtered: DHCP as DHCP (to the server port at
+/// the broadcast or servers' multicast address; DHCPv6 replies from a
+/// link-local server; the subnet router is unfiltered by address), and NDP.
 pub fn unfiltered_l4(direction: Direction, peer: IpAddr, packet: L4Packet) -> Option<Unfiltered> {
-    let (client, server) = if peer.is_ipv4() { (68, 67) } else { (546, 547) };
-    let dhcp_port = match direction {
-        Direction::Egress => server,
-        Direction::Ingress => client,
+    let dhcp = match (direction, peer) {
+        (Direction::Egress, IpAddr::V4(v4)) => packet.selector == 67 && v4 == Ipv4Addr::BROADCAST,
+        (Direction::Egress, IpAddr::V6(v6)) => {
+            packet.selector == 547 && v6 == Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2)
+        }
+        (Direction::Ingress, IpAddr::V4(_)) => false,
+        (Direction::Ingress, IpAddr::V6(v6)) => {
+            packet.selector == 546 && v6.is_unicast_link_local()
+        }
     };
-    if packet.protocol == PROTO_UDP && packet.selector == dhcp_port {
+    if packet.protocol == PROTO_UDP && dhcp {
         return Some(Unfiltered::Dhcp);
     }
     if packet.protocol == PROTO_ICMPV6 && (133..=137).contains(&packet.icmp_type()) {
@@ -872,12 +879,17 @@ mod tests {
         }
         let dhcp = [
             (egress("255.255.255.255", L4Packet::udp(67)), true),
-            (ingress("10.0.64.9", L4Packet::udp(68)), true),
-            (ingress("10.0.64.9", L4Packet::udp(67)), false),
             (egress("ff02::1:2", L4Packet::udp(547)), true),
             (ingress("fe80::1", L4Packet::udp(546)), true),
             (ingress("fe80::1", L4Packet::tcp(546)), false),
+            (egress("255.255.255.255", L4Packet::udp(68)), false),
+            // UDP 67/68 with anyone but the DHCP server is ordinary traffic: the
+            // internet cannot reach a pod's client port, nor a pod anyone's server port.
+            (ingress("10.0.64.9", L4Packet::udp(68)), false),
+            (ingress("198.51.100.7", L4Packet::udp(68)), false),
+            (egress("192.0.2.1", L4Packet::udp(67)), false),
             (egress("192.0.2.1", L4Packet::udp(547)), false),
+            (ingress("2001:db8::7", L4Packet::udp(546)), false),
         ];
         for (query, is_dhcp) in dhcp {
             let e = eval(&m, query);

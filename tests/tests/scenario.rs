@@ -904,6 +904,36 @@ fn standard_mode_drops_what_only_the_branch_groups_allow() {
     );
 }
 
+/// DHCP passes as DHCP only (sg-semantics.md §5): a client to the broadcast
+/// server address; the same ports with anyone else go through the groups.
+#[test]
+fn dhcp_is_unfiltered_only_as_dhcp() {
+    for mode in [STRICT, STANDARD] {
+        let s = Scenario::of(mode);
+        s.case(
+            "DHCP discover to the broadcast address",
+            WEB_VLAN,
+            Egress,
+            udp(WEB, 68, Ipv4Addr::BROADCAST, 67),
+            verdict(Reason::PassUnfiltered),
+        );
+        s.case(
+            "the internet to the pod's DHCP client port",
+            WEB_VLAN,
+            Ingress,
+            udp(INTERNET, 67, WEB, 68),
+            verdict(Reason::DropPolicy),
+        );
+        s.case(
+            "the pod to someone's DHCP server port",
+            WEB_VLAN,
+            Egress,
+            udp(WEB, 68, INTERNET, 67),
+            verdict(Reason::DropPolicy),
+        );
+    }
+}
+
 #[test]
 fn instance_metadata_and_time_sync_are_unfiltered() {
     for mode in [STRICT, STANDARD] {
