@@ -112,13 +112,19 @@ fn ip(args: &[&str]) {
 impl Node {
     /// A fresh node; fails the test without root.
     pub fn new() -> Self {
+        Self::with_trunk(None)
+    }
+
+    /// A fresh node whose trunk is named `trunk` (its own namespace holds the name),
+    /// or a unique name.
+    pub fn with_trunk(trunk: Option<&str>) -> Self {
         enforcer_tests::require_root();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let tag = format!("{}{}", pid % 100_000, n);
         let node = Self {
             netns: format!("enforcer-test-{pid}-{n}"),
-            trunk: format!("et{tag}a"),
+            trunk: trunk.map_or_else(|| format!("et{tag}a"), str::to_string),
             peer: format!("et{tag}b"),
             state_dir: std::env::temp_dir().join(format!("enforcer-test-{pid}-{n}")),
             pin_path: PathBuf::from(format!("/sys/fs/bpf/enforcer-test-{pid}-{n}")),
@@ -262,9 +268,15 @@ impl Node {
 
     /// `GET path` on the agent's endpoint inside the namespace: status code and body.
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        self.http_get_at(("127.0.0.1", METRICS_PORT), path)
+    }
+
+    /// `GET path` on `address` inside the namespace: status code and body.
+    pub fn http_get_at(&self, address: (&str, u16), path: &str) -> Option<(u16, String)> {
         let path = path.to_string();
+        let (host, port) = (address.0.to_string(), address.1);
         self.in_netns(move || {
-            let mut stream = TcpStream::connect(("127.0.0.1", METRICS_PORT)).ok()?;
+            let mut stream = TcpStream::connect((host.as_str(), port)).ok()?;
             stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
             write!(
                 stream,

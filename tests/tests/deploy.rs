@@ -1,0 +1,378 @@
+//! The agent as it ships: the image `cargo xtask image` builds from this checkout,
+//! run by podman on a namespace trunk, and the DaemonSet's pod template as
+//! `kubectl kustomize deploy/` renders it, played by `podman kube play`. Both
+//! enforce the example state (`deploy/agent/example-state`, whose trunk is
+//! `eth1`) inside a test network namespace whose trunk is named `eth1`.
+
+#[path = "agent_support/mod.rs"]
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use enforcer::model::Direction;
+use enforcer_common::{Reason, map_names};
+use enforcer_tests::deploy::{self, podman, run};
+use enforcer_tests::frame::{self, Tag};
+use enforcer_tests::testbed::matrix::Explainer;
+use enforcer_tests::testbed::scenario::example_state;
+use enforcer_tests::testbed::traffic::Probe;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use support::{Node, wait_for};
+
+/// The example NodeConfig's node and trunk.
+const NODE: &str = "ip-10-0-1-10.ec2.internal";
+const TRUNK: &str = "eth1";
+
+/// The example's pod `shop/web-6f7c9d8b5-x2x7q`: VLAN 1, 10.0.1.101.
+const WEB: &str = "shop/web-6f7c9d8b5-x2x7q";
+const WEB_VLAN: u16 = 1;
+const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 101);
+
+/// New TCP flows into `web`: from the load balancer, the internet and the node.
+const FLOWS: &[(Ipv4Addr, u16)] = &[
+    (Ipv4Addr::new(10, 0, 101, 17), 80),
+    (Ipv4Addr::new(198, 51, 100, 77), 80),
+    (Ipv4Addr::new(10, 0, 1, 10), 8080),
+    (Ipv4Addr::new(10, 0, 1, 10), 9090),
+];
+
+/// The image is what the issue asks for: static, one layer, labelled, small.
+#[test]
+fn the_image_is_one_static_binary_with_its_labels() {
+    enforcer_tests::require_root();
+    let image = deploy::image();
+    let inspect = |format: &str| {
+        run(podman().args(["image", "inspect", "--format", format, image]))
+            .trim()
+            .to_string()
+    };
+    let size: u64 = inspect("{{.Size}}").parse().expect("a size");
+    assert!(size <= 20_000_000, "the image is {size} bytes, over 20 MB");
+    assert_eq!(
+        inspect("{{len .RootFS.Layers}}"),
+        "1",
+        "one layer: the binary"
+    );
+    assert_eq!(inspect("{{json .Config.Entrypoint}}"), r#"["/enforcer"]"#);
+    let labels: serde_json::Value =
+        serde_json::from_str(&inspect("{{json .Labels}}")).expect("labels as JSON");
+    for label in ["version", "revision", "source"] {
+        let key = format!("org.opencontainers.image.{label}");
+        let value = labels[&key].as_str().unwrap_or_default();
+        assert!(!value.is_empty(), "the image has no {key} label: {labels}");
+    }
+    let revision = run(Command::new("git")
+        .current_dir(deploy::workspace_root())
+        .args(["rev-parse", "HEAD"]));
+    assert!(
+        labels["org.opencontainers.image.revision"]
+            .as_str()
+            .is_some_and(|r| r.starts_with(revision.trim())),
+        "the revision label is not this checkout's commit: {labels}"
+    );
+}
+
+/// `podman run --privileged --network … -v /sys/fs/bpf:/sys/fs/bpf IMAGE run`:
+/// the container enforces the example state as `enforcer explain` judges it, and
+/// bpftool on the host sees its pinned maps and links.
+#[test]
+fn the_image_enforces_the_example_state_on_a_namespace_trunk() {
+    let image = deploy::image();
+    let node = Node::with_trunk(Some(TRUNK));
+    let state = example_state().canonicalize().expect("the example state");
+    std::fs::create_dir_all(enforcer::status::REPORT_DIR).expect("the report directory");
+    let name = format!("{}-agent", node.netns);
+    let netns = format!("ns:/run/netns/{}", node.netns);
+    let pin_path = node.pin_path.to_str().expect("utf-8 pin path");
+    let state_mount = format!("{}:/etc/enforcer/state:ro", state.display());
+    let report_mount = format!("{0}:{0}", enforcer::status::REPORT_DIR);
+    let _container = RunningContainer(name.clone());
+    run(podman()
+        .args(["run", "--detach", "--name", &name, "--privileged"])
+        .args(["--network", &netns])
+        .args(["--volume", "/sys/fs/bpf:/sys/fs/bpf"])
+        .args(["--volume", &state_mount, "--volume", &report_mount])
+        .arg(image)
+        .args([
+            "run",
+            "--state",
+            "/etc/enforcer/state",
+            "--pin-path",
+            pin_path,
+        ])
+        .args(["--metrics-addr", "127.0.0.1:9464"]));
+    wait_for(
+        "the agent in the container to be ready",
+        Duration::from_secs(30),
+        || {
+            node.http_get("/readyz")
+                .is_some_and(|(code, _)| code == 200)
+        },
+    );
+    judged_as_explain_says(&node);
+    assert_eq!(
+        node.attached(),
+        (
+            vec![pinned_program(&node, "ingress")],
+            vec![pinned_program(&node, "egress")]
+        ),
+        "exactly the pinned programs, once per direction"
+    );
+    bpftool_sees_the_pins(&node);
+    // The manifest's memory limit holds the first start's peak, maps included.
+    let cgroup = run(podman().args(["inspect", "--format", "{{.State.CgroupPath}}", &name]));
+    let peak = Path::new("/sys/fs/cgroup/memory")
+        .join(cgroup.trim().trim_start_matches('/'))
+        .join("memory.max_usage_in_bytes");
+    let peak: u64 = std::fs::read_to_string(&peak)
+        .unwrap_or_else(|e| panic!("{}: {e}", peak.display()))
+        .trim()
+        .parse()
+        .expect("bytes");
+    let limit = memory_limit();
+    assert!(
+        peak < limit,
+        "the agent peaked at {peak} bytes, over the manifest's limit {limit}"
+    );
+    // `enforcer status` on the host reads what the agent in the container enforces.
+    let status = node.enforcer(&["status", "--pin-path", pin_path]);
+    assert!(status.contains(WEB), "status does not list {WEB}: {status}");
+}
+
+/// `podman kube play` of the DaemonSet's pod template exactly as `kubectl kustomize
+/// deploy/` renders it, with the state ConfigMap it renders. Only the node's own
+/// parts are filled in: `spec.nodeName` and `NODE_NAME` (the scheduler's and the
+/// kubelet's), and the hostPath volumes, pointed at this test's bpffs instance and
+/// run directory.
+#[test]
+fn the_rendered_daemon_set_gets_ready_under_podman_kube_play() {
+    let image = deploy::image();
+    let rendered = deploy::render("");
+    let daemon_set = rendered.daemon_set();
+    let template = daemon_set.spec.as_ref().expect("spec").template.clone();
+    let mut spec: PodSpec = template.spec.expect("a pod spec");
+    let agent = spec.containers[0].clone();
+    assert_eq!(
+        agent.image.as_deref(),
+        Some(image),
+        "the manifest runs the image built"
+    );
+    let host = HostPaths::new();
+    let mut node = Node::with_trunk(Some(TRUNK));
+    node.pin_path = host.bpffs.join("enforcer");
+    for volume in spec.volumes.iter_mut().flatten() {
+        if let Some(path) = volume.host_path.as_mut() {
+            path.path = match path.path.as_str() {
+                "/sys/fs/bpf" => host.bpffs.display().to_string(),
+                "/run/enforcer" => host.run.display().to_string(),
+                other => panic!("a hostPath this test does not provide: {other}"),
+            };
+        }
+    }
+    // What the scheduler and the kubelet fill in: the node, and NODE_NAME from it
+    // (podman resolves only metadata fields of the downward API).
+    spec.node_name = Some(NODE.to_string());
+    for variable in spec
+        .containers
+        .iter_mut()
+        .flat_map(|c| c.env.iter_mut().flatten())
+    {
+        let field = variable
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref());
+        if field.is_some_and(|f| f.field_path == "spec.nodeName") {
+            variable.value_from = None;
+            variable.value = Some(NODE.to_string());
+        }
+    }
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("{}-agent", node.netns)),
+            namespace: daemon_set.metadata.namespace.clone(),
+            labels: template.metadata.and_then(|m| m.labels),
+            ..ObjectMeta::default()
+        },
+        spec: Some(spec),
+        status: None,
+    };
+    let config_maps: Vec<&ConfigMap> = rendered.config_maps.iter().collect();
+    let pod_file = host.root.join("pod.yaml");
+    let config_map_file = host.root.join("config-map.yaml");
+    std::fs::write(&pod_file, serde_yaml::to_string(&pod).expect("pod YAML")).expect("write");
+    let config_map_yaml: Vec<String> = config_maps
+        .iter()
+        .map(|c| serde_yaml::to_string(c).expect("ConfigMap YAML"))
+        .collect();
+    std::fs::write(&config_map_file, config_map_yaml.join("---\n")).expect("write");
+    // A host-network pod joins podman's own network namespace: the node's.
+    let _played = Played(pod.metadata.name.clone().expect("a name"));
+    run(Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.netns))
+        .arg(deploy::workspace_root().join("image/podman"))
+        .args(["kube", "play", "--configmap"])
+        .arg(&config_map_file)
+        .arg(&pod_file));
+    // Ready, as the kubelet's readiness probe asks it.
+    let probe = agent
+        .readiness_probe
+        .and_then(|p| p.http_get)
+        .expect("an HTTP readiness probe");
+    let probe_host = probe.host.expect("the probe names the host (host network)");
+    let IntOrString::Int(port) = probe.port else {
+        panic!("the probe's port is a number")
+    };
+    let path = probe.path.expect("a probe path");
+    wait_for(
+        "the played pod to be ready",
+        Duration::from_secs(60),
+        || {
+            node.http_get_at((&probe_host, port as u16), &path)
+                .is_some_and(|(code, _)| code == 200)
+        },
+    );
+    judged_as_explain_says(&node);
+    bpftool_sees_the_pins(&node);
+}
+
+/// The DaemonSet's memory limit, in bytes (a `Mi` or `Gi` quantity).
+fn memory_limit() -> u64 {
+    let rendered = deploy::render("");
+    let spec = rendered.daemon_set().spec.as_ref().expect("spec");
+    let container = &spec.template.spec.as_ref().expect("pod spec").containers[0];
+    let limit = &container
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("memory"))
+        .expect("a memory limit")
+        .0;
+    let (number, unit) = limit.split_at(limit.len() - 2);
+    let unit: u64 = match unit {
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        other => panic!("a memory limit in {other}: {limit}"),
+    };
+    number.parse::<u64>().expect("a number") * unit
+}
+
+/// New flows into `web` judged by the kernel as `enforcer explain` judges them on
+/// the example state: allowed ones pass as new flows, denied ones are dropped.
+fn judged_as_explain_says(node: &Node) {
+    let explainer = Explainer {
+        enforcer: support::enforcer_binary(),
+        state: example_state(),
+    };
+    let mut verdicts = Vec::new();
+    for (n, &(peer, port)) in FLOWS.iter().enumerate() {
+        let allowed = explainer
+            .explain(WEB, Direction::Ingress, IpAddr::V4(peer), Probe::Tcp(port))
+            .expect("enforcer explain")
+            .allowed;
+        let ip = frame::tcp(peer, 40_000 + n as u16, WEB_IP, port, frame::TCP_SYN);
+        let expected = if allowed {
+            Reason::PassNew
+        } else {
+            Reason::DropPolicy
+        };
+        node.expect_verdicts(
+            vec![frame::ip_frame(Tag::Vlan(WEB_VLAN), &ip)],
+            &[(expected, 1)],
+        );
+        verdicts.push(allowed);
+    }
+    assert!(
+        verdicts.contains(&true) && verdicts.contains(&false),
+        "the flows should include allowed and denied ones: {verdicts:?}"
+    );
+}
+
+/// The program pinned for `direction` (`ingress`/`egress`), by ID.
+fn pinned_program(node: &Node, direction: &str) -> u32 {
+    let pin = node.pin_path.join(format!("programs/tc_{direction}"));
+    aya::programs::ProgramInfo::from_pin(&pin)
+        .unwrap_or_else(|e| panic!("{}: {e}", pin.display()))
+        .id()
+}
+
+/// `bpftool` on the host shows the agent's pinned maps, and its pinned TCX links
+/// holding its pinned programs.
+fn bpftool_sees_the_pins(node: &Node) {
+    let bpftool = |args: &[&str], pin: PathBuf| run(Command::new("bpftool").args(args).arg(&pin));
+    let pods = bpftool(
+        &["map", "show", "pinned"],
+        node.pin_path.join("maps").join(map_names::PODS),
+    );
+    assert!(pods.contains(map_names::PODS), "bpftool map show: {pods}");
+    for direction in ["ingress", "egress"] {
+        let link = bpftool(
+            &["link", "show", "pinned"],
+            node.pin_path.join(format!("links/tc_{direction}")),
+        );
+        let program = format!("prog {}", pinned_program(node, direction));
+        assert!(
+            link.contains(&program),
+            "bpftool link show: {link}, not {program}"
+        );
+    }
+}
+
+/// A container started with `podman run --detach --name NAME`, removed on drop.
+struct RunningContainer(String);
+
+impl Drop for RunningContainer {
+    fn drop(&mut self) {
+        let _ = podman()
+            .args(["rm", "--force", "--time", "0", &self.0])
+            .output();
+    }
+}
+
+/// A pod started with `podman kube play`, by name, removed on drop.
+struct Played(String);
+
+impl Drop for Played {
+    fn drop(&mut self) {
+        let _ = podman()
+            .args(["pod", "rm", "--force", "--time", "0", &self.0])
+            .output();
+    }
+}
+
+/// The node's host paths for a played pod: a bpffs instance of its own (so the
+/// manifest's pin path cannot meet another agent's) and a run directory.
+struct HostPaths {
+    root: PathBuf,
+    bpffs: PathBuf,
+    run: PathBuf,
+}
+
+impl HostPaths {
+    fn new() -> Self {
+        let root =
+            std::env::temp_dir().join(format!("enforcer-test-deploy-{}", std::process::id()));
+        let (bpffs, run_dir) = (root.join("bpf"), root.join("run"));
+        for dir in [&bpffs, &run_dir] {
+            std::fs::create_dir_all(dir).expect("create the host paths");
+        }
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs));
+        Self {
+            root,
+            bpffs,
+            run: run_dir,
+        }
+    }
+}
+
+impl Drop for HostPaths {
+    fn drop(&mut self) {
+        let _ = enforcer::ebpf::uninstall(&self.bpffs.join("enforcer"));
+        let _ = Command::new("umount").arg(&self.bpffs).status();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
