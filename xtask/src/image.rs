@@ -16,6 +16,7 @@ use crate::command::{output, run as run_command, workspace_root};
 const TARGET: &str = "x86_64-unknown-linux-musl";
 const PODMAN: &str = "image/podman";
 const CONTAINERFILE: &str = "image/Containerfile";
+const LABEL: &str = "org.opencontainers.image";
 
 pub fn run(tag: Option<&str>) -> Result<()> {
     let root = workspace_root();
@@ -42,9 +43,9 @@ pub fn run(tag: Option<&str>) -> Result<()> {
         Command::new(root.join(PODMAN))
             .current_dir(&root)
             .args(["build", "--file", CONTAINERFILE, "--tag", &tag])
-            .args(["--build-arg", &format!("VERSION={version}")])
-            .args(["--build-arg", &format!("REVISION={}", revision()?)])
-            .args(["--build-arg", &format!("SOURCE={}", source())])
+            .args(["--label", &format!("{LABEL}.version={version}")])
+            .args(["--label", &format!("{LABEL}.revision={}", revision()?)])
+            .args(["--label", &format!("{LABEL}.source={}", source())])
             .arg(&context),
     )?;
     let size = output(Command::new(root.join(PODMAN)).args([
