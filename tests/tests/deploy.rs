@@ -2,7 +2,8 @@
 //! run by podman on a namespace trunk, and the DaemonSet's pod template as
 //! `kubectl kustomize deploy/` renders it, played by `podman kube play`. Both
 //! enforce the example state (`deploy/agent/example-state`, whose trunk is
-//! `eth1`) inside a test network namespace whose trunk is named `eth1`.
+//! `eth1`) inside a test network namespace whose trunk is named `eth1`; and an
+//! upgrade from one container to the next over pins of another layout.
 
 #[path = "agent_support/mod.rs"]
 mod support;
@@ -13,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use enforcer::model::Direction;
-use enforcer_common::{Reason, map_names};
+use enforcer_common::{PodEntry, Reason, map_names};
 use enforcer_tests::deploy::{self, podman, run};
 use enforcer_tests::frame::{self, Tag};
 use enforcer_tests::testbed::matrix::Explainer;
@@ -22,7 +23,9 @@ use enforcer_tests::testbed::traffic::Probe;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use support::{Node, wait_for};
+use support::{
+    Node, maps_of_attached_program, pin_pods_map_of_an_older_layout, pinned_map, wait_for,
+};
 
 /// The example NodeConfig's node and trunk.
 const NODE: &str = "ip-10-0-1-10.ec2.internal";
@@ -84,36 +87,8 @@ fn the_image_is_one_static_binary_with_its_labels() {
 fn the_image_enforces_the_example_state_on_a_namespace_trunk() {
     let image = deploy::image();
     let node = Node::with_trunk(Some(TRUNK));
-    let state = example_state().canonicalize().expect("the example state");
-    std::fs::create_dir_all(enforcer::status::REPORT_DIR).expect("the report directory");
-    let name = format!("{}-agent", node.netns);
-    let netns = format!("ns:/run/netns/{}", node.netns);
-    let pin_path = node.pin_path.to_str().expect("utf-8 pin path");
-    let state_mount = format!("{}:/etc/enforcer/state:ro", state.display());
-    let report_mount = format!("{0}:{0}", enforcer::status::REPORT_DIR);
-    let _container = RunningContainer(name.clone());
-    run(podman()
-        .args(["run", "--detach", "--name", &name, "--privileged"])
-        .args(["--network", &netns])
-        .args(["--volume", "/sys/fs/bpf:/sys/fs/bpf"])
-        .args(["--volume", &state_mount, "--volume", &report_mount])
-        .arg(image)
-        .args([
-            "run",
-            "--state",
-            "/etc/enforcer/state",
-            "--pin-path",
-            pin_path,
-        ])
-        .args(["--metrics-addr", "127.0.0.1:9464"]));
-    wait_for(
-        "the agent in the container to be ready",
-        Duration::from_secs(30),
-        || {
-            node.http_get("/readyz")
-                .is_some_and(|(code, _)| code == 200)
-        },
-    );
+    let container = RunningContainer::start(&node, image, "agent");
+    container.wait_ready(&node);
     judged_as_explain_says(&node);
     assert_eq!(
         node.attached(),
@@ -125,7 +100,7 @@ fn the_image_enforces_the_example_state_on_a_namespace_trunk() {
     );
     bpftool_sees_the_pins(&node);
     // The manifest's memory limit holds the first start's peak, maps included.
-    let cgroup = run(podman().args(["inspect", "--format", "{{.State.CgroupPath}}", &name]));
+    let cgroup = run(podman().args(["inspect", "--format", "{{.State.CgroupPath}}", &container.0]));
     let peak = Path::new("/sys/fs/cgroup/memory")
         .join(cgroup.trim().trim_start_matches('/'))
         .join("memory.max_usage_in_bytes");
@@ -140,8 +115,66 @@ fn the_image_enforces_the_example_state_on_a_namespace_trunk() {
         "the agent peaked at {peak} bytes, over the manifest's limit {limit}"
     );
     // `enforcer status` on the host reads what the agent in the container enforces.
+    let pin_path = node.pin_path.to_str().expect("utf-8 pin path");
     let status = node.enforcer(&["status", "--pin-path", pin_path]);
     assert!(status.contains(WEB), "status does not list {WEB}: {status}");
+}
+
+/// A rolling upgrade on one node: image v1 enforcing, its container killed, the
+/// next version's container started over pins of another layout (what a build
+/// whose `PodEntry` was smaller pinned, made as `tests/upgrade.rs` does; v2 is
+/// this checkout's image): a denied frame arriving every 200 µs from before the
+/// kill until v2 is ready is judged and dropped every time, and exactly one
+/// program per direction is attached after it, using the migrated map.
+#[test]
+fn a_rolling_upgrade_between_images_leaves_no_frame_unjudged() {
+    let image = deploy::image();
+    let mut node = Node::with_trunk(Some(TRUNK));
+    let v1 = RunningContainer::start(&node, image, "v1");
+    v1.wait_ready(&node);
+    let (peer, port) = (Ipv4Addr::new(198, 51, 100, 77), 80);
+    assert!(
+        !explainer()
+            .explain(WEB, Direction::Ingress, IpAddr::V4(peer), Probe::Tcp(port))
+            .expect("enforcer explain")
+            .allowed,
+        "the frame sent during the upgrade is one the policy denies"
+    );
+    let denied = frame::tcp(peer, 41_000, WEB_IP, port, frame::TCP_SYN);
+    let mut older_pods = None;
+    let mut v2 = None;
+    node.start_under_denied_traffic(frame::ip_frame(Tag::Vlan(WEB_VLAN), &denied), |node| {
+        v1.kill();
+        older_pods = Some(pin_pods_map_of_an_older_layout(node));
+        let started = RunningContainer::start(node, image, "v2");
+        started.wait_ready(node);
+        v2 = Some(started);
+    });
+    let _v2 = v2;
+    assert_eq!(
+        node.attached(),
+        (
+            vec![pinned_program(&node, "ingress")],
+            vec![pinned_program(&node, "egress")]
+        ),
+        "exactly one program per direction after the upgrade, the pinned one"
+    );
+    let pods = pinned_map(&node, map_names::PODS);
+    assert_eq!(
+        pods.value_size() as usize,
+        size_of::<PodEntry>(),
+        "PODS migrated"
+    );
+    assert_ne!(
+        Some(pods.id()),
+        older_pods,
+        "the older PODS pin is replaced"
+    );
+    assert!(
+        maps_of_attached_program(&node).contains(&pods.id()),
+        "the attached program uses the migrated PODS"
+    );
+    judged_as_explain_says(&node);
 }
 
 /// `podman kube play` of the DaemonSet's pod template exactly as `kubectl kustomize
@@ -261,13 +294,18 @@ fn memory_limit() -> u64 {
     number.parse::<u64>().expect("a number") * unit
 }
 
+/// `enforcer explain` on the example state.
+fn explainer() -> Explainer {
+    Explainer {
+        enforcer: support::enforcer_binary(),
+        state: example_state(),
+    }
+}
+
 /// New flows into `web` judged by the kernel as `enforcer explain` judges them on
 /// the example state: allowed ones pass as new flows, denied ones are dropped.
 fn judged_as_explain_says(node: &Node) {
-    let explainer = Explainer {
-        enforcer: support::enforcer_binary(),
-        state: example_state(),
-    };
+    let explainer = explainer();
     let mut verdicts = Vec::new();
     for (n, &(peer, port)) in FLOWS.iter().enumerate() {
         let allowed = explainer
@@ -322,8 +360,56 @@ fn bpftool_sees_the_pins(node: &Node) {
     }
 }
 
-/// A container started with `podman run --detach --name NAME`, removed on drop.
+/// The image run as `podman run --privileged` in the node's network namespace,
+/// with the host's bpffs and report directory, on the example state; removed on drop.
 struct RunningContainer(String);
+
+impl RunningContainer {
+    fn start(node: &Node, image: &str, name: &str) -> Self {
+        let state = example_state().canonicalize().expect("the example state");
+        std::fs::create_dir_all(enforcer::status::REPORT_DIR).expect("the report directory");
+        let container = Self(format!("{}-{name}", node.netns));
+        let pin_path = node.pin_path.to_str().expect("utf-8 pin path");
+        run(podman()
+            .args(["run", "--detach", "--name", &container.0, "--privileged"])
+            .args(["--network", &format!("ns:/run/netns/{}", node.netns)])
+            .args(["--volume", "/sys/fs/bpf:/sys/fs/bpf"])
+            .args([
+                "--volume",
+                &format!("{}:/etc/enforcer/state:ro", state.display()),
+            ])
+            .args([
+                "--volume",
+                &format!("{0}:{0}", enforcer::status::REPORT_DIR),
+            ])
+            .arg(image)
+            .args([
+                "run",
+                "--state",
+                "/etc/enforcer/state",
+                "--pin-path",
+                pin_path,
+            ])
+            .args(["--metrics-addr", "127.0.0.1:9464"]));
+        container
+    }
+
+    fn wait_ready(&self, node: &Node) {
+        wait_for(
+            &format!("the agent in {} to be ready", self.0),
+            Duration::from_secs(30),
+            || {
+                node.http_get("/readyz")
+                    .is_some_and(|(code, _)| code == 200)
+            },
+        );
+    }
+
+    /// SIGKILL, as a node losing its pod would; the pins stay.
+    fn kill(self) {
+        run(podman().args(["rm", "--force", "--time", "0", &self.0]));
+    }
+}
 
 impl Drop for RunningContainer {
     fn drop(&mut self) {
