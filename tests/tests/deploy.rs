@@ -11,6 +11,7 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use enforcer::model::Direction;
@@ -20,7 +21,7 @@ use enforcer_tests::frame::{self, Tag};
 use enforcer_tests::testbed::matrix::Explainer;
 use enforcer_tests::testbed::scenario::example_state;
 use enforcer_tests::testbed::traffic::Probe;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use support::{
@@ -178,26 +179,72 @@ fn a_rolling_upgrade_between_images_leaves_no_frame_unjudged() {
 }
 
 /// `podman kube play` of the DaemonSet's pod template exactly as `kubectl kustomize
-/// deploy/` renders it, with the state ConfigMap it renders. Only the node's own
-/// parts are filled in: `spec.nodeName` and `NODE_NAME` (the scheduler's and the
-/// kubelet's), and the hostPath volumes, pointed at this test's bpffs instance and
-/// run directory.
+/// deploy/` renders it (see [`play`]): the agent gets ready as its readiness probe
+/// asks, and enforces.
 #[test]
 fn the_rendered_daemon_set_gets_ready_under_podman_kube_play() {
-    let image = deploy::image();
-    let rendered = deploy::render("");
-    let daemon_set = rendered.daemon_set();
-    let template = daemon_set.spec.as_ref().expect("spec").template.clone();
-    let mut spec: PodSpec = template.spec.expect("a pod spec");
-    let agent = spec.containers[0].clone();
-    assert_eq!(
-        agent.image.as_deref(),
-        Some(image),
-        "the manifest runs the image built"
-    );
     let host = HostPaths::new();
     let mut node = Node::with_trunk(Some(TRUNK));
     node.pin_path = host.bpffs.join("enforcer");
+    let (_played, agent) = play(&node, &host, "");
+    assert_eq!(
+        agent.image.as_deref(),
+        Some(deploy::image()),
+        "the manifest runs the image built"
+    );
+    wait_ready_as_probed(&node, &agent);
+    judged_as_explain_says(&node);
+    bpftool_sees_the_pins(&node);
+}
+
+/// The README's removal: the agent's pod deleted leaves its programs enforcing;
+/// the `remove` overlay's pod (played as rendered, see [`play`]) uninstalls them.
+#[test]
+fn the_remove_overlay_uninstalls_what_the_daemon_set_installed() {
+    let host = HostPaths::new();
+    let mut node = Node::with_trunk(Some(TRUNK));
+    node.pin_path = host.bpffs.join("enforcer");
+    let (played, agent) = play(&node, &host, "");
+    wait_ready_as_probed(&node, &agent);
+    drop(played);
+    let denied = frame::tcp(
+        Ipv4Addr::new(198, 51, 100, 77),
+        42_000,
+        WEB_IP,
+        80,
+        frame::TCP_SYN,
+    );
+    node.expect_verdicts(
+        vec![frame::ip_frame(Tag::Vlan(WEB_VLAN), &denied)],
+        &[(Reason::DropPolicy, 1)],
+    );
+    let (_removal, _) = play(&node, &host, "remove");
+    wait_for(
+        "the remove overlay's init container to uninstall",
+        Duration::from_secs(60),
+        || !node.pin_path.exists(),
+    );
+    assert_eq!(
+        node.attached(),
+        (vec![], vec![]),
+        "nothing attached to the trunk after the removal"
+    );
+}
+
+/// Plays the pod template of the DaemonSet `kubectl kustomize deploy/<overlay>`
+/// renders, with the state ConfigMap it renders, in the node's network namespace;
+/// returns the pod (removed on drop) and its first container as rendered. Only
+/// the node's own parts are filled in: `spec.nodeName` and `NODE_NAME` (the
+/// scheduler's and the kubelet's: podman resolves only metadata fields of the
+/// downward API), the hostPath volumes (this test's bpffs instance and run
+/// directory), and `registry.k8s.io/pause` (no registry here) by podman's own
+/// pause image.
+fn play(node: &Node, host: &HostPaths, overlay: &str) -> (Played, Container) {
+    let rendered = deploy::render(overlay);
+    let daemon_set = rendered.daemon_set();
+    let template = daemon_set.spec.as_ref().expect("spec").template.clone();
+    let mut spec: PodSpec = template.spec.expect("a pod spec");
+    let first = spec.containers[0].clone();
     for volume in spec.volumes.iter_mut().flatten() {
         if let Some(path) = volume.host_path.as_mut() {
             path.path = match path.path.as_str() {
@@ -207,26 +254,38 @@ fn the_rendered_daemon_set_gets_ready_under_podman_kube_play() {
             };
         }
     }
-    // What the scheduler and the kubelet fill in: the node, and NODE_NAME from it
-    // (podman resolves only metadata fields of the downward API).
     spec.node_name = Some(NODE.to_string());
-    for variable in spec
+    let containers = spec
         .containers
         .iter_mut()
-        .flat_map(|c| c.env.iter_mut().flatten())
-    {
-        let field = variable
-            .value_from
-            .as_ref()
-            .and_then(|v| v.field_ref.as_ref());
-        if field.is_some_and(|f| f.field_path == "spec.nodeName") {
-            variable.value_from = None;
-            variable.value = Some(NODE.to_string());
+        .chain(spec.init_containers.iter_mut().flatten());
+    for container in containers {
+        for variable in container.env.iter_mut().flatten() {
+            let field = variable
+                .value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref());
+            if field.is_some_and(|f| f.field_path == "spec.nodeName") {
+                variable.value_from = None;
+                variable.value = Some(NODE.to_string());
+            }
+        }
+        if container
+            .image
+            .as_deref()
+            .is_some_and(|i| i.starts_with("registry.k8s.io/pause:"))
+        {
+            container.image = Some(podman_pause_image());
         }
     }
+    let name = format!(
+        "{}-{}",
+        node.netns,
+        if overlay.is_empty() { "agent" } else { overlay }
+    );
     let pod = Pod {
         metadata: ObjectMeta {
-            name: Some(format!("{}-agent", node.netns)),
+            name: Some(name.clone()),
             namespace: daemon_set.metadata.namespace.clone(),
             labels: template.metadata.and_then(|m| m.labels),
             ..ObjectMeta::default()
@@ -234,29 +293,50 @@ fn the_rendered_daemon_set_gets_ready_under_podman_kube_play() {
         spec: Some(spec),
         status: None,
     };
-    let config_maps: Vec<&ConfigMap> = rendered.config_maps.iter().collect();
-    let pod_file = host.root.join("pod.yaml");
-    let config_map_file = host.root.join("config-map.yaml");
+    let pod_file = host.root.join(format!("{name}.yaml"));
+    let config_map_file = host.root.join(format!("{name}-config-maps.yaml"));
     std::fs::write(&pod_file, serde_yaml::to_string(&pod).expect("pod YAML")).expect("write");
-    let config_map_yaml: Vec<String> = config_maps
+    let config_maps: Vec<String> = rendered
+        .config_maps
         .iter()
         .map(|c| serde_yaml::to_string(c).expect("ConfigMap YAML"))
         .collect();
-    std::fs::write(&config_map_file, config_map_yaml.join("---\n")).expect("write");
+    std::fs::write(&config_map_file, config_maps.join("---\n")).expect("write");
     // A host-network pod joins podman's own network namespace: the node's.
-    let _played = Played(pod.metadata.name.clone().expect("a name"));
+    let played = Played(name);
     run(Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", node.netns))
         .arg(deploy::workspace_root().join("image/podman"))
         .args(["kube", "play", "--configmap"])
         .arg(&config_map_file)
         .arg(&pod_file));
-    // Ready, as the kubelet's readiness probe asks it.
-    let probe = agent
+    (played, first)
+}
+
+/// The pause image podman builds for its pods' infra containers (after a first play).
+fn podman_pause_image() -> String {
+    let images = run(podman().args([
+        "images",
+        "--filter",
+        "reference=localhost/podman-pause",
+        "--format",
+        "{{.Repository}}:{{.Tag}}",
+    ]));
+    images
+        .lines()
+        .next()
+        .expect("podman's pause image, built by an earlier kube play")
+        .to_string()
+}
+
+/// Waits until `container`'s readiness probe, asked as the kubelet asks it, succeeds.
+fn wait_ready_as_probed(node: &Node, container: &Container) {
+    let probe = container
         .readiness_probe
+        .clone()
         .and_then(|p| p.http_get)
         .expect("an HTTP readiness probe");
-    let probe_host = probe.host.expect("the probe names the host (host network)");
+    let host = probe.host.expect("the probe names the host (host network)");
     let IntOrString::Int(port) = probe.port else {
         panic!("the probe's port is a number")
     };
@@ -265,12 +345,10 @@ fn the_rendered_daemon_set_gets_ready_under_podman_kube_play() {
         "the played pod to be ready",
         Duration::from_secs(60),
         || {
-            node.http_get_at((&probe_host, port as u16), &path)
+            node.http_get_at((&host, port as u16), &path)
                 .is_some_and(|(code, _)| code == 200)
         },
     );
-    judged_as_explain_says(&node);
-    bpftool_sees_the_pins(&node);
 }
 
 /// The DaemonSet's memory limit, in bytes (a `Mi` or `Gi` quantity).
@@ -440,8 +518,12 @@ struct HostPaths {
 
 impl HostPaths {
     fn new() -> Self {
-        let root =
-            std::env::temp_dir().join(format!("enforcer-test-deploy-{}", std::process::id()));
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "enforcer-test-deploy-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
         let (bpffs, run_dir) = (root.join("bpf"), root.join("run"));
         for dir in [&bpffs, &run_dir] {
             std::fs::create_dir_all(dir).expect("create the host paths");
