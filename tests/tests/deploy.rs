@@ -2,8 +2,9 @@
 //! run by podman on a namespace trunk, and the DaemonSet's pod template as
 //! `kubectl kustomize deploy/` renders it, played by `podman kube play`. Both
 //! enforce the example state (`deploy/agent/example-state`, whose trunk is
-//! `eth1`) inside a test network namespace whose trunk is named `eth1`; and an
-//! upgrade from one container to the next over pins of another layout.
+//! `eth1`) inside a test network namespace whose trunk is named `eth1`. Then an
+//! upgrade from one container to the next over pins of another layout, and the
+//! removal by the rendered `remove` overlay.
 
 #[path = "agent_support/mod.rs"]
 mod support;
