@@ -18,6 +18,7 @@ pub mod pins;
 mod prefix;
 mod resolve;
 pub mod sgp;
+pub mod sources;
 pub mod state;
 pub mod status;
 pub mod watch;

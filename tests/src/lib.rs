@@ -1,6 +1,7 @@
 //! Shared helpers of the privileged integration tests: frames built byte by
 //! byte, and the guard that makes a test fail (never skip) without root.
 
+pub mod deploy;
 pub mod frame;
 pub mod kernel;
 pub mod models;

@@ -12,7 +12,10 @@ use std::time::Duration;
 use aya::maps::MapInfo;
 use enforcer::maps::KernelMaps;
 use enforcer_common::{PodEntry, PodTraffic, Reason, map_names};
-use support::{Node, TestPod, TestState, ack_to, syn_to, wait_for};
+use support::{
+    Node, TestPod, TestState, ack_to, maps_of_attached_program, pin_pods_map_of_an_older_layout,
+    pinned_map, syn_to, wait_for,
+};
 
 const OPEN: u16 = 80;
 const CLOSED: u16 = 81;
@@ -40,50 +43,6 @@ fn flows_of(node: &Node, vlan: u16) -> usize {
         .iter()
         .filter(|(key, _)| key.vlan == vlan)
         .count()
-}
-
-fn pinned_map(node: &Node, name: &str) -> MapInfo {
-    MapInfo::from_pin(enforcer::ebpf::map_pin(&node.pin_path, name)).expect("pinned map info")
-}
-
-/// The maps the program attached at the trunk's ingress uses, by ID.
-fn maps_of_attached_program(node: &Node) -> BTreeSet<u32> {
-    let program = node.attached().0[0];
-    aya::programs::loaded_programs()
-        .map(|info| info.expect("program info"))
-        .find(|info| info.id() == program)
-        .expect("the attached program is loaded")
-        .map_ids()
-        .expect("map IDs")
-        .expect("the kernel reports map IDs")
-        .into_iter()
-        .collect()
-}
-
-/// Replaces the pinned `PODS` with the map a build whose `PodEntry` was 8 bytes
-/// smaller would have pinned (the attached programs keep the map they hold).
-fn pin_pods_map_of_an_older_layout(node: &Node) -> u32 {
-    let pin = enforcer::ebpf::map_pin(&node.pin_path, map_names::PODS);
-    let current = pinned_map(node, map_names::PODS);
-    std::fs::remove_file(&pin).expect("unpin PODS");
-    let older_value = (size_of::<PodEntry>() - 8).to_string();
-    let out = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&pin)
-        .args(["type", "hash", "key", "2", "value", &older_value])
-        .args(["entries", &current.max_entries().to_string()])
-        .args(["name", map_names::PODS, "flags"])
-        .arg(current.map_flags().to_string())
-        .output()
-        .expect("run bpftool (installed by `cargo xtask setup`)");
-    assert!(
-        out.status.success(),
-        "bpftool map create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let older = pinned_map(node, map_names::PODS);
-    assert_ne!(older.value_size(), current.value_size());
-    older.id()
 }
 
 #[test]

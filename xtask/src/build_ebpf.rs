@@ -97,8 +97,13 @@ pub fn run(release: bool) -> Result<()> {
         let built = target_dir.join(TARGET).join(profile).join(object);
         let staged = staged_object(profile, object);
         std::fs::create_dir_all(staged.parent().expect("staged object has a parent"))?;
-        std::fs::copy(&built, &staged)
-            .with_context(|| format!("cannot copy {} to {}", built.display(), staged.display()))?;
+        let bytes =
+            std::fs::read(&built).with_context(|| format!("cannot read {}", built.display()))?;
+        // An unchanged object keeps its mtime, so the binaries embedding it are not rebuilt.
+        if std::fs::read(&staged).ok().as_deref() != Some(&bytes[..]) {
+            std::fs::write(&staged, &bytes)
+                .with_context(|| format!("cannot write {}", staged.display()))?;
+        }
         eprintln!("xtask: eBPF object staged at {}", staged.display());
     }
     Ok(())

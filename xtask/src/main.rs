@@ -1,9 +1,10 @@
-//! Developer and CI verbs: `cargo xtask setup | build-ebpf | test | demo | bench`.
+//! Developer and CI verbs: `cargo xtask setup | build-ebpf | image | test | demo | bench`.
 
 mod bench;
 mod build_ebpf;
 mod command;
 mod demo;
+mod image;
 mod setup;
 mod test;
 
@@ -22,13 +23,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Verb {
-    /// Install what is missing (nightly rust-src, bpf-linker, Debian packages); idempotent.
+    /// Install what is missing (nightly rust-src, the musl target, bpf-linker, Debian packages
+    /// with podman); idempotent.
     Setup,
     /// Build the kernel programs for bpfel-unknown-none (with BTF) and stage them for embedding.
     BuildEbpf {
         /// Build with the release profile (what the tests and the agent use).
         #[arg(long)]
         release: bool,
+    },
+    /// Build the agent's container image: a static musl build of `enforcer` (the release
+    /// eBPF object embedded) `FROM scratch`, with Debian's podman (`image/podman`).
+    Image {
+        /// The image's name and tag (default: `sgp-enforcer:<enforcer's version>`).
+        #[arg(long, value_name = "T")]
+        tag: Option<String>,
     },
     /// Run every test: unit tests, then the privileged integration tests (root, BPF, namespaces).
     Test,
@@ -60,6 +69,10 @@ fn main() -> Result<ExitCode> {
         Verb::BuildEbpf { release } => {
             setup::run()?;
             build_ebpf::run(release)?
+        }
+        Verb::Image { tag } => {
+            setup::run()?;
+            image::run(tag.as_deref())?
         }
         Verb::Test => {
             setup::run()?;

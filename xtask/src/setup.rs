@@ -1,4 +1,4 @@
-//! `cargo xtask setup`: installs what the build and the tests need, and does
+//! `cargo xtask setup`: installs what the build, the image and the tests need, and does
 //! nothing when everything is there (recipe: ../shared/docs/toolchain.md).
 
 use std::path::PathBuf;
@@ -20,13 +20,44 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("iputils-ping", "ping"),
     ("tcpdump", "tcpdump"),
+    // The image is built and run with Debian's podman, runc and catatonit (image/podman).
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("catatonit", "catatonit"),
 ];
+
+/// The image's binary is a static build for this target (`cargo xtask image`).
+const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
 pub fn run() -> Result<()> {
     rust_src()?;
+    musl_target()?;
     bpf_linker()?;
     packages()?;
+    kubectl()?;
     bpffs()
+}
+
+fn musl_target() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))
+        .context("rustup cannot list the installed targets")?;
+    if installed.lines().any(|l| l.trim() == MUSL_TARGET) {
+        return Ok(());
+    }
+    eprintln!("xtask setup: adding the {MUSL_TARGET} target (the image's static binary)");
+    run_command(Command::new("rustup").args(["target", "add", MUSL_TARGET]))
+}
+
+/// `kubectl kustomize deploy/` renders the manifests the tests run. kubectl (with its
+/// built-in kustomize) comes with the machine image: Debian 12 only has a 1.20 client,
+/// whose kustomize is too old for `deploy/`.
+fn kubectl() -> Result<()> {
+    if output(Command::new("kubectl").args(["version", "--client"])).is_some() {
+        return Ok(());
+    }
+    bail!(
+        "kubectl is not installed: the tests render deploy/ with `kubectl kustomize` (kubectl >= 1.27)"
+    )
 }
 
 fn rust_src() -> Result<()> {

@@ -109,7 +109,7 @@ pub(crate) struct Inventory {
     pub references: Vec<Located<Reference>>,
 }
 
-const SGP_API_VERSION: &str = "vpcresources.k8s.aws/v1beta1";
+pub(crate) const SGP_API_VERSION: &str = "vpcresources.k8s.aws/v1beta1";
 const NODE_CONFIG_API_VERSION: &str = "enforcer.sgp.dev/v1alpha1";
 
 impl Inventory {

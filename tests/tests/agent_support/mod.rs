@@ -4,6 +4,7 @@
 // Each test file uses its own subset of these helpers.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
@@ -16,7 +17,8 @@ use std::sync::Once;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use enforcer_common::Reason;
+use aya::maps::MapInfo;
+use enforcer_common::{PodEntry, Reason, map_names};
 use enforcer_tests::frame::{self, Tag};
 
 /// The agent's metrics endpoint inside the node's namespace.
@@ -112,13 +114,19 @@ fn ip(args: &[&str]) {
 impl Node {
     /// A fresh node; fails the test without root.
     pub fn new() -> Self {
+        Self::with_trunk(None)
+    }
+
+    /// A fresh node whose trunk is named `trunk` (its own namespace holds the name),
+    /// or a unique name.
+    pub fn with_trunk(trunk: Option<&str>) -> Self {
         enforcer_tests::require_root();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let tag = format!("{}{}", pid % 100_000, n);
         let node = Self {
             netns: format!("enforcer-test-{pid}-{n}"),
-            trunk: format!("et{tag}a"),
+            trunk: trunk.map_or_else(|| format!("et{tag}a"), str::to_string),
             peer: format!("et{tag}b"),
             state_dir: std::env::temp_dir().join(format!("enforcer-test-{pid}-{n}")),
             pin_path: PathBuf::from(format!("/sys/fs/bpf/enforcer-test-{pid}-{n}")),
@@ -262,9 +270,15 @@ impl Node {
 
     /// `GET path` on the agent's endpoint inside the namespace: status code and body.
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        self.http_get_at(("127.0.0.1", METRICS_PORT), path)
+    }
+
+    /// `GET path` on `address` inside the namespace: status code and body.
+    pub fn http_get_at(&self, address: (&str, u16), path: &str) -> Option<(u16, String)> {
         let path = path.to_string();
+        let (host, port) = (address.0.to_string(), address.1);
         self.in_netns(move || {
-            let mut stream = TcpStream::connect(("127.0.0.1", METRICS_PORT)).ok()?;
+            let mut stream = TcpStream::connect((host.as_str(), port)).ok()?;
             stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
             write!(
                 stream,
@@ -322,6 +336,16 @@ impl Node {
     /// trunk every 200 µs, and checks that every one of them was judged and
     /// dropped: a moment without a program would let some pass uncounted.
     pub fn start_agent_under_denied_traffic(&mut self, denied: Vec<u8>) {
+        self.start_under_denied_traffic(denied, |node| {
+            node.start_agent();
+            node.wait_ready();
+        });
+    }
+
+    /// Runs `start` (which returns once its agent is ready) while a frame the policy
+    /// denies (`denied`) arrives on the trunk every 200 µs, and checks that every one
+    /// of them was judged and dropped.
+    pub fn start_under_denied_traffic(&mut self, denied: Vec<u8>, start: impl FnOnce(&mut Self)) {
         let sent = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let before = self.counters();
@@ -337,8 +361,7 @@ impl Node {
                 }
             })
         };
-        self.start_agent();
-        self.wait_ready();
+        start(self);
         stop.store(true, Ordering::SeqCst);
         sender.join().expect("the sender");
         let sent = sent.load(Ordering::SeqCst);
@@ -412,6 +435,51 @@ impl Drop for Node {
             .status();
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
+}
+
+/// The kernel's description of the map pinned as `name`.
+pub fn pinned_map(node: &Node, name: &str) -> MapInfo {
+    MapInfo::from_pin(enforcer::ebpf::map_pin(&node.pin_path, name)).expect("pinned map info")
+}
+
+/// The maps the program attached at the trunk's ingress uses, by ID.
+pub fn maps_of_attached_program(node: &Node) -> BTreeSet<u32> {
+    let program = node.attached().0[0];
+    aya::programs::loaded_programs()
+        .map(|info| info.expect("program info"))
+        .find(|info| info.id() == program)
+        .expect("the attached program is loaded")
+        .map_ids()
+        .expect("map IDs")
+        .expect("the kernel reports map IDs")
+        .into_iter()
+        .collect()
+}
+
+/// Replaces the pinned `PODS` with the map a build whose `PodEntry` was 8 bytes
+/// smaller would have pinned (the attached programs keep the map they hold).
+pub fn pin_pods_map_of_an_older_layout(node: &Node) -> u32 {
+    let pin = enforcer::ebpf::map_pin(&node.pin_path, map_names::PODS);
+    let current = pinned_map(node, map_names::PODS);
+    std::fs::remove_file(&pin).expect("unpin PODS");
+    let older_value = (size_of::<PodEntry>() - 8).to_string();
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args(["type", "hash", "key", "2", "value", &older_value])
+        .args(["entries", &current.max_entries().to_string()])
+        .args(["name", map_names::PODS, "flags"])
+        .arg(current.map_flags().to_string())
+        .output()
+        .expect("run bpftool (installed by `cargo xtask setup`)");
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let older = pinned_map(node, map_names::PODS);
+    assert_ne!(older.value_size(), current.value_size());
+    older.id()
 }
 
 /// A packet socket bound to one interface of the calling thread's namespace.

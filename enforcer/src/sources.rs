@@ -1,0 +1,74 @@
+//! What the agent reads from the cluster and from EC2, as lists. Today an
+//! operator exports it into the state directory (`state/`); the live sources
+//! (watches in place of those files) will read exactly this. The deployment's
+//! permissions are checked against these lists, not written by hand: the
+//! ClusterRole in `deploy/agent/rbac.yaml` and `deploy/iam-policy.json`
+//! (`tests/tests/manifests.rs`).
+
+/// A Kubernetes resource the agent reads, and the verbs it needs on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KubernetesRead {
+    /// The API group (`""` for the core group).
+    pub group: &'static str,
+    /// The resource, plural, as RBAC names it.
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+const WATCH: &[&str] = &["get", "list", "watch"];
+
+/// The Kubernetes objects of the state directory, and this node.
+pub const KUBERNETES: &[KubernetesRead] = &[
+    // Pods: branch ENIs (`vpc.amazonaws.com/pod-eni`), labels, service accounts, addresses.
+    KubernetesRead {
+        group: "",
+        resource: "pods",
+        verbs: WATCH,
+    },
+    // ServiceAccounts: the labels `serviceAccountSelector` matches.
+    KubernetesRead {
+        group: "",
+        resource: "serviceaccounts",
+        verbs: WATCH,
+    },
+    // SecurityGroupPolicies: the VPC resource controller's CRD, not ours.
+    KubernetesRead {
+        group: "vpcresources.k8s.aws",
+        resource: "securitygrouppolicies",
+        verbs: WATCH,
+    },
+    // This node (`NODE_NAME`): its trunk ENI and primary addresses for the NodeConfig.
+    KubernetesRead {
+        group: "",
+        resource: "nodes",
+        verbs: &["get"],
+    },
+];
+
+/// The EC2 API actions (IAM names) behind the state directory's EC2 files.
+pub const EC2: &[&str] = &[
+    // security-groups.json: every group's rules.
+    "ec2:DescribeSecurityGroups",
+    // network-interfaces.json: the members of groups that rules reference.
+    "ec2:DescribeNetworkInterfaces",
+    // prefix-list-*.json: the prefix lists that rules reference, and their entries.
+    "ec2:DescribeManagedPrefixLists",
+    "ec2:GetManagedPrefixListEntries",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policies_are_read_from_the_group_the_state_parses() {
+        let sgp = KUBERNETES
+            .iter()
+            .find(|r| r.resource == "securitygrouppolicies")
+            .expect("securitygrouppolicies are read");
+        let (group, _version) = crate::state::SGP_API_VERSION
+            .split_once('/')
+            .expect("group/version");
+        assert_eq!(sgp.group, group);
+    }
+}

@@ -1,0 +1,350 @@
+//! `deploy/` as Kubernetes and IAM read it: every object `kubectl kustomize` renders
+//! parses as its k8s-openapi type with no field left over (`enforcer_tests::deploy`),
+//! the DaemonSet is what the issue asks of it, and its permissions are exactly what
+//! the agent reads (`enforcer::sources`), checked against that list.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use enforcer_tests::deploy::{self, Rendered};
+use enforcer_tests::testbed::scenario::example_state;
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+fn pod_spec(rendered: &Rendered) -> &PodSpec {
+    rendered
+        .daemon_set()
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("a pod template")
+}
+
+fn agent(rendered: &Rendered) -> &Container {
+    let spec = pod_spec(rendered);
+    assert_eq!(spec.containers.len(), 1, "one container: the agent");
+    &spec.containers[0]
+}
+
+/// The value after `flag` in `container`'s arguments.
+fn argument<'a>(container: &'a Container, flag: &str) -> &'a str {
+    let args = container.args.as_deref().unwrap_or_default();
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("{} has no {flag}: {args:?}", container.name));
+    &args[at + 1]
+}
+
+#[test]
+fn the_daemon_set_runs_one_agent_per_trunk_node_on_the_host() {
+    let rendered = deploy::render("");
+    let daemon_set = rendered.daemon_set();
+    assert_eq!(
+        daemon_set.metadata.namespace.as_deref(),
+        Some("kube-system")
+    );
+    let spec = pod_spec(&rendered);
+    // Only nodes with a trunk ENI.
+    let terms = &spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .expect("a required node affinity")
+        .node_selector_terms;
+    assert_eq!(terms.len(), 1);
+    let expressions = terms[0].match_expressions.as_deref().unwrap_or_default();
+    assert_eq!(expressions.len(), 1);
+    assert_eq!(expressions[0].key, "vpc.amazonaws.com/has-trunk-attached");
+    assert_eq!(expressions[0].operator, "In");
+    assert_eq!(
+        expressions[0].values.as_deref(),
+        Some(&["true".to_string()][..])
+    );
+    // Every taint tolerated, node-critical, on the host's network.
+    let tolerations = spec.tolerations.as_deref().unwrap_or_default();
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists")
+                && t.key.is_none()
+                && t.effect.is_none()),
+        "all taints tolerated: {tolerations:?}"
+    );
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert_eq!(spec.host_network, Some(true));
+    let agent = agent(&rendered);
+    assert_eq!(
+        agent.security_context.as_ref().and_then(|s| s.privileged),
+        Some(true)
+    );
+    // Never an uninstall on stop.
+    assert!(agent.lifecycle.is_none(), "no preStop/postStart hooks");
+    // NODE_NAME from the downward API.
+    let node_name = agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .expect("NODE_NAME from a fieldRef");
+    assert_eq!(node_name.field_path, "spec.nodeName");
+    // Measured requests and limits, both set.
+    let resources = agent.resources.as_ref().expect("resources");
+    for (what, quantities) in [
+        ("requests", &resources.requests),
+        ("limits", &resources.limits),
+    ] {
+        let quantities = quantities.as_ref().unwrap_or_else(|| panic!("no {what}"));
+        assert!(quantities.contains_key("memory"), "no memory {what}");
+    }
+    assert!(
+        resources
+            .requests
+            .as_ref()
+            .is_some_and(|r| r.contains_key("cpu"))
+    );
+    // A rolling update that never takes every node at once.
+    let strategy = daemon_set
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref())
+        .expect("an update strategy");
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let max_unavailable = strategy
+        .rolling_update
+        .as_ref()
+        .and_then(|r| r.max_unavailable.as_ref())
+        .expect("maxUnavailable");
+    match max_unavailable {
+        IntOrString::Int(n) => assert!(*n >= 1, "maxUnavailable {n}"),
+        IntOrString::String(percent) => {
+            let value: u32 = percent
+                .strip_suffix('%')
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("maxUnavailable {percent}"));
+            assert!((1..50).contains(&value), "maxUnavailable {percent}");
+        }
+    }
+}
+
+#[test]
+fn the_probes_and_mounts_are_the_agents_own() {
+    let rendered = deploy::render("");
+    let agent = agent(&rendered);
+    // The probes ask the endpoint the agent serves, where the kubelet reaches it.
+    let (host, port) = argument(agent, "--metrics-addr")
+        .rsplit_once(':')
+        .expect("HOST:PORT");
+    for (probe, path) in [
+        (&agent.readiness_probe, "/readyz"),
+        (&agent.liveness_probe, "/healthz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("an HTTP probe on {path}"));
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.host.as_deref(),
+            Some(host),
+            "{path}: the address it listens on"
+        );
+        assert_eq!(get.port, IntOrString::Int(port.parse().expect("a port")));
+    }
+    // bpffs under the pin path, the report directory, the state from its ConfigMap.
+    let spec = pod_spec(&rendered);
+    let volume = |mount_path: &str| {
+        let mount = agent
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == mount_path)
+            .unwrap_or_else(|| panic!("nothing mounted on {mount_path}"));
+        spec.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .unwrap_or_else(|| panic!("no volume {}", mount.name))
+    };
+    let pin_path = argument(agent, "--pin-path");
+    assert!(
+        pin_path.starts_with("/sys/fs/bpf/"),
+        "pins on bpffs: {pin_path}"
+    );
+    let bpffs = volume("/sys/fs/bpf")
+        .host_path
+        .as_ref()
+        .expect("a hostPath");
+    assert_eq!(bpffs.path, "/sys/fs/bpf");
+    let run = volume(enforcer::status::REPORT_DIR)
+        .host_path
+        .as_ref()
+        .expect("a hostPath");
+    assert_eq!(run.path, enforcer::status::REPORT_DIR);
+    let state = volume(argument(agent, "--state"))
+        .config_map
+        .as_ref()
+        .expect("the state from a ConfigMap");
+    assert!(
+        rendered
+            .config_maps
+            .iter()
+            .any(|c| c.metadata.name == Some(state.name.clone())),
+        "the ConfigMap {} is part of the base",
+        state.name
+    );
+}
+
+/// The example ConfigMap is the example state directory, every file of it.
+#[test]
+fn the_state_config_map_is_the_example_state() {
+    let rendered = deploy::render("");
+    assert_eq!(rendered.config_maps.len(), 1);
+    let data = rendered.config_maps[0].data.clone().unwrap_or_default();
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(example_state()).expect("the example state") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("a name")
+            .to_string_lossy()
+            .into_owned();
+        if name != "README.md" {
+            files.insert(name, std::fs::read_to_string(&path).expect("read"));
+        }
+    }
+    assert_eq!(data, files);
+}
+
+/// The ClusterRole allows exactly what `enforcer::sources::KUBERNETES` reads,
+/// bound to the DaemonSet's service account.
+#[test]
+fn rbac_grants_what_the_agent_reads_and_nothing_more() {
+    let rendered = deploy::render("");
+    assert_eq!(rendered.cluster_roles.len(), 1);
+    let role = &rendered.cluster_roles[0];
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    let read: BTreeSet<(String, String, String)> = enforcer::sources::KUBERNETES
+        .iter()
+        .flat_map(|r| {
+            r.verbs
+                .iter()
+                .map(|v| (r.group.to_string(), r.resource.to_string(), v.to_string()))
+        })
+        .collect();
+    assert_eq!(
+        granted, read,
+        "the ClusterRole against enforcer::sources::KUBERNETES"
+    );
+    // Bound to the agent's service account, which the base creates.
+    assert_eq!(rendered.service_accounts.len(), 1);
+    let account = &rendered.service_accounts[0].metadata;
+    assert_eq!(
+        pod_spec(&rendered).service_account_name.as_ref(),
+        account.name.as_ref()
+    );
+    assert_eq!(rendered.cluster_role_bindings.len(), 1);
+    let binding = &rendered.cluster_role_bindings[0];
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
+    let subjects = binding.subjects.as_deref().unwrap_or_default();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(Some(&subjects[0].name), account.name.as_ref());
+    assert_eq!(subjects[0].namespace, account.namespace);
+}
+
+/// `deploy/iam-policy.json` allows exactly the EC2 reads of `enforcer::sources::EC2`.
+#[test]
+fn the_iam_policy_allows_the_ec2_reads_and_nothing_more() {
+    let path = deploy::workspace_root().join("deploy/iam-policy.json");
+    let policy: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read the policy"))
+            .expect("the policy is JSON");
+    assert_eq!(policy["Version"], "2012-10-17");
+    let mut allowed = BTreeSet::new();
+    for statement in policy["Statement"].as_array().expect("statements") {
+        assert_eq!(statement["Effect"], "Allow");
+        assert_eq!(
+            statement["Resource"], "*",
+            "EC2 describe calls take no resource"
+        );
+        for action in statement["Action"].as_array().expect("actions") {
+            allowed.insert(action.as_str().expect("an action").to_string());
+        }
+    }
+    let reads: BTreeSet<String> = enforcer::sources::EC2
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    assert_eq!(
+        allowed, reads,
+        "the IAM policy against enforcer::sources::EC2"
+    );
+    for action in &allowed {
+        assert!(
+            action.starts_with("ec2:Describe") || action.starts_with("ec2:Get"),
+            "{action} is not a read"
+        );
+    }
+}
+
+/// The `remove` overlay runs `enforcer uninstall` on the agent's pin path, with the
+/// agent's image and host mounts, and no agent.
+#[test]
+fn the_remove_overlay_uninstalls_the_agents_pins() {
+    let base = deploy::render("");
+    let remove = deploy::render("remove");
+    let agent = agent(&base);
+    let spec = pod_spec(&remove);
+    assert!(
+        spec.containers.iter().all(|c| c.image != agent.image),
+        "no agent runs in the remove overlay"
+    );
+    let init = spec.init_containers.as_deref().unwrap_or_default();
+    assert_eq!(init.len(), 1);
+    assert_eq!(init[0].image, agent.image);
+    assert_eq!(
+        init[0]
+            .args
+            .as_deref()
+            .unwrap_or_default()
+            .first()
+            .map(String::as_str),
+        Some("uninstall")
+    );
+    assert_eq!(
+        argument(&init[0], "--pin-path"),
+        argument(agent, "--pin-path")
+    );
+    assert_eq!(
+        init[0].security_context.as_ref().and_then(|s| s.privileged),
+        Some(true)
+    );
+    assert!(
+        init[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == "/sys/fs/bpf"),
+        "the uninstall sees the host's bpffs"
+    );
+}
