@@ -238,8 +238,8 @@ fn the_remove_overlay_uninstalls_what_the_daemon_set_installed() {
 /// the node's own parts are filled in: `spec.nodeName` and `NODE_NAME` (the
 /// scheduler's and the kubelet's: podman resolves only metadata fields of the
 /// downward API), the hostPath volumes (this test's bpffs instance and run
-/// directory), and `registry.k8s.io/pause` (no registry here) by podman's own
-/// pause image.
+/// directory), `registry.k8s.io/pause` (no registry here) by podman's own
+/// pause image, and podman's init container type (Kubernetes' behaviour).
 fn play(node: &Node, host: &HostPaths, overlay: &str) -> (Played, Container) {
     let rendered = deploy::render(overlay);
     let daemon_set = rendered.daemon_set();
@@ -289,6 +289,15 @@ fn play(node: &Node, host: &HostPaths, overlay: &str) -> (Played, Container) {
             name: Some(name.clone()),
             namespace: daemon_set.metadata.namespace.clone(),
             labels: template.metadata.and_then(|m| m.labels),
+            // Init containers as Kubernetes runs them (at every pod start): podman's
+            // default, "once", removes one after its exit and races with that exit.
+            annotations: Some(
+                [(
+                    "io.podman.annotations.init.container.type".to_string(),
+                    "always".to_string(),
+                )]
+                .into(),
+            ),
             ..ObjectMeta::default()
         },
         spec: Some(spec),
