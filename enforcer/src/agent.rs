@@ -370,7 +370,7 @@ impl Agent {
                     .map(|a| a.model.pods.iter().map(|p| (p.key(), p.vlan)).collect())
                     .unwrap_or_default(),
             ),
-            retired_traffic: Arc::new(self.maps.retired_traffic().clone()),
+            retired_traffic: self.maps.retired_traffic().clone(),
             warnings: self.warnings().len(),
         }
     }

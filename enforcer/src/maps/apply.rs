@@ -250,7 +250,9 @@ impl KernelMaps {
             if let Some(traffic) = self.take_rule_traffic(id)?
                 && let Some(rule) = old.rule(id)
             {
-                let total = self.retired_traffic.entry(rule.clone()).or_default();
+                let total = Arc::make_mut(&mut self.retired_traffic)
+                    .entry(rule.clone())
+                    .or_default();
                 total.packets += traffic.packets;
                 total.bytes += traffic.bytes;
             }

@@ -91,7 +91,9 @@ pub struct KernelMaps {
     rule_traffic: PerCpuHashMap<MapData, u32, RuleTraffic>,
     event_budget: PerCpuArray<MapData, EventBudget>,
     /// What rules no longer in the maps admitted, by rule.
-    retired_traffic: BTreeMap<RuleRef, RuleTraffic>,
+    /// Shared with the views the agent publishes: an apply that retires rules
+    /// copies it then, not every view.
+    retired_traffic: Arc<BTreeMap<RuleRef, RuleTraffic>>,
     /// What the maps hold, as this process last applied it; `None` until read back.
     enforced: Option<Compiled>,
     /// `enforced` was read back from the kernel (after a start or a failed
@@ -164,7 +166,7 @@ impl KernelMaps {
             pod_traffic: typed(source, map_names::POD_TRAFFIC)?,
             rule_traffic: typed(source, map_names::RULE_TRAFFIC)?,
             event_budget: typed(source, map_names::EVENT_BUDGET)?,
-            retired_traffic: BTreeMap::new(),
+            retired_traffic: Arc::default(),
             enforced: None,
             unreconciled: false,
         })
@@ -291,7 +293,7 @@ impl KernelMaps {
     }
 
     /// What rules no longer in the maps admitted, as this process folded it.
-    pub fn retired_traffic(&self) -> &BTreeMap<RuleRef, RuleTraffic> {
+    pub fn retired_traffic(&self) -> &Arc<BTreeMap<RuleRef, RuleTraffic>> {
         &self.retired_traffic
     }
 
