@@ -39,7 +39,7 @@ pub enum Command {
         json: bool,
         /// Report findings of this severity and above.
         #[arg(long, value_enum, default_value = "info")]
-        severity: enforcer::lint::Severity,
+        severity: enforcer::policy::lint::Severity,
     },
     /// Enforces the state on the trunk and follows its changes until SIGTERM/SIGINT. Adopts
     /// what a previous agent pinned; exiting leaves enforcement in place (see `uninstall`).
@@ -123,7 +123,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 /// leave the exit status 0. It runs the agent's own checks, so it refuses
 /// what `run` would.
 fn check(dir: &Path) -> ExitCode {
-    let model = match enforcer::state::load(dir) {
+    let model = match enforcer::source::load(dir) {
         Ok(model) => model,
         Err(errors) => {
             for error in &errors.0 {
@@ -149,8 +149,8 @@ fn check(dir: &Path) -> ExitCode {
 }
 
 /// `enforcer lint`: the findings at or above `severity`, as text or JSON.
-fn lint(dir: &Path, json: bool, severity: enforcer::lint::Severity) -> Result<ExitCode> {
-    let model = match enforcer::state::load(dir) {
+fn lint(dir: &Path, json: bool, severity: enforcer::policy::lint::Severity) -> Result<ExitCode> {
+    let model = match enforcer::source::load(dir) {
         Ok(model) => model,
         Err(errors) => {
             for error in &errors.0 {
@@ -160,7 +160,7 @@ fn lint(dir: &Path, json: bool, severity: enforcer::lint::Severity) -> Result<Ex
             return Ok(ExitCode::from(2));
         }
     };
-    let findings: Vec<_> = enforcer::lint::lint(&model)
+    let findings: Vec<_> = enforcer::policy::lint::lint(&model)
         .into_iter()
         .filter(|f| f.severity >= severity)
         .collect();
@@ -281,7 +281,7 @@ fn run_agent(dir: &Path, pin_path: &Path, metrics_addr: std::net::SocketAddr) ->
 
 /// `enforcer status`: the pinned maps and the agent's report.
 fn status(pin_path: &Path, json: bool) -> Result<ExitCode> {
-    let status = enforcer::status::Status::read(pin_path).with_context(|| {
+    let status = enforcer::observe::status::Status::read(pin_path).with_context(|| {
         format!(
             "reading the maps pinned under {} (is an enforcer installed there?)",
             pin_path.display()
@@ -308,7 +308,7 @@ fn flows(
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let mut stream = enforcer::events::EventStream::open(pin_path).with_context(|| {
+        let mut stream = enforcer::observe::events::EventStream::open(pin_path).with_context(|| {
             format!(
                 "opening the events pinned under {} (is an enforcer installed there?)",
                 pin_path.display()
@@ -384,9 +384,9 @@ fn flows(
 
 /// `enforcer uninstall`: detach and unpin everything, and forget the report.
 fn uninstall(pin_path: &Path) -> Result<ExitCode> {
-    let removed = enforcer::ebpf::uninstall(pin_path)
+    let removed = enforcer::kernel::ebpf::uninstall(pin_path)
         .with_context(|| format!("uninstalling from {}", pin_path.display()))?;
-    let report = enforcer::status::report_path(pin_path);
+    let report = enforcer::observe::status::report_path(pin_path);
     match std::fs::remove_file(&report) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(e).with_context(|| format!("removing {}", report.display()));
@@ -438,7 +438,7 @@ pub struct ExplainArgs {
 }
 
 fn explain(args: &ExplainArgs) -> Result<ExitCode> {
-    let model = enforcer::state::load(&args.state)
+    let model = enforcer::source::load(&args.state)
         .with_context(|| format!("loading {}", args.state.display()))?;
     let pod = model.pod(&args.pod).with_context(|| {
         let enforced: Vec<String> = model.pods.iter().map(|p| p.key()).collect();
@@ -458,7 +458,7 @@ fn explain(args: &ExplainArgs) -> Result<ExitCode> {
     } else {
         Direction::Egress
     };
-    let query = enforcer::explain::parse_query(
+    let query = enforcer::policy::explain::parse_query(
         direction,
         args.peer,
         &args.protocol,
@@ -466,7 +466,7 @@ fn explain(args: &ExplainArgs) -> Result<ExitCode> {
         args.icmp_type,
         args.icmp_code,
     )?;
-    let explanation = enforcer::explain::explain(&model, pod, &query);
+    let explanation = enforcer::policy::explain::explain(&model, pod, &query);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&explanation)?);
     } else {

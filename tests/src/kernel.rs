@@ -5,8 +5,8 @@
 use aya::Ebpf;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use enforcer::compile::{self, Compiled};
-use enforcer::ebpf::{TC_EGRESS, TC_INGRESS};
-use enforcer::maps::KernelMaps;
+use enforcer::kernel::ebpf::{TC_EGRESS, TC_INGRESS};
+use enforcer::kernel::maps::KernelMaps;
 use enforcer::model::{Direction, Model};
 use enforcer_common::Reason;
 
@@ -32,7 +32,7 @@ impl Kernel {
     /// Loads and verifies both programs and applies `model`; fails the test without root.
     pub fn load(model: &Model) -> Self {
         crate::require_root();
-        let mut ebpf = enforcer::ebpf::load().expect("load the embedded eBPF object");
+        let mut ebpf = enforcer::kernel::ebpf::load().expect("load the embedded eBPF object");
         for name in [TC_INGRESS, TC_EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)

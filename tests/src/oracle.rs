@@ -1,10 +1,10 @@
 //! Generated packets as the reference models see them: the fields the
-//! kernel's parser reads, so tests ask `enforcer::flow` and `enforcer::eval`
+//! kernel's parser reads, so tests ask `enforcer::policy::flow` and `enforcer::policy::eval`
 //! the same question the kernel answers.
 
-use enforcer::eval::L4Packet;
-use enforcer::flow::{EmbeddedHeader, PacketMeta, flow_key};
 use enforcer::model::Direction;
+use enforcer::policy::eval::L4Packet;
+use enforcer::policy::flow::{EmbeddedHeader, PacketMeta, flow_key};
 use enforcer_common::CtKey;
 
 use crate::frame::{Ip, L4};

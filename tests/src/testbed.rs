@@ -109,7 +109,7 @@ impl VirtualNode {
         let state = work_dir.join("state");
         let prepared = (|| -> Result<(Model, PathBuf)> {
             copy_state(&spec.state, &state, spec.mode)?;
-            let model = enforcer::state::load(&state)
+            let model = enforcer::source::load(&state)
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(|| format!("loading the state {}", spec.state.display()))?;
             let enforcer = match &spec.enforcer {

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use enforcer::maps::KernelMaps;
+use enforcer::kernel::maps::KernelMaps;
 use enforcer_common::{EnforcingMode, PodEntry, Reason};
 use support::{Node, TestPod, TestState, ack_to, syn_to, wait_for};
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use enforcer::compile;
-use enforcer::maps::KernelMaps;
+use enforcer::kernel::maps::KernelMaps;
 use enforcer::model::L4Match;
 use enforcer_common::map_names;
 use enforcer_tests::models::{branch_pod, group, model, node_config, rule};
@@ -26,7 +26,7 @@ fn pinned_maps_print_with_field_names() {
         "/sys/fs/bpf/enforcer-test-bpftool-{}",
         std::process::id()
     )));
-    let mut ebpf = enforcer::pins::load(&pins.0)
+    let mut ebpf = enforcer::kernel::pins::load(&pins.0)
         .expect("load with pinned maps")
         .ebpf;
     let mut maps = KernelMaps::take(&mut ebpf).expect("typed maps");
@@ -40,7 +40,7 @@ fn pinned_maps_print_with_field_names() {
     let compiled = compile::compile(&model).expect("compiles");
     maps.apply(&compiled, &model.node).expect("apply");
 
-    let pod_map = enforcer::ebpf::map_pin(&pins.0, map_names::PODS);
+    let pod_map = enforcer::kernel::ebpf::map_pin(&pins.0, map_names::PODS);
     let output = Command::new("bpftool")
         .args(["--json", "map", "dump", "pinned"])
         .arg(&pod_map)

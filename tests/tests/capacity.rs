@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use enforcer::compile;
-use enforcer::maps::MapsError;
+use enforcer::kernel::maps::MapsError;
 use enforcer::model::{Cidr, Direction, L4Match, Peer, Rule};
 use enforcer_common::{MAX_PEER_ENTRIES, Reason, map_names};
 use enforcer_tests::frame::{self, TCP_SYN, Tag};

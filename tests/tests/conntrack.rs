@@ -8,11 +8,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use enforcer::eval::{self, L4Query, Query, RuleRef};
 use enforcer::model::{
     BranchPod, Cidr, ConntrackTimeouts, Direction, EnforcingMode, L4Match, Model, NodeConfig, Peer,
     Rule, SecurityGroup, UnknownVlanAction,
 };
+use enforcer::policy::eval::{self, L4Query, Query, RuleRef};
 use enforcer_common::{CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, Reason, ct_flag, ct_state};
 use enforcer_tests::frame::{
     self, Fragment, Ip, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tag, other, tcp, udp,

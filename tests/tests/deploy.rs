@@ -455,7 +455,8 @@ struct RunningContainer(String);
 impl RunningContainer {
     fn start(node: &Node, image: &str, name: &str) -> Self {
         let state = example_state().canonicalize().expect("the example state");
-        std::fs::create_dir_all(enforcer::status::REPORT_DIR).expect("the report directory");
+        std::fs::create_dir_all(enforcer::observe::status::REPORT_DIR)
+            .expect("the report directory");
         let container = Self(format!("{}-{name}", node.netns));
         let pin_path = node.pin_path.to_str().expect("utf-8 pin path");
         run(podman()
@@ -468,7 +469,7 @@ impl RunningContainer {
             ])
             .args([
                 "--volume",
-                &format!("{0}:{0}", enforcer::status::REPORT_DIR),
+                &format!("{0}:{0}", enforcer::observe::status::REPORT_DIR),
             ])
             .arg(image)
             .args([
@@ -549,7 +550,7 @@ impl HostPaths {
 
 impl Drop for HostPaths {
     fn drop(&mut self) {
-        let _ = enforcer::ebpf::uninstall(&self.bpffs.join("enforcer"));
+        let _ = enforcer::kernel::ebpf::uninstall(&self.bpffs.join("enforcer"));
         let _ = Command::new("umount").arg(&self.bpffs).status();
         let _ = std::fs::remove_dir_all(&self.root);
     }

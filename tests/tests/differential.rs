@@ -1,7 +1,7 @@
 //! The kernel against the reference: for random policies and random frames
 //! (both directions, both modes, IPv4/IPv6, every protocol kind, tagged and
 //! untagged, truncated), the kernel's verdict *and reason* must equal what the
-//! reference evaluator and the conntrack model (`enforcer::flow`) predict, and
+//! reference evaluator and the conntrack model (`enforcer::policy::flow`) predict, and
 //! the conntrack entry the kernel holds must equal the model's.
 //!
 //! Seeded and reproducible: `ENFORCER_DIFF_SEED=<n>` replays one run;
@@ -9,9 +9,9 @@
 
 use std::net::IpAddr;
 
-use enforcer::eval::{Reason as EvalReason, Refused};
-use enforcer::flow::{FlowTable, FlowVerdict, PacketMeta, flow_key};
 use enforcer::model::{BranchPod, Direction, Model};
+use enforcer::policy::eval::{Reason as EvalReason, Refused};
+use enforcer::policy::flow::{FlowTable, FlowVerdict, PacketMeta, flow_key};
 use enforcer_common::{CtEntry, Reason, V4_MAPPED_PREFIX};
 use enforcer_tests::frame::{L4, Tag};
 use enforcer_tests::kernel::{Kernel, Outcome};
@@ -188,7 +188,9 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
         {
             let key = flow_key(pod.vlan, &packet_meta(&case));
             let kernel_entry = kernel.maps.flow(&key).expect("read conntrack");
-            let model_entry = flows.get(&key).map(|e| e.to_kernel(&kernel.compiled));
+            let model_entry = flows
+                .get(&key)
+                .map(|e| e.to_kernel(|r| kernel.compiled.rule_id(r)));
             assert_eq!(
                 kernel_entry.map(comparable),
                 model_entry.map(comparable),

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use aya::programs::SchedClassifier;
 use aya_log::EbpfLogger;
-use enforcer::ebpf::{TC_INGRESS, load_with_kernel_log};
+use enforcer::kernel::ebpf::{TC_INGRESS, load_with_kernel_log};
 use enforcer_common::Reason;
 use enforcer_tests::frame::{self, Ip, L4, Tag};
 

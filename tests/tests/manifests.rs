@@ -1,7 +1,7 @@
 //! `deploy/` as Kubernetes and IAM read it: every object `kubectl kustomize` renders
 //! parses as its k8s-openapi type with no field left over (`enforcer_tests::deploy`),
 //! the DaemonSet is what the issue asks of it, and its permissions are exactly what
-//! the agent reads (`enforcer::sources`), checked against that list.
+//! the agent reads (`enforcer::source::access`), checked against that list.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -184,11 +184,11 @@ fn the_probes_and_mounts_are_the_agents_own() {
         .as_ref()
         .expect("a hostPath");
     assert_eq!(bpffs.path, "/sys/fs/bpf");
-    let run = volume(enforcer::status::REPORT_DIR)
+    let run = volume(enforcer::observe::status::REPORT_DIR)
         .host_path
         .as_ref()
         .expect("a hostPath");
-    assert_eq!(run.path, enforcer::status::REPORT_DIR);
+    assert_eq!(run.path, enforcer::observe::status::REPORT_DIR);
     let state = volume(argument(agent, "--state"))
         .config_map
         .as_ref()
@@ -224,7 +224,7 @@ fn the_state_config_map_is_the_example_state() {
     assert_eq!(data, files);
 }
 
-/// The ClusterRole allows exactly what `enforcer::sources::KUBERNETES` reads,
+/// The ClusterRole allows exactly what `enforcer::source::access::KUBERNETES` reads,
 /// bound to the DaemonSet's service account.
 #[test]
 fn rbac_grants_what_the_agent_reads_and_nothing_more() {
@@ -242,7 +242,7 @@ fn rbac_grants_what_the_agent_reads_and_nothing_more() {
             }
         }
     }
-    let read: BTreeSet<(String, String, String)> = enforcer::sources::KUBERNETES
+    let read: BTreeSet<(String, String, String)> = enforcer::source::access::KUBERNETES
         .iter()
         .flat_map(|r| {
             r.verbs
@@ -252,7 +252,7 @@ fn rbac_grants_what_the_agent_reads_and_nothing_more() {
         .collect();
     assert_eq!(
         granted, read,
-        "the ClusterRole against enforcer::sources::KUBERNETES"
+        "the ClusterRole against enforcer::source::access::KUBERNETES"
     );
     // Bound to the agent's service account, which the base creates.
     assert_eq!(rendered.service_accounts.len(), 1);
@@ -272,7 +272,7 @@ fn rbac_grants_what_the_agent_reads_and_nothing_more() {
     assert_eq!(subjects[0].namespace, account.namespace);
 }
 
-/// `deploy/iam-policy.json` allows exactly the EC2 reads of `enforcer::sources::EC2`.
+/// `deploy/iam-policy.json` allows exactly the EC2 reads of `enforcer::source::access::EC2`.
 #[test]
 fn the_iam_policy_allows_the_ec2_reads_and_nothing_more() {
     let path = deploy::workspace_root().join("deploy/iam-policy.json");
@@ -291,13 +291,13 @@ fn the_iam_policy_allows_the_ec2_reads_and_nothing_more() {
             allowed.insert(action.as_str().expect("an action").to_string());
         }
     }
-    let reads: BTreeSet<String> = enforcer::sources::EC2
+    let reads: BTreeSet<String> = enforcer::source::access::EC2
         .iter()
         .map(|a| a.to_string())
         .collect();
     assert_eq!(
         allowed, reads,
-        "the IAM policy against enforcer::sources::EC2"
+        "the IAM policy against enforcer::source::access::EC2"
     );
     for action in &allowed {
         assert!(

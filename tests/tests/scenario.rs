@@ -3,13 +3,13 @@
 //! mode (node and every pod switched): each case is a hand-written
 //! expectation, checked against the kernel's verdict and reason, against the
 //! conntrack entry a new flow leaves (and the rule it records), and against
-//! the reference evaluator `enforcer::eval::evaluate`.
+//! the reference evaluator `enforcer::policy::eval::evaluate`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use enforcer::eval::{self, Evaluation, L4Query, Query, Refused, RuleRef};
 use enforcer::model::{BranchPod, Direction, EnforcingMode, Model, UnknownVlanAction};
+use enforcer::policy::eval::{self, Evaluation, L4Query, Query, Refused, RuleRef};
 use enforcer_common::{CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, Reason, ct_state};
 use enforcer_tests::frame::{self, Ip, L4, Tag, other, udp};
 use enforcer_tests::kernel::Kernel;
@@ -131,7 +131,7 @@ fn verdict(reason: Reason) -> Expect {
 /// The bundled example, as the state loader resolves it.
 fn fixture() -> Model {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/state");
-    enforcer::state::load(&dir).unwrap_or_else(|e| panic!("the bundled state loads: {e}"))
+    enforcer::source::load(&dir).unwrap_or_else(|e| panic!("the bundled state loads: {e}"))
 }
 
 /// The fixture with the node and every pod in `mode`.
@@ -1152,7 +1152,7 @@ impl ExtendedState {
     }
 
     fn model(&self) -> Model {
-        enforcer::state::load(&self.0).unwrap_or_else(|e| panic!("the state loads: {e}"))
+        enforcer::source::load(&self.0).unwrap_or_else(|e| panic!("the state loads: {e}"))
     }
 }
 

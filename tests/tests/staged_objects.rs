@@ -86,7 +86,7 @@ fn the_enforcer_embeds_the_object_of_its_own_profile() {
             staged::build_command(staged::PROFILE)
         )
     });
-    let embedded = enforcer::ebpf::object().expect("an embedded object");
+    let embedded = enforcer::kernel::ebpf::object().expect("an embedded object");
     assert!(
         embedded == bytes.as_slice(),
         "the embedded object is not {}",

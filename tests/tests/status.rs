@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use enforcer::maps::KernelMaps;
+use enforcer::kernel::maps::KernelMaps;
 use enforcer_common::Reason;
 use serde_json::Value;
 use support::{Node, TestPod, TestState, stdout_lines, syn_to, wait_for};
@@ -207,7 +207,7 @@ fn flows_reports_denies_and_allowed_flows_with_their_rule() {
 /// Whether allowed new flows are events now (the lease of `flows --allowed` runs).
 fn leased(maps: &KernelMaps) -> bool {
     let until = maps.settings().expect("settings").allowed_events_until_ns;
-    until > enforcer::events::monotonic().as_nanos() as u64
+    until > enforcer::observe::events::monotonic().as_nanos() as u64
 }
 
 #[test]

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use aya::Ebpf;
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
-use enforcer::ebpf::LinkState;
-use enforcer::maps::KernelMaps;
+use enforcer::kernel::ebpf::LinkState;
+use enforcer::kernel::maps::KernelMaps;
 use enforcer_common::{EnforcingMode, Reason};
 use support::{METRICS_PORT, Node, TestPod, TestState, syn_to, wait_for};
 
@@ -49,7 +49,9 @@ fn started() -> Node {
 fn link_states(node: &Node) -> [LinkState; 2] {
     let pin_path = node.pin_path.clone();
     let trunk = node.trunk.clone();
-    node.in_netns(move || enforcer::ebpf::link_states(&pin_path, &trunk).expect("link states"))
+    node.in_netns(move || {
+        enforcer::kernel::ebpf::link_states(&pin_path, &trunk).expect("link states")
+    })
 }
 
 fn first_on_the_trunk(node: &Node) -> bool {
@@ -346,20 +348,20 @@ fn the_endpoint_bounds_its_connections_and_drops_idle_ones() {
     std::thread::sleep(Duration::from_millis(500));
     let during = sockets();
     assert!(
-        during <= before + enforcer::http::MAX_CONNECTIONS,
+        during <= before + enforcer::observe::http::MAX_CONNECTIONS,
         "{during} sockets with 100 idle clients, {before} before"
     );
     // The server gives each one its header timeout, then closes it.
     let mut first = idle.into_iter().next().expect("a connection");
     first
-        .set_read_timeout(Some(enforcer::http::HEADER_TIMEOUT * 2))
+        .set_read_timeout(Some(enforcer::observe::http::HEADER_TIMEOUT * 2))
         .expect("timeout");
     let mut buffer = [0u8; 64];
     let started = Instant::now();
     let read = first.read(&mut buffer);
     assert!(
         matches!(read, Ok(0))
-            || read.is_err() && started.elapsed() < enforcer::http::HEADER_TIMEOUT * 2,
+            || read.is_err() && started.elapsed() < enforcer::observe::http::HEADER_TIMEOUT * 2,
         "an idle connection was not closed: {read:?} after {:?}",
         started.elapsed()
     );
@@ -374,7 +376,7 @@ fn the_endpoint_bounds_its_connections_and_drops_idle_ones() {
 #[test]
 fn readyz_reveals_nothing_of_a_rejected_file_and_the_report_is_root_only() {
     let node = started();
-    let report = enforcer::status::report_path(&node.pin_path);
+    let report = enforcer::observe::status::report_path(&node.pin_path);
     let mode = std::fs::metadata(&report)
         .expect("the report")
         .permissions()
@@ -571,8 +573,8 @@ fn a_pods_mode_is_remembered_only_once_a_state_with_it_is_enforced() {
     wait_for("the apply refused", Duration::from_secs(60), rejected);
     let (_, body) = node.http_get("/readyz").expect("readyz");
     assert!(body.contains("rejected"), "{body}");
-    let report =
-        std::fs::read_to_string(enforcer::status::report_path(&node.pin_path)).expect("report");
+    let report = std::fs::read_to_string(enforcer::observe::status::report_path(&node.pin_path))
+        .expect("report");
     assert!(report.contains("PEERS_V4 is full"), "{report}");
     // Back to strict: api is enforced for the first time now, so strict is its mode.
     write_crowd_state(

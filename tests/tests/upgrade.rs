@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use aya::maps::MapInfo;
-use enforcer::maps::KernelMaps;
+use enforcer::kernel::maps::KernelMaps;
 use enforcer_common::{PodEntry, PodTraffic, Reason, map_names};
 use support::{
     Node, TestPod, TestState, ack_to, maps_of_attached_program, pin_pods_map_of_an_older_layout,

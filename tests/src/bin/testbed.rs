@@ -69,7 +69,7 @@ fn demo(state: Option<&Path>, enforcer: &Path) -> Result<ExitCode> {
     let (state, flows) = match state {
         None => (scenario::example_state(), scenario::example_flows()),
         Some(dir) => {
-            let model = enforcer::state::load(dir)
+            let model = enforcer::source::load(dir)
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(|| format!("loading {}", dir.display()))?;
             (dir.to_path_buf(), scenario::derived_flows(&model))

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use aya::maps::{Map, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TcAttachType};
-use enforcer::ebpf::{TC_EGRESS, TC_INGRESS};
+use enforcer::kernel::ebpf::{TC_EGRESS, TC_INGRESS};
 use enforcer_common::{REASONS, Reason, map_names};
 
 use super::netns::Namespace;
@@ -189,7 +189,7 @@ pub fn enforcer_programs(node: &Namespace, trunk: &str) -> Result<[Option<u32>; 
 
 /// The enforcer's per-reason packet counters, read from their pin under `pin_path`.
 pub fn counters(pin_path: &Path) -> Result<[u64; REASONS as usize]> {
-    let pin = enforcer::ebpf::map_pin(pin_path, map_names::COUNTERS);
+    let pin = enforcer::kernel::ebpf::map_pin(pin_path, map_names::COUNTERS);
     let data = MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
     let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
     let mut totals = [0; REASONS as usize];

@@ -6,8 +6,8 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use enforcer::eval;
 use enforcer::model::{BranchPod, Cidr, Direction, L4Match, Model, Peer};
+use enforcer::policy::eval;
 
 /// The named counter of the `ct state established,related accept` rule.
 pub const ESTABLISHED_COUNTER: &str = "established";

@@ -6,8 +6,8 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
-use enforcer::eval;
 use enforcer::model::{Cidr, Direction, EnforcingMode, L4Match, Model, Peer};
+use enforcer::policy::eval;
 
 use super::traffic::Probe;
 
@@ -524,7 +524,7 @@ mod tests {
     use super::*;
 
     fn example_model() -> Model {
-        enforcer::state::load(&example_state()).expect("the bundled state loads")
+        enforcer::source::load(&example_state()).expect("the bundled state loads")
     }
 
     #[test]

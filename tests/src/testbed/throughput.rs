@@ -18,10 +18,10 @@ use aya::Ebpf;
 use aya::programs::SchedClassifier;
 use aya::programs::tc::SchedClassifierLinkId;
 use enforcer::compile;
-use enforcer::ebpf::CLASSIFIERS;
-use enforcer::eval::{self, L4Packet, L4Query, Query};
-use enforcer::maps::KernelMaps;
+use enforcer::kernel::ebpf::CLASSIFIERS;
+use enforcer::kernel::maps::KernelMaps;
 use enforcer::model::{BranchPod, Direction, L4Match, Model, Peer};
+use enforcer::policy::eval::{self, L4Packet, L4Query, Query};
 use enforcer_common::Reason;
 
 use super::NAME_PREFIX;
@@ -385,7 +385,7 @@ impl Drop for Bed {
 
 impl Enforcer {
     fn load(model: &Model) -> Result<Self> {
-        let mut ebpf = enforcer::ebpf::load()?;
+        let mut ebpf = enforcer::kernel::ebpf::load()?;
         for (name, _) in CLASSIFIERS {
             classifier(&mut ebpf, name)?.load()?;
         }

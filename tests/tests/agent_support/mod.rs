@@ -416,7 +416,7 @@ impl Node {
         let trunk = self.trunk.clone();
         self.in_netns(move || {
             use aya::programs::TcAttachType;
-            let ids = |t| enforcer::ebpf::attached_programs(&trunk, t).expect("query TCX");
+            let ids = |t| enforcer::kernel::ebpf::attached_programs(&trunk, t).expect("query TCX");
             (ids(TcAttachType::Ingress), ids(TcAttachType::Egress))
         })
     }
@@ -428,8 +428,8 @@ impl Drop for Node {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = enforcer::ebpf::uninstall(&self.pin_path);
-        let _ = std::fs::remove_file(enforcer::status::report_path(&self.pin_path));
+        let _ = enforcer::kernel::ebpf::uninstall(&self.pin_path);
+        let _ = std::fs::remove_file(enforcer::observe::status::report_path(&self.pin_path));
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
@@ -439,7 +439,8 @@ impl Drop for Node {
 
 /// The kernel's description of the map pinned as `name`.
 pub fn pinned_map(node: &Node, name: &str) -> MapInfo {
-    MapInfo::from_pin(enforcer::ebpf::map_pin(&node.pin_path, name)).expect("pinned map info")
+    MapInfo::from_pin(enforcer::kernel::ebpf::map_pin(&node.pin_path, name))
+        .expect("pinned map info")
 }
 
 /// The maps the program attached at the trunk's ingress uses, by ID.
@@ -459,7 +460,7 @@ pub fn maps_of_attached_program(node: &Node) -> BTreeSet<u32> {
 /// Replaces the pinned `PODS` with the map a build whose `PodEntry` was 8 bytes
 /// smaller would have pinned (the attached programs keep the map they hold).
 pub fn pin_pods_map_of_an_older_layout(node: &Node) -> u32 {
-    let pin = enforcer::ebpf::map_pin(&node.pin_path, map_names::PODS);
+    let pin = enforcer::kernel::ebpf::map_pin(&node.pin_path, map_names::PODS);
     let current = pinned_map(node, map_names::PODS);
     std::fs::remove_file(&pin).expect("unpin PODS");
     let older_value = (size_of::<PodEntry>() - 8).to_string();

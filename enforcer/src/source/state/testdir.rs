@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-use super::{StateErrors, load};
+use super::StateErrors;
 use crate::model::Model;
+use crate::source::load;
 
 /// The node every test directory starts with.
 pub(crate) const NODE: &str = "ip-10-0-1-10.ec2.internal";

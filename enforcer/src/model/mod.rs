@@ -1,6 +1,8 @@
 //! The resolved security-group model: what parsing and SGP matching produce,
 //! and what the reference evaluator and the map compiler consume.
 
+pub mod sgp;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -18,8 +18,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use crate::eval::RuleRef;
-use crate::maps::{KernelMaps, MapsError};
+use crate::kernel::maps::{KernelMaps, MapsError};
+use crate::policy::eval::RuleRef;
 
 /// What the agent tells the endpoint about itself, published after every
 /// change; the endpoint reads it without waiting for the agent.

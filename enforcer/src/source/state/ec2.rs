@@ -399,7 +399,7 @@ pub(crate) fn rule_counts(group: &SecurityGroup, direction: Direction) -> (usize
 mod tests {
     use super::*;
     use crate::model::Cidr;
-    use crate::state::testdir::{StateDir, group};
+    use crate::source::state::testdir::{StateDir, group};
 
     fn cidr(s: &str) -> Peer {
         Peer::Cidr(s.parse::<Cidr>().unwrap())
@@ -735,7 +735,8 @@ mod tests {
 
     #[test]
     fn duplicated_group() {
-        let dir = StateDir::with_node().file("again.json", crate::state::testdir::NODE_GROUP);
+        let dir =
+            StateDir::with_node().file("again.json", crate::source::state::testdir::NODE_GROUP);
         dir.error(&[
             "again.json",
             "SecurityGroup sg-0node",

@@ -15,8 +15,8 @@ use serde::Serialize;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::maps::{KernelMaps, MapsError};
-use crate::status::AgentReport;
+use crate::kernel::maps::{KernelMaps, MapsError};
+use crate::observe::status::AgentReport;
 
 /// Why events cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +71,7 @@ pub struct EventStream {
 impl EventStream {
     /// Opens the ring buffer and the maps pinned under `pin_path`. Needs a Tokio runtime.
     pub fn open(pin_path: &Path) -> Result<Self, EventsError> {
-        let path = crate::ebpf::map_pin(pin_path, map_names::EVENTS);
+        let path = crate::kernel::ebpf::map_pin(pin_path, map_names::EVENTS);
         let open = |source| EventsError::Open {
             path: path.clone(),
             source,

@@ -1,5 +1,5 @@
-//! Reading a state directory (EC2 CLI output, Kubernetes objects, the NodeConfig)
-//! into the resolved [`Model`], reporting every error with its file, object and field.
+//! The file source: a state directory (EC2 CLI output, Kubernetes objects, the
+//! NodeConfig) read into an [`Inventory`], every error with its file, object and field.
 
 mod ec2;
 mod k8s;
@@ -15,8 +15,8 @@ pub(crate) use ec2::{NetworkInterface, rule_counts};
 pub(crate) use k8s::{POD_ENI_ANNOTATION, Pod, ServiceAccount};
 use reader::{Field, Invalid};
 
-use crate::model::{Cidr, Model, NodeConfig, SecurityGroup};
-use crate::sgp::SecurityGroupPolicy;
+use crate::model::sgp::SecurityGroupPolicy;
+use crate::model::{Cidr, NodeConfig, SecurityGroup};
 
 pub use crate::model::{StateError, StateWarning};
 
@@ -33,8 +33,9 @@ fn display_lines(errors: &[StateError]) -> String {
         .join("\n")
 }
 
-/// Reads every object of the state directory `dir` and resolves this node's model.
-pub fn load(dir: &Path) -> Result<Model, StateErrors> {
+/// Reads every object of the state directory `dir`; what cannot be read is in the
+/// inventory's errors, for the resolver to report with its own.
+pub(crate) fn read(dir: &Path) -> Result<Inventory, StateErrors> {
     let mut inventory = Inventory::default();
     let files = reader::state_files(dir).map_err(|e| StateErrors(vec![e]))?;
     for file in files {
@@ -43,7 +44,7 @@ pub fn load(dir: &Path) -> Result<Model, StateErrors> {
             inventory.classify(&document.file, &object, &document.value);
         }
     }
-    crate::resolve::resolve(dir, inventory).map_err(StateErrors)
+    Ok(inventory)
 }
 
 /// An object and where it was read, for error messages that point at it.
@@ -198,6 +199,7 @@ impl Inventory {
 mod tests {
     use super::testdir::{NODE_CONFIG, NODE_GROUP, StateDir};
     use super::*;
+    use crate::source::load;
 
     const ACCOUNT: &str =
         "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n";

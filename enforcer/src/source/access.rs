@@ -66,7 +66,7 @@ mod tests {
             .iter()
             .find(|r| r.resource == "securitygrouppolicies")
             .expect("securitygrouppolicies are read");
-        let (group, _version) = crate::state::SGP_API_VERSION
+        let (group, _version) = crate::source::state::SGP_API_VERSION
             .split_once('/')
             .expect("group/version");
         assert_eq!(sgp.group, group);

@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
 
+use crate::model::sgp::{self, Labels};
 use crate::model::{
     BranchPod, Cidr, ClusterFacts, Direction, GroupId, GroupsSource, Model, NodeConfig, PodFacts,
 };
-use crate::sgp::{self, Labels};
-use crate::state::{
+use crate::source::state::{
     Inventory, Located, NetworkInterface, Pod, Reference, StateError, Target, rule_counts,
 };
 
@@ -200,7 +200,7 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
                 located,
                 Some(format!(
                     "metadata.annotations[{:?}][0].vlanId",
-                    crate::state::POD_ENI_ANNOTATION
+                    crate::source::state::POD_ENI_ANNOTATION
                 )),
                 format!(
                     "VLAN {} is also used by pod {} ({}) on this node",
@@ -404,7 +404,7 @@ fn check_rule_quota(
 mod tests {
     use super::*;
     use crate::model::EnforcingMode;
-    use crate::state::testdir::{NODE, NODE_CONFIG, NODE_GROUP, StateDir, group};
+    use crate::source::state::testdir::{NODE, NODE_CONFIG, NODE_GROUP, StateDir, group};
 
     const OTHER_NODE: &str = "ip-10-0-2-20.ec2.internal";
 
@@ -753,7 +753,7 @@ metadata: {name: payments, namespace: shop, labels: {db-access: \"true\", pci: \
 
     #[test]
     fn members_through_a_prefix_are_judged_as_ec2_does() {
-        use crate::eval::{L4Packet, L4Query, Query, evaluate};
+        use crate::policy::eval::{L4Packet, L4Query, Query, evaluate};
         // "8080 from the node group": EC2 admits the node group's members
         // only, the pod in this node's delegated prefix among them.
         let rule = r#"[{"IpProtocol": "tcp", "FromPort": 8080, "ToPort": 8080,
@@ -863,7 +863,7 @@ metadata: {name: payments, namespace: shop, labels: {db-access: \"true\", pci: \
     #[test]
     fn the_bundled_example() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/state");
-        let model = crate::state::load(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let model = crate::source::load(&dir).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(model.node.name, NODE);
         assert_eq!(model.node.trunk_interface, "eth1");
         let pods: Vec<_> = model

@@ -15,7 +15,7 @@
 //!    embedded packet travelled the other way: an error reaching the pod reports on a packet
 //!    the pod sent (pod = embedded source), an error the pod sends on one it received.
 //! 4. Otherwise (miss, expired, or an unrelated error) evaluate as a new flow
-//!    ([`crate::eval::evaluate`]). Denied: drop, nothing recorded. Allowed and untracked
+//!    ([`crate::policy::eval::evaluate`]). Denied: drop, nothing recorded. Allowed and untracked
 //!    (untracked rules, never-filtered traffic, same-node): pass, no entry. Allowed and
 //!    tracked: create (or overwrite an expired) entry with the packet recorded, the
 //!    direction of origin and the lowest allowing rule of each side.
@@ -38,12 +38,11 @@ use std::net::IpAddr;
 
 use enforcer_common::{CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, ct_flag, ct_state, ct_timeouts};
 
-use crate::compile::Compiled;
-use crate::eval::{
+use crate::model::{BranchPod, ConntrackTimeouts, Direction, Model};
+use crate::policy::eval::{
     self, Evaluation, L4Packet, L4Query, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Query,
     RuleRef,
 };
-use crate::model::{BranchPod, ConntrackTimeouts, Direction, Model};
 
 /// TCP header flag bits, as in [`PacketMeta::tcp_flags`].
 pub mod tcp_flags {
@@ -403,9 +402,10 @@ impl FlowEntry {
         self.bytes[dir] += u64::from(packet.len);
     }
 
-    /// The entry as the kernel stores it, rules as `compiled`'s IDs (0 = none).
-    pub fn to_kernel(&self, compiled: &Compiled) -> CtEntry {
-        let id = |rule: &Option<RuleRef>| rule.as_ref().and_then(|r| compiled.rule_id(r));
+    /// The entry as the kernel stores it, rules by the IDs `rule_id` gives them (the
+    /// compiled state's; 0 = none).
+    pub fn to_kernel(&self, rule_id: impl Fn(&RuleRef) -> Option<u32>) -> CtEntry {
+        let id = |rule: &Option<RuleRef>| rule.as_ref().and_then(&rule_id);
         CtEntry {
             created_ns: self.created_ns,
             last_seen_ns: self.last_seen_ns,
@@ -547,9 +547,9 @@ mod tests {
     use super::tcp_flags::{ACK, FIN, RST, SYN};
     use super::*;
     use crate::compile::compile;
-    use crate::eval::Reason;
-    use crate::eval::fixtures::*;
     use crate::model::{EnforcingMode, L4Match, SecurityGroup};
+    use crate::policy::eval::Reason;
+    use crate::policy::eval::fixtures::*;
 
     const IN: Direction = Direction::Ingress;
     const OUT: Direction = Direction::Egress;
@@ -932,7 +932,10 @@ mod tests {
         assert_eq!(t.len(), 1);
 
         let compiled = compile(&m).unwrap();
-        let entry = t.get(&flow_key(5, &ping)).unwrap().to_kernel(&compiled);
+        let entry = t
+            .get(&flow_key(5, &ping))
+            .unwrap()
+            .to_kernel(|r| compiled.rule_id(r));
         let rule = compiled.rule(entry.rule).unwrap();
         assert_eq!((rule.group_id.as_str(), rule.index), ("sg-web", 1));
         assert_eq!(entry.primary_rule, 0);

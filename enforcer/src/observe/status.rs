@@ -10,8 +10,8 @@ use std::time::SystemTime;
 use enforcer_common::{EnforcingMode, MAX_FLOWS, POD_HAS_IPV4, POD_HAS_IPV6, Reason};
 use serde::{Deserialize, Serialize};
 
-use crate::ebpf::LinkState;
-use crate::maps::{KernelMaps, MapsError};
+use crate::kernel::ebpf::LinkState;
+use crate::kernel::maps::{KernelMaps, MapsError};
 use crate::model::GroupsSource;
 
 /// Directory of the agents' reports.
@@ -188,7 +188,7 @@ impl Status {
         let links = report
             .trunk
             .as_deref()
-            .map(|trunk| crate::ebpf::link_states(pin_path, trunk));
+            .map(|trunk| crate::kernel::ebpf::link_states(pin_path, trunk));
         let described = |i: usize| match &links {
             None => "trunk unknown (no agent report)".to_string(),
             Some(Err(e)) => crate::error_chain(e),

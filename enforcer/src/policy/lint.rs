@@ -7,10 +7,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde::Serialize;
 
-use crate::eval::{self, L4Packet, L4Query, Query, Reason, Refused};
 use crate::model::{
     BranchPod, Cidr, Direction, EnforcingMode, GroupsSource, L4Match, Model, Peer, Rule,
 };
+use crate::policy::eval::{self, L4Packet, L4Query, Query, Reason, Refused};
 
 /// How bad a finding is: `--severity` keeps those at or above a level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
@@ -446,8 +446,8 @@ fn join(addresses: &[IpAddr]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::fixtures::*;
     use crate::model::{Probe, SecurityGroup};
+    use crate::policy::eval::fixtures::*;
 
     const STRICT: EnforcingMode = EnforcingMode::Strict;
     const STANDARD: EnforcingMode = EnforcingMode::Standard;

@@ -16,13 +16,13 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::TcpListener;
 
 use crate::compile::{self, CompileError, Compiled};
-use crate::ebpf::{Attachment, LinkState};
-use crate::maps::{ApplyStats, KernelMaps, MapsError};
-use crate::metrics::{AgentView, Feed};
+use crate::kernel::ebpf::{Attachment, LinkState};
+use crate::kernel::maps::{ApplyStats, KernelMaps, MapsError};
+use crate::kernel::pins::Migration;
 use crate::model::{BranchPod, EnforcingMode, GroupId, GroupsSource, Model};
-use crate::pins::Migration;
-use crate::state::StateErrors;
-use crate::status::{AgentReport, PodReport};
+use crate::observe::metrics::{AgentView, Feed};
+use crate::observe::status::{AgentReport, PodReport};
+use crate::source::state::StateErrors;
 
 /// How often the agent checks that its programs are still attached first on the trunk.
 pub const SUPERVISE_INTERVAL: Duration = Duration::from_secs(1);
@@ -112,17 +112,17 @@ type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
 impl Agent {
     /// Loads the programs over the maps pinned under `pin_path` (creating
     /// them on a first start, migrating those of another layout: see
-    /// [`crate::pins`]), applies the state directory and attaches the
+    /// [`crate::kernel::pins`]), applies the state directory and attaches the
     /// programs to its trunk. A state that does not apply, or a trunk that is
     /// not there yet, is reported (see [`Agent::failure`], [`Agent::is_ready`]),
     /// not fatal: whatever a previous agent left pinned keeps enforcing, and
     /// [`run`] tries again.
     pub fn start(state_dir: &Path, pin_path: &Path) -> Result<Self, AgentError> {
-        let crate::pins::Loaded {
+        let crate::kernel::pins::Loaded {
             mut ebpf,
             migration,
-        } = crate::pins::load(pin_path)?;
-        let kernel_log = if crate::ebpf::kernel_log_level() == 0 {
+        } = crate::kernel::pins::load(pin_path)?;
+        let kernel_log = if crate::kernel::ebpf::kernel_log_level() == 0 {
             None
         } else {
             Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(AgentError::KernelLog)?)
@@ -186,7 +186,7 @@ impl Agent {
     }
 
     fn try_reload(&mut self) -> Result<(), AgentError> {
-        let mut model = crate::state::load(&self.state_dir)?;
+        let mut model = crate::source::load(&self.state_dir)?;
         let known = Pinned {
             modes: self.maps.pod_modes()?,
             groups: self.maps.pod_groups()?,
@@ -236,7 +236,7 @@ impl Agent {
             return false;
         };
         let was_attached = self.attached;
-        let states = crate::ebpf::link_states(&self.pin_path, &trunk);
+        let states = crate::kernel::ebpf::link_states(&self.pin_path, &trunk);
         if let Ok(states) = &states
             && states.iter().all(|s| *s == LinkState::First)
             && self.attached
@@ -261,7 +261,7 @@ impl Agent {
         if behind && self.migration.is_empty() {
             // TCX takes a program once per hook: to go first again, attach a new
             // instance of the programs (over the same pinned maps), then let the old go.
-            match crate::pins::load(&self.pin_path) {
+            match crate::kernel::pins::load(&self.pin_path) {
                 Ok(loaded) if loaded.migration.is_empty() => self.ebpf = loaded.ebpf,
                 Ok(_) => log::error!(
                     "the pinned maps changed layout under the running agent: not reloading the programs"
@@ -272,7 +272,7 @@ impl Agent {
                 ),
             }
         }
-        match crate::ebpf::attach_pinned(&mut self.ebpf, &trunk, &self.pin_path) {
+        match crate::kernel::ebpf::attach_pinned(&mut self.ebpf, &trunk, &self.pin_path) {
             Ok(how) => {
                 self.attached = true;
                 self.attach_error = None;
@@ -305,7 +305,7 @@ impl Agent {
     /// next agent find them.
     fn restore_map_pins(&self) {
         for (name, data) in &self.map_pins {
-            let pin = crate::ebpf::map_pin(&self.pin_path, name);
+            let pin = crate::kernel::ebpf::map_pin(&self.pin_path, name);
             if pin.exists() {
                 continue;
             }
@@ -376,7 +376,7 @@ impl Agent {
     }
 
     /// The applied state's warnings.
-    fn warnings(&self) -> &[crate::state::StateWarning] {
+    fn warnings(&self) -> &[crate::source::state::StateWarning] {
         self.applied.as_ref().map_or(&[], |a| &a.model.warnings)
     }
 
@@ -408,7 +408,7 @@ impl Agent {
                 })
                 .unwrap_or_default(),
         };
-        let path = crate::status::report_path(&self.pin_path);
+        let path = crate::observe::status::report_path(&self.pin_path);
         report
             .write(&path)
             .map_err(|source| AgentError::Report { path, source })
@@ -452,7 +452,7 @@ fn open_map_pins(pin_path: &Path) -> Result<Vec<(&'static str, MapData)>, MapsEr
     map_names::ALL
         .iter()
         .map(|&name| {
-            let pin = crate::ebpf::map_pin(pin_path, name);
+            let pin = crate::kernel::ebpf::map_pin(pin_path, name);
             MapData::from_pin(&pin)
                 .map(|data| (name, data))
                 .map_err(|source| MapsError::Pinned { path: pin, source })
@@ -465,7 +465,7 @@ fn open_map_pins(pin_path: &Path) -> Result<Vec<(&'static str, MapData)>, MapsEr
 /// maps. `enforcer check` runs exactly this, so it refuses what `run` would.
 pub fn compile_checked(model: &Model, enforced: Option<&Compiled>) -> Result<Compiled, AgentError> {
     let compiled = compile::compile_with(model, enforced)?;
-    crate::maps::admit(model, &compiled)?;
+    crate::kernel::maps::admit(model, &compiled)?;
     Ok(compiled)
 }
 
@@ -507,9 +507,9 @@ pub async fn run(
     if let Some(kernel_log) = agent.kernel_log.take() {
         tokio::spawn(forward_kernel_log(kernel_log));
     }
-    let (feed, source) = crate::metrics::feed(agent.view(), agent.pin_path.clone());
+    let (feed, source) = crate::observe::metrics::feed(agent.view(), agent.pin_path.clone());
     if let Some(listener) = metrics {
-        tokio::spawn(crate::http::serve(listener, source));
+        tokio::spawn(crate::observe::http::serve(listener, source));
     }
     let mut supervise = tokio::time::interval(SUPERVISE_INTERVAL);
     supervise.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -544,7 +544,7 @@ fn watch_changes(
     state_dir: &Path,
 ) -> Result<tokio::sync::mpsc::Receiver<std::io::Result<()>>, AgentError> {
     let mut watch =
-        crate::watch::StateWatch::new(state_dir).map_err(|source| AgentError::Watch {
+        crate::source::watch::StateWatch::new(state_dir).map_err(|source| AgentError::Watch {
             path: state_dir.to_path_buf(),
             source,
         })?;
@@ -667,7 +667,7 @@ async fn forward_kernel_log(kernel_log: KernelLog) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::fixtures::{model, node, pod};
+    use crate::policy::eval::fixtures::{model, node, pod};
 
     const STRICT: EnforcingMode = EnforcingMode::Strict;
     const STANDARD: EnforcingMode = EnforcingMode::Standard;

@@ -15,8 +15,8 @@ use enforcer_common::{
 };
 
 use crate::compile::{ClassEntries, Compiled, PolicyEntries, RuleIds};
-use crate::eval::RuleRef;
 use crate::model::{Direction, EnforcingMode, GroupId, Model, NodeConfig, UnknownVlanAction};
+use crate::policy::eval::RuleRef;
 
 mod apply;
 mod batch;
@@ -121,7 +121,7 @@ impl MapSource for Ebpf {
 
 impl MapSource for &Path {
     fn map(&mut self, name: &'static str) -> Result<Map, MapsError> {
-        let path = crate::ebpf::map_pin(self, name);
+        let path = crate::kernel::ebpf::map_pin(self, name);
         let pinned = |source| MapsError::Pinned {
             path: path.clone(),
             source,
@@ -527,7 +527,7 @@ fn read_hash<K: Pod + Ord, V: Pod>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::fixtures::{cidr, group, model, node, pod, rule, tcp};
+    use crate::policy::eval::fixtures::{cidr, group, model, node, pod, rule, tcp};
 
     /// A strict or standard pod with one rule on each side, compiled.
     pub(super) fn compiled(mode: EnforcingMode) -> Compiled {

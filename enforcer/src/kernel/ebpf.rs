@@ -1,6 +1,6 @@
 //! The kernel programs' object, embedded at build time, and its life on the node:
 //! maps, programs and TCX links pinned under `P/{maps,programs,links}/`, adopted by restarts
-//! (maps through [`crate::pins`]).
+//! (maps through [`crate::kernel::pins`]).
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -13,7 +13,7 @@
 //!   does not exist);
 //! - a map that differs is **migrated**: created fresh beside the pinned one,
 //!   pinned under `P/staging/`, filled by the agent's first apply
-//!   ([`crate::maps::KernelMaps::stage`]: the attached programs, of the
+//!   ([`crate::kernel::maps::KernelMaps::stage`]: the attached programs, of the
 //!   previous build, still read the old map), and only once the new programs
 //!   are swapped into the pinned links (one atomic `BPF_LINK_UPDATE` each)
 //!   does [`Migration::commit`] rename the staging pin over the old one.
@@ -34,7 +34,7 @@ use aya::sys::SyscallError;
 use enforcer_common::map_names;
 
 use crate::Error;
-use crate::ebpf::{create_dir, loader, map_pin, object, remove_pin, staging_pin};
+use crate::kernel::ebpf::{create_dir, loader, map_pin, object, remove_pin, staging_pin};
 
 /// The programs and maps of the embedded object, loaded over a pin path.
 pub struct Loaded {
@@ -61,7 +61,7 @@ pub fn load(pin_path: &Path) -> Result<Loaded, Error> {
     let definitions = aya_obj::Object::parse(object)
         .map_err(|e| Error::Object(Box::new(e)))?
         .maps;
-    let level = crate::ebpf::kernel_log_level();
+    let level = crate::kernel::ebpf::kernel_log_level();
     let mut loader = loader(&level);
     let mut migrated = Vec::new();
     for name in map_names::ALL {

@@ -6,11 +6,11 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde::Serialize;
 
-use crate::eval::{
+use crate::model::{BranchPod, Direction, EnforcingMode, GroupsSource, L4Match, Model, Peer};
+use crate::policy::eval::{
     self, Evaluation, L4Packet, L4Query, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Query,
     Reason, Refused, RuleRef, Side,
 };
-use crate::model::{BranchPod, Direction, EnforcingMode, GroupsSource, L4Match, Model, Peer};
 
 /// Why the command line does not describe a flow.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -567,8 +567,8 @@ fn nlb_notes(model: &Model, pod: &BranchPod, refused: Refused) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::fixtures::*;
     use crate::model::Rule;
+    use crate::policy::eval::fixtures::*;
 
     fn setup(mode: EnforcingMode) -> Model {
         let mut https = rule(tcp(443, 443), cidr("0.0.0.0/0"));

@@ -26,7 +26,7 @@ impl KernelMaps {
 
     /// As [`KernelMaps::apply`], but the entries `compiled` no longer uses stay:
     /// the attached programs are a previous build's, reading maps of their own
-    /// beside these ([`crate::pins`]), and may still use them. Once the new
+    /// beside these ([`crate::kernel::pins`]), and may still use them. Once the new
     /// programs are attached, the next apply reads the maps back and retires them.
     pub fn stage(
         &mut self,
@@ -550,7 +550,7 @@ fn wait_for_running_programs() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::fixtures::{cidr, group, model, pod, rule, tcp};
+    use crate::policy::eval::fixtures::{cidr, group, model, pod, rule, tcp};
 
     #[test]
     fn a_diff_writes_new_and_changed_entries_and_removes_gone_ones() {

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use super::reader::{Field, Invalid, Problems};
 use super::{Inventory, Located, Reference, Target};
+use crate::model::sgp::{LabelSelector, Labels, Operator, Requirement, SecurityGroupPolicy};
 use crate::model::{
     Cidr, ConntrackTimeouts, EnforcingMode, NodeConfig, PodFacts, Probe, UnknownVlanAction,
 };
-use crate::sgp::{LabelSelector, Labels, Operator, Requirement, SecurityGroupPolicy};
 
 /// The annotation the VPC resource controller writes on a pod with a branch ENI.
 pub(crate) const POD_ENI_ANNOTATION: &str = "vpc.amazonaws.com/pod-eni";
@@ -656,7 +656,7 @@ fn conntrack(
 mod tests {
     use super::*;
     use crate::model::GroupsSource;
-    use crate::state::testdir::{NODE, NODE_CONFIG, NODE_GROUP, StateDir};
+    use crate::source::state::testdir::{NODE, NODE_CONFIG, NODE_GROUP, StateDir};
 
     /// A branch ENI on VLAN 7 whose ENI ID is `eni-0a`.
     const BRANCH_ENI: &str = r#"[{"eniId":"eni-0a","ifAddress":"0a:1b:2c:3d:4e:5f","privateIp":"10.0.1.101","vlanId":7,"subnetCidr":"10.0.1.0/24"}]"#;

@@ -1,0 +1,150 @@
+//! The compiled entries read exactly as the kernel looks them up, for the tests and
+//! tools that must agree with it.
+
+use std::net::IpAddr;
+
+use enforcer_common::lengths::{self, PeerV4, PeerV6, Port};
+use enforcer_common::{
+    EnforcingMode, NO_POLICY, NO_RULE, PeerKeyV4, PeerKeyV6, PortKey, PortVerdict,
+    V4_MAPPED_PREFIX, VERDICT_UNTRACKED, policy_slot,
+};
+
+use super::{Compiled, addr_key};
+use crate::model::Direction;
+use crate::policy::eval::{self, L4Packet};
+
+/// What one side's policy says about a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SideLookup {
+    /// The handle is [`NO_POLICY`]: the side is not checked.
+    NotChecked,
+    /// No peer or port entry matched.
+    Denied,
+    Allowed(PortVerdict),
+}
+
+impl SideLookup {
+    pub(super) fn passes(self) -> bool {
+        self != Self::Denied
+    }
+
+    pub(super) fn untracked(self) -> bool {
+        match self {
+            Self::NotChecked => true,
+            Self::Denied => false,
+            Self::Allowed(verdict) => verdict.flags & VERDICT_UNTRACKED != 0,
+        }
+    }
+}
+
+/// The kernel's decision for the first packet of a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interpretation {
+    /// No pod entry for the VLAN (`unknownVlan` decides).
+    UnknownVlan,
+    /// The peer or the protocol is never filtered.
+    Unfiltered,
+    /// Standard mode and the peer is on this node.
+    NodeLocal,
+    /// Looked up in the pod's policies.
+    Policy {
+        branch: SideLookup,
+        primary: SideLookup,
+    },
+}
+
+impl Interpretation {
+    pub fn allowed(&self) -> bool {
+        match self {
+            Self::UnknownVlan => false,
+            Self::Unfiltered | Self::NodeLocal => true,
+            Self::Policy { branch, primary } => branch.passes() && primary.passes(),
+        }
+    }
+
+    /// Allowed and without a conntrack entry.
+    pub fn untracked(&self) -> bool {
+        match self {
+            Self::UnknownVlan => false,
+            Self::Unfiltered | Self::NodeLocal => true,
+            Self::Policy { branch, primary } => {
+                self.allowed() && branch.untracked() && primary.untracked()
+            }
+        }
+    }
+}
+
+/// Looks a new flow up in the compiled entries in the kernel's order: pod, never-filtered
+/// addresses and protocols, same-node (standard), then per checked side the peer search ->
+/// class -> port search.
+pub fn interpret(
+    compiled: &Compiled,
+    vlan: u16,
+    direction: Direction,
+    peer: IpAddr,
+    packet: L4Packet,
+) -> Interpretation {
+    let Some(pod) = compiled.pods.get(&vlan) else {
+        return Interpretation::UnknownVlan;
+    };
+    // The kernel's view of the peer: IPv4 as IPv4-mapped, and the packet's family.
+    let (addr, ipv6) = match peer {
+        IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), false),
+        IpAddr::V6(v6) => (v6.octets(), true),
+    };
+    if pod.never_filters(&addr, ipv6) || eval::unfiltered_l4(direction, peer, packet).is_some() {
+        return Interpretation::Unfiltered;
+    }
+    // An IPv6 packet with an IPv4-mapped peer must not pass as that IPv4 address.
+    let mapped = ipv6 && addr[..12] == V4_MAPPED_PREFIX;
+    if pod.mode() == Some(EnforcingMode::Standard)
+        && !mapped
+        && compiled.node_local.contains_key(&addr_key(0, peer))
+    {
+        return Interpretation::NodeLocal;
+    }
+    let (branch_slot, primary_slot) = match direction {
+        Direction::Ingress => (policy_slot::BRANCH_INGRESS, policy_slot::PRIMARY_INGRESS),
+        Direction::Egress => (policy_slot::BRANCH_EGRESS, policy_slot::PRIMARY_EGRESS),
+    };
+    let side = |handle: u32| {
+        if handle == NO_POLICY {
+            return SideLookup::NotChecked;
+        }
+        let Some(policy) = compiled.policies.get(&handle) else {
+            return SideLookup::Denied;
+        };
+        // The kernel's probes, on the entries as grouped here (their IDs zero).
+        let class = match peer {
+            IpAddr::V4(a) => lengths::search::<PeerV4, _>(|len| {
+                find(&policy.v4, &PeerKeyV4::new(0, a.octets(), len)).map(|c| c.class)
+            }),
+            IpAddr::V6(a) => lengths::search::<PeerV6, _>(|len| {
+                find(&policy.v6, &PeerKeyV6::new(0, &a.octets(), len)).map(|c| c.class)
+            }),
+        };
+        let ports = class.and_then(|class| compiled.classes.get(&class));
+        let verdict = ports.and_then(|ports| {
+            lengths::search::<Port, _>(|len| {
+                find(
+                    ports,
+                    &PortKey::new(0, packet.protocol, packet.selector, len),
+                )
+            })
+        });
+        let verdict = verdict.filter(|v| v.rule != NO_RULE);
+        verdict.map_or(SideLookup::Denied, SideLookup::Allowed)
+    };
+    Interpretation::Policy {
+        branch: side(pod.policies[branch_slot]),
+        primary: side(pod.policies[primary_slot]),
+    }
+}
+
+/// The value of `key` in entries sorted by key.
+pub(super) fn find<K: Ord, V: Copy>(entries: &[(K, V)], key: &K) -> Option<V> {
+    entries
+        .binary_search_by(|(k, _)| k.cmp(key))
+        .ok()
+        .map(|i| entries[i].1)
+}

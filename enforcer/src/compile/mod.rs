@@ -1,0 +1,563 @@
+//! Compiles the model into the fast path's map entries, whose lookups cost the same whatever the
+//! number of rules, and [`interpret`]s those entries exactly as the kernel looks them up.
+//!
+//! A policy's peer table maps (prefix) to a class, the set of rules whose peer covers the
+//! prefix (each longer prefix folds in every shorter covering one, as a longest-prefix match
+//! returns only the longest). A class's port table maps (protocol, port or ICMP type/code) to
+//! the lowest allowing rule ID, folded the same way. Both are laid out for the kernel's
+//! binary search on prefix lengths (`prefix::lay_out`). Rule IDs, classes and policy handles
+//! start at 1; 0 means none. They are stable across compiles ([`compile_with`]): what did not
+//! change keeps its ID.
+//!
+//! To keep the maps small, a class leaves out rules that can never decide a verdict (a
+//! lower rule covers all they cover), and a prefix whose value equals that of the nearest
+//! shorter prefix covering it is left out: the longest match answers the same without it.
+
+mod classes;
+mod interpret;
+mod prefix;
+mod reuse;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// The compiler hashes many rule sets and entry lists: a fast hasher (its inputs come from
+/// the operator's own state, not from the network).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+use std::net::IpAddr;
+
+use enforcer_common::lengths::{PeerV4, PeerV6};
+use enforcer_common::{
+    AddrKey, EnforcingMode, MAX_UNFILTERED_V4, MAX_UNFILTERED_V6, NO_CLASS, NO_POLICY,
+    POD_HAS_IPV4, POD_HAS_IPV6, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PortKey, PortVerdict,
+    VLAN_MAX, VLAN_MIN, policy_slot,
+};
+
+use crate::compile::prefix::{Prefix, lay_out};
+use crate::model::{Direction, GroupId, Model};
+use crate::policy::eval::{self, RuleRef, sorted_set};
+use classes::{ClassKey, RuleSets, RuleTable, class_ports, policy_peers};
+pub use interpret::{Interpretation, SideLookup, interpret};
+use reuse::{Previous, Reuse};
+
+/// Why a model cannot be compiled.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("pod {pod}: VLAN {vlan} is outside {VLAN_MIN}..={VLAN_MAX}")]
+    InvalidVlan { pod: String, vlan: u16 },
+    #[error("pods {first} and {second} both use VLAN {vlan}")]
+    DuplicateVlan {
+        vlan: u16,
+        first: String,
+        second: String,
+    },
+    #[error("pod {pod}: more than {capacity} never-filtered peers of one family")]
+    TooManyUnfiltered { pod: String, capacity: usize },
+}
+
+/// The groups and direction of one side of a pod: what a policy handle is compiled from.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Policy {
+    /// Sorted and de-duplicated.
+    groups: Vec<GroupId>,
+    direction: Direction,
+}
+
+/// Every map entry the kernel needs for a model, in deterministic order: exactly what the
+/// maps hold once it is applied, so a state read back from the kernel is one too. Policy and
+/// class entries are grouped by ID (entries under an ID never change: copy-on-write) and
+/// shared with the previous compile where they did not change.
+#[derive(Clone, Debug, Default)]
+pub struct Compiled {
+    pub pods: BTreeMap<u16, PodEntry>,
+    /// Peer entries by policy handle (the keys' `policy` zero), every handle pods use.
+    pub policies: BTreeMap<u32, Arc<PolicyEntries>>,
+    /// Port entries by class (the keys' `class` zero), every class the policies name.
+    pub classes: BTreeMap<u32, Arc<ClassEntries>>,
+    pub node_local: BTreeMap<AddrKey, u8>,
+    /// The rules the port verdicts name.
+    pub rules: RuleIds,
+    /// What the next compile may reuse; `None` for a state read back from the kernel.
+    memo: Option<Arc<Memo>>,
+}
+
+impl PartialEq for Compiled {
+    /// Equal map contents, whatever either compile remembers.
+    fn eq(&self, other: &Self) -> bool {
+        self.pods == other.pods
+            && self.policies == other.policies
+            && self.classes == other.classes
+            && self.node_local == other.node_local
+            && self.rules == other.rules
+    }
+}
+
+impl Eq for Compiled {}
+
+/// A class's port entries, its own ID zeroed in the keys, sorted.
+pub type ClassEntries = Vec<(PortKey, PortVerdict)>;
+
+/// A policy's IPv4 and IPv6 peer entries, its own handle zeroed in the keys, sorted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyEntries {
+    pub v4: Vec<(PeerKeyV4, PeerClass)>,
+    pub v6: Vec<(PeerKeyV6, PeerClass)>,
+}
+
+impl PolicyEntries {
+    /// The classes the entries name.
+    pub fn classes(&self) -> impl Iterator<Item = u32> + '_ {
+        let v4 = self.v4.iter().map(|(_, c)| c.class);
+        v4.chain(self.v6.iter().map(|(_, c)| c.class))
+            .filter(|&c| c != NO_CLASS)
+    }
+}
+
+/// What a compile remembers for the next: the model it compiled, its policies' handles and
+/// its classes' IDs by what they were computed from.
+#[derive(Debug)]
+struct Memo {
+    model: Model,
+    handles: HashMap<Policy, u32>,
+    classes: HashMap<ClassInputs, u32>,
+}
+
+/// What a class's port entries are computed from, besides the rules' contents: the stable IDs
+/// of its rules (sorted) and for which protocols the opposite direction opens every port.
+type ClassInputs = (Vec<u32>, [bool; 2]);
+
+impl Compiled {
+    pub fn rule(&self, id: u32) -> Option<&RuleRef> {
+        self.rules.get(id)
+    }
+
+    /// The ID of a rule, if it is in the table.
+    pub fn rule_id(&self, rule: &RuleRef) -> Option<u32> {
+        self.rules.id(rule)
+    }
+}
+
+/// Rule IDs and the rules they stand for, both ways.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleIds {
+    by_id: BTreeMap<u32, RuleRef>,
+    by_rule: BTreeMap<RuleRef, u32>,
+}
+
+impl RuleIds {
+    /// Names rule `id`; a rule named by several IDs is found by the lowest.
+    pub fn insert(&mut self, id: u32, rule: RuleRef) {
+        let lowest = self.by_rule.get(&rule).map_or(id, |&known| known.min(id));
+        self.by_rule.insert(rule.clone(), lowest);
+        self.by_id.insert(id, rule);
+    }
+
+    pub fn get(&self, id: u32) -> Option<&RuleRef> {
+        self.by_id.get(&id)
+    }
+
+    pub fn id(&self, rule: &RuleRef) -> Option<u32> {
+        self.by_rule.get(rule).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// Every (ID, rule), by ID.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &RuleRef)> {
+        self.by_id.iter().map(|(&id, rule)| (id, rule))
+    }
+}
+
+/// Builds the map entries of every pod of `model`, with fresh IDs.
+pub fn compile(model: &Model) -> Result<Compiled, CompileError> {
+    compile_with(model, None)
+}
+
+/// Builds the map entries of every pod of `model`, keeping the IDs `previous` gave to what
+/// did not change: a rule keeps its ID while its (group, direction, index) exists; a policy
+/// handle keeps its ID if its entries are identical, and so does a peer class, found by the
+/// rules it was computed from (or, over a state read back from the kernel, by its entries);
+/// entries that change get a fresh class or handle (copy-on-write: `maps/apply.rs` never rewrites
+/// entries in use). Over a compiled `previous`, policies and classes whose inputs did not
+/// change are taken over as they are, not computed again. Fresh IDs are the lowest that
+/// neither `previous` nor this compile uses, so an ID freed by one compile is reused at the
+/// earliest by the next. Deterministic for (model, previous).
+pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compiled, CompileError> {
+    check_vlans(model)?;
+    let rules = RuleTable::new(model);
+    let policies = policies(model);
+    let reuse = Reuse::new(previous, model);
+    let mut before = Previous::index(previous);
+    let rule_ids: Vec<u32> = rules.refs.iter().map(|r| before.rule_id(r)).collect();
+
+    // Policies whose inputs did not change keep their handle, entries and classes.
+    let mut handles: Vec<Option<u32>> = policies.iter().map(|p| reuse.policy(p)).collect();
+    let mut policy_entries: BTreeMap<u32, Arc<PolicyEntries>> = BTreeMap::new();
+    let mut classes: BTreeMap<u32, Arc<ClassEntries>> = BTreeMap::new();
+    for &handle in handles.iter().flatten() {
+        let entries = reuse.policy_entries(handle);
+        for class in entries.classes() {
+            classes.insert(class, reuse.class_entries(class));
+        }
+        policy_entries.insert(handle, entries);
+    }
+
+    // The other policies' peer entries, computed in parallel, point at interned class keys
+    // (value = order of first sight); classes are visited in the order of their rule sets
+    // once all are known, so that fresh IDs depend neither on the walk nor on the threads.
+    let pending: Vec<usize> = (0..policies.len())
+        .filter(|&i| handles[i].is_none())
+        .collect();
+    let mut sets = RuleSets::new(&rules);
+    let mut interned: HashMap<ClassKey, usize> = HashMap::default();
+    let mut peer_entries: Vec<(usize, PeerPrefixes)> = Vec::with_capacity(pending.len());
+    for work in peer_work(model, &rules, &policies, &pending) {
+        let global: Vec<usize> = work.sets.into_iter().map(|set| sets.intern(set)).collect();
+        for (i, tables) in work.policies {
+            let mut entries = Vec::with_capacity(tables.len());
+            for (v6, prefix, key) in tables {
+                let key = ClassKey {
+                    set: global[key.set],
+                    ..key
+                };
+                let next = interned.len();
+                let provisional = *interned.entry(key).or_insert(next);
+                entries.push((v6, prefix, provisional));
+            }
+            peer_entries.push((i, entries));
+        }
+    }
+    let mut keys: Vec<(&ClassKey, usize)> = interned.iter().map(|(k, &v)| (k, v)).collect();
+    keys.sort_by(|(a, _), (b, _)| {
+        (&sets.sets[a.set], a.reverse_open).cmp(&(&sets.sets[b.set], b.reverse_open))
+    });
+
+    // A class computed from the same unchanged rules keeps its ID and entries; classes with
+    // identical port entries share one ID.
+    let mut class_of = vec![0; keys.len()];
+    let mut computed: HashMap<ClassEntries, u32> = HashMap::default();
+    let mut class_inputs: HashMap<ClassInputs, u32> = reuse.kept_class_inputs(&classes);
+    for (key, provisional) in keys {
+        let set = &sets.sets[key.set];
+        let mut ids: Vec<u32> = set.iter().map(|&p| rule_ids[index(p)]).collect();
+        ids.sort_unstable();
+        let inputs = (ids, key.reverse_open);
+        let class = match reuse.class(&inputs) {
+            Some(class) => {
+                classes.insert(class, reuse.class_entries(class));
+                class
+            }
+            None => {
+                let entries = class_ports(&rules, &rule_ids, set, key.reverse_open);
+                match computed.get(&entries) {
+                    Some(&class) => class,
+                    None => {
+                        let class = before.class(&entries);
+                        classes.insert(class, Arc::new(entries.clone()));
+                        computed.insert(entries, class);
+                        class
+                    }
+                }
+            }
+        };
+        class_of[provisional] = class;
+        class_inputs.insert(inputs, class);
+    }
+
+    // Policies with identical peer entries share one handle (a kept policy's is found by
+    // `before`, which indexes every previous policy by its entries).
+    let mut seen: HashMap<Arc<PolicyEntries>, u32> = HashMap::default();
+    for (i, entries) in peer_entries {
+        let mut tables: [Vec<(Prefix, PeerClass)>; 2] = Default::default();
+        for (is_v6, prefix, provisional) in entries {
+            let class = PeerClass {
+                class: class_of[provisional],
+            };
+            tables[usize::from(is_v6)].push((prefix, class));
+        }
+        let entries = policy_layout(&tables[0], &tables[1]);
+        let handle = match seen.get(&entries) {
+            Some(&handle) => handle,
+            None => {
+                let handle = before.policy(&entries);
+                let entries = Arc::new(entries);
+                policy_entries.insert(handle, entries.clone());
+                seen.insert(entries, handle);
+                handle
+            }
+        };
+        handles[i] = Some(handle);
+    }
+    let handles: Vec<u32> = handles.into_iter().flatten().collect();
+    let pods = pod_entries(model, &policies, &handles)?;
+
+    let node_local = model
+        .node_local
+        .iter()
+        .map(|&addr| (addr_key(0, addr), 1))
+        .collect();
+
+    let mut ids = RuleIds::default();
+    for (rule, id) in rules.refs.into_iter().zip(rule_ids) {
+        ids.insert(id, rule);
+    }
+    let memo = Memo {
+        model: model.clone(),
+        handles: policies.into_iter().zip(handles).collect(),
+        classes: class_inputs,
+    };
+    Ok(Compiled {
+        pods,
+        policies: policy_entries,
+        classes,
+        node_local,
+        rules: ids,
+        memo: Some(Arc::new(memo)),
+    })
+}
+
+/// One policy's (IPv6, prefix, class key) of both families.
+type PolicyPeers = Vec<(bool, Prefix, ClassKey)>;
+
+/// Peer prefixes of some policies (by index), their classes' rule sets local to the work.
+struct PeerWork {
+    sets: Vec<Vec<u32>>,
+    policies: Vec<(usize, PolicyPeers)>,
+}
+
+/// The peer prefixes of `policies[pending]`, the work spread over the CPUs (each policy's
+/// fold is independent; a node's hundreds of policies are most of a compile).
+fn peer_work(
+    model: &Model,
+    rules: &RuleTable,
+    policies: &[Policy],
+    pending: &[usize],
+) -> Vec<PeerWork> {
+    let work = |chunk: &[usize]| {
+        let mut sets = RuleSets::new(rules);
+        let policies = chunk
+            .iter()
+            .map(|&i| {
+                let tables = [false, true]
+                    .into_iter()
+                    .flat_map(|v6| {
+                        policy_peers(model, &mut sets, &policies[i], v6)
+                            .into_iter()
+                            .map(move |(prefix, key)| (v6, prefix, key))
+                    })
+                    .collect();
+                (i, tables)
+            })
+            .collect();
+        PeerWork {
+            sets: sets.sets,
+            policies,
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    // Threads only pay off for more than a handful of policies.
+    if threads == 1 || pending.len() < 4 * threads {
+        return vec![work(pending)];
+    }
+    let chunk = pending.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let running: Vec<_> = pending
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || work(part)))
+            .collect();
+        running
+            .into_iter()
+            .map(|thread| thread.join().expect("a compile thread does not panic"))
+            .collect()
+    })
+}
+
+/// A policy's peer prefixes: (IPv6, prefix, provisional class).
+type PeerPrefixes = Vec<(bool, Prefix, usize)>;
+
+/// A policy's peer tables laid out for the kernel's search, keys sorted.
+fn policy_layout(v4: &[(Prefix, PeerClass)], v6: &[(Prefix, PeerClass)]) -> PolicyEntries {
+    let none = PeerClass { class: NO_CLASS };
+    let mut entries = PolicyEntries {
+        v4: lay_out::<PeerV4, _>(v4, none)
+            .into_iter()
+            .map(|(p, class)| {
+                let addr = ((p.bits >> 96) as u32).to_be_bytes();
+                (PeerKeyV4::new(0, addr, p.len), class)
+            })
+            .collect(),
+        v6: lay_out::<PeerV6, _>(v6, none)
+            .into_iter()
+            .map(|(p, class)| (PeerKeyV6::new(0, &p.bits.to_be_bytes(), p.len), class))
+            .collect(),
+    };
+    entries.v4.sort_unstable();
+    entries.v6.sort_unstable();
+    entries
+}
+
+fn check_vlans(model: &Model) -> Result<(), CompileError> {
+    let mut seen: BTreeMap<u16, String> = BTreeMap::new();
+    for pod in &model.pods {
+        if !(VLAN_MIN..=VLAN_MAX).contains(&pod.vlan) {
+            return Err(CompileError::InvalidVlan {
+                pod: pod.key(),
+                vlan: pod.vlan,
+            });
+        }
+        if let Some(first) = seen.insert(pod.vlan, pod.key()) {
+            return Err(CompileError::DuplicateVlan {
+                vlan: pod.vlan,
+                first,
+                second: pod.key(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Every distinct (group set, direction) of the pods' branch and, in standard mode, primary sides.
+fn policies(model: &Model) -> Vec<Policy> {
+    let mut set = BTreeSet::new();
+    for pod in &model.pods {
+        let mut sides = vec![&pod.groups];
+        if pod.mode == EnforcingMode::Standard {
+            sides.push(&model.node.primary_security_groups);
+        }
+        for groups in sides {
+            for direction in [Direction::Ingress, Direction::Egress] {
+                set.insert(Policy {
+                    groups: sorted_set(groups),
+                    direction,
+                });
+            }
+        }
+    }
+    set.into_iter().collect()
+}
+
+fn pod_entries(
+    model: &Model,
+    policies: &[Policy],
+    handles: &[u32],
+) -> Result<BTreeMap<u16, PodEntry>, CompileError> {
+    let handle_of = |groups: &[GroupId], direction| {
+        let policy = Policy {
+            groups: sorted_set(groups),
+            direction,
+        };
+        policies
+            .binary_search(&policy)
+            .map_or(NO_POLICY, |i| handles[i])
+    };
+    let node_unfiltered: Vec<IpAddr> = eval::node_unfiltered(model)
+        .into_iter()
+        .map(|(addr, _)| addr)
+        .collect();
+    let mut pods = BTreeMap::new();
+    for pod in &model.pods {
+        let mut entry = PodEntry {
+            ipv4: [0; 4],
+            ipv6: [0; 16],
+            mode: pod.mode as u8,
+            flags: 0,
+            unfiltered_v4_count: 0,
+            unfiltered_v6_count: 0,
+            policies: [NO_POLICY; 4],
+            identity: PodEntry::identity_of(pod.identity().as_bytes()),
+            unfiltered_v4: [[0; 4]; MAX_UNFILTERED_V4],
+            unfiltered_v6: [[0; 16]; MAX_UNFILTERED_V6],
+        };
+        for addr in eval::pod_unfiltered(pod)
+            .into_iter()
+            .chain(node_unfiltered.iter().copied())
+        {
+            let (placed, capacity) = match addr {
+                IpAddr::V4(v4) => (
+                    append(
+                        &mut entry.unfiltered_v4,
+                        &mut entry.unfiltered_v4_count,
+                        v4.octets(),
+                    ),
+                    MAX_UNFILTERED_V4,
+                ),
+                IpAddr::V6(v6) => (
+                    append(
+                        &mut entry.unfiltered_v6,
+                        &mut entry.unfiltered_v6_count,
+                        v6.octets(),
+                    ),
+                    MAX_UNFILTERED_V6,
+                ),
+            };
+            if !placed {
+                return Err(CompileError::TooManyUnfiltered {
+                    pod: pod.name.clone(),
+                    capacity,
+                });
+            }
+        }
+        if let Some(v4) = pod.ipv4 {
+            entry.ipv4 = v4.octets();
+            entry.flags |= POD_HAS_IPV4;
+        }
+        if let Some(v6) = pod.ipv6 {
+            entry.ipv6 = v6.octets();
+            entry.flags |= POD_HAS_IPV6;
+        }
+        entry.policies[policy_slot::BRANCH_INGRESS] = handle_of(&pod.groups, Direction::Ingress);
+        entry.policies[policy_slot::BRANCH_EGRESS] = handle_of(&pod.groups, Direction::Egress);
+        if pod.mode == EnforcingMode::Standard {
+            let primary = &model.node.primary_security_groups;
+            entry.policies[policy_slot::PRIMARY_INGRESS] = handle_of(primary, Direction::Ingress);
+            entry.policies[policy_slot::PRIMARY_EGRESS] = handle_of(primary, Direction::Egress);
+        }
+        pods.insert(pod.vlan, entry);
+    }
+    Ok(pods)
+}
+
+/// Puts `value` after the first `count` of `slots`; false when they are all in use.
+fn append<T, const N: usize>(slots: &mut [T; N], count: &mut u8, value: T) -> bool {
+    match slots.get_mut(usize::from(*count)) {
+        Some(slot) => {
+            *slot = value;
+            *count += 1;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Position `i + 1` of the element at index `i` (the compiler orders rules by position; the
+/// maps name them by ID).
+fn handle(i: usize) -> u32 {
+    u32::try_from(i + 1).expect("fewer than 2^32 policies, classes and rules")
+}
+
+/// Index into a table of the position `id`.
+fn index(id: u32) -> usize {
+    id as usize - 1
+}
+
+/// The address-set key of `addr` for `vlan`, IPv4 as `::ffff:a.b.c.d`.
+pub fn addr_key(vlan: u16, addr: IpAddr) -> AddrKey {
+    let addr = match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(a) => a,
+    };
+    AddrKey {
+        vlan,
+        _pad: [0; 2],
+        addr: addr.octets(),
+    }
+}
