@@ -5,7 +5,11 @@
 //! Fields are loaded straight into their destination (`Frame::load_into`):
 //! BPF has a 512-byte stack, and a temporary per header would exceed it.
 
-use aya_ebpf::{EbpfContext, helpers::bpf_skb_load_bytes, programs::TcContext};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    programs::{TcContext, XdpContext},
+};
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -41,7 +45,7 @@ pub enum ParseError {
 }
 
 /// Read access to a frame's bytes and to the tag the kernel may have moved
-/// out of them; XDP will provide the same over its context.
+/// out of them; TC and XDP provide the same over their contexts.
 pub trait Frame {
     /// Copies `size_of::<T>()` bytes at `offset` into `dst`, or fails if the frame is shorter.
     fn load_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), ParseError>;
@@ -84,6 +88,33 @@ impl Frame for TcContext {
     }
 }
 
+/// At XDP the kernel has not yet moved the tag anywhere: it is always inline.
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn load_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), ParseError> {
+        // SAFETY: as for TC; the helper also reads across the fragments of a
+        // multi-buffer frame, so the bounds are the frame's, not the first page's.
+        let ret = unsafe {
+            bpf_xdp_load_bytes(
+                self.as_ptr().cast(),
+                offset as u32,
+                (dst as *mut T).cast(),
+                size_of::<T>() as u32,
+            )
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(ParseError::Malformed)
+        }
+    }
+
+    #[inline(always)]
+    fn vlan_metadata(&self) -> Option<u16> {
+        None
+    }
+}
+
 /// The layer-2 view: which VLAN, which protocol, where layer 3 starts.
 #[derive(Clone, Copy)]
 pub struct L2 {
@@ -106,7 +137,7 @@ pub fn parse_l2<F: Frame>(frame: &F) -> Result<Option<L2>, (Option<u16>, ParseEr
     let ethertype = load_be16(frame, ETH_TYPE_OFFSET).map_err(|e| (meta, e))?;
     let (vlan, ethertype, l3_offset) = match meta {
         Some(vlan) => (vlan, ethertype, ETH_HEADER_LEN),
-        None if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD => {
+        None if is_tag(ethertype) => {
             let tag: [u8; 4] = frame.load(ETH_HEADER_LEN).map_err(|e| (None, e))?;
             let vlan = u16::from_be_bytes([tag[0], tag[1]]) & VLAN_VID_MASK;
             let inner = u16::from_be_bytes([tag[2], tag[3]]);
@@ -114,19 +145,18 @@ pub fn parse_l2<F: Frame>(frame: &F) -> Result<Option<L2>, (Option<u16>, ParseEr
         }
         None => return Ok(None),
     };
-    let tagged = |ethertype| ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD;
     if vlan == PRIORITY_TAG_VID {
         // An 802.1p priority tag is no VLAN: Linux hands the frame to its inner
         // tag's VLAN device, or to the trunk itself when there is none. A pod's
         // VLAN behind it is stacked tags for that pod, never an unknown VLAN.
-        if !tagged(ethertype) {
+        if !is_tag(ethertype) {
             return Ok(None);
         }
         let inner: [u8; 2] = frame.load(l3_offset).map_err(|e| (None, e))?;
         let inner = u16::from_be_bytes(inner) & VLAN_VID_MASK;
         return Err((Some(inner), ParseError::UnsupportedL2));
     }
-    if tagged(ethertype) {
+    if is_tag(ethertype) {
         return Err((Some(vlan), ParseError::UnsupportedL2));
     }
     Ok(Some(L2 {
@@ -134,6 +164,19 @@ pub fn parse_l2<F: Frame>(frame: &F) -> Result<Option<L2>, (Option<u16>, ParseEr
         ethertype,
         l3_offset,
     }))
+}
+
+/// Whether `ethertype` announces an 802.1Q or 802.1ad tag.
+#[inline(always)]
+fn is_tag(ethertype: u16) -> bool {
+    ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD
+}
+
+/// Whether the frame's bytes carry a tag right after the MAC addresses,
+/// whatever tag its metadata holds.
+#[inline(always)]
+pub fn starts_with_tag<F: Frame>(frame: &F) -> bool {
+    matches!(load_be16(frame, ETH_TYPE_OFFSET), Ok(ethertype) if is_tag(ethertype))
 }
 
 /// Where in a datagram a packet sits, for IPv4/IPv6 fragments.

@@ -53,6 +53,11 @@ pub enum Command {
         /// Address of the Prometheus endpoint (/metrics, /healthz, /readyz).
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS_ADDR)]
         metrics_addr: std::net::SocketAddr,
+        /// The XDP program on the trunk, which drops denied traffic to pods before the
+        /// kernel builds a packet: `auto` (native where the driver supports it, else
+        /// generic), `native`, `generic` or `off` (TC judges everything).
+        #[arg(long, value_name = "MODE", default_value = "auto")]
+        xdp: enforcer::kernel::xdp::XdpSetting,
     },
     /// What the kernel enforces now, from the pinned maps (with or without a running agent).
     Status {
@@ -105,7 +110,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             state,
             pin_path,
             metrics_addr,
-        } => run_agent(&state, &pin_path, metrics_addr),
+            xdp,
+        } => run_agent(&state, &pin_path, metrics_addr, xdp),
         Command::Status { pin_path, json } => status(&pin_path, json),
         Command::Uninstall { pin_path } => uninstall(&pin_path),
         Command::Flows {
@@ -222,7 +228,12 @@ fn summary(model: &Model) -> String {
 }
 
 /// `enforcer run`: enforce the state and follow it until a signal. Everything stays pinned.
-fn run_agent(dir: &Path, pin_path: &Path, metrics_addr: std::net::SocketAddr) -> Result<ExitCode> {
+fn run_agent(
+    dir: &Path,
+    pin_path: &Path,
+    metrics_addr: std::net::SocketAddr,
+    xdp: enforcer::kernel::xdp::XdpSetting,
+) -> Result<ExitCode> {
     // Bound before anything is attached: a taken port stops the start, not the endpoint.
     let listener = std::net::TcpListener::bind(metrics_addr)
         .with_context(|| format!("binding the metrics endpoint {metrics_addr}"))?;
@@ -235,7 +246,7 @@ fn run_agent(dir: &Path, pin_path: &Path, metrics_addr: std::net::SocketAddr) ->
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let agent = enforcer::agent::Agent::start(dir, pin_path)
+    let agent = enforcer::agent::Agent::start(dir, pin_path, xdp)
         .with_context(|| format!("starting the agent (pins under {})", pin_path.display()))?;
     match (agent.applied(), agent.failure()) {
         (_, Some(failure)) => log::error!(

@@ -43,6 +43,12 @@ pub enum Error {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error("cannot read the link pinned at {path}")]
+    LinkInfo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot detach the link of program {name}")]
     Detach {
         name: &'static str,

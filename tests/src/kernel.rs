@@ -3,16 +3,31 @@
 //! reports the kernel's verdict and the reason it counted.
 
 use aya::Ebpf;
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use enforcer::compile::{self, Compiled};
 use enforcer::kernel::ebpf::{TC_EGRESS, TC_INGRESS};
 use enforcer::kernel::maps::KernelMaps;
+use enforcer::kernel::xdp::XDP_INGRESS;
 use enforcer::model::{Direction, Model};
 use enforcer_common::Reason;
 
 /// TC_ACT_UNSPEC (TCX_NEXT): the enforcer passes a frame on to what follows it.
 const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 const TC_ACT_SHOT: u32 = 2;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+/// Which program judges a frame arriving on the trunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngressPath {
+    /// TC alone (`--xdp off`).
+    Tc,
+    /// XDP first; TC for what XDP leaves unjudged (untagged-looking frames), as
+    /// the stack hands it on. (A frame XDP passed is marked and TC skips it: the
+    /// mark is metadata `BPF_PROG_TEST_RUN` cannot hand to TC; the agent tests
+    /// check it on a live trunk.)
+    Xdp,
+}
 
 /// What the kernel did with one frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +57,13 @@ impl Kernel {
             prog.load()
                 .unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
         }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(XDP_INGRESS)
+            .expect("the XDP program in the object")
+            .try_into()
+            .expect("an XDP program");
+        xdp.load()
+            .unwrap_or_else(|e| panic!("verifier rejected {XDP_INGRESS}: {e}"));
         let maps = KernelMaps::take(&mut ebpf).expect("typed maps");
         let compiled = compile::compile(model).expect("the model compiles");
         let mut kernel = Self {
@@ -79,28 +101,13 @@ impl Kernel {
         crate::time_run(self.program(direction), frame)
     }
 
-    /// Runs `frame` through the program of `direction` (ingress: arriving on
+    /// Runs `frame` through the TC program of `direction` (ingress: arriving on
     /// the trunk, towards the pod).
     pub fn run(&self, direction: Direction, frame: &[u8]) -> Outcome {
-        let prog = self.program(direction);
-        let before = self.maps.counters().expect("read counters");
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        let verdict = prog
-            .test_run(opts)
-            .unwrap_or_else(|e| {
-                panic!("BPF_PROG_TEST_RUN of {direction:?} on {frame:02x?} failed: {e:?}")
-            })
-            .return_value;
-        let after = self.maps.counters().expect("read counters");
-        let counted: Vec<Reason> = Reason::ALL
-            .iter()
-            .zip(before.iter().zip(after.iter()))
-            .filter(|(_, (b, a))| a > b)
-            .map(|(reason, _)| *reason)
-            .collect();
-        assert_eq!(counted.len(), 1, "one reason per frame, got {counted:?}");
-        let reason = counted[0];
+        let (verdict, counted) = self.test_run(direction, frame, |opts| {
+            self.program(direction).test_run(opts)
+        });
+        let reason = one_reason(&counted);
         let passed = match verdict {
             TC_ACT_UNSPEC => true,
             TC_ACT_SHOT => false,
@@ -113,4 +120,68 @@ impl Kernel {
         );
         Outcome { passed, reason }
     }
+
+    /// Runs a frame arriving on the trunk through `path`.
+    pub fn run_ingress(&self, path: IngressPath, frame: &[u8]) -> Outcome {
+        if path == IngressPath::Tc {
+            return self.run(Direction::Ingress, frame);
+        }
+        let xdp: &Xdp = self
+            .ebpf
+            .program(XDP_INGRESS)
+            .expect("program")
+            .try_into()
+            .expect("an XDP program");
+        let (verdict, counted) =
+            self.test_run(Direction::Ingress, frame, |opts| xdp.test_run(opts));
+        if counted.is_empty() {
+            assert_eq!(verdict, XDP_PASS, "XDP drops only frames it counts");
+            return self.run(Direction::Ingress, frame);
+        }
+        let reason = one_reason(&counted);
+        let passed = match verdict {
+            XDP_PASS => true,
+            XDP_DROP => false,
+            other => panic!("unexpected XDP verdict {other}"),
+        };
+        assert_eq!(
+            passed,
+            !reason.is_drop(),
+            "verdict and reason {reason:?} disagree"
+        );
+        Outcome { passed, reason }
+    }
+
+    /// One `BPF_PROG_TEST_RUN` of `frame`: the program's return value and the
+    /// reasons it counted.
+    fn test_run(
+        &self,
+        direction: Direction,
+        frame: &[u8],
+        run: impl FnOnce(
+            TestRunOptions<'_>,
+        ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
+    ) -> (u32, Vec<Reason>) {
+        let before = self.maps.counters().expect("read counters");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        let verdict = run(opts)
+            .unwrap_or_else(|e| {
+                panic!("BPF_PROG_TEST_RUN of {direction:?} on {frame:02x?} failed: {e:?}")
+            })
+            .return_value;
+        let after = self.maps.counters().expect("read counters");
+        let counted = Reason::ALL
+            .iter()
+            .zip(before.iter().zip(after.iter()))
+            .filter(|(_, (b, a))| a > b)
+            .map(|(reason, _)| *reason)
+            .collect();
+        (verdict, counted)
+    }
+}
+
+fn one_reason(counted: &[Reason]) -> Reason {
+    assert_eq!(counted.len(), 1, "one reason per frame, got {counted:?}");
+    counted[0]
 }

@@ -40,7 +40,7 @@ fn pinned_maps_print_with_field_names() {
     let compiled = compile::compile(&model).expect("compiles");
     maps.apply(&compiled, &model.node).expect("apply");
 
-    let pod_map = enforcer::kernel::ebpf::map_pin(&pins.0, map_names::PODS);
+    let pod_map = enforcer::kernel::bpffs::map_pin(&pins.0, map_names::PODS);
     let output = Command::new("bpftool")
         .args(["--json", "map", "dump", "pinned"])
         .arg(&pod_map)

@@ -14,7 +14,7 @@ use enforcer::policy::eval::{Reason as EvalReason, Refused};
 use enforcer::policy::flow::{FlowTable, FlowVerdict, PacketMeta, flow_key};
 use enforcer_common::{CtEntry, Reason, V4_MAPPED_PREFIX};
 use enforcer_tests::frame::{L4, Tag};
-use enforcer_tests::kernel::{Kernel, Outcome};
+use enforcer_tests::kernel::{IngressPath, Kernel, Outcome};
 use enforcer_tests::oracle;
 use enforcer_tests::random::{Case, CaseGenerator, Rng, random_model};
 
@@ -149,6 +149,7 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
     let mut flows = FlowTable::new();
     let mut cases = CaseGenerator::new();
     let mut seen = std::collections::BTreeMap::<String, u64>::new();
+    let mut paths = std::collections::BTreeMap::<String, u64>::new();
     for n in 0..packets {
         if n > 0 && n % PACKETS_PER_MODEL == 0 {
             // A fresh policy and an empty tracker, so flows of one model
@@ -162,7 +163,24 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
         let case = cases.next(&mut rng, &model);
         let now = monotonic_ns();
         let want = expected(&model, &mut flows, &case, now);
-        let got = kernel.run(case.direction, &case.frame);
+        // Frames arriving on the trunk go through XDP (then TC for what XDP
+        // leaves) or TC alone, in turn: both paths answer to the reference.
+        let path = if n % 2 == 0 {
+            IngressPath::Xdp
+        } else {
+            IngressPath::Tc
+        };
+        let (got, program) = match case.direction {
+            Direction::Ingress => (
+                kernel.run_ingress(path, &case.frame),
+                format!("ingress {path:?}"),
+            ),
+            Direction::Egress => (
+                kernel.run(Direction::Egress, &case.frame),
+                "egress TC".into(),
+            ),
+        };
+        *paths.entry(program).or_default() += 1;
         let context = || {
             format!(
                 "packet #{n} (seed {seed:#x}): {case:?}\nframe {:02x?}\nmodel {model:#?}",
@@ -200,6 +218,13 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
         }
     }
     eprintln!("differential: reasons seen {seen:?}");
+    eprintln!("differential: programs {paths:?}");
+    for program in ["ingress Xdp", "ingress Tc", "egress TC"] {
+        assert!(
+            paths.get(program).copied().unwrap_or(0) > 0,
+            "no frame went through {program}: {paths:?}"
+        );
+    }
     for reason in [
         Reason::PassNew,
         Reason::PassEstablished,

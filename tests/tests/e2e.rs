@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use enforcer::kernel::ebpf::{TC_EGRESS, TC_INGRESS};
+use enforcer::kernel::xdp::XDP_INGRESS;
 use enforcer::model::EnforcingMode::{self, Standard, Strict};
 use enforcer_common::Reason;
 use enforcer_tests::require_root;
@@ -215,6 +217,57 @@ fn replies_pass_through_conntrack() {
     // The same addresses and port the other way are a new flow, and denied.
     let reverse = example_flow(&example::rds(), &example::web(), Probe::Tcp(5432));
     assert_dropped_by_the_enforcer(&probe(&mut node, &reverse), &reverse);
+}
+
+/// What the trunk receives is judged at XDP: a denied flow's frames are dropped there, before
+/// the kernel builds a packet (TC ingress never runs for them), and what XDP passes is not
+/// judged again by TC.
+#[test]
+fn xdp_drops_a_denied_flow_before_tc_and_judges_each_frame_once() {
+    let mut node = example_node(Strict);
+    // Run counts are kept while this descriptor is open.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run statistics");
+    let runs = |node: &VirtualNode| {
+        let count = |name| {
+            let pin = enforcer::kernel::bpffs::program_pin(node.pin_path(), name);
+            aya::programs::ProgramInfo::from_pin(&pin)
+                .unwrap_or_else(|e| panic!("{}: {e}\n{}", pin.display(), node.agent_output()))
+                .run_count()
+        };
+        (count(XDP_INGRESS), count(TC_INGRESS), count(TC_EGRESS))
+    };
+    let denied = example_flow(&example::rds(), &example::web(), Probe::Tcp(5432));
+    let before = runs(&node);
+    let observation = probe(&mut node, &denied);
+    assert_dropped_by_the_enforcer(&observation, &denied);
+    let after = runs(&node);
+    let (xdp, tc) = (after.0 - before.0, after.1 - before.1);
+    let drops: u64 = observation
+        .reasons
+        .iter()
+        .filter(|(reason, _)| reason.is_drop())
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        xdp - tc,
+        drops,
+        "every drop at XDP: XDP ran {xdp} times, TC ingress {tc}, {observation:?}"
+    );
+
+    // An allowed flow: its replies arrive on the trunk, are judged at XDP and counted once
+    // (TC recounting them would add a second reason per frame).
+    let allowed = example_flow(&example::web(), &example::rds(), Probe::Tcp(5432));
+    let before = runs(&node);
+    let observation = probe(&mut node, &allowed);
+    assert_completed(&observation, &allowed);
+    let after = runs(&node);
+    let (xdp, egress) = (after.0 - before.0, after.2 - before.2);
+    let counted: u64 = observation.reasons.iter().map(|(_, n)| n).sum();
+    assert_eq!(
+        counted,
+        xdp + egress,
+        "one reason per frame: XDP ran {xdp} times, TC egress {egress}, {observation:?}"
+    );
 }
 
 /// Writes `security-groups.json` of `state` as `edit` changes it; atomically, for an agent

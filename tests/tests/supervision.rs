@@ -15,7 +15,9 @@ use aya::Ebpf;
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use enforcer::kernel::ebpf::LinkState;
+use enforcer::kernel::ebpf::TC_INGRESS;
 use enforcer::kernel::maps::KernelMaps;
+use enforcer::kernel::xdp::{XDP_INGRESS, XdpMode, XdpState};
 use enforcer_common::{EnforcingMode, Reason};
 use support::{METRICS_PORT, Node, TestPod, TestState, syn_to, wait_for};
 
@@ -58,6 +60,23 @@ fn first_on_the_trunk(node: &Node) -> bool {
     link_states(node) == [LinkState::First, LinkState::First]
 }
 
+/// Where the enforcer's XDP link stands on the trunk, read from the kernel.
+fn xdp_state(node: &Node) -> XdpState {
+    let pin_path = node.pin_path.clone();
+    let trunk = node.trunk.clone();
+    node.in_netns(move || enforcer::kernel::xdp::xdp_state(&pin_path, &trunk).expect("XDP state"))
+}
+
+fn status_json(node: &Node) -> serde_json::Value {
+    let status = node.enforcer(&[
+        "status",
+        "--pin-path",
+        node.pin_path.to_str().unwrap(),
+        "--json",
+    ]);
+    serde_json::from_str(&status).expect("status JSON")
+}
+
 fn readyz(node: &Node) -> Option<u16> {
     node.http_get("/readyz").map(|(code, _)| code)
 }
@@ -96,7 +115,7 @@ fn a_deleted_and_recreated_trunk_is_enforced_again_within_two_seconds() {
     node.add_trunk();
     let recreated = Instant::now();
     wait_for("the programs on the new trunk", NOTICE, || {
-        first_on_the_trunk(&node)
+        first_on_the_trunk(&node) && xdp_state(&node) == XdpState::Attached(XdpMode::Native)
     });
     eprintln!(
         "enforced again {:?} after the trunk came back",
@@ -106,15 +125,101 @@ fn a_deleted_and_recreated_trunk_is_enforced_again_within_two_seconds() {
         readyz(&node) == Some(200)
     });
     expect_enforced(&node, 40000);
-    let status = node.enforcer(&[
-        "status",
-        "--pin-path",
-        node.pin_path.to_str().unwrap(),
-        "--json",
-    ]);
-    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    let status = status_json(&node);
     assert_eq!(status["attached"], true, "{status:#}");
     assert_eq!(status["links"], serde_json::json!(["first", "first"]));
+    assert_eq!(status["xdp"], "native", "{status:#}");
+}
+
+#[test]
+fn xdp_judges_each_frame_once_in_the_mode_asked_and_off_leaves_it_to_tc() {
+    // `auto` on a veth trunk: native.
+    let mut node = started();
+    assert_eq!(xdp_state(&node), XdpState::Attached(XdpMode::Native));
+    assert_eq!(status_json(&node)["xdp"], "native");
+    let (open, closed) = (
+        || syn_to(&web(), OPEN, 42000),
+        || syn_to(&web(), CLOSED, 42001),
+    );
+    // One reason per frame: TC does not count again what XDP judged and passed;
+    // and the denied frame never reached TC (XDP dropped it). Run counts are
+    // kept while this descriptor is open.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run statistics");
+    let runs = |name: &str| {
+        let pin = enforcer::kernel::bpffs::program_pin(&node.pin_path, name);
+        aya::programs::ProgramInfo::from_pin(&pin)
+            .unwrap_or_else(|e| panic!("{}: {e}", pin.display()))
+            .run_count()
+    };
+    let before = (runs(XDP_INGRESS), runs(TC_INGRESS));
+    node.expect_verdicts(
+        vec![open(), closed()],
+        &[(Reason::PassNew, 1), (Reason::DropPolicy, 1)],
+    );
+    let (xdp_runs, tc_runs) = (runs(XDP_INGRESS) - before.0, runs(TC_INGRESS) - before.1);
+    assert!(xdp_runs >= 2, "XDP ran {xdp_runs} times for 2 frames");
+    assert_eq!(
+        tc_runs,
+        xdp_runs - 1,
+        "TC ingress should see every frame XDP saw but the one it dropped"
+    );
+    let metrics = node.http_get("/metrics").expect("metrics").1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"enforcer_xdp_attached{mode="native"} 1"#),
+        "{metrics}"
+    );
+
+    // A restart asking for generic moves the program to generic XDP.
+    node.stop_agent(0);
+    node.start_agent_with(&["--xdp", "generic"]);
+    node.wait_ready();
+    assert_eq!(xdp_state(&node), XdpState::Attached(XdpMode::Generic));
+    assert_eq!(status_json(&node)["xdp"], "generic");
+    node.expect_verdicts(vec![closed()], &[(Reason::DropPolicy, 1)]);
+
+    // Off: no XDP program, TC judges everything.
+    node.stop_agent(1);
+    node.start_agent_with(&["--xdp", "off"]);
+    node.wait_ready();
+    assert_eq!(xdp_state(&node), XdpState::Missing);
+    assert!(
+        !trunk_has_xdp(&node),
+        "--xdp off left an XDP program on the trunk"
+    );
+    assert_eq!(status_json(&node)["xdp"], "off");
+    node.expect_verdicts(
+        vec![open(), closed()],
+        &[(Reason::PassEstablished, 1), (Reason::DropPolicy, 1)],
+    );
+
+    // Uninstall removes what the agent pinned, XDP included.
+    node.stop_agent(2);
+    node.start_agent();
+    node.wait_ready();
+    node.stop_agent(3);
+    assert!(trunk_has_xdp(&node));
+    node.enforcer(&["uninstall", "--pin-path", node.pin_path.to_str().unwrap()]);
+    assert_eq!(xdp_state(&node), XdpState::Missing);
+    assert!(
+        !trunk_has_xdp(&node),
+        "uninstall left an XDP program on the trunk"
+    );
+}
+
+/// Whether the kernel runs any XDP program on the trunk (`ip link` says `xdp`).
+fn trunk_has_xdp(node: &Node) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &node.netns, "-d", "link", "show", "dev", &node.trunk])
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).contains(" xdp")
 }
 
 #[test]

@@ -19,6 +19,7 @@ use crate::compile::{self, CompileError, Compiled};
 use crate::kernel::ebpf::{Attachment, LinkState};
 use crate::kernel::maps::{ApplyStats, KernelMaps, MapsError};
 use crate::kernel::pins::Migration;
+use crate::kernel::xdp::{XdpMode, XdpSetting, XdpState};
 use crate::model::{BranchPod, EnforcingMode, GroupId, GroupsSource, Model};
 use crate::observe::metrics::{AgentView, Feed};
 use crate::observe::status::{AgentReport, PodReport};
@@ -92,7 +93,11 @@ pub struct Agent {
     map_pins: Vec<(&'static str, MapData)>,
     /// Where the programs must be: the trunk of the applied state.
     trunk: Option<String>,
-    /// Both programs first on `trunk`, as last checked.
+    /// The XDP attachment asked for.
+    xdp: XdpSetting,
+    /// Where the XDP program runs on `trunk`, as last attached.
+    xdp_mode: Option<XdpMode>,
+    /// Both TC programs first on `trunk` and XDP as asked, as last checked.
     attached: bool,
     /// Why the last attempt to attach failed.
     attach_error: Option<String>,
@@ -117,7 +122,7 @@ impl Agent {
     /// not there yet, is reported (see [`Agent::failure`], [`Agent::is_ready`]),
     /// not fatal: whatever a previous agent left pinned keeps enforcing, and
     /// [`run`] tries again.
-    pub fn start(state_dir: &Path, pin_path: &Path) -> Result<Self, AgentError> {
+    pub fn start(state_dir: &Path, pin_path: &Path, xdp: XdpSetting) -> Result<Self, AgentError> {
         let crate::kernel::pins::Loaded {
             mut ebpf,
             migration,
@@ -141,6 +146,8 @@ impl Agent {
             migration,
             map_pins,
             trunk: None,
+            xdp,
+            xdp_mode: None,
             attached: false,
             attach_error: None,
             attach_retry: (Instant::now(), Backoff::new(ATTACH_RETRY)),
@@ -227,18 +234,20 @@ impl Agent {
         Ok(())
     }
 
-    /// Makes sure both programs are attached to the trunk, ahead of any
-    /// other program, and every pin is in place; re-attaches and re-pins what
-    /// was lost (a deleted and recreated trunk, `enforcer uninstall`, another
-    /// tool). Returns whether the programs are attached.
+    /// Makes sure both TC programs are attached to the trunk, ahead of any
+    /// other program, the XDP program as asked, and every pin is in place;
+    /// re-attaches and re-pins what was lost (a deleted and recreated trunk,
+    /// `enforcer uninstall`, another tool). Returns whether the programs are attached.
     pub fn supervise(&mut self) -> bool {
         let Some(trunk) = self.trunk.clone() else {
             return false;
         };
         let was_attached = self.attached;
         let states = crate::kernel::ebpf::link_states(&self.pin_path, &trunk);
+        let xdp = crate::kernel::xdp::xdp_state(&self.pin_path, &trunk);
         if let Ok(states) = &states
             && states.iter().all(|s| *s == LinkState::First)
+            && matches!(&xdp, Ok(xdp) if self.xdp_as_asked(*xdp))
             && self.attached
         {
             self.restore_map_pins();
@@ -249,9 +258,13 @@ impl Agent {
         }
         if was_attached {
             log::warn!(
-                "programs no longer first on {trunk} ({}): attaching again",
+                "programs no longer first on {trunk} ({}, XDP {}): attaching again",
                 match &states {
                     Ok([ingress, egress]) => format!("ingress {ingress:?}, egress {egress:?}"),
+                    Err(e) => crate::error_chain(e),
+                },
+                match &xdp {
+                    Ok(xdp) => format!("{xdp:?}"),
                     Err(e) => crate::error_chain(e),
                 }
             );
@@ -272,18 +285,30 @@ impl Agent {
                 ),
             }
         }
-        match crate::kernel::ebpf::attach_pinned(&mut self.ebpf, &trunk, &self.pin_path) {
-            Ok(how) => {
+        let attached = crate::kernel::ebpf::attach_pinned(&mut self.ebpf, &trunk, &self.pin_path)
+            .and_then(|how| {
+                let mode = crate::kernel::xdp::attach_xdp(
+                    &mut self.ebpf,
+                    &trunk,
+                    &self.pin_path,
+                    self.xdp,
+                )?;
+                Ok((how, mode))
+            });
+        match attached {
+            Ok((how, xdp_mode)) => {
+                self.xdp_mode = xdp_mode;
                 self.attached = true;
                 self.attach_error = None;
                 self.attach_retry = (Instant::now(), Backoff::new(ATTACH_RETRY));
                 log::info!(
-                    "programs on {trunk}: {}",
+                    "programs on {trunk}: {}, XDP {}",
                     if how.iter().all(|a| *a == Attachment::Replaced) {
                         "replaced the pinned ones"
                     } else {
                         "attached first and pinned"
-                    }
+                    },
+                    xdp_mode.map_or("off", XdpMode::name)
                 );
             }
             Err(error) => {
@@ -301,11 +326,24 @@ impl Agent {
         self.attached
     }
 
+    fn xdp_as_asked(&self, state: XdpState) -> bool {
+        match state {
+            XdpState::Attached(mode) => self.xdp.accepts(mode),
+            XdpState::Missing => self.xdp == XdpSetting::Off,
+            XdpState::Elsewhere(_) => false,
+        }
+    }
+
+    /// Where the XDP program runs on the trunk (`None`: not attached, or off).
+    pub fn xdp_mode(&self) -> Option<XdpMode> {
+        self.xdp_mode.filter(|_| self.attached)
+    }
+
     /// Pins again every map whose pin was removed, so `status`, `flows` and the
     /// next agent find them.
     fn restore_map_pins(&self) {
         for (name, data) in &self.map_pins {
-            let pin = crate::kernel::ebpf::map_pin(&self.pin_path, name);
+            let pin = crate::kernel::bpffs::map_pin(&self.pin_path, name);
             if pin.exists() {
                 continue;
             }
@@ -372,6 +410,7 @@ impl Agent {
             ),
             retired_traffic: self.maps.retired_traffic().clone(),
             warnings: self.warnings().len(),
+            xdp_mode: self.xdp_mode().map(XdpMode::name),
         }
     }
 
@@ -452,7 +491,7 @@ fn open_map_pins(pin_path: &Path) -> Result<Vec<(&'static str, MapData)>, MapsEr
     map_names::ALL
         .iter()
         .map(|&name| {
-            let pin = crate::kernel::ebpf::map_pin(pin_path, name);
+            let pin = crate::kernel::bpffs::map_pin(pin_path, name);
             MapData::from_pin(&pin)
                 .map(|data| (name, data))
                 .map_err(|source| MapsError::Pinned { path: pin, source })

@@ -12,6 +12,9 @@ use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use enforcer_common::map_names;
 
+use super::bpffs::{
+    create_dir, detach_pinned_link, link_pin, map_pin, program_pin, remove_pin, staging_pin,
+};
 use crate::Error;
 
 /// The eBPF ELF built by `cargo xtask build-ebpf` (empty if it was not built).
@@ -65,31 +68,6 @@ pub fn load_with_kernel_log(level: u8) -> Result<Ebpf, Error> {
     loader(&level)
         .load(object()?)
         .map_err(|e| Error::Ebpf(Box::new(e)))
-}
-
-/// Where a map is pinned under `pin_path`.
-pub fn map_pin(pin_path: &Path, name: &str) -> PathBuf {
-    pin_path.join("maps").join(name)
-}
-
-/// Where a migrated map waits for the programs that use it to be attached (bpffs
-/// refuses dots in names; a rename between its directories is still one step).
-pub fn staging_pin(pin_path: &Path, name: &str) -> PathBuf {
-    pin_path.join("staging").join(name)
-}
-
-/// Where a program is pinned under `pin_path`.
-pub fn program_pin(pin_path: &Path, name: &str) -> PathBuf {
-    pin_path.join("programs").join(name)
-}
-
-/// Where the TCX link of a program is pinned under `pin_path`.
-pub fn link_pin(pin_path: &Path, name: &str) -> PathBuf {
-    pin_path.join("links").join(name)
-}
-
-pub(crate) fn create_dir(dir: PathBuf) -> Result<(), Error> {
-    std::fs::create_dir_all(&dir).map_err(|source| Error::PinDir { path: dir, source })
 }
 
 /// How a classifier came to be attached.
@@ -289,16 +267,6 @@ fn pin_link(link: FdLink, pin: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-pub(crate) fn remove_pin(pin: &Path) -> Result<(), Error> {
-    match std::fs::remove_file(pin) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::Unpin {
-            path: pin.to_path_buf(),
-            source: e,
-        }),
-        _ => Ok(()),
-    }
-}
-
 /// IDs of the programs attached to `interface` at `attach_type` through TCX.
 pub fn attached_programs(
     interface: &str,
@@ -308,7 +276,7 @@ pub fn attached_programs(
     Ok(programs.iter().map(|p| p.id()).collect())
 }
 
-/// Detaches the programs and removes every pin under `pin_path`, then the
+/// Detaches the programs (TC and XDP) and removes every pin under `pin_path`, then the
 /// directory itself; returns the pins removed. Missing pins are not an error.
 pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>, Error> {
     let mut pins: Vec<PathBuf> = CLASSIFIERS
@@ -320,6 +288,7 @@ pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>, Error> {
             .iter()
             .map(|(name, _)| program_pin(pin_path, name)),
     );
+    pins.extend(super::xdp::pins(pin_path));
     pins.extend(map_names::ALL.iter().map(|name| map_pin(pin_path, name)));
     // Maps of an upgrade that did not finish.
     pins.extend(
@@ -334,6 +303,7 @@ pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>, Error> {
         detach_pinned_link(&link_pin(pin_path, name))
             .map_err(|source| Error::Detach { name, source })?;
     }
+    super::xdp::detach_links(pin_path)?;
     let mut removed = Vec::new();
     for pin in pins {
         if pin.exists() {
@@ -357,60 +327,4 @@ pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>, Error> {
         }
     }
     Ok(removed)
-}
-
-/// Detaches the link pinned at `pin` from its hook now (`BPF_LINK_DETACH`,
-/// which aya does not wrap), though descriptors and the pin may live on. No
-/// pin: nothing to do.
-fn detach_pinned_link(pin: &Path) -> io::Result<()> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    use std::os::unix::ffi::OsStrExt as _;
-    /// `bpf_attr.obj_get` and `bpf_attr.link_detach` of `linux/bpf.h`.
-    #[repr(C)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    #[repr(C)]
-    struct LinkDetachAttr {
-        link_fd: u32,
-    }
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let bpf = |cmd: libc::c_long, attr: *const libc::c_void, size: usize| {
-        // SAFETY: `attr` points at a valid bpf_attr prefix of `size` bytes.
-        let result = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
-        if result < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(result)
-        }
-    };
-    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let get = ObjGetAttr {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    let fd = match bpf(
-        BPF_OBJ_GET,
-        (&raw const get).cast(),
-        std::mem::size_of::<ObjGetAttr>(),
-    ) {
-        Ok(fd) => fd as i32,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    // SAFETY: a fresh descriptor the kernel just gave us.
-    let link = unsafe { OwnedFd::from_raw_fd(fd) };
-    let detach = LinkDetachAttr {
-        link_fd: link.as_raw_fd() as u32,
-    };
-    bpf(
-        BPF_LINK_DETACH,
-        (&raw const detach).cast(),
-        std::mem::size_of::<LinkDetachAttr>(),
-    )
-    .map(|_| ())
 }

@@ -34,7 +34,8 @@ use aya::sys::SyscallError;
 use enforcer_common::map_names;
 
 use crate::Error;
-use crate::kernel::ebpf::{create_dir, loader, map_pin, object, remove_pin, staging_pin};
+use crate::kernel::bpffs::{create_dir, map_pin, remove_pin, staging_pin};
+use crate::kernel::ebpf::{loader, object};
 
 /// The programs and maps of the embedded object, loaded over a pin path.
 pub struct Loaded {

@@ -71,7 +71,7 @@ pub struct EventStream {
 impl EventStream {
     /// Opens the ring buffer and the maps pinned under `pin_path`. Needs a Tokio runtime.
     pub fn open(pin_path: &Path) -> Result<Self, EventsError> {
-        let path = crate::kernel::ebpf::map_pin(pin_path, map_names::EVENTS);
+        let path = crate::kernel::bpffs::map_pin(pin_path, map_names::EVENTS);
         let open = |source| EventsError::Open {
             path: path.clone(),
             source,

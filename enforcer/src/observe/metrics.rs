@@ -40,6 +40,8 @@ pub struct AgentView {
     pub retired_traffic: Arc<BTreeMap<RuleRef, RuleTraffic>>,
     /// Warnings of the applied state (accepted, worth a look).
     pub warnings: usize,
+    /// Where the XDP program runs on the trunk (`native`, `generic`), if it does.
+    pub xdp_mode: Option<&'static str>,
 }
 
 impl AgentView {
@@ -222,6 +224,16 @@ impl Collector for Sample {
             "1 when both programs are attached to the configured trunk, ahead of any other program.",
             i64::from(view.attached),
         )?;
+        let mut xdp = e.encode_descriptor(
+            "enforcer_xdp_attached",
+            "1 for the mode the XDP program runs in on the trunk (native, generic); 0 for the others.",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for mode in ["native", "generic"] {
+            ConstGauge::new(i64::from(view.xdp_mode == Some(mode)))
+                .encode(xdp.encode_family(&[("mode", mode)])?)?;
+        }
         gauge(
             e,
             "enforcer_state_error",
@@ -356,6 +368,7 @@ mod tests {
             pods: Arc::new(vec![("shop/web".to_string(), 7)]),
             retired_traffic: Arc::default(),
             warnings: 2,
+            xdp_mode: Some("native"),
         };
         let mut verdicts = [0; REASONS as usize];
         verdicts[Reason::DropPolicy as usize] = 4;
@@ -387,6 +400,8 @@ mod tests {
             "enforcer_ready 1",
             "enforcer_attached 1",
             "enforcer_state_error 0",
+            r#"enforcer_xdp_attached{mode="native"} 1"#,
+            r#"enforcer_xdp_attached{mode="generic"} 0"#,
             r#"enforcer_reloads_total{result="applied"} 2"#,
             r#"enforcer_reloads_total{result="rejected"} 1"#,
             "enforcer_state_applied_timestamp_seconds 1.5",

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::kernel::ebpf::LinkState;
 use crate::kernel::maps::{KernelMaps, MapsError};
+use crate::kernel::xdp::XdpState;
 use crate::model::GroupsSource;
 
 /// Directory of the agents' reports.
@@ -134,6 +135,9 @@ pub struct Status {
     /// Where each program's link stands on the trunk: `first`, `behind N`,
     /// `not on the trunk`, `not pinned` (ingress, egress).
     pub links: [String; 2],
+    /// Where the XDP program runs on the trunk: `native`, `generic`, `off`
+    /// (not pinned), or `not on the trunk (MODE)`.
+    pub xdp: String,
     pub agent_pid: Option<u32>,
     pub agent_running: bool,
     pub node: Option<String>,
@@ -194,8 +198,18 @@ impl Status {
             Some(Err(e)) => crate::error_chain(e),
             Some(Ok(states)) => link_text(states[i]),
         };
+        let xdp = match report.trunk.as_deref() {
+            None => "trunk unknown (no agent report)".to_string(),
+            Some(trunk) => match crate::kernel::xdp::xdp_state(pin_path, trunk) {
+                Ok(XdpState::Attached(mode)) => mode.name().to_string(),
+                Ok(XdpState::Elsewhere(mode)) => format!("not on the trunk ({})", mode.name()),
+                Ok(XdpState::Missing) => "off".to_string(),
+                Err(e) => crate::error_chain(&e),
+            },
+        };
         Ok(Self {
             pin_path: pin_path.to_path_buf(),
+            xdp,
             attached: matches!(&links, Some(Ok(states)) if states.iter().all(|s| *s == LinkState::First)),
             links: [described(0), described(1)],
             agent_pid: (report.pid != 0).then_some(report.pid),
@@ -275,10 +289,11 @@ impl fmt::Display for Status {
         )?;
         writeln!(
             f,
-            "node {}: {} mode, trunk {}, unknown VLANs {}",
+            "node {}: {} mode, trunk {} (XDP {}), unknown VLANs {}",
             self.node.as_ref().unwrap_or(&unknown),
             self.enforcing_mode.as_ref().unwrap_or(&unknown),
             self.trunk.as_ref().unwrap_or(&unknown),
+            self.xdp,
             self.unknown_vlan,
         )?;
         writeln!(f, "last apply: {}", when(self.applied_at))?;

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{Map, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TcAttachType};
 use enforcer::kernel::ebpf::{TC_EGRESS, TC_INGRESS};
+use enforcer::kernel::xdp::{XdpMode, XdpState};
 use enforcer_common::{REASONS, Reason, map_names};
 
 use super::netns::Namespace;
@@ -77,8 +78,9 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `enforcer run` in `node` and waits until both of its programs are attached to
-    /// `trunk` (new ones: a restart replaces the programs of the previous agent).
+    /// Starts `enforcer run` in `node` and waits until both of its TC programs are attached to
+    /// `trunk` (new ones: a restart replaces the programs of the previous agent), and its XDP
+    /// program in native mode.
     pub fn start(
         binary: &Path,
         node: &Namespace,
@@ -96,6 +98,8 @@ impl Agent {
             .arg(state)
             .arg("--pin-path")
             .arg(pin_path)
+            // The fabric delivers tags inline, as on Nitro: XDP judges what the trunk receives.
+            .args(["--xdp", "native"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(output.try_clone()?)
@@ -112,7 +116,9 @@ impl Agent {
                 );
             }
             let now = enforcer_programs(node, trunk)?;
-            if now.iter().zip(&before).all(|(n, b)| n.is_some() && n != b) {
+            if now.iter().zip(&before).all(|(n, b)| n.is_some() && n != b)
+                && xdp_state(node, trunk, pin_path)? == XdpState::Attached(XdpMode::Native)
+            {
                 return Ok(agent);
             }
             if Instant::now() > deadline {
@@ -168,6 +174,12 @@ impl Drop for Agent {
     }
 }
 
+/// Where the enforcer's XDP program stands on `trunk`.
+fn xdp_state(node: &Namespace, trunk: &str, pin_path: &Path) -> Result<XdpState> {
+    node.enter(|| enforcer::kernel::xdp::xdp_state(pin_path, trunk))?
+        .context("reading the XDP link")
+}
+
 /// IDs of the enforcer's programs attached to `trunk` (ingress, egress), if any.
 pub fn enforcer_programs(node: &Namespace, trunk: &str) -> Result<[Option<u32>; 2]> {
     node.enter(|| -> Result<[Option<u32>; 2]> {
@@ -189,7 +201,7 @@ pub fn enforcer_programs(node: &Namespace, trunk: &str) -> Result<[Option<u32>; 
 
 /// The enforcer's per-reason packet counters, read from their pin under `pin_path`.
 pub fn counters(pin_path: &Path) -> Result<[u64; REASONS as usize]> {
-    let pin = enforcer::kernel::ebpf::map_pin(pin_path, map_names::COUNTERS);
+    let pin = enforcer::kernel::bpffs::map_pin(pin_path, map_names::COUNTERS);
     let data = MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
     let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
     let mut totals = [0; REASONS as usize];

@@ -5,7 +5,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     btf_maps::{HashMap, PerCpuArray},
     helpers::{bpf_skb_vlan_pop, bpf_skb_vlan_push},
     macros::{btf_map, classifier},
@@ -21,6 +21,7 @@ const ETH_HEADER_LEN: usize = 14;
 const IPV4_DST_OFFSET: usize = ETH_HEADER_LEN + 16;
 const IPV6_DST_OFFSET: usize = ETH_HEADER_LEN + 24;
 const VLAN_VID_MASK: u16 = 0x0fff;
+const VLAN_TAG_LEN: usize = 4;
 const VLAN_IDS: u32 = 4096;
 
 /// A TCX program's "next": let the following program (the enforcer) judge the frame.
@@ -76,11 +77,12 @@ pub fn fabric_receive(ctx: TcContext) -> i32 {
 }
 
 /// The VPC delivers to a branch ENI on the trunk with the ENI's VLAN; nothing else goes
-/// down this trunk.
+/// down this trunk. The tag is inline, as a Nitro trunk's NIC hands it over (ENA strips no
+/// tags), so the enforcer's XDP program sees it.
 #[classifier]
 pub fn fabric_deliver(ctx: TcContext) -> i32 {
     match branch_vlan(&ctx) {
-        Some(vlan) if push_tag(&ctx, vlan) => TC_ACT_OK,
+        Some(vlan) if push_tag_inline(&ctx, vlan) => TC_ACT_OK,
         _ => TC_ACT_SHOT,
     }
 }
@@ -131,6 +133,25 @@ fn metadata_tag(ctx: &TcContext) -> Option<u16> {
 fn push_tag(ctx: &TcContext, vlan: u16) -> bool {
     // SAFETY: the helper takes the context pointer; it moves any tag already present inline.
     unsafe { bpf_skb_vlan_push(ctx.skb.skb, ETH_P_8021Q.to_be(), vlan) == 0 }
+}
+
+/// Inserts a tag into the frame's bytes after the MAC addresses (`push_tag` would put it in
+/// the skb's metadata). IP frames only: the room is made between layers 2 and 3.
+#[inline(always)]
+fn push_tag_inline(ctx: &TcContext, vlan: u16) -> bool {
+    let Ok(ethertype) = ctx.load::<[u8; 2]>(ETH_TYPE_OFFSET) else {
+        return false;
+    };
+    if ctx
+        .adjust_room(VLAN_TAG_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
+        .is_err()
+    {
+        return false;
+    }
+    let tci = vlan.to_be_bytes();
+    let tpid = ETH_P_8021Q.to_be_bytes();
+    let header = [tpid[0], tpid[1], tci[0], tci[1], ethertype[0], ethertype[1]];
+    ctx.store(ETH_TYPE_OFFSET, &header, 0).is_ok()
 }
 
 #[inline(always)]

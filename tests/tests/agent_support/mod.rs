@@ -186,15 +186,23 @@ impl Node {
 
     /// Starts `enforcer run` in the node's namespace.
     pub fn start_agent(&mut self) -> u32 {
-        let child = self.enforcer_in_netns(&[
+        self.start_agent_with(&[])
+    }
+
+    /// Starts `enforcer run ARGS` in the node's namespace.
+    pub fn start_agent_with(&mut self, args: &[&str]) -> u32 {
+        let metrics = format!("127.0.0.1:{METRICS_PORT}");
+        let mut run = vec![
             "run",
             "--state",
             self.state_dir.to_str().expect("utf-8 path"),
             "--pin-path",
             self.pin_path.to_str().expect("utf-8 path"),
             "--metrics-addr",
-            &format!("127.0.0.1:{METRICS_PORT}"),
-        ]);
+            &metrics,
+        ];
+        run.extend_from_slice(args);
+        let child = self.enforcer_in_netns(&run);
         let pid = child.id();
         self.agents.push(child);
         pid
@@ -439,7 +447,7 @@ impl Drop for Node {
 
 /// The kernel's description of the map pinned as `name`.
 pub fn pinned_map(node: &Node, name: &str) -> MapInfo {
-    MapInfo::from_pin(enforcer::kernel::ebpf::map_pin(&node.pin_path, name))
+    MapInfo::from_pin(enforcer::kernel::bpffs::map_pin(&node.pin_path, name))
         .expect("pinned map info")
 }
 
@@ -460,7 +468,7 @@ pub fn maps_of_attached_program(node: &Node) -> BTreeSet<u32> {
 /// Replaces the pinned `PODS` with the map a build whose `PodEntry` was 8 bytes
 /// smaller would have pinned (the attached programs keep the map they hold).
 pub fn pin_pods_map_of_an_older_layout(node: &Node) -> u32 {
-    let pin = enforcer::kernel::ebpf::map_pin(&node.pin_path, map_names::PODS);
+    let pin = enforcer::kernel::bpffs::map_pin(&node.pin_path, map_names::PODS);
     let current = pinned_map(node, map_names::PODS);
     std::fs::remove_file(&pin).expect("unpin PODS");
     let older_value = (size_of::<PodEntry>() - 8).to_string();

@@ -121,7 +121,7 @@ impl MapSource for Ebpf {
 
 impl MapSource for &Path {
     fn map(&mut self, name: &'static str) -> Result<Map, MapsError> {
-        let path = crate::kernel::ebpf::map_pin(self, name);
+        let path = crate::kernel::bpffs::map_pin(self, name);
         let pinned = |source| MapsError::Pinned {
             path: path.clone(),
             source,
