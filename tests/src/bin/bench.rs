@@ -162,6 +162,8 @@ fn map_memory() -> Result<u64> {
 
 /// Packets per second through the trunk per filter: new flows and one established flow.
 struct Throughput {
+    /// Frames per second of one CPU dropped: refused new flows, unknown VLAN.
+    deny_flood: Vec<(Filter, [f64; 2])>,
     new_flows: Vec<(Filter, f64)>,
     established: Vec<(Filter, f64)>,
     repeats: usize,
@@ -179,11 +181,38 @@ impl Throughput {
             .map_or(0.0, |(_, p)| *p)
     }
 
+    fn flood_pps(&self, filter: Filter, which: usize) -> f64 {
+        self.deny_flood
+            .iter()
+            .find(|(f, _)| *f == filter)
+            .map_or(0.0, |(_, p)| p[which])
+    }
+
     fn established_pps(&self, filter: Filter) -> f64 {
         self.established
             .iter()
             .find(|(f, _)| *f == filter)
             .map_or(0.0, |(_, p)| *p)
+    }
+}
+
+/// The filters a flood is measured against, and their names in the report.
+const FLOOD_FILTERS: [Filter; 4] = [
+    Filter::EnforcerXdp,
+    Filter::Enforcer,
+    Filter::NftSets,
+    Filter::NftLinear,
+];
+/// Distinct frames of each flood (cycled).
+const FLOOD_FRAMES: usize = 20_000;
+
+fn flood_key(filter: Filter) -> &'static str {
+    match filter {
+        Filter::EnforcerXdp => "xdp",
+        Filter::Enforcer => "tc",
+        Filter::NftSets => "nft_sets",
+        Filter::NftLinear => "nft_linear",
+        Filter::Unfiltered => "unfiltered",
     }
 }
 
@@ -250,7 +279,8 @@ fn throughput(rng: &mut Rng, model: &Model, quick: bool) -> Result<Throughput> {
                     );
                 }
                 if tracked_after != tracked_before
-                    || (filter == Filter::Enforcer && new_after - new_before < run.received)
+                    || (matches!(filter, Filter::Enforcer | Filter::EnforcerXdp)
+                        && new_after - new_before < run.received)
                 {
                     bail!(
                         "{}: {} new flows arrived, judged new {}, tracked {}",
@@ -279,6 +309,42 @@ fn throughput(rng: &mut Rng, model: &Model, quick: bool) -> Result<Throughput> {
             established_runs[i].push(est);
         }
     }
+    // Floods the filters drop: new flows the pod's groups refuse, and frames of a VLAN no
+    // pod has; frames per second of one CPU.
+    let denied = throughput::denied_flows(rng, model, FLOOD_FRAMES)?;
+    let unknown = throughput::on_unknown_vlan(model, &denied)?;
+    let stored_denied = bed.store(&denied)?;
+    let stored_unknown = bed.store(&unknown)?;
+    let mut flood_runs: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()]; FLOOD_FILTERS.len()];
+    for _ in 0..repeats {
+        for (i, filter) in FLOOD_FILTERS.into_iter().enumerate() {
+            bed.install(filter)?;
+            let measured = (|| -> Result<[f64; 2]> {
+                bed.forget_flows()?;
+                let denied = bed.run(&stored_denied, true, budget / 2)?;
+                let unknown = bed.run(&stored_unknown, true, budget / 2)?;
+                for (what, run) in [("refused flows", &denied), ("unknown VLAN", &unknown)] {
+                    if run.received > 0 {
+                        bail!(
+                            "{}: {} frames of the {what} flood reached the pod",
+                            filter.name(),
+                            run.received
+                        );
+                    }
+                }
+                Ok([denied.sent_pps(), unknown.sent_pps()])
+            })();
+            bed.remove(filter)?;
+            let [denied, unknown] = measured?;
+            flood_runs[i][0].push(denied);
+            flood_runs[i][1].push(unknown);
+        }
+    }
+    let deny_flood = FLOOD_FILTERS
+        .into_iter()
+        .zip(flood_runs)
+        .map(|(filter, [denied, unknown])| (filter, [median_f64(denied), median_f64(unknown)]))
+        .collect();
     let by_filter = |runs: Vec<Vec<f64>>| -> Vec<(Filter, f64)> {
         Filter::ALL
             .into_iter()
@@ -286,6 +352,7 @@ fn throughput(rng: &mut Rng, model: &Model, quick: bool) -> Result<Throughput> {
             .collect()
     };
     Ok(Throughput {
+        deny_flood,
         new_flows: by_filter(new_runs),
         established: by_filter(established_runs),
         repeats,
@@ -394,14 +461,20 @@ fn main() -> Result<()> {
             "rules": 960,
             "unfiltered_pps": tput.new_pps(Filter::Unfiltered),
             "enforcer_pps": tput.new_pps(Filter::Enforcer),
+            "enforcer_xdp_pps": tput.new_pps(Filter::EnforcerXdp),
             "nft_linear_pps": tput.new_pps(Filter::NftLinear),
             "nft_sets_pps": tput.new_pps(Filter::NftSets),
             "established": {
                 "unfiltered_pps": tput.established_pps(Filter::Unfiltered),
                 "enforcer_pps": tput.established_pps(Filter::Enforcer),
+                "enforcer_xdp_pps": tput.established_pps(Filter::EnforcerXdp),
                 "nft_linear_pps": tput.established_pps(Filter::NftLinear),
                 "nft_sets_pps": tput.established_pps(Filter::NftSets),
             },
+        },
+        "deny_flood_pps": {
+            "refused_flows": FLOOD_FILTERS.iter().map(|&f| (flood_key(f).to_string(), json!(tput.flood_pps(f, 0)))).collect::<serde_json::Map<_, _>>(),
+            "unknown_vlan": FLOOD_FILTERS.iter().map(|&f| (flood_key(f).to_string(), json!(tput.flood_pps(f, 1)))).collect::<serde_json::Map<_, _>>(),
         },
         "apply_ms": {"pods": PODS, "rules_per_pod": 960, "full": full_ms, "one_group_change": change_ms},
         "memory_bytes": {"maps": memory},
@@ -457,6 +530,43 @@ fn main() -> Result<()> {
             "enforcer / {:<16} new flows {ratio:.2}x (target >= {target}: {})",
             filter.name(),
             if ratio >= target { "met" } else { "missed" }
+        );
+    }
+    println!(
+        "floods dropped, frames/s of one CPU, median of {}:",
+        tput.repeats
+    );
+    println!(
+        "  {:<40} {:>14} {:>14}",
+        "filter", "refused flows", "unknown VLAN"
+    );
+    for filter in FLOOD_FILTERS {
+        println!(
+            "  {:<40} {:>14.0} {:>14.0}",
+            filter.name(),
+            tput.flood_pps(filter, 0),
+            tput.flood_pps(filter, 1)
+        );
+    }
+    for (versus, target) in [(Filter::NftSets, 5.0), (Filter::Enforcer, 2.0)] {
+        let ratio = tput.flood_pps(Filter::EnforcerXdp, 0) / tput.flood_pps(versus, 0);
+        println!(
+            "xdp / {:<22} refused flows {ratio:.2}x (target >= {target}: {})",
+            versus.name(),
+            if ratio >= target { "met" } else { "missed" }
+        );
+    }
+    for (what, pps) in [
+        (
+            "new flows",
+            Throughput::new_pps as fn(&Throughput, Filter) -> f64,
+        ),
+        ("established", Throughput::established_pps),
+    ] {
+        let ratio = pps(&tput, Filter::EnforcerXdp) / pps(&tput, Filter::Enforcer);
+        println!(
+            "allowed {what} with xdp / without {ratio:.2}x (target >= 0.95: {})",
+            if ratio >= 0.95 { "met" } else { "missed" }
         );
     }
     println!("report written to {}", options.json.display());

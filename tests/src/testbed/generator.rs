@@ -18,6 +18,7 @@ const PROGRAM: &str = "generate";
 /// Map layouts, as `tests/testbed-ebpf/src/bin/generator.rs` declares them.
 const FRAMES: &str = "FRAMES";
 const CURSOR: &str = "CURSOR";
+const DRIVER_XDP: &str = "DRIVER_XDP";
 const FRAME_ROOM: usize = 128;
 /// Frames per test run's batch: what a driver's NAPI poll passes up at once.
 const BATCH: u32 = 64;
@@ -89,6 +90,19 @@ impl Generator {
             ifindex,
             stored: 0,
         })
+    }
+
+    /// Runs `program` (an XDP program) on every frame after the generator made it, as a
+    /// native XDP program runs in the trunk's driver; `None` removes it.
+    pub fn set_driver_xdp(&mut self, program: Option<&aya::programs::ProgramFd>) -> Result<()> {
+        let mut slots: aya::maps::ProgramArray<_> = aya::maps::ProgramArray::try_from(
+            self.ebpf.map_mut(DRIVER_XDP).context("map DRIVER_XDP")?,
+        )?;
+        match program {
+            Some(fd) => slots.set(0, fd, 0)?,
+            None => slots.clear_index(&0)?,
+        }
+        Ok(())
     }
 
     /// Stores `frames` after those already stored.

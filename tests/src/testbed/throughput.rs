@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use aya::Ebpf;
-use aya::programs::SchedClassifier;
 use aya::programs::tc::SchedClassifierLinkId;
+use aya::programs::{SchedClassifier, Xdp};
 use enforcer::compile;
 use enforcer::kernel::ebpf::CLASSIFIERS;
 use enforcer::kernel::maps::KernelMaps;
+use enforcer::kernel::xdp::XDP_INGRESS;
 use enforcer::model::{BranchPod, Direction, L4Match, Model, Peer};
 use enforcer::policy::eval::{self, L4Packet, L4Query, Query};
 use enforcer_common::Reason;
@@ -47,15 +48,19 @@ const TABLE: &str = "sgbench";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Filter {
     Unfiltered,
+    /// The enforcer's TC programs alone (`--xdp off`).
     Enforcer,
+    /// The enforcer's XDP program in the trunk's driver, then its TC programs.
+    EnforcerXdp,
     NftLinear,
     NftSets,
 }
 
 impl Filter {
-    pub const ALL: [Filter; 4] = [
+    pub const ALL: [Filter; 5] = [
         Filter::Unfiltered,
         Filter::Enforcer,
+        Filter::EnforcerXdp,
         Filter::NftLinear,
         Filter::NftSets,
     ];
@@ -64,6 +69,7 @@ impl Filter {
         match self {
             Filter::Unfiltered => "unfiltered",
             Filter::Enforcer => "enforcer",
+            Filter::EnforcerXdp => "enforcer + xdp",
             Filter::NftLinear => "nftables linear",
             Filter::NftSets => "nftables sets",
         }
@@ -83,6 +89,11 @@ impl Run {
     /// Packets per second of one CPU's time.
     pub fn pps(&self) -> f64 {
         self.received as f64 / self.busy.as_secs_f64()
+    }
+
+    /// Frames sent per second of one CPU's time (a flood the filter drops).
+    pub fn sent_pps(&self) -> f64 {
+        self.sent as f64 / self.busy.as_secs_f64()
     }
 }
 
@@ -223,6 +234,20 @@ impl Bed {
                     .expect("loaded at build")
                     .attach(node)
             }
+            Filter::EnforcerXdp => {
+                self.install(Filter::Enforcer)?;
+                let enforcer = self.enforcer.as_mut().expect("loaded at build");
+                let xdp: &mut Xdp = enforcer
+                    .ebpf
+                    .program_mut(XDP_INGRESS)
+                    .context("the XDP program")?
+                    .try_into()?;
+                let fd = xdp.fd()?;
+                self.generator
+                    .as_mut()
+                    .expect("loaded at build")
+                    .set_driver_xdp(Some(fd))
+            }
             Filter::NftLinear => nft_load(self.node(), &self.linear.text),
             Filter::NftSets => nft_load(self.node(), &self.sets.text),
         }
@@ -232,6 +257,13 @@ impl Bed {
         match filter {
             Filter::Unfiltered => Ok(()),
             Filter::Enforcer => self.enforcer.as_mut().expect("loaded").detach(),
+            Filter::EnforcerXdp => {
+                self.generator
+                    .as_mut()
+                    .expect("loaded at build")
+                    .set_driver_xdp(None)?;
+                self.remove(Filter::Enforcer)
+            }
             Filter::NftLinear | Filter::NftSets => run(self
                 .node()
                 .command("nft")
@@ -254,7 +286,7 @@ impl Bed {
     pub fn tracked_counts(&self, filter: Filter) -> Result<(u64, u64)> {
         match filter {
             Filter::Unfiltered => Ok((0, 0)),
-            Filter::Enforcer => {
+            Filter::Enforcer | Filter::EnforcerXdp => {
                 let counters = self.enforcer.as_ref().expect("loaded").maps.counters()?;
                 Ok((
                     counters[Reason::PassEstablished as usize],
@@ -389,6 +421,11 @@ impl Enforcer {
         for (name, _) in CLASSIFIERS {
             classifier(&mut ebpf, name)?.load()?;
         }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(XDP_INGRESS)
+            .context("the XDP program")?
+            .try_into()?;
+        xdp.load()?;
         let mut maps = KernelMaps::take(&mut ebpf)?;
         let compiled = compile::compile(model)?;
         maps.apply(&compiled, &model.node)?;
@@ -750,6 +787,52 @@ pub fn new_flows(rng: &mut Rng, model: &Model, count: usize) -> Result<(Vec<Vec<
         frames,
         established.context("no UDP flow among the generated ones")?,
     ))
+}
+
+/// A flood the pod's groups refuse: `count` TCP SYNs to the pod from the IPv4 documentation
+/// range (no rule names it), each its own 5-tuple, each checked with the evaluator.
+pub fn denied_flows(rng: &mut Rng, model: &Model, count: usize) -> Result<Vec<Vec<u8>>> {
+    let pod = &model.pods[0];
+    let dst = IpAddr::V4(pod.ipv4.context("the pod has IPv4")?);
+    let mut seen = HashSet::new();
+    let mut frames = Vec::with_capacity(count);
+    while frames.len() < count {
+        let src = IpAddr::V4(Ipv4Addr::new(192, 0, 2, rng.below(256) as u8));
+        let (sport, dport) = (rng.u16_in(1024, u16::MAX), rng.u16_in(1, u16::MAX));
+        if !seen.insert((src, sport, dport)) {
+            continue;
+        }
+        let ip = Ip {
+            src,
+            dst,
+            l4: L4::Tcp {
+                src: sport,
+                dst: dport,
+                flags: frame::TCP_SYN,
+            },
+        };
+        if allowed(model, pod, &ip) || eval::unfiltered(model, pod, &query(&ip)).is_some() {
+            bail!("the flood's flow {ip:?} is allowed by the pod's groups");
+        }
+        frames.push(trunk_frame(pod, &ip));
+    }
+    Ok(frames)
+}
+
+/// `frames` re-tagged with a VLAN no pod of `model` has.
+pub fn on_unknown_vlan(model: &Model, frames: &[Vec<u8>]) -> Result<Vec<Vec<u8>>> {
+    let vlan = (2..4095u16)
+        .find(|v| model.pods.iter().all(|p| p.vlan != *v))
+        .context("every VLAN has a pod")?;
+    Ok(frames
+        .iter()
+        .map(|frame| {
+            let mut frame = frame.clone();
+            let tci = u16::from_be_bytes([frame[14], frame[15]]) & !0x0fff | vlan;
+            frame[14..16].copy_from_slice(&tci.to_be_bytes());
+            frame
+        })
+        .collect())
 }
 
 /// Frames for the spot check: about `count` the pod's groups allow (aimed at its rules, both

@@ -3,13 +3,15 @@
 //! attached. Each run turns the test frame into the next of the frames stored in
 //! [`FRAMES`] and passes it up the trunk's receive path, as the trunk's driver would: the
 //! node's whole path is measured, without a sender's system call, socket or copy per frame.
+//! A program in [`DRIVER_XDP`] runs on each frame next, as a native XDP program runs in the
+//! trunk's driver.
 
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    btf_maps::Array,
+    btf_maps::{Array, ProgramArray},
     helpers::{bpf_xdp_adjust_tail, bpf_xdp_store_bytes},
     macros::{btf_map, xdp},
     programs::XdpContext,
@@ -43,12 +45,18 @@ static FRAMES: Array<Frame, CAPACITY> = Array::new();
 #[btf_map]
 static CURSOR: Array<Cursor, 1> = Array::new();
 
+/// The XDP program attached "in the driver" (slot 0), if any.
+#[btf_map]
+static DRIVER_XDP: ProgramArray<1> = ProgramArray::new();
+
 #[xdp]
 pub fn generate(ctx: XdpContext) -> u32 {
-    match next_frame(&ctx) {
-        Some(()) => XDP_PASS,
-        None => XDP_DROP,
+    if next_frame(&ctx).is_none() {
+        return XDP_DROP;
     }
+    // SAFETY: a tail call with our own context; it returns only if the slot is empty.
+    unsafe { DRIVER_XDP.tail_call(&ctx, 0) };
+    XDP_PASS
 }
 
 #[inline(always)]
