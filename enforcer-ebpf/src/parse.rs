@@ -65,19 +65,14 @@ impl Frame for TcContext {
     fn load_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), ParseError> {
         // SAFETY: `dst` is valid for `size_of::<T>()` bytes of writes, and the
         // helper fails without writing past the frame's end.
-        let ret = unsafe {
+        loaded(unsafe {
             bpf_skb_load_bytes(
                 self.as_ptr(),
                 offset as u32,
                 (dst as *mut T).cast(),
                 size_of::<T>() as u32,
             )
-        };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(ParseError::Malformed)
-        }
+        })
     }
 
     #[inline(always)]
@@ -88,25 +83,30 @@ impl Frame for TcContext {
     }
 }
 
+/// A load helper's result: the frame is shorter than the load.
+#[inline(always)]
+fn loaded(ret: i64) -> Result<(), ParseError> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(ParseError::Malformed)
+    }
+}
+
 /// At XDP the kernel has not yet moved the tag anywhere: it is always inline.
 impl Frame for XdpContext {
     #[inline(always)]
     fn load_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), ParseError> {
         // SAFETY: as for TC; the helper also reads across the fragments of a
         // multi-buffer frame, so the bounds are the frame's, not the first page's.
-        let ret = unsafe {
+        loaded(unsafe {
             bpf_xdp_load_bytes(
                 self.as_ptr().cast(),
                 offset as u32,
                 (dst as *mut T).cast(),
                 size_of::<T>() as u32,
             )
-        };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(ParseError::Malformed)
-        }
+        })
     }
 
     #[inline(always)]

@@ -105,14 +105,23 @@ pub fn attach_pinned(
             program.load().map_err(program_err)?;
         }
         *done = attach_one(program, name, interface, attach_type, pin_path)?;
-        let pin = program_pin(pin_path, name);
-        remove_pin(&pin)?;
-        program.pin(&pin).map_err(|source| Error::Pin {
-            path: pin.clone(),
-            source,
-        })?;
+        repin_program(ebpf, pin_path, name)?;
     }
     Ok(done)
+}
+
+/// Pins program `name` of `ebpf` (for `bpftool` and tests), over what was pinned before.
+pub(super) fn repin_program(
+    ebpf: &mut Ebpf,
+    pin_path: &Path,
+    name: &'static str,
+) -> Result<(), Error> {
+    let pin = program_pin(pin_path, name);
+    remove_pin(&pin)?;
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram(name))?
+        .pin(&pin)
+        .map_err(|source| Error::Pin { path: pin, source })
 }
 
 fn attach_one(

@@ -193,12 +193,7 @@ pub fn attach_xdp(
             create_link(program, interface, pin_path, setting)?
         }
     };
-    let pin = program_pin(pin_path, name);
-    remove_pin(&pin)?;
-    program.pin(&pin).map_err(|source| Error::Pin {
-        path: pin.clone(),
-        source,
-    })?;
+    super::ebpf::repin_program(ebpf, pin_path, name)?;
     Ok(Some(mode))
 }
 
