@@ -31,6 +31,10 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
+/// No header the parser reads starts past this offset: two tags, an IPv6
+/// header and the extension headers it follows, each at most 2048 bytes.
+const MAX_HEADER_OFFSET: usize = 0x3fff;
+
 /// IPv6 extension headers skipped before giving up (Cilium uses the same bound).
 const MAX_IPV6_EXT_HEADERS: usize = 4;
 
@@ -63,6 +67,10 @@ pub trait Frame {
 impl Frame for TcContext {
     #[inline(always)]
     fn load_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), ParseError> {
+        if read_in_place(self.data(), self.data_end(), offset, dst)? {
+            return Ok(());
+        }
+        // Past the linear part: the helper reads the paged data too.
         // SAFETY: `dst` is valid for `size_of::<T>()` bytes of writes, and the
         // helper fails without writing past the frame's end.
         loaded(unsafe {
@@ -83,6 +91,33 @@ impl Frame for TcContext {
     }
 }
 
+/// Reads `dst` at `offset` straight from the packet when it lies within
+/// `data..data_end` (the headers, almost always), without a helper call;
+/// `Ok(false)` when it does not (a helper must read it). An offset past any
+/// header chain the parser follows is refused first, which also bounds it for
+/// the verifier.
+#[inline(always)]
+fn read_in_place<T>(
+    data: usize,
+    data_end: usize,
+    offset: usize,
+    dst: &mut T,
+) -> Result<bool, ParseError> {
+    if offset > MAX_HEADER_OFFSET {
+        return Err(ParseError::Malformed);
+    }
+    let start = data + offset;
+    if start + size_of::<T>() > data_end {
+        return Ok(false);
+    }
+    // SAFETY: `start..start + size_of::<T>()` was just checked to lie within
+    // the packet's directly readable bytes; `dst` is valid for the write.
+    unsafe {
+        core::ptr::copy_nonoverlapping(start as *const u8, (dst as *mut T).cast(), size_of::<T>())
+    };
+    Ok(true)
+}
+
 /// A load helper's result: the frame is shorter than the load.
 #[inline(always)]
 fn loaded(ret: i64) -> Result<(), ParseError> {
@@ -97,8 +132,11 @@ fn loaded(ret: i64) -> Result<(), ParseError> {
 impl Frame for XdpContext {
     #[inline(always)]
     fn load_into<T>(&self, offset: usize, dst: &mut T) -> Result<(), ParseError> {
+        if read_in_place(self.data(), self.data_end(), offset, dst)? {
+            return Ok(());
+        }
         // SAFETY: as for TC; the helper also reads across the fragments of a
-        // multi-buffer frame, so the bounds are the frame's, not the first page's.
+        // multi-buffer frame, so the bounds are the frame's, not the first buffer's.
         loaded(unsafe {
             bpf_xdp_load_bytes(
                 self.as_ptr().cast(),

@@ -101,6 +101,19 @@ impl Kernel {
         crate::time_run(self.program(direction), frame)
     }
 
+    /// The kernel-measured time of one run of `frame` through the XDP program.
+    pub fn time_xdp(&self, frame: &[u8]) -> std::time::Duration {
+        crate::time_run(self.xdp(), frame)
+    }
+
+    fn xdp(&self) -> &Xdp {
+        self.ebpf
+            .program(XDP_INGRESS)
+            .expect("program")
+            .try_into()
+            .expect("an XDP program")
+    }
+
     /// Runs `frame` through the TC program of `direction` (ingress: arriving on
     /// the trunk, towards the pod).
     pub fn run(&self, direction: Direction, frame: &[u8]) -> Outcome {
@@ -126,14 +139,8 @@ impl Kernel {
         if path == IngressPath::Tc {
             return self.run(Direction::Ingress, frame);
         }
-        let xdp: &Xdp = self
-            .ebpf
-            .program(XDP_INGRESS)
-            .expect("program")
-            .try_into()
-            .expect("an XDP program");
         let (verdict, counted) =
-            self.test_run(Direction::Ingress, frame, |opts| xdp.test_run(opts));
+            self.test_run(Direction::Ingress, frame, |opts| self.xdp().test_run(opts));
         if counted.is_empty() {
             assert_eq!(verdict, XDP_PASS, "XDP drops only frames it counts");
             return self.run(Direction::Ingress, frame);

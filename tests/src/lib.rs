@@ -21,9 +21,15 @@ pub fn require_root() {
     );
 }
 
-/// One `BPF_PROG_TEST_RUN` of `frame` through `program`, timed by the kernel.
-pub fn time_run(program: &aya::programs::SchedClassifier, frame: &[u8]) -> std::time::Duration {
-    use aya::programs::{TestRun, TestRunOptions};
+/// One `BPF_PROG_TEST_RUN` of `frame` through `program` (TC or XDP), timed by the kernel.
+pub fn time_run<P>(program: &P, frame: &[u8]) -> std::time::Duration
+where
+    P: for<'a> aya::programs::TestRun<
+            Opts<'a> = aya::programs::TestRunOptions<'a>,
+            Result = aya::programs::TestRunResult,
+        >,
+{
+    use aya::programs::TestRunOptions;
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
     program

@@ -374,6 +374,8 @@ fn main() -> Result<()> {
     let mut new_flow = serde_json::Map::new();
     let mut table = Vec::new();
     let mut established_ns = 0.0;
+    let mut established_xdp_ns = 0.0;
+    let (mut deny_xdp_ns, mut deny_tc_warm_ns) = (0.0, 0.0);
     let mut floor_frame = Vec::new();
     for (rules, groups, per_group) in SCALES {
         let model = scale_model(&mut rng, PODS, groups, per_group);
@@ -406,7 +408,17 @@ fn main() -> Result<()> {
                         .map(|_| kernel.time(Direction::Ingress, &frame))
                         .collect(),
                 );
-                floor_frame = frame;
+                established_xdp_ns =
+                    median((0..samples).map(|_| kernel.time_xdp(&frame)).collect());
+                floor_frame = frame.clone();
+            }
+            if rules == 960 && what == "deny" {
+                deny_xdp_ns = median((0..samples).map(|_| kernel.time_xdp(&frame)).collect());
+                deny_tc_warm_ns = median(
+                    (0..samples)
+                        .map(|_| kernel.time(Direction::Ingress, &frame))
+                        .collect(),
+                );
             }
         }
         new_flow.insert(rules.to_string(), json!(worst));
@@ -456,6 +468,8 @@ fn main() -> Result<()> {
     let report = json!({
         "floor_ns": floor,
         "established_ns": established_ns,
+        "established_xdp_ns": established_xdp_ns,
+        "deny_warm_ns": {"tc": deny_tc_warm_ns, "xdp": deny_xdp_ns},
         "new_flow_ns": new_flow,
         "throughput": {
             "rules": 960,
@@ -488,9 +502,13 @@ fn main() -> Result<()> {
         "established flow, 960 rules/pod         {established_ns:>8.0} ns  ({:.2}x floor)",
         established_ns / floor
     );
+    println!("established flow, 960 rules/pod, XDP    {established_xdp_ns:>8.0} ns");
     for line in &table {
         println!("{line}");
     }
+    println!(
+        "denied flow again (warm), 960 rules/pod: TC {deny_tc_warm_ns:.0} ns, XDP {deny_xdp_ns:.0} ns"
+    );
     let ratio = new_flow["960"].as_f64().unwrap_or(0.0) / new_flow["1"].as_f64().unwrap_or(1.0);
     println!("new flow worst case, 960 vs 1 rule/pod  {ratio:.2}x");
     println!(
