@@ -60,7 +60,8 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
     let mut subject = Subject::default();
     let reason = verdict::judge(ctx, direction, ctx.len(), &mut subject);
-    observe::record(&subject, reason, direction, ctx.len());
+    let would_drop = subject.would_drop(reason);
+    observe::record(&subject, reason, would_drop, direction, ctx.len());
     // Off unless the agent runs at debug level (it sets AYA_LOG_LEVEL at load):
     // then the cost is one load of a global.
     aya_log_ebpf::debug!(
@@ -72,7 +73,8 @@ fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
     );
     // A pass hands the frame on (TCX_NEXT / TC_ACT_UNSPEC), so programs
     // attached after the enforcer on the trunk still run; a drop is final.
-    if reason.is_drop() {
+    // An audited pod's policy drop passes ("would drop").
+    if reason.is_drop() && !would_drop {
         TC_ACT_SHOT
     } else {
         TC_ACT_UNSPEC

@@ -8,7 +8,7 @@ use enforcer::compile::{self, Compiled};
 use enforcer::kernel::ebpf::{TC_EGRESS, TC_INGRESS};
 use enforcer::kernel::maps::KernelMaps;
 use enforcer::model::{Direction, Model};
-use enforcer_common::Reason;
+use enforcer_common::{Reason, counter_slot};
 
 /// TC_ACT_UNSPEC (TCX_NEXT): the enforcer passes a frame on to what follows it.
 const TC_ACT_UNSPEC: u32 = -1i32 as u32;
@@ -19,6 +19,20 @@ const TC_ACT_SHOT: u32 = 2;
 pub struct Outcome {
     pub passed: bool,
     pub reason: Reason,
+    /// Counted as "would drop": an audited pod's frame `reason` drops, passed.
+    pub would_drop: bool,
+}
+
+impl Outcome {
+    /// What the kernel must do with a frame judged `reason` on a pod audited or not.
+    pub fn expected(reason: Reason, audited: bool) -> Self {
+        let would_drop = audited && reason.is_audited();
+        Self {
+            passed: !reason.is_drop() || would_drop,
+            reason,
+            would_drop,
+        }
+    }
 }
 
 /// The programs with private maps holding a compiled model.
@@ -93,14 +107,20 @@ impl Kernel {
             })
             .return_value;
         let after = self.maps.counters().expect("read counters");
-        let counted: Vec<Reason> = Reason::ALL
-            .iter()
-            .zip(before.iter().zip(after.iter()))
-            .filter(|(_, (b, a))| a > b)
-            .map(|(reason, _)| *reason)
+        let counted: Vec<(Reason, bool)> = [false, true]
+            .into_iter()
+            .flat_map(|would_drop| Reason::ALL.iter().map(move |&r| (r, would_drop)))
+            .filter(|&(r, would_drop)| {
+                let slot = counter_slot(r, would_drop) as usize;
+                after[slot] > before[slot]
+            })
             .collect();
-        assert_eq!(counted.len(), 1, "one reason per frame, got {counted:?}");
-        let reason = counted[0];
+        assert_eq!(
+            counted.len(),
+            1,
+            "one counter slot per frame, got {counted:?}"
+        );
+        let (reason, would_drop) = counted[0];
         let passed = match verdict {
             TC_ACT_UNSPEC => true,
             TC_ACT_SHOT => false,
@@ -108,9 +128,13 @@ impl Kernel {
         };
         assert_eq!(
             passed,
-            !reason.is_drop(),
-            "verdict and reason {reason:?} disagree"
+            !reason.is_drop() || would_drop,
+            "verdict and reason {reason:?} (would drop: {would_drop}) disagree"
         );
-        Outcome { passed, reason }
+        Outcome {
+            passed,
+            reason,
+            would_drop,
+        }
     }
 }

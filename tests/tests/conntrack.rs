@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use enforcer::model::{
-    BranchPod, Cidr, ConntrackTimeouts, Direction, EnforcingMode, L4Match, Model, NodeConfig, Peer,
-    Rule, SecurityGroup, UnknownVlanAction,
+    BranchPod, Cidr, ConntrackTimeouts, Direction, EnforcingAction, EnforcingMode, L4Match, Model,
+    NodeConfig, Peer, Rule, SecurityGroup, UnknownVlanAction,
 };
 use enforcer::policy::eval::{self, L4Query, Query, RuleRef};
 use enforcer_common::{CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, Reason, ct_flag, ct_state};
@@ -116,6 +116,7 @@ fn pod(name: &str, vlan: u16, ipv4: Ipv4Addr, ipv6: Ipv6Addr, group: &str) -> Br
         subnet_v6: Some("2600:1f00::/64".parse().unwrap()),
         groups: vec![group.to_string()],
         mode: EnforcingMode::Strict,
+        action: EnforcingAction::Enforce,
         facts: Default::default(),
     }
 }
@@ -191,6 +192,8 @@ fn model() -> Model {
             service_cidrs: Vec::new(),
             max_groups_per_pod: 16,
             max_rules_per_group: 60,
+            enforcing_action: EnforcingAction::Enforce,
+            tcp_early_demux_disabled: false,
         },
         groups: groups.into_iter().map(|g| (g.id.clone(), g)).collect(),
         prefix_lists: BTreeMap::new(),

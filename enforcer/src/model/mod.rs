@@ -214,6 +214,35 @@ impl SecurityGroup {
     }
 }
 
+/// What the enforcer does with a frame a pod's groups refuse (`enforcingAction`, the pod's
+/// annotation `enforcer.sgp.dev/action`): drop it, or pass it and report it ("would drop").
+/// Unlike the mode, it is not fixed at pod creation: switching is the point of audit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EnforcingAction {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+impl EnforcingAction {
+    /// `enforce` or `audit`, as the NodeConfig and the annotation spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
+
+    /// The action spelled `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "enforce" => Some(Self::Enforce),
+            "audit" => Some(Self::Audit),
+            _ => None,
+        }
+    }
+}
+
 /// What happens to tagged frames whose VLAN has no pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnknownVlanAction {
@@ -269,6 +298,8 @@ impl ConntrackTimeouts {
 pub struct NodeConfig {
     pub name: String,
     pub enforcing_mode: EnforcingMode,
+    /// `enforcingAction`: the action of pods without an `enforcer.sgp.dev/action` annotation.
+    pub enforcing_action: EnforcingAction,
     pub trunk_interface: String,
     pub primary_interface: String,
     pub primary_ips: Vec<IpAddr>,
@@ -287,6 +318,9 @@ pub struct NodeConfig {
     pub max_groups_per_pod: usize,
     /// Rules per group and direction (EC2 quota: 60 by default).
     pub max_rules_per_group: usize,
+    /// `tcpEarlyDemuxDisabled`: aws-node runs with `DISABLE_TCP_EARLY_DEMUX=true` (default
+    /// false, the VPC CNI's default). Strict-mode kubelet probes need it (`lint` SGP002).
+    pub tcp_early_demux_disabled: bool,
 }
 
 /// A pod of this node with a branch ENI: the unit the fast path enforces.
@@ -306,6 +340,8 @@ pub struct BranchPod {
     /// The branch ENI's groups, in SGP order (or the node's groups when no SGP matched).
     pub groups: Vec<GroupId>,
     pub mode: EnforcingMode,
+    /// Audit or enforce: the pod's annotation, else the NodeConfig's `enforcingAction`.
+    pub action: EnforcingAction,
     /// What `explain` and `lint` report; enforcement never reads it.
     pub facts: PodFacts,
 }

@@ -227,6 +227,7 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
                 .clone()
                 .unwrap_or_else(|| pod_groups.clone()),
             mode: node.enforcing_mode,
+            action: pod.action.unwrap_or(node.enforcing_action),
             facts: PodFacts {
                 groups_source: if branch_eni_groups.is_some() {
                     GroupsSource::BranchEni
