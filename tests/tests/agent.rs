@@ -362,10 +362,13 @@ fn a_pod_that_leaves_loses_its_vlan_entry_and_its_flows_at_once() {
     assert_eq!(flows_of(api.vlan), 1);
 
     node.write_state(&state("strict", vec![web.clone()]));
-    wait_for("api's VLAN entry to go", Duration::from_secs(2), || {
-        !kernel_pods(&node).contains_key(&api.vlan)
-    });
-    assert_eq!(flows_of(api.vlan), 0, "api's tracked flows are gone");
+    // One apply removes the entry, then (no packet of the VLAN can be tracked any
+    // more) its flows: wait for the apply, not only for its first step.
+    wait_for(
+        "api's VLAN entry and flows to go",
+        Duration::from_secs(2),
+        || !kernel_pods(&node).contains_key(&api.vlan) && flows_of(api.vlan) == 0,
+    );
     assert_eq!(flows_of(web.vlan), 1, "web's flow stays");
     node.expect_verdicts(
         vec![ack_to(&api, OPEN, 44000)],

@@ -41,6 +41,8 @@ fn the_example_state_linted_by_severity() {
     // payments: two policies give its groups, and none of its two groups is
     // tagged for the cluster; strict pods with probes need TCP early demux off.
     assert_eq!(ids, ["SGP002", "SGP008", "SGP010"], "{json}");
+    // The example's NodeConfig says TCP early demux is off: a note, not a warning.
+    assert_eq!(findings["findings"][0]["severity"], "info", "{json}");
     let (code, text) = lint(example(), &["--severity", "error"]);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("0 finding(s)"), "{text}");
