@@ -104,7 +104,7 @@ pub mod lengths {
 pub mod map_names {
     /// VLAN ID -> [`crate::PodEntry`].
     pub const PODS: &str = "PODS";
-    /// Per-CPU packet counters indexed by [`crate::Reason`].
+    /// Per-CPU packet counters indexed by [`crate::counter_slot`] (reason, audit).
     pub const COUNTERS: &str = "COUNTERS";
     /// Hash: [`crate::PeerKeyV4`] (policy, IPv4 peer prefix) -> [`crate::PeerClass`], see [`crate::lengths`].
     pub const PEERS_V4: &str = "PEERS_V4";
@@ -231,6 +231,10 @@ impl EnforcingMode {
 pub const POD_HAS_IPV4: u8 = 1 << 0;
 /// [`PodEntry::flags`]: the pod has an IPv6 address.
 pub const POD_HAS_IPV6: u8 = 1 << 1;
+/// [`PodEntry::flags`]: the pod is audited (`enforcingAction: audit`): a frame its
+/// groups refuse ([`Reason::is_audited`]) passes, counted and reported as "would drop".
+/// A flag in the entry the packet already read, so switching is one `PODS` update.
+pub const POD_AUDIT: u8 = 1 << 2;
 
 /// Policy handle meaning "this side is not checked" (strict mode has no primary side).
 pub const NO_POLICY: u32 = 0;
@@ -628,8 +632,23 @@ pub enum Reason {
     PassUnknownVlan = 15,
 }
 
-/// Number of [`Reason`] slots in `COUNTERS`.
+/// Number of [`Reason`]s.
 pub const REASONS: u32 = 16;
+
+/// Slots of `COUNTERS`: every frame counts once, in the slot of its reason, or, when
+/// audit passed a frame its reason would have dropped, in that reason's "would drop"
+/// slot after the first [`REASONS`]. A drop slot never counts a passed frame.
+pub const COUNTER_SLOTS: u32 = 2 * REASONS;
+
+/// The `COUNTERS` slot of a frame judged `reason`, `would_drop` when audit passed it.
+#[inline(always)]
+pub const fn counter_slot(reason: Reason, would_drop: bool) -> u32 {
+    if would_drop {
+        REASONS + reason as u32
+    } else {
+        reason as u32
+    }
+}
 
 impl Reason {
     /// The reason's stable name: metrics label, `flows`, `status`.
@@ -686,6 +705,17 @@ impl Reason {
                 | Self::DropPrimaryPolicy
         )
     }
+
+    /// Drops that are security-group verdicts, which audit passes: no rule allows the
+    /// flow (either set), or a later fragment of a datagram so refused (or whose first
+    /// fragment was not seen). Frames that are not a policy question (malformed, stacked
+    /// tags, spoofed addresses, VLANs without a pod) are dropped in audit too.
+    pub const fn is_audited(self) -> bool {
+        matches!(
+            self,
+            Self::DropPolicy | Self::DropPrimaryPolicy | Self::DropFragment
+        )
+    }
 }
 
 /// Key of `POD_MODES`: a Kubernetes pod UID (a UUID), zero-padded.
@@ -721,7 +751,8 @@ pub struct PodGroups {
     pub groups: [[u8; 32]; MAX_GROUPS_PER_POD],
 }
 
-/// A pod's traffic by verdict (per CPU, indexed by VLAN in `POD_TRAFFIC`).
+/// A pod's traffic by verdict (per CPU, indexed by VLAN in `POD_TRAFFIC`): each frame
+/// counts in one of allowed, denied (dropped) and would-drop (passed by audit).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PodTraffic {
@@ -729,6 +760,8 @@ pub struct PodTraffic {
     pub allowed_bytes: u64,
     pub denied_packets: u64,
     pub denied_bytes: u64,
+    pub would_drop_packets: u64,
+    pub would_drop_bytes: u64,
 }
 
 /// What one rule admitted: the packets it decided (first packets of flows,
@@ -746,8 +779,11 @@ pub const EVENT_IPV6: u8 = 1 << 0;
 pub const EVENT_IP: u8 = 1 << 1;
 /// [`VerdictEvent::flags`]: the VLAN had a pod.
 pub const EVENT_POD: u8 = 1 << 2;
+/// [`VerdictEvent::flags`]: the pod is audited and the frame passed although its
+/// reason is a drop: "would drop".
+pub const EVENT_WOULD_DROP: u8 = 1 << 3;
 
-/// One verdict reported through `EVENTS`: denies always, allowed new flows
+/// One verdict reported through `EVENTS`: denies (and would-drops) always, allowed new flows
 /// while [`Settings::allowed_events_until_ns`] is ahead.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

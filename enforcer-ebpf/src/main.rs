@@ -78,12 +78,20 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
     if reason == Reason::PassUntagged {
         return xdp_action::XDP_PASS;
     }
-    observe::record(&subject, reason, Direction::Ingress, len);
-    if reason.is_drop() {
+    if !settle(&subject, reason, Direction::Ingress, len) {
         return xdp_action::XDP_DROP;
     }
     mark_judged(&ctx, subject.vlan);
     xdp_action::XDP_PASS
+}
+
+/// Counts and reports the verdict on one frame; whether the frame passes (an
+/// audited pod's policy drop passes, as a "would drop").
+#[inline(always)]
+fn settle(subject: &Subject, reason: Reason, direction: Direction, len: u32) -> bool {
+    let would_drop = subject.would_drop(reason);
+    observe::record(subject, reason, would_drop, direction, len);
+    !reason.is_drop() || would_drop
 }
 
 #[inline(always)]
@@ -143,7 +151,7 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
     let mut subject = Subject::default();
     let reason = verdict::judge(ctx, direction, ctx.len(), &mut subject);
-    observe::record(&subject, reason, direction, ctx.len());
+    let passes = settle(&subject, reason, direction, ctx.len());
     // Off unless the agent runs at debug level (it sets AYA_LOG_LEVEL at load):
     // then the cost is one load of a global.
     aya_log_ebpf::debug!(
@@ -155,11 +163,7 @@ fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
     );
     // A pass hands the frame on (TCX_NEXT / TC_ACT_UNSPEC), so programs
     // attached after the enforcer on the trunk still run; a drop is final.
-    if reason.is_drop() {
-        TC_ACT_SHOT
-    } else {
-        TC_ACT_UNSPEC
-    }
+    if passes { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
 }
 
 #[cfg(not(test))]

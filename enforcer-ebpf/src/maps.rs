@@ -8,10 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use enforcer_common::{
-    AddrKey, CtEntry, CtKey, EVENTS_RING_BYTES, EventBudget, FragmentKey, FragmentVerdict,
-    MAX_ADDRESSES, MAX_FLOWS, MAX_FRAGMENTED_DATAGRAMS, MAX_PEER_ENTRIES, MAX_PODS,
-    MAX_PORT_ENTRIES, MAX_RULES, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups, PodTraffic,
-    PodUid, PortKey, PortVerdict, REASONS, RuleName, RuleTraffic, Settings,
+    AddrKey, COUNTER_SLOTS, CtEntry, CtKey, EVENTS_RING_BYTES, EventBudget, FragmentKey,
+    FragmentVerdict, MAX_ADDRESSES, MAX_FLOWS, MAX_FRAGMENTED_DATAGRAMS, MAX_PEER_ENTRIES,
+    MAX_PODS, MAX_PORT_ENTRIES, MAX_RULES, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups,
+    PodTraffic, PodUid, PortKey, PortVerdict, RuleName, RuleTraffic, Settings,
 };
 
 /// Not preallocated: an update then frees the replaced entry only after an
@@ -62,7 +62,7 @@ pub static FRAGMENTS: LruHashMap<
 pub static SETTINGS: Array<Settings, 1> = Array::new();
 
 #[btf_map]
-pub static COUNTERS: PerCpuArray<u64, { REASONS as usize }> = PerCpuArray::new();
+pub static COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
 
 #[btf_map]
 pub static RULES: HashMap<u32, RuleName, { MAX_RULES as usize }> = HashMap::new();

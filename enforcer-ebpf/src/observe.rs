@@ -3,8 +3,8 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use enforcer_common::{
-    DIR_EGRESS, DIR_INGRESS, EVENT_IP, EVENT_IPV6, EVENT_POD, EVENTS_BURST, EVENTS_PER_SECOND,
-    Reason, RuleTraffic, VerdictEvent,
+    DIR_EGRESS, DIR_INGRESS, EVENT_IP, EVENT_IPV6, EVENT_POD, EVENT_WOULD_DROP, EVENTS_BURST,
+    EVENTS_PER_SECOND, Reason, RuleTraffic, VerdictEvent, counter_slot,
 };
 
 use crate::Direction;
@@ -15,12 +15,13 @@ use crate::verdict::Subject;
 const NS_PER_SEC: u64 = 1_000_000_000;
 const NS_PER_TOKEN: u64 = NS_PER_SEC / EVENTS_PER_SECOND;
 
-/// Counts the verdict and reports it if it is an event. Out of line, with
-/// plain types in its signature, so that its stack frame is its own.
+/// Counts the verdict and reports it if it is an event; `would_drop`: audit passed
+/// a frame `reason` drops, counted apart from drops. Out of line, with plain
+/// types in its signature, so that its stack frame is its own.
 #[inline(never)]
-pub fn record(subject: &Subject, reason: Reason, direction: Direction, len: u32) {
+pub fn record(subject: &Subject, reason: Reason, would_drop: bool, direction: Direction, len: u32) {
     let bytes = u64::from(len);
-    if let Some(slot) = COUNTERS.get_ptr_mut(reason as u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter_slot(reason, would_drop)) {
         // SAFETY: per-CPU slot; programs do not preempt each other on one CPU.
         unsafe { *slot += 1 };
     }
@@ -29,7 +30,10 @@ pub fn record(subject: &Subject, reason: Reason, direction: Direction, len: u32)
     {
         // SAFETY: as above.
         let traffic = unsafe { &mut *traffic };
-        if reason.is_drop() {
+        if would_drop {
+            traffic.would_drop_packets += 1;
+            traffic.would_drop_bytes += bytes;
+        } else if reason.is_drop() {
             traffic.denied_packets += 1;
             traffic.denied_bytes += bytes;
         } else {
@@ -42,7 +46,7 @@ pub fn record(subject: &Subject, reason: Reason, direction: Direction, len: u32)
         count_rule(subject.rules[1], bytes);
     }
     if is_event(reason) {
-        emit(subject, reason, direction, len);
+        emit(subject, reason, would_drop, direction, len);
     }
 }
 
@@ -66,7 +70,7 @@ fn count_rule(key: u32, bytes: u64) {
     }
 }
 
-/// Denies always; allowed new flows while `enforcer flows` holds the lease.
+/// Denies (would-drops too) always; allowed new flows while `enforcer flows` holds the lease.
 #[inline(always)]
 fn is_event(reason: Reason) -> bool {
     if reason.is_drop() {
@@ -86,7 +90,7 @@ fn is_event(reason: Reason) -> bool {
 }
 
 #[inline(always)]
-fn emit(subject: &Subject, reason: Reason, direction: Direction, len: u32) {
+fn emit(subject: &Subject, reason: Reason, would_drop: bool, direction: Direction, len: u32) {
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };
@@ -117,6 +121,9 @@ fn emit(subject: &Subject, reason: Reason, direction: Direction, len: u32) {
     let mut flags = 0;
     if subject.pod {
         flags |= EVENT_POD;
+    }
+    if would_drop {
+        flags |= EVENT_WOULD_DROP;
     }
     if subject.ip {
         flags |= EVENT_IP;

@@ -3,8 +3,8 @@
 //! never filtered, same-node (standard), then the branch and primary groups.
 
 use enforcer_common::{
-    AddrKey, EnforcingMode, FragmentKey, FragmentVerdict, NO_POLICY, PodEntry, PortVerdict, Reason,
-    Settings, V4_MAPPED_PREFIX, VERDICT_UNTRACKED, policy_slot,
+    AddrKey, EnforcingMode, FragmentKey, FragmentVerdict, NO_POLICY, POD_AUDIT, PodEntry,
+    PortVerdict, Reason, Settings, V4_MAPPED_PREFIX, VERDICT_UNTRACKED, policy_slot,
 };
 
 use crate::Direction;
@@ -25,12 +25,26 @@ pub struct Subject {
     pub pod: bool,
     /// `packet` holds a parsed IP header.
     pub ip: bool,
+    /// The pod is audited ([`POD_AUDIT`]).
+    pub audit: bool,
     /// Rule IDs ([`PortVerdict::rule`]) of the branch and primary rules
     /// that allowed a new flow; 0 where none did.
     pub rules: [u32; 2],
 }
 
-/// Judges one frame: the reason says pass or drop, and why; `subject` says what about.
+impl Subject {
+    /// Whether a frame judged `reason` passes only because its pod is audited: the
+    /// groups refused it ([`Reason::is_audited`]). Judging never looks at audit, so
+    /// such a flow creates no conntrack entry (its first fragment is remembered as
+    /// refused): switched to enforce, the pod drops its next packet.
+    #[inline(always)]
+    pub fn would_drop(&self, reason: Reason) -> bool {
+        self.audit && reason.is_audited()
+    }
+}
+
+/// Judges one frame: the reason says pass or drop, and why (audit aside:
+/// [`Subject::would_drop`]); `subject` says what about.
 #[inline(always)]
 pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut Subject) -> Reason {
     let Some(settings) = SETTINGS.get(0) else {
@@ -57,6 +71,7 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut 
         return unknown_vlan(settings);
     };
     subject.pod = true;
+    subject.audit = pod.flags & POD_AUDIT != 0;
     match parse::parse_l3(frame, l2, &mut subject.packet) {
         Ok(L3::Ip) => subject.ip = true,
         Ok(L3::Arp { sender }) => {

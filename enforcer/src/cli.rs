@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use enforcer::model::{Direction, Model};
+use enforcer::model::{Direction, EnforcingAction, Model};
 
 /// Enforces EC2 security groups for pods (branch ENIs) in the node's kernel, on the trunk interface.
 #[derive(Parser, Debug)]
@@ -215,13 +215,18 @@ fn summary(model: &Model) -> String {
         };
         let _ = writeln!(
             out,
-            "  VLAN {:>4}  {}  {}  groups {}  rules {} ingress, {} egress",
+            "  VLAN {:>4}  {}  {}  groups {}  rules {} ingress, {} egress{}",
             pod.vlan,
             pod.key(),
             join(&mut pod.addresses().map(|ip| ip.to_string())),
             pod.groups.join(", "),
             count(Direction::Ingress),
             count(Direction::Egress),
+            if pod.action == EnforcingAction::Audit {
+                "  AUDIT (refused traffic passes, reported as would-drops)"
+            } else {
+                ""
+            },
         );
     }
     out

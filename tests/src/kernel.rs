@@ -9,7 +9,7 @@ use enforcer::kernel::ebpf::{TC_EGRESS, TC_INGRESS};
 use enforcer::kernel::maps::KernelMaps;
 use enforcer::kernel::xdp::XDP_INGRESS;
 use enforcer::model::{Direction, Model};
-use enforcer_common::Reason;
+use enforcer_common::{Reason, counter_slot};
 
 /// TC_ACT_UNSPEC (TCX_NEXT): the enforcer passes a frame on to what follows it.
 const TC_ACT_UNSPEC: u32 = -1i32 as u32;
@@ -34,6 +34,20 @@ pub enum IngressPath {
 pub struct Outcome {
     pub passed: bool,
     pub reason: Reason,
+    /// Counted as "would drop": an audited pod's frame `reason` drops, passed.
+    pub would_drop: bool,
+}
+
+impl Outcome {
+    /// What the kernel must do with a frame judged `reason` on a pod audited or not.
+    pub fn expected(reason: Reason, audited: bool) -> Self {
+        let would_drop = audited && reason.is_audited();
+        Self {
+            passed: !reason.is_drop() || would_drop,
+            reason,
+            would_drop,
+        }
+    }
 }
 
 /// The programs with private maps holding a compiled model.
@@ -120,18 +134,12 @@ impl Kernel {
         let (verdict, counted) = self.test_run(direction, frame, |opts| {
             self.program(direction).test_run(opts)
         });
-        let reason = one_reason(&counted);
         let passed = match verdict {
             TC_ACT_UNSPEC => true,
             TC_ACT_SHOT => false,
             other => panic!("unexpected TC verdict {other}"),
         };
-        assert_eq!(
-            passed,
-            !reason.is_drop(),
-            "verdict and reason {reason:?} disagree"
-        );
-        Outcome { passed, reason }
+        outcome(passed, &counted)
     }
 
     /// Runs a frame arriving on the trunk through `path`.
@@ -145,22 +153,16 @@ impl Kernel {
             assert_eq!(verdict, XDP_PASS, "XDP drops only frames it counts");
             return self.run(Direction::Ingress, frame);
         }
-        let reason = one_reason(&counted);
         let passed = match verdict {
             XDP_PASS => true,
             XDP_DROP => false,
             other => panic!("unexpected XDP verdict {other}"),
         };
-        assert_eq!(
-            passed,
-            !reason.is_drop(),
-            "verdict and reason {reason:?} disagree"
-        );
-        Outcome { passed, reason }
+        outcome(passed, &counted)
     }
 
     /// One `BPF_PROG_TEST_RUN` of `frame`: the program's return value and the
-    /// reasons it counted.
+    /// counter slots it moved (reason, counted as a would-drop).
     fn test_run(
         &self,
         direction: Direction,
@@ -168,7 +170,7 @@ impl Kernel {
         run: impl FnOnce(
             TestRunOptions<'_>,
         ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
-    ) -> (u32, Vec<Reason>) {
+    ) -> (u32, Vec<(Reason, bool)>) {
         let before = self.maps.counters().expect("read counters");
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
@@ -178,17 +180,35 @@ impl Kernel {
             })
             .return_value;
         let after = self.maps.counters().expect("read counters");
-        let counted = Reason::ALL
-            .iter()
-            .zip(before.iter().zip(after.iter()))
-            .filter(|(_, (b, a))| a > b)
-            .map(|(reason, _)| *reason)
+        let counted = [false, true]
+            .into_iter()
+            .flat_map(|would_drop| Reason::ALL.iter().map(move |&r| (r, would_drop)))
+            .filter(|&(r, would_drop)| {
+                let slot = counter_slot(r, would_drop) as usize;
+                after[slot] > before[slot]
+            })
             .collect();
         (verdict, counted)
     }
 }
 
-fn one_reason(counted: &[Reason]) -> Reason {
-    assert_eq!(counted.len(), 1, "one reason per frame, got {counted:?}");
-    counted[0]
+/// The outcome of a run that `passed` or not and moved the counter slots `counted`:
+/// exactly one, which agrees with the verdict.
+fn outcome(passed: bool, counted: &[(Reason, bool)]) -> Outcome {
+    assert_eq!(
+        counted.len(),
+        1,
+        "one counter slot per frame, got {counted:?}"
+    );
+    let (reason, would_drop) = counted[0];
+    assert_eq!(
+        passed,
+        !reason.is_drop() || would_drop,
+        "verdict and reason {reason:?} (would drop: {would_drop}) disagree"
+    );
+    Outcome {
+        passed,
+        reason,
+        would_drop,
+    }
 }

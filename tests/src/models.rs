@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use enforcer::model::{
-    BranchPod, Cidr, ConntrackTimeouts, EnforcingMode, L4Match, Model, NodeConfig, Peer, Rule,
-    SecurityGroup, UnknownVlanAction,
+    BranchPod, Cidr, ConntrackTimeouts, EnforcingAction, EnforcingMode, L4Match, Model, NodeConfig,
+    Peer, Rule, SecurityGroup, UnknownVlanAction,
 };
 
 /// The node's primary IP in every hand-built model.
@@ -29,6 +29,8 @@ pub fn node_config(primary_groups: Vec<String>) -> NodeConfig {
         service_cidrs: Vec::new(),
         max_groups_per_pod: 16,
         max_rules_per_group: 60,
+        enforcing_action: EnforcingAction::Enforce,
+        tcp_early_demux_disabled: false,
     }
 }
 
@@ -74,6 +76,7 @@ pub fn branch_pod(
         subnet_v6: None,
         groups: groups.iter().map(|g| g.to_string()).collect(),
         mode: EnforcingMode::Strict,
+        action: EnforcingAction::Enforce,
         facts: Default::default(),
     }
 }

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use enforcer::model::{
-    BranchPod, Cidr, Direction, EnforcingMode, L4Match, Model, Peer, Rule, SecurityGroup,
+    BranchPod, Cidr, Direction, EnforcingAction, EnforcingMode, L4Match, Model, Peer, Rule,
+    SecurityGroup,
 };
 
 use crate::frame::{self, Ip, L4, Tag};
@@ -252,6 +253,13 @@ pub fn random_model(rng: &mut Rng) -> Model {
                     EnforcingMode::Strict
                 } else {
                     EnforcingMode::Standard
+                },
+                // Audited pods pass what their groups refuse: the kernel must still
+                // say why, frame by frame, and track nothing for it.
+                action: if rng.chance(30) {
+                    EnforcingAction::Audit
+                } else {
+                    EnforcingAction::Enforce
                 },
                 facts: Default::default(),
             }
@@ -679,6 +687,7 @@ pub fn scale_model(
                 subnet_v6: None,
                 groups,
                 mode: EnforcingMode::Strict,
+                action: EnforcingAction::Enforce,
                 facts: Default::default(),
             }
         })

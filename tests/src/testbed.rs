@@ -16,11 +16,12 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail};
 use enforcer::model::{BranchPod, EnforcingMode, Model};
-use enforcer_common::{REASONS, Reason};
+use enforcer_common::{COUNTER_SLOTS, Reason, counter_slot};
 
 use self::agent::Agent;
 use self::datapath::{Datapath, TrunkDirection, TrunkFrames};
@@ -65,6 +66,8 @@ pub struct Observation {
     pub outcome: Outcome,
     /// Counter increments per reason while the probe ran (only non-zero ones).
     pub reasons: Vec<(Reason, u64)>,
+    /// Frames of audited pods passed although `reason` drops them, while the probe ran.
+    pub would_drops: Vec<(Reason, u64)>,
 }
 
 impl Observation {
@@ -279,6 +282,13 @@ impl VirtualNode {
         &self.pin_path
     }
 
+    /// `enforcer ARGS` (the binary the agent runs), as an operator on the node runs it.
+    pub fn enforcer_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.enforcer);
+        command.args(args);
+        command
+    }
+
     /// Namespaces' prefix, pin directory and work directory name of this node.
     pub fn run_name(&self) -> &str {
         &self.run
@@ -335,8 +345,8 @@ impl VirtualNode {
         )
     }
 
-    /// The enforcer's counters per reason (the agent must have run once).
-    pub fn counters(&self) -> Result<[u64; REASONS as usize]> {
+    /// The enforcer's counters per [`enforcer_common::counter_slot`] (the agent must have run once).
+    pub fn counters(&self) -> Result<[u64; COUNTER_SLOTS as usize]> {
         agent::counters(&self.pin_path)
     }
 
@@ -417,19 +427,26 @@ impl VirtualNode {
             None
         };
         let outcome = traffic::probe(from_ns, src, dst, flow.probe)?;
-        let reasons = match before {
+        let (reasons, would_drops) = match before {
             Some(before) => {
                 let after = self.counters()?;
-                Reason::ALL
-                    .iter()
-                    .zip(before.iter().zip(after.iter()))
-                    .filter(|(_, (b, a))| a > b)
-                    .map(|(r, (b, a))| (*r, a - b))
-                    .collect()
+                let moved = |would_drop| {
+                    Reason::ALL
+                        .iter()
+                        .map(|&r| (r, counter_slot(r, would_drop) as usize))
+                        .filter(|&(_, slot)| after[slot] > before[slot])
+                        .map(|(r, slot)| (r, after[slot] - before[slot]))
+                        .collect()
+                };
+                (moved(false), moved(true))
             }
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
-        Ok(Observation { outcome, reasons })
+        Ok(Observation {
+            outcome,
+            reasons,
+            would_drops,
+        })
     }
 
     /// Opens a TCP connection for `flow` (a `Probe::Tcp` flow whose server is started) and

@@ -4,10 +4,12 @@
 #[path = "agent_support/mod.rs"]
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use enforcer::kernel::maps::KernelMaps;
-use enforcer_common::{EnforcingMode, PodEntry, Reason};
+use enforcer_common::{EnforcingMode, POD_AUDIT, PodEntry, Reason, counter_slot};
 use support::{Node, TestPod, TestState, ack_to, syn_to, wait_for};
 
 const OPEN: u16 = 80;
@@ -360,10 +362,13 @@ fn a_pod_that_leaves_loses_its_vlan_entry_and_its_flows_at_once() {
     assert_eq!(flows_of(api.vlan), 1);
 
     node.write_state(&state("strict", vec![web.clone()]));
-    wait_for("api's VLAN entry to go", Duration::from_secs(2), || {
-        !kernel_pods(&node).contains_key(&api.vlan)
-    });
-    assert_eq!(flows_of(api.vlan), 0, "api's tracked flows are gone");
+    // One apply removes the entry, then (no packet of the VLAN can be tracked any
+    // more) its flows: wait for the apply, not only for its first step.
+    wait_for(
+        "api's VLAN entry and flows to go",
+        Duration::from_secs(2),
+        || !kernel_pods(&node).contains_key(&api.vlan) && flows_of(api.vlan) == 0,
+    );
     assert_eq!(flows_of(web.vlan), 1, "web's flow stays");
     node.expect_verdicts(
         vec![ack_to(&api, OPEN, 44000)],
@@ -470,5 +475,100 @@ fn a_running_pod_keeps_its_groups_when_its_policy_changes_and_a_recreated_one_ta
     node.expect_verdicts(
         vec![syn_to(&recreated, CLOSED, 45003)],
         &[(Reason::PassNew, 1)],
+    );
+}
+
+/// Audit, switched by the pod's annotation while refused frames keep arriving: each
+/// switch is one update of the pod's `PODS` entry (same policies, the audit flag
+/// changed), every frame is judged once, either dropped or passed as a would-drop,
+/// a tracked flow survives both switches, and the verdict of new refused flows
+/// changes as soon as the agent applies the state.
+#[test]
+fn switching_a_pod_between_audit_and_enforce_keeps_its_flows() {
+    let mut node = Node::new();
+    let mut web = web();
+    node.write_state(&state("strict", vec![web.clone()]));
+    node.start_agent();
+    node.wait_ready();
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 47000)], &[(Reason::PassNew, 1)]);
+    let enforced = kernel_pods(&node)[&web.vlan];
+    assert_eq!(enforced.flags & POD_AUDIT, 0);
+
+    let dropped = counter_slot(Reason::DropPolicy, false) as usize;
+    let would_drop = counter_slot(Reason::DropPolicy, true) as usize;
+    let refused = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let before = node.counters();
+    let sender = {
+        let (refused, stop, web) = (refused.clone(), stop.clone(), web.clone());
+        let peer = node.peer.clone();
+        node.spawn_in_netns(move || {
+            let socket = support::PacketSocket::open(&peer);
+            let mut port = 20000;
+            while !stop.load(Ordering::SeqCst) {
+                socket.send(&syn_to(&web, CLOSED, port));
+                refused.fetch_add(1, Ordering::SeqCst);
+                port = if port == 39999 { 20000 } else { port + 1 };
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        })
+    };
+    let mut switch = |action, audited: bool| {
+        web.action = Some(action);
+        node.write_state(&state("strict", vec![web.clone()]));
+        let (slot, other) = if audited {
+            (would_drop, dropped)
+        } else {
+            (dropped, would_drop)
+        };
+        wait_for(&format!("{action} applied"), Duration::from_secs(2), || {
+            let entry = kernel_pods(&node)[&web.vlan];
+            (entry.flags & POD_AUDIT != 0) == audited
+        });
+        // From then on, every refused frame counts in `slot` alone.
+        let at = node.counters();
+        std::thread::sleep(Duration::from_millis(200));
+        let later = node.counters();
+        assert!(later[slot] > at[slot], "{action}: refused frames counted");
+        assert_eq!(later[other], at[other], "{action}: counted the old way");
+        let entry = kernel_pods(&node)[&web.vlan];
+        assert_eq!(
+            entry.policies, enforced.policies,
+            "{action}: the same policies, only the flag changed"
+        );
+        if audited {
+            // A refused connection audit lets through, from a port the sender never uses.
+            node.send_to_trunk(vec![syn_to(&web, CLOSED, 50000)]);
+        }
+        // The tracked flow passes as established (the refused frames go on meanwhile).
+        let established = Reason::PassEstablished as usize;
+        let at = node.counters()[established];
+        node.send_to_trunk(vec![ack_to(&web, OPEN, 47000)]);
+        wait_for(
+            &format!("{action}: the tracked flow"),
+            Duration::from_secs(2),
+            || node.counters()[established] == at + 1,
+        );
+    };
+    switch("audit", true);
+    switch("enforce", false);
+    stop.store(true, Ordering::SeqCst);
+    sender.join().expect("the sender");
+    let sent = refused.load(Ordering::SeqCst);
+    wait_for("every refused frame judged", Duration::from_secs(5), || {
+        let after = node.counters();
+        // The sender's frames, and the one connection attempt from port 50000.
+        after[dropped] + after[would_drop] - before[dropped] - before[would_drop] == sent + 1
+    });
+    let after = node.counters();
+    eprintln!(
+        "{sent} refused frames: {} dropped, {} passed as would-drops",
+        after[dropped] - before[dropped],
+        after[would_drop] - before[would_drop]
+    );
+    // A refused flow audit let through is not tracked: enforced, its next packet drops.
+    node.expect_verdicts(
+        vec![ack_to(&web, CLOSED, 50000)],
+        &[(Reason::DropPolicy, 1)],
     );
 }

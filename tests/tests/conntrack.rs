@@ -9,15 +9,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use enforcer::model::{
-    BranchPod, Cidr, ConntrackTimeouts, Direction, EnforcingMode, L4Match, Model, NodeConfig, Peer,
-    Rule, SecurityGroup, UnknownVlanAction,
+    BranchPod, Cidr, ConntrackTimeouts, Direction, EnforcingAction, EnforcingMode, L4Match, Model,
+    NodeConfig, Peer, Rule, SecurityGroup, UnknownVlanAction,
 };
 use enforcer::policy::eval::{self, L4Query, Query, RuleRef};
 use enforcer_common::{CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, Reason, ct_flag, ct_state};
 use enforcer_tests::frame::{
     self, Fragment, Ip, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tag, other, tcp, udp,
 };
-use enforcer_tests::kernel::Kernel;
+use enforcer_tests::kernel::{Kernel, Outcome};
 use enforcer_tests::oracle::{ct_key, l4_packet};
 
 use Direction::{Egress, Ingress};
@@ -116,6 +116,7 @@ fn pod(name: &str, vlan: u16, ipv4: Ipv4Addr, ipv6: Ipv6Addr, group: &str) -> Br
         subnet_v6: Some("2600:1f00::/64".parse().unwrap()),
         groups: vec![group.to_string()],
         mode: EnforcingMode::Strict,
+        action: EnforcingAction::Enforce,
         facts: Default::default(),
     }
 }
@@ -191,6 +192,8 @@ fn model() -> Model {
             service_cidrs: Vec::new(),
             max_groups_per_pod: 16,
             max_rules_per_group: 60,
+            enforcing_action: EnforcingAction::Enforce,
+            tcp_early_demux_disabled: false,
         },
         groups: groups.into_iter().map(|g| (g.id.clone(), g)).collect(),
         prefix_lists: BTreeMap::new(),
@@ -1298,6 +1301,88 @@ fn a_new_syn_on_a_closed_flow_reopens_it() {
         A_VLAN,
         Ingress,
         &syn.reply(TCP_ACK | TCP_PSH),
+        Reason::PassEstablished,
+    );
+}
+
+/// Audit (`enforcer.sgp.dev/action: audit`): a flow pod A's groups refuse passes
+/// as a would-drop under its reason and leaves no entry, and so do the later
+/// fragments of a refused datagram; what is not a policy verdict (a spoofed
+/// source) still drops. Switching A to enforce (one `PODS` update) drops the
+/// refused flow's next packet at once and keeps the flows A's groups allowed.
+#[test]
+fn an_audited_pod_passes_refused_flows_untracked_until_it_enforces() {
+    let mut ct = Ct::new();
+    let audit = |ct: &mut Ct, action| {
+        ct.model
+            .pods
+            .iter_mut()
+            .find(|p| p.vlan == A_VLAN)
+            .unwrap()
+            .action = action;
+        ct.kernel.apply(&ct.model);
+    };
+    audit(&mut ct, EnforcingAction::Audit);
+    let run = |ct: &Ct, direction, frame: &[u8]| ct.kernel.run(direction, frame);
+    let would_drop = |reason| Outcome::expected(reason, true);
+    // A admits only TCP 8080 in: UDP to 8080 is refused.
+    let refused = udp(VPC_HOST, 5000, A, 8080);
+    let refused_frame = frame::ip_frame(Tag::Vlan(A_VLAN), &refused);
+    for _ in 0..2 {
+        assert_eq!(
+            run(&ct, Ingress, &refused_frame),
+            would_drop(Reason::DropPolicy)
+        );
+    }
+    assert!(ct.entry(&ct_key(A_VLAN, Ingress, &refused)).is_none());
+    let fragment = |offset, more| Fragment {
+        id: 0x5a,
+        offset,
+        more,
+    };
+    let first = frame::ipv4_fragment_frame(
+        Tag::Vlan(A_VLAN),
+        &refused,
+        fragment(0, true),
+        &refused.transport_bytes(),
+    );
+    assert_eq!(run(&ct, Ingress, &first), would_drop(Reason::DropPolicy));
+    let later =
+        frame::ipv4_fragment_frame(Tag::Vlan(A_VLAN), &refused, fragment(3, false), &[7; 8]);
+    assert_eq!(run(&ct, Ingress, &later), would_drop(Reason::DropFragment));
+    let spoofed = frame::ip_frame(Tag::Vlan(A_VLAN), &udp(B, 5000, VPC_HOST, 53));
+    assert_eq!(
+        run(&ct, Egress, &spoofed),
+        Outcome::expected(Reason::DropSpoofed, true)
+    );
+    assert!(
+        !run(&ct, Egress, &spoofed).passed,
+        "audit never passes spoofing"
+    );
+    let allowed = tcp(VPC_HOST, 40000, A, 8080, TCP_SYN);
+    ct.send("allowed SYN", A_VLAN, Ingress, &allowed, Reason::PassNew);
+    assert_eq!(ct.vlan_flows(A_VLAN), 1, "only the allowed flow is tracked");
+    let traffic = ct.kernel.maps.pod_traffic(A_VLAN).expect("POD_TRAFFIC");
+    assert_eq!(
+        (
+            traffic.would_drop_packets,
+            traffic.denied_packets,
+            traffic.allowed_packets
+        ),
+        (4, 2, 1)
+    );
+
+    audit(&mut ct, EnforcingAction::Enforce);
+    assert_eq!(
+        run(&ct, Ingress, &refused_frame),
+        Outcome::expected(Reason::DropPolicy, false)
+    );
+    let reply = allowed.reply(TCP_SYN | TCP_ACK);
+    ct.send(
+        "the allowed flow's reply",
+        A_VLAN,
+        Egress,
+        &reply,
         Reason::PassEstablished,
     );
 }

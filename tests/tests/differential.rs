@@ -2,14 +2,16 @@
 //! (both directions, both modes, IPv4/IPv6, every protocol kind, tagged and
 //! untagged, truncated), the kernel's verdict *and reason* must equal what the
 //! reference evaluator and the conntrack model (`enforcer::policy::flow`) predict, and
-//! the conntrack entry the kernel holds must equal the model's.
+//! the conntrack entry the kernel holds must equal the model's. Some pods are
+//! audited: a frame their groups refuse passes, counted as "would drop" under
+//! its reason, and leaves no conntrack entry, as the flow model says.
 //!
 //! Seeded and reproducible: `ENFORCER_DIFF_SEED=<n>` replays one run;
 //! `ENFORCER_DIFF_PACKETS=<n>` changes the packet count (100,000 by default).
 
 use std::net::IpAddr;
 
-use enforcer::model::{BranchPod, Direction, Model};
+use enforcer::model::{BranchPod, Direction, EnforcingAction, Model};
 use enforcer::policy::eval::{Reason as EvalReason, Refused};
 use enforcer::policy::flow::{FlowTable, FlowVerdict, PacketMeta, flow_key};
 use enforcer_common::{CtEntry, Reason, V4_MAPPED_PREFIX};
@@ -70,31 +72,37 @@ fn is_link_local_or_special(addr: IpAddr, direction: Direction) -> bool {
 }
 
 /// What the kernel must do with `case`, from the spec and the reference
-/// models; updates `flows` like the kernel updates its conntrack.
-fn expected(model: &Model, flows: &mut FlowTable, case: &Case, now_ns: u64) -> Reason {
+/// models; updates `flows` like the kernel updates its conntrack. Frames
+/// that are not a policy verdict drop on audited pods too.
+fn expected(model: &Model, flows: &mut FlowTable, case: &Case, now_ns: u64) -> Outcome {
+    let dropped = |reason: Reason| Outcome {
+        passed: !reason.is_drop(),
+        reason,
+        would_drop: false,
+    };
     let vlan = match case.tag {
-        Tag::Untagged => return Reason::PassUntagged,
+        Tag::Untagged => return dropped(Reason::PassUntagged),
         Tag::Vlan(vlan) => vlan,
         Tag::Stacked(..) | Tag::Priority(_) => unreachable!("not generated"),
     };
     if case.truncated && case.frame.len() < 18 {
-        return Reason::DropMalformed;
+        return dropped(Reason::DropMalformed);
     }
     let Some(pod) = model.pods.iter().find(|p| p.vlan == vlan) else {
-        return Reason::DropUnknownVlan;
+        return dropped(Reason::DropUnknownVlan);
     };
     if case.truncated {
-        return Reason::DropMalformed;
+        return dropped(Reason::DropMalformed);
     }
     let Some(ip) = case.ip else {
         // ARP: the frame carries the sender at bytes 32..36 (after an 18-byte tagged header).
         let sender: [u8; 4] = case.frame[18 + 14..18 + 18].try_into().expect("4 bytes");
         let own = pod.ipv4.is_some_and(|a| a.octets() == sender);
-        return if case.direction == Direction::Egress && !own {
+        return dropped(if case.direction == Direction::Egress && !own {
             Reason::DropSpoofed
         } else {
             Reason::PassLinkLayer
-        };
+        });
     };
     let pod_side = match case.direction {
         Direction::Ingress => ip.dst,
@@ -104,16 +112,19 @@ fn expected(model: &Model, flows: &mut FlowTable, case: &Case, now_ns: u64) -> R
         && ip.src.is_ipv6()
         && (133..=137).contains(&icmp_type)
     {
-        return if pod_address(pod, pod_side) || is_link_local_or_special(pod_side, case.direction) {
-            Reason::PassLinkLayer
-        } else {
-            Reason::DropSpoofed
-        };
+        return dropped(
+            if pod_address(pod, pod_side) || is_link_local_or_special(pod_side, case.direction) {
+                Reason::PassLinkLayer
+            } else {
+                Reason::DropSpoofed
+            },
+        );
     }
     if !pod_address(pod, pod_side) {
-        return Reason::DropSpoofed;
+        return dropped(Reason::DropSpoofed);
     }
-    match flows.process(model, pod, packet_meta(case), now_ns) {
+    let verdict = flows.process(model, pod, packet_meta(case), now_ns);
+    let reason = match &verdict {
         FlowVerdict::Established(_) => Reason::PassEstablished,
         FlowVerdict::Related => Reason::PassRelated,
         FlowVerdict::New { evaluation, .. } => match evaluation.reason {
@@ -128,6 +139,12 @@ fn expected(model: &Model, flows: &mut FlowTable, case: &Case, now_ns: u64) -> R
             } => Reason::DropPrimaryPolicy,
             _ => Reason::DropPolicy,
         },
+    };
+    // The flow model says whether the packet passes: audit passes a refused flow.
+    Outcome {
+        passed: verdict.passes(),
+        reason,
+        would_drop: !verdict.allowed() && verdict.passes(),
     }
 }
 
@@ -187,20 +204,22 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
                 case.frame
             )
         };
-        assert_eq!(
-            got,
-            Outcome {
-                passed: !want.is_drop(),
-                reason: want
-            },
-            "kernel and reference disagree on {}",
-            context()
-        );
-        *seen.entry(format!("{want:?}")).or_default() += 1;
+        assert_eq!(got, want, "kernel and reference disagree on {}", context());
+        let audited = model
+            .pods
+            .iter()
+            .any(|p| Tag::Vlan(p.vlan) == case.tag && p.action == EnforcingAction::Audit);
+        if want.reason.is_drop() && audited {
+            *seen
+                .entry(format!("{:?} on an audited pod", want.reason))
+                .or_default() += 1;
+        }
+        *seen.entry(format!("{:?}", want.reason)).or_default() += 1;
+        // Passed frames, would-drops included (they must leave no entry the model lacks).
         if let (Some(pod), Some(ip)) = (
             model.pods.iter().find(|p| Tag::Vlan(p.vlan) == case.tag),
             case.ip,
-        ) && !want.is_drop()
+        ) && want.passed
             && !case.truncated
             && !(ip.src.is_ipv6() && pod_side_is_mapped(&ip))
         {
@@ -223,6 +242,17 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
         assert!(
             paths.get(program).copied().unwrap_or(0) > 0,
             "no frame went through {program}: {paths:?}"
+        );
+    }
+    // Audited pods pass policy drops and keep dropping what is not policy.
+    for audited in [
+        "DropPolicy on an audited pod",
+        "DropPrimaryPolicy on an audited pod",
+        "DropSpoofed on an audited pod",
+    ] {
+        assert!(
+            seen.get(audited).copied().unwrap_or(0) >= packets / 1000,
+            "the generator hardly reaches {audited}: {seen:?}"
         );
     }
     for reason in [

@@ -331,6 +331,113 @@ fn a_policy_change_keeps_tracked_connections_and_judges_new_ones() {
     node.teardown().expect("tear down");
 }
 
+/// Audit: web, audited by its `enforcer.sgp.dev/action` annotation, accepts the internet's
+/// HTTP that its groups refuse (a real connection completes), the enforcer counts the
+/// frames as would-drops under `drop_policy` (never as drops) and `enforcer flows`
+/// reports "would drop"; orders, not audited, still drops what its groups refuse.
+#[test]
+fn an_audited_pods_denied_flow_connects_and_is_reported_as_would_drop() {
+    let mut node = example_node(Strict);
+    let denied = example_flow(&example::internet(), &example::web(), Probe::Tcp(80));
+    let orders_denied = example_flow(&example::orders(), &example::web(), Probe::Tcp(443));
+    for flow in [&denied, &orders_denied] {
+        node.serve(flow).expect("serve");
+    }
+
+    node.stop_agent().expect("stop the agent");
+    let pods = node.state_dir().join("pods.yaml");
+    let text = std::fs::read_to_string(&pods).expect("read the pods");
+    let web_eni = "      vpc.amazonaws.com/pod-eni: '[{\"eniId\":\"eni-0b7c1d2e3f4a50001\"";
+    assert_eq!(text.matches(web_eni).count(), 1, "web's annotation");
+    let annotated = text.replace(
+        web_eni,
+        &format!("      enforcer.sgp.dev/action: audit\n{web_eni}"),
+    );
+    std::fs::write(&pods, annotated).expect("annotate web");
+    node.start_agent()
+        .expect("restart the agent on the audited state");
+
+    let pin = node
+        .pin_path()
+        .to_str()
+        .expect("UTF-8 pin path")
+        .to_string();
+    let mut flows = node
+        .enforcer_command(&["flows", "--pin-path", &pin, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run enforcer flows");
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(
+        flows.stdout.take().expect("piped stdout"),
+    ));
+    let (sender, events) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let observation = probe(&mut node, &denied);
+    assert_completed(&observation, &denied);
+    assert_eq!(observation.policy_drops(), 0, "{observation:?}");
+    let would_drops: u64 = observation
+        .would_drops
+        .iter()
+        .filter(|(r, _)| *r == Reason::DropPolicy)
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        would_drops >= 3,
+        "handshake and data, each way: {observation:?}"
+    );
+    // The ring buffer may hold other events (earlier runs, the pods' own multicast).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let event = loop {
+        let line = events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("a would-drop event of the flow from `enforcer flows`");
+        let event: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if event["protocol"] == 6 && event["dst_port"] == 80 {
+            break event;
+        }
+    };
+    flows.kill().expect("stop flows");
+    flows.wait().expect("reap flows");
+    assert_eq!(
+        (&event["verdict"], &event["reason"], &event["pod"]),
+        (
+            &serde_json::json!("would drop"),
+            &serde_json::json!("drop_policy"),
+            &serde_json::json!("shop/web-6f7c9d8b5-x2x7q")
+        ),
+        "{event}"
+    );
+    let status = node
+        .enforcer_command(&["status", "--pin-path", &pin, "--json"])
+        .output()
+        .expect("run enforcer status");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    let web = status["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .find(|p| p["vlan"] == example::WEB_VLAN)
+        .expect("web in status")
+        .clone();
+    assert_eq!(web["action"], "audit", "{web}");
+    assert!(
+        web["would_drop_packets"].as_u64() >= Some(would_drops),
+        "{web}"
+    );
+    assert!(status["would_drop"]["drop_policy"].as_u64() >= Some(would_drops));
+    // Audit is per pod: orders' egress to web:443 is still refused by orders' groups.
+    assert_dropped_by_the_enforcer(&probe(&mut node, &orders_denied), &orders_denied);
+    node.teardown().expect("tear down");
+}
+
 /// The intended behaviour: the programs stay attached through pinned links when the agent
 /// dies, with the last state it applied.
 #[test]

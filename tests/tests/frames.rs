@@ -32,12 +32,14 @@ fn kernel() -> Kernel {
 const PASS_NEW: Outcome = Outcome {
     passed: true,
     reason: Reason::PassNew,
+    would_drop: false,
 };
 
 fn dropped(reason: Reason) -> Outcome {
     Outcome {
         passed: false,
         reason,
+        would_drop: false,
     }
 }
 
@@ -116,6 +118,7 @@ fn a_priority_tag_never_hides_a_pods_vlan() {
         Outcome {
             passed: true,
             reason: Reason::PassUnknownVlan,
+            would_drop: false,
         },
         "an unknown VLAN behind a priority tag is an unknown VLAN"
     );
@@ -124,6 +127,7 @@ fn a_priority_tag_never_hides_a_pods_vlan() {
         Outcome {
             passed: true,
             reason: Reason::PassUntagged,
+            would_drop: false,
         },
         "a priority tag alone: the trunk's own traffic"
     );
@@ -186,6 +190,7 @@ fn arp_of_the_pod_passes_and_spoofed_arp_is_dropped() {
     let link_layer = Outcome {
         passed: true,
         reason: Reason::PassLinkLayer,
+        would_drop: false,
     };
     assert_eq!(k.run(Direction::Egress, &f), link_layer);
     // A pod announcing another address is spoofing.

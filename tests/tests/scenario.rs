@@ -348,6 +348,7 @@ fn rds_is_reached_through_the_referenced_group_only() {
             subnet_v6: None,
             groups: vec![SG_IPSEC.into()],
             mode,
+            action: Default::default(),
             facts: Default::default(),
         });
         model.pods.sort_by_key(|p| p.vlan);

@@ -347,3 +347,72 @@ fn a_reference_to_an_undefined_group_is_a_warning_everywhere() {
     let web = web();
     node.expect_verdicts(vec![syn_to(&web, OPEN, 52100)], &[(Reason::PassNew, 1)]);
 }
+
+/// Audit as operators see it: `check` marks the audited pod, `status` (text and
+/// JSON) says it is audited and counts its would-drops apart from drops, and
+/// `/metrics` has `enforcer_pod_audit` and the `would_deny` series.
+#[test]
+fn an_audited_pod_in_check_status_and_metrics() {
+    let mut node = Node::new();
+    let mut audited = web();
+    audited.action = Some("audit");
+    let state = TestState {
+        mode: "strict",
+        open_port: OPEN,
+        pods: vec![audited.clone(), api()],
+    };
+    node.write_state(&state);
+    let state_dir = node.state_dir.to_str().expect("utf-8").to_string();
+    let check = node.enforcer(&["check", "--state", &state_dir]);
+    let marked: Vec<&str> = check.lines().filter(|l| l.contains("AUDIT")).collect();
+    assert!(
+        marked.len() == 1 && marked[0].contains("default/web"),
+        "{check}"
+    );
+    node.start_agent();
+    node.wait_ready();
+    node.expect_counted(
+        vec![
+            syn_to(&audited, CLOSED, 54000),
+            syn_to(&api(), CLOSED, 54001),
+        ],
+        &[
+            ((Reason::DropPolicy, false), 1),
+            ((Reason::DropPolicy, true), 1),
+        ],
+    );
+    let status = status_json(&node);
+    let web = pod(&status, "default/web");
+    assert_eq!(
+        (
+            &web["action"],
+            &web["would_drop_packets"],
+            &web["denied_packets"]
+        ),
+        (&Value::from("audit"), &Value::from(1), &Value::from(0)),
+        "{web}"
+    );
+    assert_eq!(pod(&status, "default/api")["action"], "enforce");
+    assert_eq!(status["would_drop"]["drop_policy"], 1, "{status:#}");
+    assert_eq!(status["verdicts"]["drop_policy"], 1, "{status:#}");
+    let text = node.enforcer(&["status", "--pin-path", &pin(&node)]);
+    assert!(text.contains("AUDIT: would drop 1 pkts"), "{text}");
+    assert!(
+        text.contains("audit, passed but would drop: drop_policy 1"),
+        "{text}"
+    );
+    let metrics = node.http_get("/metrics").expect("metrics").1;
+    for line in [
+        r#"enforcer_pod_audit{pod="default/web",vlan="10"} 1"#,
+        r#"enforcer_pod_audit{pod="default/api",vlan="11"} 0"#,
+        r#"enforcer_pod_packets_total{pod="default/web",vlan="10",verdict="would_deny"} 1"#,
+        r#"enforcer_pod_packets_total{pod="default/web",vlan="10",verdict="deny"} 0"#,
+        r#"enforcer_verdicts_total{reason="drop_policy",verdict="would_deny"} 1"#,
+        r#"enforcer_verdicts_total{reason="drop_policy",verdict="deny"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line:?} missing from:\n{metrics}"
+        );
+    }
+}

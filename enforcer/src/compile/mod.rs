@@ -31,13 +31,13 @@ use std::net::IpAddr;
 
 use enforcer_common::lengths::{PeerV4, PeerV6};
 use enforcer_common::{
-    AddrKey, EnforcingMode, MAX_UNFILTERED_V4, MAX_UNFILTERED_V6, NO_CLASS, NO_POLICY,
+    AddrKey, EnforcingMode, MAX_UNFILTERED_V4, MAX_UNFILTERED_V6, NO_CLASS, NO_POLICY, POD_AUDIT,
     POD_HAS_IPV4, POD_HAS_IPV6, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PortKey, PortVerdict,
     VLAN_MAX, VLAN_MIN, policy_slot,
 };
 
 use crate::compile::prefix::{Prefix, lay_out};
-use crate::model::{Direction, GroupId, Model};
+use crate::model::{Direction, EnforcingAction, GroupId, Model};
 use crate::policy::eval::{self, RuleRef, sorted_set};
 use classes::{ClassKey, RuleSets, RuleTable, class_ports, policy_peers};
 pub use interpret::{Interpretation, SideLookup, interpret};
@@ -513,6 +513,9 @@ fn pod_entries(
         if let Some(v6) = pod.ipv6 {
             entry.ipv6 = v6.octets();
             entry.flags |= POD_HAS_IPV6;
+        }
+        if pod.action == EnforcingAction::Audit {
+            entry.flags |= POD_AUDIT;
         }
         entry.policies[policy_slot::BRANCH_INGRESS] = handle_of(&pod.groups, Direction::Ingress);
         entry.policies[policy_slot::BRANCH_EGRESS] = handle_of(&pod.groups, Direction::Egress);

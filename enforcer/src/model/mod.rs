@@ -1,6 +1,7 @@
 //! The resolved security-group model: what parsing and SGP matching produce,
 //! and what the reference evaluator and the map compiler consume.
 
+mod instance_limits;
 pub mod sgp;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -214,6 +215,35 @@ impl SecurityGroup {
     }
 }
 
+/// What the enforcer does with a frame a pod's groups refuse (`enforcingAction`, the pod's
+/// annotation `enforcer.sgp.dev/action`): drop it, or pass it and report it ("would drop").
+/// Unlike the mode, it is not fixed at pod creation: switching is the point of audit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EnforcingAction {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+impl EnforcingAction {
+    /// `enforce` or `audit`, as the NodeConfig and the annotation spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
+
+    /// The action spelled `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "enforce" => Some(Self::Enforce),
+            "audit" => Some(Self::Audit),
+            _ => None,
+        }
+    }
+}
+
 /// What happens to tagged frames whose VLAN has no pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnknownVlanAction {
@@ -264,11 +294,46 @@ impl ConntrackTimeouts {
     }
 }
 
+/// What EC2 allows one instance type, from the VPC resource controller's table
+/// (`instance_limits.rs`, its source and date there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstanceLimits {
+    /// Branch ENIs, so pods with security groups; 0: the type has no trunking.
+    pub branch_interfaces: u32,
+    pub interfaces: u32,
+    pub ipv4_per_interface: u32,
+}
+
+impl InstanceLimits {
+    /// The limits of `instance_type` (`m5.large`), if the table knows it.
+    pub fn of(instance_type: &str) -> Option<Self> {
+        let table = instance_limits::INSTANCE_LIMITS;
+        let i = table
+            .binary_search_by(|(name, ..)| (*name).cmp(instance_type))
+            .ok()?;
+        let (_, branch, interfaces, ipv4) = table[i];
+        Some(Self {
+            branch_interfaces: branch.into(),
+            interfaces: interfaces.into(),
+            ipv4_per_interface: ipv4.into(),
+        })
+    }
+
+    /// The VPC CNI's default max-pods (EKS `eni-max-pods.txt`): interfaces × (IPv4
+    /// addresses per interface − 1) + 2. It counts secondary IPs only, yet the kubelet
+    /// counts pods with branch ENIs against it too.
+    pub fn default_max_pods(&self) -> u32 {
+        self.interfaces * self.ipv4_per_interface.saturating_sub(1) + 2
+    }
+}
+
 /// This node, from the `NodeConfig` object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
     pub name: String,
     pub enforcing_mode: EnforcingMode,
+    /// `enforcingAction`: the action of pods without an `enforcer.sgp.dev/action` annotation.
+    pub enforcing_action: EnforcingAction,
     pub trunk_interface: String,
     pub primary_interface: String,
     pub primary_ips: Vec<IpAddr>,
@@ -287,6 +352,9 @@ pub struct NodeConfig {
     pub max_groups_per_pod: usize,
     /// Rules per group and direction (EC2 quota: 60 by default).
     pub max_rules_per_group: usize,
+    /// `tcpEarlyDemuxDisabled`: aws-node runs with `DISABLE_TCP_EARLY_DEMUX=true` (default
+    /// false, the VPC CNI's default). Strict-mode kubelet probes need it (`lint` SGP002).
+    pub tcp_early_demux_disabled: bool,
 }
 
 /// A pod of this node with a branch ENI: the unit the fast path enforces.
@@ -306,6 +374,8 @@ pub struct BranchPod {
     /// The branch ENI's groups, in SGP order (or the node's groups when no SGP matched).
     pub groups: Vec<GroupId>,
     pub mode: EnforcingMode,
+    /// Audit or enforce: the pod's annotation, else the NodeConfig's `enforcingAction`.
+    pub action: EnforcingAction,
     /// What `explain` and `lint` report; enforcement never reads it.
     pub facts: PodFacts,
 }
@@ -357,6 +427,11 @@ pub struct ClusterFacts {
     pub dns_endpoints: Vec<IpAddr>,
     /// SecurityGroupPolicies that select no pod of the state, as `namespace/name`.
     pub idle_policies: Vec<String>,
+    /// Pods of this node that a SecurityGroupPolicy selects but that have no branch ENI
+    /// yet (no `vpc.amazonaws.com/pod-eni`), as `namespace/name`: they wait for one.
+    pub awaiting_branch: Vec<String>,
+    /// Every pod of this node, host-network ones included (what max-pods counts).
+    pub pods_on_node: usize,
 }
 
 impl BranchPod {
@@ -445,3 +520,36 @@ impl std::error::Error for StateError {}
 /// Something in a state directory that EC2 accepts but that may not do what
 /// its author meant: reported (`check`, `status`, metrics), never refused.
 pub type StateWarning = StateError;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_limits_as_the_vpc_resource_controller_has_them() {
+        let limits =
+            |t: &str| InstanceLimits::of(t).map(|l| (l.branch_interfaces, l.default_max_pods()));
+        // sg-semantics.md §1, and the EKS guide's m5.large: 9 branch ENIs, max-pods 29.
+        assert_eq!(limits("m5.large"), Some((9, 29)));
+        assert_eq!(limits("m5.xlarge").map(|l| l.0), Some(18));
+        assert_eq!(limits("m5.2xlarge").map(|l| l.0), Some(38));
+        assert_eq!(limits("m5.4xlarge").map(|l| l.0), Some(54));
+        assert_eq!(limits("m5.24xlarge").map(|l| l.0), Some(107));
+        assert_eq!(
+            limits("t3.large").map(|l| l.0),
+            Some(0),
+            "t3 has no trunking"
+        );
+        assert_eq!(limits("m5.huge"), None);
+        let table = instance_limits::INSTANCE_LIMITS;
+        assert!(
+            table.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted for the binary search"
+        );
+        assert_eq!(
+            table.iter().map(|r| r.1).max(),
+            Some(120),
+            "the trunk's VLAN range"
+        );
+    }
+}

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use aya::maps::{Map, MapData, MapError, RingBuf};
 use enforcer_common::{
-    ALLOWED_EVENTS_LEASE_NS, DIR_EGRESS, EVENT_IP, EVENT_IPV6, EVENT_POD, Reason, VerdictEvent,
-    map_names,
+    ALLOWED_EVENTS_LEASE_NS, DIR_EGRESS, EVENT_IP, EVENT_IPV6, EVENT_POD, EVENT_WOULD_DROP, Reason,
+    VerdictEvent, map_names,
 };
 use serde::Serialize;
 use tokio::io::Interest;
@@ -42,6 +42,8 @@ pub struct FlowEvent {
     /// `namespace/name`, when the VLAN has a pod the agent reported.
     pub pod: Option<String>,
     pub direction: &'static str,
+    /// `allow`, `deny`, or `would drop`: an audited pod's frame the groups refused,
+    /// passed (`reason` says why it would have been dropped).
     pub verdict: &'static str,
     pub reason: &'static str,
     pub protocol: Option<u8>,
@@ -174,6 +176,7 @@ impl EventStream {
                 "ingress"
             },
             verdict: match reason {
+                Some(_) if event.flags & EVENT_WOULD_DROP != 0 => "would drop",
                 Some(reason) if reason.is_drop() => "deny",
                 Some(_) => "allow",
                 None => "unknown",

@@ -2,13 +2,13 @@
 //! the agent publishes of itself, and what the kernel counted, read from the
 //! pinned maps at scrape time, never under the agent's control of the maps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use enforcer_common::{PodTraffic, REASONS, Reason, RuleTraffic};
+use enforcer_common::{COUNTER_SLOTS, POD_AUDIT, PodTraffic, Reason, RuleTraffic, counter_slot};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
@@ -145,9 +145,11 @@ impl Source {
 struct Sample {
     view: Arc<AgentView>,
     conntrack_entries: usize,
-    verdicts: [u64; REASONS as usize],
+    verdicts: [u64; COUNTER_SLOTS as usize],
     suppressed_events: u64,
     pods: Vec<(String, u16, PodTraffic)>,
+    /// VLANs whose pod the kernel audits.
+    audited: BTreeSet<u16>,
     rules: BTreeMap<RuleRef, RuleTraffic>,
 }
 
@@ -158,7 +160,14 @@ impl Sample {
             .iter()
             .map(|(pod, vlan)| Ok((pod.clone(), *vlan, maps.pod_traffic(*vlan)?)))
             .collect::<Result<_, MapsError>>()?;
+        let audited = maps
+            .pods()?
+            .into_iter()
+            .filter(|(_, entry)| entry.flags & POD_AUDIT != 0)
+            .map(|(vlan, _)| vlan)
+            .collect();
         Ok(Self {
+            audited,
             conntrack_entries: maps.flow_count()?,
             verdicts: maps.counters()?,
             suppressed_events: maps.suppressed_events()?,
@@ -276,14 +285,27 @@ impl Collector for Sample {
         counters(
             e,
             "enforcer_verdicts",
-            "Frames judged on the trunk, by reason.",
-            Reason::ALL.iter().map(|&reason| {
-                let verdict = if reason.is_drop() { "deny" } else { "allow" };
-                (
-                    [("reason", reason.name()), ("verdict", verdict)],
-                    self.verdicts[reason as usize],
-                )
-            }),
+            "Frames judged on the trunk, by reason; would_deny: dropped but for audit (passed).",
+            Reason::ALL
+                .iter()
+                .map(|&reason| {
+                    let verdict = if reason.is_drop() { "deny" } else { "allow" };
+                    (
+                        [("reason", reason.name()), ("verdict", verdict)],
+                        self.verdicts[reason as usize],
+                    )
+                })
+                .chain(
+                    Reason::ALL
+                        .iter()
+                        .filter(|r| r.is_audited())
+                        .map(|&reason| {
+                            (
+                                [("reason", reason.name()), ("verdict", "would_deny")],
+                                self.verdicts[counter_slot(reason, true) as usize],
+                            )
+                        }),
+                ),
         )?;
         let suppressed = ConstCounter::new(self.suppressed_events);
         suppressed.encode(e.encode_descriptor(
@@ -299,25 +321,39 @@ impl Collector for Sample {
                 ("verdict", verdict.to_string()),
             ]
         };
+        let mut audit = encoder.encode_descriptor(
+            "enforcer_pod_audit",
+            "1 when the pod is audited (enforcingAction: audit): what its groups refuse passes.",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (pod, vlan, _) in &self.pods {
+            let labels = [("pod", pod.clone()), ("vlan", vlan.to_string())];
+            ConstGauge::new(i64::from(self.audited.contains(vlan)))
+                .encode(audit.encode_family(&labels)?)?;
+        }
+        let e = &mut encoder;
         counters(
             e,
             "enforcer_pod_packets",
-            "Packets of each pod, by verdict.",
+            "Packets of each pod, by verdict (would_deny: refused, passed by audit).",
             self.pods.iter().flat_map(|(pod, vlan, t)| {
                 [
                     (pod_labels(pod, *vlan, "allow"), t.allowed_packets),
                     (pod_labels(pod, *vlan, "deny"), t.denied_packets),
+                    (pod_labels(pod, *vlan, "would_deny"), t.would_drop_packets),
                 ]
             }),
         )?;
         counters(
             e,
             "enforcer_pod_bytes",
-            "Bytes of each pod, by verdict.",
+            "Bytes of each pod, by verdict (would_deny: refused, passed by audit).",
             self.pods.iter().flat_map(|(pod, vlan, t)| {
                 [
                     (pod_labels(pod, *vlan, "allow"), t.allowed_bytes),
                     (pod_labels(pod, *vlan, "deny"), t.denied_bytes),
+                    (pod_labels(pod, *vlan, "would_deny"), t.would_drop_bytes),
                 ]
             }),
         )?;
@@ -370,8 +406,9 @@ mod tests {
             warnings: 2,
             xdp_mode: Some("native"),
         };
-        let mut verdicts = [0; REASONS as usize];
+        let mut verdicts = [0; COUNTER_SLOTS as usize];
         verdicts[Reason::DropPolicy as usize] = 4;
+        verdicts[counter_slot(Reason::DropPolicy, true) as usize] = 3;
         let sample = Sample {
             view: Arc::new(view),
             conntrack_entries: 9,
@@ -385,8 +422,11 @@ mod tests {
                     allowed_bytes: 60,
                     denied_packets: 2,
                     denied_bytes: 120,
+                    would_drop_packets: 3,
+                    would_drop_bytes: 180,
                 },
             )],
+            audited: BTreeSet::from([7]),
             rules: BTreeMap::from([(
                 rule,
                 RuleTraffic {
@@ -410,6 +450,9 @@ mod tests {
             "enforcer_conntrack_entries 9",
             r#"enforcer_verdicts_total{reason="drop_policy",verdict="deny"} 4"#,
             r#"enforcer_verdicts_total{reason="pass_new",verdict="allow"} 0"#,
+            r#"enforcer_verdicts_total{reason="drop_policy",verdict="would_deny"} 3"#,
+            r#"enforcer_pod_audit{pod="shop/web",vlan="7"} 1"#,
+            r#"enforcer_pod_packets_total{pod="shop/web",vlan="7",verdict="would_deny"} 3"#,
             "enforcer_events_suppressed_total 5",
             r#"enforcer_pod_packets_total{pod="shop/web",vlan="7",verdict="deny"} 2"#,
             r#"enforcer_pod_bytes_total{pod="shop/web",vlan="7",verdict="allow"} 60"#,

@@ -7,7 +7,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use enforcer_common::{EnforcingMode, MAX_FLOWS, POD_HAS_IPV4, POD_HAS_IPV6, Reason};
+use enforcer_common::{
+    EnforcingMode, MAX_FLOWS, POD_AUDIT, POD_HAS_IPV4, POD_HAS_IPV6, Reason, counter_slot,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::kernel::ebpf::LinkState;
@@ -114,6 +116,8 @@ pub struct PodStatus {
     pub ipv6: Option<Ipv6Addr>,
     /// As the kernel enforces it.
     pub mode: String,
+    /// `enforce` or `audit`, as the kernel enforces it.
+    pub action: &'static str,
     pub groups: Vec<String>,
     pub ingress_rules: Option<usize>,
     pub egress_rules: Option<usize>,
@@ -123,6 +127,9 @@ pub struct PodStatus {
     pub allowed_bytes: u64,
     pub denied_packets: u64,
     pub denied_bytes: u64,
+    /// Frames the groups refused that audit passed.
+    pub would_drop_packets: u64,
+    pub would_drop_bytes: u64,
 }
 
 /// Everything `enforcer status` prints.
@@ -155,6 +162,8 @@ pub struct Status {
     pub pods: Vec<PodStatus>,
     /// Frames by verdict reason since the maps were created.
     pub verdicts: BTreeMap<&'static str, u64>,
+    /// Frames audit passed, by the reason that would have dropped them.
+    pub would_drop: BTreeMap<&'static str, u64>,
     pub suppressed_events: u64,
 }
 
@@ -177,6 +186,11 @@ impl Status {
                     .mode()
                     .map_or("invalid", EnforcingMode::name)
                     .to_string(),
+                action: if entry.flags & POD_AUDIT != 0 {
+                    "audit"
+                } else {
+                    "enforce"
+                },
                 groups: reported.map(|p| p.groups.clone()).unwrap_or_default(),
                 ingress_rules: reported.map(|p| p.ingress_rules),
                 egress_rules: reported.map(|p| p.egress_rules),
@@ -185,6 +199,8 @@ impl Status {
                 allowed_bytes: traffic.allowed_bytes,
                 denied_packets: traffic.denied_packets,
                 denied_bytes: traffic.denied_bytes,
+                would_drop_packets: traffic.would_drop_packets,
+                would_drop_bytes: traffic.would_drop_bytes,
             });
         }
         let counters = maps.counters()?;
@@ -233,6 +249,11 @@ impl Status {
             verdicts: Reason::ALL
                 .iter()
                 .map(|&r| (r.name(), counters[r as usize]))
+                .collect(),
+            would_drop: Reason::ALL
+                .iter()
+                .filter(|r| r.is_audited())
+                .map(|&r| (r.name(), counters[counter_slot(r, true) as usize]))
                 .collect(),
             suppressed_events: maps.suppressed_events()?,
         })
@@ -329,9 +350,17 @@ impl fmt::Display for Status {
                 .chain(pod.ipv6.map(|a| a.to_string()))
                 .collect();
             let count = |n: Option<usize>| n.map_or("?".to_string(), |n| n.to_string());
+            let audit = if pod.action == "audit" {
+                format!(
+                    "  AUDIT: would drop {} pkts {} B",
+                    pod.would_drop_packets, pod.would_drop_bytes
+                )
+            } else {
+                String::new()
+            };
             writeln!(
                 f,
-                "  VLAN {:>4}  {}  {}  {}  groups {}  rules {} in / {} out  flows {}  allowed {} pkts {} B  denied {} pkts {} B",
+                "  VLAN {:>4}  {}  {}  {}  groups {}  rules {} in / {} out  flows {}  allowed {} pkts {} B  denied {} pkts {} B{audit}",
                 pod.vlan,
                 pod.pod.as_deref().unwrap_or("?"),
                 addresses.join(", "),
@@ -365,6 +394,15 @@ impl fmt::Display for Status {
                 counted.join(", ")
             }
         )?;
+        let would_drop: Vec<String> = self
+            .would_drop
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        if !would_drop.is_empty() {
+            writeln!(f, "audit, passed but would drop: {}", would_drop.join(", "))?;
+        }
         writeln!(f, "events suppressed: {}", self.suppressed_events)
     }
 }

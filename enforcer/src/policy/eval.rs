@@ -3,7 +3,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::model::{BranchPod, Direction, EnforcingMode, GroupId, L4Match, Model, Peer};
+use crate::model::{
+    BranchPod, Direction, EnforcingAction, EnforcingMode, GroupId, L4Match, Model, Peer,
+};
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -159,8 +161,11 @@ pub enum Reason {
 /// The verdict on a new flow and everything that led to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Evaluation {
+    /// The groups' verdict; what happens to the packet is [`Evaluation::passes`].
     pub allowed: bool,
     pub mode: EnforcingMode,
+    /// The pod's action: audited, a flow the groups refuse passes all the same.
+    pub action: EnforcingAction,
     pub reason: Reason,
     /// Rules of the branch groups allowing the flow, in rule-ID order (also on deny,
     /// when only the primary set refused). Empty when no rule was consulted.
@@ -169,6 +174,19 @@ pub struct Evaluation {
     pub primary: Vec<RuleRef>,
     /// The flow takes no conntrack entry: untracked (§4), unfiltered, or same-node.
     pub untracked: bool,
+}
+
+impl Evaluation {
+    /// The groups refuse the flow and the pod is audited: it passes, reported as
+    /// "would drop", and is not tracked (the next packet is judged again).
+    pub fn would_deny(&self) -> bool {
+        !self.allowed && self.action == EnforcingAction::Audit
+    }
+
+    /// Whether the packet passes: allowed, or audited ([`Evaluation::would_deny`]).
+    pub fn passes(&self) -> bool {
+        self.allowed || self.would_deny()
+    }
 }
 
 /// The result of one set of groups in one direction.
@@ -285,6 +303,7 @@ pub fn evaluate(model: &Model, pod: &BranchPod, query: &Query) -> Evaluation {
     let unchecked = |reason| Evaluation {
         allowed: true,
         mode,
+        action: pod.action,
         reason,
         branch: Vec::new(),
         primary: Vec::new(),
@@ -321,6 +340,7 @@ pub fn evaluate(model: &Model, pod: &BranchPod, query: &Query) -> Evaluation {
     Evaluation {
         allowed: refused.is_none(),
         mode,
+        action: pod.action,
         reason: refused.map_or(Reason::Allowed, |refused| Reason::NoRule { refused }),
         branch: branch.matched,
         primary,
@@ -547,6 +567,7 @@ pub(crate) mod fixtures {
             subnet_v6: Some("2600:1f00::/64".parse().unwrap()),
             groups: groups.iter().map(|g| g.to_string()).collect(),
             mode,
+            action: Default::default(),
             facts: Default::default(),
         }
     }
@@ -567,6 +588,8 @@ pub(crate) mod fixtures {
             service_cidrs: Vec::new(),
             max_groups_per_pod: 16,
             max_rules_per_group: 60,
+            enforcing_action: Default::default(),
+            tcp_early_demux_disabled: false,
         }
     }
 

@@ -131,10 +131,14 @@ pub struct Explanation {
     pub port: Option<u16>,
     pub icmp_type: Option<u8>,
     pub icmp_code: Option<u8>,
-    /// `allow` or `deny`.
+    /// `allow` or `deny`: the groups' verdict.
     pub verdict: &'static str,
     /// `strict` or `standard`: the pod's mode, pinned at its creation.
     pub mode: &'static str,
+    /// `enforce` or `audit`: the pod's action.
+    pub action: &'static str,
+    /// Denied, but the pod is audited: the flow passes, reported as "would drop".
+    pub would_deny: bool,
     pub reason: String,
     /// `unfiltered`, `sameNode`, `allowed` or `noRule`.
     pub reason_code: &'static str,
@@ -205,6 +209,8 @@ pub fn explanation(
         icmp_code,
         verdict: if evaluation.allowed { "allow" } else { "deny" },
         mode: evaluation.mode.name(),
+        action: evaluation.action.name(),
+        would_deny: evaluation.would_deny(),
         reason: reason_text(model, pod, query, evaluation),
         reason_code: match evaluation.reason {
             Reason::Unfiltered(_) => "unfiltered",
@@ -247,6 +253,13 @@ impl fmt::Display for Explanation {
             self.mode,
             self.reason
         )?;
+        if self.would_deny {
+            writeln!(
+                f,
+                "  audit: would deny (the pod is audited: the flow passes, and `enforcer flows` \
+                 reports it as would drop)"
+            )?;
+        }
         let (heading, rules) = if self.matched.is_empty() {
             ("though allowed by", &self.other_side_matched)
         } else {
@@ -719,6 +732,37 @@ mod tests {
         // 443 from 0.0.0.0/0 with all traffic out to 0.0.0.0/0: untracked.
         assert_eq!(json["untracked"], true);
         assert!(json["reason"].is_string());
+    }
+
+    #[test]
+    fn an_audited_pods_denied_flow_would_be_denied() {
+        let mut m = setup(EnforcingMode::Strict);
+        let denied = query(Direction::Ingress, "10.0.1.10", "tcp", Some(10250));
+        let enforced = explain(&m, &m.pods[0], &denied);
+        assert_eq!((enforced.action, enforced.would_deny), ("enforce", false));
+        assert!(!enforced.to_string().contains("audit"));
+        m.pods[0].action = crate::model::EnforcingAction::Audit;
+        let audited = explain(&m, &m.pods[0], &denied);
+        assert_eq!(
+            (audited.verdict, audited.action, audited.would_deny),
+            ("deny", "audit", true)
+        );
+        let text = audited.to_string();
+        assert!(text.starts_with("DENY default/pod5"), "{text}");
+        assert!(text.contains("\n  audit: would deny"), "{text}");
+        let json = serde_json::to_value(&audited).unwrap();
+        assert_eq!(
+            (json["action"].as_str(), json["wouldDeny"].as_bool()),
+            (Some("audit"), Some(true))
+        );
+        // An allowed flow of an audited pod is just allowed.
+        let allowed = explain(
+            &m,
+            &m.pods[0],
+            &query(Direction::Ingress, "192.0.2.1", "tcp", Some(443)),
+        );
+        assert_eq!((allowed.verdict, allowed.would_deny), ("allow", false));
+        assert!(!allowed.to_string().contains("would deny"));
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //!    embedded packet travelled the other way: an error reaching the pod reports on a packet
 //!    the pod sent (pod = embedded source), an error the pod sends on one it received.
 //! 4. Otherwise (miss, expired, or an unrelated error) evaluate as a new flow
-//!    ([`crate::policy::eval::evaluate`]). Denied: drop, nothing recorded. Allowed and untracked
+//!    ([`crate::policy::eval::evaluate`]). Denied: drop, nothing recorded (an audited pod
+//!    passes it as "would drop", still recording nothing). Allowed and untracked
 //!    (untracked rules, never-filtered traffic, same-node): pass, no entry. Allowed and
 //!    tracked: create (or overwrite an expired) entry with the packet recorded, the
 //!    direction of origin and the lowest allowing rule of each side.
@@ -436,13 +437,24 @@ pub enum FlowVerdict {
         evaluation: Evaluation,
         tracked: bool,
     },
-    /// The first packet of a denied flow.
+    /// A packet of a flow the groups deny. It creates no entry: on an audited pod
+    /// it passes ([`Evaluation::would_deny`]) and the next packet is judged again, so
+    /// switching the pod to enforce drops the flow's next packet.
     Denied(Evaluation),
 }
 
 impl FlowVerdict {
+    /// Whether the groups (or the tracker) admit the packet.
     pub fn allowed(&self) -> bool {
         !matches!(self, Self::Denied(_))
+    }
+
+    /// Whether the packet passes: admitted, or denied on an audited pod.
+    pub fn passes(&self) -> bool {
+        match self {
+            Self::Denied(evaluation) => evaluation.would_deny(),
+            _ => true,
+        }
     }
 }
 
@@ -644,6 +656,38 @@ mod tests {
         // Closing: 10 s after the last packet the reply direction is judged anew, and denied.
         let v = t.process(&m, pod5(&m), web_tcp(OUT, ACK), 124 * SEC + 1);
         assert!(matches!(v, FlowVerdict::Denied(_)), "{v:?}");
+    }
+
+    #[test]
+    fn an_audited_pod_passes_refused_packets_without_tracking_them() {
+        let mut m = setup();
+        m.pods[0].action = crate::model::EnforcingAction::Audit;
+        let mut t = FlowTable::new();
+        let ssh = |direction, flags| match direction {
+            IN => PacketMeta::tcp(IN, ip("10.1.2.3"), ip("10.0.64.5"), 40001, 22, flags),
+            _ => PacketMeta::tcp(OUT, ip("10.0.64.5"), ip("10.1.2.3"), 22, 40001, flags),
+        };
+        // Refused both ways (no rule for 22 in, nor for its replies out): passed, untracked.
+        for (direction, flags) in [(IN, SYN), (OUT, SYN | ACK), (IN, ACK)] {
+            let v = t.process(&m, pod5(&m), ssh(direction, flags), SEC);
+            assert!(
+                matches!(&v, FlowVerdict::Denied(e) if e.would_deny()),
+                "{v:?}"
+            );
+            assert!(v.passes() && !v.allowed());
+        }
+        assert!(t.is_empty(), "a would-drop creates no entry");
+        // An allowed flow of the audited pod is tracked as ever.
+        assert!(matches!(
+            t.process(&m, pod5(&m), web_tcp(IN, SYN), SEC),
+            FlowVerdict::New { tracked: true, .. }
+        ));
+        // Enforce again: the refused flow's next packet drops, the allowed flow lives on.
+        m.pods[0].action = crate::model::EnforcingAction::Enforce;
+        let v = t.process(&m, pod5(&m), ssh(IN, ACK), 2 * SEC);
+        assert!(!v.passes(), "{v:?}");
+        let v = t.process(&m, pod5(&m), web_tcp(OUT, SYN | ACK), 2 * SEC);
+        assert_eq!(state(&v), Some(CtState::Established));
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use serde::Serialize;
 
 use crate::model::{
-    BranchPod, Cidr, Direction, EnforcingMode, GroupsSource, L4Match, Model, Peer, Rule,
+    BranchPod, Cidr, Direction, EnforcingMode, GroupsSource, InstanceLimits, L4Match, Model, Peer,
+    Rule,
 };
 use crate::policy::eval::{self, L4Packet, L4Query, Query, Reason, Refused};
 
@@ -59,6 +60,7 @@ const CLUSTER_TAG: &str = "kubernetes.io/cluster/";
 pub fn lint(model: &Model) -> Vec<Finding> {
     let mut findings = Vec::new();
     early_demux(model, &mut findings);
+    branch_capacity(model, &mut findings);
     for pod in &model.pods {
         probes(model, pod, &mut findings);
         dns(model, pod, &mut findings);
@@ -116,7 +118,8 @@ fn verdict(
     eval::evaluate(model, pod, &query)
 }
 
-/// SGP002: strict-mode probes also need TCP early demux off on the node.
+/// SGP002: strict-mode probes also need TCP early demux off on the node
+/// (`NodeConfig.spec.tcpEarlyDemuxDisabled` says whether it is).
 fn early_demux(model: &Model, findings: &mut Vec<Finding>) {
     let probed: Vec<String> = model
         .pods
@@ -124,15 +127,115 @@ fn early_demux(model: &Model, findings: &mut Vec<Finding>) {
         .filter(|p| p.mode == EnforcingMode::Strict && !p.facts.probes.is_empty())
         .map(pod_object)
         .collect();
-    if !probed.is_empty() {
-        findings.push(Finding {
+    if probed.is_empty() {
+        return;
+    }
+    let finding = if model.node.tcp_early_demux_disabled {
+        Finding {
             id: "SGP002",
             severity: Severity::Info,
             objects: probed,
-            message: "strict-mode pods with kubelet probes: the probes fail unless TCP early \
-                      demux is off on the node"
+            message: "strict-mode pods with kubelet probes: TCP early demux is off on the node \
+                      (tcpEarlyDemuxDisabled), as their probes need"
                 .to_string(),
-            fix: "set DISABLE_TCP_EARLY_DEMUX=true on aws-node's init container (aws-vpc-cni-init)"
+            fix: "nothing; keep DISABLE_TCP_EARLY_DEMUX=true on aws-node's init container"
+                .to_string(),
+            reference: GUIDE,
+        }
+    } else {
+        Finding {
+            id: "SGP002",
+            severity: Severity::Warning,
+            objects: probed,
+            message: "strict-mode pods with kubelet probes: the probes fail while TCP early \
+                      demux is on (the NodeConfig's tcpEarlyDemuxDisabled is not true)"
+                .to_string(),
+            fix: "set DISABLE_TCP_EARLY_DEMUX=true on aws-node's init container \
+                  (aws-vpc-cni-init), then tcpEarlyDemuxDisabled: true in the NodeConfig"
+                .to_string(),
+            reference: GUIDE,
+        }
+    };
+    findings.push(finding);
+}
+
+/// SGP013/SGP014: branch ENIs per instance type (the VPC resource controller's
+/// table); pods with one count against max-pods, which only counts secondary IPs.
+fn branch_capacity(model: &Model, findings: &mut Vec<Finding>) {
+    let awaiting = &model.cluster.awaiting_branch;
+    let wanting = model.pods.len() + awaiting.len();
+    if wanting == 0 {
+        return;
+    }
+    let objects = || {
+        model
+            .pods
+            .iter()
+            .map(pod_object)
+            .chain(awaiting.iter().map(|p| format!("pod {p}")))
+            .collect::<Vec<_>>()
+    };
+    let instance_type = model.node.instance_type.as_deref();
+    let Some(limits) = instance_type.and_then(InstanceLimits::of) else {
+        findings.push(Finding {
+            id: "SGP013",
+            severity: Severity::Info,
+            objects: objects(),
+            message: format!(
+                "{wanting} pod(s) want a branch ENI on this node; its capacity is unknown: {}",
+                match instance_type {
+                    Some(t) => format!("instance type {t} is not in the table"),
+                    None => "the NodeConfig names no instanceType".to_string(),
+                }
+            ),
+            fix: "set the NodeConfig's instanceType (the table is the VPC resource \
+                  controller's, pkg/aws/vpc/limits.go)"
+                .to_string(),
+            reference: "sg-semantics.md §1",
+        });
+        return;
+    };
+    let instance_type = instance_type.unwrap_or_default();
+    let branch = limits.branch_interfaces as usize;
+    if wanting > branch {
+        findings.push(Finding {
+            id: "SGP013",
+            severity: Severity::Error,
+            objects: objects(),
+            message: format!(
+                "{wanting} pod(s) want a branch ENI on this node ({} with one, {} waiting), and \
+                 {instance_type} has {}: {} will not start",
+                model.pods.len(),
+                awaiting.len(),
+                if branch == 0 {
+                    "none (no trunking)".to_string()
+                } else {
+                    branch.to_string()
+                },
+                wanting - branch
+            ),
+            fix: "run these pods on instance types with more branch ENIs (the scheduler counts \
+                  vpc.amazonaws.com/pod-eni), or fewer of them per node"
+                .to_string(),
+            reference: GUIDE,
+        });
+    }
+    // Max-pods, not the branch ENIs, limits the node when its pods plus the branch ENIs
+    // still free exceed it.
+    let max_pods = limits.default_max_pods() as usize;
+    let free = branch.saturating_sub(wanting);
+    let pods = model.cluster.pods_on_node;
+    if free > 0 && pods + free > max_pods {
+        findings.push(Finding {
+            id: "SGP014",
+            severity: Severity::Info,
+            objects: vec![format!("node {}", model.node.name)],
+            message: format!(
+                "max-pods stops this node before its branch ENIs run out: {instance_type}'s \
+                 default max-pods ({max_pods}) counts secondary IPs only, yet its {pods} pods, \
+                 {wanting} with branch ENIs, count against it; {free} branch ENI(s) are free"
+            ),
+            fix: "raise the node's max-pods by the branch ENIs you use, or accept fewer pods"
                 .to_string(),
             reference: GUIDE,
         });
@@ -470,6 +573,8 @@ mod tests {
             vec![pod(5, "10.0.64.5", &["sg-app"], mode)],
         );
         m.node.enforcing_mode = mode;
+        // 9 branch ENIs, max-pods 29: room for the tests' pods.
+        m.node.instance_type = Some("m5.large".to_string());
         m
     }
 
@@ -508,6 +613,84 @@ mod tests {
         let mut m = setup(STANDARD);
         m.pods[0].facts.probes = vec![probe(9090)];
         assert!(!ids(&m).contains(&"SGP001"));
+    }
+
+    #[test]
+    fn early_demux_is_a_warning_until_the_node_config_says_it_is_off() {
+        let mut m = setup(STRICT);
+        m.pods[0].facts.probes = vec![probe(8080)];
+        let demux = |m: &Model| {
+            let findings = lint(m);
+            assert_eq!(findings.len(), 1, "{findings:#?}");
+            assert_eq!(findings[0].id, "SGP002");
+            (findings[0].severity, findings[0].message.clone())
+        };
+        let (severity, message) = demux(&m);
+        assert_eq!(severity, Severity::Warning, "{message}");
+        assert!(message.contains("fail"), "{message}");
+        m.node.tcp_early_demux_disabled = true;
+        let (severity, message) = demux(&m);
+        assert_eq!(severity, Severity::Info, "{message}");
+        assert!(message.contains("is off"), "{message}");
+        // Standard mode does not send the kubelet's probes through the trunk.
+        m.node.tcp_early_demux_disabled = false;
+        m.pods[0].mode = STANDARD;
+        assert_eq!(ids(&m), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn branch_enis_beyond_the_instance_types_capacity() {
+        let mut m = setup(STRICT);
+        let capacity = |m: &Model| -> Vec<(&'static str, Severity, String)> {
+            lint(m)
+                .into_iter()
+                .filter(|f| matches!(f.id, "SGP013" | "SGP014"))
+                .map(|f| (f.id, f.severity, f.message))
+                .collect()
+        };
+        assert_eq!(capacity(&m), [], "1 of 9");
+        // 1 with a branch ENI and 8 waiting: full, not over.
+        m.cluster.awaiting_branch = (0..8).map(|i| format!("default/waiting-{i}")).collect();
+        assert_eq!(capacity(&m), []);
+        m.cluster
+            .awaiting_branch
+            .push("default/one-too-many".to_string());
+        let found = capacity(&m);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!((found[0].0, found[0].1), ("SGP013", Severity::Error));
+        assert!(
+            found[0].2.contains("10 pod(s) want a branch ENI on this node (1 with one, 9 waiting), and m5.large has 9: 1 will not start"),
+            "{}",
+            found[0].2
+        );
+        m.cluster.awaiting_branch.clear();
+        m.node.instance_type = Some("t3.large".to_string());
+        let found = capacity(&m);
+        assert!(found[0].2.contains("has none (no trunking)"), "{found:#?}");
+        for (instance_type, says) in [
+            (
+                Some("m9z.large"),
+                "instance type m9z.large is not in the table",
+            ),
+            (None, "names no instanceType"),
+        ] {
+            m.node.instance_type = instance_type.map(str::to_string);
+            let found = capacity(&m);
+            assert_eq!((found[0].0, found[0].1), ("SGP013", Severity::Info));
+            assert!(found[0].2.contains("capacity is unknown") && found[0].2.contains(says));
+        }
+        // Max-pods (29) stops an m5.large with 27 pods before its 8 free branch ENIs.
+        m.node.instance_type = Some("m5.large".to_string());
+        m.cluster.pods_on_node = 21;
+        assert_eq!(capacity(&m), [], "21 + 8 free = 29");
+        m.cluster.pods_on_node = 27;
+        let found = capacity(&m);
+        assert_eq!((found[0].0, found[0].1), ("SGP014", Severity::Info));
+        assert!(
+            found[0].2.contains("default max-pods (29)"),
+            "{}",
+            found[0].2
+        );
     }
 
     #[test]

@@ -123,6 +123,21 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
             })
             .map(|p| format!("{}/{}", p.namespace, p.name))
             .collect(),
+        awaiting_branch: pods
+            .values()
+            .map(|p| &p.item)
+            .filter(|p| {
+                p.node_name.as_deref() == Some(node.name.as_str())
+                    && !p.host_network
+                    && p.branch.is_none()
+                    && !policies_of(p).is_empty()
+            })
+            .map(Pod::key)
+            .collect(),
+        pods_on_node: pods
+            .values()
+            .filter(|p| p.item.node_name.as_deref() == Some(node.name.as_str()))
+            .count(),
     };
     let mut vlans: BTreeMap<u16, &Located<Pod>> = BTreeMap::new();
     let mut branch_pods = Vec::new();
@@ -227,6 +242,7 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
                 .clone()
                 .unwrap_or_else(|| pod_groups.clone()),
             mode: node.enforcing_mode,
+            action: pod.action.unwrap_or(node.enforcing_action),
             facts: PodFacts {
                 groups_source: if branch_eni_groups.is_some() {
                     GroupsSource::BranchEni
@@ -590,6 +606,26 @@ metadata: {name: payments, namespace: shop, labels: {db-access: \"true\", pci: \
                 ..POD
             }),
         ]
+    }
+
+    #[test]
+    fn pods_of_this_node_a_policy_selects_without_a_branch_eni_wait_for_one() {
+        let mut pods = scenario();
+        pods.push(pod(PodSpec {
+            name: "web-new",
+            labels: r#"{"app": "web"}"#,
+            ..POD
+        }));
+        pods.push(pod(PodSpec {
+            name: "web-elsewhere",
+            node: OTHER_NODE,
+            labels: r#"{"app": "web"}"#,
+            ..POD
+        }));
+        let cluster = cluster(&pods).model().cluster;
+        assert_eq!(cluster.awaiting_branch, ["shop/web-new"]);
+        // web-1, orders, payments, lonely, coredns-1 and web-new.
+        assert_eq!(cluster.pods_on_node, 6);
     }
 
     fn ips(list: &[&str]) -> BTreeSet<IpAddr> {

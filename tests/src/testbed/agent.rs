@@ -12,7 +12,7 @@ use aya::maps::{Map, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TcAttachType};
 use enforcer::kernel::ebpf::{TC_EGRESS, TC_INGRESS};
 use enforcer::kernel::xdp::{XdpMode, XdpState};
-use enforcer_common::{REASONS, Reason, map_names};
+use enforcer_common::{COUNTER_SLOTS, map_names};
 
 use super::netns::Namespace;
 
@@ -199,14 +199,16 @@ pub fn enforcer_programs(node: &Namespace, trunk: &str) -> Result<[Option<u32>; 
     })?
 }
 
-/// The enforcer's per-reason packet counters, read from their pin under `pin_path`.
-pub fn counters(pin_path: &Path) -> Result<[u64; REASONS as usize]> {
+/// The enforcer's packet counters by [`enforcer_common::counter_slot`] (per reason, then
+/// audit's would-drops per reason), read from their pin under `pin_path`.
+pub fn counters(pin_path: &Path) -> Result<[u64; COUNTER_SLOTS as usize]> {
     let pin = enforcer::kernel::bpffs::map_pin(pin_path, map_names::COUNTERS);
     let data = MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
     let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
-    let mut totals = [0; REASONS as usize];
-    for (reason, total) in Reason::ALL.iter().zip(totals.iter_mut()) {
-        *total = counters.get(&(*reason as u32), 0)?.iter().sum();
+    let mut totals = [0; COUNTER_SLOTS as usize];
+    // A map pinned by an older build may have fewer slots.
+    for (slot, total) in (0..counters.len().min(COUNTER_SLOTS)).zip(totals.iter_mut()) {
+        *total = counters.get(&slot, 0)?.iter().sum();
     }
     Ok(totals)
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aya::maps::MapInfo;
-use enforcer_common::{PodEntry, Reason, map_names};
+use enforcer_common::{PodEntry, Reason, counter_slot, map_names};
 use enforcer_tests::frame::{self, Tag};
 
 /// The agent's metrics endpoint inside the node's namespace.
@@ -61,6 +61,8 @@ pub struct TestPod {
     pub uid: String,
     pub vlan: u16,
     pub ip: [u8; 4],
+    /// The `enforcer.sgp.dev/action` annotation, if any.
+    pub action: Option<&'static str>,
 }
 
 impl TestPod {
@@ -70,6 +72,7 @@ impl TestPod {
             uid: uid.to_string(),
             vlan,
             ip,
+            action: None,
         }
     }
 
@@ -333,10 +336,10 @@ impl Node {
         });
     }
 
-    /// Packets counted per reason by the pinned programs, summed over CPUs, from
-    /// the pinned `COUNTERS` alone (other pins may be of another layout while an
+    /// Packets counted per [`counter_slot`] by the pinned programs, summed over CPUs,
+    /// from the pinned `COUNTERS` alone (other pins may be of another layout while an
     /// upgrade is under way).
-    pub fn counters(&self) -> [u64; enforcer_common::REASONS as usize] {
+    pub fn counters(&self) -> [u64; enforcer_common::COUNTER_SLOTS as usize] {
         enforcer_tests::testbed::agent::counters(&self.pin_path).expect("read the counters")
     }
 
@@ -394,20 +397,31 @@ impl Node {
     }
 
     /// Sends `frames` to the trunk and waits until the counters moved by exactly
-    /// `expected` (reason, count) and nothing else.
+    /// `expected` (reason, count) and nothing else (no would-drop either).
     pub fn expect_verdicts(&self, frames: Vec<Vec<u8>>, expected: &[(Reason, u64)]) {
+        let expected: Vec<_> = expected.iter().map(|&(r, n)| ((r, false), n)).collect();
+        self.expect_counted(frames, &expected);
+    }
+
+    /// Sends `frames` to the trunk and waits until the counters moved by exactly
+    /// `expected` ((reason, would drop), count) and nothing else.
+    pub fn expect_counted(&self, frames: Vec<Vec<u8>>, expected: &[((Reason, bool), u64)]) {
         let before = self.counters();
         self.send_to_trunk(frames);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let after = self.counters();
-            let moved: Vec<(Reason, u64)> = Reason::ALL
-                .iter()
-                .map(|&r| (r, after[r as usize] - before[r as usize]))
+            let moved: Vec<((Reason, bool), u64)> = [false, true]
+                .into_iter()
+                .flat_map(|would_drop| Reason::ALL.iter().map(move |&r| (r, would_drop)))
+                .map(|(r, would_drop)| {
+                    let slot = counter_slot(r, would_drop) as usize;
+                    ((r, would_drop), after[slot] - before[slot])
+                })
                 .filter(|(_, n)| *n > 0)
                 .collect();
-            let mut wanted: Vec<(Reason, u64)> = expected.to_vec();
-            wanted.sort_by_key(|(r, _)| *r as u32);
+            let mut wanted = expected.to_vec();
+            wanted.sort_by_key(|((r, would_drop), _)| counter_slot(*r, *would_drop));
             if moved == wanted {
                 return;
             }
@@ -654,6 +668,10 @@ fn pods(state: &TestState) -> String {
                 "vlanId": pod.vlan,
                 "subnetCidr": "10.0.1.0/24",
             }]);
+            let mut annotations = serde_json::json!({"vpc.amazonaws.com/pod-eni": eni.to_string()});
+            if let Some(action) = pod.action {
+                annotations[enforcer::source::state::ACTION_ANNOTATION] = action.into();
+            }
             serde_json::json!({
                 "apiVersion": "v1",
                 "kind": "Pod",
@@ -662,7 +680,7 @@ fn pods(state: &TestState) -> String {
                     "namespace": "default",
                     "uid": pod.uid,
                     "labels": {"app": "test"},
-                    "annotations": {"vpc.amazonaws.com/pod-eni": eni.to_string()},
+                    "annotations": annotations,
                 },
                 "spec": {"nodeName": "node-1", "serviceAccountName": "default"},
                 "status": {"podIP": dotted(pod.ip)},

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use aya::{Ebpf, Pod};
 use enforcer_common::{
-    AddrKey, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, EventBudget, FragmentKey, FragmentVerdict,
-    MAX_ADDRESSES, MAX_GROUPS_PER_POD, MAX_PEER_ENTRIES, MAX_PODS, MAX_PORT_ENTRIES, MAX_RULES,
-    NO_POLICY, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups, PodTraffic, PodUid, PortKey,
-    PortVerdict, REASONS, RuleName, RuleTraffic, Settings, map_names,
+    AddrKey, COUNTER_SLOTS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, EventBudget, FragmentKey,
+    FragmentVerdict, MAX_ADDRESSES, MAX_GROUPS_PER_POD, MAX_PEER_ENTRIES, MAX_PODS,
+    MAX_PORT_ENTRIES, MAX_RULES, NO_POLICY, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups,
+    PodTraffic, PodUid, PortKey, PortVerdict, RuleName, RuleTraffic, Settings, map_names,
 };
 
 use crate::compile::{ClassEntries, Compiled, PolicyEntries, RuleIds};
@@ -227,10 +227,11 @@ impl KernelMaps {
         })
     }
 
-    /// Packets per [`enforcer_common::Reason`], summed over CPUs.
-    pub fn counters(&self) -> Result<[u64; REASONS as usize], MapsError> {
-        let mut totals = [0; REASONS as usize];
-        for (slot, total) in (0..REASONS).zip(totals.iter_mut()) {
+    /// Packets per [`enforcer_common::counter_slot`] (a reason, then the same reason's
+    /// would-drops: `Reason as usize` indexes the frames judged so), summed over CPUs.
+    pub fn counters(&self) -> Result<[u64; COUNTER_SLOTS as usize], MapsError> {
+        let mut totals = [0; COUNTER_SLOTS as usize];
+        for (slot, total) in (0..COUNTER_SLOTS).zip(totals.iter_mut()) {
             let per_cpu = self
                 .counters
                 .get(&slot, 0)
@@ -282,6 +283,8 @@ impl KernelMaps {
             sum.allowed_bytes += t.allowed_bytes;
             sum.denied_packets += t.denied_packets;
             sum.denied_bytes += t.denied_bytes;
+            sum.would_drop_packets += t.would_drop_packets;
+            sum.would_drop_bytes += t.would_drop_bytes;
             sum
         }))
     }

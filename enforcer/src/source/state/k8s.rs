@@ -8,11 +8,14 @@ use super::reader::{Field, Invalid, Problems};
 use super::{Inventory, Located, Reference, Target};
 use crate::model::sgp::{LabelSelector, Labels, Operator, Requirement, SecurityGroupPolicy};
 use crate::model::{
-    Cidr, ConntrackTimeouts, EnforcingMode, NodeConfig, PodFacts, Probe, UnknownVlanAction,
+    Cidr, ConntrackTimeouts, EnforcingAction, EnforcingMode, NodeConfig, PodFacts, Probe,
+    UnknownVlanAction,
 };
 
 /// The annotation the VPC resource controller writes on a pod with a branch ENI.
 pub(crate) const POD_ENI_ANNOTATION: &str = "vpc.amazonaws.com/pod-eni";
+/// The annotation that audits (or enforces) one pod, whatever the NodeConfig says.
+pub const ACTION_ANNOTATION: &str = "enforcer.sgp.dev/action";
 
 /// A pod, reduced to what group matching, membership and enforcement need.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +30,8 @@ pub(crate) struct Pod {
     /// `status.podIP` and `status.podIPs`.
     pub ips: Vec<IpAddr>,
     pub branch: Option<BranchEni>,
+    /// The [`ACTION_ANNOTATION`], when set.
+    pub action: Option<EnforcingAction>,
     /// What `enforcer lint` looks at (the policies are filled in by resolution).
     pub facts: PodFacts,
 }
@@ -99,16 +104,20 @@ pub(crate) fn pod(file: &Path, root: Field, inventory: &mut Inventory) {
         .and_then(|f| problems.ok(f.str().map(str::to_string)))
         .unwrap_or_default();
     let labels = labels(&root, &mut problems);
-    let branch = metadata
+    let annotations = metadata
         .as_ref()
         .and_then(|m| m.get("annotations"))
         .and_then(|a| problems.ok(a.entries()))
-        .and_then(|entries| {
-            let (_, field) = entries
-                .into_iter()
-                .find(|(k, _)| *k == POD_ENI_ANNOTATION)?;
-            branch_eni(&field, &mut problems)
-        });
+        .unwrap_or_default();
+    let annotation = |name: &str| {
+        annotations
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, f)| f.clone())
+    };
+    let branch = annotation(POD_ENI_ANNOTATION).and_then(|f| branch_eni(&f, &mut problems));
+    let action = annotation(ACTION_ANNOTATION)
+        .and_then(|f| problems.ok(f.str().and_then(|s| action(s, &f))));
     let spec = root.get("spec");
     let spec_field = |key: &str| spec.as_ref().and_then(|s| s.get(key));
     let node_name = spec_field("nodeName").and_then(|f| problems.ok(f.name().map(str::to_string)));
@@ -149,6 +158,7 @@ pub(crate) fn pod(file: &Path, root: Field, inventory: &mut Inventory) {
             host_network,
             ips,
             branch,
+            action,
             facts,
         };
         inventory.pods.push(Located::new(file, object, pod));
@@ -458,6 +468,8 @@ const NODE_CONFIG_FIELDS: &[&str] = &[
     "serviceCidrs",
     "maxSecurityGroupsPerPod",
     "maxRulesPerGroup",
+    "enforcingAction",
+    "tcpEarlyDemuxDisabled",
 ];
 
 /// EC2's hard limit on rules per group times groups per network interface.
@@ -503,6 +515,10 @@ fn node_spec(
             )),
         })),
     };
+    let enforcing_action = match spec.get("enforcingAction") {
+        None => Some(EnforcingAction::Enforce),
+        Some(f) => problems.ok(f.str().and_then(|s| action(s, &f))),
+    };
     let unknown_vlan = match spec.get("unknownVlan") {
         None => Some(UnknownVlanAction::Drop),
         Some(f) => problems.ok(f.str().and_then(|s| match s {
@@ -530,6 +546,10 @@ fn node_spec(
         .filter_map(|f| problems.ok(f.cidr()))
         .collect();
     let external_snat = match spec.get("externalSnat") {
+        None => Some(false),
+        Some(f) => problems.ok(f.bool()),
+    };
+    let tcp_early_demux_disabled = match spec.get("tcpEarlyDemuxDisabled") {
         None => Some(false),
         Some(f) => problems.ok(f.bool()),
     };
@@ -579,6 +599,7 @@ fn node_spec(
     Some(NodeConfig {
         name,
         enforcing_mode: enforcing_mode?,
+        enforcing_action: enforcing_action?,
         trunk_interface: trunk_interface?,
         primary_interface: primary_interface?,
         primary_ips,
@@ -591,7 +612,14 @@ fn node_spec(
         service_cidrs,
         max_groups_per_pod: max_groups_per_pod?,
         max_rules_per_group: max_rules_per_group?,
+        tcp_early_demux_disabled: tcp_early_demux_disabled?,
     })
+}
+
+/// `enforce` or `audit` (NodeConfig `enforcingAction`, the pod's action annotation).
+fn action(value: &str, field: &Field) -> Result<EnforcingAction, Invalid> {
+    EnforcingAction::parse(value)
+        .ok_or_else(|| Invalid::new(&field.path, format!("{value:?} is not enforce or audit")))
 }
 
 fn non_empty_list<'v>(spec: &Field<'v>, key: &str, problems: &mut Problems) -> Vec<Field<'v>> {
@@ -686,6 +714,44 @@ spec:
             "metadata.annotations[\"vpc.amazonaws.com/pod-eni\"]",
         ]);
         dir.error(&parts);
+    }
+
+    #[test]
+    fn the_pods_action_annotation_wins_over_the_node_configs() {
+        const ENI: &str = r#"[{"eniId":"eni-0a","ifAddress":"0a:1b:2c:3d:4e:5f","privateIp":"10.0.1.101","vlanId":7}]"#;
+        let annotated = |action: &str| {
+            pod_with_eni(ENI).replace(
+                "  annotations:\n",
+                &format!("  annotations:\n    enforcer.sgp.dev/action: {action}\n"),
+            )
+        };
+        let action = |node: &str, pod: &str| {
+            StateDir::empty()
+                .file("node.yaml", &format!("{NODE_CONFIG}{node}"))
+                .file("g.json", NODE_GROUP)
+                .file("pod.yaml", pod)
+                .model()
+                .pods[0]
+                .action
+        };
+        let plain = pod_with_eni(ENI);
+        assert_eq!(action("", &plain), EnforcingAction::Enforce);
+        assert_eq!(
+            action("  enforcingAction: audit\n", &plain),
+            EnforcingAction::Audit
+        );
+        assert_eq!(action("", &annotated("audit")), EnforcingAction::Audit);
+        assert_eq!(
+            action("  enforcingAction: audit\n", &annotated("enforce")),
+            EnforcingAction::Enforce
+        );
+        let dir = StateDir::with_node().file("pod.yaml", &annotated("Audit"));
+        dir.error(&[
+            "pod.yaml",
+            "Pod shop/web",
+            "metadata.annotations[\"enforcer.sgp.dev/action\"]",
+            "\"Audit\" is not enforce or audit",
+        ]);
     }
 
     #[test]
@@ -1011,6 +1077,8 @@ status: {podIP: 10.0.9.9}
         let node = StateDir::with_node().model().node;
         assert_eq!(node.name, NODE);
         assert_eq!(node.enforcing_mode, EnforcingMode::Strict);
+        assert_eq!(node.enforcing_action, EnforcingAction::Enforce);
+        assert!(!node.tcp_early_demux_disabled);
         assert_eq!(node.unknown_vlan, UnknownVlanAction::Drop);
         assert!(!node.external_snat);
         assert_eq!(node.connection_tracking, ConntrackTimeouts::default());
@@ -1029,13 +1097,15 @@ status: {podIP: 10.0.9.9}
     #[test]
     fn node_config_settings() {
         let config = format!(
-            "{NODE_CONFIG}  enforcingMode: standard\n  unknownVlan: pass\n  externalSnat: true\n  maxSecurityGroupsPerPod: 16\n  maxRulesPerGroup: 62\n  connectionTracking: {{tcpEstablishedTimeout: 350, udpStreamTimeout: 60, udpTimeout: 60}}\n"
+            "{NODE_CONFIG}  enforcingMode: standard\n  enforcingAction: audit\n  tcpEarlyDemuxDisabled: true\n  unknownVlan: pass\n  externalSnat: true\n  maxSecurityGroupsPerPod: 16\n  maxRulesPerGroup: 62\n  connectionTracking: {{tcpEstablishedTimeout: 350, udpStreamTimeout: 60, udpTimeout: 60}}\n"
         );
         let dir = StateDir::empty()
             .file("node.yaml", &config)
             .file("g.json", NODE_GROUP);
         let node = dir.model().node;
         assert_eq!(node.enforcing_mode, EnforcingMode::Standard);
+        assert_eq!(node.enforcing_action, EnforcingAction::Audit);
+        assert!(node.tcp_early_demux_disabled);
         assert_eq!(node.unknown_vlan, UnknownVlanAction::Pass);
         assert!(node.external_snat);
         assert_eq!(
@@ -1107,6 +1177,14 @@ status: {podIP: 10.0.9.9}
         node_error(
             "  enforcingMode: Strict\n",
             &["spec.enforcingMode", "not strict or standard"],
+        );
+        node_error(
+            "  enforcingAction: warn\n",
+            &["spec.enforcingAction", "\"warn\" is not enforce or audit"],
+        );
+        node_error(
+            "  tcpEarlyDemuxDisabled: yes\n",
+            &["spec.tcpEarlyDemuxDisabled"],
         );
         node_error(
             "  unknownVlan: accept\n",

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 pub(crate) use ec2::{NetworkInterface, rule_counts};
+pub use k8s::ACTION_ANNOTATION;
 pub(crate) use k8s::{POD_ENI_ANNOTATION, Pod, ServiceAccount};
 use reader::{Field, Invalid};
 
