@@ -169,6 +169,9 @@ pub struct Packet {
     pub tcp_flags: u8,
     pub ipv6: bool,
     pub fragment: Fragment,
+    /// IPv4 TTL or IPv6 hop limit: neighbour discovery is only link-layer
+    /// plumbing at 255 (RFC 4861 §6.1, §7.1), which no router forwards.
+    pub hop_limit: u8,
 }
 
 /// What a tagged frame carries.
@@ -259,6 +262,7 @@ fn parse_ipv4<F: Frame>(frame: &F, l3: usize, packet: &mut Packet) -> Result<(),
     }
     let frags = u16::from_be_bytes([head[6], head[7]]);
     packet.ipv6 = false;
+    packet.hop_limit = head[8];
     packet.protocol = head[9];
     packet.fragment_id = u32::from(u16::from_be_bytes([head[4], head[5]]));
     packet.fragment = fragment_of(frags & 0x1fff, frags & 0x2000 != 0);
@@ -291,6 +295,7 @@ fn parse_ipv6<F: Frame>(frame: &F, l3: usize, packet: &mut Packet) -> Result<(),
     }
     packet.ipv6 = true;
     packet.protocol = head[6];
+    packet.hop_limit = head[7];
     frame.load_into(l3 + 8, &mut packet.src)?;
     frame.load_into(l3 + 24, &mut packet.dst)?;
     let mut offset = l3 + IPV6_HEADER_LEN;

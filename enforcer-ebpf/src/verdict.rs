@@ -68,8 +68,9 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut 
         Err(error) => return parse_failure(error),
     }
     let packet = &subject.packet;
-    if is_neighbour_discovery(packet) {
-        return neighbour_discovery(pod, packet, direction);
+    // Discovery that fails EC2's checks is ordinary ICMPv6: spoofing check, then the groups.
+    if is_neighbour_discovery(packet) && neighbour_discovery_passes(pod, packet, direction) {
+        return Reason::PassLinkLayer;
     }
     let pod_addr = match direction {
         Direction::Ingress => &packet.dst,
@@ -259,25 +260,39 @@ fn is_neighbour_discovery(packet: &Packet) -> bool {
     packet.ipv6 && packet.protocol == IPPROTO_ICMPV6 && matches!(packet.icmp_type, 133..=137)
 }
 
-/// Discovery uses link-local, unspecified (DAD) and multicast addresses, so the
-/// pod's side may be one of those as well as its own address.
+/// Discovery as EC2 passes it (sg-semantics.md §5): hop limit 255 (RFC 4861
+/// drops anything else, so it never crossed a router), and the pod's side its
+/// own address, link-local, unspecified (DAD, from the pod) or a discovery
+/// multicast group (to the pod): all-nodes, all-routers, solicited-node.
 #[inline(always)]
-fn neighbour_discovery(pod: &PodEntry, packet: &Packet, direction: Direction) -> Reason {
+fn neighbour_discovery_passes(pod: &PodEntry, packet: &Packet, direction: Direction) -> bool {
+    if packet.hop_limit != 255 {
+        return false;
+    }
     let pod_side = match direction {
         Direction::Ingress => &packet.dst,
         Direction::Egress => &packet.src,
     };
     let link_local = pod_side[0] == 0xfe && pod_side[1] & 0xc0 == 0x80;
-    let multicast = pod_side[0] == 0xff;
-    let unspecified = *pod_side == [0; 16];
     let allowed = match direction {
-        Direction::Ingress => link_local || multicast,
-        Direction::Egress => link_local || unspecified,
+        Direction::Ingress => link_local || is_discovery_multicast(pod_side),
+        Direction::Egress => link_local || *pod_side == [0; 16],
     };
-    if allowed || pod.owns(pod_side, true) {
-        Reason::PassLinkLayer
-    } else {
-        Reason::DropSpoofed
+    allowed || pod.owns(pod_side, true)
+}
+
+/// `ff02::1` (all nodes), `ff02::2` (all routers) or `ff02::1:ff00:0/104`
+/// (solicited-node, RFC 4291 §2.7.1): the groups discovery is sent to.
+#[inline(always)]
+fn is_discovery_multicast(addr: &[u8; 16]) -> bool {
+    const LINK_SCOPE: [u8; 2] = [0xff, 0x02];
+    if addr[..2] != LINK_SCOPE || addr[2..11] != [0; 9] {
+        return false;
+    }
+    match addr[11] {
+        0 => addr[12..15] == [0; 3] && matches!(addr[15], 1 | 2),
+        1 => addr[12] == 0xff,
+        _ => false,
     }
 }
 

@@ -245,6 +245,32 @@ pub fn ethernet(tag: Tag, ethertype: u16, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// Bytes before layer 3 in a frame built with `tag`.
+pub fn l2_len(tag: Tag) -> usize {
+    match tag {
+        Tag::Untagged => 14,
+        Tag::Vlan(_) | Tag::Priority(None) => 18,
+        Tag::Stacked(..) | Tag::Priority(Some(_)) => 22,
+    }
+}
+
+/// Sets the IPv4 TTL (the header checksum follows) or the IPv6 hop limit of a
+/// frame this module built with `tag`.
+pub fn set_hop_limit(frame: &mut [u8], tag: Tag, hop_limit: u8) {
+    let l3 = l2_len(tag);
+    match frame[l3] >> 4 {
+        4 => {
+            frame[l3 + 8] = hop_limit;
+            let header_len = usize::from(frame[l3] & 0x0f) * 4;
+            frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+            let sum = checksum(&frame[l3..l3 + header_len]);
+            frame[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
+        }
+        6 => frame[l3 + 7] = hop_limit,
+        version => panic!("not an IP frame (version {version})"),
+    }
+}
+
 /// A frame carrying `ip`.
 pub fn ip_frame(tag: Tag, ip: &Ip) -> Vec<u8> {
     let ethertype = if ip.src.is_ipv4() {

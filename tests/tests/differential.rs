@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use enforcer::eval::{Reason as EvalReason, Refused};
+use enforcer::eval::{self, Reason as EvalReason, Refused};
 use enforcer::flow::{FlowTable, FlowVerdict, PacketMeta, flow_key};
 use enforcer::model::{BranchPod, Direction, Model};
 use enforcer_common::{CtEntry, Reason, V4_MAPPED_PREFIX};
@@ -59,16 +59,6 @@ fn pod_address(pod: &BranchPod, addr: IpAddr) -> bool {
     pod.addresses().any(|a| a == addr)
 }
 
-fn is_link_local_or_special(addr: IpAddr, direction: Direction) -> bool {
-    let IpAddr::V6(v6) = addr else { return false };
-    let octets = v6.octets();
-    let link_local = octets[0] == 0xfe && octets[1] & 0xc0 == 0x80;
-    match direction {
-        Direction::Ingress => link_local || octets[0] == 0xff,
-        Direction::Egress => link_local || v6.is_unspecified(),
-    }
-}
-
 /// What the kernel must do with `case`, from the spec and the reference
 /// models; updates `flows` like the kernel updates its conntrack.
 fn expected(model: &Model, flows: &mut FlowTable, case: &Case, now_ns: u64) -> Reason {
@@ -100,15 +90,10 @@ fn expected(model: &Model, flows: &mut FlowTable, case: &Case, now_ns: u64) -> R
         Direction::Ingress => ip.dst,
         Direction::Egress => ip.src,
     };
-    if let L4::Icmp { icmp_type, .. } = ip.l4
-        && ip.src.is_ipv6()
-        && (133..=137).contains(&icmp_type)
+    if let (L4::Icmp { icmp_type, .. }, IpAddr::V6(src), IpAddr::V6(dst)) = (ip.l4, ip.src, ip.dst)
+        && eval::neighbour_discovery(pod, case.direction, src, dst, 64, icmp_type)
     {
-        return if pod_address(pod, pod_side) || is_link_local_or_special(pod_side, case.direction) {
-            Reason::PassLinkLayer
-        } else {
-            Reason::DropSpoofed
-        };
+        return Reason::PassLinkLayer;
     }
     if !pod_address(pod, pod_side) {
         return Reason::DropSpoofed;

@@ -215,3 +215,128 @@ fn ipv6_extension_headers_are_skipped() {
         dropped(Reason::DropMalformed)
     );
 }
+
+/// Neighbour and router discovery pass before any group only as EC2 passes
+/// them: hop limit 255 and the pod's side its own, link-local, unspecified
+/// (DAD) or a discovery group. Anything else of those types is ICMPv6 like any
+/// other: anti-spoofing, then a policy that allows no ICMPv6 at all.
+#[test]
+fn neighbour_discovery_passes_only_as_ec2_passes_it() {
+    let https = L4Match::Ports {
+        protocol: 6,
+        from: 443,
+        to: 443,
+    };
+    let tcp_only = || vec![rule(https, "::/0")];
+    let closed = group("sg-0closed", tcp_only(), tcp_only());
+    let pod = branch_pod("pod", VLAN, POD_V4, Some(POD_V6), &["sg-0closed"]);
+    let k = Kernel::load(&model(
+        node_config(vec!["sg-0closed".into()]),
+        vec![closed],
+        vec![pod],
+    ));
+    let v6 = |s: &str| -> IpAddr { s.parse().expect("address") };
+    let nd = |src: IpAddr, dst: IpAddr, icmp_type: u8, hop_limit: u8| {
+        let ip = Ip {
+            src,
+            dst,
+            l4: L4::Icmp {
+                icmp_type,
+                code: 0,
+                id: 0,
+            },
+        };
+        let mut f = frame::ip_frame(Tag::Vlan(VLAN), &ip);
+        frame::set_hop_limit(&mut f, Tag::Vlan(VLAN), hop_limit);
+        f
+    };
+    let link_layer = Outcome {
+        passed: true,
+        reason: Reason::PassLinkLayer,
+    };
+    let (own, peer, router) = (IpAddr::V6(POD_V6), IpAddr::V6(PEER_V6), v6("fe80::1"));
+    let solicited = v6("ff02::1:ff00:20");
+    let cases = [
+        (Direction::Ingress, nd(router, own, 135, 255), link_layer),
+        (
+            Direction::Ingress,
+            nd(router, solicited, 135, 255),
+            link_layer,
+        ),
+        (
+            Direction::Ingress,
+            nd(router, v6("ff02::1"), 134, 255),
+            link_layer,
+        ),
+        (
+            Direction::Ingress,
+            nd(router, v6("fe80::20"), 137, 255),
+            link_layer,
+        ),
+        (
+            Direction::Egress,
+            nd(v6("::"), solicited, 135, 255),
+            link_layer,
+        ),
+        (
+            Direction::Egress,
+            nd(own, v6("ff02::2"), 133, 255),
+            link_layer,
+        ),
+        (
+            Direction::Egress,
+            nd(v6("fe80::20"), router, 136, 255),
+            link_layer,
+        ),
+        // Forwarded by a router (hop limit below 255): ordinary ICMPv6, and the
+        // policy allows none.
+        (
+            Direction::Ingress,
+            nd(peer, own, 135, 254),
+            dropped(Reason::DropPolicy),
+        ),
+        (
+            Direction::Ingress,
+            nd(router, own, 134, 64),
+            dropped(Reason::DropPolicy),
+        ),
+        (
+            Direction::Egress,
+            nd(own, peer, 136, 1),
+            dropped(Reason::DropPolicy),
+        ),
+        // Not a discovery group, or not the pod's side: not the pod's traffic.
+        (
+            Direction::Ingress,
+            nd(router, v6("ff02::fb"), 135, 255),
+            dropped(Reason::DropSpoofed),
+        ),
+        (
+            Direction::Ingress,
+            nd(router, v6("ff05::1:ff00:20"), 135, 255),
+            dropped(Reason::DropSpoofed),
+        ),
+        (
+            Direction::Ingress,
+            nd(router, peer, 136, 255),
+            dropped(Reason::DropSpoofed),
+        ),
+        (
+            Direction::Egress,
+            nd(peer, router, 136, 255),
+            dropped(Reason::DropSpoofed),
+        ),
+        (
+            Direction::Egress,
+            nd(v6("ff02::1"), router, 136, 255),
+            dropped(Reason::DropSpoofed),
+        ),
+    ];
+    for (n, (direction, f, want)) in cases.into_iter().enumerate() {
+        assert_eq!(
+            k.run(direction, &f),
+            want,
+            "case {n}: {direction:?} {f:02x?}"
+        );
+    }
+}
