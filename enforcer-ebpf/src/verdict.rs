@@ -2,6 +2,7 @@
 //! sg-semantics.md: VLAN -> pod, anti-spoofing, fragments, conntrack, traffic
 //! never filtered, same-node (standard), then the branch and primary groups.
 
+use aya_ebpf::bindings::{BPF_EXIST, BPF_NOEXIST};
 use enforcer_common::{
     AddrKey, EnforcingMode, FragmentKey, FragmentVerdict, NO_POLICY, PodEntry, PortVerdict, Reason,
     Settings, V4_MAPPED_PREFIX, VERDICT_UNTRACKED, policy_slot,
@@ -9,7 +10,7 @@ use enforcer_common::{
 
 use crate::Direction;
 use crate::conntrack;
-use crate::maps::{FRAGMENTS, NODE_LOCAL, PODS, SETTINGS};
+use crate::maps::{FRAGMENTS, NODE_LOCAL, POD_TRACKED, PODS, SETTINGS};
 use crate::parse::{
     self, Embedded, Fragment, Frame, IPPROTO_ICMPV6, IPPROTO_UDP, L3, Packet, ParseError,
 };
@@ -94,8 +95,12 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut 
         settings,
     };
     let reason = judge_flow(frame, pod, packet, &flow, &mut subject.rules);
-    if packet.fragment == Fragment::First {
-        remember_first_fragment(packet, l2.vlan, !reason.is_drop());
+    if packet.fragment == Fragment::First
+        && !reason.is_drop()
+        && !remember_first_fragment(packet, l2.vlan, &flow)
+    {
+        // Its later fragments would find no verdict: the datagram cannot pass whole.
+        return Reason::DropFragmentLimit;
     }
     reason
 }
@@ -115,21 +120,32 @@ fn fragment_key(packet: &Packet, vlan: u16) -> FragmentKey {
 /// Whether the datagram of a later fragment was allowed at its first fragment.
 #[inline(never)]
 fn first_fragment_allowed(packet: &Packet, vlan: u16) -> bool {
-    // SAFETY: read-only look at plain data.
-    match unsafe { FRAGMENTS.get(fragment_key(packet, vlan)) } {
-        Some(verdict) => verdict.allowed != 0,
-        None => false,
-    }
+    // SAFETY: presence check only.
+    unsafe { FRAGMENTS.get(fragment_key(packet, vlan)).is_some() }
 }
 
-/// Records a first fragment's verdict for the rest of its datagram.
+/// Records an allowed first fragment for the rest of its datagram, within the
+/// pod's allowance of datagrams in flight; false when there is no room.
 #[inline(never)]
-fn remember_first_fragment(packet: &Packet, vlan: u16, allowed: bool) {
+fn remember_first_fragment(packet: &Packet, vlan: u16, flow: &FlowContext) -> bool {
+    let key = fragment_key(packet, vlan);
     let verdict = FragmentVerdict {
-        allowed: u32::from(allowed),
+        created_ns: flow.now,
     };
-    // LRU: a full table evicts the oldest datagram.
-    let _ = FRAGMENTS.insert(fragment_key(packet, vlan), verdict, 0);
+    let Some(count) = POD_TRACKED.get_ptr_mut(u32::from(vlan)) else {
+        return false;
+    };
+    // SAFETY: an element of an array map lives as long as the map.
+    conntrack::insert_counted(
+        unsafe { &raw mut (*count).fragments },
+        flow.settings.max_fragments_per_pod,
+        || FRAGMENTS.insert(key, verdict, u64::from(BPF_EXIST)).is_ok(),
+        || {
+            FRAGMENTS
+                .insert(key, verdict, u64::from(BPF_NOEXIST))
+                .is_ok()
+        },
+    )
 }
 
 /// What every stage of a flow's verdict needs besides the packet.
@@ -201,8 +217,8 @@ fn judge_flow<F: Frame>(
             branch.flags & primary.flags & VERDICT_UNTRACKED != 0,
         )
     };
-    if !untracked {
-        conntrack::create(&key, packet, flow, [branch.rule, primary_rule]);
+    if !untracked && !conntrack::create(&key, packet, flow, [branch.rule, primary_rule]) {
+        return Reason::DropFlowLimit;
     }
     Reason::PassNew
 }

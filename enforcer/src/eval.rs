@@ -605,6 +605,8 @@ pub(crate) mod fixtures {
             service_cidrs: Vec::new(),
             max_groups_per_pod: 16,
             max_rules_per_group: 60,
+            max_flows_per_pod: enforcer_common::DEFAULT_MAX_FLOWS_PER_POD,
+            max_fragments_per_pod: enforcer_common::DEFAULT_MAX_FRAGMENTS_PER_POD,
         }
     }
 

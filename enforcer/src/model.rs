@@ -285,6 +285,12 @@ pub struct NodeConfig {
     pub max_groups_per_pod: usize,
     /// Rules per group and direction (EC2 quota: 60 by default).
     pub max_rules_per_group: usize,
+    /// Tracked flows one pod may hold (`maxFlowsPerPod`); a new flow beyond it is
+    /// dropped, so one pod's flood never takes another's room (EC2's per-ENI
+    /// tracked-connection allowance).
+    pub max_flows_per_pod: u32,
+    /// Allowed fragmented datagrams one pod may have in flight (`maxFragmentsPerPod`).
+    pub max_fragments_per_pod: u32,
 }
 
 /// A pod of this node with a branch ENI: the unit the fast path enforces.

@@ -79,6 +79,23 @@ impl Kernel {
         crate::time_run(self.program(direction), frame)
     }
 
+    /// Runs `frame` and says only whether it passed: for floods, whose reasons
+    /// the caller reads from the counters' totals afterwards.
+    pub fn passes(&self, direction: Direction, frame: &[u8]) -> bool {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        match self
+            .program(direction)
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {direction:?} failed: {e:?}"))
+            .return_value
+        {
+            TC_ACT_UNSPEC => true,
+            TC_ACT_SHOT => false,
+            other => panic!("unexpected TC verdict {other}"),
+        }
+    }
+
     /// Runs `frame` through the program of `direction` (ingress: arriving on
     /// the trunk, towards the pod).
     pub fn run(&self, direction: Direction, frame: &[u8]) -> Outcome {

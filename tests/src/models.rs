@@ -29,6 +29,8 @@ pub fn node_config(primary_groups: Vec<String>) -> NodeConfig {
         service_cidrs: Vec::new(),
         max_groups_per_pod: 16,
         max_rules_per_group: 60,
+        max_flows_per_pod: enforcer_common::DEFAULT_MAX_FLOWS_PER_POD,
+        max_fragments_per_pod: enforcer_common::DEFAULT_MAX_FRAGMENTS_PER_POD,
     }
 }
 

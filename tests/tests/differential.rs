@@ -107,6 +107,7 @@ fn expected(model: &Model, flows: &mut FlowTable, case: &Case, now_ns: u64) -> R
             EvalReason::Allowed => Reason::PassNew,
             EvalReason::NoRule { .. } => unreachable!("an allowed flow"),
         },
+        FlowVerdict::OverLimit(_) => Reason::DropFlowLimit,
         FlowVerdict::Denied(evaluation) => match evaluation.reason {
             EvalReason::NoRule {
                 refused: Refused::Primary,
