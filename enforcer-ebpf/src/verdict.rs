@@ -112,7 +112,9 @@ fn fragment_key(packet: &Packet, vlan: u16) -> FragmentKey {
         dst: packet.dst,
         id: packet.fragment_id,
         vlan,
-        protocol: packet.protocol,
+        // RFC 791 reassembles by protocol too; RFC 8200 does not, and an IPv6
+        // first fragment's upper-layer protocol may sit behind more headers.
+        protocol: if packet.ipv6 { 0 } else { packet.protocol },
         _pad: 0,
     }
 }
@@ -270,10 +272,14 @@ fn owns_v4(pod: &PodEntry, addr: [u8; 4]) -> bool {
     pod.owns(&mapped, false)
 }
 
-/// ICMPv6 router/neighbour discovery (types 133..=137): link-layer plumbing.
+/// ICMPv6 router/neighbour discovery (types 133..=137): link-layer plumbing,
+/// never fragmented (RFC 6980: a fragmented one is not discovery).
 #[inline(always)]
 fn is_neighbour_discovery(packet: &Packet) -> bool {
-    packet.ipv6 && packet.protocol == IPPROTO_ICMPV6 && matches!(packet.icmp_type, 133..=137)
+    packet.ipv6
+        && packet.protocol == IPPROTO_ICMPV6
+        && packet.fragment == Fragment::Whole
+        && matches!(packet.icmp_type, 133..=137)
 }
 
 /// Discovery as EC2 passes it (sg-semantics.md §5): hop limit 255 (RFC 4861

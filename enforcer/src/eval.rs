@@ -265,8 +265,9 @@ pub const NEIGHBOUR_DISCOVERY_TYPES: std::ops::RangeInclusive<u8> = 133..=137;
 /// destination to the pod, the source from it) its own address, link-local, the
 /// unspecified address of duplicate address detection (from the pod), or a
 /// group discovery is sent to (to the pod: all-nodes `ff02::1`, all-routers
-/// `ff02::2`, solicited-node `ff02::1:ff00:0/104`, RFC 4291 §2.7.1). Anything
-/// else of those types is ordinary ICMPv6, checked like any packet.
+/// `ff02::2`, solicited-node `ff02::1:ff00:0/104`, RFC 4291 §2.7.1). Only an
+/// unfragmented packet can be discovery (RFC 6980), which the caller knows.
+/// Anything else of those types is ordinary ICMPv6, checked like any packet.
 pub fn neighbour_discovery(
     pod: &BranchPod,
     direction: Direction,

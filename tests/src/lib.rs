@@ -3,6 +3,7 @@
 
 pub mod deploy;
 pub mod frame;
+pub mod frame_oracle;
 pub mod kernel;
 pub mod models;
 pub mod oracle;

@@ -208,6 +208,21 @@ impl KernelMaps {
         Ok(self.release(&removed, &BTreeMap::new()))
     }
 
+    /// Removes the fragment verdicts `doomed` selects, giving their pods'
+    /// allowance back; returns how many.
+    pub fn forget_fragments(
+        &mut self,
+        doomed: impl Fn(&FragmentKey) -> bool,
+    ) -> Result<usize, MapsError> {
+        let removed = remove_where(
+            &mut self.fragments,
+            map_names::FRAGMENTS,
+            |key, _| doomed(key),
+            |key| key.vlan,
+        )?;
+        Ok(self.release(&BTreeMap::new(), &removed))
+    }
+
     /// Removes the tracked flows and fragment verdicts of the VLANs `doomed`
     /// selects; returns how many.
     fn forget_vlans(&mut self, doomed: impl Fn(u16) -> bool) -> Result<usize, MapsError> {
