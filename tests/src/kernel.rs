@@ -3,6 +3,7 @@
 //! reports the kernel's verdict and the reason it counted.
 
 use aya::Ebpf;
+use aya::maps::ProgramArray;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use enforcer::compile::{self, Compiled};
 use enforcer::ebpf::{TC_EGRESS, TC_INGRESS};
@@ -26,7 +27,13 @@ pub struct Kernel {
     ebpf: Ebpf,
     pub maps: KernelMaps,
     pub compiled: Compiled,
+    /// The testbed's programs that move a frame's tag into skb metadata and
+    /// tail-call the enforcer, loaded on first use ([`Kernel::run_tag_in_metadata`]).
+    metadata: std::cell::OnceCell<Ebpf>,
 }
+
+/// What `metadata_tag_*` (tests/testbed-ebpf) return when they could not hand a frame on.
+const NOT_HANDED_ON: u32 = 0x7a67;
 
 impl Kernel {
     /// Loads and verifies both programs and applies `model`; fails the test without root.
@@ -48,6 +55,7 @@ impl Kernel {
             ebpf,
             maps,
             compiled,
+            metadata: std::cell::OnceCell::new(),
         };
         kernel.apply(model);
         kernel
@@ -99,7 +107,53 @@ impl Kernel {
     /// Runs `frame` through the program of `direction` (ingress: arriving on
     /// the trunk, towards the pod).
     pub fn run(&self, direction: Direction, frame: &[u8]) -> Outcome {
-        let prog = self.program(direction);
+        self.run_through(self.program(direction), direction, frame)
+    }
+
+    /// Runs `frame`, whose outer tag is inline, with that tag moved into the
+    /// skb's metadata first (as the receive path puts it), through the program
+    /// of `direction`: `BPF_PROG_TEST_RUN` cannot set the metadata itself, so a
+    /// testbed program moves the tag and tail-calls the enforcer.
+    pub fn run_tag_in_metadata(&self, direction: Direction, frame: &[u8]) -> Outcome {
+        let testbed = self.metadata.get_or_init(|| self.load_metadata_programs());
+        let name = match direction {
+            Direction::Ingress => "metadata_tag_ingress",
+            Direction::Egress => "metadata_tag_egress",
+        };
+        let prog: &SchedClassifier = testbed
+            .program(name)
+            .expect("program")
+            .try_into()
+            .expect("a TC classifier");
+        self.run_through(prog, direction, frame)
+    }
+
+    fn load_metadata_programs(&self) -> Ebpf {
+        let path = crate::staged::object("testbed-ebpf");
+        let mut testbed =
+            Ebpf::load_file(&path).unwrap_or_else(|e| panic!("load {}: {e}", path.display()));
+        for name in ["metadata_tag_ingress", "metadata_tag_egress"] {
+            let prog: &mut SchedClassifier = testbed
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} in the testbed object"))
+                .try_into()
+                .expect("a TC classifier");
+            prog.load()
+                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
+        }
+        let mut slots: ProgramArray<_> = testbed
+            .map_mut("ENFORCER")
+            .expect("map ENFORCER in the testbed object")
+            .try_into()
+            .expect("a program array");
+        for (slot, direction) in [(0, Direction::Ingress), (1, Direction::Egress)] {
+            let fd = self.program(direction).fd().expect("a loaded program");
+            slots.set(slot, fd, 0).expect("fill the program array");
+        }
+        testbed
+    }
+
+    fn run_through(&self, prog: &SchedClassifier, direction: Direction, frame: &[u8]) -> Outcome {
         let before = self.maps.counters().expect("read counters");
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
@@ -109,6 +163,10 @@ impl Kernel {
                 panic!("BPF_PROG_TEST_RUN of {direction:?} on {frame:02x?} failed: {e:?}")
             })
             .return_value;
+        assert_ne!(
+            verdict, NOT_HANDED_ON,
+            "the tag of {frame:02x?} could not be moved into metadata"
+        );
         let after = self.maps.counters().expect("read counters");
         let counted: Vec<Reason> = Reason::ALL
             .iter()

@@ -328,6 +328,9 @@ impl Kind {
 #[derive(Clone, Debug)]
 pub struct Case {
     pub kind: Kind,
+    /// The outer tag is to reach the fast path in skb metadata, as the
+    /// receive path puts it, rather than inline (`Kernel::run_tag_in_metadata`).
+    pub metadata: bool,
     pub direction: Direction,
     pub tag: Tag,
     /// The IP packet inside (absent for ARP).
@@ -423,6 +426,19 @@ impl CaseGenerator {
             _ => random_case(rng, model),
         };
         case.kind = kind;
+        // A third of the frames with a whole outer tag carry it in metadata.
+        // (The helper that moves it also moves a second tag, so that one must
+        // be whole too: the receive path itself leaves a cut inner tag alone.)
+        let be16 = |at: usize| {
+            case.frame
+                .get(at..at + 2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        };
+        let is_tag = |t: Option<u16>| matches!(t, Some(0x8100 | 0x88a8));
+        case.metadata = is_tag(be16(12))
+            && case.frame.len() >= 18
+            && (!is_tag(be16(16)) || case.frame.len() >= 22)
+            && rng.chance(33);
         if case.ip.is_some() && !case.truncated && case.quoted.is_none() && kind == Kind::Plain {
             if self.history.len() == HISTORY {
                 self.history.remove(0);
@@ -696,6 +712,7 @@ fn neighbour_discovery(rng: &mut Rng, model: &Model) -> Case {
     frame::set_hop_limit(&mut frame, tag, hop_limit);
     Case {
         kind: Kind::NeighbourDiscovery,
+        metadata: false,
         direction,
         tag,
         ip: Some(ip),
@@ -722,6 +739,7 @@ fn arp_case(rng: &mut Rng, model: &Model) -> Case {
     }
     Case {
         kind: Kind::Arp,
+        metadata: false,
         direction: if rng.chance(50) {
             Direction::Ingress
         } else {
@@ -752,6 +770,7 @@ fn reply_to(rng: &mut Rng, case: Case) -> Case {
     let reply = case.ip.expect("history holds IP cases").reply(flags);
     Case {
         kind: Kind::Reply,
+        metadata: false,
         direction: case.direction.opposite(),
         tag: case.tag,
         frame: frame::ip_frame(case.tag, &reply),
@@ -781,6 +800,7 @@ fn icmp_error_about(rng: &mut Rng, original: &Case) -> Case {
     };
     Case {
         kind: Kind::IcmpError,
+        metadata: false,
         direction: original.direction.opposite(),
         tag: original.tag,
         frame: frame::icmp_error_frame(
@@ -949,6 +969,7 @@ fn random_case(rng: &mut Rng, model: &Model) -> Case {
         let frame = frame::arp_frame(tag, sender, [10, 0, 1, 1]);
         return Case {
             kind: Kind::Plain,
+            metadata: false,
             direction,
             tag,
             ip: None,
@@ -997,6 +1018,7 @@ fn random_case(rng: &mut Rng, model: &Model) -> Case {
     }
     Case {
         kind: Kind::Plain,
+        metadata: false,
         direction,
         tag,
         ip: Some(ip),

@@ -1,7 +1,8 @@
 //! The kernel against the reference: for random policies and random frames
 //! (both directions, both modes, IPv4/IPv6, every protocol kind, fragments,
 //! extension header chains, tag tricks, frames cut at any byte, malformed
-//! fields, neighbour discovery; the generator's shares are in
+//! fields, neighbour discovery; outer tags inline or, for a third of the
+//! frames that have one, in skb metadata; the generator's shares are in
 //! `enforcer_tests::random`), the kernel's verdict *and reason* must equal what
 //! the frame-stage oracle (`enforcer_tests::frame_oracle`, written from the
 //! standards, not from the kernel's parser), the reference evaluator and the
@@ -80,6 +81,7 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
     let mut cases = CaseGenerator::new();
     let mut reasons = BTreeMap::<&str, u64>::new();
     let mut paths: BTreeMap<&str, u64> = PATHS.iter().map(|p| (*p, 0)).collect();
+    let mut placements = BTreeMap::<&str, u64>::new();
     let mut kinds: BTreeMap<Kind, u64> = Kind::SHARES.iter().map(|(k, _)| (*k, 0)).collect();
     for n in 0..packets {
         if n > 0 && n % PACKETS_PER_MODEL == 0 {
@@ -98,8 +100,27 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
         }
         let case = cases.next(&mut rng, &model);
         let now = monotonic_ns();
-        let want = oracle.judge(&model, &mut flows, &case.frame, None, case.direction, now);
-        let got = kernel.run(case.direction, &case.frame);
+        let (want, got) = if case.metadata {
+            // What the fast path sees: the outer tag's VLAN ID in metadata, the bytes without it.
+            let vid = u16::from_be_bytes([case.frame[14], case.frame[15]]) & 0x0fff;
+            let mut seen = case.frame.clone();
+            seen.drain(12..16);
+            let want = oracle.judge(&model, &mut flows, &seen, Some(vid), case.direction, now);
+            (
+                want,
+                kernel.run_tag_in_metadata(case.direction, &case.frame),
+            )
+        } else {
+            let want = oracle.judge(&model, &mut flows, &case.frame, None, case.direction, now);
+            (want, kernel.run(case.direction, &case.frame))
+        };
+        *placements
+            .entry(if case.metadata {
+                "tag in metadata"
+            } else {
+                "tag inline or none"
+            })
+            .or_default() += 1;
         let context = || {
             format!(
                 "packet #{n} (seed {seed:#x}), path {:?}: {case:?}\nframe {:02x?}\nmodel {model:#?}",
@@ -129,7 +150,12 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
             );
         }
     }
-    eprintln!("differential: generator kinds {kinds:?}");
+    eprintln!("differential: generator kinds {kinds:?}, tags {placements:?}");
+    assert_eq!(
+        placements.len(),
+        2,
+        "tags both inline and in metadata: {placements:?}"
+    );
     eprintln!("differential: frame-stage paths {paths:#?}");
     eprintln!("differential: reasons {reasons:#?}");
     let missing_paths: Vec<_> = paths.iter().filter(|(_, n)| **n == 0).collect();
