@@ -1226,6 +1226,49 @@ pub fn interpret(
     }
 }
 
+/// Where `interpret(compiled)` and the evaluator disagree on the first packet
+/// `query` of `pod`'s flow (verdict, reason kind, untracked flag, lowest
+/// allowing rule of each side), or `None`: the check the compiler's tests and
+/// its fuzz target (`fuzz/`) make. `query` must be a packet, not "all traffic".
+pub fn disagreement(
+    model: &Model,
+    compiled: &Compiled,
+    pod: &crate::model::BranchPod,
+    query: &eval::Query,
+) -> Option<String> {
+    use eval::{L4Query, Reason, RuleRef};
+    let L4Query::Packet(packet) = query.l4 else {
+        return Some(format!("{query:?}: the kernel only sees packets"));
+    };
+    let e = eval::evaluate(model, pod, query);
+    let k = interpret(compiled, pod.vlan, query.direction, query.peer, packet);
+    let ctx = format!("{query:?} of {}: {e:?} vs {k:?}", pod.key());
+    if e.allowed != k.allowed() || e.untracked != k.untracked() {
+        return Some(format!("verdict or tracking differ: {ctx}"));
+    }
+    let lowest = |rules: &[RuleRef]| rules.first().and_then(|r| compiled.rule_id(r));
+    let expect_side = |rules: &[RuleRef], checked: bool| match lowest(rules) {
+        _ if !checked => SideLookup::NotChecked,
+        None => SideLookup::Denied,
+        Some(rule) => SideLookup::Allowed(PortVerdict { rule, flags: 0 }),
+    };
+    let strip = |s: SideLookup| match s {
+        SideLookup::Allowed(v) => SideLookup::Allowed(PortVerdict { flags: 0, ..v }),
+        other => other,
+    };
+    match (e.reason, k) {
+        (Reason::Unfiltered(_), Interpretation::Unfiltered) => None,
+        (Reason::SameNode, Interpretation::NodeLocal) => None,
+        (Reason::Allowed | Reason::NoRule { .. }, Interpretation::Policy { branch, primary }) => {
+            let standard = pod.mode == EnforcingMode::Standard;
+            (strip(branch) != expect_side(&e.branch, true)
+                || strip(primary) != expect_side(&e.primary, standard))
+            .then(|| format!("lowest allowing rules differ: {ctx}"))
+        }
+        _ => Some(format!("reasons differ: {ctx}")),
+    }
+}
+
 /// The value of `key` in entries sorted by key.
 fn find<K: Ord, V: Copy>(entries: &[(K, V)], key: &K) -> Option<V> {
     entries
@@ -1244,7 +1287,7 @@ mod tests {
 
     use super::*;
     use crate::eval::fixtures::*;
-    use crate::eval::{Evaluation, L4Query, Query, Reason, evaluate};
+    use crate::eval::{L4Query, Query, Reason, evaluate};
     use crate::model::{BranchPod, Rule, SecurityGroup};
 
     const STRICT: EnforcingMode = EnforcingMode::Strict;
@@ -1592,39 +1635,10 @@ mod tests {
         }
     }
 
-    /// `interpret(compile(model))` agrees with the evaluator on verdict, reason kind,
-    /// untracked flag and lowest allowing rule of each side.
+    /// `interpret(compile(model))` agrees with the evaluator ([`disagreement`]).
     fn check(model: &Model, compiled: &Compiled, pod: &BranchPod, query: &Query) {
-        let L4Query::Packet(packet) = query.l4 else {
-            panic!("the kernel only sees packets");
-        };
-        let e: Evaluation = evaluate(model, pod, query);
-        let k = interpret(compiled, pod.vlan, query.direction, query.peer, packet);
-        let ctx = format!("{query:?} of {}: {e:?} vs {k:?}", pod.key());
-        assert_eq!(e.allowed, k.allowed(), "{ctx}");
-        assert_eq!(e.untracked, k.untracked(), "{ctx}");
-        let lowest = |rules: &[RuleRef]| rules.first().and_then(|r| compiled.rule_id(r));
-        let expect_side = |rules: &[RuleRef], checked: bool| match lowest(rules) {
-            _ if !checked => SideLookup::NotChecked,
-            None => SideLookup::Denied,
-            Some(rule) => SideLookup::Allowed(PortVerdict { rule, flags: 0 }),
-        };
-        let strip = |s: SideLookup| match s {
-            SideLookup::Allowed(v) => SideLookup::Allowed(PortVerdict { flags: 0, ..v }),
-            other => other,
-        };
-        match (e.reason, k) {
-            (Reason::Unfiltered(_), Interpretation::Unfiltered) => {}
-            (Reason::SameNode, Interpretation::NodeLocal) => {}
-            (
-                Reason::Allowed | Reason::NoRule { .. },
-                Interpretation::Policy { branch, primary },
-            ) => {
-                assert_eq!(strip(branch), expect_side(&e.branch, true), "{ctx}");
-                let standard = pod.mode == STANDARD;
-                assert_eq!(strip(primary), expect_side(&e.primary, standard), "{ctx}");
-            }
-            _ => panic!("reasons differ: {ctx}"),
+        if let Some(difference) = disagreement(model, compiled, pod, query) {
+            panic!("{difference}");
         }
     }
 

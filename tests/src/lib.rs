@@ -8,6 +8,7 @@ pub mod kernel;
 pub mod models;
 pub mod oracle;
 pub mod random;
+pub mod replay;
 pub mod staged;
 pub mod testbed;
 

@@ -466,7 +466,7 @@ impl CaseGenerator {
                 let id = self.next_id;
                 self.next_id = self.next_id.wrapping_add(1).max(1);
                 let datagram = Datagram { base, id };
-                if roll < 35 || roll >= 90 {
+                if !(35..90).contains(&roll) {
                     if self.datagrams.len() == HISTORY {
                         self.datagrams.remove(0);
                     }

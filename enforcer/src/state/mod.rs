@@ -46,6 +46,21 @@ pub fn load(dir: &Path) -> Result<Model, StateErrors> {
     crate::resolve::resolve(dir, inventory).map_err(StateErrors)
 }
 
+/// As [`load`], over files given as (name, text) instead of a directory's: the
+/// parsers without the file system, for fuzzing (`fuzz/`). Names are taken as
+/// file names in `dir` (the extension says JSON or YAML), in the order given.
+pub fn load_texts(dir: &Path, files: &[(&str, &str)]) -> Result<Model, StateErrors> {
+    let mut inventory = Inventory::default();
+    for (name, text) in files {
+        let file = dir.join(name);
+        for document in reader::parse_documents(&file, text, &mut inventory.errors) {
+            let object = format!("document {}", document.index);
+            inventory.classify(&document.file, &object, &document.value);
+        }
+    }
+    crate::resolve::resolve(dir, inventory).map_err(StateErrors)
+}
+
 /// An object and where it was read, for error messages that point at it.
 #[derive(Clone, Debug)]
 pub(crate) struct Located<T> {
