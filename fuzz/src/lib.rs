@@ -8,8 +8,8 @@ use std::path::Path;
 
 use enforcer::eval::{L4Packet, L4Query, Query};
 use enforcer::model::{
-    BranchPod, Cidr, ConntrackTimeouts, Direction, EnforcingMode, L4Match, Model, NodeConfig,
-    Peer, Rule, SecurityGroup, UnknownVlanAction,
+    BranchPod, Cidr, ConntrackTimeouts, Direction, EnforcingMode, L4Match, Model, NodeConfig, Peer,
+    Rule, SecurityGroup, UnknownVlanAction,
 };
 
 #[path = "../../tests/src/frame_oracle.rs"]
@@ -108,7 +108,16 @@ impl<'a> Bytes<'a> {
 fn addr(b: &mut Bytes, v6: bool) -> IpAddr {
     if v6 {
         let segment = u16::from(b.below(4));
-        IpAddr::V6(Ipv6Addr::new(0xfd00, segment, 0, 0, 0, 0, u16::from(b.below(16)), b.u16()))
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            segment,
+            0,
+            0,
+            0,
+            0,
+            u16::from(b.below(16)),
+            b.u16(),
+        ))
     } else {
         IpAddr::V4(Ipv4Addr::new(10, b.below(4), b.below(16), b.u8()))
     }
@@ -216,10 +225,13 @@ pub fn model(b: &mut Bytes) -> Model {
             eni_id: format!("eni-{i:017x}"),
             mac: "0a:00:00:00:00:01".into(),
             ipv4: Some(Ipv4Addr::new(10, 0, 64, i)),
-            ipv6: (b.below(2) == 0).then(|| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0x64, u16::from(i))),
+            ipv6: (b.below(2) == 0)
+                .then(|| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0x64, u16::from(i))),
             subnet_v4: Some("10.0.64.0/24".parse().expect("a CIDR")),
             subnet_v6: None,
-            groups: (0..1 + b.below(3)).map(|_| group_id(b.below(group_count))).collect(),
+            groups: (0..1 + b.below(3))
+                .map(|_| group_id(b.below(group_count)))
+                .collect(),
             mode: if b.below(2) == 0 {
                 EnforcingMode::Strict
             } else {
