@@ -1,7 +1,10 @@
 //! The frame stage of the programs, through `BPF_PROG_TEST_RUN`: VLAN from
 //! the tag, untagged pass-through, unknown VLANs, anti-spoofing, malformed
-//! and unsupported headers, ARP, IPv6 extension headers. The pod's policy
-//! allows everything, so only this stage can drop.
+//! and unsupported headers, ARP, neighbour discovery, IPv6 extension headers,
+//! IPv4 options and fragments of both families. Most pods' policy allows
+//! everything, so only this stage can drop; the discovery, header-chain and
+//! fragment tests use a policy of one port, so that a transport header read at
+//! the wrong offset changes the verdict.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
