@@ -114,9 +114,11 @@ pub mod map_names {
     pub const PORTS: &str = "PORTS";
     /// Hash: [`crate::AddrKey`] (vlan 0) -> `u8`, addresses on this node (standard mode skips them).
     pub const NODE_LOCAL: &str = "NODE_LOCAL";
-    /// LRU hash: [`crate::CtKey`] -> [`crate::CtEntry`], the connection tracker.
+    /// Hash: [`crate::CtKey`] -> [`crate::CtEntry`], the connection tracker (not LRU:
+    /// entries leave when they expire, swept by the agent, never evicted by another pod's flood).
     pub const CONNTRACK: &str = "CONNTRACK";
-    /// LRU hash: [`crate::FragmentKey`] -> [`crate::FragmentVerdict`], IP fragments.
+    /// Hash: [`crate::FragmentKey`] -> [`crate::FragmentVerdict`], allowed fragmented
+    /// datagrams (not LRU, like `CONNTRACK`).
     pub const FRAGMENTS: &str = "FRAGMENTS";
     /// Array of one [`crate::Settings`].
     pub const SETTINGS: &str = "SETTINGS";
@@ -137,9 +139,12 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU array of one [`crate::EventBudget`]: the events' rate limit.
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
+    /// Array indexed by VLAN ID, memory-mapped by userspace: [`crate::PodTracked`], how
+    /// many `CONNTRACK` and `FRAGMENTS` entries each pod holds (its allowance's use).
+    pub const POD_TRACKED: &str = "POD_TRACKED";
 
     /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         PODS,
         PEERS_V4,
         PEERS_V6,
@@ -156,6 +161,7 @@ pub mod map_names {
         RULE_TRAFFIC,
         EVENTS,
         EVENT_BUDGET,
+        POD_TRACKED,
     ];
 }
 
@@ -170,10 +176,19 @@ pub mod ct_timeouts {
     pub const ICMP: u32 = 30;
     /// Protocols other than TCP, UDP and ICMP.
     pub const OTHER: u32 = 600;
+    /// A fragmented datagram's verdict, from its first fragment: the longest a
+    /// host waits for the rest (RFC 8200 §4.5; Linux waits 30 s for IPv4).
+    pub const FRAGMENTS: u32 = 60;
 }
 
-/// Capacity of the connection tracker (LRU: the oldest idle flow goes first).
+/// Capacity of the connection tracker. Not LRU: a full table refuses new flows
+/// and never evicts a live one; expired entries are swept by the agent.
 pub const MAX_FLOWS: u32 = 262_144;
+/// Default per-pod allowance of tracked flows (`NodeConfig.spec.maxFlowsPerPod`),
+/// a sixteenth of the table: one pod's flood leaves room for fifteen others at
+/// their full allowance, and never touches their flows (EC2's per-ENI
+/// tracked-connection allowance plays the same part).
+pub const DEFAULT_MAX_FLOWS_PER_POD: u32 = MAX_FLOWS / 16;
 /// Capacity of each peer map (entries of all policies, markers included). A
 /// node at the limits (120 branch pods, 16 groups of 60 rules each) needs about
 /// 35k; room for twice that while a change is written beside what it replaces.
@@ -186,6 +201,9 @@ pub const MAX_PORT_ENTRIES: u32 = 1 << 21;
 pub const MAX_ADDRESSES: u32 = 65_536;
 /// Capacity of the fragment table.
 pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8192;
+/// Default per-pod allowance of fragmented datagrams in flight
+/// (`NodeConfig.spec.maxFragmentsPerPod`), a sixteenth of the table.
+pub const DEFAULT_MAX_FRAGMENTS_PER_POD: u32 = MAX_FRAGMENTED_DATAGRAMS / 16;
 
 /// Capacity of the pod map: every 12-bit VLAN ID a trunk can carry.
 pub const MAX_PODS: u32 = 4096;
@@ -491,6 +509,11 @@ pub struct Settings {
     pub tcp_established_timeout: u32,
     pub udp_stream_timeout: u32,
     pub udp_timeout: u32,
+    /// Tracked flows one pod may hold ([`PodTracked::flows`]): a new flow beyond
+    /// it is dropped ([`Reason::DropFlowLimit`]).
+    pub max_flows_per_pod: u32,
+    /// Allowed fragmented datagrams one pod may hold ([`PodTracked::fragments`]).
+    pub max_fragments_per_pod: u32,
     pub _pad: u32,
     /// Allowed new flows are reported as events while CLOCK_MONOTONIC is below
     /// this (ns): a lease that `enforcer flows --allowed` renews, so the events
@@ -584,12 +607,26 @@ pub struct FragmentKey {
     pub _pad: u8,
 }
 
-/// Verdict of a fragmented datagram's first fragment.
+/// A fragmented datagram whose first fragment was allowed (denied ones take no
+/// entry: a later fragment without one is dropped).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FragmentVerdict {
-    /// 1 allowed, 0 denied.
-    pub allowed: u32,
+    /// `bpf_ktime_get_ns` of the first fragment: the agent sweeps the entry
+    /// [`ct_timeouts::FRAGMENTS`] seconds later.
+    pub created_ns: u64,
+}
+
+/// How many `CONNTRACK` and `FRAGMENTS` entries one pod holds (`POD_TRACKED`,
+/// by VLAN). The kernel adds an entry's count before inserting it (and takes it
+/// back if the insert fails or the allowance is spent); whoever deletes an
+/// entry (the agent's sweep, a removed pod) subtracts it, atomically, through
+/// the memory-mapped array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodTracked {
+    pub flows: u64,
+    pub fragments: u64,
 }
 
 /// Why a frame was passed or dropped: the index of the per-CPU `COUNTERS`
@@ -630,10 +667,16 @@ pub enum Reason {
     PassLinkLayer = 14,
     /// Tagged frame whose VLAN has no pod (`unknownVlan: pass`).
     PassUnknownVlan = 15,
+    /// A new flow the rules allow, beyond the pod's tracked-flow allowance
+    /// (`maxFlowsPerPod`) or with the conntrack table full.
+    DropFlowLimit = 16,
+    /// An allowed first fragment beyond the pod's allowance of fragmented
+    /// datagrams (`maxFragmentsPerPod`) or with the fragment table full.
+    DropFragmentLimit = 17,
 }
 
 /// Number of [`Reason`]s.
-pub const REASONS: u32 = 16;
+pub const REASONS: u32 = 18;
 
 /// Slots of `COUNTERS`: every frame counts once, in the slot of its reason, or, when
 /// audit passed a frame its reason would have dropped, in that reason's "would drop"
@@ -670,6 +713,8 @@ impl Reason {
             Self::DropPrimaryPolicy => "drop_primary_policy",
             Self::PassLinkLayer => "pass_link_layer",
             Self::PassUnknownVlan => "pass_unknown_vlan",
+            Self::DropFlowLimit => "drop_flow_limit",
+            Self::DropFragmentLimit => "drop_fragment_limit",
         }
     }
 
@@ -691,6 +736,8 @@ impl Reason {
         Self::DropPrimaryPolicy,
         Self::PassLinkLayer,
         Self::PassUnknownVlan,
+        Self::DropFlowLimit,
+        Self::DropFragmentLimit,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -703,6 +750,8 @@ impl Reason {
                 | Self::DropFragment
                 | Self::DropPolicy
                 | Self::DropPrimaryPolicy
+                | Self::DropFlowLimit
+                | Self::DropFragmentLimit
         )
     }
 
@@ -851,6 +900,8 @@ mod user {
     unsafe impl aya::Pod for super::FragmentKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FragmentVerdict {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodTracked {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PodUid {}
     // SAFETY: as above.

@@ -2,13 +2,16 @@
 //! so replies find their request's entry; the TCP/UDP state machine and idle
 //! timeouts that `enforcer/src/flow.rs` models (sg-semantics.md §4).
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::bindings::{BPF_EXIST, BPF_NOEXIST};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use enforcer_common::{
     CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, Settings, ct_flag, ct_state, ct_timeouts,
 };
 
 use crate::Direction;
-use crate::maps::CONNTRACK;
+use crate::maps::{CONNTRACK, POD_TRACKED};
 use crate::parse::{
     Embedded, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Packet, is_icmp_echo,
 };
@@ -249,9 +252,10 @@ pub fn track_existing(key: &CtKey, packet: &Packet, flow: &FlowContext) -> bool 
 }
 
 /// Starts tracking a flow the rules admitted; `rules` are the branch and
-/// primary rule IDs that allowed it.
+/// primary rule IDs that allowed it. False when the pod's allowance
+/// (`max_flows_per_pod`) is spent or the table is full: the flow is not tracked.
 #[inline(never)]
-pub fn create(key: &CtKey, packet: &Packet, flow: &FlowContext, rules: [u32; 2]) {
+pub fn create(key: &CtKey, packet: &Packet, flow: &FlowContext, rules: [u32; 2]) -> bool {
     let (direction, now) = (flow.direction, flow.now);
     let flags = packet_flags(packet, direction);
     let mut entry = CtEntry {
@@ -275,6 +279,54 @@ pub fn create(key: &CtKey, packet: &Packet, flow: &FlowContext, rules: [u32; 2])
             entry.bytes[DIR_EGRESS] = bytes;
         }
     }
-    // A full table evicts the least recently used flow (LRU), so this cannot fail for space.
-    let _ = CONNTRACK.insert(key, entry, 0);
+    let Some(count) = POD_TRACKED.get_ptr_mut(u32::from(key.vlan)) else {
+        return false;
+    };
+    // SAFETY: an element of an array map lives as long as the map.
+    insert_counted(
+        unsafe { &raw mut (*count).flows },
+        flow.settings.max_flows_per_pod,
+        || CONNTRACK.insert(key, entry, u64::from(BPF_EXIST)).is_ok(),
+        || CONNTRACK.insert(key, entry, u64::from(BPF_NOEXIST)).is_ok(),
+    )
+}
+
+/// Stores an entry within a pod's allowance: over the flow's own entry (an
+/// expired or reopened one) at no cost, else in a new slot counted in `count`
+/// first, so that two CPUs never both take the last one (at worst both lose
+/// it). A failed insert (the table full, or another CPU created the key
+/// meanwhile) gives the slot back.
+#[inline(always)]
+pub fn insert_counted(
+    count: *mut u64,
+    allowance: u32,
+    overwrite: impl Fn() -> bool,
+    create: impl Fn() -> bool,
+) -> bool {
+    if overwrite() {
+        return true;
+    }
+    add(count, 1);
+    // SAFETY: `count` points into a live map element; a racing add only makes this conservative.
+    if unsafe { core::ptr::read_volatile(count) } > u64::from(allowance) {
+        add(count, u64::MAX);
+        return false;
+    }
+    if create() {
+        return true;
+    }
+    add(count, u64::MAX);
+    overwrite()
+}
+
+/// An atomic add (`BPF_ATOMIC | BPF_ADD`) of `delta` (wrapping: `u64::MAX`
+/// subtracts one) whose result is unused, which every BPF CPU version has; the
+/// target offers no `AtomicU64::fetch_add`. The agent's sweep subtracts
+/// through the memory-mapped map with the same instruction's userspace twin.
+#[inline(always)]
+fn add(count: *mut u64, delta: u64) {
+    // SAFETY: callers pass a pointer into a live map element, 8-byte aligned.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, delta);
+    }
 }

@@ -4,6 +4,9 @@
 //! not judge it. Entry points only compose the modules below.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no atomic read-modify-write types (conntrack.rs).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod conntrack;
 mod maps;

@@ -3,15 +3,15 @@
 //! conntrack, fragment, counter and event maps, and alone reads `RULES`, `POD_MODES` and `POD_GROUPS`.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 use enforcer_common::{
     AddrKey, COUNTER_SLOTS, CtEntry, CtKey, EVENTS_RING_BYTES, EventBudget, FragmentKey,
     FragmentVerdict, MAX_ADDRESSES, MAX_FLOWS, MAX_FRAGMENTED_DATAGRAMS, MAX_PEER_ENTRIES,
     MAX_PODS, MAX_PORT_ENTRIES, MAX_RULES, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups,
-    PodTraffic, PodUid, PortKey, PortVerdict, RuleName, RuleTraffic, Settings,
+    PodTracked, PodTraffic, PodUid, PortKey, PortVerdict, RuleName, RuleTraffic, Settings,
 };
 
 /// Not preallocated: an update then frees the replaced entry only after an
@@ -48,15 +48,22 @@ pub static PORTS: HashMap<
 #[btf_map]
 pub static NODE_LOCAL: HashMap<AddrKey, u8, { MAX_ADDRESSES as usize }> = HashMap::new();
 
+/// Not LRU: an LRU table lets one pod's flood of new flows evict every other
+/// pod's. Entries are preallocated (no allocation per new flow) and leave when
+/// the agent sweeps them expired; each pod's share is capped (`POD_TRACKED`).
 #[btf_map]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { MAX_FLOWS as usize }> = LruHashMap::new();
+pub static CONNTRACK: HashMap<CtKey, CtEntry, { MAX_FLOWS as usize }> = HashMap::new();
 
+/// Allowed fragmented datagrams; not LRU, for the same reason as `CONNTRACK`.
 #[btf_map]
-pub static FRAGMENTS: LruHashMap<
-    FragmentKey,
-    FragmentVerdict,
-    { MAX_FRAGMENTED_DATAGRAMS as usize },
-> = LruHashMap::new();
+pub static FRAGMENTS: HashMap<FragmentKey, FragmentVerdict, { MAX_FRAGMENTED_DATAGRAMS as usize }> =
+    HashMap::new();
+
+/// Memory-mapped, so that the agent's sweep subtracts what it deleted with an
+/// atomic instruction, as the kernel adds.
+#[btf_map]
+pub static POD_TRACKED: Array<PodTracked, { MAX_PODS as usize }, { BPF_F_MMAPABLE as usize }> =
+    Array::new();
 
 #[btf_map]
 pub static SETTINGS: Array<Settings, 1> = Array::new();

@@ -87,7 +87,14 @@ impl Frame for TcContext {
     fn vlan_metadata(&self) -> Option<u16> {
         // SAFETY: `skb` is the context pointer the kernel passed to the program.
         let skb = unsafe { &*self.skb.skb };
-        (skb.vlan_present != 0).then_some(skb.vlan_tci as u16 & VLAN_VID_MASK)
+        // Read whether or not a tag is present (a volatile load LLVM cannot
+        // sink into the `Some` branch): an `Option`'s payload left unset for
+        // `None` may be spilled across a helper call as an uninitialised
+        // register, which the verifier refuses.
+        // SAFETY: a field of the context, always readable.
+        let tci = unsafe { core::ptr::read_volatile(&skb.vlan_tci) };
+        let vlan = tci as u16 & VLAN_VID_MASK;
+        (skb.vlan_present != 0).then_some(vlan)
     }
 }
 
@@ -250,6 +257,9 @@ pub struct Packet {
     pub tcp_flags: u8,
     pub ipv6: bool,
     pub fragment: Fragment,
+    /// IPv4 TTL or IPv6 hop limit: neighbour discovery is only link-layer
+    /// plumbing at 255 (RFC 4861 §6.1, §7.1), which no router forwards.
+    pub hop_limit: u8,
 }
 
 /// What a tagged frame carries.
@@ -338,8 +348,11 @@ fn parse_ipv4<F: Frame>(frame: &F, l3: usize, packet: &mut Packet) -> Result<(),
     if usize::from(u16::from_be_bytes([head[2], head[3]])) < header_len {
         return Err(ParseError::Malformed);
     }
+    // The whole header, options included, must be there (a later fragment reads nothing after it).
+    let _: [u8; 1] = frame.load(l3 + header_len - 1)?;
     let frags = u16::from_be_bytes([head[6], head[7]]);
     packet.ipv6 = false;
+    packet.hop_limit = head[8];
     packet.protocol = head[9];
     packet.fragment_id = u32::from(u16::from_be_bytes([head[4], head[5]]));
     packet.fragment = fragment_of(frags & 0x1fff, frags & 0x2000 != 0);
@@ -372,11 +385,15 @@ fn parse_ipv6<F: Frame>(frame: &F, l3: usize, packet: &mut Packet) -> Result<(),
     }
     packet.ipv6 = true;
     packet.protocol = head[6];
+    packet.hop_limit = head[7];
     frame.load_into(l3 + 8, &mut packet.src)?;
     frame.load_into(l3 + 24, &mut packet.dst)?;
     let mut offset = l3 + IPV6_HEADER_LEN;
-    for _ in 0..MAX_IPV6_EXT_HEADERS {
+    let mut fragment_headers = 0u8;
+    for index in 0..MAX_IPV6_EXT_HEADERS {
         let ext: [u8; 2] = match packet.protocol {
+            // RFC 8200 §4.1: hop-by-hop options only right after the fixed header.
+            IPV6_HOP_BY_HOP if index > 0 => return Err(ParseError::Malformed),
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH | IPV6_FRAGMENT => {
                 frame.load(offset)?
             }
@@ -385,15 +402,28 @@ fn parse_ipv6<F: Frame>(frame: &F, l3: usize, packet: &mut Packet) -> Result<(),
         let header_len = match packet.protocol {
             IPV6_AUTH => (usize::from(ext[1]) + 2) * 4,
             IPV6_FRAGMENT => {
+                // One fragment header per packet: a second could make a later
+                // fragment look like a whole packet with headers of our choosing.
+                if fragment_headers > 0 {
+                    return Err(ParseError::Malformed);
+                }
+                fragment_headers += 1;
                 let fragment: [u8; 8] = frame.load(offset)?;
                 let offset_flags = u16::from_be_bytes([fragment[2], fragment[3]]);
                 packet.fragment = fragment_of(offset_flags & 0xfff8, offset_flags & 1 != 0);
                 packet.fragment_id =
                     u32::from_be_bytes([fragment[4], fragment[5], fragment[6], fragment[7]]);
+                if packet.fragment == Fragment::Later {
+                    // What follows a later fragment's header is payload, not headers.
+                    packet.protocol = ext[0];
+                    return Ok(());
+                }
                 8
             }
             _ => (usize::from(ext[1]) + 1) * 8,
         };
+        // The whole header must be there, not only its first bytes.
+        let _: [u8; 1] = frame.load(offset + header_len - 1)?;
         packet.protocol = ext[0];
         offset += header_len;
     }

@@ -2,6 +2,7 @@
 //! sg-semantics.md: VLAN -> pod, anti-spoofing, fragments, conntrack, traffic
 //! never filtered, same-node (standard), then the branch and primary groups.
 
+use aya_ebpf::bindings::{BPF_EXIST, BPF_NOEXIST};
 use enforcer_common::{
     AddrKey, EnforcingMode, FragmentKey, FragmentVerdict, NO_POLICY, POD_AUDIT, PodEntry,
     PortVerdict, Reason, Settings, V4_MAPPED_PREFIX, VERDICT_UNTRACKED, policy_slot,
@@ -9,7 +10,7 @@ use enforcer_common::{
 
 use crate::Direction;
 use crate::conntrack;
-use crate::maps::{FRAGMENTS, NODE_LOCAL, PODS, SETTINGS};
+use crate::maps::{FRAGMENTS, NODE_LOCAL, POD_TRACKED, PODS, SETTINGS};
 use crate::parse::{
     self, Embedded, Fragment, Frame, IPPROTO_ICMPV6, IPPROTO_UDP, L3, Packet, ParseError,
 };
@@ -83,8 +84,9 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut 
         Err(error) => return parse_failure(error),
     }
     let packet = &subject.packet;
-    if is_neighbour_discovery(packet) {
-        return neighbour_discovery(pod, packet, direction);
+    // Discovery that fails EC2's checks is ordinary ICMPv6: spoofing check, then the groups.
+    if is_neighbour_discovery(packet) && neighbour_discovery_passes(pod, packet, direction) {
+        return Reason::PassLinkLayer;
     }
     let pod_addr = match direction {
         Direction::Ingress => &packet.dst,
@@ -108,8 +110,12 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut 
         settings,
     };
     let reason = judge_flow(frame, pod, packet, &flow, &mut subject.rules);
-    if packet.fragment == Fragment::First {
-        remember_first_fragment(packet, l2.vlan, !reason.is_drop());
+    if packet.fragment == Fragment::First
+        && !reason.is_drop()
+        && !remember_first_fragment(packet, l2.vlan, &flow)
+    {
+        // Its later fragments would find no verdict: the datagram cannot pass whole.
+        return Reason::DropFragmentLimit;
     }
     reason
 }
@@ -121,7 +127,9 @@ fn fragment_key(packet: &Packet, vlan: u16) -> FragmentKey {
         dst: packet.dst,
         id: packet.fragment_id,
         vlan,
-        protocol: packet.protocol,
+        // RFC 791 reassembles by protocol too; RFC 8200 does not, and an IPv6
+        // first fragment's upper-layer protocol may sit behind more headers.
+        protocol: if packet.ipv6 { 0 } else { packet.protocol },
         _pad: 0,
     }
 }
@@ -129,21 +137,32 @@ fn fragment_key(packet: &Packet, vlan: u16) -> FragmentKey {
 /// Whether the datagram of a later fragment was allowed at its first fragment.
 #[inline(never)]
 fn first_fragment_allowed(packet: &Packet, vlan: u16) -> bool {
-    // SAFETY: read-only look at plain data.
-    match unsafe { FRAGMENTS.get(fragment_key(packet, vlan)) } {
-        Some(verdict) => verdict.allowed != 0,
-        None => false,
-    }
+    // SAFETY: presence check only.
+    unsafe { FRAGMENTS.get(fragment_key(packet, vlan)).is_some() }
 }
 
-/// Records a first fragment's verdict for the rest of its datagram.
+/// Records an allowed first fragment for the rest of its datagram, within the
+/// pod's allowance of datagrams in flight; false when there is no room.
 #[inline(never)]
-fn remember_first_fragment(packet: &Packet, vlan: u16, allowed: bool) {
+fn remember_first_fragment(packet: &Packet, vlan: u16, flow: &FlowContext) -> bool {
+    let key = fragment_key(packet, vlan);
     let verdict = FragmentVerdict {
-        allowed: u32::from(allowed),
+        created_ns: flow.now,
     };
-    // LRU: a full table evicts the oldest datagram.
-    let _ = FRAGMENTS.insert(fragment_key(packet, vlan), verdict, 0);
+    let Some(count) = POD_TRACKED.get_ptr_mut(u32::from(vlan)) else {
+        return false;
+    };
+    // SAFETY: an element of an array map lives as long as the map.
+    conntrack::insert_counted(
+        unsafe { &raw mut (*count).fragments },
+        flow.settings.max_fragments_per_pod,
+        || FRAGMENTS.insert(key, verdict, u64::from(BPF_EXIST)).is_ok(),
+        || {
+            FRAGMENTS
+                .insert(key, verdict, u64::from(BPF_NOEXIST))
+                .is_ok()
+        },
+    )
 }
 
 /// What every stage of a flow's verdict needs besides the packet.
@@ -215,8 +234,8 @@ fn judge_flow<F: Frame>(
             branch.flags & primary.flags & VERDICT_UNTRACKED != 0,
         )
     };
-    if !untracked {
-        conntrack::create(&key, packet, flow, [branch.rule, primary_rule]);
+    if !untracked && !conntrack::create(&key, packet, flow, [branch.rule, primary_rule]) {
+        return Reason::DropFlowLimit;
     }
     Reason::PassNew
 }
@@ -268,31 +287,49 @@ fn owns_v4(pod: &PodEntry, addr: [u8; 4]) -> bool {
     pod.owns(&mapped, false)
 }
 
-/// ICMPv6 router/neighbour discovery (types 133..=137): link-layer plumbing.
+/// ICMPv6 router/neighbour discovery (types 133..=137): link-layer plumbing,
+/// never fragmented (RFC 6980: a fragmented one is not discovery).
 #[inline(always)]
 fn is_neighbour_discovery(packet: &Packet) -> bool {
-    packet.ipv6 && packet.protocol == IPPROTO_ICMPV6 && matches!(packet.icmp_type, 133..=137)
+    packet.ipv6
+        && packet.protocol == IPPROTO_ICMPV6
+        && packet.fragment == Fragment::Whole
+        && matches!(packet.icmp_type, 133..=137)
 }
 
-/// Discovery uses link-local, unspecified (DAD) and multicast addresses, so the
-/// pod's side may be one of those as well as its own address.
+/// Discovery as EC2 passes it (sg-semantics.md §5): hop limit 255 (RFC 4861
+/// drops anything else, so it never crossed a router), and the pod's side its
+/// own address, link-local, unspecified (DAD, from the pod) or a discovery
+/// multicast group (to the pod): all-nodes, all-routers, solicited-node.
 #[inline(always)]
-fn neighbour_discovery(pod: &PodEntry, packet: &Packet, direction: Direction) -> Reason {
+fn neighbour_discovery_passes(pod: &PodEntry, packet: &Packet, direction: Direction) -> bool {
+    if packet.hop_limit != 255 {
+        return false;
+    }
     let pod_side = match direction {
         Direction::Ingress => &packet.dst,
         Direction::Egress => &packet.src,
     };
     let link_local = pod_side[0] == 0xfe && pod_side[1] & 0xc0 == 0x80;
-    let multicast = pod_side[0] == 0xff;
-    let unspecified = *pod_side == [0; 16];
     let allowed = match direction {
-        Direction::Ingress => link_local || multicast,
-        Direction::Egress => link_local || unspecified,
+        Direction::Ingress => link_local || is_discovery_multicast(pod_side),
+        Direction::Egress => link_local || *pod_side == [0; 16],
     };
-    if allowed || pod.owns(pod_side, true) {
-        Reason::PassLinkLayer
-    } else {
-        Reason::DropSpoofed
+    allowed || pod.owns(pod_side, true)
+}
+
+/// `ff02::1` (all nodes), `ff02::2` (all routers) or `ff02::1:ff00:0/104`
+/// (solicited-node, RFC 4291 §2.7.1): the groups discovery is sent to.
+#[inline(always)]
+fn is_discovery_multicast(addr: &[u8; 16]) -> bool {
+    const LINK_SCOPE: [u8; 2] = [0xff, 0x02];
+    if addr[..2] != LINK_SCOPE || addr[2..11] != [0; 9] {
+        return false;
+    }
+    match addr[11] {
+        0 => addr[12..15] == [0; 3] && matches!(addr[15], 1 | 2),
+        1 => addr[12] == 0xff,
+        _ => false,
     }
 }
 

@@ -245,6 +245,32 @@ pub fn ethernet(tag: Tag, ethertype: u16, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// Bytes before layer 3 in a frame built with `tag`.
+pub fn l2_len(tag: Tag) -> usize {
+    match tag {
+        Tag::Untagged => 14,
+        Tag::Vlan(_) | Tag::Priority(None) => 18,
+        Tag::Stacked(..) | Tag::Priority(Some(_)) => 22,
+    }
+}
+
+/// Sets the IPv4 TTL (the header checksum follows) or the IPv6 hop limit of a
+/// frame this module built with `tag`.
+pub fn set_hop_limit(frame: &mut [u8], tag: Tag, hop_limit: u8) {
+    let l3 = l2_len(tag);
+    match frame[l3] >> 4 {
+        4 => {
+            frame[l3 + 8] = hop_limit;
+            let header_len = usize::from(frame[l3] & 0x0f) * 4;
+            frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+            let sum = checksum(&frame[l3..l3 + header_len]);
+            frame[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
+        }
+        6 => frame[l3 + 7] = hop_limit,
+        version => panic!("not an IP frame (version {version})"),
+    }
+}
+
 /// A frame carrying `ip`.
 pub fn ip_frame(tag: Tag, ip: &Ip) -> Vec<u8> {
     let ethertype = if ip.src.is_ipv4() {
@@ -387,4 +413,104 @@ pub fn ipv4_fragment_frame(tag: Tag, ip: &Ip, fragment: Fragment, payload: &[u8]
     );
     packet.extend_from_slice(payload);
     ethernet(tag, ETH_P_IPV4, &packet)
+}
+
+/// An IPv6 extension header, as [`ipv6_chain_frame`] writes it (RFC 8200 §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtHeader {
+    /// Hop-by-hop options (next header 0), `units` extra 8-byte units of padding.
+    HopByHop { units: u8 },
+    /// Routing (43), type 0 header with no addresses left.
+    Routing { units: u8 },
+    /// Destination options (60).
+    DestOptions { units: u8 },
+    /// Authentication header (51, RFC 4302): length in 4-byte units minus 2.
+    Auth { words: u8 },
+    /// Fragment header (44): offset in 8-byte units, more-fragments flag, identification.
+    Fragment { id: u32, offset: u16, more: bool },
+}
+
+impl ExtHeader {
+    /// The Next Header value that announces this header.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::HopByHop { .. } => 0,
+            Self::Routing { .. } => 43,
+            Self::DestOptions { .. } => 60,
+            Self::Auth { .. } => 51,
+            Self::Fragment { .. } => 44,
+        }
+    }
+
+    /// The header's bytes, announcing `next`.
+    pub fn bytes(self, next: u8) -> Vec<u8> {
+        let padded = |len_field: u8, total: usize| {
+            let mut h = vec![next, len_field];
+            // PadN option (type 1) filling the rest: a valid options area.
+            h.push(1);
+            h.push((total - 4) as u8);
+            h.resize(total, 0);
+            h
+        };
+        match self {
+            Self::HopByHop { units } | Self::DestOptions { units } => {
+                padded(units, (usize::from(units) + 1) * 8)
+            }
+            Self::Routing { units } => {
+                let mut h = vec![next, units, 0, 0];
+                h.resize((usize::from(units) + 1) * 8, 0);
+                h
+            }
+            Self::Auth { words } => {
+                let mut h = vec![next, words, 0, 0];
+                h.extend_from_slice(&0x0000_1234u32.to_be_bytes());
+                h.resize((usize::from(words) + 2) * 4, 0);
+                h
+            }
+            Self::Fragment { id, offset, more } => {
+                let mut h = vec![next, 0];
+                h.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+                h.extend_from_slice(&id.to_be_bytes());
+                h
+            }
+        }
+    }
+}
+
+/// An IPv6 frame from `ip.src` to `ip.dst` whose extension headers are `chain`
+/// (in order) before `payload`, which the last header announces as `ip`'s
+/// protocol (for a later fragment, `payload` is any part of the datagram).
+pub fn ipv6_chain_frame(tag: Tag, ip: &Ip, chain: &[ExtHeader], payload: &[u8]) -> Vec<u8> {
+    let mut rest = payload.to_vec();
+    let mut next = ip.protocol();
+    for header in chain.iter().rev() {
+        let mut bytes = header.bytes(next);
+        bytes.extend_from_slice(&rest);
+        rest = bytes;
+        next = header.number();
+    }
+    let mut packet = ip_header(ip.src, ip.dst, next, rest.len(), 0, 0);
+    packet.extend_from_slice(&rest);
+    ethernet(tag, ETH_P_IPV6, &packet)
+}
+
+/// One IPv6 fragment (a fragment header right after the fixed header) of a
+/// datagram of `ip`'s protocol, carrying `payload`.
+pub fn ipv6_fragment_frame(tag: Tag, ip: &Ip, fragment: Fragment, payload: &[u8]) -> Vec<u8> {
+    assert!(ip.src.is_ipv6(), "IPv6 fragments only: {ip:?}");
+    let header = ExtHeader::Fragment {
+        id: u32::from(fragment.id) | 0x5000_0000,
+        offset: fragment.offset,
+        more: fragment.more,
+    };
+    ipv6_chain_frame(tag, ip, &[header], payload)
+}
+
+/// One fragment of either family (IPv4 or IPv6 by `ip`'s addresses).
+pub fn fragment_frame(tag: Tag, ip: &Ip, fragment: Fragment, payload: &[u8]) -> Vec<u8> {
+    if ip.src.is_ipv4() {
+        ipv4_fragment_frame(tag, ip, fragment, payload)
+    } else {
+        ipv6_fragment_frame(tag, ip, fragment, payload)
+    }
 }

@@ -3,6 +3,7 @@
 //! reports the kernel's verdict and the reason it counted.
 
 use aya::Ebpf;
+use aya::maps::ProgramArray;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use enforcer::compile::{self, Compiled};
 use enforcer::kernel::ebpf::{TC_EGRESS, TC_INGRESS};
@@ -55,7 +56,13 @@ pub struct Kernel {
     ebpf: Ebpf,
     pub maps: KernelMaps,
     pub compiled: Compiled,
+    /// The testbed's programs that move a frame's tag into skb metadata and
+    /// tail-call the enforcer, loaded on first use ([`Kernel::run_tag_in_metadata`]).
+    metadata: std::cell::OnceCell<Ebpf>,
 }
+
+/// What `metadata_tag_*` (tests/testbed-ebpf) return when they could not hand a frame on.
+const NOT_HANDED_ON: u32 = 0x7a67;
 
 impl Kernel {
     /// Loads and verifies both programs and applies `model`; fails the test without root.
@@ -84,6 +91,7 @@ impl Kernel {
             ebpf,
             maps,
             compiled,
+            metadata: std::cell::OnceCell::new(),
         };
         kernel.apply(model);
         kernel
@@ -128,12 +136,78 @@ impl Kernel {
             .expect("an XDP program")
     }
 
+    /// Runs `frame` and says only whether it passed: for floods, whose reasons
+    /// the caller reads from the counters' totals afterwards.
+    pub fn passes(&self, direction: Direction, frame: &[u8]) -> bool {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        match self
+            .program(direction)
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {direction:?} failed: {e:?}"))
+            .return_value
+        {
+            TC_ACT_UNSPEC => true,
+            TC_ACT_SHOT => false,
+            other => panic!("unexpected TC verdict {other}"),
+        }
+    }
+
     /// Runs `frame` through the TC program of `direction` (ingress: arriving on
     /// the trunk, towards the pod).
     pub fn run(&self, direction: Direction, frame: &[u8]) -> Outcome {
-        let (verdict, counted) = self.test_run(direction, frame, |opts| {
-            self.program(direction).test_run(opts)
-        });
+        self.run_through(self.program(direction), direction, frame)
+    }
+
+    /// Runs `frame`, whose outer tag is inline, with that tag moved into the
+    /// skb's metadata first (as the receive path puts it), through the program
+    /// of `direction`: `BPF_PROG_TEST_RUN` cannot set the metadata itself, so a
+    /// testbed program moves the tag and tail-calls the enforcer.
+    pub fn run_tag_in_metadata(&self, direction: Direction, frame: &[u8]) -> Outcome {
+        let testbed = self.metadata.get_or_init(|| self.load_metadata_programs());
+        let name = match direction {
+            Direction::Ingress => "metadata_tag_ingress",
+            Direction::Egress => "metadata_tag_egress",
+        };
+        let prog: &SchedClassifier = testbed
+            .program(name)
+            .expect("program")
+            .try_into()
+            .expect("a TC classifier");
+        self.run_through(prog, direction, frame)
+    }
+
+    fn load_metadata_programs(&self) -> Ebpf {
+        let path = crate::staged::object("testbed-ebpf");
+        let mut testbed =
+            Ebpf::load_file(&path).unwrap_or_else(|e| panic!("load {}: {e}", path.display()));
+        for name in ["metadata_tag_ingress", "metadata_tag_egress"] {
+            let prog: &mut SchedClassifier = testbed
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} in the testbed object"))
+                .try_into()
+                .expect("a TC classifier");
+            prog.load()
+                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
+        }
+        let mut slots: ProgramArray<_> = testbed
+            .map_mut("ENFORCER")
+            .expect("map ENFORCER in the testbed object")
+            .try_into()
+            .expect("a program array");
+        for (slot, direction) in [(0, Direction::Ingress), (1, Direction::Egress)] {
+            let fd = self.program(direction).fd().expect("a loaded program");
+            slots.set(slot, fd, 0).expect("fill the program array");
+        }
+        testbed
+    }
+
+    fn run_through(&self, prog: &SchedClassifier, direction: Direction, frame: &[u8]) -> Outcome {
+        let (verdict, counted) = self.test_run(direction, frame, |opts| prog.test_run(opts));
+        assert_ne!(
+            verdict, NOT_HANDED_ON,
+            "the tag of {frame:02x?} could not be moved into metadata"
+        );
         let passed = match verdict {
             TC_ACT_UNSPEC => true,
             TC_ACT_SHOT => false,

@@ -3,10 +3,12 @@
 
 pub mod deploy;
 pub mod frame;
+pub mod frame_oracle;
 pub mod kernel;
 pub mod models;
 pub mod oracle;
 pub mod random;
+pub mod replay;
 pub mod staged;
 pub mod testbed;
 

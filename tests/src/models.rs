@@ -31,6 +31,8 @@ pub fn node_config(primary_groups: Vec<String>) -> NodeConfig {
         max_rules_per_group: 60,
         enforcing_action: EnforcingAction::Enforce,
         tcp_early_demux_disabled: false,
+        max_flows_per_pod: enforcer_common::DEFAULT_MAX_FLOWS_PER_POD,
+        max_fragments_per_pod: enforcer_common::DEFAULT_MAX_FRAGMENTS_PER_POD,
     }
 }
 

@@ -2,6 +2,22 @@
 //! overlapping CIDRs of every length in both families, port ranges, ICMP,
 //! other protocols, referenced groups and prefix lists, pods in both modes;
 //! packets biased towards the addresses and ports the rules name.
+//!
+//! Frames ([`CaseGenerator::next`], shares of 100): replies to earlier flows
+//! 16, ICMP errors quoting them 4, plain packets 40 (of which untagged 4%,
+//! unknown VLAN 4%, ARP 2%, cut inside the headers 3%), IPv4 fragments 6 and
+//! IPv6 fragments 6 (first, later out of order, overlapping, retransmitted
+//! firsts, later ones whose first never came), IPv6 extension header chains 6
+//! (hop-by-hop, routing, destination options, AH, fragment, in any order, 0 to
+//! 6 headers: up to and past the parser's bound of 4), tag tricks 4 (stacked
+//! tags, VLAN ID 0 alone or before a pod's or another VLAN, tags cut short),
+//! frames of every kind cut at any byte 5, malformed IP fields 3 (IHL, version,
+//! total length, IPv4 options whole or cut, TCP data offset), unknown VLANs 3,
+//! (tag tricks include ethertypes other than IP and ARP on a pod's VLAN)
+//! neighbour discovery 5 (hop limits, the pod's side own, link-local, groups,
+//! unspecified, others), ARP 2 (whole, other address sizes, cut). The first
+//! twelve frames of a generator take one kind each, so every kind occurs at
+//! any packet count.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -11,7 +27,7 @@ use enforcer::model::{
     SecurityGroup,
 };
 
-use crate::frame::{self, Ip, L4, Tag};
+use crate::frame::{self, ExtHeader, Ip, L4, Tag};
 
 /// SplitMix64: small, seedable, good enough to spread test cases.
 pub struct Rng(u64);
@@ -281,9 +297,48 @@ pub fn random_model(rng: &mut Rng) -> Model {
     }
 }
 
+/// What a generated frame is meant to exercise ([`CaseGenerator::next`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Reply,
+    IcmpError,
+    Plain,
+    Ipv4Fragment,
+    Ipv6Fragment,
+    ExtensionChain,
+    TagTrick,
+    Cut,
+    BadIpFields,
+    UnknownVlan,
+    NeighbourDiscovery,
+    Arp,
+}
+
+impl Kind {
+    /// Every kind, each with its share of 100 frames.
+    pub const SHARES: [(Kind, u64); 12] = [
+        (Kind::Reply, 16),
+        (Kind::IcmpError, 4),
+        (Kind::Plain, 40),
+        (Kind::Ipv4Fragment, 6),
+        (Kind::Ipv6Fragment, 6),
+        (Kind::ExtensionChain, 6),
+        (Kind::TagTrick, 4),
+        (Kind::Cut, 5),
+        (Kind::BadIpFields, 3),
+        (Kind::UnknownVlan, 3),
+        (Kind::NeighbourDiscovery, 5),
+        (Kind::Arp, 2),
+    ];
+}
+
 /// One generated frame with what the test needs to predict its verdict.
 #[derive(Clone, Debug)]
 pub struct Case {
+    pub kind: Kind,
+    /// The outer tag is to reach the fast path in skb metadata, as the
+    /// receive path puts it, rather than inline (`Kernel::run_tag_in_metadata`).
+    pub metadata: bool,
     pub direction: Direction,
     pub tag: Tag,
     /// The IP packet inside (absent for ARP).
@@ -298,38 +353,411 @@ pub struct Case {
 /// Recent IP cases, so that replies and ICMP errors of earlier flows come up.
 const HISTORY: usize = 64;
 
+/// A datagram whose fragments the generator sends.
+#[derive(Clone, Debug)]
+struct Datagram {
+    base: Case,
+    id: u16,
+}
+
 /// Generates cases for one model: fresh flows, replies to earlier ones, and
-/// ICMP errors quoting earlier ones.
+/// ICMP errors quoting earlier ones, fragments, header chains and malformed frames.
 pub struct CaseGenerator {
     history: Vec<Case>,
+    datagrams: Vec<Datagram>,
+    next_id: u16,
+    count: u64,
 }
 
 impl CaseGenerator {
     pub fn new() -> Self {
         Self {
             history: Vec::with_capacity(HISTORY),
+            datagrams: Vec::new(),
+            next_id: 1,
+            count: 0,
         }
     }
 
     pub fn next(&mut self, rng: &mut Rng, model: &Model) -> Case {
-        let case = match rng.below(100) {
-            0..=19 if !self.history.is_empty() => {
+        let kind = if (self.count as usize) < Kind::SHARES.len() {
+            Kind::SHARES[self.count as usize].0
+        } else {
+            let mut roll = rng.below(100);
+            Kind::SHARES
+                .iter()
+                .find(|(_, share)| {
+                    let hit = roll < *share;
+                    roll = roll.saturating_sub(*share);
+                    hit
+                })
+                .expect("shares sum to 100")
+                .0
+        };
+        self.count += 1;
+        let mut case = match kind {
+            Kind::Reply if !self.history.is_empty() => {
                 let original = rng.pick(&self.history).clone();
                 reply_to(rng, original)
             }
-            20..=23 if !self.history.is_empty() => {
+            Kind::IcmpError if !self.history.is_empty() => {
                 let original = rng.pick(&self.history).clone();
                 icmp_error_about(rng, &original)
             }
+            Kind::Ipv4Fragment => self.fragment(rng, model, false),
+            Kind::Ipv6Fragment => self.fragment(rng, model, true),
+            Kind::ExtensionChain => extension_chain(rng, model),
+            Kind::TagTrick => tag_trick(rng, model),
+            Kind::Cut => {
+                let mut case = match rng.below(4) {
+                    0 => extension_chain(rng, model),
+                    1 => {
+                        let v6 = rng.chance(50);
+                        self.fragment(rng, model, v6)
+                    }
+                    2 => tag_trick(rng, model),
+                    _ => random_case(rng, model),
+                };
+                // Untagged IP frames cut inside the IP header are refused by
+                // BPF_PROG_TEST_RUN (and passed unread by the fast path anyway).
+                if case.tag != Tag::Untagged && case.frame.len() > 15 {
+                    let at = 14 + rng.below(case.frame.len() as u64 - 14) as usize;
+                    case.frame.truncate(at);
+                    case.truncated = true;
+                }
+                case
+            }
+            Kind::BadIpFields => bad_ip_fields(rng, model),
+            Kind::UnknownVlan => unknown_vlan(rng, model),
+            Kind::NeighbourDiscovery => neighbour_discovery(rng, model),
+            Kind::Arp => arp_case(rng, model),
             _ => random_case(rng, model),
         };
-        if case.ip.is_some() && !case.truncated && case.quoted.is_none() {
+        case.kind = kind;
+        // A third of the frames with a whole outer tag carry it in metadata.
+        // (The helper that moves it also moves a second tag, so that one must
+        // be whole too: the receive path itself leaves a cut inner tag alone.)
+        let be16 = |at: usize| {
+            case.frame
+                .get(at..at + 2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        };
+        let is_tag = |t: Option<u16>| matches!(t, Some(0x8100 | 0x88a8));
+        case.metadata = is_tag(be16(12))
+            && case.frame.len() >= 18
+            && (!is_tag(be16(16)) || case.frame.len() >= 22)
+            && rng.chance(33);
+        if case.ip.is_some() && !case.truncated && case.quoted.is_none() && kind == Kind::Plain {
             if self.history.len() == HISTORY {
                 self.history.remove(0);
             }
             self.history.push(case.clone());
         }
         case
+    }
+
+    /// A fragment of a datagram of the family `v6`: a new datagram's first
+    /// fragment, a later one of a datagram seen before (any offset, so out of
+    /// order and overlapping), a first fragment again, or a later fragment
+    /// whose first never came.
+    fn fragment(&mut self, rng: &mut Rng, model: &Model, v6: bool) -> Case {
+        let roll = rng.below(100);
+        let datagram = match roll {
+            0..=34 => None,
+            35..=79 if !self.datagrams.is_empty() => Some(rng.pick(&self.datagrams).clone()),
+            _ => None,
+        };
+        let datagram = match datagram {
+            Some(datagram) => datagram,
+            None => {
+                let base = ip_case(rng, model, v6);
+                let id = self.next_id;
+                self.next_id = self.next_id.wrapping_add(1).max(1);
+                let datagram = Datagram { base, id };
+                if !(35..90).contains(&roll) {
+                    if self.datagrams.len() == HISTORY {
+                        self.datagrams.remove(0);
+                    }
+                    self.datagrams.push(datagram.clone());
+                }
+                datagram
+            }
+        };
+        let ip = datagram.base.ip.expect("an IP case");
+        let first = roll < 35 || (roll >= 90 && rng.chance(50));
+        let (fragment, payload) = if first {
+            let mut payload = ip.transport_bytes();
+            payload.resize(payload.len().div_ceil(8) * 8 + 8, 0xab);
+            let fragment = frame::Fragment {
+                id: datagram.id,
+                offset: 0,
+                more: true,
+            };
+            (fragment, payload)
+        } else {
+            let fragment = frame::Fragment {
+                id: datagram.id,
+                offset: rng.u16_in(1, 8),
+                more: rng.chance(50),
+            };
+            (fragment, vec![0xcd; 8 * (1 + rng.below(3) as usize)])
+        };
+        let tag = datagram.base.tag;
+        Case {
+            frame: frame::fragment_frame(tag, &ip, fragment, &payload),
+            ip: Some(ip),
+            ..datagram.base
+        }
+    }
+}
+
+/// A plain case of the family `v6` carrying IP (the pod's family if it lacks `v6`).
+fn ip_case(rng: &mut Rng, model: &Model, v6: bool) -> Case {
+    for _ in 0..32 {
+        let case = random_case(rng, model);
+        if case.truncated || case.tag == Tag::Untagged {
+            continue;
+        }
+        if let Some(ip) = case.ip
+            && ip.src.is_ipv6() == v6
+        {
+            return case;
+        }
+    }
+    let mut case = random_case(rng, model);
+    while case.ip.is_none() || case.truncated {
+        case = random_case(rng, model);
+    }
+    case
+}
+
+/// An IPv6 packet behind a chain of 0 to 6 extension headers in any order.
+fn extension_chain(rng: &mut Rng, model: &Model) -> Case {
+    let base = ip_case(rng, model, true);
+    let ip = base.ip.expect("an IP case");
+    if ip.src.is_ipv4() {
+        return base;
+    }
+    let mut chain = Vec::new();
+    if rng.chance(50) {
+        chain.push(ExtHeader::HopByHop {
+            units: rng.below(3) as u8,
+        });
+    }
+    for _ in 0..rng.below(6) {
+        let units = rng.below(3) as u8;
+        chain.push(match rng.below(9) {
+            0 => ExtHeader::HopByHop { units },
+            1 | 2 => ExtHeader::Routing { units },
+            3 | 4 => ExtHeader::DestOptions { units },
+            5 | 6 => ExtHeader::Auth {
+                words: 1 + rng.below(4) as u8,
+            },
+            _ => ExtHeader::Fragment {
+                id: rng.below(4) as u32,
+                offset: if rng.chance(70) { 0 } else { rng.u16_in(1, 4) },
+                more: rng.chance(50),
+            },
+        });
+    }
+    let mut payload = ip.transport_bytes();
+    payload.extend_from_slice(&[0x11; 8]);
+    Case {
+        frame: frame::ipv6_chain_frame(base.tag, &ip, &chain, &payload),
+        ..base
+    }
+}
+
+/// Stacked tags, priority tags (VLAN ID 0) alone or before a pod's or another
+/// VLAN, and tags cut short.
+fn tag_trick(rng: &mut Rng, model: &Model) -> Case {
+    let base = {
+        let v6 = rng.chance(30);
+        ip_case(rng, model, v6)
+    };
+    let ip = base.ip.expect("an IP case");
+    let pod_vlan = rng.pick(&model.pods).vlan;
+    let other = |rng: &mut Rng| rng.u16_in(1, 4094);
+    let tag = match rng.below(7) {
+        6 => {
+            // Neither IP nor ARP on a pod's VLAN: MPLS, LLDP, PPPoE.
+            let tag = Tag::Vlan(pod_vlan);
+            let ethertype = *rng.pick(&[0x8847, 0x88cc, 0x8864]);
+            return Case {
+                tag,
+                frame: frame::ethernet(tag, ethertype, &ip.to_bytes()),
+                ..base
+            };
+        }
+        0 => Tag::Stacked(pod_vlan, other(rng)),
+        1 => Tag::Stacked(other(rng), pod_vlan),
+        2 => Tag::Priority(None),
+        3 => Tag::Priority(Some(pod_vlan)),
+        4 => Tag::Priority(Some(other(rng))),
+        _ => {
+            // A tag, or a priority tag's inner tag, announced but cut short.
+            let outer = if rng.chance(50) {
+                Tag::Priority(None)
+            } else {
+                Tag::Untagged
+            };
+            let len = 1 + rng.below(3) as usize;
+            return Case {
+                tag: outer,
+                frame: frame::ethernet(outer, frame::ETH_P_8021Q, &[0; 3][..len]),
+                truncated: true,
+                ..base
+            };
+        }
+    };
+    Case {
+        tag,
+        frame: frame::ip_frame(tag, &ip),
+        ..base
+    }
+}
+
+/// A pod's packet with a header field out of the standards' bounds, or with IPv4 options.
+fn bad_ip_fields(rng: &mut Rng, model: &Model) -> Case {
+    let mut case = {
+        let v6 = rng.chance(30);
+        ip_case(rng, model, v6)
+    };
+    let ip = case.ip.expect("an IP case");
+    let l3 = frame::l2_len(case.tag);
+    let f = &mut case.frame;
+    let v4 = ip.src.is_ipv4();
+    match (rng.below(6), v4) {
+        (0, true) => f[l3] = 0x40 | rng.below(5) as u8,
+        (1, _) => f[l3] = (f[l3] & 0x0f) | if v4 { 0x60 } else { 0x40 },
+        (2, true) => f[l3 + 2..l3 + 4].copy_from_slice(&(rng.below(20) as u16).to_be_bytes()),
+        (3, true) => {
+            // Valid options (four no-ops), or an IHL whose options are not all there.
+            let words = if rng.chance(50) { 1 } else { 10 };
+            f[l3] = 0x45 + words;
+            let total = u16::from_be_bytes([f[l3 + 2], f[l3 + 3]]) + 4;
+            f[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+            f.splice(l3 + 20..l3 + 20, [1, 1, 1, 1]);
+        }
+        _ if matches!(ip.l4, L4::Tcp { .. }) => {
+            let tcp = l3 + if v4 { 20 } else { 40 };
+            f[tcp + 12] = (rng.below(5) as u8) << 4;
+        }
+        _ => f[l3] = (f[l3] & 0x0f) | 0x50,
+    }
+    case
+}
+
+/// A frame tagged with a VLAN no pod has.
+fn unknown_vlan(rng: &mut Rng, model: &Model) -> Case {
+    let mut case = {
+        let v6 = rng.chance(30);
+        ip_case(rng, model, v6)
+    };
+    let mut vlan = rng.u16_in(1, 4094);
+    while model.pods.iter().any(|p| p.vlan == vlan) {
+        vlan = rng.u16_in(1, 4094);
+    }
+    case.tag = Tag::Vlan(vlan);
+    case.frame = frame::ip_frame(case.tag, &case.ip.expect("an IP case"));
+    case
+}
+
+/// Router and neighbour discovery (and the types around it) with every kind
+/// of pod side and hop limit.
+fn neighbour_discovery(rng: &mut Rng, model: &Model) -> Case {
+    let Some(pod) = model.pods.iter().find(|p| p.ipv6.is_some()).cloned() else {
+        return random_case(rng, model);
+    };
+    let own = pod.ipv6.expect("checked");
+    let low = own.octets();
+    let solicited = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(low[13]),
+        u16::from_be_bytes([low[14], low[15]]),
+    );
+    let candidates = [
+        own,
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, rng.below(9) as u16 + 1),
+        solicited,
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff12, 0x3456),
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2),
+        Ipv6Addr::UNSPECIFIED,
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0xfb),
+        Ipv6Addr::new(0xff05, 0, 0, 0, 0, 1, 0xff00, 5),
+        random_v6(rng),
+    ];
+    let pod_side = IpAddr::V6(*rng.pick(&candidates));
+    let peer = IpAddr::V6(*rng.pick(&candidates));
+    let direction = if rng.chance(50) {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    let (src, dst) = match direction {
+        Direction::Ingress => (peer, pod_side),
+        Direction::Egress => (pod_side, peer),
+    };
+    let icmp_type = *rng.pick(&[132u8, 133, 134, 135, 136, 137, 137, 138]);
+    let ip = Ip {
+        src,
+        dst,
+        l4: L4::Icmp {
+            icmp_type,
+            code: 0,
+            id: 0,
+        },
+    };
+    let tag = Tag::Vlan(pod.vlan);
+    let mut frame = frame::ip_frame(tag, &ip);
+    let hop_limit = *rng.pick(&[255u8, 255, 255, 254, 64, 1]);
+    frame::set_hop_limit(&mut frame, tag, hop_limit);
+    Case {
+        kind: Kind::NeighbourDiscovery,
+        metadata: false,
+        direction,
+        tag,
+        ip: Some(ip),
+        quoted: None,
+        frame,
+        truncated: false,
+    }
+}
+
+/// ARP of a pod's VLAN: the pod's or another sender, other address sizes, cut short.
+fn arp_case(rng: &mut Rng, model: &Model) -> Case {
+    let pod = rng.pick(&model.pods).clone();
+    let tag = Tag::Vlan(pod.vlan);
+    let sender = if rng.chance(60) {
+        pod.ipv4.expect("pods have IPv4").octets()
+    } else {
+        random_v4(rng).octets()
+    };
+    let mut frame = frame::arp_frame(tag, sender, [10, 0, 1, 1]);
+    match rng.below(4) {
+        0 => frame[18 + 5] = 16,
+        1 => frame.truncate(18 + 6 + rng.below(12) as usize),
+        _ => {}
+    }
+    Case {
+        kind: Kind::Arp,
+        metadata: false,
+        direction: if rng.chance(50) {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        },
+        tag,
+        ip: None,
+        quoted: None,
+        frame,
+        truncated: false,
     }
 }
 
@@ -349,6 +777,8 @@ fn reply_to(rng: &mut Rng, case: Case) -> Case {
     ]);
     let reply = case.ip.expect("history holds IP cases").reply(flags);
     Case {
+        kind: Kind::Reply,
+        metadata: false,
         direction: case.direction.opposite(),
         tag: case.tag,
         frame: frame::ip_frame(case.tag, &reply),
@@ -377,6 +807,8 @@ fn icmp_error_about(rng: &mut Rng, original: &Case) -> Case {
         },
     };
     Case {
+        kind: Kind::IcmpError,
+        metadata: false,
         direction: original.direction.opposite(),
         tag: original.tag,
         frame: frame::icmp_error_frame(
@@ -544,6 +976,8 @@ fn random_case(rng: &mut Rng, model: &Model) -> Case {
         };
         let frame = frame::arp_frame(tag, sender, [10, 0, 1, 1]);
         return Case {
+            kind: Kind::Plain,
+            metadata: false,
             direction,
             tag,
             ip: None,
@@ -591,6 +1025,8 @@ fn random_case(rng: &mut Rng, model: &Model) -> Case {
         frame.truncate(14 + rng.below((headers - 14) as u64) as usize);
     }
     Case {
+        kind: Kind::Plain,
+        metadata: false,
         direction,
         tag,
         ip: Some(ip),

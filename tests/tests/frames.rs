@@ -1,7 +1,10 @@
 //! The frame stage of the programs, through `BPF_PROG_TEST_RUN`: VLAN from
 //! the tag, untagged pass-through, unknown VLANs, anti-spoofing, malformed
-//! and unsupported headers, ARP, IPv6 extension headers. The pod's policy
-//! allows everything, so only this stage can drop.
+//! and unsupported headers, ARP, neighbour discovery, IPv6 extension headers,
+//! IPv4 options and fragments of both families. Most pods' policy allows
+//! everything, so only this stage can drop; the discovery, header-chain and
+//! fragment tests use a policy of one port, so that a transport header read at
+//! the wrong offset changes the verdict.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -219,4 +222,342 @@ fn ipv6_extension_headers_are_skipped() {
         k.run(Direction::Ingress, &f[..18 + 40 + 4]),
         dropped(Reason::DropMalformed)
     );
+}
+
+/// Neighbour and router discovery pass before any group only as EC2 passes
+/// them: hop limit 255 and the pod's side its own, link-local, unspecified
+/// (DAD) or a discovery group. Anything else of those types is ICMPv6 like any
+/// other: anti-spoofing, then a policy that allows no ICMPv6 at all.
+#[test]
+fn neighbour_discovery_passes_only_as_ec2_passes_it() {
+    let https = L4Match::Ports {
+        protocol: 6,
+        from: 443,
+        to: 443,
+    };
+    let tcp_only = || vec![rule(https, "::/0")];
+    let closed = group("sg-0closed", tcp_only(), tcp_only());
+    let pod = branch_pod("pod", VLAN, POD_V4, Some(POD_V6), &["sg-0closed"]);
+    let k = Kernel::load(&model(
+        node_config(vec!["sg-0closed".into()]),
+        vec![closed],
+        vec![pod],
+    ));
+    let v6 = |s: &str| -> IpAddr { s.parse().expect("address") };
+    let nd = |src: IpAddr, dst: IpAddr, icmp_type: u8, hop_limit: u8| {
+        let ip = Ip {
+            src,
+            dst,
+            l4: L4::Icmp {
+                icmp_type,
+                code: 0,
+                id: 0,
+            },
+        };
+        let mut f = frame::ip_frame(Tag::Vlan(VLAN), &ip);
+        frame::set_hop_limit(&mut f, Tag::Vlan(VLAN), hop_limit);
+        f
+    };
+    let link_layer = Outcome {
+        passed: true,
+        reason: Reason::PassLinkLayer,
+        would_drop: false,
+    };
+    let (own, peer, router) = (IpAddr::V6(POD_V6), IpAddr::V6(PEER_V6), v6("fe80::1"));
+    let solicited = v6("ff02::1:ff00:20");
+    let cases = [
+        (Direction::Ingress, nd(router, own, 135, 255), link_layer),
+        (
+            Direction::Ingress,
+            nd(router, solicited, 135, 255),
+            link_layer,
+        ),
+        (
+            Direction::Ingress,
+            nd(router, v6("ff02::1"), 134, 255),
+            link_layer,
+        ),
+        (
+            Direction::Ingress,
+            nd(router, v6("fe80::20"), 137, 255),
+            link_layer,
+        ),
+        (
+            Direction::Egress,
+            nd(v6("::"), solicited, 135, 255),
+            link_layer,
+        ),
+        (
+            Direction::Egress,
+            nd(own, v6("ff02::2"), 133, 255),
+            link_layer,
+        ),
+        (
+            Direction::Egress,
+            nd(v6("fe80::20"), router, 136, 255),
+            link_layer,
+        ),
+        // Forwarded by a router (hop limit below 255): ordinary ICMPv6, and the
+        // policy allows none.
+        (
+            Direction::Ingress,
+            nd(peer, own, 135, 254),
+            dropped(Reason::DropPolicy),
+        ),
+        (
+            Direction::Ingress,
+            nd(router, own, 134, 64),
+            dropped(Reason::DropPolicy),
+        ),
+        (
+            Direction::Egress,
+            nd(own, peer, 136, 1),
+            dropped(Reason::DropPolicy),
+        ),
+        // Not a discovery group, or not the pod's side: not the pod's traffic.
+        (
+            Direction::Ingress,
+            nd(router, v6("ff02::fb"), 135, 255),
+            dropped(Reason::DropSpoofed),
+        ),
+        (
+            Direction::Ingress,
+            nd(router, v6("ff05::1:ff00:20"), 135, 255),
+            dropped(Reason::DropSpoofed),
+        ),
+        (
+            Direction::Ingress,
+            nd(router, peer, 136, 255),
+            dropped(Reason::DropSpoofed),
+        ),
+        (
+            Direction::Egress,
+            nd(peer, router, 136, 255),
+            dropped(Reason::DropSpoofed),
+        ),
+        (
+            Direction::Egress,
+            nd(v6("ff02::1"), router, 136, 255),
+            dropped(Reason::DropSpoofed),
+        ),
+    ];
+    for (n, (direction, f, want)) in cases.into_iter().enumerate() {
+        assert_eq!(
+            k.run(direction, &f),
+            want,
+            "case {n}: {direction:?} {f:02x?}"
+        );
+    }
+}
+
+/// A pod that takes TCP 443 from the peer and nothing else, so a parser that
+/// finds the transport header at the wrong offset reads other ports and the
+/// verdict changes.
+fn https_only() -> Kernel {
+    let https = L4Match::Ports {
+        protocol: 6,
+        from: 443,
+        to: 443,
+    };
+    let from_peer = || {
+        vec![
+            rule(https, "10.0.2.30/32"),
+            rule(https, "2600:1f14:0:2::30/128"),
+        ]
+    };
+    let locked = group("sg-0https", from_peer(), vec![]);
+    let pod = branch_pod("pod", VLAN, POD_V4, Some(POD_V6), &["sg-0https"]);
+    Kernel::load(&model(
+        node_config(vec!["sg-0https".into()]),
+        vec![locked],
+        vec![pod],
+    ))
+}
+
+/// A SYN from a source port of its own (`sport`), so each is a new flow.
+fn syn_to(src: IpAddr, dst: IpAddr, port: u16, sport: u16) -> Ip {
+    Ip {
+        src,
+        dst,
+        l4: L4::Tcp {
+            src: sport,
+            dst: port,
+            flags: frame::TCP_SYN,
+        },
+    }
+}
+
+/// Extension headers of every kind, in every legal order, are skipped to the
+/// right byte: TCP 443 behind them is allowed, 444 refused. Hop-by-hop after
+/// another header, two fragment headers and more headers than the parser
+/// follows are malformed.
+#[test]
+fn ipv6_extension_chains_lead_to_the_right_transport_header() {
+    use frame::ExtHeader::{Auth, DestOptions, Fragment, HopByHop, Routing};
+    let k = https_only();
+    let tag = Tag::Vlan(VLAN);
+    let atomic = Fragment {
+        id: 9,
+        offset: 0,
+        more: false,
+    };
+    let chains: [&[frame::ExtHeader]; 6] = [
+        &[HopByHop { units: 0 }],
+        &[HopByHop { units: 2 }, DestOptions { units: 1 }],
+        &[Routing { units: 1 }, Auth { words: 4 }],
+        &[
+            HopByHop { units: 1 },
+            Routing { units: 0 },
+            atomic,
+            DestOptions { units: 0 },
+        ],
+        &[
+            DestOptions { units: 0 },
+            Routing { units: 2 },
+            DestOptions { units: 1 },
+        ],
+        &[Auth { words: 1 }, atomic],
+    ];
+    for (n, chain) in chains.into_iter().enumerate() {
+        for (port, want) in [(443, PASS_NEW), (444, dropped(Reason::DropPolicy))] {
+            let ip = syn_to(PEER_V6.into(), POD_V6.into(), port, 41000 + n as u16);
+            let f = frame::ipv6_chain_frame(tag, &ip, chain, &ip.transport_bytes());
+            assert_eq!(k.run(Direction::Ingress, &f), want, "{chain:?} port {port}");
+        }
+    }
+    let malformed: [&[frame::ExtHeader]; 3] = [
+        &[DestOptions { units: 0 }, HopByHop { units: 0 }],
+        &[atomic, Routing { units: 0 }, atomic],
+        &[
+            HopByHop { units: 0 },
+            Routing { units: 0 },
+            DestOptions { units: 0 },
+            Auth { words: 1 },
+            DestOptions { units: 0 },
+        ],
+    ];
+    let ip = syn_to(PEER_V6.into(), POD_V6.into(), 443, 42000);
+    for chain in malformed {
+        let f = frame::ipv6_chain_frame(tag, &ip, chain, &ip.transport_bytes());
+        assert_eq!(
+            k.run(Direction::Ingress, &f),
+            dropped(Reason::DropMalformed),
+            "{chain:?}"
+        );
+    }
+    // A header longer than what is left of the frame is cut short, whatever follows.
+    let f = frame::ipv6_chain_frame(tag, &ip, &[DestOptions { units: 3 }], &[]);
+    let cut = &f[..f.len() - 8];
+    assert_eq!(
+        k.run(Direction::Ingress, cut),
+        dropped(Reason::DropMalformed)
+    );
+}
+
+/// IPv4 options are skipped (IHL), and a header whose options are not all there is malformed.
+#[test]
+fn ipv4_options_lead_to_the_right_transport_header() {
+    let k = https_only();
+    let tag = Tag::Vlan(VLAN);
+    for (port, want) in [(443, PASS_NEW), (444, dropped(Reason::DropPolicy))] {
+        let ip = syn_to(PEER_V4.into(), POD_V4.into(), port, 40000);
+        let mut f = frame::ip_frame(tag, &ip);
+        // Eight bytes of no-op options: IHL 7.
+        f[18] = 0x47;
+        let total = u16::from_be_bytes([f[20], f[21]]) + 8;
+        f[20..22].copy_from_slice(&total.to_be_bytes());
+        f.splice(38..38, [1; 8]);
+        assert_eq!(k.run(Direction::Ingress, &f), want, "port {port}");
+        let mut cut = f.clone();
+        cut[18] = 0x4f;
+        cut.truncate(18 + 40);
+        assert_eq!(
+            k.run(Direction::Ingress, &cut),
+            dropped(Reason::DropMalformed)
+        );
+    }
+}
+
+/// Fragments of both families: the first fragment is judged by its transport
+/// header (also behind headers after the fragment header), the later ones by
+/// the first's verdict; a later fragment whose first was refused or never came
+/// is dropped, and its payload is never read as headers.
+#[test]
+fn fragments_of_both_families_follow_their_first_fragment() {
+    use frame::ExtHeader::{DestOptions, Fragment as FragmentHeader};
+    let k = https_only();
+    let tag = Tag::Vlan(VLAN);
+    let peers: [(IpAddr, IpAddr); 2] = [
+        (PEER_V4.into(), POD_V4.into()),
+        (PEER_V6.into(), POD_V6.into()),
+    ];
+    for (n, (peer, pod)) in peers.into_iter().enumerate() {
+        let family = if peer.is_ipv4() { "IPv4" } else { "IPv6" };
+        for (id, port, first_want, later_want) in [
+            (0x10 + n as u16, 443, PASS_NEW, Reason::PassFragment),
+            (
+                0x20 + n as u16,
+                444,
+                dropped(Reason::DropPolicy),
+                Reason::DropFragment,
+            ),
+        ] {
+            let ip = syn_to(peer, pod, port, 43000);
+            let first = frame::Fragment {
+                id,
+                offset: 0,
+                more: true,
+            };
+            let mut payload = ip.transport_bytes();
+            payload.resize(24, 0);
+            let f = frame::fragment_frame(tag, &ip, first, &payload);
+            assert_eq!(
+                k.run(Direction::Ingress, &f),
+                first_want,
+                "{family} first to {port}"
+            );
+            let later = frame::Fragment {
+                offset: 3,
+                more: false,
+                ..first
+            };
+            // The later fragment's payload looks like a destination options header.
+            let f = frame::fragment_frame(tag, &ip, later, &[60, 0, 1, 4, 0, 0, 0, 0]);
+            let outcome = k.run(Direction::Ingress, &f);
+            assert_eq!(outcome.reason, later_want, "{family} later to {port}");
+        }
+        let stray = frame::Fragment {
+            id: 0x30 + n as u16,
+            offset: 5,
+            more: true,
+        };
+        let ip = syn_to(peer, pod, 443, 43001);
+        let f = frame::fragment_frame(tag, &ip, stray, &[0; 16]);
+        assert_eq!(
+            k.run(Direction::Ingress, &f),
+            dropped(Reason::DropFragment),
+            "{family} later fragment without its first"
+        );
+    }
+    // IPv6: headers after the fragment header in the first fragment; its
+    // datagram is the same for the later fragments (RFC 8200 reassembles by
+    // addresses and identification).
+    let ip = syn_to(PEER_V6.into(), POD_V6.into(), 443, 43002);
+    let first = [
+        FragmentHeader {
+            id: 0x77,
+            offset: 0,
+            more: true,
+        },
+        DestOptions { units: 0 },
+    ];
+    let f = frame::ipv6_chain_frame(tag, &ip, &first, &ip.transport_bytes());
+    assert_eq!(k.run(Direction::Ingress, &f), PASS_NEW);
+    let later = [FragmentHeader {
+        id: 0x77,
+        offset: 4,
+        more: false,
+    }];
+    let f = frame::ipv6_chain_frame(tag, &ip, &later, &[0; 8]);
+    assert_eq!(k.run(Direction::Ingress, &f).reason, Reason::PassFragment);
 }

@@ -1,9 +1,10 @@
-//! Developer and CI verbs: `cargo xtask setup | build-ebpf | image | test | demo | bench`.
+//! Developer and CI verbs: `cargo xtask setup | build-ebpf | image | test | demo | bench | fuzz`.
 
 mod bench;
 mod build_ebpf;
 mod command;
 mod demo;
+mod fuzz;
 mod image;
 mod setup;
 mod test;
@@ -51,6 +52,13 @@ enum Verb {
         #[arg(long)]
         teardown: bool,
     },
+    /// Run every fuzz target (fuzz/, cargo-fuzz and libFuzzer on nightly) for a while
+    /// each; fails on a crash (FUZZING.md).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Measure the fast path against the floor and by rule count, apply time and map
     /// memory; writes a JSON report (root).
     Bench {
@@ -77,6 +85,10 @@ fn main() -> Result<ExitCode> {
         Verb::Test => {
             setup::run()?;
             test::run()?
+        }
+        Verb::Fuzz { seconds } => {
+            setup::run()?;
+            fuzz::run(seconds)?;
         }
         Verb::Demo { state, teardown } => return demo::run(state.as_deref(), teardown),
         Verb::Bench { quick, json } => {

@@ -11,6 +11,8 @@ use crate::command::{output, run as run_command};
 /// bpf-linker must link the same LLVM major as the nightly rustc.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+/// `cargo fuzz` (libFuzzer targets in fuzz/, run by `cargo xtask fuzz` and `test`).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Debian packages the tests and tools use, with a binary proving each is installed.
 const PACKAGES: &[(&str, &str)] = &[
@@ -33,6 +35,7 @@ pub fn run() -> Result<()> {
     rust_src()?;
     musl_target()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     packages()?;
     kubectl()?;
     bpffs()
@@ -134,6 +137,26 @@ fn bpf_linker() -> Result<()> {
             .env("LLVM_PREFIX", &prefix),
     )
     .context("building bpf-linker failed (recipe in ../shared/docs/toolchain.md)")
+}
+
+fn cargo_fuzz() -> Result<()> {
+    let version = output(Command::new("cargo-fuzz").arg("--version"));
+    if version
+        .as_deref()
+        .is_some_and(|v| v.contains(CARGO_FUZZ_VERSION))
+    {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about 1 minute)");
+    run_command(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+        "--force",
+    ]))
+    .context("installing cargo-fuzz failed")
 }
 
 fn packages() -> Result<()> {

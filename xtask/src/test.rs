@@ -1,4 +1,4 @@
-//! `cargo xtask test`: unit tests, then the privileged integration tests,
+//! `cargo xtask test`: unit tests, a short run of every fuzz target, then the privileged integration tests,
 //! which share kernel state (bpffs, namespaces) and so run on one thread.
 
 use std::process::Command;
@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::command::{run as run_command, workspace_root};
-use crate::{bench, build_ebpf, setup};
+use crate::{bench, build_ebpf, fuzz, setup};
 
 /// Set to `1` to run only the unprivileged tests on a machine without root
 /// (`.ci/run` refuses it).
@@ -33,6 +33,9 @@ pub fn run() -> Result<()> {
         "--exclude",
         "testbed-ebpf",
     ]))?;
+    // Every fuzz target, briefly (10 s each): no crash on the seeds and what they lead to;
+    // the frames it finds are replayed through the kernel by the privileged tests.
+    fuzz::run(fuzz::CI_SECONDS)?;
     if std::env::var(SKIP_PRIVILEGED).as_deref() == Ok("1") {
         eprintln!("xtask: {SKIP_PRIVILEGED}=1: privileged integration tests NOT run");
         return Ok(());

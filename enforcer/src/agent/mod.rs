@@ -27,6 +27,11 @@ use crate::source::state::StateErrors;
 
 /// How often the agent checks that its programs are still attached first on the trunk.
 pub const SUPERVISE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often expired flows and fragment verdicts leave the kernel's tables
+/// (which are not LRU, so nothing else removes them): well under the shortest
+/// timeout that fills a table fast (TCP closing, 10 s), and a walk of a full
+/// conntrack table is a fraction of a second of one CPU.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Waits before a rejected state is read again: doubling from 1 s to 30 s.
 const RELOAD_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// Waits before a failed attachment (a trunk not there yet) is tried again:
@@ -474,6 +479,23 @@ impl Agent {
         }
     }
 
+    /// Sweeps expired entries out of the conntrack and fragment tables, giving
+    /// each pod its allowance back; errors are logged, the next sweep retries.
+    fn sweep_logged(&mut self) {
+        match self
+            .maps
+            .sweep(crate::observe::events::monotonic().as_nanos() as u64)
+        {
+            Ok(swept) if swept.flows + swept.fragments > 0 => log::debug!(
+                "swept {} expired flows and {} fragment verdicts",
+                swept.flows,
+                swept.fragments
+            ),
+            Ok(_) => {}
+            Err(error) => log::warn!("sweep: {}", crate::error_chain(&error)),
+        }
+    }
+
     /// Checks the attachment; the report follows what changed.
     fn supervise_reported(&mut self) {
         let before = (self.attached, self.attach_error.clone());
@@ -552,6 +574,8 @@ pub async fn run(
     }
     let mut supervise = tokio::time::interval(SUPERVISE_INTERVAL);
     supervise.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Backoff::new(RELOAD_RETRY);
     let retry = tokio::time::sleep(backoff.next());
     tokio::pin!(stop, retry);
@@ -572,6 +596,7 @@ pub async fn run(
                 retry.as_mut().reset(tokio::time::Instant::now() + backoff.next());
             }
             _ = supervise.tick() => update(&feed, &mut agent, Agent::supervise_reported),
+            _ = sweep.tick() => tokio::task::block_in_place(|| agent.sweep_logged()),
         }
     }
 }

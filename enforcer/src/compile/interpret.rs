@@ -141,6 +141,49 @@ pub fn interpret(
     }
 }
 
+/// Where `interpret(compiled)` and the evaluator disagree on the first packet
+/// `query` of `pod`'s flow (verdict, reason kind, untracked flag, lowest
+/// allowing rule of each side), or `None`: the check the compiler's tests and
+/// its fuzz target (`fuzz/`) make. `query` must be a packet, not "all traffic".
+pub fn disagreement(
+    model: &crate::model::Model,
+    compiled: &Compiled,
+    pod: &crate::model::BranchPod,
+    query: &eval::Query,
+) -> Option<String> {
+    use eval::{L4Query, Reason, RuleRef};
+    let L4Query::Packet(packet) = query.l4 else {
+        return Some(format!("{query:?}: the kernel only sees packets"));
+    };
+    let e = eval::evaluate(model, pod, query);
+    let k = interpret(compiled, pod.vlan, query.direction, query.peer, packet);
+    let ctx = format!("{query:?} of {}: {e:?} vs {k:?}", pod.key());
+    if e.allowed != k.allowed() || e.untracked != k.untracked() {
+        return Some(format!("verdict or tracking differ: {ctx}"));
+    }
+    let lowest = |rules: &[RuleRef]| rules.first().and_then(|r| compiled.rule_id(r));
+    let expect_side = |rules: &[RuleRef], checked: bool| match lowest(rules) {
+        _ if !checked => SideLookup::NotChecked,
+        None => SideLookup::Denied,
+        Some(rule) => SideLookup::Allowed(PortVerdict { rule, flags: 0 }),
+    };
+    let strip = |s: SideLookup| match s {
+        SideLookup::Allowed(v) => SideLookup::Allowed(PortVerdict { flags: 0, ..v }),
+        other => other,
+    };
+    match (e.reason, k) {
+        (Reason::Unfiltered(_), Interpretation::Unfiltered) => None,
+        (Reason::SameNode, Interpretation::NodeLocal) => None,
+        (Reason::Allowed | Reason::NoRule { .. }, Interpretation::Policy { branch, primary }) => {
+            let standard = pod.mode == EnforcingMode::Standard;
+            (strip(branch) != expect_side(&e.branch, true)
+                || strip(primary) != expect_side(&e.primary, standard))
+            .then(|| format!("lowest allowing rules differ: {ctx}"))
+        }
+        _ => Some(format!("reasons differ: {ctx}")),
+    }
+}
+
 /// The value of `key` in entries sorted by key.
 pub(super) fn find<K: Ord, V: Copy>(entries: &[(K, V)], key: &K) -> Option<V> {
     entries

@@ -40,7 +40,7 @@ use crate::compile::prefix::{Prefix, lay_out};
 use crate::model::{Direction, EnforcingAction, GroupId, Model};
 use crate::policy::eval::{self, RuleRef, sorted_set};
 use classes::{ClassKey, RuleSets, RuleTable, class_ports, policy_peers};
-pub use interpret::{Interpretation, SideLookup, interpret};
+pub use interpret::{Interpretation, SideLookup, disagreement, interpret};
 use reuse::{Previous, Reuse};
 
 /// Why a model cannot be compiled.

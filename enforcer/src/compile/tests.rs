@@ -16,7 +16,7 @@ use crate::model::{BranchPod, Rule, SecurityGroup};
 use crate::policy::eval::L4Packet;
 use crate::policy::eval::PROTO_TCP;
 use crate::policy::eval::fixtures::*;
-use crate::policy::eval::{Evaluation, L4Query, Query, Reason, evaluate};
+use crate::policy::eval::{L4Query, Query, Reason, evaluate};
 
 const STRICT: EnforcingMode = EnforcingMode::Strict;
 const STANDARD: EnforcingMode = EnforcingMode::Standard;
@@ -363,36 +363,10 @@ fn large_models_compile_right() {
     }
 }
 
-/// `interpret(compile(model))` agrees with the evaluator on verdict, reason kind,
-/// untracked flag and lowest allowing rule of each side.
+/// `interpret(compile(model))` agrees with the evaluator ([`disagreement`]).
 fn check(model: &Model, compiled: &Compiled, pod: &BranchPod, query: &Query) {
-    let L4Query::Packet(packet) = query.l4 else {
-        panic!("the kernel only sees packets");
-    };
-    let e: Evaluation = evaluate(model, pod, query);
-    let k = interpret(compiled, pod.vlan, query.direction, query.peer, packet);
-    let ctx = format!("{query:?} of {}: {e:?} vs {k:?}", pod.key());
-    assert_eq!(e.allowed, k.allowed(), "{ctx}");
-    assert_eq!(e.untracked, k.untracked(), "{ctx}");
-    let lowest = |rules: &[RuleRef]| rules.first().and_then(|r| compiled.rule_id(r));
-    let expect_side = |rules: &[RuleRef], checked: bool| match lowest(rules) {
-        _ if !checked => SideLookup::NotChecked,
-        None => SideLookup::Denied,
-        Some(rule) => SideLookup::Allowed(PortVerdict { rule, flags: 0 }),
-    };
-    let strip = |s: SideLookup| match s {
-        SideLookup::Allowed(v) => SideLookup::Allowed(PortVerdict { flags: 0, ..v }),
-        other => other,
-    };
-    match (e.reason, k) {
-        (Reason::Unfiltered(_), Interpretation::Unfiltered) => {}
-        (Reason::SameNode, Interpretation::NodeLocal) => {}
-        (Reason::Allowed | Reason::NoRule { .. }, Interpretation::Policy { branch, primary }) => {
-            assert_eq!(strip(branch), expect_side(&e.branch, true), "{ctx}");
-            let standard = pod.mode == STANDARD;
-            assert_eq!(strip(primary), expect_side(&e.primary, standard), "{ctx}");
-        }
-        _ => panic!("reasons differ: {ctx}"),
+    if let Some(difference) = disagreement(model, compiled, pod, query) {
+        panic!("{difference}");
     }
 }
 

@@ -65,24 +65,37 @@ pub fn load(pin_path: &Path) -> Result<Loaded, Error> {
     let level = crate::kernel::ebpf::kernel_log_level();
     let mut loader = loader(&level);
     let mut migrated = Vec::new();
+    let mut reused = Vec::new();
     for name in map_names::ALL {
         let definition = definitions.get(name).ok_or(Error::MissingMap(name))?;
         // A staging pin left by an upgrade that did not finish.
         remove_pin(&staging_pin(pin_path, name))?;
         let live = map_pin(pin_path, name);
         match MapInfo::from_pin(&live) {
-            Ok(pinned) if same_layout(definition, &pinned) => {
-                loader.map_pin_path(name, live);
-            }
+            Ok(pinned) if same_layout(definition, &pinned) => reused.push(name),
             // Created unpinned and pinned below: aya would reuse any map at a pin path it is given.
             Ok(_) => migrated.push(name),
             Err(MapError::SyscallError(SyscallError { io_error, .. }))
                 if io_error.kind() == io::ErrorKind::NotFound =>
             {
-                loader.map_pin_path(name, live);
+                reused.push(name)
             }
             Err(source) => return Err(Error::PinnedMap { path: live, source }),
         }
+    }
+    // Each pod's count of entries must describe the tables it counts: new
+    // (empty) tables start with new (zero) counts.
+    if migrated
+        .iter()
+        .any(|name| [map_names::CONNTRACK, map_names::FRAGMENTS].contains(name))
+    {
+        reused.retain(|name| *name != map_names::POD_TRACKED);
+        if !migrated.contains(&map_names::POD_TRACKED) {
+            migrated.push(map_names::POD_TRACKED);
+        }
+    }
+    for name in reused {
+        loader.map_pin_path(name, map_pin(pin_path, name));
     }
     let ebpf = loader.load(object).map_err(|e| Error::Ebpf(Box::new(e)))?;
     for &name in &migrated {

@@ -355,6 +355,12 @@ pub struct NodeConfig {
     /// `tcpEarlyDemuxDisabled`: aws-node runs with `DISABLE_TCP_EARLY_DEMUX=true` (default
     /// false, the VPC CNI's default). Strict-mode kubelet probes need it (`lint` SGP002).
     pub tcp_early_demux_disabled: bool,
+    /// Tracked flows one pod may hold (`maxFlowsPerPod`); a new flow beyond it is
+    /// dropped, so one pod's flood never takes another's room (EC2's per-ENI
+    /// tracked-connection allowance).
+    pub max_flows_per_pod: u32,
+    /// Allowed fragmented datagrams one pod may have in flight (`maxFragmentsPerPod`).
+    pub max_fragments_per_pod: u32,
 }
 
 /// A pod of this node with a branch ENI: the unit the fast path enforces.

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::model::{
-    BranchPod, Direction, EnforcingAction, EnforcingMode, GroupId, L4Match, Model, Peer,
+    BranchPod, Cidr, Direction, EnforcingAction, EnforcingMode, GroupId, L4Match, Model, Peer,
 };
 
 pub const PROTO_ICMP: u8 = 1;
@@ -109,8 +109,6 @@ pub enum Unfiltered {
     EcsTaskMetadata,
     /// DHCP (UDP 67/68) and DHCPv6 (UDP 546/547).
     Dhcp,
-    /// ICMPv6 router and neighbour discovery (types 133 to 137).
-    NeighborDiscovery,
 }
 
 impl Unfiltered {
@@ -123,7 +121,6 @@ impl Unfiltered {
             Self::WindowsActivation => "Windows license activation",
             Self::EcsTaskMetadata => "the ECS task metadata endpoint",
             Self::Dhcp => "DHCP",
-            Self::NeighborDiscovery => "IPv6 neighbour/router discovery",
         }
     }
 }
@@ -259,7 +256,9 @@ pub fn pod_unfiltered(pod: &BranchPod) -> Vec<IpAddr> {
 
 /// Protocol-level traffic never filtered: DHCP as DHCP (to the server port at
 /// the broadcast or servers' multicast address; DHCPv6 replies from a
-/// link-local server; the subnet router is unfiltered by address), and NDP.
+/// link-local server; the subnet router is unfiltered by address). Neighbour
+/// discovery is link-layer plumbing, judged per packet before any flow
+/// ([`neighbour_discovery`]); what fails that is ordinary ICMPv6 here.
 pub fn unfiltered_l4(direction: Direction, peer: IpAddr, packet: L4Packet) -> Option<Unfiltered> {
     let dhcp = match (direction, peer) {
         (Direction::Egress, IpAddr::V4(v4)) => packet.selector == 67 && v4 == Ipv4Addr::BROADCAST,
@@ -271,13 +270,53 @@ pub fn unfiltered_l4(direction: Direction, peer: IpAddr, packet: L4Packet) -> Op
             packet.selector == 546 && v6.is_unicast_link_local()
         }
     };
-    if packet.protocol == PROTO_UDP && dhcp {
-        return Some(Unfiltered::Dhcp);
+    (packet.protocol == PROTO_UDP && dhcp).then_some(Unfiltered::Dhcp)
+}
+
+/// The ICMPv6 types of router and neighbour discovery (RFC 4861 §4): router
+/// solicitation and advertisement, neighbour solicitation and advertisement, redirect.
+pub const NEIGHBOUR_DISCOVERY_TYPES: std::ops::RangeInclusive<u8> = 133..=137;
+
+/// Whether an ICMPv6 packet of `pod` passes as neighbour or router discovery, as
+/// EC2 passes it (sg-semantics.md §5): a discovery type, hop limit 255 (RFC 4861
+/// receivers drop anything else: it crossed no router), and the pod's side (the
+/// destination to the pod, the source from it) its own address, link-local, the
+/// unspecified address of duplicate address detection (from the pod), or a
+/// group discovery is sent to (to the pod: all-nodes `ff02::1`, all-routers
+/// `ff02::2`, solicited-node `ff02::1:ff00:0/104`, RFC 4291 §2.7.1). Only an
+/// unfragmented packet can be discovery (RFC 6980), which the caller knows.
+/// Anything else of those types is ordinary ICMPv6, checked like any packet.
+pub fn neighbour_discovery(
+    pod: &BranchPod,
+    direction: Direction,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    hop_limit: u8,
+    icmp_type: u8,
+) -> bool {
+    if !NEIGHBOUR_DISCOVERY_TYPES.contains(&icmp_type) || hop_limit != 255 {
+        return false;
     }
-    if packet.protocol == PROTO_ICMPV6 && (133..=137).contains(&packet.icmp_type()) {
-        return Some(Unfiltered::NeighborDiscovery);
-    }
-    None
+    let (pod_side, to_pod) = match direction {
+        Direction::Ingress => (dst, true),
+        Direction::Egress => (src, false),
+    };
+    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let all_routers = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
+    let solicited_node = Cidr::new(
+        IpAddr::V6(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 0)),
+        104,
+    )
+    .expect("a /104");
+    pod.ipv6 == Some(pod_side)
+        || pod_side.is_unicast_link_local()
+        || if to_pod {
+            pod_side == all_nodes
+                || pod_side == all_routers
+                || solicited_node.contains(IpAddr::V6(pod_side))
+        } else {
+            pod_side.is_unspecified()
+        }
 }
 
 /// Whether the query is never filtered for this pod, and as what.
@@ -590,6 +629,8 @@ pub(crate) mod fixtures {
             max_rules_per_group: 60,
             enforcing_action: Default::default(),
             tcp_early_demux_disabled: false,
+            max_flows_per_pod: enforcer_common::DEFAULT_MAX_FLOWS_PER_POD,
+            max_fragments_per_pod: enforcer_common::DEFAULT_MAX_FRAGMENTS_PER_POD,
         }
     }
 
@@ -922,12 +963,81 @@ mod tests {
                 "{query:?}"
             );
         }
-        for t in 133..=137 {
-            let e = eval(&m, ingress("fe80::1", L4Packet::icmpv6(t, 0)));
-            assert_eq!(e.reason, Reason::Unfiltered(Unfiltered::NeighborDiscovery));
+        // Discovery is decided per packet (`neighbour_discovery`), never as a flow:
+        // what reaches the groups is ordinary ICMPv6.
+        for t in [128, 133, 135, 137, 138] {
+            assert!(!eval(&m, ingress("fe80::1", L4Packet::icmpv6(t, 0))).allowed);
         }
-        assert!(!eval(&m, ingress("fe80::1", L4Packet::icmpv6(138, 0))).allowed);
-        assert!(!eval(&m, ingress("fe80::1", L4Packet::icmpv6(128, 0))).allowed);
+    }
+
+    #[test]
+    fn neighbour_discovery_passes_only_as_ec2_passes_it() {
+        let m = web_model(STRICT);
+        let mut pod = m.pods[0].clone();
+        pod.ipv6 = Some("2600:1f00::5".parse().unwrap());
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let (own, peer) = ("2600:1f00::5", "2600:1f00::9");
+        let cases = [
+            // (direction, source, destination, hop limit, type, passes)
+            (Direction::Ingress, "fe80::1", own, 255, 135, true),
+            (Direction::Ingress, "fe80::1", "fe80::5", 255, 136, true),
+            (Direction::Ingress, "fe80::1", "ff02::1", 255, 134, true),
+            (Direction::Ingress, "fe80::1", "ff02::2", 255, 133, true),
+            (
+                Direction::Ingress,
+                "fe80::1",
+                "ff02::1:ff00:5",
+                255,
+                135,
+                true,
+            ),
+            (
+                Direction::Ingress,
+                "fe80::1",
+                "ff02::1:ff12:3456",
+                255,
+                137,
+                true,
+            ),
+            (Direction::Egress, own, "ff02::1:ff00:9", 255, 135, true),
+            (Direction::Egress, "::", "ff02::1:ff00:5", 255, 135, true),
+            (Direction::Egress, "fe80::5", "ff02::2", 255, 133, true),
+            // Hop limit below 255: forwarded by a router, so not discovery.
+            (Direction::Ingress, "fe80::1", own, 254, 135, false),
+            (Direction::Ingress, peer, own, 64, 136, false),
+            (Direction::Egress, own, peer, 1, 135, false),
+            // Other types, other groups, the wrong side.
+            (Direction::Ingress, "fe80::1", own, 255, 138, false),
+            (Direction::Ingress, "fe80::1", own, 255, 128, false),
+            (Direction::Ingress, "fe80::1", "ff02::fb", 255, 135, false),
+            (
+                Direction::Ingress,
+                "fe80::1",
+                "ff05::1:ff00:5",
+                255,
+                135,
+                false,
+            ),
+            (
+                Direction::Ingress,
+                "fe80::1",
+                "ff02::1:fe00:5",
+                255,
+                135,
+                false,
+            ),
+            (Direction::Ingress, "fe80::1", "::", 255, 135, false),
+            (Direction::Ingress, "fe80::1", peer, 255, 135, false),
+            (Direction::Egress, "ff02::1", peer, 255, 136, false),
+            (Direction::Egress, peer, "ff02::1", 255, 136, false),
+        ];
+        for (direction, src, dst, hop_limit, icmp_type, passes) in cases {
+            assert_eq!(
+                neighbour_discovery(&pod, direction, v6(src), v6(dst), hop_limit, icmp_type),
+                passes,
+                "{direction:?} {src} -> {dst} hop limit {hop_limit} type {icmp_type}"
+            );
+        }
     }
 
     #[test]

@@ -336,16 +336,34 @@ impl CtState {
 
     /// Idle timeout of a `protocol` entry in this state, in seconds.
     pub fn timeout_secs(self, protocol: u8, timeouts: &ConntrackTimeouts) -> u32 {
-        match (protocol, self) {
-            (PROTO_TCP, Self::Established) => timeouts.tcp_established,
-            (PROTO_TCP, Self::Closing) => ct_timeouts::TCP_CLOSING,
-            (PROTO_TCP, _) => ct_timeouts::TCP_OPENING,
-            (PROTO_UDP, Self::BothWays) => timeouts.udp_stream,
-            (PROTO_UDP, _) => timeouts.udp,
-            (PROTO_ICMP | PROTO_ICMPV6, _) => ct_timeouts::ICMP,
-            _ => ct_timeouts::OTHER,
-        }
+        timeout_secs(protocol, self.code(), timeouts)
     }
+}
+
+/// Idle timeout in seconds of a `protocol` entry in state `code` ([`ct_state`]),
+/// whatever the code (the kernel's own arms: an unknown state is not established).
+pub fn timeout_secs(protocol: u8, code: u8, timeouts: &ConntrackTimeouts) -> u32 {
+    match (protocol, code) {
+        (PROTO_TCP, ct_state::ESTABLISHED) => timeouts.tcp_established,
+        (PROTO_TCP, ct_state::CLOSING) => ct_timeouts::TCP_CLOSING,
+        (PROTO_TCP, _) => ct_timeouts::TCP_OPENING,
+        (PROTO_UDP, ct_state::BOTH_WAYS) => timeouts.udp_stream,
+        (PROTO_UDP, _) => timeouts.udp,
+        (PROTO_ICMP | PROTO_ICMPV6, _) => ct_timeouts::ICMP,
+        _ => ct_timeouts::OTHER,
+    }
+}
+
+/// Whether a kernel entry is live at `now_ns`, as the kernel judges it
+/// (`now - last_seen <= timeout`); the sweep deletes the others.
+pub fn kernel_entry_live(
+    key: &CtKey,
+    entry: &CtEntry,
+    timeouts: &ConntrackTimeouts,
+    now_ns: u64,
+) -> bool {
+    let timeout = u64::from(timeout_secs(key.protocol, entry.state, timeouts)) * NS_PER_SEC;
+    now_ns.saturating_sub(entry.last_seen_ns) <= timeout
 }
 
 /// A tracked flow.
@@ -441,27 +459,37 @@ pub enum FlowVerdict {
     /// it passes ([`Evaluation::would_deny`]) and the next packet is judged again, so
     /// switching the pod to enforce drops the flow's next packet.
     Denied(Evaluation),
+    /// The first packet of a flow the rules allow, dropped because the pod holds
+    /// its whole allowance of entries (`maxFlowsPerPod`): nothing recorded.
+    OverLimit(Evaluation),
 }
 
 impl FlowVerdict {
     /// Whether the groups (or the tracker) admit the packet.
     pub fn allowed(&self) -> bool {
-        !matches!(self, Self::Denied(_))
+        !matches!(self, Self::Denied(_) | Self::OverLimit(_))
     }
 
-    /// Whether the packet passes: admitted, or denied on an audited pod.
+    /// Whether the packet passes: admitted, or denied on an audited pod (the
+    /// allowance is no policy verdict: audit never passes a flow over it).
     pub fn passes(&self) -> bool {
         match self {
             Self::Denied(evaluation) => evaluation.would_deny(),
+            Self::OverLimit(_) => false,
             _ => true,
         }
     }
 }
 
 /// The connection tracker of a node: every pod's flows, keyed by VLAN and tuple.
+/// Like the kernel's table, entries stay until [`FlowTable::expire`] (the
+/// agent's sweep) or [`FlowTable::remove_vlan`] removes them, and each counts
+/// against its pod's allowance until then, expired or not.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlowTable {
     entries: BTreeMap<CtKey, FlowEntry>,
+    /// Entries per VLAN.
+    held: BTreeMap<u16, u32>,
 }
 
 impl FlowTable {
@@ -510,6 +538,15 @@ impl FlowTable {
         }
         let tracked = !evaluation.untracked;
         if tracked {
+            // The flow's own (expired or reopened) entry is overwritten at no cost;
+            // a new one needs room in the pod's allowance.
+            let held = self.held.get(&pod.vlan).copied().unwrap_or(0);
+            if !self.entries.contains_key(&key) {
+                if held >= model.node.max_flows_per_pod {
+                    return FlowVerdict::OverLimit(evaluation);
+                }
+                self.held.insert(pod.vlan, held + 1);
+            }
             let mut entry = FlowEntry {
                 created_ns: now_ns,
                 last_seen_ns: now_ns,
@@ -542,15 +579,25 @@ impl FlowTable {
         self.entries.is_empty()
     }
 
+    /// Entries the pod on `vlan` holds against its allowance.
+    pub fn held(&self, vlan: u16) -> u32 {
+        self.held.get(&vlan).copied().unwrap_or(0)
+    }
+
     /// Forgets every flow of a VLAN: a deleted pod's flows must not serve its VLAN's next pod.
     pub fn remove_vlan(&mut self, vlan: u16) {
         self.entries.retain(|key, _| key.vlan != vlan);
+        self.held.remove(&vlan);
     }
 
-    /// Drops the entries idle past their timeout at `now_ns`.
+    /// Drops the entries idle past their timeout at `now_ns` (the agent's sweep).
     pub fn expire(&mut self, timeouts: &ConntrackTimeouts, now_ns: u64) {
         self.entries
             .retain(|key, entry| entry.live(key.protocol, timeouts, now_ns));
+        self.held.clear();
+        for key in self.entries.keys() {
+            *self.held.entry(key.vlan).or_default() += 1;
+        }
     }
 }
 
@@ -949,6 +996,54 @@ mod tests {
         let pong = PacketMeta::icmp(IN, ip("192.0.2.1"), ip("10.0.64.5"), 0, 0, 1);
         m.groups.get_mut("sg-open").unwrap().egress.clear();
         assert!(t.process(&m, &m.pods[0], pong, SEC).allowed());
+    }
+
+    #[test]
+    fn a_pod_holds_at_most_its_allowance_and_never_takes_another_pods_room() {
+        let mut m = setup();
+        m.node.max_flows_per_pod = 3;
+        m.groups.get_mut("sg-none").unwrap().egress = vec![rule(udp(53, 53), cidr("192.0.2.0/24"))];
+        let (pod5_addr, pod6_addr, dns) = (ip("10.0.64.5"), ip("10.0.64.6"), ip("192.0.2.53"));
+        let query = |pod, port| PacketMeta::udp(OUT, pod, dns, port, 53);
+        let mut t = FlowTable::new();
+        for port in 1..=3 {
+            assert!(matches!(
+                t.process(&m, pod5(&m), query(pod5_addr, port), 0),
+                FlowVerdict::New { tracked: true, .. }
+            ));
+        }
+        // Allowed by the rules, but pod 5 holds its three entries.
+        let v = t.process(&m, pod5(&m), query(pod5_addr, 4), 0);
+        assert!(
+            matches!(v, FlowVerdict::OverLimit(_)) && !v.allowed(),
+            "{v:?}"
+        );
+        assert_eq!((t.held(5), t.len()), (3, 3));
+        // Its own flows go on, and pod 6 has its own allowance.
+        assert!(t.process(&m, pod5(&m), query(pod5_addr, 1), SEC).allowed());
+        assert!(
+            t.process(&m, &m.pods[1], query(pod6_addr, 1), SEC)
+                .allowed()
+        );
+        // An expired entry still holds its slot until it is swept, but the flow
+        // that owns it reuses it.
+        assert!(matches!(
+            t.process(&m, pod5(&m), query(pod5_addr, 2), 100 * SEC),
+            FlowVerdict::New { tracked: true, .. }
+        ));
+        assert!(matches!(
+            t.process(&m, pod5(&m), query(pod5_addr, 4), 100 * SEC),
+            FlowVerdict::OverLimit(_)
+        ));
+        t.expire(&m.node.connection_tracking, 100 * SEC);
+        assert_eq!(t.held(5), 1);
+        assert!(
+            t.process(&m, pod5(&m), query(pod5_addr, 4), 100 * SEC)
+                .allowed()
+        );
+        assert_eq!(t.held(5), 2);
+        t.remove_vlan(5);
+        assert_eq!(t.held(5), 0);
     }
 
     #[test]

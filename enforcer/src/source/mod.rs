@@ -18,3 +18,9 @@ pub fn load(dir: &Path) -> Result<Model, StateErrors> {
     let inventory = state::read(dir)?;
     resolve::resolve(dir, inventory).map_err(StateErrors)
 }
+
+/// As [`load`], over files given as (name, text) instead of a directory's: the
+/// parsers without the file system, for fuzzing (`fuzz/`).
+pub fn load_texts(dir: &Path, files: &[(&str, &str)]) -> Result<Model, StateErrors> {
+    resolve::resolve(dir, state::read_texts(dir, files)).map_err(StateErrors)
+}

@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    btf_maps::{HashMap, PerCpuArray},
+    btf_maps::{HashMap, PerCpuArray, ProgramArray},
     helpers::{bpf_skb_vlan_pop, bpf_skb_vlan_push},
     macros::{btf_map, classifier},
     programs::TcContext,
@@ -39,6 +39,15 @@ static BRANCH_ADDRESSES: HashMap<[u8; 16], u16, 4096> = HashMap::new();
 /// 1 egress; VLAN ID 0 for untagged frames): `[tag in metadata, tag inline, untagged]`.
 #[btf_map]
 static TRUNK_FRAMES: PerCpuArray<[u64; 3], 8192> = PerCpuArray::new();
+
+/// The enforcer's programs under test (0 ingress, 1 egress), for [`metadata_tag_ingress`]
+/// and [`metadata_tag_egress`].
+#[btf_map]
+static ENFORCER: ProgramArray<2> = ProgramArray::new();
+
+/// What the metadata programs return when they could not hand the frame on:
+/// no complete outer tag, a helper failed, or the tail call did.
+const NOT_HANDED_ON: i32 = 0x7a67;
 
 /// Where the witness found a frame's tag.
 #[derive(Clone, Copy)]
@@ -113,6 +122,46 @@ pub fn trunk_witness_egress(ctx: TcContext) -> i32 {
 fn skb(ctx: &TcContext) -> &aya_ebpf::bindings::__sk_buff {
     // SAFETY: `skb` is the context pointer the kernel passed to the program.
     unsafe { &*ctx.skb.skb }
+}
+
+/// For `BPF_PROG_TEST_RUN` (`tests/src/kernel.rs`), which cannot set an skb's VLAN
+/// metadata: moves the frame's outer inline tag into the metadata, as a receiving
+/// NIC or the kernel does, then tail-calls the enforcer's ingress program.
+#[classifier]
+pub fn metadata_tag_ingress(ctx: TcContext) -> i32 {
+    tag_in_metadata_then_enforce(&ctx, 0)
+}
+
+/// As [`metadata_tag_ingress`], into the enforcer's egress program.
+#[classifier]
+pub fn metadata_tag_egress(ctx: TcContext) -> i32 {
+    tag_in_metadata_then_enforce(&ctx, 1)
+}
+
+#[inline(always)]
+fn tag_in_metadata_then_enforce(ctx: &TcContext, slot: u32) -> i32 {
+    let (Ok(tpid), Ok(tci)) = (
+        ctx.load::<u16>(ETH_TYPE_OFFSET),
+        ctx.load::<u16>(ETH_HEADER_LEN),
+    ) else {
+        return NOT_HANDED_ON;
+    };
+    let tpid = u16::from_be(tpid);
+    if !matches!(tpid, ETH_P_8021Q | ETH_P_8021AD) {
+        return NOT_HANDED_ON;
+    }
+    // Pop takes the tag out of the bytes (and a second tag, if any, into the
+    // metadata); push puts ours in the metadata and any tag there back inline.
+    if !pop_tag(ctx) {
+        return NOT_HANDED_ON;
+    }
+    // SAFETY: the helper takes the context pointer.
+    if unsafe { bpf_skb_vlan_push(ctx.skb.skb, tpid.to_be(), u16::from_be(tci)) } != 0 {
+        return NOT_HANDED_ON;
+    }
+    // SAFETY: the slot holds a classifier of the same type, or the call fails and returns.
+    unsafe { ENFORCER.tail_call(ctx, slot) };
+    NOT_HANDED_ON
 }
 
 /// The VLAN of the link the frame is on (`vlan.eth.N`), if it is one.

@@ -11,7 +11,8 @@ use enforcer_common::{
     AddrKey, COUNTER_SLOTS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, EventBudget, FragmentKey,
     FragmentVerdict, MAX_ADDRESSES, MAX_GROUPS_PER_POD, MAX_PEER_ENTRIES, MAX_PODS,
     MAX_PORT_ENTRIES, MAX_RULES, NO_POLICY, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups,
-    PodTraffic, PodUid, PortKey, PortVerdict, RuleName, RuleTraffic, Settings, map_names,
+    PodTracked, PodTraffic, PodUid, PortKey, PortVerdict, RuleName, RuleTraffic, Settings,
+    ct_timeouts, map_names,
 };
 
 use crate::compile::{ClassEntries, Compiled, PolicyEntries, RuleIds};
@@ -20,6 +21,7 @@ use crate::policy::eval::RuleRef;
 
 mod apply;
 mod batch;
+mod tracked;
 
 use apply::Diff;
 pub use apply::admit;
@@ -64,6 +66,12 @@ pub enum MapsError {
     },
     #[error("cannot count the CPUs: {0}")]
     Cpus(String),
+    #[error("cannot memory-map map {map}")]
+    Mmap {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> MapsError {
@@ -90,6 +98,7 @@ pub struct KernelMaps {
     pod_traffic: PerCpuArray<MapData, PodTraffic>,
     rule_traffic: PerCpuHashMap<MapData, u32, RuleTraffic>,
     event_budget: PerCpuArray<MapData, EventBudget>,
+    tracked: tracked::TrackedCounts,
     /// What rules no longer in the maps admitted, by rule.
     /// Shared with the views the agent publishes: an apply that retires rules
     /// copies it then, not every view.
@@ -166,6 +175,7 @@ impl KernelMaps {
             pod_traffic: typed(source, map_names::POD_TRAFFIC)?,
             rule_traffic: typed(source, map_names::RULE_TRAFFIC)?,
             event_budget: typed(source, map_names::EVENT_BUDGET)?,
+            tracked: tracked::TrackedCounts::open(source)?,
             retired_traffic: Arc::default(),
             enforced: None,
             unreconciled: false,
@@ -187,19 +197,99 @@ impl KernelMaps {
         Ok(self.enforced.insert(enforced))
     }
 
-    /// Removes the tracked flows `doomed` selects; returns how many.
+    /// Removes the tracked flows `doomed` selects, giving their pods' allowance
+    /// back; returns how many.
     pub fn forget_flows(&mut self, doomed: impl Fn(&CtKey) -> bool) -> Result<usize, MapsError> {
-        remove_where(&mut self.conntrack, map_names::CONNTRACK, doomed)
+        let removed = remove_where(
+            &mut self.conntrack,
+            map_names::CONNTRACK,
+            |key, _| doomed(key),
+            |key| key.vlan,
+        )?;
+        Ok(self.release(&removed, &BTreeMap::new()))
+    }
+
+    /// Removes the fragment verdicts `doomed` selects, giving their pods'
+    /// allowance back; returns how many.
+    pub fn forget_fragments(
+        &mut self,
+        doomed: impl Fn(&FragmentKey) -> bool,
+    ) -> Result<usize, MapsError> {
+        let removed = remove_where(
+            &mut self.fragments,
+            map_names::FRAGMENTS,
+            |key, _| doomed(key),
+            |key| key.vlan,
+        )?;
+        Ok(self.release(&BTreeMap::new(), &removed))
     }
 
     /// Removes the tracked flows and fragment verdicts of the VLANs `doomed`
     /// selects; returns how many.
     fn forget_vlans(&mut self, doomed: impl Fn(u16) -> bool) -> Result<usize, MapsError> {
-        let flows = self.forget_flows(|key| doomed(key.vlan))?;
-        let fragments = remove_where(&mut self.fragments, map_names::FRAGMENTS, |key| {
-            doomed(key.vlan)
-        })?;
-        Ok(flows + fragments)
+        let flows = remove_where(
+            &mut self.conntrack,
+            map_names::CONNTRACK,
+            |key, _| doomed(key.vlan),
+            |key| key.vlan,
+        )?;
+        let fragments = remove_where(
+            &mut self.fragments,
+            map_names::FRAGMENTS,
+            |key, _| doomed(key.vlan),
+            |key| key.vlan,
+        )?;
+        Ok(self.release(&flows, &fragments))
+    }
+
+    /// Deletes the flows idle past their timeout and the fragment verdicts
+    /// older than [`ct_timeouts::FRAGMENTS`] at `now_ns` (CLOCK_MONOTONIC, the
+    /// kernel's clock), by the timeouts the kernel enforces, and gives the
+    /// pods' allowance back: the tables are not LRU, so nothing else removes
+    /// them. An entry the kernel refreshes between the read and the delete is
+    /// lost (its next packet is judged as a new flow), as in any swept tracker.
+    pub fn sweep(&mut self, now_ns: u64) -> Result<Swept, MapsError> {
+        let settings = self.settings()?;
+        let timeouts = crate::model::ConntrackTimeouts {
+            tcp_established: settings.tcp_established_timeout,
+            udp_stream: settings.udp_stream_timeout,
+            udp: settings.udp_timeout,
+        };
+        let flows = remove_where(
+            &mut self.conntrack,
+            map_names::CONNTRACK,
+            |key, entry| !crate::policy::flow::kernel_entry_live(key, entry, &timeouts, now_ns),
+            |key| key.vlan,
+        )?;
+        let fragment_timeout = u64::from(ct_timeouts::FRAGMENTS) * 1_000_000_000;
+        let fragments = remove_where(
+            &mut self.fragments,
+            map_names::FRAGMENTS,
+            |_, verdict| now_ns.saturating_sub(verdict.created_ns) > fragment_timeout,
+            |key| key.vlan,
+        )?;
+        let swept = Swept {
+            flows: flows.values().sum(),
+            fragments: fragments.values().sum(),
+        };
+        self.release(&flows, &fragments);
+        Ok(swept)
+    }
+
+    /// Gives back the slots of deleted entries, by VLAN; returns how many.
+    fn release(&self, flows: &BTreeMap<u16, u64>, fragments: &BTreeMap<u16, u64>) -> usize {
+        let vlans: BTreeSet<u16> = flows.keys().chain(fragments.keys()).copied().collect();
+        for vlan in vlans {
+            let count = |removed: &BTreeMap<u16, u64>| removed.get(&vlan).copied().unwrap_or(0);
+            self.tracked.release(vlan, count(flows), count(fragments));
+        }
+        (flows.values().sum::<u64>() + fragments.values().sum::<u64>()) as usize
+    }
+
+    /// How many conntrack and fragment entries the pod on `vlan` holds, as the
+    /// kernel counts them against its allowance.
+    pub fn tracked(&self, vlan: u16) -> PodTracked {
+        self.tracked.get(vlan)
     }
 
     /// One tracked flow, if the kernel holds it.
@@ -494,30 +584,47 @@ pub fn settings(node: &NodeConfig) -> Settings {
         tcp_established_timeout: node.connection_tracking.tcp_established,
         udp_stream_timeout: node.connection_tracking.udp_stream,
         udp_timeout: node.connection_tracking.udp,
+        max_flows_per_pod: node.max_flows_per_pod,
+        max_fragments_per_pod: node.max_fragments_per_pod,
         ..Settings::default()
     }
 }
 
-/// Removes the entries of an LRU map whose keys `doomed` selects; returns how many.
+/// Removes the entries `doomed` selects; returns how many this call deleted,
+/// by VLAN (`vlan` of the key). An entry someone else deleted meanwhile (a
+/// concurrent sweep) is theirs to count.
 fn remove_where<K: Pod, V: Pod>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
-    doomed: impl Fn(&K) -> bool,
-) -> Result<usize, MapsError> {
-    let keys: Vec<K> = map
-        .keys()
-        .collect::<Result<_, _>>()
-        .map_err(map_err(name))?;
-    let mut removed = 0;
-    for key in keys.iter().filter(|k| doomed(k)) {
+    doomed: impl Fn(&K, &V) -> bool,
+    vlan: impl Fn(&K) -> u16,
+) -> Result<BTreeMap<u16, u64>, MapsError> {
+    let mut keys = Vec::new();
+    for entry in map.iter() {
+        match entry {
+            Ok((key, value)) if doomed(&key, &value) => keys.push(key),
+            Ok(_) => {}
+            // Deleted between the walk's key and its value.
+            Err(e) if absent(&e) => {}
+            Err(e) => return Err(map_err(name)(e)),
+        }
+    }
+    let mut removed = BTreeMap::new();
+    for key in &keys {
         match map.remove(key) {
-            // An LRU eviction may have beaten us to it.
-            Ok(()) => removed += 1,
-            Err(e) if absent(&e) => removed += 1,
+            Ok(()) => *removed.entry(vlan(key)).or_default() += 1,
+            Err(e) if absent(&e) => {}
             Err(e) => return Err(map_err(name)(e)),
         }
     }
     Ok(removed)
+}
+
+/// What one [`KernelMaps::sweep`] deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub flows: u64,
+    pub fragments: u64,
 }
 
 fn read_hash<K: Pod + Ord, V: Pod>(

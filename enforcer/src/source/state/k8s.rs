@@ -455,6 +455,8 @@ fn label_selector(field: &Field) -> Result<LabelSelector, Invalid> {
 }
 
 const NODE_CONFIG_FIELDS: &[&str] = &[
+    "maxFlowsPerPod",
+    "maxFragmentsPerPod",
     "enforcingMode",
     "trunkInterface",
     "primaryInterface",
@@ -586,6 +588,22 @@ fn node_spec(
     };
     let max_groups_per_pod = bounded("maxSecurityGroupsPerPod", 1..=16, 5, problems);
     let max_rules_per_group = bounded("maxRulesPerGroup", 1..=1000, 60, problems);
+    let allowance = |key, max: u32, default: u32, problems: &mut Problems| match spec.get(key) {
+        None => Some(default),
+        Some(f) => problems.ok(f.int_in::<u32>(1..=i64::from(max))),
+    };
+    let max_flows_per_pod = allowance(
+        "maxFlowsPerPod",
+        enforcer_common::MAX_FLOWS,
+        enforcer_common::DEFAULT_MAX_FLOWS_PER_POD,
+        problems,
+    );
+    let max_fragments_per_pod = allowance(
+        "maxFragmentsPerPod",
+        enforcer_common::MAX_FRAGMENTED_DATAGRAMS,
+        enforcer_common::DEFAULT_MAX_FRAGMENTS_PER_POD,
+        problems,
+    );
     if let (Some(groups), Some(rules)) = (max_groups_per_pod, max_rules_per_group)
         && groups * rules > MAX_RULES_PER_INTERFACE
     {
@@ -613,6 +631,8 @@ fn node_spec(
         max_groups_per_pod: max_groups_per_pod?,
         max_rules_per_group: max_rules_per_group?,
         tcp_early_demux_disabled: tcp_early_demux_disabled?,
+        max_flows_per_pod: max_flows_per_pod?,
+        max_fragments_per_pod: max_fragments_per_pod?,
     })
 }
 
@@ -1084,6 +1104,11 @@ status: {podIP: 10.0.9.9}
         assert_eq!(node.connection_tracking, ConntrackTimeouts::default());
         assert_eq!((node.max_groups_per_pod, node.max_rules_per_group), (5, 60));
         assert_eq!(
+            (node.max_flows_per_pod, node.max_fragments_per_pod),
+            (16_384, 512),
+            "a sixteenth of each table"
+        );
+        assert_eq!(
             (
                 node.trunk_interface.as_str(),
                 node.primary_interface.as_str()
@@ -1097,7 +1122,7 @@ status: {podIP: 10.0.9.9}
     #[test]
     fn node_config_settings() {
         let config = format!(
-            "{NODE_CONFIG}  enforcingMode: standard\n  enforcingAction: audit\n  tcpEarlyDemuxDisabled: true\n  unknownVlan: pass\n  externalSnat: true\n  maxSecurityGroupsPerPod: 16\n  maxRulesPerGroup: 62\n  connectionTracking: {{tcpEstablishedTimeout: 350, udpStreamTimeout: 60, udpTimeout: 60}}\n"
+            "{NODE_CONFIG}  enforcingMode: standard\n  enforcingAction: audit\n  tcpEarlyDemuxDisabled: true\n  unknownVlan: pass\n  externalSnat: true\n  maxSecurityGroupsPerPod: 16\n  maxRulesPerGroup: 62\n  maxFlowsPerPod: 1000\n  maxFragmentsPerPod: 20\n  connectionTracking: {{tcpEstablishedTimeout: 350, udpStreamTimeout: 60, udpTimeout: 60}}\n"
         );
         let dir = StateDir::empty()
             .file("node.yaml", &config)
@@ -1111,6 +1136,10 @@ status: {podIP: 10.0.9.9}
         assert_eq!(
             (node.max_groups_per_pod, node.max_rules_per_group),
             (16, 62)
+        );
+        assert_eq!(
+            (node.max_flows_per_pod, node.max_fragments_per_pod),
+            (1000, 20)
         );
         let expected = ConntrackTimeouts {
             tcp_established: 350,

@@ -48,6 +48,21 @@ pub(crate) fn read(dir: &Path) -> Result<Inventory, StateErrors> {
     Ok(inventory)
 }
 
+/// As [`read`], over files given as (name, text) instead of a directory's:
+/// names are taken as file names in `dir` (the extension says JSON or YAML),
+/// in the order given.
+pub(crate) fn read_texts(dir: &Path, files: &[(&str, &str)]) -> Inventory {
+    let mut inventory = Inventory::default();
+    for (name, text) in files {
+        let file = dir.join(name);
+        for document in reader::parse_documents(&file, text, &mut inventory.errors) {
+            let object = format!("document {}", document.index);
+            inventory.classify(&document.file, &object, &document.value);
+        }
+    }
+    inventory
+}
+
 /// An object and where it was read, for error messages that point at it.
 #[derive(Clone, Debug)]
 pub(crate) struct Located<T> {

@@ -119,12 +119,6 @@ fn read_state_file(file: &Path) -> Result<String, String> {
 /// half-written file must not read as a state without its objects (an
 /// explicit empty list says there are none).
 pub(crate) fn documents(file: &Path, errors: &mut Vec<StateError>) -> Vec<Document> {
-    let error = |index: usize, message: String| StateError {
-        file: file.to_path_buf(),
-        object: format!("document {index}"),
-        field: None,
-        message,
-    };
     let file_error = |message: String| StateError {
         file: file.to_path_buf(),
         object: String::new(),
@@ -138,13 +132,35 @@ pub(crate) fn documents(file: &Path, errors: &mut Vec<StateError>) -> Vec<Docume
             return Vec::new();
         }
     };
+    parse_documents(file, &text, errors)
+}
+
+/// The documents of one file's `text`, JSON or YAML by `file`'s extension, as
+/// [`documents`] reads them.
+pub(crate) fn parse_documents(
+    file: &Path,
+    text: &str,
+    errors: &mut Vec<StateError>,
+) -> Vec<Document> {
+    let error = |index: usize, message: String| StateError {
+        file: file.to_path_buf(),
+        object: format!("document {index}"),
+        field: None,
+        message,
+    };
+    let file_error = |message: String| StateError {
+        file: file.to_path_buf(),
+        object: String::new(),
+        field: None,
+        message,
+    };
     let document = |index, value| Document {
         file: file.to_path_buf(),
         index,
         value,
     };
     if file.extension().is_some_and(|e| e == "json") {
-        return match serde_json::from_str(&text) {
+        return match serde_json::from_str(text) {
             Ok(value) => vec![document(1, value)],
             Err(e) => {
                 errors.push(error(1, format!("malformed JSON: {e}")));
@@ -153,7 +169,7 @@ pub(crate) fn documents(file: &Path, errors: &mut Vec<StateError>) -> Vec<Docume
         };
     }
     let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         match Value::deserialize(de) {
             // `---` followed by nothing, as editors and `kubectl` leave at the end.
             Ok(Value::Null) => {}
