@@ -308,7 +308,9 @@ pub fn insert_counted(
     }
     add(count, 1);
     // SAFETY: `count` points into a live map element; a racing add only makes this conservative.
-    if unsafe { core::ptr::read_volatile(count) } > u64::from(allowance) {
+    let held = unsafe { core::ptr::read_volatile(count) };
+    // Signed: a count the agent's release raced below zero means room, never a lockout.
+    if held as i64 > i64::from(allowance) {
         add(count, u64::MAX);
         return false;
     }

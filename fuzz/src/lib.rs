@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use enforcer::policy::eval::{L4Packet, L4Query, Query};
 use enforcer::model::{
-    BranchPod, Cidr, ConntrackTimeouts, Direction, EnforcingMode, L4Match, Model, NodeConfig, Peer,
-    Rule, SecurityGroup, UnknownVlanAction,
+    BranchPod, Cidr, ConntrackTimeouts, Direction, EnforcingAction, EnforcingMode, L4Match, Model,
+    NodeConfig, Peer, Rule, SecurityGroup, UnknownVlanAction,
 };
+use enforcer::policy::eval::{L4Packet, L4Query, Query};
 
 #[path = "../../tests/src/frame_oracle.rs"]
 pub mod frame_oracle;
@@ -237,6 +237,8 @@ pub fn model(b: &mut Bytes) -> Model {
             } else {
                 EnforcingMode::Standard
             },
+            // Audit changes what passes, not what the compiled tables say.
+            action: EnforcingAction::Enforce,
             facts: Default::default(),
         })
         .collect();
@@ -257,6 +259,8 @@ pub fn model(b: &mut Bytes) -> Model {
             connection_tracking: ConntrackTimeouts::default(),
             instance_type: None,
             service_cidrs: Vec::new(),
+            enforcing_action: EnforcingAction::Enforce,
+            tcp_early_demux_disabled: false,
             max_groups_per_pod: 16,
             max_rules_per_group: 60,
             max_flows_per_pod: enforcer_common::DEFAULT_MAX_FLOWS_PER_POD,

@@ -588,7 +588,14 @@ fn fill_conntrack(maps: &mut KernelMaps, vlan: u16, count: u32) {
         protocol: 6,
         _pad: 0,
     };
-    let entry = enforcer_common::CtEntry::default();
+    // Live flows (an established TCP flow seen now): the agent's sweep keeps them.
+    let now = enforcer::observe::events::monotonic().as_nanos() as u64;
+    let entry = enforcer_common::CtEntry {
+        created_ns: now,
+        last_seen_ns: now,
+        state: enforcer_common::ct_state::ESTABLISHED,
+        ..Default::default()
+    };
     for i in 0..count {
         key.peer_addr[12..].copy_from_slice(&(0x0b00_0000 + i).to_be_bytes());
         maps.set_flow(&key, &entry).expect("insert a flow");

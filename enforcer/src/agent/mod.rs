@@ -479,23 +479,6 @@ impl Agent {
         }
     }
 
-    /// Sweeps expired entries out of the conntrack and fragment tables, giving
-    /// each pod its allowance back; errors are logged, the next sweep retries.
-    fn sweep_logged(&mut self) {
-        match self
-            .maps
-            .sweep(crate::observe::events::monotonic().as_nanos() as u64)
-        {
-            Ok(swept) if swept.flows + swept.fragments > 0 => log::debug!(
-                "swept {} expired flows and {} fragment verdicts",
-                swept.flows,
-                swept.fragments
-            ),
-            Ok(_) => {}
-            Err(error) => log::warn!("sweep: {}", crate::error_chain(&error)),
-        }
-    }
-
     /// Checks the attachment; the report follows what changed.
     fn supervise_reported(&mut self) {
         let before = (self.attached, self.attach_error.clone());
@@ -574,8 +557,7 @@ pub async fn run(
     }
     let mut supervise = tokio::time::interval(SUPERVISE_INTERVAL);
     supervise.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    spawn_sweeper(agent.pin_path.clone());
     let mut backoff = Backoff::new(RELOAD_RETRY);
     let retry = tokio::time::sleep(backoff.next());
     tokio::pin!(stop, retry);
@@ -596,9 +578,43 @@ pub async fn run(
                 retry.as_mut().reset(tokio::time::Instant::now() + backoff.next());
             }
             _ = supervise.tick() => update(&feed, &mut agent, Agent::supervise_reported),
-            _ = sweep.tick() => tokio::task::block_in_place(|| agent.sweep_logged()),
         }
     }
+}
+
+/// Sweeps expired entries out of the conntrack and fragment tables every
+/// [`SWEEP_INTERVAL`], giving each pod its allowance back, on a task of its own
+/// with its own handles on the pinned maps: a sweep of a full table takes a
+/// while and must never delay a reload. The agent's own deletes (a removed pod)
+/// may race it: whichever delete succeeds gives the slot back, once. Errors are
+/// logged; the next sweep retries.
+fn spawn_sweeper(pin_path: PathBuf) {
+    tokio::spawn(async move {
+        let mut maps = match KernelMaps::open_pinned(&pin_path) {
+            Ok(maps) => maps,
+            Err(error) => {
+                log::error!("no sweeps of expired flows: {}", crate::error_chain(&error));
+                return;
+            }
+        };
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let swept = tokio::task::block_in_place(|| {
+                maps.sweep(crate::observe::events::monotonic().as_nanos() as u64)
+            });
+            match swept {
+                Ok(swept) if swept.flows + swept.fragments > 0 => log::debug!(
+                    "swept {} expired flows and {} fragment verdicts",
+                    swept.flows,
+                    swept.fragments
+                ),
+                Ok(_) => {}
+                Err(error) => log::warn!("sweep: {}", crate::error_chain(&error)),
+            }
+        }
+    });
 }
 
 /// The state directory's changes, debounced, from a task of their own: a

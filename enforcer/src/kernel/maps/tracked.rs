@@ -84,14 +84,22 @@ impl TrackedCounts {
             .unwrap_or_default()
     }
 
-    /// Gives back `flows` conntrack and `fragments` fragment slots the caller deleted.
+    /// Gives back `flows` conntrack and `fragments` fragment slots the caller
+    /// deleted, never below zero: entries the kernel did not count (written by
+    /// hand, or left by a table whose counts were lost) must not make a count
+    /// wrap and lock a pod out.
     pub fn release(&self, vlan: u16, flows: u64, fragments: u64) {
         let Some(slot) = self.slot(vlan) else { return };
+        let release = |count: &AtomicU64, n: u64| {
+            let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some(c.saturating_sub(n))
+            });
+        };
         // SAFETY: a live, aligned slot of the mapping; the kernel adds to the
         // same words with atomic instructions.
         unsafe {
-            AtomicU64::from_ptr(&raw mut (*slot).flows).fetch_sub(flows, Ordering::Relaxed);
-            AtomicU64::from_ptr(&raw mut (*slot).fragments).fetch_sub(fragments, Ordering::Relaxed);
+            release(AtomicU64::from_ptr(&raw mut (*slot).flows), flows);
+            release(AtomicU64::from_ptr(&raw mut (*slot).fragments), fragments);
         }
     }
 }
