@@ -4,6 +4,7 @@
 pub mod deploy;
 pub mod frame;
 pub mod kernel;
+pub mod live;
 pub mod models;
 pub mod oracle;
 pub mod random;

@@ -41,8 +41,7 @@ pub(crate) fn state_files(dir: &Path) -> Result<Vec<PathBuf>, StateError> {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        let wanted = [".json", ".yaml", ".yml"].iter().any(|e| name.ends_with(e));
-        if name.starts_with('.') || !wanted {
+        if !is_state_file_name(name) {
             continue;
         }
         // A symlink to a directory (or a dangling one) is not a state file; the
@@ -54,6 +53,12 @@ pub(crate) fn state_files(dir: &Path) -> Result<Vec<PathBuf>, StateError> {
     }
     files.sort();
     Ok(files)
+}
+
+/// A name [`state_files`] reads.
+pub(crate) fn is_state_file_name(name: &str) -> bool {
+    let wanted = [".json", ".yaml", ".yml"].iter().any(|e| name.ends_with(e));
+    wanted && !name.starts_with('.')
 }
 
 /// The largest state file read: far above any real node's state, and a bound on
@@ -119,6 +124,28 @@ fn read_state_file(file: &Path) -> Result<String, String> {
 /// half-written file must not read as a state without its objects (an
 /// explicit empty list says there are none).
 pub(crate) fn documents(file: &Path, errors: &mut Vec<StateError>) -> Vec<Document> {
+    let file_error = |message: String| StateError {
+        file: file.to_path_buf(),
+        object: String::new(),
+        field: None,
+        message,
+    };
+    match read_state_file(file) {
+        Ok(text) => parse_documents(file, &text, errors),
+        Err(message) => {
+            errors.push(file_error(message));
+            Vec::new()
+        }
+    }
+}
+
+/// The documents of the text of `file` (read from disk or held in memory by a live
+/// source), by the rules of [`documents`].
+pub(crate) fn parse_documents(
+    file: &Path,
+    text: &str,
+    errors: &mut Vec<StateError>,
+) -> Vec<Document> {
     let error = |index: usize, message: String| StateError {
         file: file.to_path_buf(),
         object: format!("document {index}"),
@@ -131,20 +158,13 @@ pub(crate) fn documents(file: &Path, errors: &mut Vec<StateError>) -> Vec<Docume
         field: None,
         message,
     };
-    let text = match read_state_file(file) {
-        Ok(text) => text,
-        Err(message) => {
-            errors.push(file_error(message));
-            return Vec::new();
-        }
-    };
     let document = |index, value| Document {
         file: file.to_path_buf(),
         index,
         value,
     };
     if file.extension().is_some_and(|e| e == "json") {
-        return match serde_json::from_str(&text) {
+        return match serde_json::from_str(text) {
             Ok(value) => vec![document(1, value)],
             Err(e) => {
                 errors.push(error(1, format!("malformed JSON: {e}")));
@@ -153,7 +173,7 @@ pub(crate) fn documents(file: &Path, errors: &mut Vec<StateError>) -> Vec<Docume
         };
     }
     let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         match Value::deserialize(de) {
             // `---` followed by nothing, as editors and `kubectl` leave at the end.
             Ok(Value::Null) => {}
