@@ -285,8 +285,9 @@ fn summary(model: &Model) -> String {
 }
 
 /// How long `run --source cluster` waits for the sources' first views before it starts
-/// (it starts anyway, not ready, and applies them when they come).
-const FIRST_VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+/// (then it starts anyway, not ready, and applies them when they come): short, as the
+/// endpoint (`/readyz` saying why) is served only once the agent has started.
+const FIRST_VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[cfg(feature = "live")]
 fn live_config(args: &LiveArgs) -> Result<enforcer::source::live::LiveConfig> {

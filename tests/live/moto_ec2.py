@@ -14,6 +14,7 @@ Answers are {"ok": RESPONSE} or {"error": TEXT}.
 
 import ipaddress
 import json
+import logging
 import os
 import sys
 
@@ -60,6 +61,8 @@ def _interface_filter(self, name, method_name=None):
 
 enis_module.NetworkInterface.get_filter_value = _interface_filter
 
+# One line per request on stderr would drown the tests' output.
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=PORT, verbose=False)
 server.start()
 client = boto3.client(

@@ -76,10 +76,22 @@ async fn get(client: &Client, path: &str) -> Result<String, IdentityError> {
         .get(format!("/latest/meta-data/{path}"))
         .await
         .map(|v| String::from(v).trim().to_string())
-        .map_err(|e| IdentityError::Imds {
-            path: path.to_string(),
-            message: DisplayErrorContext(&e).to_string(),
-        })
+        .map_err(|e| failed(path, &e))
+}
+
+/// An IMDS error in a line: an error response by its status alone (the SDK's
+/// description of it spans the whole response).
+fn failed(path: &str, error: &ImdsError) -> IdentityError {
+    let message = match error {
+        ImdsError::ErrorResponse(response) => {
+            format!("HTTP {}", response.response().status().as_u16())
+        }
+        other => DisplayErrorContext(other).to_string(),
+    };
+    IdentityError::Imds {
+        path: path.to_string(),
+        message,
+    }
 }
 
 /// A list IMDS may not have (`ipv6s` on an IPv4-only ENI): a 404 is an empty list.
@@ -94,10 +106,7 @@ async fn list(client: &Client, path: &str) -> Result<Vec<String>, IdentityError>
         Err(ImdsError::ErrorResponse(response)) if response.response().status().as_u16() == 404 => {
             Ok(Vec::new())
         }
-        Err(e) => Err(IdentityError::Imds {
-            path: path.to_string(),
-            message: DisplayErrorContext(&e).to_string(),
-        }),
+        Err(e) => Err(failed(path, &e)),
     }
 }
 

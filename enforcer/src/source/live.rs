@@ -404,21 +404,65 @@ pub(crate) fn pretty(value: &Value) -> String {
     text
 }
 
-/// This network namespace's interfaces, by MAC address (lower case).
+/// This network namespace's interfaces, by MAC address (lower case). Asked of the
+/// kernel (`if_nameindex`, `SIOCGIFHWADDR`), not read from /sys/class/net: sysfs
+/// shows the namespace it was mounted in, which a process moved by setns(2) left.
 fn local_interfaces() -> BTreeMap<String, String> {
     let mut interfaces = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+    // SAFETY: a plain socket for the ioctl, closed below.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if socket < 0 {
         return interfaces;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Ok(mac) = std::fs::read_to_string(entry.path().join("address")) {
-            interfaces
-                .entry(mac.trim().to_ascii_lowercase())
-                .or_insert(name);
-        }
     }
+    // SAFETY: the list is walked up to its zero entry and freed once.
+    let list = unsafe { libc::if_nameindex() };
+    if !list.is_null() {
+        let mut entry = list;
+        // SAFETY: entries up to the terminating one (index 0) are valid.
+        while unsafe { (*entry).if_index } != 0 {
+            // SAFETY: if_name is a NUL-terminated name of at most IFNAMSIZ bytes.
+            let name = unsafe { std::ffi::CStr::from_ptr((*entry).if_name) };
+            if let Some(mac) = hardware_address(socket, name) {
+                interfaces
+                    .entry(mac)
+                    .or_insert_with(|| name.to_string_lossy().into_owned());
+            }
+            // SAFETY: still within the list (the current entry was not the last).
+            entry = unsafe { entry.add(1) };
+        }
+        // SAFETY: the list if_nameindex returned.
+        unsafe { libc::if_freenameindex(list) };
+    }
+    // SAFETY: the socket opened above.
+    unsafe { libc::close(socket) };
     interfaces
+}
+
+/// The MAC of interface `name` as `aa:bb:…`, if it has one of six bytes.
+fn hardware_address(socket: libc::c_int, name: &std::ffi::CStr) -> Option<String> {
+    // SAFETY: ifreq is plain data; zeroed is a valid request.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.to_bytes();
+    if bytes.len() >= request.ifr_name.len() {
+        return None;
+    }
+    for (to, from) in request.ifr_name.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills the request's hardware address.
+    if unsafe { libc::ioctl(socket, libc::SIOCGIFHWADDR, &mut request) } != 0 {
+        return None;
+    }
+    // SAFETY: the union member SIOCGIFHWADDR wrote.
+    let address = unsafe { request.ifr_ifru.ifru_hwaddr };
+    if address.sa_family != libc::ARPHRD_ETHER {
+        return None;
+    }
+    let octets: Vec<String> = address.sa_data[..6]
+        .iter()
+        .map(|b| format!("{:02x}", *b as u8))
+        .collect();
+    Some(octets.join(":"))
 }
 
 #[cfg(test)]
