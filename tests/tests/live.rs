@@ -14,10 +14,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_support::{METRICS_PORT, Node, PEER, TestPod, enforcer_binary, syn_to, wait_for};
+use enforcer::model::EnforcingMode;
 use enforcer_common::Reason;
 use enforcer_tests::live::imds::Imds;
 use enforcer_tests::live::kube_api::{Kind, KubeApi};
 use enforcer_tests::live::moto::{self, Moto};
+use enforcer_tests::testbed::scenario::{self, example_flows, example_state};
+use enforcer_tests::testbed::{NodeSpec, VirtualNode, matrix};
 use serde_json::{Value, json};
 
 /// The bundled example state (`deploy/agent/example-state`).
@@ -62,14 +65,19 @@ fn metadata(
     cidrs: &[&str],
 ) -> BTreeMap<String, String> {
     let eni = format!("network/interfaces/macs/{mac}");
-    BTreeMap::from([
+    let (v6, v4): (Vec<&str>, Vec<&str>) = cidrs.iter().partition(|c| c.contains(':'));
+    let mut paths = BTreeMap::from([
         ("instance-id".to_string(), instance.to_string()),
         ("placement/region".to_string(), moto::REGION.to_string()),
         ("mac".to_string(), mac.to_string()),
         (format!("{eni}/local-ipv4s"), ips.join("\n")),
         (format!("{eni}/security-group-ids"), groups.join("\n")),
-        (format!("{eni}/vpc-ipv4-cidr-blocks"), cidrs.join("\n")),
-    ])
+        (format!("{eni}/vpc-ipv4-cidr-blocks"), v4.join("\n")),
+    ]);
+    if !v6.is_empty() {
+        paths.insert(format!("{eni}/vpc-ipv6-cidr-blocks"), v6.join("\n"));
+    }
+    paths
 }
 
 /// An instance with a trunk ENI (moto's type set to `trunk`, as the VPC resource
@@ -108,6 +116,42 @@ fn instance_with_trunk(
         .expect("a trunk");
     let mac = trunk["MacAddress"].as_str().unwrap().to_ascii_lowercase();
     (instance, trunk_id, mac)
+}
+
+/// In EC2, each branch pod of another node has its branch ENI, carrying its groups:
+/// what makes it a member of them for this node (whose API view has only its own
+/// pods). Creates those ENIs in moto, with the groups the file source gives each pod
+/// as a member when it reads all pods from `dir`.
+fn other_nodes_branch_enis(moto: &mut Moto, dir: &Path, node: &str, seeded: &Value) {
+    let model = enforcer::source::load(dir).expect("the example loads");
+    for pod in kubernetes_objects(dir) {
+        let annotation = &pod["metadata"]["annotations"]["vpc.amazonaws.com/pod-eni"];
+        let (Some(annotation), false) = (annotation.as_str(), pod["spec"]["nodeName"] == node)
+        else {
+            continue;
+        };
+        let enis: Vec<Value> = serde_json::from_str(annotation).expect("the annotation");
+        for eni in enis {
+            let ip = eni["privateIp"].as_str().expect("privateIp");
+            let address: std::net::IpAddr = ip.parse().expect("an address");
+            let groups: Vec<&String> = model
+                .members
+                .iter()
+                .filter(|(_, prefixes)| prefixes.iter().any(|p| p.contains(address)))
+                .map(|(group, _)| group)
+                .collect();
+            let subnet = format!("{}.0/24", ip.rsplitn(2, '.').nth(1).expect("IPv4"));
+            let id = eni["eniId"].as_str().expect("eniId");
+            moto.next_ids("eni", &[id]).unwrap();
+            moto.call(
+                "create_network_interface",
+                json!({"SubnetId": seeded["subnets"][&subnet], "Groups": groups,
+                       "PrivateIpAddress": ip, "Description": "aws-k8s-branch-eni"}),
+            )
+            .expect("a branch ENI of another node");
+            moto.set_interface_type(id, "branch").unwrap();
+        }
+    }
 }
 
 /// The environment that points the SDK at moto and IMDS, and nowhere else.
@@ -657,5 +701,107 @@ fn the_agent_enforces_what_the_cluster_says_and_follows_it() {
 
     let _ = agent.kill();
     let _ = agent.wait();
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// End to end on the virtual node: the example served live (moto, the API stand-in and
+/// IMDS inside the node's namespace) is enforced by `enforcer run --source cluster`
+/// exactly as the example's flows expect, frame by frame through the trunk.
+#[test]
+fn the_example_served_live_is_enforced_on_the_virtual_node() {
+    enforcer_tests::require_root();
+    let spec = NodeSpec {
+        state: example_state(),
+        mode: EnforcingMode::Strict,
+        vpc_peers: scenario::vpc_peers(&example_flows()),
+        enforcer: None,
+    };
+    let mut node = VirtualNode::build(&spec).expect("build the virtual node");
+    let work = tempfile_dir("virtual-node");
+    let namespace = node.node_namespace();
+    let mut moto = Moto::start(namespace.command(moto::python()), 5000).expect("moto in the node");
+    let seeded = moto
+        .seed(&example_dir())
+        .expect("seed moto with the example");
+    let subnet = seeded["subnets"]["10.0.1.0/24"]
+        .as_str()
+        .expect("the node's subnet")
+        .to_string();
+    let (instance, _, _) =
+        instance_with_trunk(&mut moto, &subnet, &["sg-0node0000000000001"], "10.0.1.11");
+    other_nodes_branch_enis(
+        &mut moto,
+        &example_dir(),
+        &node.model().node.name.clone(),
+        &seeded,
+    );
+    let (kube, imds) = namespace
+        .enter(move || {
+            let kube = KubeApi::serve(TcpListener::bind("127.0.0.1:0").unwrap()).expect("the API");
+            let imds = Imds::serve(
+                TcpListener::bind("127.0.0.1:0").unwrap(),
+                metadata(
+                    &instance,
+                    "0a:1b:2c:3d:4e:01",
+                    &["10.0.1.10"],
+                    &["sg-0node0000000000001"],
+                    &["10.0.0.0/16", "2600:1f18:4a3:6900::/56"],
+                ),
+            )
+            .expect("IMDS");
+            (kube, imds)
+        })
+        .expect("servers in the node's namespace");
+    for object in kubernetes_objects(&example_dir()) {
+        kube.apply(object);
+    }
+    let kubeconfig = kube.kubeconfig(&work).expect("kubeconfig");
+    let model_node = node.model().node.clone();
+    let source: Vec<std::ffi::OsString> = [
+        "--source",
+        "cluster",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--trunk-interface",
+        &model_node.trunk_interface,
+        "--primary-interface",
+        &model_node.primary_interface,
+        "--node-config",
+        example_dir().join("node-config.yaml").to_str().unwrap(),
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let env: Vec<(String, String)> = [
+        ("NODE_NAME", model_node.name.as_str()),
+        ("POD_SECURITY_GROUP_ENFORCING_MODE", "strict"),
+        ("AWS_ENDPOINT_URL_EC2", &moto.endpoint()),
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint()),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_CONFIG_FILE", "/nonexistent"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    node.start_agent_with(&source, &env)
+        .expect("start `enforcer run --source cluster`");
+    let matrix = matrix::drive(&mut node, &example_flows(), None, &|| false, |_| {})
+        .expect("drive the example flows");
+    let failures: Vec<String> = matrix.mismatches().map(matrix::render_row).collect();
+    assert!(
+        failures.is_empty(),
+        "{}\n{}\n{}",
+        matrix::render_summary(&matrix),
+        failures.concat(),
+        node.agent_output()
+    );
+    assert!(
+        matrix.rows.iter().any(|r| r.expected.is_some()),
+        "nothing was judged"
+    );
+    drop(moto);
+    node.teardown().expect("tear down");
     let _ = std::fs::remove_dir_all(&work);
 }
