@@ -140,7 +140,7 @@ fn other_nodes_branch_enis(moto: &mut Moto, dir: &Path, node: &str, seeded: &Val
                 .filter(|(_, prefixes)| prefixes.iter().any(|p| p.contains(address)))
                 .map(|(group, _)| group)
                 .collect();
-            let subnet = format!("{}.0/24", ip.rsplitn(2, '.').nth(1).expect("IPv4"));
+            let subnet = format!("{}.0/24", ip.rsplit_once('.').expect("IPv4").0);
             let id = eni["eniId"].as_str().expect("eniId");
             moto.next_ids("eni", &[id]).unwrap();
             moto.call(
