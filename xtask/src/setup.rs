@@ -24,6 +24,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("podman", "podman"),
     ("runc", "runc"),
     ("catatonit", "catatonit"),
+    // The image's static build compiles ring (rustls' crypto, for the live sources'
+    // Kubernetes and AWS clients) for musl: its C needs musl's compiler wrapper.
+    ("musl-tools", "musl-gcc"),
 ];
 
 /// The image's binary is a static build for this target (`cargo xtask image`).
