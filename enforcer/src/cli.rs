@@ -45,8 +45,18 @@ pub enum Command {
     /// what a previous agent pinned; exiting leaves enforcement in place (see `uninstall`).
     Run {
         /// Directory of EC2 CLI output, Kubernetes objects and the NodeConfig.
-        #[arg(long, value_name = "DIR")]
-        state: PathBuf,
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "source",
+            conflicts_with = "source"
+        )]
+        state: Option<PathBuf>,
+        /// Read the cluster itself: Kubernetes, EC2 and IMDS (see the live options).
+        #[arg(long, value_enum)]
+        source: Option<SourceKind>,
+        #[command(flatten)]
+        live: LiveArgs,
         /// bpffs directory for the pinned maps, programs and links.
         #[arg(long, value_name = "P", default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
@@ -58,6 +68,20 @@ pub enum Command {
         /// generic), `native`, `generic` or `off` (TC judges everything).
         #[arg(long, value_name = "MODE", default_value = "auto")]
         xdp: enforcer::kernel::xdp::XdpSetting,
+    },
+    /// Writes the live sources' view as a state directory (today's contract), loadable by
+    /// `check`, `explain` and `lint`: what `run --source cluster` would enforce now.
+    Snapshot {
+        #[arg(long, value_enum)]
+        source: SourceKind,
+        /// Directory to write (created if missing; files of the same names are replaced).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// How long to wait for every source's first view.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        timeout: u64,
+        #[command(flatten)]
+        live: LiveArgs,
     },
     /// What the kernel enforces now, from the pinned maps (with or without a running agent).
     Status {
@@ -92,6 +116,37 @@ pub enum Command {
     },
 }
 
+/// Where a state comes from besides a directory.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// Kubernetes (this node's Pods, SecurityGroupPolicies, ServiceAccounts), EC2 and IMDS.
+    Cluster,
+}
+
+/// The live sources' settings (`--source cluster`); the AWS SDK's and kubectl's
+/// standard environment applies (AWS_REGION, AWS_ENDPOINT_URL_EC2, credentials, KUBECONFIG).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LiveArgs {
+    /// This node's name, as Pods' spec.nodeName says it.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// A kubeconfig file (default: KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Mean seconds between EC2 polls (jittered ±20 %).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub ec2_interval: u64,
+    /// The trunk interface (default: the local interface with the trunk ENI's MAC).
+    #[arg(long, value_name = "IFACE")]
+    pub trunk_interface: Option<String>,
+    /// The primary interface (default: the local interface with the primary ENI's MAC).
+    #[arg(long, value_name = "IFACE")]
+    pub primary_interface: Option<String>,
+    /// A NodeConfig file for what IMDS does not tell (unknownVlan, connectionTracking, …).
+    #[arg(long, value_name = "FILE")]
+    pub node_config: Option<PathBuf>,
+}
+
 /// Where maps, programs and links are pinned unless `--pin-path` says otherwise.
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/enforcer";
 /// The Prometheus endpoint unless `--metrics-addr` says otherwise.
@@ -108,10 +163,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => lint(&state, json, severity),
         Command::Run {
             state,
+            source,
+            live,
             pin_path,
             metrics_addr,
             xdp,
-        } => run_agent(&state, &pin_path, metrics_addr, xdp),
+        } => run_agent(state, source, &live, &pin_path, metrics_addr, xdp),
+        Command::Snapshot {
+            source: SourceKind::Cluster,
+            out,
+            timeout,
+            live,
+        } => snapshot(&live, &out, std::time::Duration::from_secs(timeout)),
         Command::Status { pin_path, json } => status(&pin_path, json),
         Command::Uninstall { pin_path } => uninstall(&pin_path),
         Command::Flows {
@@ -232,9 +295,85 @@ fn summary(model: &Model) -> String {
     out
 }
 
+/// How long `run --source cluster` waits for the sources' first views before it starts
+/// (then it starts anyway, not ready, and applies them when they come): short, as the
+/// endpoint (`/readyz` saying why) is served only once the agent has started.
+const FIRST_VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[cfg(feature = "live")]
+fn live_config(args: &LiveArgs) -> Result<enforcer::source::live::LiveConfig> {
+    use enforcer::source::live::{LiveConfig, NodeSettings};
+    let node_name = args
+        .node_name
+        .clone()
+        .context("--source cluster needs this node's name: --node-name or NODE_NAME")?;
+    let spec = match &args.node_config {
+        Some(path) => NodeSettings::read_spec(path)?,
+        None => Default::default(),
+    };
+    Ok(LiveConfig {
+        node_name,
+        kubeconfig: args.kubeconfig.clone(),
+        ec2_interval: std::time::Duration::from_secs(args.ec2_interval.max(1)),
+        node: NodeSettings {
+            trunk_interface: args.trunk_interface.clone(),
+            primary_interface: args.primary_interface.clone(),
+            enforcing_mode: NodeSettings::enforcing_mode_from_env()?,
+            spec,
+        },
+    })
+}
+
+/// The live sources, started on `runtime`.
+#[cfg(feature = "live")]
+fn start_live(
+    runtime: &tokio::runtime::Runtime,
+    args: &LiveArgs,
+) -> Result<std::sync::Arc<enforcer::source::live::Hub>> {
+    let config = live_config(args)?;
+    runtime
+        .block_on(enforcer::source::live::start(&config))
+        .context("starting the live sources")
+}
+
+#[cfg(not(feature = "live"))]
+fn no_live() -> anyhow::Error {
+    anyhow::anyhow!("this enforcer was built without the live sources (feature `live`)")
+}
+
+/// `enforcer snapshot`: the live view, once every source has spoken, as files.
+fn snapshot(args: &LiveArgs, out: &Path, timeout: std::time::Duration) -> Result<ExitCode> {
+    #[cfg(not(feature = "live"))]
+    {
+        let _ = (args, out, timeout);
+        Err(no_live())
+    }
+    #[cfg(feature = "live")]
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let hub = start_live(&runtime, args)?;
+        let view = runtime
+            .block_on(hub.first_view(timeout))
+            .context("waiting for the live sources")?;
+        view.documents
+            .write_to(out)
+            .with_context(|| format!("writing the snapshot into {}", out.display()))?;
+        for (name, _) in view.documents.files() {
+            println!("{}", out.join(name).display());
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
 /// `enforcer run`: enforce the state and follow it until a signal. Everything stays pinned.
 fn run_agent(
-    dir: &Path,
+    state: Option<PathBuf>,
+    source: Option<SourceKind>,
+    live: &LiveArgs,
     pin_path: &Path,
     metrics_addr: std::net::SocketAddr,
     xdp: enforcer::kernel::xdp::XdpSetting,
@@ -251,7 +390,25 @@ fn run_agent(
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let agent = enforcer::agent::Agent::start(dir, pin_path, xdp)
+    let source = match (state, source) {
+        (Some(dir), _) => enforcer::agent::StateSource::Directory(dir),
+        #[cfg(feature = "live")]
+        (None, Some(SourceKind::Cluster)) => {
+            let hub = start_live(&runtime, live)?;
+            if let Err(error) = runtime.block_on(hub.first_view(FIRST_VIEW_WAIT)) {
+                log::warn!("starting before the live view is complete: {error}");
+            }
+            enforcer::agent::StateSource::Live(hub)
+        }
+        #[cfg(not(feature = "live"))]
+        (None, Some(SourceKind::Cluster)) => {
+            let _ = (live, FIRST_VIEW_WAIT);
+            return Err(no_live());
+        }
+        (None, None) => anyhow::bail!("--state or --source is needed"),
+    };
+    let dir = source.origin();
+    let agent = enforcer::agent::Agent::start_from(source, pin_path, xdp)
         .with_context(|| format!("starting the agent (pins under {})", pin_path.display()))?;
     match (agent.applied(), agent.failure()) {
         (_, Some(failure)) => log::error!(

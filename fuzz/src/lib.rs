@@ -63,14 +63,13 @@ pub fn load_with_fuzzed_file(input: &[u8], candidates: &[&str], extension: &str)
     let replaced = candidates[usize::from(pick) % candidates.len()];
     let stem = replaced.rsplit_once('.').map_or(replaced, |(stem, _)| stem);
     let name = format!("{stem}.{extension}");
-    let mut files: Vec<(&str, &str)> = EXAMPLE_STATE
-        .iter()
-        .filter(|(file, _)| *file != replaced)
-        .copied()
-        .collect();
-    files.push((&name, text));
+    let mut documents = enforcer::source::state::Documents::default();
+    for (file, contents) in EXAMPLE_STATE.iter().filter(|(file, _)| *file != replaced) {
+        documents.insert(*file, *contents);
+    }
+    documents.insert(name, text);
     // Errors are fine (they name file, object and field); a panic is the finding.
-    let _ = enforcer::source::load_texts(Path::new("/fuzz/state"), &files);
+    let _ = enforcer::source::load_documents(Path::new("/fuzz/state"), &documents);
 }
 
 /// Bytes read one at a time; zeros once they run out.

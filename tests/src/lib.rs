@@ -5,6 +5,7 @@ pub mod deploy;
 pub mod frame;
 pub mod frame_oracle;
 pub mod kernel;
+pub mod live;
 pub mod models;
 pub mod oracle;
 pub mod random;

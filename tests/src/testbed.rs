@@ -1,6 +1,7 @@
 //! The virtual Nitro node: namespaces for the VPC, the node and each pod, branch pods' frames
 //! crossing the trunk VLAN-tagged, `enforcer run` under test on it; torn down whole.
 
+use std::ffi::OsString;
 pub mod agent;
 pub mod datapath;
 pub mod generator;
@@ -311,6 +312,36 @@ impl VirtualNode {
         )?;
         self.agent = Some(agent);
         Ok(())
+    }
+
+    /// Starts `enforcer run` with other source arguments (`--source cluster …`) and
+    /// environment; returns once it enforces.
+    pub fn start_agent_with(
+        &mut self,
+        source: &[OsString],
+        env: &[(String, String)],
+    ) -> Result<()> {
+        if self.agent.is_some() {
+            bail!("the agent is already running");
+        }
+        self.agent_runs += 1;
+        let log = self.work_dir.join(format!("agent-{}.log", self.agent_runs));
+        let agent = Agent::start_with(
+            &self.enforcer,
+            self.node_namespace(),
+            &self.model.node.trunk_interface,
+            source,
+            env,
+            &self.pin_path,
+            log,
+        )?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// The node's network namespace (the agent's, and the host network's).
+    pub fn node_namespace(&self) -> &Namespace {
+        self.node.as_ref().expect("node namespace")
     }
 
     /// Stops the agent as an operator would (SIGTERM).

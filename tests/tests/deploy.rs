@@ -180,14 +180,14 @@ fn a_rolling_upgrade_between_images_leaves_no_frame_unjudged() {
 }
 
 /// `podman kube play` of the DaemonSet's pod template exactly as `kubectl kustomize
-/// deploy/` renders it (see [`play`]): the agent gets ready as its readiness probe
+/// deploy/agent` (the state-directory variant: no cluster here) renders it (see [`play`]): the agent gets ready as its readiness probe
 /// asks, and enforces.
 #[test]
 fn the_rendered_daemon_set_gets_ready_under_podman_kube_play() {
     let host = HostPaths::new();
     let mut node = Node::with_trunk(Some(TRUNK));
     node.pin_path = host.bpffs.join("enforcer");
-    let (_played, agent) = play(&node, &host, "");
+    let (_played, agent) = play(&node, &host, "agent");
     assert_eq!(
         agent.image.as_deref(),
         Some(deploy::image()),
@@ -205,7 +205,7 @@ fn the_remove_overlay_uninstalls_what_the_daemon_set_installed() {
     let host = HostPaths::new();
     let mut node = Node::with_trunk(Some(TRUNK));
     node.pin_path = host.bpffs.join("enforcer");
-    let (played, agent) = play(&node, &host, "");
+    let (played, agent) = play(&node, &host, "agent");
     wait_ready_as_probed(&node, &agent);
     drop(played);
     let denied = frame::tcp(

@@ -137,7 +137,7 @@ fn the_daemon_set_runs_one_agent_per_trunk_node_on_the_host() {
 
 #[test]
 fn the_probes_and_mounts_are_the_agents_own() {
-    let rendered = deploy::render("");
+    let rendered = deploy::render("agent");
     let agent = agent(&rendered);
     // The probes ask the endpoint the agent serves, where the kubelet reaches it.
     let (host, port) = argument(agent, "--metrics-addr")
@@ -203,10 +203,56 @@ fn the_probes_and_mounts_are_the_agents_own() {
     );
 }
 
+/// The base (`kubectl apply -k deploy/`) runs the live sources: `--source cluster`,
+/// the enforcing mode as aws-node takes it, no state directory and no ConfigMap; the
+/// rest of the agent is the state-directory variant's (`deploy/agent`).
+#[test]
+fn the_base_runs_the_agent_on_the_live_sources() {
+    let rendered = deploy::render("");
+    let agent = agent(&rendered);
+    assert_eq!(argument(agent, "--source"), "cluster");
+    let args = agent.args.as_deref().unwrap_or_default();
+    assert!(!args.iter().any(|a| a == "--state"), "{args:?}");
+    assert!(rendered.config_maps.is_empty(), "no state ConfigMap");
+    let mode = agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "POD_SECURITY_GROUP_ENFORCING_MODE")
+        .and_then(|e| e.value.as_deref());
+    assert_eq!(mode, Some("strict"));
+    let spec = pod_spec(&rendered);
+    let mounts: Vec<_> = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert_eq!(
+        mounts,
+        ["/sys/fs/bpf", enforcer::observe::status::REPORT_DIR]
+    );
+    assert_eq!(spec.volumes.as_ref().map(Vec::len), Some(2));
+    // The same agent otherwise: the state-directory variant differs only there.
+    let file = deploy::render("agent");
+    let file_agent = self::agent(&file);
+    assert_eq!(agent.image, file_agent.image);
+    assert_eq!(agent.readiness_probe, file_agent.readiness_probe);
+    assert_eq!(agent.security_context, file_agent.security_context);
+    assert_eq!(
+        argument(agent, "--pin-path"),
+        argument(file_agent, "--pin-path")
+    );
+    assert_eq!(
+        argument(agent, "--metrics-addr"),
+        argument(file_agent, "--metrics-addr")
+    );
+}
+
 /// The example ConfigMap is the example state directory, every file of it.
 #[test]
 fn the_state_config_map_is_the_example_state() {
-    let rendered = deploy::render("");
+    let rendered = deploy::render("agent");
     assert_eq!(rendered.config_maps.len(), 1);
     let data = rendered.config_maps[0].data.clone().unwrap_or_default();
     let mut files = BTreeMap::new();

@@ -26,6 +26,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("podman", "podman"),
     ("runc", "runc"),
     ("catatonit", "catatonit"),
+    // The image's static build compiles ring (rustls' crypto, for the live sources'
+    // Kubernetes and AWS clients) for musl: its C needs musl's compiler wrapper.
+    ("musl-tools", "musl-gcc"),
 ];
 
 /// The image's binary is a static build for this target (`cargo xtask image`).
@@ -38,7 +41,33 @@ pub fn run() -> Result<()> {
     cargo_fuzz()?;
     packages()?;
     kubectl()?;
+    moto()?;
     bpffs()
+}
+
+/// moto's EC2 server for the live-source tests (`tests/live/moto_ec2.py`; no AWS
+/// here), pinned, in a venv under target/ so that nothing is installed system-wide.
+const MOTO: &str = "moto[server]==5.2.5";
+
+fn moto() -> Result<()> {
+    let venv = crate::command::workspace_root().join("target/moto");
+    let python = venv.join("bin/python");
+    let marker = venv.join("installed");
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == MOTO) && python.exists() {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing {MOTO} into {}", venv.display());
+    run_command(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run_command(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        MOTO,
+    ]))?;
+    std::fs::write(&marker, MOTO).context("recording the moto install")?;
+    Ok(())
 }
 
 fn musl_target() -> Result<()> {

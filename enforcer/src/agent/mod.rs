@@ -22,7 +22,8 @@ use crate::kernel::pins::Migration;
 use crate::kernel::xdp::{XdpMode, XdpSetting, XdpState};
 use crate::model::{BranchPod, EnforcingMode, GroupId, GroupsSource, Model};
 use crate::observe::metrics::{AgentView, Feed};
-use crate::observe::status::{AgentReport, PodReport};
+use crate::observe::status::{AgentReport, PodReport, SourceReport};
+use crate::source::SourceHealth;
 use crate::source::state::StateErrors;
 
 /// How often the agent checks that its programs are still attached first on the trunk.
@@ -61,6 +62,8 @@ pub enum AgentError {
         "the programs of this build are not attached to {trunk} yet: the maps of the previous layout stay in use until they are"
     )]
     Migration { trunk: String },
+    #[error("the live view is not complete: {}", .0.join("; "))]
+    Incomplete(Vec<String>),
     #[error("watching the state directory {path}")]
     Watch {
         path: PathBuf,
@@ -84,9 +87,54 @@ pub struct Failure {
     pub message: String,
 }
 
+/// Where the agent's state comes from.
+#[derive(Clone)]
+pub enum StateSource {
+    /// A state directory (`--state`), watched.
+    Directory(PathBuf),
+    /// The live sources' view (`--source cluster`), a virtual state directory.
+    #[cfg(feature = "live")]
+    Live(Arc<crate::source::live::Hub>),
+}
+
+impl StateSource {
+    /// What reports and errors name as the state's origin.
+    pub fn origin(&self) -> PathBuf {
+        match self {
+            Self::Directory(dir) => dir.clone(),
+            #[cfg(feature = "live")]
+            Self::Live(_) => PathBuf::from(crate::source::live::ORIGIN),
+        }
+    }
+
+    /// Each live source's health (none for a directory).
+    pub fn health(&self) -> Vec<SourceHealth> {
+        match self {
+            Self::Directory(_) => Vec::new(),
+            #[cfg(feature = "live")]
+            Self::Live(hub) => hub.view().sources.clone(),
+        }
+    }
+
+    fn load(&self) -> Result<Model, AgentError> {
+        match self {
+            Self::Directory(dir) => Ok(crate::source::load(dir)?),
+            #[cfg(feature = "live")]
+            Self::Live(hub) => {
+                let view = hub.view();
+                if !view.incomplete.is_empty() {
+                    return Err(AgentError::Incomplete(view.incomplete.clone()));
+                }
+                let origin = Path::new(crate::source::live::ORIGIN);
+                Ok(crate::source::load_documents(origin, &view.documents)?)
+            }
+        }
+    }
+}
+
 /// The programs, their maps and what they enforce, for one pin path.
 pub struct Agent {
-    state_dir: PathBuf,
+    source: StateSource,
     pin_path: PathBuf,
     /// The loaded programs; attached through pinned links, so dropping them detaches nothing.
     ebpf: Ebpf,
@@ -114,6 +162,8 @@ pub struct Agent {
     reloads: (u64, u64),
     /// The programs' own log records (aya-log), when this process logs at debug level.
     kernel_log: Option<KernelLog>,
+    /// The sources' health as last reported.
+    reported_sources: Vec<SourceHealth>,
 }
 
 /// Reader of the programs' aya-log records, forwarding them to `log`.
@@ -128,6 +178,19 @@ impl Agent {
     /// not fatal: whatever a previous agent left pinned keeps enforcing, and
     /// [`run`] tries again.
     pub fn start(state_dir: &Path, pin_path: &Path, xdp: XdpSetting) -> Result<Self, AgentError> {
+        Self::start_from(
+            StateSource::Directory(state_dir.to_path_buf()),
+            pin_path,
+            xdp,
+        )
+    }
+
+    /// [`Agent::start`] over any [`StateSource`].
+    pub fn start_from(
+        source: StateSource,
+        pin_path: &Path,
+        xdp: XdpSetting,
+    ) -> Result<Self, AgentError> {
         let crate::kernel::pins::Loaded {
             mut ebpf,
             migration,
@@ -144,7 +207,7 @@ impl Agent {
         };
         let maps = KernelMaps::take(&mut ebpf)?;
         let mut agent = Self {
-            state_dir: state_dir.to_path_buf(),
+            source,
             pin_path: pin_path.to_path_buf(),
             ebpf,
             maps,
@@ -160,6 +223,7 @@ impl Agent {
             failure: None,
             reloads: (0, 0),
             kernel_log,
+            reported_sources: Vec::new(),
         };
         match agent.reload() {
             // The report is how the failure would be told: without it, give up.
@@ -198,7 +262,7 @@ impl Agent {
     }
 
     fn try_reload(&mut self) -> Result<(), AgentError> {
-        let mut model = crate::source::load(&self.state_dir)?;
+        let mut model = self.source.load()?;
         let known = Pinned {
             modes: self.maps.pod_modes()?,
             groups: self.maps.pod_groups()?,
@@ -416,6 +480,7 @@ impl Agent {
             retired_traffic: self.maps.retired_traffic().clone(),
             warnings: self.warnings().len(),
             xdp_mode: self.xdp_mode().map(XdpMode::name),
+            sources: Arc::new(self.source.health()),
         }
     }
 
@@ -428,7 +493,13 @@ impl Agent {
     fn write_report(&self) -> Result<(), AgentError> {
         let report = AgentReport {
             pid: std::process::id(),
-            state_dir: self.state_dir.clone(),
+            state_dir: self.source.origin(),
+            sources: self
+                .source
+                .health()
+                .iter()
+                .map(SourceReport::from)
+                .collect(),
             trunk: self.trunk.clone(),
             node: self.applied.as_ref().map(|a| a.model.node.name.clone()),
             enforcing_mode: self
@@ -479,13 +550,16 @@ impl Agent {
         }
     }
 
-    /// Checks the attachment; the report follows what changed.
+    /// Checks the attachment; the report follows what changed (and the live
+    /// sources' health, which changes without a reload when a source fails).
     fn supervise_reported(&mut self) {
         let before = (self.attached, self.attach_error.clone());
         self.supervise();
-        if (self.attached, self.attach_error.clone()) != before
-            && let Err(error) = self.write_report()
-        {
+        let sources = self.source.health();
+        let sources_changed = self.reported_sources != sources;
+        self.reported_sources = sources;
+        let changed = (self.attached, self.attach_error.clone()) != before || sources_changed;
+        if changed && let Err(error) = self.write_report() {
             log::error!("{}", crate::error_chain(&error));
         }
     }
@@ -546,8 +620,12 @@ pub async fn run(
     metrics: Option<TcpListener>,
     stop: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let state_dir = agent.state_dir.clone();
-    let mut changes = watch_changes(&state_dir)?;
+    let state_dir = agent.source.origin();
+    let mut changes = match &agent.source {
+        StateSource::Directory(dir) => watch_changes(dir)?,
+        #[cfg(feature = "live")]
+        StateSource::Live(hub) => live_changes(hub),
+    };
     if let Some(kernel_log) = agent.kernel_log.take() {
         tokio::spawn(forward_kernel_log(kernel_log));
     }
@@ -649,6 +727,38 @@ fn watch_changes(
     });
     Ok(receiver)
 }
+
+/// Changes of the live view's documents, from a task of their own into a one-slot
+/// channel like a directory's; a change of the sources' health alone is no reload
+/// (the supervision tick reports it).
+#[cfg(feature = "live")]
+fn live_changes(
+    hub: &crate::source::live::Hub,
+) -> tokio::sync::mpsc::Receiver<std::io::Result<()>> {
+    let mut views = hub.subscribe();
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut seen = views.borrow_and_update().documents.clone();
+        while views.changed().await.is_ok() {
+            // A burst of events (a relist, a rollout) is one reload.
+            tokio::time::sleep(LIVE_SETTLE).await;
+            let documents = views.borrow_and_update().documents.clone();
+            if documents == seen {
+                continue;
+            }
+            seen = documents;
+            if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) = sender.try_send(Ok(()))
+            {
+                return;
+            }
+        }
+    });
+    receiver
+}
+
+/// How long the live view may settle after a change before it is reloaded.
+#[cfg(feature = "live")]
+const LIVE_SETTLE: Duration = Duration::from_millis(50);
 
 /// Runs `change` on the agent (blocking: applies write the maps) and
 /// publishes the agent's view to the metrics endpoint.

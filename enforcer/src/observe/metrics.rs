@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::kernel::maps::{KernelMaps, MapsError};
 use crate::policy::eval::RuleRef;
+use crate::source::SourceHealth;
 
 /// What the agent tells the endpoint about itself, published after every
 /// change; the endpoint reads it without waiting for the agent.
@@ -42,17 +43,21 @@ pub struct AgentView {
     pub warnings: usize,
     /// Where the XDP program runs on the trunk (`native`, `generic`), if it does.
     pub xdp_mode: Option<&'static str>,
+    /// The live sources' health (empty for a state directory).
+    pub sources: Arc<Vec<SourceHealth>>,
 }
 
 impl AgentView {
     /// Attached, applied, and the latest state is the applied one.
     pub fn is_ready(&self) -> bool {
-        self.attached && self.applied && !self.state_error
+        self.not_ready_reason().is_none()
     }
 
     /// Why it is not ready, in words that reveal nothing of the state's content.
     pub fn not_ready_reason(&self) -> Option<&'static str> {
-        if !self.applied {
+        if self.sources.iter().any(|s| s.last_success.is_none()) {
+            Some("a live source has not produced its first view yet (see `enforcer status`)")
+        } else if !self.applied {
             Some("no state applied yet")
         } else if self.state_error {
             Some(
@@ -198,6 +203,68 @@ fn gauge<N: EncodeGaugeValue + Clone + std::fmt::Debug>(
     gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
 }
 
+/// A gauge family, one sample per label set.
+fn gauges<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, f64)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (labels, value) in samples {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Each live source's last success, its staleness at `now`, and whether its latest
+/// attempt failed (its last view stays in use).
+fn sources(
+    e: &mut DescriptorEncoder,
+    sources: &[SourceHealth],
+    now: SystemTime,
+) -> std::fmt::Result {
+    if sources.is_empty() {
+        return Ok(());
+    }
+    let label = |s: &SourceHealth| [("source", s.name.clone())];
+    let succeeded: Vec<_> = sources
+        .iter()
+        .filter_map(|s| Some((s, s.last_success?)))
+        .collect();
+    gauges(
+        e,
+        "enforcer_source_last_success_timestamp_seconds",
+        "When each live source last produced a view.",
+        succeeded.iter().map(|(s, at)| {
+            let unix = at.duration_since(SystemTime::UNIX_EPOCH);
+            (label(s), unix.map_or(0.0, |d| d.as_secs_f64()))
+        }),
+    )?;
+    gauges(
+        e,
+        "enforcer_source_staleness_seconds",
+        "Age of each live source's view in use (absent before its first).",
+        succeeded.iter().map(|(s, at)| {
+            let age = now.duration_since(*at).unwrap_or_default();
+            (label(s), age.as_secs_f64())
+        }),
+    )?;
+    gauges(
+        e,
+        "enforcer_source_error",
+        "1 when a live source's latest attempt failed (its last view stays in use).",
+        sources
+            .iter()
+            .map(|s| (label(s), if s.error.is_some() { 1.0 } else { 0.0 })),
+    )
+}
+
 /// A counter family: `name` gets its `_total` suffix from the encoder.
 fn counters<L: EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
@@ -276,6 +343,7 @@ impl Collector for Sample {
                 view.warnings as i64,
             )?;
         }
+        sources(e, &view.sources, SystemTime::now())?;
         gauge(
             e,
             "enforcer_conntrack_entries",
@@ -405,6 +473,20 @@ mod tests {
             retired_traffic: Arc::default(),
             warnings: 2,
             xdp_mode: Some("native"),
+            sources: Arc::new(vec![
+                SourceHealth {
+                    name: "ec2".into(),
+                    last_success: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1000)),
+                    error: Some("throttled".into()),
+                    error_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1010)),
+                },
+                SourceHealth {
+                    name: "imds".into(),
+                    last_success: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(900)),
+                    error: None,
+                    error_at: None,
+                },
+            ]),
         };
         let mut verdicts = [0; COUNTER_SLOTS as usize];
         verdicts[Reason::DropPolicy as usize] = 4;
@@ -458,6 +540,9 @@ mod tests {
             r#"enforcer_pod_bytes_total{pod="shop/web",vlan="7",verdict="allow"} 60"#,
             r#"enforcer_rule_packets_total{group="sg-0a\"b",direction="ingress",rule="3"} 6"#,
             r#"enforcer_rule_bytes_total{group="sg-0a\"b",direction="ingress",rule="3"} 600"#,
+            r#"enforcer_source_last_success_timestamp_seconds{source="ec2"} 1000.0"#,
+            r#"enforcer_source_error{source="ec2"} 1.0"#,
+            r#"enforcer_source_error{source="imds"} 0.0"#,
             "# TYPE enforcer_verdicts counter",
             "# EOF",
         ] {
@@ -488,6 +573,16 @@ mod tests {
             },
             AgentView {
                 state_error: true,
+                ..ready.clone()
+            },
+            // A live source without a first view, though a state was applied before.
+            AgentView {
+                sources: Arc::new(vec![SourceHealth {
+                    name: "ec2".into(),
+                    last_success: None,
+                    error: Some("denied".into()),
+                    error_at: Some(SystemTime::now()),
+                }]),
                 ..ready.clone()
             },
         ] {

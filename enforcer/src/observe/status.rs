@@ -16,6 +16,7 @@ use crate::kernel::ebpf::LinkState;
 use crate::kernel::maps::{KernelMaps, MapsError};
 use crate::kernel::xdp::XdpState;
 use crate::model::GroupsSource;
+use crate::source::SourceHealth;
 
 /// Directory of the agents' reports.
 pub const REPORT_DIR: &str = "/run/enforcer";
@@ -50,7 +51,37 @@ pub struct AgentReport {
     /// The applied state's warnings (accepted, worth a look), one line each.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The live sources (`--source cluster`): each one's last success and error.
+    #[serde(default)]
+    pub sources: Vec<SourceReport>,
     pub pods: Vec<PodReport>,
+}
+
+/// One live source as the agent last saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceReport {
+    pub name: String,
+    /// Unix seconds of its last view; `None` before its first.
+    pub last_success: Option<u64>,
+    /// Why its latest attempt failed (its last view stays in use).
+    pub error: Option<String>,
+    pub error_at: Option<u64>,
+}
+
+impl From<&SourceHealth> for SourceReport {
+    fn from(health: &SourceHealth) -> Self {
+        let unix = |at: Option<SystemTime>| {
+            at.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+        };
+        Self {
+            name: health.name.clone(),
+            last_success: unix(health.last_success),
+            error: health.error.clone(),
+            error_at: unix(health.error_at),
+        }
+    }
 }
 
 /// One pod as the agent applied it.
@@ -157,6 +188,8 @@ pub struct Status {
     /// Why the agent could not attach the programs the last time it tried.
     pub attach_error: Option<String>,
     pub warnings: Vec<String>,
+    /// The live sources' last success and error, as the agent last reported them.
+    pub sources: Vec<SourceReport>,
     pub conntrack_entries: usize,
     pub conntrack_capacity: u32,
     pub pods: Vec<PodStatus>,
@@ -243,6 +276,7 @@ impl Status {
             error_at: report.error_at,
             attach_error: report.attach_error,
             warnings: report.warnings,
+            sources: report.sources,
             conntrack_entries: flows.len(),
             conntrack_capacity: MAX_FLOWS,
             pods,
@@ -335,6 +369,18 @@ impl fmt::Display for Status {
         }
         for warning in &self.warnings {
             writeln!(f, "warning: {warning}")?;
+        }
+        for source in &self.sources {
+            writeln!(
+                f,
+                "source {}: last view {}{}",
+                source.name,
+                when(source.last_success),
+                match &source.error {
+                    Some(error) => format!("; failing since {}: {error}", when(source.error_at)),
+                    None => String::new(),
+                }
+            )?;
         }
         writeln!(
             f,

@@ -1,6 +1,6 @@
-//! What the agent reads from the cluster and from EC2, as lists. Today an
-//! operator exports it into the state directory (`state/`); the live sources
-//! (watches in place of those files) will read exactly this. The deployment's
+//! What the agent reads from the cluster and from EC2, as lists: the live sources
+//! (`kube.rs`, `ec2/`) read exactly this, and an operator exports the same into a
+//! state directory (`state/`) for the file source. The deployment's
 //! permissions are checked against these lists, not written by hand: the
 //! ClusterRole in `deploy/agent/rbac.yaml` and `deploy/iam-policy.json`
 //! (`tests/tests/manifests.rs`).
@@ -17,7 +17,7 @@ pub struct KubernetesRead {
 
 const WATCH: &[&str] = &["get", "list", "watch"];
 
-/// The Kubernetes objects of the state directory, and this node.
+/// The Kubernetes objects of the state directory (the node itself comes from IMDS).
 pub const KUBERNETES: &[KubernetesRead] = &[
     // Pods: branch ENIs (`vpc.amazonaws.com/pod-eni`), labels, service accounts, addresses.
     KubernetesRead {
@@ -36,12 +36,6 @@ pub const KUBERNETES: &[KubernetesRead] = &[
         group: "vpcresources.k8s.aws",
         resource: "securitygrouppolicies",
         verbs: WATCH,
-    },
-    // This node (`NODE_NAME`): its trunk ENI and primary addresses for the NodeConfig.
-    KubernetesRead {
-        group: "",
-        resource: "nodes",
-        verbs: &["get"],
     },
 ];
 

@@ -3,14 +3,23 @@
 //! SecurityGroupPolicies and finds this node's branch pods and the groups' members.
 
 pub mod access;
+#[cfg(feature = "live")]
+pub mod ec2;
+#[cfg(feature = "live")]
+pub mod imds;
+#[cfg(feature = "live")]
+pub mod kube;
+#[cfg(feature = "live")]
+pub mod live;
 mod resolve;
 pub mod state;
 pub mod watch;
 
 use std::path::Path;
+use std::time::SystemTime;
 
 use crate::model::Model;
-use state::StateErrors;
+use state::{Documents, StateErrors};
 
 /// Reads the state directory `dir` and resolves this node's model; every error,
 /// the files' and the resolver's, in file order.
@@ -19,8 +28,22 @@ pub fn load(dir: &Path) -> Result<Model, StateErrors> {
     resolve::resolve(dir, inventory).map_err(StateErrors)
 }
 
-/// As [`load`], over files given as (name, text) instead of a directory's: the
-/// parsers without the file system, for fuzzing (`fuzz/`).
-pub fn load_texts(dir: &Path, files: &[(&str, &str)]) -> Result<Model, StateErrors> {
-    resolve::resolve(dir, state::read_texts(dir, files)).map_err(StateErrors)
+/// Resolves this node's model from state files held in memory (a live source's view),
+/// exactly as [`load`] would from a directory of them; errors name the files as in
+/// `origin`.
+pub fn load_documents(origin: &Path, documents: &Documents) -> Result<Model, StateErrors> {
+    let inventory = state::read_documents(origin, documents);
+    resolve::resolve(origin, inventory).map_err(StateErrors)
+}
+
+/// One live source's health, as status and metrics show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceHealth {
+    /// `kubernetes/pods`, `ec2`, `imds`, ….
+    pub name: String,
+    /// When it last produced a view; `None` before its first.
+    pub last_success: Option<SystemTime>,
+    /// Why its latest attempt failed (its last view stays in use).
+    pub error: Option<String>,
+    pub error_at: Option<SystemTime>,
 }

@@ -1,6 +1,7 @@
 //! The enforcer under test: the `enforcer run` process inside the node's namespace, started,
 //! stopped or killed as an operator (or a crash) would, and its pinned counters.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -89,17 +90,32 @@ impl Agent {
         pin_path: &Path,
         log: PathBuf,
     ) -> Result<Self> {
+        let source = [OsString::from("--state"), state.into()];
+        Self::start_with(binary, node, trunk, &source, &[], pin_path, log)
+    }
+
+    /// [`Agent::start`] with other source arguments (`--source cluster …`) and
+    /// environment variables.
+    pub fn start_with(
+        binary: &Path,
+        node: &Namespace,
+        trunk: &str,
+        source: &[OsString],
+        env: &[(String, String)],
+        pin_path: &Path,
+        log: PathBuf,
+    ) -> Result<Self> {
         let before = enforcer_programs(node, trunk)?;
         let output = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = node
             .command(binary)
             .arg("run")
-            .arg("--state")
-            .arg(state)
+            .args(source)
             .arg("--pin-path")
             .arg(pin_path)
             // The fabric delivers tags inline, as on Nitro: XDP judges what the trunk receives.
             .args(["--xdp", "native"])
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(output.try_clone()?)

@@ -7,6 +7,7 @@ mod reader;
 #[cfg(test)]
 pub(crate) mod testdir;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -48,13 +49,52 @@ pub(crate) fn read(dir: &Path) -> Result<Inventory, StateErrors> {
     Ok(inventory)
 }
 
-/// As [`read`], over files given as (name, text) instead of a directory's:
-/// names are taken as file names in `dir` (the extension says JSON or YAML),
-/// in the order given.
-pub(crate) fn read_texts(dir: &Path, files: &[(&str, &str)]) -> Inventory {
+/// A state directory held in memory: file names and their text, as the live sources
+/// build it. [`read_documents`] reads it exactly as [`read`] reads a directory holding
+/// these files, and [`Documents::write_to`] makes that directory (`enforcer snapshot`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Documents(BTreeMap<String, String>);
+
+impl Documents {
+    /// Adds (or replaces) the file `name`: a state file's name (`*.json`, `*.yaml`,
+    /// `*.yml`, not hidden), so that a written copy reads the same.
+    pub fn insert(&mut self, name: impl Into<String>, text: impl Into<String>) {
+        let name = name.into();
+        assert!(
+            reader::is_state_file_name(&name) && !name.contains('/'),
+            "{name:?} is not a state file's name"
+        );
+        self.0.insert(name, text.into());
+    }
+
+    /// Adds every file of `other`.
+    pub fn extend(&mut self, other: &Documents) {
+        self.0
+            .extend(other.0.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+
+    /// The files, by name, in the order a directory of them is read.
+    pub fn files(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Writes every file into `dir` (created if missing); a file there of the same
+    /// name is replaced.
+    pub fn write_to(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        for (name, text) in &self.0 {
+            std::fs::write(dir.join(name), text)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads every object of `documents` as [`read`] reads the same files in a directory;
+/// errors name them as files of `origin`.
+pub(crate) fn read_documents(origin: &Path, documents: &Documents) -> Inventory {
     let mut inventory = Inventory::default();
-    for (name, text) in files {
-        let file = dir.join(name);
+    for (name, text) in documents.files() {
+        let file = origin.join(name);
         for document in reader::parse_documents(&file, text, &mut inventory.errors) {
             let object = format!("document {}", document.index);
             inventory.classify(&document.file, &object, &document.value);

@@ -41,8 +41,7 @@ pub(crate) fn state_files(dir: &Path) -> Result<Vec<PathBuf>, StateError> {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        let wanted = [".json", ".yaml", ".yml"].iter().any(|e| name.ends_with(e));
-        if name.starts_with('.') || !wanted {
+        if !is_state_file_name(name) {
             continue;
         }
         // A symlink to a directory (or a dangling one) is not a state file; the
@@ -54,6 +53,12 @@ pub(crate) fn state_files(dir: &Path) -> Result<Vec<PathBuf>, StateError> {
     }
     files.sort();
     Ok(files)
+}
+
+/// A name [`state_files`] reads.
+pub(crate) fn is_state_file_name(name: &str) -> bool {
+    let wanted = [".json", ".yaml", ".yml"].iter().any(|e| name.ends_with(e));
+    wanted && !name.starts_with('.')
 }
 
 /// The largest state file read: far above any real node's state, and a bound on
@@ -125,18 +130,17 @@ pub(crate) fn documents(file: &Path, errors: &mut Vec<StateError>) -> Vec<Docume
         field: None,
         message,
     };
-    let text = match read_state_file(file) {
-        Ok(text) => text,
+    match read_state_file(file) {
+        Ok(text) => parse_documents(file, &text, errors),
         Err(message) => {
             errors.push(file_error(message));
-            return Vec::new();
+            Vec::new()
         }
-    };
-    parse_documents(file, &text, errors)
+    }
 }
 
-/// The documents of one file's `text`, JSON or YAML by `file`'s extension, as
-/// [`documents`] reads them.
+/// The documents of the text of `file` (read from disk or held in memory by a live
+/// source), by the rules of [`documents`].
 pub(crate) fn parse_documents(
     file: &Path,
     text: &str,

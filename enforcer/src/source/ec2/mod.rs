@@ -1,0 +1,365 @@
+//! The EC2 source (AWS SDK): the groups this node needs, transitively, the members of
+//! referenced groups, this instance's trunk and branch ENIs and the prefix lists,
+//! polled (jittered) and early when Kubernetes names a group or branch ENI not yet
+//! asked for. An error never shrinks the view: the last good one stays.
+
+pub mod shapes;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_ec2::types::{Filter, NetworkInterface, NetworkInterfaceType, SecurityGroup};
+use serde_json::Value;
+
+use super::kube::{PODS_FILE, POLICIES_FILE};
+use super::live::{Ec2Node, Hub, Identity, names, pretty};
+use super::state::{Documents, POD_ENI_ANNOTATION};
+
+/// The tag the VPC resource controller puts on each branch ENI: its trunk ENI.
+pub const TRUNK_TAG: &str = "vpcresources.k8s.aws/trunk-eni-id";
+/// Values per filter in one request (EC2 accepts up to 200).
+const FILTER_VALUES: usize = 100;
+/// Waits after a throttled poll (`RequestLimitExceeded`): doubling, up to 5 minutes.
+const THROTTLED: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(300));
+/// Waits after another failure: doubling from 1 s, up to the poll interval.
+const FAILED_FIRST: Duration = Duration::from_secs(1);
+
+/// A failed EC2 request.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation}: {message}")]
+pub struct Ec2Error {
+    pub operation: &'static str,
+    /// The EC2 error code (`RequestLimitExceeded`, `UnauthorizedOperation`, …).
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl Ec2Error {
+    fn new<E>(operation: &'static str, error: E) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        Self {
+            operation,
+            code: error.code().map(str::to_string),
+            message: DisplayErrorContext(&error).to_string(),
+        }
+    }
+
+    /// EC2's API throttling: back off exponentially.
+    pub fn is_throttling(&self) -> bool {
+        self.code.as_deref() == Some("RequestLimitExceeded")
+    }
+}
+
+/// An EC2 client as the SDK's default chain configures it (`AWS_ENDPOINT_URL_EC2`/
+/// `AWS_ENDPOINT_URL`, credentials), over rustls with ring; the region from
+/// `AWS_REGION`/`AWS_DEFAULT_REGION`, else the instance's (IMDS, already read).
+pub async fn client(instance_region: &str) -> Client {
+    use aws_config::environment::EnvironmentVariableRegionProvider;
+    use aws_config::meta::region::RegionProviderChain;
+    let region = RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
+        .or_else(aws_config::Region::new(instance_region.to_string()));
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(super::imds::https_client())
+        .region(region)
+        .load()
+        .await;
+    Client::new(&config)
+}
+
+/// What one poll asked for: a later view of Kubernetes naming more wakes the poller.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Asked {
+    groups: BTreeSet<String>,
+    branch_enis: BTreeSet<String>,
+}
+
+impl Asked {
+    fn covers(&self, wanted: &Asked) -> bool {
+        wanted.groups.is_subset(&self.groups) && wanted.branch_enis.is_subset(&self.branch_enis)
+    }
+}
+
+/// Polls EC2 for `hub` until the runtime ends, once IMDS has said who this node is.
+pub fn spawn(client: Client, hub: Arc<Hub>, interval: Duration) {
+    tokio::spawn(async move {
+        let mut changes = hub.subscribe();
+        let mut asked = Asked::default();
+        let mut failures = 0u32;
+        loop {
+            let Some(identity) = hub.identity() else {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let wanted = wanted(&hub, &identity);
+            let wait = match poll(&client, &identity, &wanted.groups).await {
+                Ok((documents, node)) => {
+                    failures = 0;
+                    asked = wanted;
+                    hub.publish_ec2(documents, node);
+                    jittered(interval)
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let wait = retry_wait(&error, failures, interval);
+                    hub.failed(
+                        names::EC2,
+                        format!(
+                            "{} (the last view stays; next try in {wait:?})",
+                            crate::error_chain(&error)
+                        ),
+                    );
+                    wait
+                }
+            };
+            let sleep = tokio::time::sleep(wait);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = &mut sleep => break,
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        // Early only after a success: a failing EC2 keeps its backoff.
+                        if failures == 0 && !asked.covers(&wanted_now(&hub)) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn wanted_now(hub: &Hub) -> Asked {
+    match hub.identity() {
+        Some(identity) => wanted(hub, &identity),
+        None => Asked::default(),
+    }
+}
+
+/// The wait before the next poll after `failures` failures in a row.
+fn retry_wait(error: &Ec2Error, failures: u32, interval: Duration) -> Duration {
+    let doubled = |first: Duration, max: Duration| {
+        first
+            .saturating_mul(1 << failures.saturating_sub(1).min(16))
+            .min(max)
+    };
+    if error.is_throttling() {
+        doubled(THROTTLED.0, THROTTLED.1)
+    } else {
+        doubled(FAILED_FIRST, interval.max(FAILED_FIRST))
+    }
+}
+
+/// The interval, ±20 %: nodes started together do not poll together.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(rand::random_range(0.8..1.2))
+}
+
+/// The groups this node's pods and the node itself carry (the primary ENI's, every
+/// SecurityGroupPolicy's), and the branch ENIs its pods' annotations name.
+fn wanted(hub: &Hub, identity: &Identity) -> Asked {
+    let mut asked = Asked {
+        groups: identity.security_groups.iter().cloned().collect(),
+        ..Asked::default()
+    };
+    let items = |source, file| -> Vec<Value> {
+        hub.documents_of(source)
+            .and_then(|d| {
+                let (_, text) = d.files().find(|(name, _)| *name == file)?;
+                let list: Value = serde_json::from_str(text).ok()?;
+                list.get("items")?.as_array().cloned()
+            })
+            .unwrap_or_default()
+    };
+    for policy in items(names::POLICIES, POLICIES_FILE) {
+        let ids = &policy["spec"]["securityGroups"]["groupIds"];
+        for id in ids.as_array().into_iter().flatten() {
+            asked.groups.extend(id.as_str().map(str::to_string));
+        }
+    }
+    for pod in items(names::PODS, PODS_FILE) {
+        let annotation = &pod["metadata"]["annotations"][POD_ENI_ANNOTATION];
+        let Some(enis) = annotation
+            .as_str()
+            .and_then(|a| serde_json::from_str::<Vec<Value>>(a).ok())
+        else {
+            continue;
+        };
+        for eni in enis {
+            asked
+                .branch_enis
+                .extend(eni["eniId"].as_str().map(str::to_string));
+        }
+    }
+    asked
+}
+
+fn filter(name: &str, values: impl IntoIterator<Item = impl Into<String>>) -> Filter {
+    Filter::builder()
+        .name(name)
+        .set_values(Some(values.into_iter().map(Into::into).collect()))
+        .build()
+}
+
+/// One view of EC2 for this node: its documents and the trunk ENI.
+pub async fn poll(
+    client: &Client,
+    identity: &Identity,
+    wanted_groups: &BTreeSet<String>,
+) -> Result<(Documents, Ec2Node), Ec2Error> {
+    let attached = [
+        filter("attachment.instance-id", [identity.instance_id.as_str()]),
+        filter("interface-type", [NetworkInterfaceType::Trunk.as_str()]),
+    ];
+    let trunk = interfaces(client, &attached).await?.into_iter().next();
+    let mut enis: BTreeMap<String, NetworkInterface> = BTreeMap::new();
+    let mut groups = wanted_groups.clone();
+    if let Some(trunk) = &trunk {
+        let trunk_id = trunk.network_interface_id().unwrap_or_default();
+        let branches = [
+            filter("interface-type", [NetworkInterfaceType::Branch.as_str()]),
+            filter(&format!("tag:{TRUNK_TAG}"), [trunk_id]),
+        ];
+        for eni in std::iter::once(trunk.clone()).chain(interfaces(client, &branches).await?) {
+            groups.extend(eni.groups().iter().filter_map(|g| g.group_id.clone()));
+            enis.insert(eni.network_interface_id().unwrap_or_default().into(), eni);
+        }
+    }
+    let (security_groups, referenced, prefix_lists) = group_closure(client, groups).await?;
+    for chunk in referenced.iter().collect::<Vec<_>>().chunks(FILTER_VALUES) {
+        for eni in interfaces(client, &[filter("group-id", chunk.iter().copied())]).await? {
+            enis.insert(eni.network_interface_id().unwrap_or_default().into(), eni);
+        }
+    }
+    let mut documents = Documents::default();
+    documents.insert(
+        "ec2-security-groups.json",
+        pretty(&shapes::security_groups(&security_groups)),
+    );
+    let enis: Vec<_> = enis.into_values().collect();
+    documents.insert(
+        "ec2-network-interfaces.json",
+        pretty(&shapes::network_interfaces(&enis)),
+    );
+    for (id, document) in prefix_list_documents(client, &prefix_lists).await? {
+        documents.insert(format!("ec2-prefix-list-{id}.json"), pretty(&document));
+    }
+    let node = Ec2Node {
+        trunk_mac: trunk
+            .as_ref()
+            .and_then(|t| t.mac_address())
+            .map(str::to_ascii_lowercase),
+        trunk_id: trunk.and_then(|t| t.network_interface_id),
+        listed: true,
+    };
+    Ok((documents, node))
+}
+
+/// The groups `wanted` and every group their rules reference, transitively (EC2
+/// evaluates a reference by membership, but the referenced group's own rules matter
+/// when a pod carries it); the referenced groups and prefix lists named.
+async fn group_closure(
+    client: &Client,
+    wanted: BTreeSet<String>,
+) -> Result<(Vec<SecurityGroup>, BTreeSet<String>, BTreeSet<String>), Ec2Error> {
+    let mut found: BTreeMap<String, SecurityGroup> = BTreeMap::new();
+    let mut asked: BTreeSet<String> = BTreeSet::new();
+    let mut referenced = BTreeSet::new();
+    let mut prefix_lists = BTreeSet::new();
+    let mut next = wanted;
+    while !next.is_empty() {
+        asked.extend(next.iter().cloned());
+        let ids: Vec<_> = next.into_iter().collect();
+        let mut more = BTreeSet::new();
+        for chunk in ids.chunks(FILTER_VALUES) {
+            let mut pages = client
+                .describe_security_groups()
+                .filters(filter("group-id", chunk.iter().cloned()))
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| Ec2Error::new("DescribeSecurityGroups", e))?;
+                for group in page.security_groups.unwrap_or_default() {
+                    let permissions = group.ip_permissions().iter();
+                    for rule in permissions.chain(group.ip_permissions_egress()) {
+                        for pair in rule.user_id_group_pairs() {
+                            referenced.extend(pair.group_id.clone());
+                            more.extend(pair.group_id.clone());
+                        }
+                        for list in rule.prefix_list_ids() {
+                            prefix_lists.extend(list.prefix_list_id.clone());
+                        }
+                    }
+                    found.insert(group.group_id.clone().unwrap_or_default(), group);
+                }
+            }
+        }
+        next = more.difference(&asked).cloned().collect();
+    }
+    Ok((found.into_values().collect(), referenced, prefix_lists))
+}
+
+async fn interfaces(
+    client: &Client,
+    filters: &[Filter],
+) -> Result<Vec<NetworkInterface>, Ec2Error> {
+    let mut pages = client
+        .describe_network_interfaces()
+        .set_filters(Some(filters.to_vec()))
+        .into_paginator()
+        .send();
+    let mut found = Vec::new();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| Ec2Error::new("DescribeNetworkInterfaces", e))?;
+        found.extend(page.network_interfaces.unwrap_or_default());
+    }
+    Ok(found)
+}
+
+/// Each prefix list named that exists, with its entries, by ID.
+async fn prefix_list_documents(
+    client: &Client,
+    ids: &BTreeSet<String>,
+) -> Result<Vec<(String, Value)>, Ec2Error> {
+    let mut documents = Vec::new();
+    let ids: Vec<_> = ids.iter().cloned().collect();
+    for chunk in ids.chunks(FILTER_VALUES) {
+        let mut pages = client
+            .describe_managed_prefix_lists()
+            .filters(filter("prefix-list-id", chunk.iter().cloned()))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| Ec2Error::new("DescribeManagedPrefixLists", e))?;
+            for list in page.prefix_lists.unwrap_or_default() {
+                let Some(id) = list.prefix_list_id.clone() else {
+                    continue;
+                };
+                let mut entries = Vec::new();
+                let mut pages = client
+                    .get_managed_prefix_list_entries()
+                    .prefix_list_id(&id)
+                    .into_paginator()
+                    .send();
+                while let Some(page) = pages.next().await {
+                    let page = page.map_err(|e| Ec2Error::new("GetManagedPrefixListEntries", e))?;
+                    entries.extend(page.entries.unwrap_or_default());
+                }
+                documents.push((id, shapes::prefix_list(&list, &entries)));
+            }
+        }
+    }
+    Ok(documents)
+}
+
+#[cfg(test)]
+mod tests;
