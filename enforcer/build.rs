@@ -13,7 +13,9 @@ fn main() {
     let object = std::env::var_os("ENFORCER_EBPF_OBJECT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            // Read when the script runs, not when it was compiled: a script compiled for
+            // another checkout sharing this target directory must not embed its object.
+            PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
                 .join("../target/bpf")
                 .join(&profile)
                 .join("enforcer-ebpf.o")

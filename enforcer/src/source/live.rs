@@ -449,8 +449,11 @@ fn hardware_address(socket: libc::c_int, name: &std::ffi::CStr) -> Option<String
     for (to, from) in request.ifr_name.iter_mut().zip(bytes) {
         *to = *from as libc::c_char;
     }
+    // The request's type is c_ulong with glibc and c_int with musl (the image's).
+    #[allow(clippy::unnecessary_cast)]
+    let get_address = libc::SIOCGIFHWADDR as libc::Ioctl;
     // SAFETY: SIOCGIFHWADDR fills the request's hardware address.
-    if unsafe { libc::ioctl(socket, libc::SIOCGIFHWADDR, &mut request) } != 0 {
+    if unsafe { libc::ioctl(socket, get_address, &mut request) } != 0 {
         return None;
     }
     // SAFETY: the union member SIOCGIFHWADDR wrote.
