@@ -137,3 +137,17 @@ fn bpf(cmd: libc::c_long, attr: *const libc::c_void, size: usize) -> io::Result<
         Ok(result)
     }
 }
+
+/// Pins program `name` of `ebpf` (for `bpftool` and tests), over what was pinned before.
+pub(super) fn repin_program(
+    ebpf: &mut aya::Ebpf,
+    pin_path: &Path,
+    name: &'static str,
+) -> Result<(), Error> {
+    let pin = program_pin(pin_path, name);
+    remove_pin(&pin)?;
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram(name))?
+        .pin(&pin)
+        .map_err(|source| Error::Pin { path: pin, source })
+}

@@ -13,7 +13,8 @@ use aya::{Ebpf, EbpfLoader};
 use enforcer_common::map_names;
 
 use super::bpffs::{
-    create_dir, detach_pinned_link, link_pin, map_pin, program_pin, remove_pin, staging_pin,
+    create_dir, detach_pinned_link, link_pin, map_pin, program_pin, remove_pin, repin_program,
+    staging_pin,
 };
 use crate::Error;
 
@@ -108,20 +109,6 @@ pub fn attach_pinned(
         repin_program(ebpf, pin_path, name)?;
     }
     Ok(done)
-}
-
-/// Pins program `name` of `ebpf` (for `bpftool` and tests), over what was pinned before.
-pub(super) fn repin_program(
-    ebpf: &mut Ebpf,
-    pin_path: &Path,
-    name: &'static str,
-) -> Result<(), Error> {
-    let pin = program_pin(pin_path, name);
-    remove_pin(&pin)?;
-    ebpf.program_mut(name)
-        .ok_or(Error::MissingProgram(name))?
-        .pin(&pin)
-        .map_err(|source| Error::Pin { path: pin, source })
 }
 
 fn attach_one(

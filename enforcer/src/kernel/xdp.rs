@@ -193,7 +193,7 @@ pub fn attach_xdp(
             create_link(program, interface, pin_path, setting)?
         }
     };
-    super::ebpf::repin_program(ebpf, pin_path, name)?;
+    super::bpffs::repin_program(ebpf, pin_path, name)?;
     Ok(Some(mode))
 }
 
