@@ -4,12 +4,6 @@
 
 pub mod access;
 #[cfg(feature = "live")]
-pub mod ec2;
-#[cfg(feature = "live")]
-pub mod imds;
-#[cfg(feature = "live")]
-pub mod kube;
-#[cfg(feature = "live")]
 pub mod live;
 mod resolve;
 pub mod state;

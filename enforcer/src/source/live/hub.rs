@@ -1,6 +1,6 @@
-//! The live view: what the Kubernetes, EC2 and IMDS sources currently hold, combined
-//! into one virtual state directory ([`Documents`]) that the file source's parser and
-//! resolver read, and that `enforcer snapshot` writes out as files.
+//! Where the live sources publish: what Kubernetes, EC2 and IMDS currently hold,
+//! combined into one virtual state directory ([`Documents`]) that the file source's
+//! parser and resolver read, and that `enforcer snapshot` writes out as files.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::SourceHealth;
-use super::state::Documents;
+use crate::source::SourceHealth;
+use crate::source::state::Documents;
 
 /// What errors of the live view name as its directory.
 pub const ORIGIN: &str = "cluster";
@@ -41,18 +41,6 @@ pub enum LiveError {
         sources: Vec<String>,
         waited: Duration,
     },
-}
-
-/// How `--source cluster` is configured (flags and the standard environment).
-#[derive(Clone, Debug)]
-pub struct LiveConfig {
-    /// This node, as Pods' `spec.nodeName` name it (`NODE_NAME`).
-    pub node_name: String,
-    /// A kubeconfig file; `None`: `KUBECONFIG`, `~/.kube/config` or in-cluster, as kubectl.
-    pub kubeconfig: Option<PathBuf>,
-    /// Mean time between EC2 polls (jittered).
-    pub ec2_interval: Duration,
-    pub node: NodeSettings,
 }
 
 /// What the NodeConfig takes from flags and files rather than from IMDS and EC2.
@@ -360,34 +348,6 @@ impl Hub {
             }),
         }
     }
-}
-
-/// How often IMDS is read again (a primary ENI's groups may change).
-const IMDS_INTERVAL: Duration = Duration::from_secs(60);
-
-/// Starts every live source on the current tokio runtime; they publish into the
-/// returned hub until the runtime ends.
-pub async fn start(config: &LiveConfig) -> Result<Arc<Hub>, LiveError> {
-    let hub = Hub::new(config.node_name.clone(), config.node.clone());
-    let kube = super::kube::client(config.kubeconfig.as_ref()).await?;
-    super::kube::spawn(kube, &config.node_name, hub.clone());
-    super::imds::spawn(super::imds::client(), hub.clone(), IMDS_INTERVAL);
-    let (ec2_hub, interval) = (hub.clone(), config.ec2_interval);
-    tokio::spawn(async move {
-        // The EC2 client needs a region: the instance's, unless the environment names one.
-        let mut views = ec2_hub.subscribe();
-        let region = loop {
-            if let Some(identity) = ec2_hub.identity() {
-                break identity.region;
-            }
-            if views.changed().await.is_err() {
-                return;
-            }
-        };
-        let client = super::ec2::client(&region).await;
-        super::ec2::spawn(client, ec2_hub, interval);
-    });
-    Ok(hub)
 }
 
 fn succeeded(parts: &mut Parts, source: &'static str, documents: Option<Documents>) {

@@ -14,9 +14,9 @@ use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_ec2::types::{Filter, NetworkInterface, NetworkInterfaceType, SecurityGroup};
 use serde_json::Value;
 
+use super::hub::{Ec2Node, Hub, Identity, names, pretty};
 use super::kube::{PODS_FILE, POLICIES_FILE};
-use super::live::{Ec2Node, Hub, Identity, names, pretty};
-use super::state::{Documents, POD_ENI_ANNOTATION};
+use crate::source::state::{Documents, POD_ENI_ANNOTATION};
 
 /// The tag the VPC resource controller puts on each branch ENI: its trunk ENI.
 pub const TRUNK_TAG: &str = "vpcresources.k8s.aws/trunk-eni-id";

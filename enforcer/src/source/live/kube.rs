@@ -16,8 +16,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::live::{Hub, LiveError, names, pretty};
-use super::state::Documents;
+use super::hub::{Hub, LiveError, names, pretty};
+use crate::source::state::Documents;
 
 /// The VPC resource controller's SecurityGroupPolicy, as its CRD defines it
 /// (`vpcresources.k8s.aws/v1beta1`). Not our CRD: no schema is generated.

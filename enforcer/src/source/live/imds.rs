@@ -12,7 +12,7 @@ use aws_config::provider_config::ProviderConfig;
 use aws_smithy_http_client::tls;
 use aws_smithy_types::error::display::DisplayErrorContext;
 
-use super::live::{Hub, Identity, names};
+use super::hub::{Hub, Identity, names};
 
 /// Waits before IMDS is asked again after a failure: doubling, up to 30 s.
 const RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
