@@ -9,22 +9,34 @@ stdin with one JSON line each on stdout:
   {"interface_type": [ENI_ID, TYPE]}   what moto ignores on create: the VPC resource
                                        controller's trunk and branch ENIs
   {"seed": DIR}                        a state directory's EC2 files, recreated
+  {"actions": ACCESS_KEY}              the EC2 actions of the requests signed with
+                                       ACCESS_KEY so far, each once, sorted (moto's
+                                       recorder logs every request)
 Answers are {"ok": RESPONSE} or {"error": TEXT}.
 """
 
+import base64
 import ipaddress
 import json
 import logging
 import os
 import sys
+import tempfile
+import urllib.parse
 
-import boto3
-from moto.core import DEFAULT_ACCOUNT_ID
-from moto.ec2.models import ec2_backends
-from moto.ec2.models import elastic_network_interfaces as enis_module
-from moto.ec2.models import managed_prefixes as prefixes_module
-from moto.ec2.models import security_groups as groups_module
-from moto.server import ThreadedMotoServer
+# moto's recorder reads these when it is imported: every request is logged, so a test
+# can check which actions a client used.
+RECORDING = os.path.join(tempfile.mkdtemp(prefix="moto-recording-"), "requests.jsonl")
+os.environ["MOTO_RECORDER_FILEPATH"] = RECORDING
+os.environ["MOTO_ENABLE_RECORDING"] = "true"
+
+import boto3  # noqa: E402 (after the recorder's settings)
+from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
+from moto.ec2.models import ec2_backends  # noqa: E402
+from moto.ec2.models import elastic_network_interfaces as enis_module  # noqa: E402
+from moto.ec2.models import managed_prefixes as prefixes_module  # noqa: E402
+from moto.ec2.models import security_groups as groups_module  # noqa: E402
+from moto.server import ThreadedMotoServer  # noqa: E402
 
 PORT = int(sys.argv[1])
 REGION = sys.argv[2]
@@ -171,6 +183,25 @@ def seed(directory):
     return created
 
 
+def actions(access_key):
+    """The actions of the recorded requests signed with `access_key`."""
+    found = set()
+    if not os.path.exists(RECORDING):
+        return []
+    with open(RECORDING) as log:
+        for line in log:
+            entry = json.loads(line)
+            if f"Credential={access_key}/" not in entry["headers"].get("Authorization", ""):
+                continue
+            body = entry.get("body") or ""
+            if entry.get("body_encoded"):
+                body = base64.b64decode(body).decode()
+            query = urllib.parse.urlsplit(entry["url"]).query
+            for text in (body, query):
+                found.update(urllib.parse.parse_qs(text).get("Action", []))
+    return sorted(found)
+
+
 print(json.dumps({"ready": PORT}), flush=True)
 for line in sys.stdin:
     request = json.loads(line)
@@ -188,6 +219,8 @@ for line in sys.stdin:
             response = {}
         elif "seed" in request:
             response = seed(request["seed"])
+        elif "actions" in request:
+            response = actions(request["actions"])
         else:
             raise ValueError(f"unknown request {request}")
         print(json.dumps({"ok": response}, default=str), flush=True)

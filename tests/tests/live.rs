@@ -7,7 +7,7 @@
 
 mod agent_support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -159,7 +159,7 @@ fn aws_env(command: &mut Command, moto: &Moto, imds: &Imds) {
     command
         .env("AWS_ENDPOINT_URL_EC2", moto.endpoint())
         .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint())
-        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_ACCESS_KEY_ID", moto::AGENT_ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_CONFIG_FILE", "/nonexistent")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
@@ -333,7 +333,47 @@ fn a_snapshot_of_the_served_example_reads_as_the_example() {
             "{name:?} differs between two snapshots of the same view"
         );
     }
+    the_sources_read_what_access_lists(&kube, &mut moto);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The live sources read exactly what `enforcer::source::access` lists, which the
+/// deployment's RBAC and IAM policy are checked against (`tests/manifests.rs`): a
+/// source that read more would be refused on a real cluster, one that read less would
+/// leave a permission granted for nothing.
+fn the_sources_read_what_access_lists(kube: &KubeApi, moto: &mut Moto) {
+    use enforcer::source::access;
+    assert_eq!(
+        kube.unserved(),
+        Vec::<String>::new(),
+        "requests beyond the three resources"
+    );
+    let read: BTreeSet<(&str, &str, &str)> = kube
+        .reads()
+        .into_iter()
+        .map(|(kind, verb)| {
+            let (group, resource) = kind.resource();
+            (group, resource, verb)
+        })
+        .collect();
+    let listed: BTreeSet<(&str, &str, &str)> = access::KUBERNETES
+        .iter()
+        .flat_map(|r| r.verbs.iter().map(|verb| (r.group, r.resource, *verb)))
+        .collect();
+    assert_eq!(
+        read, listed,
+        "what the sources read against enforcer::source::access::KUBERNETES"
+    );
+    let actions: Vec<String> = moto.actions(moto::AGENT_ACCESS_KEY).expect("moto's record");
+    let mut listed: Vec<String> = access::EC2
+        .iter()
+        .map(|a| a.strip_prefix("ec2:").expect("an ec2: action").to_string())
+        .collect();
+    listed.sort();
+    assert_eq!(
+        actions, listed,
+        "the EC2 actions used against enforcer::source::access::EC2"
+    );
 }
 
 /// Reloads the agent applied, from its metrics.
@@ -777,7 +817,7 @@ fn the_example_served_live_is_enforced_on_the_virtual_node() {
         ("POD_SECURITY_GROUP_ENFORCING_MODE", "strict"),
         ("AWS_ENDPOINT_URL_EC2", &moto.endpoint()),
         ("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint()),
-        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_ACCESS_KEY_ID", moto::AGENT_ACCESS_KEY),
         ("AWS_SECRET_ACCESS_KEY", "testing"),
         ("AWS_CONFIG_FILE", "/nonexistent"),
         ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),

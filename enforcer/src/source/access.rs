@@ -1,5 +1,5 @@
 //! What the agent reads from the cluster and from EC2, as lists: the live sources
-//! (`kube.rs`, `ec2/`) read exactly this, and an operator exports the same into a
+//! (`live/kube.rs`, `live/ec2/`) read exactly this, and an operator exports the same into a
 //! state directory (`state/`) for the file source. The deployment's
 //! permissions are checked against these lists, not written by hand: the
 //! ClusterRole in `deploy/agent/rbac.yaml` and `deploy/iam-policy.json`
@@ -15,7 +15,8 @@ pub struct KubernetesRead {
     pub verbs: &'static [&'static str],
 }
 
-const WATCH: &[&str] = &["get", "list", "watch"];
+/// A reflector lists, then watches from the list's version; it never gets one object.
+const WATCH: &[&str] = &["list", "watch"];
 
 /// The Kubernetes objects of the state directory (the node itself comes from IMDS).
 pub const KUBERNETES: &[KubernetesRead] = &[

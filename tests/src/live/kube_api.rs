@@ -9,7 +9,7 @@
 //! leaving the selector by an update is not turned into a `DELETED`); label selectors
 //! and namespaced paths are not served.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -38,6 +38,15 @@ impl Kind {
             Kind::Pod => "/api/v1/pods",
             Kind::ServiceAccount => "/api/v1/serviceaccounts",
             Kind::SecurityGroupPolicy => "/apis/vpcresources.k8s.aws/v1beta1/securitygrouppolicies",
+        }
+    }
+
+    /// The API group and resource, as RBAC names them.
+    pub fn resource(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Pod => ("", "pods"),
+            Kind::ServiceAccount => ("", "serviceaccounts"),
+            Kind::SecurityGroupPolicy => ("vpcresources.k8s.aws", "securitygrouppolicies"),
         }
     }
 
@@ -88,6 +97,10 @@ struct Store {
     epoch: u64,
     /// Watches and lists served, for tests that check a relist happened.
     lists: BTreeMap<Kind, usize>,
+    /// What clients asked for: (kind, `list` or `watch`).
+    reads: BTreeSet<(Kind, &'static str)>,
+    /// Requests for anything else (method and path), answered 404.
+    unserved: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -116,6 +129,7 @@ impl KubeApi {
             .route(Kind::Pod.path(), get(handle_pods))
             .route(Kind::ServiceAccount.path(), get(handle_accounts))
             .route(Kind::SecurityGroupPolicy.path(), get(handle_policies))
+            .fallback(unserved)
             .with_state(shared.clone());
         std::thread::Builder::new()
             .name("fake-kube-api".into())
@@ -188,6 +202,16 @@ impl KubeApi {
     pub fn lists(&self, kind: Kind) -> usize {
         let store = self.shared.store.lock().unwrap();
         store.lists.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// What clients read: (kind, `list` or `watch`).
+    pub fn reads(&self) -> BTreeSet<(Kind, &'static str)> {
+        self.shared.store.lock().unwrap().reads.clone()
+    }
+
+    /// Requests for what this server does not serve (method and path), so far.
+    pub fn unserved(&self) -> Vec<String> {
+        self.shared.store.lock().unwrap().unserved.clone()
     }
 
     fn change(&self, mut object: Value, send: bool, keep: bool) {
@@ -273,6 +297,12 @@ async fn handle_policies(state: State<Shared>, query: RawQuery) -> Response {
     handle(Kind::SecurityGroupPolicy, state.0, Params::parse(query.0)).await
 }
 
+async fn unserved(state: State<Shared>, request: axum::extract::Request) -> Response {
+    let what = format!("{} {}", request.method(), request.uri());
+    state.0.store.lock().unwrap().unserved.push(what);
+    StatusCode::NOT_FOUND.into_response()
+}
+
 /// `spec.nodeName=NAME`, the one field selector served.
 fn selected(selector: &Option<String>, object: &Value) -> bool {
     match selector
@@ -303,7 +333,13 @@ async fn handle(kind: Kind, shared: Shared, params: Params) -> Response {
             "message": "the fake API server serves only spec.nodeName=", "code": 400});
         return json_response(StatusCode::BAD_REQUEST, &status);
     }
-    if params.watch == Some(true) {
+    let verb = if params.watch == Some(true) {
+        "watch"
+    } else {
+        "list"
+    };
+    shared.store.lock().unwrap().reads.insert((kind, verb));
+    if verb == "watch" {
         return watch(kind, shared, params);
     }
     let mut store = shared.store.lock().unwrap();

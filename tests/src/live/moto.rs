@@ -25,6 +25,10 @@ pub struct Moto {
     pub port: u16,
 }
 
+/// The access key the agent under test signs with: the seeding client's is another,
+/// so [`Moto::actions`] tells the agent's requests apart.
+pub const AGENT_ACCESS_KEY: &str = "enforcer-agent";
+
 impl Moto {
     /// Starts the server on `port` through `command` (a `Command` for [`python`], e.g.
     /// made to start inside a network namespace), and waits until it serves.
@@ -97,6 +101,13 @@ impl Moto {
     pub fn set_interface_type(&mut self, eni: &str, kind: &str) -> Result<()> {
         self.request(json!({"interface_type": [eni, kind]}))
             .map(drop)
+    }
+
+    /// The EC2 actions (`DescribeSecurityGroups`, …) of the requests signed with the
+    /// access key `access_key` so far, each once, sorted.
+    pub fn actions(&mut self, access_key: &str) -> Result<Vec<String>> {
+        let answer = self.request(json!({ "actions": access_key }))?;
+        serde_json::from_value(answer).context("moto's actions")
     }
 
     /// Recreates the EC2 objects of the state directory `dir`, with their IDs.
