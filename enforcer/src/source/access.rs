@@ -3,7 +3,8 @@
 //! state directory (`state/`) for the file source. The deployment's
 //! permissions are checked against these lists, not written by hand: the
 //! ClusterRole in `deploy/agent/rbac.yaml` and `deploy/iam-policy.json`
-//! (`tests/tests/manifests.rs`).
+//! (`tests/tests/manifests.rs`). The sources' requests to the stand-in API server
+//! and to moto are checked against them too (`tests/tests/live.rs`).
 
 /// A Kubernetes resource the agent reads, and the verbs it needs on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
