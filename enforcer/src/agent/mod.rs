@@ -64,6 +64,8 @@ pub enum AgentError {
     Migration { trunk: String },
     #[error("the live view is not complete: {}", .0.join("; "))]
     Incomplete(Vec<String>),
+    #[error("starting the metrics endpoint's scrape thread")]
+    Endpoint(#[source] std::io::Error),
     #[error("watching the state directory {path}")]
     Watch {
         path: PathBuf,
@@ -631,7 +633,7 @@ pub async fn run(
     }
     let (feed, source) = crate::observe::metrics::feed(agent.view(), agent.pin_path.clone());
     if let Some(listener) = metrics {
-        tokio::spawn(crate::observe::http::serve(listener, source));
+        crate::observe::http::start(listener, source).map_err(AgentError::Endpoint)?;
     }
     let mut supervise = tokio::time::interval(SUPERVISE_INTERVAL);
     supervise.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
