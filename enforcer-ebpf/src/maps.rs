@@ -9,9 +9,10 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     AddrKey, COUNTER_SLOTS, CtEntry, CtKey, EVENTS_RING_BYTES, EventBudget, FragmentKey,
-    FragmentVerdict, MAX_ADDRESSES, MAX_FLOWS, MAX_FRAGMENTED_DATAGRAMS, MAX_PEER_ENTRIES,
-    MAX_PODS, MAX_PORT_ENTRIES, MAX_RULES, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups,
-    PodTracked, PodTraffic, PodUid, PortKey, PortVerdict, RuleName, RuleTraffic, Settings,
+    FragmentVerdict, MAX_ADDRESSES, MAX_CLASSES, MAX_FLOWS, MAX_FRAGMENTED_DATAGRAMS,
+    MAX_PEER_ENTRIES, MAX_PODS, MAX_PORT_RANGES, MAX_RULES, PeerClass, PeerKeyV4, PeerKeyV6,
+    PodEntry, PodGroups, PodTracked, PodTraffic, PodUid, PortRange, PortTable, RuleName,
+    RuleTraffic, Settings,
 };
 
 /// Not preallocated: an update then frees the replaced entry only after an
@@ -37,13 +38,13 @@ pub static PEERS_V6: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
+/// Port tables are arrays: the verifier inlines an array lookup into an index
+/// check, so a search's fixed run of probes costs little more than its memory reads.
 #[btf_map]
-pub static PORTS: HashMap<
-    PortKey,
-    PortVerdict,
-    { MAX_PORT_ENTRIES as usize },
-    { BPF_F_NO_PREALLOC as usize },
-> = HashMap::new();
+pub static PORT_TABLES: Array<PortTable, { MAX_CLASSES as usize }> = Array::new();
+
+#[btf_map]
+pub static PORT_RANGES: Array<PortRange, { MAX_PORT_RANGES as usize }> = Array::new();
 
 #[btf_map]
 pub static NODE_LOCAL: HashMap<AddrKey, u8, { MAX_ADDRESSES as usize }> = HashMap::new();
