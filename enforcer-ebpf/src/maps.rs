@@ -46,8 +46,15 @@ pub static PORT_TABLES: Array<PortTable, { MAX_CLASSES as usize }> = Array::new(
 #[btf_map]
 pub static PORT_RANGES: Array<PortRange, { MAX_PORT_RANGES as usize }> = Array::new();
 
+/// Userspace-written maps are not preallocated either: only the entries in use
+/// cost memory, and no program ever inserts into them.
 #[btf_map]
-pub static NODE_LOCAL: HashMap<AddrKey, u8, { MAX_ADDRESSES as usize }> = HashMap::new();
+pub static NODE_LOCAL: HashMap<
+    AddrKey,
+    u8,
+    { MAX_ADDRESSES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Not LRU: an LRU table lets one pod's flood of new flows evict every other
 /// pod's. Entries are preallocated (no allocation per new flow) and leave when
@@ -73,7 +80,8 @@ pub static SETTINGS: Array<Settings, 1> = Array::new();
 pub static COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
 
 #[btf_map]
-pub static RULES: HashMap<u32, RuleName, { MAX_RULES as usize }> = HashMap::new();
+pub static RULES: HashMap<u32, RuleName, { MAX_RULES as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 #[btf_map]
 pub static POD_MODES: HashMap<PodUid, u8, { MAX_PODS as usize }> = HashMap::new();
@@ -84,9 +92,15 @@ pub static POD_GROUPS: HashMap<PodUid, PodGroups, { MAX_PODS as usize }> = HashM
 #[btf_map]
 pub static POD_TRAFFIC: PerCpuArray<PodTraffic, { MAX_PODS as usize }> = PerCpuArray::new();
 
+/// Not preallocated: a program inserts a rule's counter once, at the first flow
+/// the rule admits; the rules that never admit one cost nothing.
 #[btf_map]
-pub static RULE_TRAFFIC: PerCpuHashMap<u32, RuleTraffic, { MAX_RULES as usize }> =
-    PerCpuHashMap::new();
+pub static RULE_TRAFFIC: PerCpuHashMap<
+    u32,
+    RuleTraffic,
+    { MAX_RULES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
 
 /// Untyped: libbpf (bpftool) rejects a ring buffer whose BTF value type has a size.
 #[btf_map]
