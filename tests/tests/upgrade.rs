@@ -58,17 +58,12 @@ fn an_upgrade_over_a_pods_map_of_another_layout_migrates_it_without_a_moment_une
     let older_pods = pin_pods_map_of_an_older_layout(&node);
     // A map of the older build that this one no longer has (its port map).
     let dropped = enforcer::kernel::bpffs::map_pin(&node.pin_path, "PORTS");
-    let out = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&dropped)
-        .args(["type", "hash", "key", "8", "value", "8", "entries", "16"])
-        .args(["name", "PORTS", "flags", "1"])
-        .output()
-        .expect("run bpftool");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    support::create_pinned_map(
+        &dropped,
+        &[
+            "type", "hash", "key", "8", "value", "8", "entries", "16", "name", "PORTS", "flags",
+            "1",
+        ],
     );
     let dropped = MapInfo::from_pin(&dropped).expect("the PORTS pin").id();
 
