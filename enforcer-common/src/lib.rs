@@ -44,24 +44,6 @@ pub mod lengths {
         }
     }
 
-    /// (protocol, port) words: every protocol (0), one protocol (8), port
-    /// blocks of 2^14 ports (10) to single ports (24) by one bit, except
-    /// 21 and 23 (4 probes). ICMP types (16) and codes (24) are on the grid.
-    pub struct Port;
-    impl Grid for Port {
-        const DEPTH: u32 = 4;
-        #[inline(always)]
-        fn length(rank: u32) -> u8 {
-            match rank {
-                0 => 0,
-                1 => 8,
-                13 => 22,
-                14 => 24,
-                rank => 8 + rank as u8,
-            }
-        }
-    }
-
     /// The longest match: `probe(len)` looks the key cut at `len` up; the value
     /// of the last hit, if any. Always `G::DEPTH` probes.
     #[inline(always)]
@@ -110,8 +92,11 @@ pub mod map_names {
     pub const PEERS_V4: &str = "PEERS_V4";
     /// Hash: [`crate::PeerKeyV6`] (policy, IPv6 peer prefix) -> [`crate::PeerClass`].
     pub const PEERS_V6: &str = "PEERS_V6";
-    /// Hash: [`crate::PortKey`] (peer class, protocol and port prefix) -> [`crate::PortVerdict`].
-    pub const PORTS: &str = "PORTS";
+    /// Array indexed by peer class: [`crate::PortTable`], where the class's port table
+    /// sits in `PORT_RANGES` (see [`crate::ranges`]).
+    pub const PORT_TABLES: &str = "PORT_TABLES";
+    /// Array of [`crate::PortRange`]: every class's port table, each a sorted run.
+    pub const PORT_RANGES: &str = "PORT_RANGES";
     /// Hash: [`crate::AddrKey`] (vlan 0) -> `u8`, addresses on this node (standard mode skips them).
     pub const NODE_LOCAL: &str = "NODE_LOCAL";
     /// Hash: [`crate::CtKey`] -> [`crate::CtEntry`], the connection tracker (not LRU:
@@ -144,11 +129,12 @@ pub mod map_names {
     pub const POD_TRACKED: &str = "POD_TRACKED";
 
     /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         PODS,
         PEERS_V4,
         PEERS_V6,
-        PORTS,
+        PORT_TABLES,
+        PORT_RANGES,
         NODE_LOCAL,
         CONNTRACK,
         FRAGMENTS,
@@ -194,9 +180,12 @@ pub const DEFAULT_MAX_FLOWS_PER_POD: u32 = MAX_FLOWS / 16;
 /// 35k; room for twice that while a change is written beside what it replaces.
 /// Hash buckets cost memory whether used or not (16 bytes per entry of capacity).
 pub const MAX_PEER_ENTRIES: u32 = 1 << 18;
-/// Capacity of the port map (entries of all peer classes, markers included):
-/// about 640k at the same limits with arbitrary port ranges.
-pub const MAX_PORT_ENTRIES: u32 = 1 << 21;
+/// Capacity of `PORT_TABLES`: peer class IDs are below it (the classes of two
+/// states, while one replaces the other).
+pub const MAX_CLASSES: u32 = 1 << 16;
+/// Capacity of `PORT_RANGES` (the ranges of all classes of two states): a node at
+/// the limits above needs about 60k.
+pub const MAX_PORT_RANGES: u32 = 1 << 19;
 /// Capacity of the address sets (`UNFILTERED`, `NODE_LOCAL`).
 pub const MAX_ADDRESSES: u32 = 65_536;
 /// Capacity of the fragment table.
@@ -445,39 +434,66 @@ pub struct PeerClass {
 /// [`PeerClass::class`] of an address no rule's peer contains.
 pub const NO_CLASS: u32 = 0;
 
-/// Key of `PORTS`: a class's (protocol, port) prefix at one length of
-/// [`lengths::Port`]. `len` counts bits of the 24-bit word protocol (8) then
-/// destination port, or ICMP/ICMPv6 `[type, code]` (16): 0 matches every
-/// protocol, 8 one protocol, more a port block, an ICMP type (16) or type and
-/// code (24). The bits after `len` are zero.
+/// Value of `PORT_TABLES` (by class): the class's port table is `PORT_RANGES`
+/// `first..first + count`. `count` 0: no such class (its lookups deny).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PortKey {
-    pub class: u32,
-    pub len: u8,
-    pub protocol: u8,
-    pub port: [u8; 2],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortTable {
+    pub first: u32,
+    pub count: u32,
 }
 
-impl PortKey {
-    /// The key probing (`protocol`, `port`) at length `len` in `class`; for
-    /// ICMP, `port` is `[type, code]` as a big-endian `u16`.
+/// One range of a class's port table, in `PORT_RANGES`: the 24-bit words
+/// (protocol << 16 | destination port, or ICMP/ICMPv6 `[type, code]`) from
+/// `start` up to the next range's start have `verdict`. A table's ranges are
+/// sorted by `start`, the first starting at 0, so every word is in exactly one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRange {
+    pub start: u32,
+    pub verdict: PortVerdict,
+}
+
+/// The (protocol, port) word a port table is searched by; for ICMP, `port` is
+/// `[type, code]` as a big-endian `u16`.
+#[inline(always)]
+pub fn port_word(protocol: u8, port: u16) -> u32 {
+    (u32::from(protocol) << 16) | u32::from(port)
+}
+
+/// The search of a port table: a binary search of a fixed number of steps.
+pub mod ranges {
+    /// Probes of a search besides the last: a table holds at most
+    /// 2^`STEPS` ranges ([`MAX_PER_TABLE`]).
+    pub const STEPS: u32 = 12;
+    /// The most ranges one class's table may hold (two per rule and a few
+    /// protocol edges: EC2 allows 1000 rules per direction on an ENI).
+    pub const MAX_PER_TABLE: u32 = 1 << STEPS;
+
+    /// The index (below `count`, 1..=[`MAX_PER_TABLE`]) of the last range whose
+    /// start is at most `word`, `start(i)` reading range `i`'s start (`None`
+    /// only if the table cannot be read, which ends the search). Always
+    /// [`STEPS`] probes, whatever `count`: the halves shrink to nothing, then
+    /// probe the found range again (one cache line, already read).
     #[inline(always)]
-    pub fn new(class: u32, protocol: u8, port: u16, len: u8) -> Self {
-        let word = ((u32::from(protocol) << 16) | u32::from(port)) & lengths::mask32(len, 24);
-        Self {
-            class,
-            len,
-            protocol: (word >> 16) as u8,
-            port: (word as u16).to_be_bytes(),
+    pub fn search(count: u32, word: u32, mut start: impl FnMut(u32) -> Option<u32>) -> Option<u32> {
+        let mut low = 0;
+        let mut left = count;
+        for _ in 0..STEPS {
+            let half = left / 2;
+            if start(low + half)? <= word {
+                low += half;
+            }
+            left -= half;
         }
+        Some(low)
     }
 }
 
 /// [`PortVerdict::flags`]: the flow is not tracked (sg-semantics.md §4).
 pub const VERDICT_UNTRACKED: u32 = 1 << 0;
 
-/// Value of `PORTS`: the flow is allowed; `rule` is the compiler's rule ID of
+/// A [`PortRange`]'s verdict: the flow is allowed; `rule` is the compiler's rule ID of
 /// the lowest-numbered rule allowing it (userspace maps it to group, direction
 /// and rule index), or [`NO_RULE`]: none allows it.
 #[repr(C)]
@@ -885,7 +901,9 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PeerClass {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::PortTable {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortRange {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PortVerdict {}
     // SAFETY: as above.

@@ -9,9 +9,10 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     AddrKey, COUNTER_SLOTS, CtEntry, CtKey, EVENTS_RING_BYTES, EventBudget, FragmentKey,
-    FragmentVerdict, MAX_ADDRESSES, MAX_FLOWS, MAX_FRAGMENTED_DATAGRAMS, MAX_PEER_ENTRIES,
-    MAX_PODS, MAX_PORT_ENTRIES, MAX_RULES, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups,
-    PodTracked, PodTraffic, PodUid, PortKey, PortVerdict, RuleName, RuleTraffic, Settings,
+    FragmentVerdict, MAX_ADDRESSES, MAX_CLASSES, MAX_FLOWS, MAX_FRAGMENTED_DATAGRAMS,
+    MAX_PEER_ENTRIES, MAX_PODS, MAX_PORT_RANGES, MAX_RULES, PeerClass, PeerKeyV4, PeerKeyV6,
+    PodEntry, PodGroups, PodTracked, PodTraffic, PodUid, PortRange, PortTable, RuleName,
+    RuleTraffic, Settings,
 };
 
 /// Not preallocated: an update then frees the replaced entry only after an
@@ -37,16 +38,23 @@ pub static PEERS_V6: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
+/// Port tables are arrays: the verifier inlines an array lookup into an index
+/// check, so a search's fixed run of probes costs little more than its memory reads.
 #[btf_map]
-pub static PORTS: HashMap<
-    PortKey,
-    PortVerdict,
-    { MAX_PORT_ENTRIES as usize },
-    { BPF_F_NO_PREALLOC as usize },
-> = HashMap::new();
+pub static PORT_TABLES: Array<PortTable, { MAX_CLASSES as usize }> = Array::new();
 
 #[btf_map]
-pub static NODE_LOCAL: HashMap<AddrKey, u8, { MAX_ADDRESSES as usize }> = HashMap::new();
+pub static PORT_RANGES: Array<PortRange, { MAX_PORT_RANGES as usize }> = Array::new();
+
+/// Userspace-written maps are not preallocated either: only the entries in use
+/// cost memory, and no program ever inserts into them.
+#[btf_map]
+pub static NODE_LOCAL: HashMap<
+    AddrKey,
+    u8,
+    { MAX_ADDRESSES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Not LRU: an LRU table lets one pod's flood of new flows evict every other
 /// pod's. Entries are preallocated (no allocation per new flow) and leave when
@@ -72,7 +80,8 @@ pub static SETTINGS: Array<Settings, 1> = Array::new();
 pub static COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
 
 #[btf_map]
-pub static RULES: HashMap<u32, RuleName, { MAX_RULES as usize }> = HashMap::new();
+pub static RULES: HashMap<u32, RuleName, { MAX_RULES as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 #[btf_map]
 pub static POD_MODES: HashMap<PodUid, u8, { MAX_PODS as usize }> = HashMap::new();
@@ -83,9 +92,15 @@ pub static POD_GROUPS: HashMap<PodUid, PodGroups, { MAX_PODS as usize }> = HashM
 #[btf_map]
 pub static POD_TRAFFIC: PerCpuArray<PodTraffic, { MAX_PODS as usize }> = PerCpuArray::new();
 
+/// Not preallocated: a program inserts a rule's counter once, at the first flow
+/// the rule admits; the rules that never admit one cost nothing.
 #[btf_map]
-pub static RULE_TRAFFIC: PerCpuHashMap<u32, RuleTraffic, { MAX_RULES as usize }> =
-    PerCpuHashMap::new();
+pub static RULE_TRAFFIC: PerCpuHashMap<
+    u32,
+    RuleTraffic,
+    { MAX_RULES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
 
 /// Untyped: libbpf (bpftool) rejects a ring buffer whose BTF value type has a size.
 #[btf_map]

@@ -1,12 +1,13 @@
-//! A new flow against one side's compiled groups: the peer's class, then the
-//! class's verdict for the protocol and port, each a binary search on prefix
-//! lengths (`enforcer_common::lengths`): a fixed number of hash probes,
-//! whatever the number of rules.
+//! A new flow against one side's compiled groups: the peer's class, a binary
+//! search on prefix lengths (`enforcer_common::lengths`), then the class's
+//! verdict for the protocol and port, a binary search of its port table
+//! (`enforcer_common::ranges`): a fixed number of probes, whatever the number
+//! of rules.
 
-use enforcer_common::lengths::{self, PeerV4, PeerV6, Port};
-use enforcer_common::{NO_CLASS, NO_RULE, PeerKeyV4, PeerKeyV6, PortKey, PortVerdict};
+use enforcer_common::lengths::{self, PeerV4, PeerV6};
+use enforcer_common::{NO_CLASS, NO_RULE, PeerKeyV4, PeerKeyV6, PortVerdict, port_word, ranges};
 
-use crate::maps::{PEERS_V4, PEERS_V6, PORTS};
+use crate::maps::{PEERS_V4, PEERS_V6, PORT_RANGES, PORT_TABLES};
 use crate::parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, Packet};
 
 /// Whether `policy` allows `packet` with `peer` as the other end; if so the
@@ -22,17 +23,28 @@ pub fn allowed(policy: u32, packet: &Packet, peer: &[u8; 16], verdict: &mut Port
         IPPROTO_ICMP | IPPROTO_ICMPV6 => u16::from_be_bytes([packet.icmp_type, packet.icmp_code]),
         _ => packet.dst_port,
     };
-    let found = lengths::search::<Port, _>(|len| {
-        // SAFETY: a copy of plain data.
-        unsafe { PORTS.get(PortKey::new(class, packet.protocol, port, len)) }.copied()
-    });
-    match found {
+    match port_verdict(class, port_word(packet.protocol, port)) {
         Some(found) if found.rule != NO_RULE => {
             *verdict = found;
             true
         }
         _ => false,
     }
+}
+
+#[inline(always)]
+fn port_verdict(class: u32, word: u32) -> Option<PortVerdict> {
+    let table = PORT_TABLES.get(class)?;
+    if table.count == 0 {
+        return None;
+    }
+    let first = table.first;
+    let found = ranges::search(table.count, word, |i| {
+        PORT_RANGES.get(first.wrapping_add(i)).map(|r| r.start)
+    })?;
+    PORT_RANGES
+        .get(first.wrapping_add(found))
+        .map(|r| r.verdict)
 }
 
 #[inline(always)]

@@ -61,6 +61,13 @@ pub struct Kernel {
     metadata: std::cell::OnceCell<Ebpf>,
 }
 
+/// Where an apply's time went: compiling over the enforced state, then writing the maps.
+#[derive(Clone, Copy, Debug)]
+pub struct ApplyTimes {
+    pub compile: std::time::Duration,
+    pub maps: std::time::Duration,
+}
+
 /// What `metadata_tag_*` (tests/testbed-ebpf) return when they could not hand a frame on.
 const NOT_HANDED_ON: u32 = 0x7a67;
 
@@ -98,12 +105,18 @@ impl Kernel {
     }
 
     /// Replaces the enforced model.
-    pub fn apply(&mut self, model: &Model) {
+    pub fn apply(&mut self, model: &Model) -> ApplyTimes {
+        let started = std::time::Instant::now();
         let enforced = self.maps.enforced().expect("read the maps");
         self.compiled = compile::compile_with(model, Some(enforced)).expect("the model compiles");
+        let compiled = std::time::Instant::now();
         self.maps
             .apply(&self.compiled, &model.node)
             .expect("apply the compiled model");
+        ApplyTimes {
+            compile: compiled - started,
+            maps: compiled.elapsed(),
+        }
     }
 
     fn program(&self, direction: Direction) -> &SchedClassifier {

@@ -56,6 +56,16 @@ fn an_upgrade_over_a_pods_map_of_another_layout_migrates_it_without_a_moment_une
     node.stop_agent(0);
     let conntrack = pinned_map(&node, map_names::CONNTRACK).id();
     let older_pods = pin_pods_map_of_an_older_layout(&node);
+    // A map of the older build that this one no longer has (its port map).
+    let dropped = enforcer::kernel::bpffs::map_pin(&node.pin_path, "PORTS");
+    support::create_pinned_map(
+        &dropped,
+        &[
+            "type", "hash", "key", "8", "value", "8", "entries", "16", "name", "PORTS", "flags",
+            "1",
+        ],
+    );
+    let dropped = MapInfo::from_pin(&dropped).expect("the PORTS pin").id();
 
     // Userspace never reads a map of another layout as its own: a clear error.
     let pin_path = node.pin_path.to_str().expect("utf-8").to_string();
@@ -82,12 +92,17 @@ fn an_upgrade_over_a_pods_map_of_another_layout_migrates_it_without_a_moment_une
     wait_for("the older PODS map freed", Duration::from_secs(5), || {
         MapInfo::from_id(older_pods).is_err()
     });
+    wait_for(
+        "the older build's PORTS map freed",
+        Duration::from_secs(5),
+        || MapInfo::from_id(dropped).is_err(),
+    );
     let pinned: BTreeSet<String> = std::fs::read_dir(node.pin_path.join("maps"))
         .expect("maps dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     let expected: BTreeSet<String> = map_names::ALL.iter().map(|n| n.to_string()).collect();
-    assert_eq!(pinned, expected, "no staging pin is left");
+    assert_eq!(pinned, expected, "no staging pin nor unknown map is left");
 
     // Enforcing: the flow tracked before the upgrade survives, the rules hold.
     assert!(maps(&node).pods().expect("PODS").contains_key(&web.vlan));

@@ -1,13 +1,12 @@
 //! Peer classes and their port tables: which rules can decide for a prefix, and the
-//! (protocol, port) entries of each class, folded and laid out for the kernel.
+//! (protocol, port) ranges of each class with their verdicts, as the kernel searches them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use enforcer_common::lengths::Port;
-use enforcer_common::{NO_RULE, PortKey, PortVerdict, VERDICT_UNTRACKED};
+use enforcer_common::{NO_RULE, PortRange, PortVerdict, VERDICT_UNTRACKED, port_word};
 
 use super::{ClassEntries, HashMap, Policy, handle, index};
-use crate::compile::prefix::{Prefix, fold, lay_out};
+use crate::compile::prefix::{Prefix, fold};
 use crate::model::{Cidr, Direction, GroupId, L4Match, Model, Peer, Rule};
 use crate::policy::eval::{
     PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RuleRef, everything_family, opens_all_ports,
@@ -63,11 +62,9 @@ pub(super) fn policy_peers(
 /// The global rule table with what the compiler needs per rule.
 pub(super) struct RuleTable {
     pub(super) refs: Vec<RuleRef>,
-    /// The (protocol, port) prefixes of the rule's L4 part.
-    l4: Vec<Vec<Prefix>>,
-    /// The same as one span of the 24-bit (protocol, port) space: an L4 part is contiguous.
+    /// The rule's L4 part as one span of the 24-bit (protocol, port) space: an L4 part is
+    /// contiguous.
     pub(super) spans: Vec<(u32, u32)>,
-    pub(super) is_all: Vec<bool>,
     /// The rule's peer is `0.0.0.0/0` or `::/0`.
     pub(super) everything: Vec<bool>,
     /// First rule ID of each group's ingress and egress rules.
@@ -78,9 +75,7 @@ impl RuleTable {
     pub(super) fn new(model: &Model) -> Self {
         let mut table = Self {
             refs: Vec::new(),
-            l4: Vec::new(),
             spans: Vec::new(),
-            is_all: Vec::new(),
             everything: Vec::new(),
             first: BTreeMap::new(),
         };
@@ -94,13 +89,7 @@ impl RuleTable {
                         direction,
                         index: i,
                     });
-                    let prefixes = l4_prefixes(&rule.l4);
-                    let spans = prefixes.iter().map(Prefix::port_span);
-                    let first = spans.clone().map(|(lo, _)| lo).min();
-                    let last = spans.map(|(_, hi)| hi).max();
-                    table.spans.push((first.unwrap_or(0), last.unwrap_or(0)));
-                    table.l4.push(prefixes);
-                    table.is_all.push(rule.l4 == L4Match::All);
+                    table.spans.push(l4_span(&rule.l4));
                     let everything = everything_family(&rule.peer).is_some();
                     table.everything.push(everything);
                 }
@@ -246,126 +235,99 @@ pub(super) fn union(inherited: &[u32], own: &[u32]) -> Vec<u32> {
     all
 }
 
-/// The (protocol, port) prefixes a rule's L4 part covers.
-pub(super) fn l4_prefixes(l4: &L4Match) -> Vec<Prefix> {
-    let proto = |p: u8| u32::from(p) << 16;
+/// The first and last (protocol, port) word a rule's L4 part covers.
+pub(super) fn l4_span(l4: &L4Match) -> (u32, u32) {
+    let protocol = |p: u8| (port_word(p, 0), port_word(p, u16::MAX));
     match *l4 {
-        L4Match::All => vec![Prefix::of_port_space(0, 0)],
-        L4Match::Protocol(p) => vec![Prefix::of_port_space(proto(p), 8)],
-        L4Match::Ports { protocol, from, to } => port_blocks(from, to)
-            .into_iter()
-            .map(|(start, len)| Prefix::of_port_space(proto(protocol) | u32::from(start), 8 + len))
-            .collect(),
+        L4Match::All => (0, port_word(u8::MAX, u16::MAX)),
+        L4Match::Protocol(p) => protocol(p),
+        L4Match::Ports { protocol, from, to } => {
+            (port_word(protocol, from), port_word(protocol, to))
+        }
         L4Match::Icmp {
             v6,
             icmp_type,
             code,
         } => {
-            let p = proto(if v6 { PROTO_ICMPV6 } else { PROTO_ICMP });
-            let prefix = match (icmp_type, code) {
-                (None, _) => Prefix::of_port_space(p, 8),
-                (Some(t), None) => Prefix::of_port_space(p | (u32::from(t) << 8), 16),
-                (Some(t), Some(c)) => {
-                    Prefix::of_port_space(p | (u32::from(t) << 8) | u32::from(c), 24)
-                }
-            };
-            vec![prefix]
+            let p = if v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
+            let word = |t: u8, c: u8| port_word(p, u16::from_be_bytes([t, c]));
+            match (icmp_type, code) {
+                (None, _) => protocol(p),
+                (Some(t), None) => (word(t, 0), word(t, u8::MAX)),
+                (Some(t), Some(c)) => (word(t, c), word(t, c)),
+            }
         }
     }
 }
 
-/// The fewest aligned power-of-two blocks covering `from..=to`, as (start, prefix bits of 16).
-pub(super) fn port_blocks(from: u16, to: u16) -> Vec<(u16, u8)> {
-    let mut blocks = Vec::new();
-    let (mut lo, hi) = (u32::from(from), u32::from(to));
-    while lo <= hi {
-        // The largest block aligned at `lo` that does not pass `hi`.
-        let mut size = if lo == 0 {
-            1 << 16
-        } else {
-            1 << lo.trailing_zeros()
-        };
-        while lo + size - 1 > hi {
-            size >>= 1;
-        }
-        let len = 16 - size.trailing_zeros() as u8;
-        blocks.push((lo as u16, len));
-        lo += size;
-    }
-    blocks
-}
-
-/// The port entries of one class (class zero), naming rules by `rule_ids`.
+/// The port table of one class: for every (protocol, port) word, the lowest rule of
+/// `class_rules` covering it (named by `rule_ids`) and whether the flow goes untracked
+/// (some covering rule's peer is everywhere and the opposite direction opens every port
+/// of the protocol, `reverse_open` for TCP and UDP), as sorted ranges, neighbours'
+/// verdicts differing.
 pub(super) fn class_ports(
     rules: &RuleTable,
     rule_ids: &[u32],
     class_rules: &[u32],
     reverse_open: [bool; 2],
 ) -> ClassEntries {
-    // (lowest rule ID, some rule's peer is everywhere); u32::MAX = no own rule.
-    let mut own: BTreeMap<Prefix, (u32, bool)> = BTreeMap::new();
+    // A sweep over the word space: at each edge, rules start (`lo`) and end (`hi + 1`);
+    // the active rules by position, so the first is the lowest.
+    let mut events: Vec<(u32, bool, u32)> = Vec::with_capacity(2 * class_rules.len());
     for &id in class_rules {
-        let everything = rules.everything[index(id)];
-        for &prefix in &rules.l4[index(id)] {
-            let slot = own.entry(prefix).or_insert((u32::MAX, false));
-            *slot = (slot.0.min(id), slot.1 || everything);
-        }
-        if rules.is_all[index(id)] {
-            // Per-protocol keys under "all traffic", so the untracked flag can differ.
-            for protocol in [PROTO_TCP, PROTO_UDP] {
-                own.entry(Prefix::of_port_space(u32::from(protocol) << 16, 8))
-                    .or_insert((u32::MAX, false));
-            }
+        let (lo, hi) = rules.spans[index(id)];
+        events.extend([(lo, true, id), (hi + 1, false, id)]);
+    }
+    // Where only the untracked flag may change: TCP's and UDP's edges.
+    for (protocol, open) in [PROTO_TCP, PROTO_UDP].into_iter().zip(reverse_open) {
+        if open {
+            events.extend([
+                (port_word(protocol, 0), true, 0),
+                (port_word(protocol + 1, 0), true, 0),
+            ]);
         }
     }
-    let folded = fold(
-        own,
-        |inherited: Option<&(u32, bool)>, (rule, everything)| match inherited {
-            Some(&(up_rule, up_everything)) => (up_rule.min(rule), up_everything || everything),
-            None => (rule, everything),
-        },
-    );
-    let verdict_of = |prefix: &Prefix, (rule, everything): (u32, bool)| {
-        let protocol = (prefix.bits >> 120) as u8;
-        let open = match protocol {
+    events.sort_unstable();
+    let mut active: BTreeSet<u32> = BTreeSet::new();
+    let mut everywhere = 0usize;
+    let mut table: ClassEntries = Vec::new();
+    let mut next = events.iter().peekable();
+    let mut start = 0;
+    loop {
+        while let Some(&&(_, starts, id)) = next.peek().filter(|e| e.0 == start) {
+            next.next();
+            if id == 0 {
+                continue;
+            }
+            let everything = usize::from(rules.everything[index(id)]);
+            if starts {
+                active.insert(id);
+                everywhere += everything;
+            } else {
+                active.remove(&id);
+                everywhere -= everything;
+            }
+        }
+        let open = match (start >> 16) as u8 {
             PROTO_TCP => reverse_open[0],
             PROTO_UDP => reverse_open[1],
             _ => false,
         };
-        let untracked = everything && prefix.len >= 8 && open;
-        PortVerdict {
-            rule,
-            flags: if untracked { VERDICT_UNTRACKED } else { 0 },
-        }
-    };
-    let mut table = Vec::new();
-    for (prefix, value, parent) in &folded {
-        let verdict = verdict_of(prefix, *value);
-        if let Some(p) = *parent {
-            let (up_prefix, up_value, _) = &folded[p];
-            if verdict_of(up_prefix, *up_value) == verdict {
-                continue;
-            }
-        }
         let verdict = PortVerdict {
-            rule: rule_ids[index(verdict.rule)],
-            ..verdict
+            rule: active.first().map_or(NO_RULE, |&id| rule_ids[index(id)]),
+            flags: if everywhere > 0 && open {
+                VERDICT_UNTRACKED
+            } else {
+                0
+            },
         };
-        table.push((*prefix, verdict));
+        if table.last().is_none_or(|r| r.verdict != verdict) {
+            table.push(PortRange { start, verdict });
+        }
+        match next.peek() {
+            Some(&&(edge, _, _)) if edge <= port_word(u8::MAX, u16::MAX) => start = edge,
+            _ => break,
+        }
     }
-    let none = PortVerdict {
-        rule: NO_RULE,
-        flags: 0,
-    };
-    let mut entries: ClassEntries = lay_out::<Port, _>(&table, none)
-        .into_iter()
-        .map(|(prefix, verdict)| {
-            let word = (prefix.bits >> 104) as u32;
-            let key = PortKey::new(0, (word >> 16) as u8, word as u16, prefix.len);
-            (key, verdict)
-        })
-        .collect();
-    // In key order, as a previous state's entries are read.
-    entries.sort_unstable();
-    entries
+    table
 }

@@ -3,10 +3,10 @@
 
 use std::net::IpAddr;
 
-use enforcer_common::lengths::{self, PeerV4, PeerV6, Port};
+use enforcer_common::lengths::{self, PeerV4, PeerV6};
 use enforcer_common::{
-    EnforcingMode, NO_POLICY, NO_RULE, PeerKeyV4, PeerKeyV6, PortKey, PortVerdict,
-    V4_MAPPED_PREFIX, VERDICT_UNTRACKED, policy_slot,
+    EnforcingMode, NO_POLICY, NO_RULE, PeerKeyV4, PeerKeyV6, PortVerdict, V4_MAPPED_PREFIX,
+    VERDICT_UNTRACKED, policy_slot, port_word, ranges,
 };
 
 use super::{Compiled, addr_key};
@@ -76,7 +76,7 @@ impl Interpretation {
 
 /// Looks a new flow up in the compiled entries in the kernel's order: pod, never-filtered
 /// addresses and protocols, same-node (standard), then per checked side the peer search ->
-/// class -> port search.
+/// class -> port table search.
 pub fn interpret(
     compiled: &Compiled,
     vlan: u16,
@@ -124,13 +124,12 @@ pub fn interpret(
             }),
         };
         let ports = class.and_then(|class| compiled.classes.get(&class));
-        let verdict = ports.and_then(|ports| {
-            lengths::search::<Port, _>(|len| {
-                find(
-                    ports,
-                    &PortKey::new(0, packet.protocol, packet.selector, len),
-                )
-            })
+        let verdict = ports.filter(|ports| !ports.is_empty()).and_then(|ports| {
+            let count = u32::try_from(ports.len()).ok()?;
+            let word = port_word(packet.protocol, packet.selector);
+            let start = |i: u32| ports.get(i as usize).map(|r| r.start);
+            let found = ranges::search(count, word, start)?;
+            Some(ports[found as usize].verdict)
         });
         let verdict = verdict.filter(|v| v.rule != NO_RULE);
         verdict.map_or(SideLookup::Denied, SideLookup::Allowed)

@@ -3,15 +3,16 @@
 //!
 //! A policy's peer table maps (prefix) to a class, the set of rules whose peer covers the
 //! prefix (each longer prefix folds in every shorter covering one, as a longest-prefix match
-//! returns only the longest). A class's port table maps (protocol, port or ICMP type/code) to
-//! the lowest allowing rule ID, folded the same way. Both are laid out for the kernel's
-//! binary search on prefix lengths (`prefix::lay_out`). Rule IDs, classes and policy handles
+//! returns only the longest), laid out for the kernel's binary search on prefix lengths
+//! (`prefix::lay_out`). A class's port table maps ranges of (protocol, port or ICMP
+//! type/code) to the lowest allowing rule ID, sorted for the kernel's binary search. Rule IDs, classes and policy handles
 //! start at 1; 0 means none. They are stable across compiles ([`compile_with`]): what did not
 //! change keeps its ID.
 //!
 //! To keep the maps small, a class leaves out rules that can never decide a verdict (a
-//! lower rule covers all they cover), and a prefix whose value equals that of the nearest
-//! shorter prefix covering it is left out: the longest match answers the same without it.
+//! lower rule covers all they cover), a prefix whose value equals that of the nearest
+//! shorter prefix covering it is left out (the longest match answers the same without it),
+//! and neighbouring port ranges with the same verdict are one.
 
 mod classes;
 mod interpret;
@@ -32,8 +33,8 @@ use std::net::IpAddr;
 use enforcer_common::lengths::{PeerV4, PeerV6};
 use enforcer_common::{
     AddrKey, EnforcingMode, MAX_UNFILTERED_V4, MAX_UNFILTERED_V6, NO_CLASS, NO_POLICY, POD_AUDIT,
-    POD_HAS_IPV4, POD_HAS_IPV6, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PortKey, PortVerdict,
-    VLAN_MAX, VLAN_MIN, policy_slot,
+    POD_HAS_IPV4, POD_HAS_IPV6, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PortRange, VLAN_MAX,
+    VLAN_MIN, policy_slot,
 };
 
 use crate::compile::prefix::{Prefix, lay_out};
@@ -97,8 +98,8 @@ impl PartialEq for Compiled {
 
 impl Eq for Compiled {}
 
-/// A class's port entries, its own ID zeroed in the keys, sorted.
-pub type ClassEntries = Vec<(PortKey, PortVerdict)>;
+/// A class's port table: ranges sorted by start, the first at 0.
+pub type ClassEntries = Vec<PortRange>;
 
 /// A policy's IPv4 and IPv6 peer entries, its own handle zeroed in the keys, sorted.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]

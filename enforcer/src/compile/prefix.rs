@@ -28,22 +28,8 @@ impl Prefix {
         }
     }
 
-    /// `value`, the top `len` bits of a 24-bit (protocol, port) word.
-    pub fn of_port_space(value: u32, len: u8) -> Self {
-        Self {
-            bits: u128::from(value) << 104,
-            len,
-        }
-    }
-
     pub fn covers(&self, other: &Self) -> bool {
         self.len <= other.len && (self.bits ^ other.bits) & mask(self.len) == 0
-    }
-
-    /// First and last 24-bit word of a (protocol, port) prefix.
-    pub fn port_span(&self) -> (u32, u32) {
-        let lo = (self.bits >> 104) as u32;
-        (lo, lo | ((1 << (24 - self.len)) - 1))
     }
 
     /// The first `len` bits of this prefix (`len <= self.len`).
@@ -138,7 +124,7 @@ pub fn lay_out<G: Grid, V: Copy>(table: &[(Prefix, V)], none: V) -> Vec<(Prefix,
 
 #[cfg(test)]
 mod tests {
-    use enforcer_common::lengths::{PeerV4, PeerV6, Port};
+    use enforcer_common::lengths::{PeerV4, PeerV6};
     use proptest::prelude::*;
 
     use super::*;
@@ -206,11 +192,6 @@ mod tests {
         #[test]
         fn the_search_finds_the_longest_prefix_v6(t in table(128), noise in proptest::collection::vec(any::<u128>(), 4)) {
             check::<PeerV6>(&t, 128, &noise);
-        }
-
-        #[test]
-        fn the_search_finds_the_longest_prefix_ports(t in table(24), noise in proptest::collection::vec(any::<u128>(), 4)) {
-            check::<Port>(&t, 24, &noise);
         }
     }
 

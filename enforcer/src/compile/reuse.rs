@@ -144,7 +144,7 @@ impl<'p> Previous<'p> {
                 index
                     .rule_ids
                     .taken
-                    .extend(entries.iter().map(|(_, v)| v.rule));
+                    .extend(entries.iter().map(|r| r.verdict.rule));
                 index.classes.entry(entries.clone()).or_insert(class);
             }
         }

@@ -7,7 +7,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
-use super::classes::port_blocks;
 use super::*;
 use crate::model::Cidr;
 use crate::model::L4Match;
@@ -22,37 +21,72 @@ const STRICT: EnforcingMode = EnforcingMode::Strict;
 const STANDARD: EnforcingMode = EnforcingMode::Standard;
 
 #[test]
-fn port_blocks_are_minimal_aligned_covers() {
-    assert_eq!(port_blocks(0, 65535), vec![(0, 0)]);
-    assert_eq!(port_blocks(443, 443), vec![(443, 16)]);
-    assert_eq!(port_blocks(8000, 8001), vec![(8000, 15)]);
-    assert_eq!(port_blocks(1, 65535).len(), 16);
-    assert_eq!(port_blocks(5, 4), vec![]);
-    assert_eq!(port_blocks(65535, 65535), vec![(65535, 16)]);
+fn a_rule_covers_one_span_of_the_port_word() {
+    use super::classes::l4_span;
+    use enforcer_common::port_word;
+    assert_eq!(l4_span(&L4Match::All), (0, 0xff_ffff));
+    assert_eq!(l4_span(&L4Match::Protocol(17)), (0x11_0000, 0x11_ffff));
+    assert_eq!(l4_span(&tcp(80, 90)), (port_word(6, 80), port_word(6, 90)));
+    let icmp = |icmp_type, code| L4Match::Icmp {
+        v6: false,
+        icmp_type,
+        code,
+    };
+    assert_eq!(l4_span(&icmp(None, None)), (0x01_0000, 0x01_ffff));
+    assert_eq!(l4_span(&icmp(Some(8), None)), (0x01_0800, 0x01_08ff));
+    assert_eq!(l4_span(&icmp(Some(3), Some(4))), (0x01_0304, 0x01_0304));
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
+    /// The kernel's search finds the range holding the word, in a fixed number of probes.
     #[test]
-    fn port_blocks_cover_exactly(a in any::<u16>(), b in any::<u16>()) {
-        let (from, to) = (a.min(b), a.max(b));
-        let blocks = port_blocks(from, to);
-        let mut next = u32::from(from);
-        for (start, len) in &blocks {
-            let size = 1u32 << (16 - len);
-            prop_assert_eq!(u32::from(*start), next);
-            prop_assert_eq!(u32::from(*start) % size, 0);
-            next += size;
-        }
-        prop_assert_eq!(next, u32::from(to) + 1);
-        // Minimal: no two neighbouring blocks of one size could merge into an aligned one.
-        for pair in blocks.windows(2) {
-            let ((s0, l0), (_, l1)) = (pair[0], pair[1]);
-            let size = 1u32 << (16 - l0);
-            prop_assert!(!(l0 == l1 && l0 > 0 && u32::from(s0) % (2 * size) == 0));
-        }
+    fn the_port_search_finds_the_range_of_a_word(
+        mut starts in proptest::collection::btree_set(1u32..0xff_ffff, 0..300),
+        word in 0u32..0x100_0000,
+    ) {
+        use enforcer_common::ranges;
+        starts.insert(0);
+        let starts: Vec<u32> = starts.into_iter().collect();
+        let mut probes = 0;
+        let found = ranges::search(starts.len() as u32, word, |i| {
+            probes += 1;
+            starts.get(i as usize).copied()
+        });
+        let expected = starts.partition_point(|&s| s <= word) - 1;
+        prop_assert_eq!(found, Some(expected as u32));
+        prop_assert_eq!(probes, ranges::STEPS);
     }
+}
+
+#[test]
+fn a_port_table_is_sorted_from_zero_and_neighbours_differ() {
+    let m = model(
+        vec![group(
+            "sg-web",
+            vec![
+                rule(tcp(80, 90), cidr("10.0.0.0/16")),
+                rule(tcp(85, 100), cidr("10.0.0.0/16")),
+                rule(L4Match::Protocol(17), cidr("10.0.0.0/16")),
+                rule(tcp(101, 200), cidr("10.0.0.0/16")),
+            ],
+            vec![],
+        )],
+        vec![pod(1, "10.0.1.1", &["sg-web"], STRICT)],
+    );
+    let c = compile(&m).expect("compiles");
+    let table = c.classes.values().next().expect("one class");
+    let words: Vec<u32> = table.iter().map(|r| r.start).collect();
+    // 0, tcp 80, 91 (the second rule), 101 (the fourth), 201, udp, after udp.
+    assert_eq!(
+        words,
+        [
+            0, 0x06_0050, 0x06_005b, 0x06_0065, 0x06_00c9, 0x11_0000, 0x12_0000
+        ]
+    );
+    assert!(table.windows(2).all(|w| w[0].verdict != w[1].verdict));
+    assert_eq!(table[0].verdict.rule, enforcer_common::NO_RULE);
 }
 
 fn web_model() -> Model {

@@ -63,6 +63,7 @@ pub fn load(pin_path: &Path) -> Result<Loaded, Error> {
         .map_err(|e| Error::Object(Box::new(e)))?
         .maps;
     let level = crate::kernel::ebpf::kernel_log_level();
+    remove_unknown_pins(pin_path)?;
     let mut loader = loader(&level);
     let mut migrated = Vec::new();
     let mut reused = Vec::new();
@@ -117,6 +118,31 @@ pub fn load(pin_path: &Path) -> Result<Loaded, Error> {
             maps: migrated,
         },
     })
+}
+
+/// Unpins the maps of an older build that this object no longer has (`PORTS` went in
+/// `PORT_TABLES` and `PORT_RANGES`): a pin alone would keep such a map's memory forever.
+/// The programs of that build, still attached, hold their maps until they are replaced.
+fn remove_unknown_pins(pin_path: &Path) -> Result<(), Error> {
+    let live = map_pin(pin_path, map_names::PODS);
+    let staging = staging_pin(pin_path, map_names::PODS);
+    for dir in [live.parent(), staging.parent()].into_iter().flatten() {
+        let entries = std::fs::read_dir(dir).map_err(|source| Error::Unpin {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !map_names::ALL.iter().any(|&known| name == known) {
+                log::warn!(
+                    "map pin {}: no such map in this build, unpinned",
+                    entry.path().display()
+                );
+                remove_pin(&entry.path())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether the kernel map `pinned` is what the object defines: the programs

@@ -3,6 +3,7 @@
 //! the maps' memory, all measured in one run so that ratios hold on a noisy
 //! machine. Every figure is a median of kernel-timed `BPF_PROG_TEST_RUN`s.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -105,15 +106,17 @@ fn floor_ns(frame: &[u8], vlan: u16, samples: usize) -> Result<f64> {
 
 /// Cost of the first packet of a flow: the frame must be judged as new on
 /// every sample, so its tracked entry is forgotten between samples.
-fn new_flow_sample(kernel: &mut Kernel, frame: &[u8], samples: usize) -> f64 {
-    median(
-        (0..samples)
-            .map(|_| {
-                kernel.maps.forget_flows(|_| true).expect("clear conntrack");
-                kernel.time(Direction::Ingress, frame)
-            })
-            .collect(),
-    )
+/// The median and 99th percentile of a new flow's cost, in ns.
+fn new_flow_sample(kernel: &mut Kernel, frame: &[u8], samples: usize) -> (f64, f64) {
+    let mut times: Vec<Duration> = (0..samples)
+        .map(|_| {
+            kernel.maps.forget_flows(|_| true).expect("clear conntrack");
+            kernel.time(Direction::Ingress, frame)
+        })
+        .collect();
+    times.sort();
+    let p99 = times[times.len() * 99 / 100].as_nanos() as f64;
+    (median(times), p99)
 }
 
 /// Frames for the first pod: allowed by its first rule, by its last rule, denied.
@@ -141,23 +144,31 @@ fn probe_frames(rng: &mut Rng, model: &Model) -> Vec<(&'static str, Vec<u8>)> {
     frames
 }
 
-/// Kernel memory of every BPF map this process holds, from `/proc/self/fdinfo`.
-fn map_memory() -> Result<u64> {
-    let mut total = 0;
+/// Kernel memory of every BPF map this process holds (`memlock` in `/proc/self/fdinfo`),
+/// by map name, each map once.
+fn map_memory() -> Result<BTreeMap<String, u64>> {
+    let mut seen = BTreeSet::new();
+    let mut by_name = BTreeMap::new();
     for entry in std::fs::read_dir("/proc/self/fdinfo")? {
         let Ok(info) = std::fs::read_to_string(entry?.path()) else {
             continue;
         };
-        if !info.contains("map_type:") {
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) else {
+            continue;
+        };
+        if !seen.insert(id) {
             continue;
         }
-        total += info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        let map = aya::maps::MapInfo::from_id(u32::try_from(id)?)?;
+        let name = map.name_as_str().unwrap_or("?").to_string();
+        *by_name.entry(name).or_default() += memlock;
     }
-    Ok(total)
+    Ok(by_name)
 }
 
 /// Packets per second through the trunk per filter: new flows and one established flow.
@@ -381,6 +392,7 @@ fn main() -> Result<()> {
     let mut rng = Rng::new(SEED);
 
     let mut new_flow = serde_json::Map::new();
+    let mut new_flow_rows = Vec::new();
     let mut table = Vec::new();
     let mut established_ns = 0.0;
     let mut established_xdp_ns = 0.0;
@@ -404,10 +416,11 @@ fn main() -> Result<()> {
                     outcome.reason
                 );
             }
-            let ns = new_flow_sample(&mut kernel, &frame, samples);
+            let (ns, p99) = new_flow_sample(&mut kernel, &frame, samples);
             table.push(format!(
-                "new flow, {rules:>3} rules/pod, {what:<10} {ns:>8.0} ns"
+                "new flow, {rules:>3} rules/pod, {what:<10} {ns:>8.0} ns  (p99 {p99:.0} ns)"
             ));
+            new_flow_rows.push(json!({"rules": rules, "row": what, "p50_ns": ns, "p99_ns": p99}));
             worst = worst.max(ns);
             if rules == 960 && what == "first rule" {
                 kernel.maps.forget_flows(|_| true)?;
@@ -442,13 +455,18 @@ fn main() -> Result<()> {
     };
     let mut full = Vec::new();
     let mut incremental = Vec::new();
-    let mut memory = 0;
+    // (compile, maps) of each apply.
+    let mut full_parts = (Vec::new(), Vec::new());
+    let mut incremental_parts = (Vec::new(), Vec::new());
+    let mut memory = BTreeMap::new();
     let mut entries = [0; 3];
     for _ in 0..apply_repeats {
         let mut kernel = Kernel::load(&empty);
         let started = Instant::now();
-        kernel.apply(&big);
+        let times = kernel.apply(&big);
         full.push(started.elapsed());
+        full_parts.0.push(times.compile);
+        full_parts.1.push(times.maps);
         memory = map_memory()?;
         let compiled = &kernel.compiled;
         entries = [
@@ -467,10 +485,14 @@ fn main() -> Result<()> {
             to: 8443,
         };
         let started = Instant::now();
-        kernel.apply(&changed);
+        let times = kernel.apply(&changed);
         incremental.push(started.elapsed());
+        incremental_parts.0.push(times.compile);
+        incremental_parts.1.push(times.maps);
     }
     let ms = |d: Vec<Duration>| median(d) / 1e6;
+    let full_split = [ms(full_parts.0), ms(full_parts.1)];
+    let change_split = [ms(incremental_parts.0), ms(incremental_parts.1)];
     let tput = throughput(&mut rng, &big, options.quick)?;
     let (full_ms, change_ms) = (ms(full), ms(incremental));
 
@@ -480,6 +502,7 @@ fn main() -> Result<()> {
         "established_xdp_ns": established_xdp_ns,
         "deny_warm_ns": {"tc": deny_tc_warm_ns, "xdp": deny_xdp_ns},
         "new_flow_ns": new_flow,
+        "new_flow_rows": new_flow_rows,
         "throughput": {
             "rules": 960,
             "unfiltered_pps": tput.new_pps(Filter::Unfiltered),
@@ -499,9 +522,11 @@ fn main() -> Result<()> {
             "refused_flows": FLOOD_FILTERS.iter().map(|&f| (flood_key(f).to_string(), json!(tput.flood_pps(f, 0)))).collect::<serde_json::Map<_, _>>(),
             "unknown_vlan": FLOOD_FILTERS.iter().map(|&f| (flood_key(f).to_string(), json!(tput.flood_pps(f, 1)))).collect::<serde_json::Map<_, _>>(),
         },
-        "apply_ms": {"pods": PODS, "rules_per_pod": 960, "full": full_ms, "one_group_change": change_ms},
-        "memory_bytes": {"maps": memory},
-        "entries": {"peers_v4": entries[0], "peers_v6": entries[1], "ports": entries[2]},
+        "apply_ms": {"pods": PODS, "rules_per_pod": 960, "full": full_ms, "one_group_change": change_ms,
+            "full_compile": full_split[0], "full_maps": full_split[1],
+            "one_group_change_compile": change_split[0], "one_group_change_maps": change_split[1]},
+        "memory_bytes": {"maps": memory.values().sum::<u64>(), "by_map": memory},
+        "entries": {"peers_v4": entries[0], "peers_v6": entries[1], "port_ranges": entries[2]},
     });
     std::fs::write(&options.json, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("writing {}", options.json.display()))?;
@@ -524,12 +549,25 @@ fn main() -> Result<()> {
         "apply {PODS} pods x 960 rules: full {full_ms:.0} ms, one shared group changed {change_ms:.0} ms"
     );
     println!(
-        "map memory {:.1} MiB; entries: peers IPv4 {}, peers IPv6 {}, ports {}",
-        memory as f64 / (1 << 20) as f64,
+        "  medians of compile + map writes: full {:.0} + {:.0} ms, one group {:.0} + {:.0} ms",
+        full_split[0], full_split[1], change_split[0], change_split[1]
+    );
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    println!(
+        "map memory {:.1} MiB; entries: peers IPv4 {}, peers IPv6 {}, port ranges {}",
+        mib(memory.values().sum()),
         entries[0],
         entries[1],
         entries[2]
     );
+    let mut largest: Vec<(&String, &u64)> = memory.iter().collect();
+    largest.sort_by(|a, b| b.1.cmp(a.1));
+    let largest: Vec<String> = largest
+        .iter()
+        .take(8)
+        .map(|(name, bytes)| format!("{name} {:.1}", mib(**bytes)))
+        .collect();
+    println!("  largest maps, MiB: {}", largest.join(", "));
     println!(
         "throughput through the trunk, 960 rules/pod, median of {} (spot check: {} allowed and {} denied frames, same verdicts):",
         tput.repeats, tput.spot_checked.0, tput.spot_checked.1

@@ -486,13 +486,37 @@ pub fn pin_pods_map_of_an_older_layout(node: &Node) -> u32 {
     let current = pinned_map(node, map_names::PODS);
     std::fs::remove_file(&pin).expect("unpin PODS");
     let older_value = (size_of::<PodEntry>() - 8).to_string();
+    let entries = current.max_entries().to_string();
+    let flags = current.map_flags().to_string();
+    create_pinned_map(
+        &pin,
+        &[
+            "type",
+            "hash",
+            "key",
+            "2",
+            "value",
+            &older_value,
+            "entries",
+            &entries,
+            "name",
+            map_names::PODS,
+            "flags",
+            &flags,
+        ],
+    );
+    let older = pinned_map(node, map_names::PODS);
+    assert_ne!(older.value_size(), current.value_size());
+    older.id()
+}
+
+/// Creates a map pinned at `pin` with `bpftool map create` and its `definition`
+/// (type, key, value, entries, name, flags), as another build would have.
+pub fn create_pinned_map(pin: &std::path::Path, definition: &[&str]) {
     let out = Command::new("bpftool")
         .args(["map", "create"])
-        .arg(&pin)
-        .args(["type", "hash", "key", "2", "value", &older_value])
-        .args(["entries", &current.max_entries().to_string()])
-        .args(["name", map_names::PODS, "flags"])
-        .arg(current.map_flags().to_string())
+        .arg(pin)
+        .args(definition)
         .output()
         .expect("run bpftool (installed by `cargo xtask setup`)");
     assert!(
@@ -500,9 +524,6 @@ pub fn pin_pods_map_of_an_older_layout(node: &Node) -> u32 {
         "bpftool map create: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let older = pinned_map(node, map_names::PODS);
-    assert_ne!(older.value_size(), current.value_size());
-    older.id()
 }
 
 /// A packet socket bound to one interface of the calling thread's namespace.

@@ -112,15 +112,9 @@ impl KernelMaps {
                 .map(|h| (*h, held.policies[h].as_ref()))
                 .collect::<Vec<_>>(),
         );
-        let ports = port_entries(
-            &classes
-                .iter()
-                .map(|c| (*c, held.classes[c].as_ref()))
-                .collect::<Vec<_>>(),
-        );
         remove_hash(&mut self.peers_v4, &keys(&peers.v4), map_names::PEERS_V4)?;
         remove_hash(&mut self.peers_v6, &keys(&peers.v6), map_names::PEERS_V6)?;
-        remove_hash(&mut self.ports, &keys(&ports), map_names::PORTS)?;
+        let ports = self.ports.remove(&classes)?;
         for handle in &policies {
             held.policies.remove(handle);
         }
@@ -132,7 +126,7 @@ impl KernelMaps {
             policies.len(),
             classes.len()
         );
-        Ok(peers.v4.len() + peers.v6.len() + ports.len())
+        Ok(peers.v4.len() + peers.v6.len() + ports)
     }
 
     fn apply_changes(
@@ -171,11 +165,7 @@ impl KernelMaps {
         }
         stats.written += changes.rules.write.len();
         let written = peer_entries(&changes.policies.write);
-        stats.written += write_hash(
-            &mut self.ports,
-            &port_entries(&changes.classes.write),
-            map_names::PORTS,
-        )?;
+        stats.written += self.ports.write(&changes.classes.write)?;
         stats.written += write_hash(&mut self.peers_v4, &written.v4, map_names::PEERS_V4)?;
         stats.written += write_hash(&mut self.peers_v6, &written.v6, map_names::PEERS_V6)?;
         stats.written += write_hash(
@@ -223,10 +213,11 @@ impl KernelMaps {
 
         // What no pod uses any more leaves once no program can be reading it.
         let removed_peers = peer_entries(&changes.policies.remove);
-        let removed_ports = port_entries(&changes.classes.remove);
+        let removed_classes: Vec<u32> = changes.classes.remove.iter().map(|(c, _)| *c).collect();
+        let removed_ports: usize = changes.classes.remove.iter().map(|(_, e)| e.len()).sum();
         let retired = [
             changes.rules.remove.len(),
-            removed_ports.len(),
+            removed_ports,
             removed_peers.v4.len(),
             removed_peers.v6.len(),
             changes.node_local.remove.len(),
@@ -272,7 +263,7 @@ impl KernelMaps {
             &keys(&removed_peers.v4),
             map_names::PEERS_V4,
         )?;
-        remove_hash(&mut self.ports, &keys(&removed_ports), map_names::PORTS)?;
+        self.ports.remove(&removed_classes)?;
         for id in &changes.rules.remove {
             self.rules.remove(id).map_err(map_err(map_names::RULES))?;
         }
@@ -281,7 +272,7 @@ impl KernelMaps {
     }
 
     /// The entries the kernel holds, as a compiled state.
-    pub(super) fn read_back(&self) -> Result<Compiled, MapsError> {
+    pub(super) fn read_back(&mut self) -> Result<Compiled, MapsError> {
         let mut rules = RuleIds::default();
         for entry in self.rules.iter() {
             let (id, name) = entry.map_err(map_err(map_names::RULES))?;
@@ -303,18 +294,13 @@ impl KernelMaps {
             let entry = (PeerKeyV6 { policy: 0, ..key }, class);
             policies.entry(key.policy).or_default().v6.push(entry);
         }
-        let mut classes: BTreeMap<u32, ClassEntries> = BTreeMap::new();
-        for (key, verdict) in read_hash(&self.ports, map_names::PORTS)? {
-            let entry = (PortKey { class: 0, ..key }, verdict);
-            classes.entry(key.class).or_default().push(entry);
-        }
         let mut compiled = Compiled::default();
         compiled.pods = pods;
         compiled.policies = policies
             .into_iter()
             .map(|(h, e)| (h, Arc::new(e)))
             .collect();
-        compiled.classes = classes.into_iter().map(|(c, e)| (c, Arc::new(e))).collect();
+        compiled.classes = self.ports.read()?;
         compiled.node_local = read_hash(&self.node_local, map_names::NODE_LOCAL)?;
         compiled.rules = rules;
         Ok(compiled)
@@ -363,13 +349,29 @@ pub fn admit(model: &Model, compiled: &Compiled) -> Result<(), MapsError> {
             .map(|p| if v4 { p.v4.len() } else { p.v6.len() })
             .sum()
     };
+    if let Some(table) = compiled
+        .classes
+        .values()
+        .find(|c| c.len() > enforcer_common::ranges::MAX_PER_TABLE as usize)
+    {
+        return Err(MapsError::PortTableTooLarge {
+            ranges: table.len(),
+        });
+    }
     let ports: usize = compiled.classes.values().map(|c| c.len()).sum();
+    // Class IDs index `PORT_TABLES`: the highest must be below its capacity.
+    let classes = compiled
+        .classes
+        .keys()
+        .last()
+        .map_or(0, |&c| c as usize + 1);
     let needs = [
         (map_names::PODS, compiled.pods.len(), MAX_PODS),
         (map_names::RULES, compiled.rules.len(), MAX_RULES),
         (map_names::PEERS_V4, peers(true), MAX_PEER_ENTRIES),
         (map_names::PEERS_V6, peers(false), MAX_PEER_ENTRIES),
-        (map_names::PORTS, ports, MAX_PORT_ENTRIES),
+        (map_names::PORT_TABLES, classes, MAX_CLASSES),
+        (map_names::PORT_RANGES, ports, MAX_PORT_RANGES),
         (
             map_names::NODE_LOCAL,
             compiled.node_local.len(),
@@ -456,7 +458,7 @@ impl<'c> Changes<'c> {
             return in_place(map_names::PEERS_V4, id);
         }
         if let Some(&id) = self.classes.rewritten.first() {
-            return in_place(map_names::PORTS, id);
+            return in_place(map_names::PORT_TABLES, id);
         }
         match self
             .rules
@@ -523,14 +525,6 @@ fn peer_entries(policies: &[(u32, &PolicyEntries)]) -> PolicyEntries {
 
 fn keys<K: Copy, V>(entries: &[(K, V)]) -> Vec<K> {
     entries.iter().map(|(k, _)| *k).collect()
-}
-
-/// The map entries of classes, their IDs in the keys.
-fn port_entries(classes: &[(u32, &ClassEntries)]) -> Vec<(PortKey, PortVerdict)> {
-    classes
-        .iter()
-        .flat_map(|&(class, e)| e.iter().map(move |&(k, v)| (PortKey { class, ..k }, v)))
-        .collect()
 }
 
 /// Waits until every program that may have read a pod's old entry has finished:

@@ -9,10 +9,9 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashM
 use aya::{Ebpf, Pod};
 use enforcer_common::{
     AddrKey, COUNTER_SLOTS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, EventBudget, FragmentKey,
-    FragmentVerdict, MAX_ADDRESSES, MAX_GROUPS_PER_POD, MAX_PEER_ENTRIES, MAX_PODS,
-    MAX_PORT_ENTRIES, MAX_RULES, NO_POLICY, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups,
-    PodTracked, PodTraffic, PodUid, PortKey, PortVerdict, RuleName, RuleTraffic, Settings,
-    ct_timeouts, map_names,
+    FragmentVerdict, MAX_ADDRESSES, MAX_CLASSES, MAX_GROUPS_PER_POD, MAX_PEER_ENTRIES, MAX_PODS,
+    MAX_PORT_RANGES, MAX_RULES, NO_POLICY, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups,
+    PodTracked, PodTraffic, PodUid, RuleName, RuleTraffic, Settings, ct_timeouts, map_names,
 };
 
 use crate::compile::{ClassEntries, Compiled, PolicyEntries, RuleIds};
@@ -21,6 +20,7 @@ use crate::policy::eval::RuleRef;
 
 mod apply;
 mod batch;
+mod ports;
 mod tracked;
 
 use apply::Diff;
@@ -64,6 +64,11 @@ pub enum MapsError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "a peer class's port table has {ranges} ranges: a search covers at most {max}",
+        max = enforcer_common::ranges::MAX_PER_TABLE
+    )]
+    PortTableTooLarge { ranges: usize },
     #[error("cannot count the CPUs: {0}")]
     Cpus(String),
     #[error("cannot memory-map map {map}")]
@@ -86,7 +91,7 @@ pub struct KernelMaps {
     pods: HashMap<MapData, u16, PodEntry>,
     peers_v4: HashMap<MapData, PeerKeyV4, PeerClass>,
     peers_v6: HashMap<MapData, PeerKeyV6, PeerClass>,
-    ports: HashMap<MapData, PortKey, PortVerdict>,
+    ports: ports::PortTables,
     node_local: HashMap<MapData, AddrKey, u8>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     fragments: HashMap<MapData, FragmentKey, FragmentVerdict>,
@@ -163,7 +168,7 @@ impl KernelMaps {
             pods: typed(source, map_names::PODS)?,
             peers_v4: typed(source, map_names::PEERS_V4)?,
             peers_v6: typed(source, map_names::PEERS_V6)?,
-            ports: typed(source, map_names::PORTS)?,
+            ports: ports::PortTables::open(source)?,
             node_local: typed(source, map_names::NODE_LOCAL)?,
             conntrack: typed(source, map_names::CONNTRACK)?,
             fragments: typed(source, map_names::FRAGMENTS)?,
