@@ -298,6 +298,12 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
         };
         handles[i] = Some(handle);
     }
+    // A class no policy names (its prefixes all folded into longer ones) is not kept: a
+    // compile over this one would not take it over, and the two would differ.
+    let named: HashSet<u32> = policy_entries.values().flat_map(|e| e.classes()).collect();
+    classes.retain(|class, _| named.contains(class));
+    class_inputs.retain(|_, class| named.contains(class));
+
     let handles: Vec<u32> = handles.into_iter().flatten().collect();
     let pods = pod_entries(model, &policies, &handles)?;
 
