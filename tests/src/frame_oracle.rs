@@ -74,6 +74,9 @@ pub struct Judgement {
     pub path: &'static str,
     /// The conntrack key, when the flow stage judged the packet.
     pub flow: Option<CtKey>,
+    /// A passed egress frame of a source-NATed flow: the port it leaves from
+    /// (the kernel translates it and sends it out of the primary interface); else 0.
+    pub nat_port: u16,
 }
 
 fn done(reason: Reason, path: &'static str) -> Judgement {
@@ -81,6 +84,7 @@ fn done(reason: Reason, path: &'static str) -> Judgement {
         reason,
         path,
         flow: None,
+        nat_port: 0,
     }
 }
 
@@ -230,6 +234,7 @@ impl FrameOracle {
         };
         let mut meta = PacketMeta::other(direction, ip.src, ip.dst, ip.protocol);
         meta.len = frame.len() as u32;
+        meta.first_fragment = ip.position == Position::First;
         if ip.position != Position::Later
             && let Err(path) = transport(frame, ip.l4, &mut meta)
         {
@@ -280,16 +285,23 @@ impl FrameOracle {
                         reason: Reason::DropFragmentLimit,
                         path: "fragment allowance spent",
                         flow: Some(key),
+                        nat_port: 0,
                     };
                 }
                 self.allowed.insert(datagram);
                 self.held.insert(pod.vlan, held + 1);
             }
         }
+        let translated = direction == Direction::Egress
+            && matches!(reason, Reason::PassNew | Reason::PassEstablished);
         Judgement {
             reason,
             path: ip.path,
             flow: Some(key),
+            nat_port: match flows.get(&key) {
+                Some(entry) if translated => entry.nat_port,
+                _ => 0,
+            },
         }
     }
 }
@@ -306,6 +318,7 @@ fn flow_reason(verdict: FlowVerdict) -> Reason {
             eval::Reason::NoRule { .. } => unreachable!("an allowed flow"),
         },
         FlowVerdict::OverLimit(_) => Reason::DropFlowLimit,
+        FlowVerdict::NatExhausted(_) => Reason::DropNatExhausted,
         FlowVerdict::Denied(evaluation) => match evaluation.reason {
             eval::Reason::NoRule {
                 refused: eval::Refused::Primary,

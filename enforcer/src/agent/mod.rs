@@ -146,6 +146,9 @@ pub struct Agent {
     map_pins: Vec<(&'static str, MapData)>,
     /// Where the programs must be: the trunk of the applied state.
     trunk: Option<String>,
+    /// The primary interface, while the applied state source-NATs: the return
+    /// path's program must be first there too.
+    nat_interface: Option<String>,
     /// The XDP attachment asked for.
     xdp: XdpSetting,
     /// Where the XDP program runs on `trunk`, as last attached.
@@ -214,6 +217,7 @@ impl Agent {
             migration,
             map_pins,
             trunk: None,
+            nat_interface: None,
             xdp,
             xdp_mode: None,
             attached: false,
@@ -279,6 +283,16 @@ impl Agent {
             self.trunk = Some(trunk.clone());
             self.attached = false;
         }
+        let nat_interface = self
+            .maps
+            .settings()?
+            .nat
+            .enabled()
+            .then(|| model.node.primary_interface.clone());
+        if self.nat_interface != nat_interface {
+            self.nat_interface = nat_interface;
+            self.attached = false;
+        }
         if !self.migration.is_empty() {
             // The new maps replace the old pins only once the programs that use them run.
             if !self.supervise() {
@@ -314,8 +328,18 @@ impl Agent {
         let was_attached = self.attached;
         let states = crate::kernel::ebpf::link_states(&self.pin_path, &trunk);
         let xdp = crate::kernel::xdp::xdp_state(&self.pin_path, &trunk);
+        let primary = match &self.nat_interface {
+            Some(primary) => crate::kernel::ebpf::link_state(
+                &self.pin_path,
+                crate::kernel::ebpf::TC_PRIMARY_INGRESS,
+                primary,
+                aya::programs::TcAttachType::Ingress,
+            ),
+            None => Ok(LinkState::First),
+        };
         if let Ok(states) = &states
             && states.iter().all(|s| *s == LinkState::First)
+            && matches!(primary, Ok(LinkState::First))
             && matches!(&xdp, Ok(xdp) if self.xdp_as_asked(*xdp))
             && self.attached
         {
@@ -362,6 +386,9 @@ impl Agent {
                     &self.pin_path,
                     self.xdp,
                 )?;
+                if let Some(primary) = &self.nat_interface {
+                    crate::kernel::ebpf::attach_primary(&mut self.ebpf, primary, &self.pin_path)?;
+                }
                 Ok((how, mode))
             });
         match attached {

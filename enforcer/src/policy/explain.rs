@@ -118,6 +118,13 @@ pub struct MatchedRule {
     pub rule: String,
 }
 
+/// Where a translated flow leaves the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NatJson {
+    pub to: std::net::Ipv4Addr,
+    pub interface: String,
+}
+
 /// The verdict on one new flow with everything a person or a script needs to act on it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -146,6 +153,8 @@ pub struct Explanation {
     pub side: Option<&'static str>,
     /// Allowed without a conntrack entry.
     pub untracked: bool,
+    /// Standard mode's source NAT: `{"to": IP, "interface": NAME}`, null when not translated.
+    pub nat: Option<NatJson>,
     /// The rules allowing the flow (every checked side); empty on deny.
     pub matched: Vec<MatchedRule>,
     /// On deny in standard mode, the rules of the side that did allow it.
@@ -226,7 +235,11 @@ pub fn explanation(
             }),
             _ => None,
         },
-        untracked: evaluation.untracked,
+        untracked: evaluation.untracked && evaluation.nat.is_none(),
+        nat: evaluation.nat.as_ref().map(|nat| NatJson {
+            to: nat.address,
+            interface: nat.interface.clone(),
+        }),
         matched,
         other_side_matched,
         hints: hints(model, pod, query, evaluation),
@@ -278,6 +291,13 @@ impl fmt::Display for Explanation {
                 f,
                 "    {} ({}) {} #{}: {}{side}",
                 rule.group_id, rule.group_name, rule.direction, rule.rule_index, rule.rule
+            )?;
+        }
+        if let Some(nat) = &self.nat {
+            writeln!(
+                f,
+                "  source NAT: leaves {} from {} (a port of snatPortRange); replies come back to the pod",
+                nat.interface, nat.to
             )?;
         }
         writeln!(
