@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -64,12 +65,44 @@ pub enum AgentError {
     Migration { trunk: String },
     #[error("the live view is not complete: {}", .0.join("; "))]
     Incomplete(Vec<String>),
+    #[error(
+        "snatPortRange {}-{} overlaps the node's net.ipv4.ip_local_port_range {}-{}: translated flows could take its connections' ports",
+        .snat.0, .snat.1, .local.0, .local.1
+    )]
+    SnatPortsOverlap { snat: (u16, u16), local: (u16, u16) },
+    #[error("reading {LOCAL_PORT_RANGE}")]
+    LocalPorts(#[source] std::io::Error),
     #[error("watching the state directory {path}")]
     Watch {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The ports this network namespace's own connections take.
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// Refuses a `snatPortRange` that overlaps the node's `ip_local_port_range`
+/// (`local`, the sysctl's text): a translated flow must never take a port one
+/// of the node's own connections on the primary IP may hold.
+fn snat_ports_clear_of(snat: &RangeInclusive<u16>, local: &str) -> Result<(), AgentError> {
+    let mut bounds = local
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u16>().ok());
+    let (Some(low), Some(high)) = (bounds.next(), bounds.next()) else {
+        return Err(AgentError::LocalPorts(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{local:?} is not two ports"),
+        )));
+    };
+    if *snat.start() <= high && low <= *snat.end() {
+        return Err(AgentError::SnatPortsOverlap {
+            snat: (*snat.start(), *snat.end()),
+            local: (low, high),
+        });
+    }
+    Ok(())
 }
 
 /// A state the kernel enforces.
@@ -267,6 +300,11 @@ impl Agent {
 
     fn try_reload(&mut self) -> Result<(), AgentError> {
         let mut model = self.source.load()?;
+        if !model.node.external_snat {
+            let local =
+                std::fs::read_to_string(LOCAL_PORT_RANGE).map_err(AgentError::LocalPorts)?;
+            snat_ports_clear_of(&model.node.snat_port_range, &local)?;
+        }
         let known = Pinned {
             modes: self.maps.pod_modes()?,
             groups: self.maps.pod_groups()?,
@@ -894,6 +932,23 @@ mod tests {
             modes: known.iter().map(|(id, m)| (id.to_string(), *m)).collect(),
             groups: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn the_snat_port_range_stays_clear_of_the_nodes_own_ports() {
+        let default = crate::model::DEFAULT_SNAT_PORT_RANGE;
+        assert!(snat_ports_clear_of(&default, "32768\t60999\n").is_ok());
+        let err = snat_ports_clear_of(&(60000..=61000), "32768\t60999\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("snatPortRange 60000-61000 overlaps the node's net.ipv4.ip_local_port_range 32768-60999"),
+            "{err}"
+        );
+        assert!(snat_ports_clear_of(&(1024..=32767), "32768 60999").is_ok());
+        assert!(matches!(
+            snat_ports_clear_of(&default, "garbage"),
+            Err(AgentError::LocalPorts(_))
+        ));
     }
 
     #[test]

@@ -696,6 +696,42 @@ mod tests {
     }
 
     #[test]
+    fn standard_mode_says_when_a_flow_is_source_natted_and_to_what() {
+        let m = setup(EnforcingMode::Standard);
+        let pod = &m.pods[0];
+        let out = explain(
+            &m,
+            pod,
+            &query(Direction::Egress, "192.0.2.7", "tcp", Some(443)),
+        );
+        let json = serde_json::to_value(&out).unwrap();
+        assert_eq!(json["nat"]["to"], "10.0.1.10");
+        assert_eq!(json["nat"]["interface"], "eth0");
+        assert!(
+            out.to_string()
+                .contains("source NAT: leaves eth0 from 10.0.1.10"),
+            "{out}"
+        );
+        for (dir, peer) in [
+            (Direction::Egress, "10.0.9.9"),
+            (Direction::Ingress, "192.0.2.7"),
+        ] {
+            let out = explain(&m, pod, &query(dir, peer, "tcp", Some(443)));
+            assert_eq!(
+                serde_json::to_value(&out).unwrap()["nat"],
+                serde_json::Value::Null
+            );
+        }
+        let strict = setup(EnforcingMode::Strict);
+        let out = explain(
+            &strict,
+            &strict.pods[0],
+            &query(Direction::Egress, "192.0.2.7", "tcp", Some(443)),
+        );
+        assert_eq!(out.nat, None, "strict mode never translates");
+    }
+
+    #[test]
     fn rules_in_console_terms() {
         let m = setup(EnforcingMode::Strict);
         let d = |dir, index| {

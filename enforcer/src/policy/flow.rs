@@ -1184,4 +1184,92 @@ mod tests {
         assert_eq!(entry.flags, ct_flag::SEEN_EGRESS);
         assert_eq!(entry.packets, [0, 1]);
     }
+
+    /// Standard mode's source NAT: pod 5 in standard mode, the node's group allowing all
+    /// egress, a range of two ports: two flows to one peer endpoint take both, a third is
+    /// refused; another peer has the range to itself; a mapping leaves with its flow, and
+    /// a flow replacing its own expired entry keeps its port.
+    #[test]
+    fn translated_flows_take_free_ports_and_give_them_back_with_their_flows() {
+        let mut m = setup();
+        m.pods[0].mode = EnforcingMode::Standard;
+        m.pods[0].groups.push("sg-all".to_string());
+        m.node.primary_security_groups = vec!["sg-all".to_string()];
+        let everywhere = vec![
+            rule(L4Match::All, cidr("0.0.0.0/0")),
+            rule(L4Match::All, cidr("::/0")),
+        ];
+        m.groups
+            .insert("sg-all".to_string(), group("sg-all", vec![], everywhere));
+        m.node.snat_port_range = 61000..=61001;
+        let https = |pod_port, peer: &str| {
+            PacketMeta::tcp(OUT, ip("10.0.64.5"), ip(peer), pod_port, 443, SYN)
+        };
+        let mut t = FlowTable::new();
+        let mut ports = Vec::new();
+        for pod_port in [40000, 40001] {
+            let v = t.process(&m, pod5(&m), https(pod_port, "192.0.2.7"), 0);
+            assert!(matches!(v, FlowVerdict::New { tracked: true, .. }), "{v:?}");
+            let entry = t.get(&flow_key(5, &https(pod_port, "192.0.2.7"))).unwrap();
+            ports.push(entry.nat_port);
+        }
+        ports.sort();
+        assert_eq!(ports, [61000, 61001]);
+        let v = t.process(&m, pod5(&m), https(40002, "192.0.2.7"), 0);
+        assert!(matches!(v, FlowVerdict::NatExhausted(_)), "{v:?}");
+        assert!(!v.passes());
+        assert!(t.get(&flow_key(5, &https(40002, "192.0.2.7"))).is_none());
+        let v = t.process(&m, pod5(&m), https(40002, "192.0.2.8"), 0);
+        assert!(matches!(v, FlowVerdict::New { .. }), "{v:?}");
+        assert_eq!(t.nat_mappings().len(), 3);
+        for (mapping, flow) in t.nat_mappings() {
+            assert_eq!(t.get(flow).unwrap().nat_port, mapping.nat_port);
+        }
+
+        // An opening TCP flow lives 60 s: the first one is refreshed, the others expire.
+        let first = https(40000, "192.0.2.7");
+        let port = t.get(&flow_key(5, &first)).unwrap().nat_port;
+        t.process(
+            &m,
+            pod5(&m),
+            PacketMeta {
+                tcp_flags: ACK,
+                ..first
+            },
+            50 * SEC,
+        );
+        t.expire(&m.node.connection_tracking, 61 * SEC);
+        assert_eq!((t.len(), t.nat_mappings().len()), (1, 1));
+        let v = t.process(&m, pod5(&m), https(40003, "192.0.2.7"), 61 * SEC);
+        assert!(
+            matches!(v, FlowVerdict::New { .. }),
+            "a freed port is free: {v:?}"
+        );
+        // Expired but not swept: the flow's new packet keeps its own mapping.
+        let v = t.process(&m, pod5(&m), first, 200 * SEC);
+        assert!(matches!(v, FlowVerdict::New { .. }), "{v:?}");
+        assert_eq!(t.get(&flow_key(5, &first)).unwrap().nat_port, port);
+
+        // IPv6, the VPC, excluded CIDRs and external SNAT are never translated.
+        m.node.exclude_snat_cidrs = vec!["198.51.100.0/24".parse().unwrap()];
+        for peer in ["2001:db8::7", "10.0.9.9", "198.51.100.7"] {
+            let pod = if peer.contains(':') {
+                "2600:1f00::5"
+            } else {
+                "10.0.64.5"
+            };
+            let packet = PacketMeta::tcp(OUT, ip(pod), ip(peer), 40000, 443, SYN);
+            let v = t.process(&m, pod5(&m), packet, 300 * SEC);
+            assert!(
+                matches!(&v, FlowVerdict::New { evaluation, .. } if evaluation.nat.is_none()),
+                "{peer}: {v:?}"
+            );
+        }
+        m.node.external_snat = true;
+        let v = t.process(&m, pod5(&m), https(40009, "192.0.2.9"), 300 * SEC);
+        assert!(
+            matches!(&v, FlowVerdict::New { evaluation, .. } if evaluation.nat.is_none()),
+            "{v:?}"
+        );
+    }
 }

@@ -255,6 +255,26 @@ impl KernelMaps {
         Ok(removed.values().sum())
     }
 
+    /// How much of the source NAT's port range is in use.
+    pub fn nat_use(&self) -> Result<NatUse, MapsError> {
+        let nat = self.settings()?.nat;
+        let mut by_peer = BTreeMap::<(NatKey, u8), usize>::new();
+        let mappings = self.nat_mappings()?;
+        for key in mappings.keys() {
+            let peer = NatKey {
+                nat_port: 0,
+                ..*key
+            };
+            *by_peer.entry((peer, key.protocol)).or_default() += 1;
+        }
+        Ok(NatUse {
+            address: nat.enabled().then(|| std::net::Ipv4Addr::from(nat.address)),
+            ports: (nat.port_first, nat.port_last),
+            mappings: mappings.len(),
+            busiest_peer: by_peer.values().copied().max().unwrap_or(0),
+        })
+    }
+
     /// One source NAT mapping, if the kernel holds it.
     pub fn nat_mapping(&self, key: &NatKey) -> Result<Option<NatTarget>, MapsError> {
         match self.nat_ports.get(key, 0) {
@@ -706,6 +726,21 @@ fn remove_where<K: Pod, V: Pod>(
         }
     }
     Ok(removed)
+}
+
+/// Standard mode's source NAT as the kernel holds it (`status`, metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NatUse {
+    /// The address translated flows leave from; `None`: translation is off
+    /// (`externalSnat`, no IPv4 primary address, or an interface missing).
+    pub address: Option<std::net::Ipv4Addr>,
+    /// `snatPortRange`.
+    pub ports: (u16, u16),
+    /// Translated flows (mappings in `NAT_PORTS`).
+    pub mappings: usize,
+    /// The most ports one peer endpoint (address, port, protocol) holds: a
+    /// new flow to it is dropped once this reaches the range's size.
+    pub busiest_peer: usize,
 }
 
 /// What one [`KernelMaps::sweep`] deleted.
