@@ -131,14 +131,13 @@ fn live(entry: &CtEntry, protocol: u8, settings: &Settings, now: u64) -> bool {
     now.saturating_sub(entry.last_seen_ns) <= timeout_ns(entry, protocol, settings)
 }
 
-/// Whether `key` names a live flow (for ICMP errors: no state change).
+/// The translated port (0: none) of the live flow `key` names, if it does
+/// (for ICMP errors: no state change).
 #[inline(always)]
-pub fn is_tracked(key: &CtKey, settings: &Settings, now: u64) -> bool {
+pub fn tracked(key: &CtKey, settings: &Settings, now: u64) -> Option<u16> {
     // SAFETY: read-only look at plain data; a concurrent update only makes it stale.
-    match unsafe { CONNTRACK.get(key) } {
-        Some(entry) => live(entry, key.protocol, settings, now),
-        None => false,
-    }
+    let entry = unsafe { CONNTRACK.get(key) }?;
+    live(entry, key.protocol, settings, now).then_some(entry.nat_port)
 }
 
 #[inline(always)]

@@ -1,6 +1,7 @@
 //! Every map of the object, BTF-typed so that `bpftool map dump` prints field
 //! names. Layouts live in `enforcer-common`; userspace fills all but the
-//! conntrack, fragment, counter and event maps, and alone reads `RULES`, `POD_MODES` and `POD_GROUPS`.
+//! conntrack, fragment, NAT, counter and event maps (and `SUBJECTS`, the
+//! kernel's own), and alone reads `RULES`, `POD_MODES` and `POD_GROUPS`.
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},

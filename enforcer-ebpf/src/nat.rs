@@ -218,15 +218,27 @@ fn set_address(
     ctx.l3_csum_replace(l3 + IPV4_CSUM, raw32(from), raw32(to), 4)
         .map_err(|_| Refused)?;
     if let Some((offset, flags)) = l4_csum {
-        ctx.l4_csum_replace(
-            offset,
-            raw32(from),
-            raw32(to),
-            flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
-        )
-        .map_err(|_| Refused)?;
+        pseudo_address(ctx, (offset, flags), from, to)?;
     }
     Ok(())
+}
+
+/// Keeps a TCP or UDP checksum (at `csum`, with `flags`) over an address of
+/// its pseudo header that changed.
+#[inline(always)]
+fn pseudo_address(
+    ctx: &TcContext,
+    (csum, flags): (usize, u64),
+    from: [u8; 4],
+    to: [u8; 4],
+) -> Result<(), Refused> {
+    ctx.l4_csum_replace(
+        csum,
+        raw32(from),
+        raw32(to),
+        flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
+    )
+    .map_err(|_| Refused)
 }
 
 /// Replaces a 16-bit port or identifier at `offset`, keeping the checksum at `csum`.
@@ -255,6 +267,9 @@ fn port_field(protocol: u8, source: bool) -> usize {
     }
 }
 
+/// The pod's address (and port, or the quoted packet's destination for an
+/// ICMP error the pod sends about a translated flow) become the NAT address
+/// and port, without the tag.
 #[inline(always)]
 fn translate_source(
     ctx: &TcContext,
@@ -270,9 +285,21 @@ fn translate_source(
     }
     let l3 = ETH_HEADER_LEN;
     let l4 = l3 + header_len(ctx, l3)?;
+    let pod_addr = v4(&packet.src);
+    if parse::is_icmp_error(packet) {
+        set_address(ctx, l3, IPV4_SRC, None, pod_addr, nat.address)?;
+        let quoted = Quoted {
+            at: l4 + 8,
+            source: false,
+            from: pod_addr,
+            to: nat.address,
+            to_port: nat_port,
+        };
+        return rewrite_quoted(ctx, l4, &quoted);
+    }
     let (csum, flags) = l4_checksum(packet.protocol);
     let pseudo = (packet.protocol != IPPROTO_ICMP).then_some((l4 + csum, flags));
-    set_address(ctx, l3, IPV4_SRC, pseudo, v4(&packet.src), nat.address)?;
+    set_address(ctx, l3, IPV4_SRC, pseudo, pod_addr, nat.address)?;
     set_port(
         ctx,
         l4 + port_field(packet.protocol, true),
@@ -397,7 +424,14 @@ fn restore(
         set_port(ctx, l4 + field, (l4 + csum, flags), from, flow.pod_port)?;
     } else {
         set_address(ctx, l3, IPV4_DST, None, v4(&packet.dst), pod_addr)?;
-        restore_quoted(ctx, l4, reply, flow)?;
+        let quoted = Quoted {
+            at: reply.quoted,
+            source: true,
+            from: v4(&packet.dst),
+            to: pod_addr,
+            to_port: flow.pod_port,
+        };
+        rewrite_quoted(ctx, l4, &quoted)?;
     }
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&target.pod_mac);
@@ -407,55 +441,54 @@ fn restore(
     helper(unsafe { bpf_skb_vlan_push(ctx.skb.skb, ETH_P_8021Q.to_be(), flow.vlan) })
 }
 
-/// The quoted header of an ICMP error about a translated flow: its source
-/// (the NAT address and port) becomes the pod's again, and every checksum
-/// covering them follows: the quoted IPv4 header's, the quoted transport
-/// checksum when it was quoted (TCP's lies past the 8 bytes RFC 792
-/// guarantees), and the ICMP checksum, which covers all the quoted bytes.
+/// The side of the packet an ICMP error quotes that translation changes: its
+/// source (an error reaching the pod: the NAT address and port become the
+/// pod's) or its destination (an error the pod sends: the other way).
+struct Quoted {
+    /// Where the quoted IPv4 header starts.
+    at: usize,
+    source: bool,
+    /// The address before and after; the port (or echo identifier) after.
+    from: [u8; 4],
+    to: [u8; 4],
+    to_port: u16,
+}
+
+/// Rewrites an ICMP error's quoted address and port, and every checksum
+/// covering them: the quoted IPv4 header's, the quoted transport checksum when
+/// it was quoted (TCP's lies past the 8 bytes RFC 792 guarantees), and the ICMP
+/// checksum (at `icmp` + 2), which covers all the quoted bytes.
 #[inline(always)]
-fn restore_quoted(
-    ctx: &TcContext,
-    icmp: usize,
-    reply: &Reply,
-    flow: &CtKey,
-) -> Result<(), Refused> {
-    let (quoted, protocol) = (reply.quoted, reply.key.protocol);
+fn rewrite_quoted(ctx: &TcContext, icmp: usize, quoted: &Quoted) -> Result<(), Refused> {
+    let at = quoted.at;
+    let protocol: [u8; 1] = ctx.load(at + 9).map_err(|_| Refused)?;
+    let protocol = protocol[0];
     let icmp_csum = icmp + 2;
-    let (nat_port, pod_port) = (reply.key.nat_port, flow.pod_port);
-    let pod_addr = v4(&flow.pod_addr);
-    let nat_address: [u8; 4] = ctx.load(quoted + IPV4_SRC).map_err(|_| Refused)?;
-    let quoted_l4 = quoted + header_len(ctx, quoted)?;
+    let (from, to) = (quoted.from, quoted.to);
+    let to_port = quoted.to_port;
+    let quoted_l4 = at + header_len(ctx, at)?;
+    let port_at = quoted_l4 + port_field(protocol, quoted.source);
+    let from_port = load16(ctx, port_at)?;
     let (csum, flags) = l4_checksum(protocol);
     let quoted_csum = quoted_l4 + csum;
     if (quoted_csum + 2) as u32 <= ctx.len() {
         let before = load16(ctx, quoted_csum)?;
         if protocol != IPPROTO_ICMP {
-            ctx.l4_csum_replace(
-                quoted_csum,
-                raw32(nat_address),
-                raw32(pod_addr),
-                flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
-            )
-            .map_err(|_| Refused)?;
+            pseudo_address(ctx, (quoted_csum, flags), from, to)?;
         }
-        ctx.l4_csum_replace(quoted_csum, raw16(nat_port), raw16(pod_port), flags | 2)
+        ctx.l4_csum_replace(quoted_csum, raw16(from_port), raw16(to_port), flags | 2)
             .map_err(|_| Refused)?;
         let after = load16(ctx, quoted_csum)?;
         covered(ctx, icmp_csum, before, after)?;
     }
-    let before = load16(ctx, quoted + IPV4_CSUM)?;
-    set_address(ctx, quoted, IPV4_SRC, None, nat_address, pod_addr)?;
-    ctx.l4_csum_replace(icmp_csum, raw32(nat_address), raw32(pod_addr), 4)
+    let field = if quoted.source { IPV4_SRC } else { IPV4_DST };
+    let before = load16(ctx, at + IPV4_CSUM)?;
+    set_address(ctx, at, field, None, from, to)?;
+    ctx.l4_csum_replace(icmp_csum, raw32(from), raw32(to), 4)
         .map_err(|_| Refused)?;
-    let after = load16(ctx, quoted + IPV4_CSUM)?;
+    let after = load16(ctx, at + IPV4_CSUM)?;
     covered(ctx, icmp_csum, before, after)?;
-    set_port(
-        ctx,
-        quoted_l4 + port_field(protocol, true),
-        (icmp_csum, 0),
-        nat_port,
-        pod_port,
-    )
+    set_port(ctx, port_at, (icmp_csum, 0), from_port, to_port)
 }
 
 #[inline(always)]

@@ -224,8 +224,15 @@ fn judge_flow<F: Frame>(
         }
         return Reason::PassEstablished;
     }
-    if parse::is_icmp_error(packet) && is_related(frame, packet, flow) {
-        return Reason::PassRelated;
+    if parse::is_icmp_error(packet) {
+        let related = related(frame, packet, flow);
+        if related != NOT_RELATED {
+            if let Direction::Egress = direction {
+                // An error the pod sends about a translated flow leaves translated too.
+                admitted.nat_port = related as u16;
+            }
+            return Reason::PassRelated;
+        }
     }
     if is_unfiltered(pod, packet, peer, direction) {
         return Reason::PassUnfiltered;
@@ -279,19 +286,20 @@ fn judge_flow<F: Frame>(
     Reason::PassNew
 }
 
-/// Whether an ICMP error reports on a flow this pod has tracked. Out of line
-/// for the stack; `bool` in and out keeps its BTF plain.
+/// [`related`]'s answer for an error about no live flow of this pod.
+const NOT_RELATED: u32 = u32::MAX;
+
+/// The translated port (0: none) of the live flow of this pod an ICMP error
+/// reports on, or [`NOT_RELATED`]. Out of line for the stack; plain integers
+/// in and out keep its BTF plain.
 #[inline(never)]
-fn is_related<F: Frame>(frame: &F, packet: &Packet, flow: &FlowContext) -> bool {
+fn related<F: Frame>(frame: &F, packet: &Packet, flow: &FlowContext) -> u32 {
     let mut embedded = Embedded::default();
-    match parse::parse_embedded(frame, packet, &mut embedded) {
-        Ok(()) => conntrack::is_tracked(
-            &conntrack::embedded_key(flow.vlan, &embedded, flow.direction),
-            flow.settings,
-            flow.now,
-        ),
-        Err(_) => false,
+    if parse::parse_embedded(frame, packet, &mut embedded).is_err() {
+        return NOT_RELATED;
     }
+    let key = conntrack::embedded_key(flow.vlan, &embedded, flow.direction);
+    conntrack::tracked(&key, flow.settings, flow.now).map_or(NOT_RELATED, u32::from)
 }
 
 #[inline(always)]

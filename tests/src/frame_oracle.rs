@@ -20,7 +20,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use enforcer::model::{BranchPod, Direction, Model, UnknownVlanAction};
 use enforcer::policy::eval;
-use enforcer::policy::flow::{EmbeddedHeader, FlowTable, FlowVerdict, PacketMeta, flow_key};
+use enforcer::policy::flow::{
+    EmbeddedHeader, FlowTable, FlowVerdict, PacketMeta, embedded_key, flow_key,
+};
 use enforcer_common::{CtKey, Reason};
 
 /// IPv6 extension headers the fast path follows before it gives up (fail closed).
@@ -74,8 +76,9 @@ pub struct Judgement {
     pub path: &'static str,
     /// The conntrack key, when the flow stage judged the packet.
     pub flow: Option<CtKey>,
-    /// A passed egress frame of a source-NATed flow: the port it leaves from
-    /// (the kernel translates it and sends it out of the primary interface); else 0.
+    /// A passed egress frame of a source-NATed flow, or an ICMP error about one:
+    /// the port it leaves from (the kernel translates it and sends it out of the
+    /// primary interface); else 0.
     pub nat_port: u16,
 }
 
@@ -292,16 +295,22 @@ impl FrameOracle {
                 self.held.insert(pod.vlan, held + 1);
             }
         }
-        let translated = direction == Direction::Egress
-            && matches!(reason, Reason::PassNew | Reason::PassEstablished);
+        // What leaves translated: the pod's packets of a translated flow, and the
+        // errors it sends about one (keyed by the packet they quote).
+        let translated = match (direction, reason, &meta.embedded) {
+            (Direction::Egress, Reason::PassNew | Reason::PassEstablished, _) => Some(key),
+            (Direction::Egress, Reason::PassRelated, Some(quoted)) => {
+                Some(embedded_key(pod.vlan, direction, quoted))
+            }
+            _ => None,
+        };
         Judgement {
             reason,
             path: ip.path,
             flow: Some(key),
-            nat_port: match flows.get(&key) {
-                Some(entry) if translated => entry.nat_port,
-                _ => 0,
-            },
+            nat_port: translated
+                .and_then(|key| flows.get(&key))
+                .map_or(0, |entry| entry.nat_port),
         }
     }
 }

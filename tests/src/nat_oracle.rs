@@ -47,8 +47,16 @@ fn l4_checksum_holds(frame: &[u8], l3: usize) -> Option<bool> {
     Some(checksum(&summed) == 0)
 }
 
+/// Whether the IPv4 frame's ICMP message is an error quoting another packet.
+fn is_icmp_error(frame: &[u8], l4: usize) -> bool {
+    frame[ETH + 9] == 1 && matches!(frame[l4], 3 | 4 | 11 | 12)
+}
+
 /// Checks that `out` is `seen` (an untagged IPv4 frame, as the pod sent it)
 /// translated to `address:port`, with the checksums that held still holding.
+/// An ICMP error the pod sends about a translated flow gets `address` as its
+/// source, and its quoted packet (which travelled to the pod) `address:port` as
+/// its destination.
 pub fn check_source_translation(
     seen: &[u8],
     out: &[u8],
@@ -59,14 +67,31 @@ pub fn check_source_translation(
         return Err(format!("length {} became {}", seen.len(), out.len()));
     }
     let l4 = ETH + usize::from(seen[ETH] & 0x0f) * 4;
-    let protocol = seen[ETH + 9];
-    let port_at = if protocol == 1 { l4 + 4 } else { l4 };
     let mut expected = seen.to_vec();
     expected[ETH + 12..ETH + 16].copy_from_slice(&address.octets());
-    expected[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
     let mut ignored = vec![ETH + 10, ETH + 11];
+    let (l3, protocol, address_at, port_at) = if is_icmp_error(seen, l4) {
+        let quoted = l4 + 8;
+        let quoted_l4 = quoted + usize::from(seen[quoted] & 0x0f) * 4;
+        let protocol = seen[quoted + 9];
+        ignored.extend([l4 + 2, l4 + 3, quoted + 10, quoted + 11]);
+        let port_at = if protocol == 1 {
+            quoted_l4 + 4
+        } else {
+            quoted_l4 + 2
+        };
+        (quoted, protocol, Some(quoted + 16), port_at)
+    } else {
+        let protocol = seen[ETH + 9];
+        (ETH, protocol, None, if protocol == 1 { l4 + 4 } else { l4 })
+    };
+    if let Some(at) = address_at {
+        expected[at..at + 4].copy_from_slice(&address.octets());
+    }
+    expected[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
+    let transport = l3 + usize::from(seen[l3] & 0x0f) * 4;
     if let Some(at) = l4_checksum_at(protocol) {
-        ignored.extend([l4 + at, l4 + at + 1]);
+        ignored.extend([transport + at, transport + at + 1]);
     }
     for (i, (want, got)) in expected.iter().zip(out).enumerate() {
         if want != got && !ignored.contains(&i) {
@@ -77,7 +102,10 @@ pub fn check_source_translation(
         return Err("the IPv4 header checksum no longer holds".into());
     }
     if l4_checksum_holds(seen, ETH) == Some(true) && l4_checksum_holds(out, ETH) != Some(true) {
-        return Err(format!("the protocol {protocol} checksum no longer holds"));
+        return Err("the transport checksum no longer holds".into());
+    }
+    if l3 != ETH && header_checksum_holds(seen, l3) && !header_checksum_holds(out, l3) {
+        return Err("the quoted IPv4 header checksum no longer holds".into());
     }
     Ok(())
 }
@@ -86,7 +114,7 @@ pub fn check_source_translation(
 /// the datagram an ICMP error quotes whole), as a sending host computes it.
 pub fn sealed(mut frame: Vec<u8>) -> Vec<u8> {
     let l4 = ETH + usize::from(frame[ETH] & 0x0f) * 4;
-    if frame[ETH + 9] == 1 && matches!(frame[l4], 3 | 4 | 11 | 12) {
+    if is_icmp_error(&frame, l4) {
         let quoted = l4 + 8;
         let mut inner = frame.split_off(quoted);
         inner = set_transport_checksum(inner, 0);

@@ -200,7 +200,18 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
             "kernel and reference disagree on {}",
             context()
         );
-        if want.nat_port != 0 {
+        if want.nat_port != 0 && want.reason == Reason::PassRelated {
+            *translated.entry(0).or_default() += 1;
+            let mut seen = case.frame.clone();
+            seen.drain(12..16);
+            nat_oracle::check_source_translation(
+                &seen,
+                &kernel.last_output(),
+                NODE_IP,
+                want.nat_port,
+            )
+            .unwrap_or_else(|e| panic!("translated error wrong: {e}\n{}", context()));
+        } else if want.nat_port != 0 {
             let key = want.flow.expect("a translated frame has a flow");
             *translated.entry(key.protocol).or_default() += 1;
             let mut seen = case.frame.clone();
@@ -228,7 +239,7 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
                 "mappings differ after {}",
                 context()
             );
-            returns(
+            let error_translated = returns(
                 &kernel,
                 &model,
                 &mut flows,
@@ -239,6 +250,9 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
                 path,
                 now,
             );
+            if error_translated {
+                *translated.entry(0).or_default() += 1;
+            }
         }
         *reasons.entry(want.reason.name()).or_default() += 1;
         if audited && want.reason.is_drop() {
@@ -259,8 +273,10 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
             );
         }
     }
-    eprintln!("differential: translated frames by protocol {translated:?}");
-    for protocol in [1, 6, 17] {
+    eprintln!(
+        "differential: translated frames by protocol (0: ICMP errors the pods sent) {translated:?}"
+    );
+    for protocol in [0, 1, 6, 17] {
         assert!(
             translated.get(&protocol).copied().unwrap_or(0) > 0,
             "no protocol {protocol} frame was translated: {translated:?}"
@@ -345,7 +361,9 @@ fn packets(key: &CtKey, nat_port: u16) -> (Ip, Ip) {
 /// give them back their pod's address and port (compared with the frames
 /// built for the pod, every checksum computed whole) and its Ethernet
 /// addresses on the trunk (`seen`, the pod's frame), then judge them at the
-/// trunk as the model does. An answer to a port no flow maps passes untouched.
+/// trunk as the model does. An ICMP error the pod sends about the answer leaves
+/// translated (returned: whether it did). An answer to a port no flow maps
+/// passes untouched.
 #[allow(clippy::too_many_arguments)]
 fn returns(
     kernel: &Kernel,
@@ -357,7 +375,7 @@ fn returns(
     seen: &[u8],
     path: IngressPath,
     now: u64,
-) {
+) -> bool {
     let (sent, pod_sent) = packets(key, nat_port);
     let as_pod_sees = |frame: Vec<u8>| {
         let mut frame = nat_oracle::sealed(frame);
@@ -404,10 +422,46 @@ fn returns(
             "the returned {tagged:02x?} of {key:?} judged differently"
         );
     }
+    // The pod's own ICMP error about the answer, as the pod received it, leaves
+    // translated, its quoted packet's destination too.
+    let peer = match pod_sent.dst {
+        IpAddr::V4(peer) => peer,
+        IpAddr::V6(_) => unreachable!("translated flows are IPv4"),
+    };
+    let pod_error = nat_oracle::sealed(frame::icmp_error_frame(
+        Tag::Untagged,
+        pod.into(),
+        peer.into(),
+        3,
+        3,
+        &answer(&pod_sent),
+    ));
+    let mut tagged = pod_error.clone();
+    tagged.splice(12..12, [0x81, 0x00, (key.vlan >> 8) as u8, key.vlan as u8]);
+    // (A tracked ICMP flow between the two takes it first: then it is that flow's.)
+    let want = oracle.judge(model, flows, &tagged, None, Direction::Egress, now);
+    assert_eq!(
+        kernel.run(Direction::Egress, &tagged),
+        Outcome {
+            redirected: want.nat_port != 0,
+            ..Outcome::expected(want.reason, audited(model, &tagged))
+        },
+        "the pod's error about {key:?}: {want:?}"
+    );
+    let error_translated = want.nat_port != 0;
+    if error_translated {
+        assert_eq!(
+            (want.reason, want.nat_port),
+            (Reason::PassRelated, nat_port)
+        );
+        nat_oracle::check_source_translation(&pod_error, &kernel.last_output(), NODE_IP, nat_port)
+            .unwrap_or_else(|e| panic!("the pod's error about {key:?} translated wrong: {e}"));
+    }
     let stranger = frame::ip_frame(Tag::Untagged, &frame::udp(ROUTER, 53, NODE_IP, 1023));
     assert_eq!(
         kernel.run_primary(&stranger),
         (u32::MAX, stranger.clone()),
         "traffic to no mapped port is the node's own"
     );
+    error_translated
 }

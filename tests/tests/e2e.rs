@@ -544,6 +544,11 @@ fn across_the_trunk(node: &mut VirtualNode, flow: &Flow) -> (Observation, u64, u
     )
 }
 
+/// Whether the enforcer counted a frame for `reason` while the probe ran.
+fn counted(observation: &Observation, reason: Reason) -> bool {
+    observation.reasons.iter().any(|(r, _)| *r == reason)
+}
+
 fn seen_as(observation: &Observation) -> Option<IpAddr> {
     match observation.outcome {
         Outcome::Completed { seen_as } => seen_as,
@@ -569,10 +574,7 @@ fn standard_mode_source_nats_off_vpc_egress_to_the_node_address() {
         assert_eq!(out, 0, "{flow}: the pod's frames left by the trunk");
         assert!(back > 0, "{flow}: no reply came back through the trunk");
         assert!(
-            observation
-                .reasons
-                .iter()
-                .any(|(r, _)| *r == Reason::PassEstablished),
+            counted(&observation, Reason::PassEstablished),
             "{flow}: replies are a tracked flow's: {observation:?}"
         );
     }
@@ -627,13 +629,7 @@ fn an_exhausted_port_range_drops_new_flows_and_keeps_live_ones() {
     assert_eq!(session.exchange("first").expect("exchange"), node_ip);
     let second = node.probe(&flow).expect("probe");
     assert_eq!(second.outcome, Outcome::TimedOut, "{second:?}");
-    assert!(
-        second
-            .reasons
-            .iter()
-            .any(|(r, _)| *r == Reason::DropNatExhausted),
-        "{second:?}"
-    );
+    assert!(counted(&second, Reason::DropNatExhausted), "{second:?}");
     assert_eq!(
         session
             .exchange("still there")

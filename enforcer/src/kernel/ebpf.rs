@@ -100,19 +100,28 @@ pub fn attach_pinned(
     create_dir(pin_path.join("programs"))?;
     let mut done = [Attachment::Created; 2];
     for ((name, attach_type), done) in CLASSIFIERS.into_iter().zip(done.iter_mut()) {
-        let program_err = |source| Error::Program { name, source };
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram(name))?
-            .try_into()
-            .map_err(program_err)?;
-        if program.fd().is_err() {
-            program.load().map_err(program_err)?;
-        }
+        let program = loaded_classifier(ebpf, name)?;
         *done = attach_one(program, name, interface, attach_type, pin_path)?;
         repin_program(ebpf, pin_path, name)?;
     }
     Ok(done)
+}
+
+/// The classifier `name` of the object, verified (loaded) if it was not yet.
+fn loaded_classifier<'e>(
+    ebpf: &'e mut Ebpf,
+    name: &'static str,
+) -> Result<&'e mut SchedClassifier, Error> {
+    let program_err = |source| Error::Program { name, source };
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(Error::MissingProgram(name))?
+        .try_into()
+        .map_err(program_err)?;
+    if program.fd().is_err() {
+        program.load().map_err(program_err)?;
+    }
+    Ok(program)
 }
 
 /// Makes [`TC_PRIMARY_INGRESS`] the first program on `primary`'s ingress,
@@ -123,15 +132,7 @@ pub fn attach_primary(
     pin_path: &Path,
 ) -> Result<Attachment, Error> {
     let name = TC_PRIMARY_INGRESS;
-    let program_err = |source| Error::Program { name, source };
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .ok_or(Error::MissingProgram(name))?
-        .try_into()
-        .map_err(program_err)?;
-    if program.fd().is_err() {
-        program.load().map_err(program_err)?;
-    }
+    let program = loaded_classifier(ebpf, name)?;
     let done = attach_one(program, name, primary, TcAttachType::Ingress, pin_path)?;
     repin_program(ebpf, pin_path, name)?;
     Ok(done)

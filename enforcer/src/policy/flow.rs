@@ -27,7 +27,9 @@
 //!    entry if that mapping is still its own, else the first free of
 //!    [`NatSettings::candidate_port`]'s `min(range, NAT_PROBES)` candidates. None
 //!    free: [`FlowVerdict::NatExhausted`], nothing recorded. A mapping taken for a flow then
-//!    refused by the allowance is given back. Mappings leave with their entries.
+//!    refused by the allowance is given back. Mappings leave with their entries. The pod's
+//!    packets of a translated flow, and the errors it sends about one (step 3), leave
+//!    translated to the port its entry holds.
 //!
 //! Recording a packet: set `SEEN_<direction>`, and for TCP FIN set `FIN_<direction>`; then
 //! TCP: CLOSING if already CLOSING, or the packet has RST, or both FIN bits are set; else

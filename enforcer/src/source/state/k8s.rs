@@ -553,15 +553,7 @@ fn node_spec(
         None => Some(false),
         Some(f) => problems.ok(f.bool()),
     };
-    let exclude_snat_cidrs: Vec<Cidr> = match spec.get("excludeSnatCidrs") {
-        None => Vec::new(),
-        Some(f) => problems
-            .ok(f.items())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|c| problems.ok(c.cidr()))
-            .collect(),
-    };
+    let exclude_snat_cidrs = optional_cidrs(spec, "excludeSnatCidrs", problems);
     let exempt = vpc_cidrs
         .iter()
         .chain(&exclude_snat_cidrs)
@@ -602,15 +594,7 @@ fn node_spec(
         None => Some(defaults),
         Some(f) => conntrack(&f, defaults, problems),
     };
-    let service_cidrs: Vec<Cidr> = match spec.get("serviceCidrs") {
-        None => Vec::new(),
-        Some(f) => problems
-            .ok(f.items())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|c| problems.ok(c.cidr()))
-            .collect(),
-    };
+    let service_cidrs = optional_cidrs(spec, "serviceCidrs", problems);
     let bounded = |key, range, default, problems: &mut Problems| match spec.get(key) {
         None => Some(default),
         Some(f) => problems.ok(f.int_in::<usize>(range)),
@@ -665,6 +649,19 @@ fn node_spec(
         max_flows_per_pod: max_flows_per_pod?,
         max_fragments_per_pod: max_fragments_per_pod?,
     })
+}
+
+/// An optional list of CIDRs (empty when absent); each bad one is a problem.
+fn optional_cidrs(spec: &Field, key: &str, problems: &mut Problems) -> Vec<Cidr> {
+    match spec.get(key) {
+        None => Vec::new(),
+        Some(f) => problems
+            .ok(f.items())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| problems.ok(c.cidr()))
+            .collect(),
+    }
 }
 
 /// `snatPortRange`: `"FROM-TO"`, unprivileged ports, FROM <= TO.
