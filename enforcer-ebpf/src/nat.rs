@@ -6,7 +6,10 @@
 //! holds the port: the established path needs no second lookup.
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_SHOT},
+    bindings::{
+        BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_SHOT,
+        TC_ACT_UNSPEC,
+    },
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_skb_vlan_pop, bpf_skb_vlan_push},
     programs::TcContext,
 };
@@ -21,7 +24,7 @@ use crate::parse::{self, Embedded, Fragment, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_
 use crate::verdict::{Deferred, FlowContext, Subject};
 
 /// TC_ACT_UNSPEC (TCX_NEXT): not a translated flow's frame; the node's stack has it.
-const NOT_OURS: i32 = -1;
+const NOT_OURS: i32 = TC_ACT_UNSPEC;
 const ETH_HEADER_LEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -158,10 +161,10 @@ fn unmap(key: &CtKey, nat_port: u16) {
 #[inline(never)]
 pub fn leave(ctx: &TcContext, packet: &Packet, nat_port: u16) -> i32 {
     let Some(settings) = SETTINGS.get(0) else {
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     };
     if translate_source(ctx, packet, nat_port, &settings.nat).is_err() {
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     // SAFETY: no parameters: the kernel's FIB and neighbour tables give the next hop.
     unsafe { bpf_redirect_neigh(settings.nat.primary_ifindex, core::ptr::null_mut(), 0, 0) as i32 }
@@ -331,7 +334,7 @@ pub fn arrive(ctx: &TcContext) -> i32 {
         return NOT_OURS;
     };
     if restore(ctx, &packet, &reply, &target).is_err() {
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     // SAFETY: plain arguments; the frame goes in on the trunk as the pod's VLAN's.
     unsafe { bpf_redirect(settings.nat.trunk_ifindex, u64::from(BPF_F_INGRESS)) as i32 }
