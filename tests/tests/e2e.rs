@@ -474,6 +474,14 @@ const WEB_IP: &str = "10.0.1.101";
 /// partner API (the node's group allows all egress: every probe is allowed by both sets),
 /// `settings` merged into the NodeConfig's spec; its agent running.
 fn nat_node(settings: serde_json::Value) -> VirtualNode {
+    nat_node_with(settings, None)
+}
+
+/// [`nat_node`], the node's group allowing only `node_egress` (EC2 rules) if given.
+fn nat_node_with(
+    settings: serde_json::Value,
+    node_egress: Option<serde_json::Value>,
+) -> VirtualNode {
     require_root();
     let spec = NodeSpec {
         state: example_state(),
@@ -492,12 +500,10 @@ fn nat_node(settings: serde_json::Value) -> VirtualNode {
     let groups = node.state_dir().join("security-groups.json");
     let mut doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&groups).expect("read")).expect("JSON");
-    let web = doc["SecurityGroups"]
-        .as_array_mut()
-        .expect("groups")
-        .iter_mut()
-        .find(|g| g["GroupId"] == "sg-0web00000000000001")
-        .expect("web's group");
+    if let Some(rules) = node_egress {
+        group(&mut doc, "sg-0node0000000000001")["IpPermissionsEgress"] = rules;
+    }
+    let web = group(&mut doc, "sg-0web00000000000001");
     let partner = serde_json::json!([{ "CidrIp": format!("{}/32", example::PARTNER_API) }]);
     for (protocol, from, to) in [("udp", 53, 53), ("icmp", 8, -1)] {
         web["IpPermissionsEgress"]
@@ -593,6 +599,37 @@ fn standard_mode_source_nats_off_vpc_egress_to_the_node_address() {
             "the flow's entry holds its port"
         );
     }
+    node.teardown().expect("tear down");
+}
+
+/// A flow web's group allows and the node's group refuses is dropped as the node's
+/// groups' (`drop_primary_policy`), before any translation: no port is taken.
+#[test]
+fn flows_the_node_groups_refuse_are_dropped_untranslated() {
+    let tcp_only = serde_json::json!([{
+        "IpProtocol": "tcp", "FromPort": 0, "ToPort": 65535,
+        "IpRanges": [{ "CidrIp": "0.0.0.0/0" }],
+        "Ipv6Ranges": [], "PrefixListIds": [], "UserIdGroupPairs": []
+    }]);
+    let mut node = nat_node_with(serde_json::json!({}), Some(tcp_only));
+    for kind in [Probe::Udp(53), Probe::Ping] {
+        let flow = to_partner(kind);
+        let observation = probe(&mut node, &flow);
+        assert_eq!(observation.outcome, Outcome::TimedOut, "{flow}");
+        assert!(
+            counted(&observation, Reason::DropPrimaryPolicy),
+            "{flow}: {observation:?}"
+        );
+    }
+    let allowed = to_partner(Probe::Tcp(443));
+    assert_completed(&probe(&mut node, &allowed), &allowed);
+    let maps = enforcer::kernel::maps::KernelMaps::open_pinned(node.pin_path()).expect("maps");
+    let mappings = maps.nat_mappings().expect("NAT_PORTS");
+    assert_eq!(
+        mappings.keys().map(|k| k.protocol).collect::<Vec<_>>(),
+        [6],
+        "only the allowed flow holds a port"
+    );
     node.teardown().expect("tear down");
 }
 
