@@ -311,6 +311,16 @@ impl Agent {
         };
         let pinned = pin_pods(&mut model, &known);
         let compiled = compile_checked(&model, Some(self.maps.enforced()?))?;
+        let nat_interface = crate::kernel::maps::settings(&model.node)
+            .nat
+            .enabled()
+            .then(|| model.node.primary_interface.clone());
+        if let Some(primary) = &nat_interface
+            && self.nat_interface.as_ref() != Some(primary)
+        {
+            // The return path first: no flow is translated before its replies can come back.
+            crate::kernel::ebpf::attach_primary(&mut self.ebpf, primary, &self.pin_path)?;
+        }
         let mut stats = if self.migration.is_empty() {
             self.maps.apply(&compiled, &model.node)?
         } else {
@@ -321,12 +331,6 @@ impl Agent {
             self.trunk = Some(trunk.clone());
             self.attached = false;
         }
-        let nat_interface = self
-            .maps
-            .settings()?
-            .nat
-            .enabled()
-            .then(|| model.node.primary_interface.clone());
         if self.nat_interface != nat_interface {
             self.nat_interface = nat_interface;
             self.attached = false;
@@ -416,7 +420,18 @@ impl Agent {
                 ),
             }
         }
-        let attached = crate::kernel::ebpf::attach_pinned(&mut self.ebpf, &trunk, &self.pin_path)
+        // The return path first: no flow is translated before its replies can come back.
+        let primary = match &self.nat_interface {
+            Some(primary) => {
+                crate::kernel::ebpf::attach_primary(&mut self.ebpf, primary, &self.pin_path)
+                    .map(|_| ())
+            }
+            None => Ok(()),
+        };
+        let attached = primary
+            .and_then(|()| {
+                crate::kernel::ebpf::attach_pinned(&mut self.ebpf, &trunk, &self.pin_path)
+            })
             .and_then(|how| {
                 let mode = crate::kernel::xdp::attach_xdp(
                     &mut self.ebpf,
@@ -424,9 +439,6 @@ impl Agent {
                     &self.pin_path,
                     self.xdp,
                 )?;
-                if let Some(primary) = &self.nat_interface {
-                    crate::kernel::ebpf::attach_primary(&mut self.ebpf, primary, &self.pin_path)?;
-                }
                 Ok((how, mode))
             });
         match attached {

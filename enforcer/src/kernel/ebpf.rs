@@ -131,6 +131,8 @@ pub fn attach_primary(
     primary: &str,
     pin_path: &Path,
 ) -> Result<Attachment, Error> {
+    create_dir(pin_path.join("links"))?;
+    create_dir(pin_path.join("programs"))?;
     let name = TC_PRIMARY_INGRESS;
     let program = loaded_classifier(ebpf, name)?;
     let done = attach_one(program, name, primary, TcAttachType::Ingress, pin_path)?;
