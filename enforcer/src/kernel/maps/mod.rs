@@ -788,6 +788,43 @@ mod tests {
         crate::compile::compile(&state).expect("compiles")
     }
 
+    /// Translation is on with both interfaces found and an IPv4 primary address; the
+    /// VPC's IPv4 CIDRs and `excludeSnatCidrs` are exempt, IPv6 ones are not kept.
+    #[test]
+    fn nat_settings_follow_the_node_config() {
+        let mut config = node(EnforcingMode::Standard, &["sg-node"]);
+        config.trunk_interface = "lo".to_string();
+        config.primary_interface = "lo".to_string();
+        config.vpc_cidrs.push("2600:1f00::/56".parse().unwrap());
+        config.exclude_snat_cidrs = vec!["192.168.0.0/16".parse().unwrap()];
+        config.snat_port_range = 50000..=50009;
+        let nat = settings(&config).nat;
+        assert!(nat.enabled());
+        assert_eq!(nat.address, [10, 0, 1, 10]);
+        assert_eq!(
+            (nat.port_first, nat.port_last, nat.port_count()),
+            (50000, 50009, 10)
+        );
+        assert_eq!(nat.exempt_count, 2);
+        for (addr, exempt) in [
+            ([10, 0, 200, 1], true),
+            ([192, 168, 3, 4], true),
+            ([192, 0, 2, 7], false),
+            ([10, 1, 0, 1], false),
+        ] {
+            assert_eq!(nat.exempts(addr), exempt, "{addr:?}");
+        }
+        let mut external = config.clone();
+        external.external_snat = true;
+        assert_eq!(settings(&external).nat, NatSettings::default());
+        let mut missing = config.clone();
+        missing.primary_interface = "sgp-no-such0".to_string();
+        assert!(!settings(&missing).nat.enabled());
+        let mut v6_only = config;
+        v6_only.primary_ips = vec!["2600:1f00::10".parse().unwrap()];
+        assert!(!settings(&v6_only).nat.enabled());
+    }
+
     #[test]
     fn rule_names_round_trip() {
         let compiled = compiled(EnforcingMode::Standard);
