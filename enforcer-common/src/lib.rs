@@ -127,9 +127,12 @@ pub mod map_names {
     /// Array indexed by VLAN ID, memory-mapped by userspace: [`crate::PodTracked`], how
     /// many `CONNTRACK` and `FRAGMENTS` entries each pod holds (its allowance's use).
     pub const POD_TRACKED: &str = "POD_TRACKED";
+    /// Hash: [`crate::NatKey`] (a translated flow as the peer sees it) -> [`crate::NatTarget`]
+    /// (the pod's flow): standard mode's source NAT, read by the return path.
+    pub const NAT_PORTS: &str = "NAT_PORTS";
 
     /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         PODS,
         PEERS_V4,
         PEERS_V6,
@@ -148,6 +151,7 @@ pub mod map_names {
         EVENTS,
         EVENT_BUDGET,
         POD_TRACKED,
+        NAT_PORTS,
     ];
 }
 
@@ -535,6 +539,160 @@ pub struct Settings {
     /// this (ns): a lease that `enforcer flows --allowed` renews, so the events
     /// stop however it ends (even SIGKILL). Kept by the agent's applies.
     pub allowed_events_until_ns: u64,
+    /// Standard mode's source NAT (sg-semantics.md §6): off while any of
+    /// `nat_address`, `primary_ifindex` and `trunk_ifindex` is zero.
+    pub nat: NatSettings,
+}
+
+/// Where and how standard-mode pods' off-VPC IPv4 flows are source-NATed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatSettings {
+    /// `primaryIPs[0]` (IPv4), network byte order.
+    pub address: [u8; 4],
+    /// `snatPortRange`, both ends included: disjoint from the node's own
+    /// `ip_local_port_range`, so a translated flow never meets a node socket's.
+    pub port_first: u16,
+    pub port_last: u16,
+    /// The primary interface (translated frames leave there, replies come
+    /// back there) and the trunk (replies go on to the pod there).
+    pub primary_ifindex: u32,
+    pub trunk_ifindex: u32,
+    /// How many of `exempt` are in use.
+    pub exempt_count: u32,
+    pub _pad: u32,
+    /// Destinations never NATed: the VPC's IPv4 CIDRs and `excludeSnatCidrs`.
+    pub exempt: [NatPrefix; MAX_NAT_EXEMPT],
+}
+
+/// IPv4 prefixes [`NatSettings::exempt`] holds at most.
+pub const MAX_NAT_EXEMPT: usize = 32;
+
+/// An IPv4 prefix, the bits after `len` zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatPrefix {
+    pub addr: [u8; 4],
+    pub len: u8,
+    pub _pad: [u8; 3],
+}
+
+impl NatSettings {
+    /// Whether translation is configured and both interfaces were found.
+    #[inline(always)]
+    pub fn enabled(&self) -> bool {
+        self.address != [0; 4] && self.primary_ifindex != 0 && self.trunk_ifindex != 0
+    }
+
+    /// Whether a flow to `addr` keeps its source (inside the VPC or an excluded CIDR).
+    #[inline(always)]
+    pub fn exempts(&self, addr: [u8; 4]) -> bool {
+        let addr = u32::from_be_bytes(addr);
+        let count = self.exempt_count as usize;
+        for (i, prefix) in self.exempt.iter().enumerate() {
+            if i >= count {
+                break;
+            }
+            let mask = lengths::mask32(prefix.len.min(32), 32);
+            if addr & mask == u32::from_be_bytes(prefix.addr) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Ports in the range.
+    #[inline(always)]
+    pub fn port_count(&self) -> u32 {
+        u32::from(self.port_last.saturating_sub(self.port_first)) + 1
+    }
+
+    /// Ports tried for one new flow: the whole range, at most [`NAT_PROBES`].
+    #[inline(always)]
+    pub fn probes(&self) -> u32 {
+        self.port_count().min(NAT_PROBES)
+    }
+
+    /// The `attempt`th port tried for a new translated flow whose
+    /// [`nat_port_hash`] is `hash`: from the hash on, the ports that follow,
+    /// wrapping. Deterministic, so the reference model (`flow.rs`) picks the
+    /// port the kernel picks.
+    #[inline(always)]
+    pub fn candidate_port(&self, hash: u32, attempt: u32) -> u16 {
+        let count = self.port_count();
+        (u32::from(self.port_first) + (hash % count + attempt % count) % count) as u16
+    }
+}
+
+/// Where a new translated flow starts looking in the port range: FNV-1a of
+/// the pod's flow (IPv4 addresses, ports, VLAN, protocol).
+#[inline(always)]
+pub fn nat_port_hash(flow: &CtKey) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let pod_port = flow.pod_port.to_be_bytes();
+    let peer_port = flow.peer_port.to_be_bytes();
+    let vlan = flow.vlan.to_be_bytes();
+    let bytes = [
+        flow.pod_addr[12],
+        flow.pod_addr[13],
+        flow.pod_addr[14],
+        flow.pod_addr[15],
+        flow.peer_addr[12],
+        flow.peer_addr[13],
+        flow.peer_addr[14],
+        flow.peer_addr[15],
+        pod_port[0],
+        pod_port[1],
+        peer_port[0],
+        peer_port[1],
+        vlan[0],
+        vlan[1],
+        flow.protocol,
+    ];
+    for byte in bytes {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash
+}
+
+/// Ports tried for a new translated flow before it is dropped
+/// ([`Reason::DropNatExhausted`]): the whole range when it is this small.
+pub const NAT_PROBES: u32 = 32;
+
+/// Capacity of `NAT_PORTS`: a translated flow holds a conntrack entry too, so
+/// the pods' flow allowances bound it as well.
+pub const MAX_NAT_ENTRIES: u32 = 65_536;
+
+/// Key of `NAT_PORTS`: a translated flow as its peer sees it, from
+/// `peer_addr:peer_port` to the node's NAT address at `nat_port` (TCP/UDP
+/// ports; for an ICMP echo, `nat_port` is the translated identifier and
+/// `peer_port` 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NatKey {
+    pub peer_addr: [u8; 4],
+    pub peer_port: u16,
+    pub nat_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `NAT_PORTS`: the pod's flow (its `CONNTRACK` key, whose entry
+/// holds the same `nat_port`), and the Ethernet addresses of its frames on the
+/// trunk, which replies get back when they go on to the pod there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatTarget {
+    /// `bpf_ktime_get_ns` when the mapping was made: the agent's sweep leaves
+    /// a young mapping whose flow it cannot see yet (the kernel writes the
+    /// mapping first).
+    pub created_ns: u64,
+    pub flow: CtKey,
+    /// The pod's side (the frames' source on the trunk) and the router's.
+    pub pod_mac: [u8; 6],
+    pub router_mac: [u8; 6],
+    pub _pad: [u8; 4],
 }
 
 /// How long one renewal of [`Settings::allowed_events_until_ns`] lasts.
@@ -608,7 +766,11 @@ pub struct CtEntry {
     pub origin: u8,
     /// [`ct_flag`] bits.
     pub flags: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// The translated source port (or ICMP echo identifier) of a source-NATed
+    /// flow ([`NatKey`]); 0: not translated.
+    pub nat_port: u16,
+    pub _pad2: [u8; 2],
 }
 
 /// One IP datagram's fragments: the first fragment's verdict applies to the rest.
@@ -689,10 +851,13 @@ pub enum Reason {
     /// An allowed first fragment beyond the pod's allowance of fragmented
     /// datagrams (`maxFragmentsPerPod`) or with the fragment table full.
     DropFragmentLimit = 17,
+    /// A new standard-mode flow to be source-NATed that found no free port
+    /// (`snatPortRange` exhausted for its peer, or the NAT table full).
+    DropNatExhausted = 18,
 }
 
 /// Number of [`Reason`]s.
-pub const REASONS: u32 = 18;
+pub const REASONS: u32 = 19;
 
 /// Slots of `COUNTERS`: every frame counts once, in the slot of its reason, or, when
 /// audit passed a frame its reason would have dropped, in that reason's "would drop"
@@ -731,6 +896,7 @@ impl Reason {
             Self::PassUnknownVlan => "pass_unknown_vlan",
             Self::DropFlowLimit => "drop_flow_limit",
             Self::DropFragmentLimit => "drop_fragment_limit",
+            Self::DropNatExhausted => "drop_nat_exhausted",
         }
     }
 
@@ -754,6 +920,7 @@ impl Reason {
         Self::PassUnknownVlan,
         Self::DropFlowLimit,
         Self::DropFragmentLimit,
+        Self::DropNatExhausted,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -768,6 +935,7 @@ impl Reason {
                 | Self::DropPrimaryPolicy
                 | Self::DropFlowLimit
                 | Self::DropFragmentLimit
+                | Self::DropNatExhausted
         )
     }
 
@@ -876,7 +1044,10 @@ pub struct VerdictEvent {
     pub icmp_code: u8,
     /// `EVENT_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// A source-NATed flow's translated source port (or echo identifier), else 0.
+    pub nat_port: u16,
+    pub _pad2: [u8; 2],
 }
 
 /// Per-CPU token bucket of verdict events (slot 0 of `EVENT_BUDGET`).
@@ -934,4 +1105,8 @@ mod user {
     unsafe impl aya::Pod for super::VerdictEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::EventBudget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatTarget {}
 }

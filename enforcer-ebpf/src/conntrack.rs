@@ -131,14 +131,13 @@ fn live(entry: &CtEntry, protocol: u8, settings: &Settings, now: u64) -> bool {
     now.saturating_sub(entry.last_seen_ns) <= timeout_ns(entry, protocol, settings)
 }
 
-/// Whether `key` names a live flow (for ICMP errors: no state change).
+/// The translated port (0: none) of the live flow `key` names, if it does
+/// (for ICMP errors: no state change).
 #[inline(always)]
-pub fn is_tracked(key: &CtKey, settings: &Settings, now: u64) -> bool {
+pub fn tracked(key: &CtKey, settings: &Settings, now: u64) -> Option<u16> {
     // SAFETY: read-only look at plain data; a concurrent update only makes it stale.
-    match unsafe { CONNTRACK.get(key) } {
-        Some(entry) => live(entry, key.protocol, settings, now),
-        None => false,
-    }
+    let entry = unsafe { CONNTRACK.get(key) }?;
+    live(entry, key.protocol, settings, now).then_some(entry.nat_port)
 }
 
 #[inline(always)]
@@ -210,18 +209,17 @@ fn packet_flags(packet: &Packet, direction: Direction) -> u8 {
     flags
 }
 
-/// Looks the flow up; on a live entry, records the packet and returns true.
+/// Looks the flow up; on a live entry, records the packet and returns the
+/// entry's translated port (0: not source-NATed).
 #[inline(always)]
-pub fn track_existing(key: &CtKey, packet: &Packet, flow: &FlowContext) -> bool {
+pub fn track_existing(key: &CtKey, packet: &Packet, flow: &FlowContext) -> Option<u16> {
     let (direction, now) = (flow.direction, flow.now);
-    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
-        return false;
-    };
+    let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup; fields are plain
     // data, and racing updates from other CPUs only lose a state refresh.
     let entry = unsafe { &mut *entry };
     if !live(entry, key.protocol, flow.settings, now) || reopens(entry, packet) {
-        return false;
+        return None;
     }
     let flags = entry.flags | packet_flags(packet, direction);
     let from_origin = entry.origin == direction_index(direction) as u8;
@@ -248,14 +246,20 @@ pub fn track_existing(key: &CtKey, packet: &Packet, flow: &FlowContext) -> bool 
             entry.bytes[DIR_EGRESS] += bytes;
         }
     }
-    true
+    Some(entry.nat_port)
 }
 
 /// Starts tracking a flow the rules admitted; `rules` are the branch and
-/// primary rule IDs that allowed it. False when the pod's allowance
+/// primary rule IDs that allowed it, `nat_port` its translated port (or 0). False when the pod's allowance
 /// (`max_flows_per_pod`) is spent or the table is full: the flow is not tracked.
 #[inline(never)]
-pub fn create(key: &CtKey, packet: &Packet, flow: &FlowContext, rules: [u32; 2]) -> bool {
+pub fn create(
+    key: &CtKey,
+    packet: &Packet,
+    flow: &FlowContext,
+    rules: [u32; 2],
+    nat_port: u16,
+) -> bool {
     let (direction, now) = (flow.direction, flow.now);
     let flags = packet_flags(packet, direction);
     let mut entry = CtEntry {
@@ -266,6 +270,7 @@ pub fn create(key: &CtKey, packet: &Packet, flow: &FlowContext, rules: [u32; 2])
         state: next_state(key.protocol, flags, packet.tcp_flags, 0, true),
         origin: direction_index(direction) as u8,
         flags,
+        nat_port,
         ..CtEntry::default()
     };
     let bytes = u64::from(flow.len);

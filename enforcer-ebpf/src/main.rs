@@ -10,6 +10,7 @@
 
 mod conntrack;
 mod maps;
+mod nat;
 mod observe;
 mod parse;
 mod policy;
@@ -22,8 +23,9 @@ use aya_ebpf::{
 };
 use enforcer_common::Reason;
 
+use crate::maps::SUBJECTS;
 use crate::parse::Frame as _;
-use crate::verdict::Subject;
+use crate::verdict::{Deferred, Subject};
 
 /// Which way a frame crosses the trunk, as seen by the pod.
 #[derive(Clone, Copy)]
@@ -150,11 +152,35 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
     tc_verdict(&ctx, Direction::Egress)
 }
 
+/// Primary interface -> node: replies of standard mode's source-NATed flows
+/// go back to their pods through the trunk (`nat.rs`); the node's own traffic passes.
+#[aya_ebpf::macros::classifier]
+pub fn tc_primary_ingress(ctx: TcContext) -> i32 {
+    nat::arrive(&ctx)
+}
+
 #[inline(always)]
 fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
-    let mut subject = Subject::default();
-    let reason = verdict::judge(ctx, direction, ctx.len(), &mut subject);
-    let passes = settle(&subject, reason, direction, ctx.len());
+    // The subject lives in a per-CPU map, not on the stack: the verifier then
+    // knows nothing of its contents, so the paths through the policy lookups
+    // meet again after the verdict instead of each walking what follows
+    // (the source NAT's port search) on its own. TC runs one program at a
+    // time per CPU (softirq or BH-disabled), so the slot is this run's.
+    let Some(subject) = SUBJECTS.get_ptr_mut(0) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: a per-CPU slot no other program run uses meanwhile (above).
+    let subject = unsafe { &mut *subject };
+    *subject = Subject::default();
+    let mut reason = verdict::judge(ctx, direction, ctx.len(), subject);
+    // Only egress defers (a constant here: ingress has no such call).
+    if matches!(direction, Direction::Egress)
+        && reason == Reason::PassNew
+        && subject.admitted.deferred != Deferred::No
+    {
+        reason = nat::track(ctx, subject);
+    }
+    let passes = settle(subject, reason, direction, ctx.len());
     // Off unless the agent runs at debug level (it sets AYA_LOG_LEVEL at load):
     // then the cost is one load of a global.
     aya_log_ebpf::debug!(
@@ -166,7 +192,12 @@ fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
     );
     // A pass hands the frame on (TCX_NEXT / TC_ACT_UNSPEC), so programs
     // attached after the enforcer on the trunk still run; a drop is final.
-    if passes { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
+    // A source-NATed flow's frame leaves by the primary interface instead.
+    match (passes, subject.admitted.nat_port) {
+        (false, _) => TC_ACT_SHOT,
+        (true, 0) => TC_ACT_UNSPEC,
+        (true, nat_port) => nat::leave(ctx, &subject.packet, nat_port),
+    }
 }
 
 #[cfg(not(test))]

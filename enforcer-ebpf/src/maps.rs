@@ -1,6 +1,7 @@
 //! Every map of the object, BTF-typed so that `bpftool map dump` prints field
 //! names. Layouts live in `enforcer-common`; userspace fills all but the
-//! conntrack, fragment, counter and event maps, and alone reads `RULES`, `POD_MODES` and `POD_GROUPS`.
+//! conntrack, fragment, NAT, counter and event maps (and `SUBJECTS`, the
+//! kernel's own), and alone reads `RULES`, `POD_MODES` and `POD_GROUPS`.
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
@@ -10,9 +11,9 @@ use aya_ebpf::{
 use enforcer_common::{
     AddrKey, COUNTER_SLOTS, CtEntry, CtKey, EVENTS_RING_BYTES, EventBudget, FragmentKey,
     FragmentVerdict, MAX_ADDRESSES, MAX_CLASSES, MAX_FLOWS, MAX_FRAGMENTED_DATAGRAMS,
-    MAX_PEER_ENTRIES, MAX_PODS, MAX_PORT_RANGES, MAX_RULES, PeerClass, PeerKeyV4, PeerKeyV6,
-    PodEntry, PodGroups, PodTracked, PodTraffic, PodUid, PortRange, PortTable, RuleName,
-    RuleTraffic, Settings,
+    MAX_NAT_ENTRIES, MAX_PEER_ENTRIES, MAX_PODS, MAX_PORT_RANGES, MAX_RULES, NatKey, NatTarget,
+    PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups, PodTracked, PodTraffic, PodUid,
+    PortRange, PortTable, RuleName, RuleTraffic, Settings,
 };
 
 /// Not preallocated: an update then frees the replaced entry only after an
@@ -108,3 +109,14 @@ pub static EVENTS: RingBuf<(), { EVENTS_RING_BYTES as usize }> = RingBuf::new();
 
 #[btf_map]
 pub static EVENT_BUDGET: PerCpuArray<EventBudget, 1> = PerCpuArray::new();
+
+/// Standard mode's translated flows, by the tuple their peer answers; each
+/// names its `CONNTRACK` entry, which holds the same port. Not LRU: a mapping
+/// leaves with its flow (the agent's sweep), never while the flow lives.
+#[btf_map]
+pub static NAT_PORTS: HashMap<NatKey, NatTarget, { MAX_NAT_ENTRIES as usize }> = HashMap::new();
+
+/// The TC programs' [`crate::verdict::Subject`] of the frame being judged
+/// (see `tc_verdict` in main.rs for why not on the stack). Kernel only.
+#[btf_map]
+pub static SUBJECTS: PerCpuArray<crate::verdict::Subject, 1> = PerCpuArray::new();

@@ -42,8 +42,8 @@ pub fn record(subject: &Subject, reason: Reason, would_drop: bool, direction: Di
         }
     }
     if reason == Reason::PassNew {
-        count_rule(subject.rules[0], bytes);
-        count_rule(subject.rules[1], bytes);
+        count_rule(subject.admitted.rules[0], bytes);
+        count_rule(subject.admitted.rules[1], bytes);
     }
     if is_event(reason) {
         emit(subject, reason, would_drop, direction, len);
@@ -144,13 +144,15 @@ fn emit(subject: &Subject, reason: Reason, would_drop: bool, direction: Directio
             Direction::Egress => DIR_EGRESS as u8,
         },
         reason: reason as u32,
-        rule: subject.rules[0],
-        primary_rule: subject.rules[1],
+        rule: subject.admitted.rules[0],
+        primary_rule: subject.admitted.rules[1],
         len,
         icmp_type: packet.icmp_type,
         icmp_code: packet.icmp_code,
         flags,
-        _pad: [0; 5],
+        _pad: 0,
+        nat_port: subject.admitted.nat_port,
+        _pad2: [0; 2],
     });
     entry.submit(0);
 }

@@ -11,6 +11,7 @@ use enforcer_common::{
 use crate::Direction;
 use crate::conntrack;
 use crate::maps::{FRAGMENTS, NODE_LOCAL, POD_TRACKED, PODS, SETTINGS};
+use crate::nat;
 use crate::parse::{
     self, Embedded, Fragment, Frame, IPPROTO_ICMPV6, IPPROTO_UDP, L3, Packet, ParseError,
 };
@@ -18,6 +19,7 @@ use crate::policy;
 
 /// What a verdict was about, filled in as the frame is read, for the
 /// counters and events of `observe`.
+#[repr(C)]
 #[derive(Default)]
 pub struct Subject {
     pub packet: Packet,
@@ -28,9 +30,33 @@ pub struct Subject {
     pub ip: bool,
     /// The pod is audited ([`POD_AUDIT`]).
     pub audit: bool,
+    pub admitted: Admission,
+}
+
+/// What admitted a flow, beyond the verdict.
+#[repr(C)]
+#[derive(Default)]
+pub struct Admission {
     /// Rule IDs ([`PortVerdict::rule`]) of the branch and primary rules
     /// that allowed a new flow; 0 where none did.
     pub rules: [u32; 2],
+    /// An egress frame of a source-NATed flow: its translated port (`nat.rs`); else 0.
+    pub nat_port: u16,
+    /// A new flow whose tracking waits for [`crate::nat::track`].
+    pub deferred: Deferred,
+}
+
+/// Tracking left to [`crate::nat::track`]: a standard-mode pod's new IPv4 flow
+/// that may leave the VPC, which decides whether it is translated.
+#[repr(u8)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub enum Deferred {
+    #[default]
+    No,
+    /// Tracked whatever happens.
+    Tracked,
+    /// Its rules make it untracked, unless it is translated.
+    Untracked,
 }
 
 impl Subject {
@@ -109,7 +135,7 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut 
         now: conntrack::now_ns(),
         settings,
     };
-    let reason = judge_flow(frame, pod, packet, &flow, &mut subject.rules);
+    let reason = judge_flow(frame, pod, packet, &flow, &mut subject.admitted);
     if packet.fragment == Fragment::First
         && !reason.is_drop()
         && !remember_first_fragment(packet, l2.vlan, &flow)
@@ -175,8 +201,8 @@ pub struct FlowContext<'a> {
     pub settings: &'a Settings,
 }
 
-/// The verdict for a whole packet or a first fragment of a pod; the rules
-/// that allowed a new flow go to `rules`. Not inlined, like the rarer paths
+/// The verdict for a whole packet or a first fragment of a pod; what
+/// admitted its flow goes to `admitted`. Not inlined, like the rarer paths
 /// below, so that each keeps its own stack frame within BPF's 512 bytes.
 #[inline(never)]
 fn judge_flow<F: Frame>(
@@ -184,7 +210,7 @@ fn judge_flow<F: Frame>(
     pod: &PodEntry,
     packet: &Packet,
     flow: &FlowContext,
-    rules: &mut [u32; 2],
+    admitted: &mut Admission,
 ) -> Reason {
     let (vlan, direction) = (flow.vlan, flow.direction);
     let peer = match direction {
@@ -192,11 +218,21 @@ fn judge_flow<F: Frame>(
         Direction::Egress => &packet.dst,
     };
     let key = conntrack::key(vlan, packet, direction);
-    if conntrack::track_existing(&key, packet, flow) {
+    if let Some(nat_port) = conntrack::track_existing(&key, packet, flow) {
+        if let Direction::Egress = direction {
+            admitted.nat_port = nat_port;
+        }
         return Reason::PassEstablished;
     }
-    if parse::is_icmp_error(packet) && is_related(frame, packet, flow) {
-        return Reason::PassRelated;
+    if parse::is_icmp_error(packet) {
+        let related = related(frame, packet, flow);
+        if related != NOT_RELATED {
+            if let Direction::Egress = direction {
+                // An error the pod sends about a translated flow leaves translated too.
+                admitted.nat_port = related as u16;
+            }
+            return Reason::PassRelated;
+        }
     }
     if is_unfiltered(pod, packet, peer, direction) {
         return Reason::PassUnfiltered;
@@ -220,7 +256,7 @@ fn judge_flow<F: Frame>(
     if !policy::allowed(branch_policy, packet, peer, &mut branch) {
         return Reason::DropPolicy;
     };
-    rules[0] = branch.rule;
+    admitted.rules[0] = branch.rule;
     let (primary_rule, untracked) = if primary_policy == NO_POLICY {
         (0, branch.flags & VERDICT_UNTRACKED != 0)
     } else {
@@ -228,31 +264,42 @@ fn judge_flow<F: Frame>(
         if !policy::allowed(primary_policy, packet, peer, &mut primary) {
             return Reason::DropPrimaryPolicy;
         }
-        rules[1] = primary.rule;
+        admitted.rules[1] = primary.rule;
         (
             primary.rule,
             branch.flags & primary.flags & VERDICT_UNTRACKED != 0,
         )
     };
-    if !untracked && !conntrack::create(&key, packet, flow, [branch.rule, primary_rule]) {
+    if standard && matches!(direction, Direction::Egress) && nat::may_apply(packet, flow.settings) {
+        // Tracked (and translated, off the VPC) by `nat::track` once the
+        // frame's verdict is in: kept out of here for the verifier's sake.
+        admitted.deferred = if untracked {
+            Deferred::Untracked
+        } else {
+            Deferred::Tracked
+        };
+        return Reason::PassNew;
+    }
+    if !untracked && !conntrack::create(&key, packet, flow, [branch.rule, primary_rule], 0) {
         return Reason::DropFlowLimit;
     }
     Reason::PassNew
 }
 
-/// Whether an ICMP error reports on a flow this pod has tracked. Out of line
-/// for the stack; `bool` in and out keeps its BTF plain.
+/// [`related`]'s answer for an error about no live flow of this pod.
+const NOT_RELATED: u32 = u32::MAX;
+
+/// The translated port (0: none) of the live flow of this pod an ICMP error
+/// reports on, or [`NOT_RELATED`]. Out of line for the stack; plain integers
+/// in and out keep its BTF plain.
 #[inline(never)]
-fn is_related<F: Frame>(frame: &F, packet: &Packet, flow: &FlowContext) -> bool {
+fn related<F: Frame>(frame: &F, packet: &Packet, flow: &FlowContext) -> u32 {
     let mut embedded = Embedded::default();
-    match parse::parse_embedded(frame, packet, &mut embedded) {
-        Ok(()) => conntrack::is_tracked(
-            &conntrack::embedded_key(flow.vlan, &embedded, flow.direction),
-            flow.settings,
-            flow.now,
-        ),
-        Err(_) => false,
+    if parse::parse_embedded(frame, packet, &mut embedded).is_err() {
+        return NOT_RELATED;
     }
+    let key = conntrack::embedded_key(flow.vlan, &embedded, flow.direction);
+    conntrack::tracked(&key, flow.settings, flow.now).map_or(NOT_RELATED, u32::from)
 }
 
 #[inline(always)]

@@ -254,6 +254,8 @@ pub fn model(b: &mut Bytes) -> Model {
             primary_security_groups: vec![group_id(b.below(group_count))],
             vpc_cidrs: vec!["10.0.0.0/16".parse().expect("a CIDR")],
             external_snat: false,
+            exclude_snat_cidrs: Vec::new(),
+            snat_port_range: enforcer::model::DEFAULT_SNAT_PORT_RANGE,
             unknown_vlan: UnknownVlanAction::Drop,
             connection_tracking: ConntrackTimeouts::default(),
             instance_type: None,

@@ -20,7 +20,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use enforcer::model::{BranchPod, Direction, Model, UnknownVlanAction};
 use enforcer::policy::eval;
-use enforcer::policy::flow::{EmbeddedHeader, FlowTable, FlowVerdict, PacketMeta, flow_key};
+use enforcer::policy::flow::{
+    EmbeddedHeader, FlowTable, FlowVerdict, PacketMeta, embedded_key, flow_key,
+};
 use enforcer_common::{CtKey, Reason};
 
 /// IPv6 extension headers the fast path follows before it gives up (fail closed).
@@ -74,6 +76,10 @@ pub struct Judgement {
     pub path: &'static str,
     /// The conntrack key, when the flow stage judged the packet.
     pub flow: Option<CtKey>,
+    /// A passed egress frame of a source-NATed flow, or an ICMP error about one:
+    /// the port it leaves from (the kernel translates it and sends it out of the
+    /// primary interface); else 0.
+    pub nat_port: u16,
 }
 
 fn done(reason: Reason, path: &'static str) -> Judgement {
@@ -81,6 +87,7 @@ fn done(reason: Reason, path: &'static str) -> Judgement {
         reason,
         path,
         flow: None,
+        nat_port: 0,
     }
 }
 
@@ -230,6 +237,7 @@ impl FrameOracle {
         };
         let mut meta = PacketMeta::other(direction, ip.src, ip.dst, ip.protocol);
         meta.len = frame.len() as u32;
+        meta.first_fragment = ip.position == Position::First;
         if ip.position != Position::Later
             && let Err(path) = transport(frame, ip.l4, &mut meta)
         {
@@ -280,16 +288,29 @@ impl FrameOracle {
                         reason: Reason::DropFragmentLimit,
                         path: "fragment allowance spent",
                         flow: Some(key),
+                        nat_port: 0,
                     };
                 }
                 self.allowed.insert(datagram);
                 self.held.insert(pod.vlan, held + 1);
             }
         }
+        // What leaves translated: the pod's packets of a translated flow, and the
+        // errors it sends about one (keyed by the packet they quote).
+        let translated = match (direction, reason, &meta.embedded) {
+            (Direction::Egress, Reason::PassNew | Reason::PassEstablished, _) => Some(key),
+            (Direction::Egress, Reason::PassRelated, Some(quoted)) => {
+                Some(embedded_key(pod.vlan, direction, quoted))
+            }
+            _ => None,
+        };
         Judgement {
             reason,
             path: ip.path,
             flow: Some(key),
+            nat_port: translated
+                .and_then(|key| flows.get(&key))
+                .map_or(0, |entry| entry.nat_port),
         }
     }
 }
@@ -306,6 +327,7 @@ fn flow_reason(verdict: FlowVerdict) -> Reason {
             eval::Reason::NoRule { .. } => unreachable!("an allowed flow"),
         },
         FlowVerdict::OverLimit(_) => Reason::DropFlowLimit,
+        FlowVerdict::NatExhausted(_) => Reason::DropNatExhausted,
         FlowVerdict::Denied(evaluation) => match evaluation.reason {
             eval::Reason::NoRule {
                 refused: eval::Refused::Primary,

@@ -6,7 +6,7 @@ use aya::Ebpf;
 use aya::maps::ProgramArray;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use enforcer::compile::{self, Compiled};
-use enforcer::kernel::ebpf::{TC_EGRESS, TC_INGRESS};
+use enforcer::kernel::ebpf::{TC_EGRESS, TC_INGRESS, TC_PRIMARY_INGRESS};
 use enforcer::kernel::maps::KernelMaps;
 use enforcer::kernel::xdp::XDP_INGRESS;
 use enforcer::model::{Direction, Model};
@@ -15,6 +15,8 @@ use enforcer_common::{Reason, counter_slot};
 /// TC_ACT_UNSPEC (TCX_NEXT): the enforcer passes a frame on to what follows it.
 const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 const TC_ACT_SHOT: u32 = 2;
+/// TC_ACT_REDIRECT: a source-NATed frame leaves by another interface.
+pub const TC_ACT_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
@@ -37,6 +39,9 @@ pub struct Outcome {
     pub reason: Reason,
     /// Counted as "would drop": an audited pod's frame `reason` drops, passed.
     pub would_drop: bool,
+    /// Passed by a redirect (standard mode's source NAT): the frame as it left
+    /// is [`Kernel::last_output`].
+    pub redirected: bool,
 }
 
 impl Outcome {
@@ -47,6 +52,7 @@ impl Outcome {
             passed: !reason.is_drop() || would_drop,
             reason,
             would_drop,
+            redirected: false,
         }
     }
 }
@@ -59,6 +65,8 @@ pub struct Kernel {
     /// The testbed's programs that move a frame's tag into skb metadata and
     /// tail-call the enforcer, loaded on first use ([`Kernel::run_tag_in_metadata`]).
     metadata: std::cell::OnceCell<Ebpf>,
+    /// The frame as the last TC run left it.
+    output: std::cell::RefCell<Vec<u8>>,
 }
 
 /// Where an apply's time went: compiling over the enforced state, then writing the maps.
@@ -76,7 +84,7 @@ impl Kernel {
     pub fn load(model: &Model) -> Self {
         crate::require_root();
         let mut ebpf = enforcer::kernel::ebpf::load().expect("load the embedded eBPF object");
-        for name in [TC_INGRESS, TC_EGRESS] {
+        for name in [TC_INGRESS, TC_EGRESS, TC_PRIMARY_INGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("program {name} in the object"))
@@ -99,6 +107,7 @@ impl Kernel {
             maps,
             compiled,
             metadata: std::cell::OnceCell::new(),
+            output: std::cell::RefCell::default(),
         };
         kernel.apply(model);
         kernel
@@ -222,11 +231,39 @@ impl Kernel {
             "the tag of {frame:02x?} could not be moved into metadata"
         );
         let passed = match verdict {
-            TC_ACT_UNSPEC => true,
+            TC_ACT_UNSPEC | TC_ACT_REDIRECT => true,
             TC_ACT_SHOT => false,
             other => panic!("unexpected TC verdict {other}"),
         };
-        outcome(passed, &counted)
+        Outcome {
+            redirected: verdict == TC_ACT_REDIRECT,
+            ..outcome(passed, &counted)
+        }
+    }
+
+    /// The frame as the last TC run left it (translated, for a redirected one).
+    pub fn last_output(&self) -> Vec<u8> {
+        self.output.borrow().clone()
+    }
+
+    /// Runs `frame` arriving on the primary interface through the return
+    /// path's program: its return value and the frame as it left it.
+    pub fn run_primary(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(TC_PRIMARY_INGRESS)
+            .expect("program")
+            .try_into()
+            .expect("a TC classifier");
+        let mut out = vec![0u8; frame.len() + 64];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let result = prog
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {TC_PRIMARY_INGRESS} failed: {e:?}"));
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
     }
 
     /// Runs a frame arriving on the trunk through `path`.
@@ -259,13 +296,16 @@ impl Kernel {
         ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
     ) -> (u32, Vec<(Reason, bool)>) {
         let before = self.maps.counters().expect("read counters");
+        let mut out = vec![0u8; frame.len() + 64];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
-        let verdict = run(opts)
-            .unwrap_or_else(|e| {
-                panic!("BPF_PROG_TEST_RUN of {direction:?} on {frame:02x?} failed: {e:?}")
-            })
-            .return_value;
+        opts.data_out = Some(&mut out);
+        let result = run(opts).unwrap_or_else(|e| {
+            panic!("BPF_PROG_TEST_RUN of {direction:?} on {frame:02x?} failed: {e:?}")
+        });
+        out.truncate(result.data_size_out as usize);
+        *self.output.borrow_mut() = out;
+        let verdict = result.return_value;
         let after = self.maps.counters().expect("read counters");
         let counted = [false, true]
             .into_iter()
@@ -297,5 +337,6 @@ fn outcome(passed: bool, counted: &[(Reason, bool)]) -> Outcome {
         passed,
         reason,
         would_drop,
+        redirected: false,
     }
 }

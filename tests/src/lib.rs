@@ -7,6 +7,7 @@ pub mod frame_oracle;
 pub mod kernel;
 pub mod live;
 pub mod models;
+pub mod nat_oracle;
 pub mod oracle;
 pub mod random;
 pub mod replay;

@@ -17,12 +17,16 @@ pub fn node_config(primary_groups: Vec<String>) -> NodeConfig {
     NodeConfig {
         name: "ip-10-0-1-10.ec2.internal".into(),
         enforcing_mode: EnforcingMode::Strict,
-        trunk_interface: "eth1".into(),
-        primary_interface: "eth0".into(),
+        // Interfaces every network namespace has: the kernel translates (source
+        // NAT) only while it finds both, and these programs run under BPF_PROG_TEST_RUN.
+        trunk_interface: "lo".into(),
+        primary_interface: "lo".into(),
         primary_ips: vec![IpAddr::V4(NODE_IP)],
         primary_security_groups: primary_groups,
         vpc_cidrs: vec!["10.0.0.0/16".parse().expect("cidr")],
         external_snat: false,
+        exclude_snat_cidrs: Vec::new(),
+        snat_port_range: enforcer::model::DEFAULT_SNAT_PORT_RANGE,
         unknown_vlan: UnknownVlanAction::Drop,
         connection_tracking: ConntrackTimeouts::default(),
         instance_type: None,

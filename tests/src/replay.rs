@@ -170,12 +170,16 @@ pub fn model() -> Model {
         node: NodeConfig {
             name: "replay".into(),
             enforcing_mode: EnforcingMode::Strict,
-            trunk_interface: "eth1".into(),
-            primary_interface: "eth0".into(),
+            // Interfaces every network namespace has: the kernel translates (source
+            // NAT) only while it finds both, and these programs run under BPF_PROG_TEST_RUN.
+            trunk_interface: "lo".into(),
+            primary_interface: "lo".into(),
             primary_ips: vec![node_ip],
             primary_security_groups: vec!["sg-0web".into()],
             vpc_cidrs: vec!["10.0.0.0/16".parse().expect("a CIDR")],
             external_snat: false,
+            exclude_snat_cidrs: Vec::new(),
+            snat_port_range: enforcer::model::DEFAULT_SNAT_PORT_RANGE,
             unknown_vlan: UnknownVlanAction::Drop,
             connection_tracking: ConntrackTimeouts::default(),
             instance_type: None,

@@ -178,12 +178,15 @@ fn model() -> Model {
         node: NodeConfig {
             name: "ip-10-0-1-10.ec2.internal".to_string(),
             enforcing_mode: EnforcingMode::Strict,
-            trunk_interface: "eth1".to_string(),
-            primary_interface: "eth0".to_string(),
+            // Present in every namespace: source NAT is on (see `enforcer_tests::models`).
+            trunk_interface: "lo".to_string(),
+            primary_interface: "lo".to_string(),
             primary_ips: vec![node_ip],
             primary_security_groups: vec!["sg-node".to_string()],
             vpc_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
             external_snat: false,
+            exclude_snat_cidrs: Vec::new(),
+            snat_port_range: enforcer::model::DEFAULT_SNAT_PORT_RANGE,
             unknown_vlan: UnknownVlanAction::Drop,
             connection_tracking: ConntrackTimeouts {
                 tcp_established: TCP_ESTABLISHED_TIMEOUT as u32,

@@ -13,6 +13,14 @@
 //! reason, and leaves no conntrack entry. Frames arriving on the trunk go
 //! through the XDP program (then TC for what XDP leaves) or TC alone, in turn.
 //!
+//! Standard mode's source NAT: a frame the reference says leaves translated must
+//! leave redirected, as [`nat_oracle`] says a translated frame looks, with the
+//! mapping the model holds in `NAT_PORTS`; its peer's answer and an ICMP error
+//! quoting it then go through the primary interface's program, must come back
+//! as the pod's (built anew with every checksum computed whole), and are judged
+//! at the trunk as the model judges them. Some models get a port range of one to
+//! three ports (collisions and exhaustion), external SNAT, or an excluded CIDR.
+//!
 //! Seeded and reproducible: `ENFORCER_DIFF_SEED=<n>` replays one run;
 //! `ENFORCER_DIFF_PACKETS=<n>` changes the packet count (100,000 by default).
 //! The test prints how many frames took each path of the frame stage, each
@@ -20,11 +28,16 @@
 
 use std::collections::BTreeMap;
 
+use std::net::{IpAddr, Ipv4Addr};
+
 use enforcer::model::{Direction, EnforcingAction, Model, UnknownVlanAction};
-use enforcer::policy::flow::FlowTable;
-use enforcer_common::{CtEntry, Reason};
+use enforcer::policy::flow::{FlowTable, nat_key};
+use enforcer_common::{CtEntry, CtKey, Reason};
+use enforcer_tests::frame::{self, Ip, L4, TCP_ACK, Tag};
 use enforcer_tests::frame_oracle::{FrameOracle, PATHS};
-use enforcer_tests::kernel::{IngressPath, Kernel, Outcome};
+use enforcer_tests::kernel::{IngressPath, Kernel, Outcome, TC_ACT_REDIRECT};
+use enforcer_tests::models::NODE_IP;
+use enforcer_tests::nat_oracle;
 use enforcer_tests::random::{CaseGenerator, Kind, Rng, random_model};
 
 const DEFAULT_SEED: u64 = 0x5eed_c0de;
@@ -68,9 +81,21 @@ fn audited(model: &Model, frame: &[u8]) -> bool {
 
 /// The `index`th model: one in four lets unknown VLANs pass, one in three
 /// has a small flow allowance and one in two a small fragment allowance, so
-/// that those verdicts come up within a model's packets.
+/// that those verdicts come up within a model's packets. Source NAT: one in
+/// five has one to three ports, one in seven external SNAT, one in six the
+/// upper half of IPv4 excluded.
 fn next_model(rng: &mut Rng, index: u64) -> Model {
     let mut model = random_model(rng);
+    if index % 5 == 4 {
+        let first = *model.node.snat_port_range.start();
+        model.node.snat_port_range = first..=first + rng.below(3) as u16;
+    }
+    if index % 7 == 5 {
+        model.node.external_snat = true;
+    }
+    if index % 6 == 3 {
+        model.node.exclude_snat_cidrs = vec!["128.0.0.0/1".parse().expect("a CIDR")];
+    }
     if index % 4 == 1 {
         model.node.unknown_vlan = UnknownVlanAction::Pass;
     }
@@ -100,6 +125,7 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
     let mut programs = BTreeMap::<String, u64>::new();
     let mut on_audited = BTreeMap::<&str, u64>::new();
     let mut kinds: BTreeMap<Kind, u64> = Kind::SHARES.iter().map(|(k, _)| (*k, 0)).collect();
+    let mut translated = BTreeMap::<u8, u64>::new();
     for n in 0..packets {
         if n > 0 && n % PACKETS_PER_MODEL == 0 {
             // A fresh policy and empty tables, so flows and datagrams of one
@@ -164,12 +190,64 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
             )
         };
         let audited = audited(&model, &case.frame);
+        let expected = Outcome {
+            redirected: want.nat_port != 0,
+            ..Outcome::expected(want.reason, audited)
+        };
         assert_eq!(
             got,
-            Outcome::expected(want.reason, audited),
+            expected,
             "kernel and reference disagree on {}",
             context()
         );
+        // The frame as the pod sent it, without the tag the translation drops.
+        let mut seen = case.frame.clone();
+        seen.drain(12..16.min(seen.len()));
+        if want.nat_port != 0 {
+            nat_oracle::check_source_translation(
+                &seen,
+                &kernel.last_output(),
+                NODE_IP,
+                want.nat_port,
+            )
+            .unwrap_or_else(|e| panic!("translated frame wrong: {e}\n{}", context()));
+        }
+        if want.nat_port != 0 && want.reason == Reason::PassRelated {
+            *translated.entry(0).or_default() += 1;
+        } else if want.nat_port != 0 {
+            let key = want.flow.expect("a translated frame has a flow");
+            *translated.entry(key.protocol).or_default() += 1;
+            let mapping = nat_key(&key, want.nat_port);
+            let target = kernel
+                .maps
+                .nat_mapping(&mapping)
+                .expect("read NAT_PORTS")
+                .unwrap_or_else(|| panic!("no kernel mapping {mapping:?} after {}", context()));
+            assert_eq!(
+                (
+                    Some(&target.flow),
+                    &target.pod_mac[..],
+                    &target.router_mac[..]
+                ),
+                (flows.nat_target(&mapping), &seen[6..12], &seen[0..6]),
+                "mappings differ after {}",
+                context()
+            );
+            let error_translated = returns(
+                &kernel,
+                &model,
+                &mut flows,
+                &mut oracle,
+                &key,
+                want.nat_port,
+                &seen,
+                path,
+                now,
+            );
+            if error_translated {
+                *translated.entry(0).or_default() += 1;
+            }
+        }
         *reasons.entry(want.reason.name()).or_default() += 1;
         if audited && want.reason.is_drop() {
             *on_audited.entry(want.reason.name()).or_default() += 1;
@@ -188,6 +266,15 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
                 context()
             );
         }
+    }
+    eprintln!(
+        "differential: translated frames by protocol (0: ICMP errors the pods sent) {translated:?}"
+    );
+    for protocol in [0, 1, 6, 17] {
+        assert!(
+            translated.get(&protocol).copied().unwrap_or(0) > 0,
+            "no protocol {protocol} frame was translated: {translated:?}"
+        );
     }
     eprintln!("differential: generator kinds {kinds:?}, tags {placements:?}");
     assert_eq!(
@@ -237,4 +324,138 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
         missing_reasons.is_empty(),
         "reasons never seen: {missing_reasons:?} of {reasons:?}"
     );
+}
+
+/// A router's address outside the VPC, reporting on translated packets.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+
+/// The packets of translated flow `key` between the node and the peer: the
+/// node's translated one (`nat_port`) and the pod's as it sent it.
+fn packets(key: &CtKey, nat_port: u16) -> (Ip, Ip) {
+    let v4 = |addr: &[u8; 16]| Ipv4Addr::new(addr[12], addr[13], addr[14], addr[15]);
+    let (pod, peer) = (v4(&key.pod_addr), v4(&key.peer_addr));
+    let packet = |src: Ipv4Addr, port: u16| match key.protocol {
+        6 => frame::tcp(src, port, peer, key.peer_port, TCP_ACK),
+        17 => frame::udp(src, port, peer, key.peer_port),
+        _ => Ip {
+            src: IpAddr::V4(src),
+            dst: IpAddr::V4(peer),
+            l4: L4::Icmp {
+                icmp_type: 8,
+                code: 0,
+                id: port,
+            },
+        },
+    };
+    (packet(NODE_IP, nat_port), packet(pod, key.pod_port))
+}
+
+/// The peer's answer to a translated frame, and a router's ICMP error quoting
+/// the translated frame, arrive on the primary interface: the kernel must
+/// give them back their pod's address and port (compared with the frames
+/// built for the pod, every checksum computed whole) and its Ethernet
+/// addresses on the trunk (`seen`, the pod's frame), then judge them at the
+/// trunk as the model does. An ICMP error the pod sends about the answer leaves
+/// translated (returned: whether it did). An answer to a port no flow maps
+/// passes untouched.
+#[allow(clippy::too_many_arguments)]
+fn returns(
+    kernel: &Kernel,
+    model: &Model,
+    flows: &mut FlowTable,
+    oracle: &mut FrameOracle,
+    key: &CtKey,
+    nat_port: u16,
+    seen: &[u8],
+    path: IngressPath,
+    now: u64,
+) -> bool {
+    let (sent, pod_sent) = packets(key, nat_port);
+    let as_pod_sees = |frame: Vec<u8>| {
+        let mut frame = nat_oracle::sealed(frame);
+        frame[..6].copy_from_slice(&seen[6..12]);
+        frame[6..12].copy_from_slice(&seen[..6]);
+        frame
+    };
+    let answer = |ip: &Ip| {
+        let mut answer = ip.reply(TCP_ACK);
+        if let L4::Icmp { icmp_type, .. } = &mut answer.l4 {
+            *icmp_type = 0;
+        }
+        answer
+    };
+    let error = |original: &Ip, to: Ipv4Addr| {
+        let error =
+            frame::icmp_error_frame(Tag::Untagged, ROUTER.into(), to.into(), 11, 0, original);
+        nat_oracle::sealed(error)
+    };
+    let pod = match pod_sent.src {
+        IpAddr::V4(pod) => pod,
+        IpAddr::V6(_) => unreachable!("translated flows are IPv4"),
+    };
+    for (arriving, restored) in [
+        (
+            nat_oracle::sealed(frame::ip_frame(Tag::Untagged, &answer(&sent))),
+            as_pod_sees(frame::ip_frame(Tag::Untagged, &answer(&pod_sent))),
+        ),
+        (error(&sent, NODE_IP), as_pod_sees(error(&pod_sent, pod))),
+    ] {
+        let (verdict, out) = kernel.run_primary(&arriving);
+        assert_eq!(
+            (verdict, &out),
+            (TC_ACT_REDIRECT, &restored),
+            "the return path of {key:?} (port {nat_port}) restored {arriving:02x?} wrong"
+        );
+        let mut tagged = out;
+        tagged.splice(12..12, [0x81, 0x00, (key.vlan >> 8) as u8, key.vlan as u8]);
+        let want = oracle.judge(model, flows, &tagged, None, Direction::Ingress, now);
+        let got = kernel.run_ingress(path, &tagged);
+        assert_eq!(
+            got,
+            Outcome::expected(want.reason, audited(model, &tagged)),
+            "the returned {tagged:02x?} of {key:?} judged differently"
+        );
+    }
+    // The pod's own ICMP error about the answer, as the pod received it, leaves
+    // translated, its quoted packet's destination too.
+    let peer = match pod_sent.dst {
+        IpAddr::V4(peer) => peer,
+        IpAddr::V6(_) => unreachable!("translated flows are IPv4"),
+    };
+    let pod_error = nat_oracle::sealed(frame::icmp_error_frame(
+        Tag::Untagged,
+        pod.into(),
+        peer.into(),
+        3,
+        3,
+        &answer(&pod_sent),
+    ));
+    let mut tagged = pod_error.clone();
+    tagged.splice(12..12, [0x81, 0x00, (key.vlan >> 8) as u8, key.vlan as u8]);
+    // (A tracked ICMP flow between the two takes it first: then it is that flow's.)
+    let want = oracle.judge(model, flows, &tagged, None, Direction::Egress, now);
+    assert_eq!(
+        kernel.run(Direction::Egress, &tagged),
+        Outcome {
+            redirected: want.nat_port != 0,
+            ..Outcome::expected(want.reason, audited(model, &tagged))
+        },
+        "the pod's error about {key:?}: {want:?}"
+    );
+    let error_translated = want.nat_port != 0;
+    if error_translated {
+        assert_eq!(
+            (want.reason, want.nat_port),
+            (Reason::PassRelated, nat_port)
+        );
+        nat_oracle::check_source_translation(&pod_error, &kernel.last_output(), NODE_IP, nat_port)
+            .unwrap_or_else(|e| panic!("the pod's error about {key:?} translated wrong: {e}"));
+    }
+    let stranger = frame::ip_frame(Tag::Untagged, &frame::udp(ROUTER, 53, NODE_IP, 1023));
+    assert_eq!(
+        kernel.run_primary(&stranger),
+        (u32::MAX, stranger.clone()),
+        "traffic to no mapped port is the node's own"
+    );
+    error_translated
 }

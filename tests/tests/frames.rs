@@ -36,6 +36,7 @@ const PASS_NEW: Outcome = Outcome {
     passed: true,
     reason: Reason::PassNew,
     would_drop: false,
+    redirected: false,
 };
 
 fn dropped(reason: Reason) -> Outcome {
@@ -43,6 +44,7 @@ fn dropped(reason: Reason) -> Outcome {
         passed: false,
         reason,
         would_drop: false,
+        redirected: false,
     }
 }
 
@@ -122,6 +124,7 @@ fn a_priority_tag_never_hides_a_pods_vlan() {
             passed: true,
             reason: Reason::PassUnknownVlan,
             would_drop: false,
+            redirected: false,
         },
         "an unknown VLAN behind a priority tag is an unknown VLAN"
     );
@@ -131,6 +134,7 @@ fn a_priority_tag_never_hides_a_pods_vlan() {
             passed: true,
             reason: Reason::PassUntagged,
             would_drop: false,
+            redirected: false,
         },
         "a priority tag alone: the trunk's own traffic"
     );
@@ -194,6 +198,7 @@ fn arp_of_the_pod_passes_and_spoofed_arp_is_dropped() {
         passed: true,
         reason: Reason::PassLinkLayer,
         would_drop: false,
+        redirected: false,
     };
     assert_eq!(k.run(Direction::Egress, &f), link_layer);
     // A pod announcing another address is spoofing.
@@ -262,6 +267,7 @@ fn neighbour_discovery_passes_only_as_ec2_passes_it() {
         passed: true,
         reason: Reason::PassLinkLayer,
         would_drop: false,
+        redirected: false,
     };
     let (own, peer, router) = (IpAddr::V6(POD_V6), IpAddr::V6(PEER_V6), v6("fe80::1"));
     let solicited = v6("ff02::1:ff00:20");

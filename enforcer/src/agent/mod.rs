@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -66,12 +67,44 @@ pub enum AgentError {
     Incomplete(Vec<String>),
     #[error("starting the metrics endpoint's scrape thread")]
     Endpoint(#[source] std::io::Error),
+    #[error(
+        "snatPortRange {}-{} overlaps the node's net.ipv4.ip_local_port_range {}-{}: translated flows could take its connections' ports",
+        .snat.0, .snat.1, .local.0, .local.1
+    )]
+    SnatPortsOverlap { snat: (u16, u16), local: (u16, u16) },
+    #[error("reading {LOCAL_PORT_RANGE}")]
+    LocalPorts(#[source] std::io::Error),
     #[error("watching the state directory {path}")]
     Watch {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The ports this network namespace's own connections take.
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// Refuses a `snatPortRange` that overlaps the node's `ip_local_port_range`
+/// (`local`, the sysctl's text): a translated flow must never take a port one
+/// of the node's own connections on the primary IP may hold.
+fn snat_ports_clear_of(snat: &RangeInclusive<u16>, local: &str) -> Result<(), AgentError> {
+    let mut bounds = local
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u16>().ok());
+    let (Some(low), Some(high)) = (bounds.next(), bounds.next()) else {
+        return Err(AgentError::LocalPorts(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{local:?} is not two ports"),
+        )));
+    };
+    if *snat.start() <= high && low <= *snat.end() {
+        return Err(AgentError::SnatPortsOverlap {
+            snat: (*snat.start(), *snat.end()),
+            local: (low, high),
+        });
+    }
+    Ok(())
 }
 
 /// A state the kernel enforces.
@@ -148,6 +181,9 @@ pub struct Agent {
     map_pins: Vec<(&'static str, MapData)>,
     /// Where the programs must be: the trunk of the applied state.
     trunk: Option<String>,
+    /// The primary interface, while the applied state source-NATs: the return
+    /// path's program must be first there too.
+    nat_interface: Option<String>,
     /// The XDP attachment asked for.
     xdp: XdpSetting,
     /// Where the XDP program runs on `trunk`, as last attached.
@@ -216,6 +252,7 @@ impl Agent {
             migration,
             map_pins,
             trunk: None,
+            nat_interface: None,
             xdp,
             xdp_mode: None,
             attached: false,
@@ -265,12 +302,27 @@ impl Agent {
 
     fn try_reload(&mut self) -> Result<(), AgentError> {
         let mut model = self.source.load()?;
+        if !model.node.external_snat {
+            let local =
+                std::fs::read_to_string(LOCAL_PORT_RANGE).map_err(AgentError::LocalPorts)?;
+            snat_ports_clear_of(&model.node.snat_port_range, &local)?;
+        }
         let known = Pinned {
             modes: self.maps.pod_modes()?,
             groups: self.maps.pod_groups()?,
         };
         let pinned = pin_pods(&mut model, &known);
         let compiled = compile_checked(&model, Some(self.maps.enforced()?))?;
+        let nat_interface = crate::kernel::maps::settings(&model.node)
+            .nat
+            .enabled()
+            .then(|| model.node.primary_interface.clone());
+        if let Some(primary) = &nat_interface
+            && self.nat_interface.as_ref() != Some(primary)
+        {
+            // The return path first: no flow is translated before its replies can come back.
+            crate::kernel::ebpf::attach_primary(&mut self.ebpf, primary, &self.pin_path)?;
+        }
         let mut stats = if self.migration.is_empty() {
             self.maps.apply(&compiled, &model.node)?
         } else {
@@ -279,6 +331,10 @@ impl Agent {
         let trunk = &model.node.trunk_interface;
         if self.trunk.as_ref() != Some(trunk) {
             self.trunk = Some(trunk.clone());
+            self.attached = false;
+        }
+        if self.nat_interface != nat_interface {
+            self.nat_interface = nat_interface;
             self.attached = false;
         }
         if !self.migration.is_empty() {
@@ -316,8 +372,18 @@ impl Agent {
         let was_attached = self.attached;
         let states = crate::kernel::ebpf::link_states(&self.pin_path, &trunk);
         let xdp = crate::kernel::xdp::xdp_state(&self.pin_path, &trunk);
+        let primary = match &self.nat_interface {
+            Some(primary) => crate::kernel::ebpf::link_state(
+                &self.pin_path,
+                crate::kernel::ebpf::TC_PRIMARY_INGRESS,
+                primary,
+                aya::programs::TcAttachType::Ingress,
+            ),
+            None => Ok(LinkState::First),
+        };
         if let Ok(states) = &states
             && states.iter().all(|s| *s == LinkState::First)
+            && matches!(primary, Ok(LinkState::First))
             && matches!(&xdp, Ok(xdp) if self.xdp_as_asked(*xdp))
             && self.attached
         {
@@ -356,7 +422,18 @@ impl Agent {
                 ),
             }
         }
-        let attached = crate::kernel::ebpf::attach_pinned(&mut self.ebpf, &trunk, &self.pin_path)
+        // The return path first: no flow is translated before its replies can come back.
+        let primary = match &self.nat_interface {
+            Some(primary) => {
+                crate::kernel::ebpf::attach_primary(&mut self.ebpf, primary, &self.pin_path)
+                    .map(|_| ())
+            }
+            None => Ok(()),
+        };
+        let attached = primary
+            .and_then(|()| {
+                crate::kernel::ebpf::attach_pinned(&mut self.ebpf, &trunk, &self.pin_path)
+            })
             .and_then(|how| {
                 let mode = crate::kernel::xdp::attach_xdp(
                     &mut self.ebpf,
@@ -869,6 +946,23 @@ mod tests {
             modes: known.iter().map(|(id, m)| (id.to_string(), *m)).collect(),
             groups: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn the_snat_port_range_stays_clear_of_the_nodes_own_ports() {
+        let default = crate::model::DEFAULT_SNAT_PORT_RANGE;
+        assert!(snat_ports_clear_of(&default, "32768\t60999\n").is_ok());
+        let err = snat_ports_clear_of(&(60000..=61000), "32768\t60999\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("snatPortRange 60000-61000 overlaps the node's net.ipv4.ip_local_port_range 32768-60999"),
+            "{err}"
+        );
+        assert!(snat_ports_clear_of(&(1024..=32767), "32768 60999").is_ok());
+        assert!(matches!(
+            snat_ports_clear_of(&default, "garbage"),
+            Err(AgentError::LocalPorts(_))
+        ));
     }
 
     #[test]

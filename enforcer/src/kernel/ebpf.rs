@@ -26,6 +26,10 @@ pub const TC_INGRESS: &str = "tc_ingress";
 /// Name of the TC program for traffic leaving on the trunk (pod -> network).
 pub const TC_EGRESS: &str = "tc_egress";
 
+/// Name of the TC program on the primary interface's ingress: replies of
+/// standard mode's source-NATed flows go back to their pods.
+pub const TC_PRIMARY_INGRESS: &str = "tc_primary_ingress";
+
 /// Both classifiers with the trunk hook each one is attached to.
 pub const CLASSIFIERS: [(&str, TcAttachType); 2] = [
     (TC_INGRESS, TcAttachType::Ingress),
@@ -96,18 +100,43 @@ pub fn attach_pinned(
     create_dir(pin_path.join("programs"))?;
     let mut done = [Attachment::Created; 2];
     for ((name, attach_type), done) in CLASSIFIERS.into_iter().zip(done.iter_mut()) {
-        let program_err = |source| Error::Program { name, source };
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram(name))?
-            .try_into()
-            .map_err(program_err)?;
-        if program.fd().is_err() {
-            program.load().map_err(program_err)?;
-        }
+        let program = loaded_classifier(ebpf, name)?;
         *done = attach_one(program, name, interface, attach_type, pin_path)?;
         repin_program(ebpf, pin_path, name)?;
     }
+    Ok(done)
+}
+
+/// The classifier `name` of the object, verified (loaded) if it was not yet.
+fn loaded_classifier<'e>(
+    ebpf: &'e mut Ebpf,
+    name: &'static str,
+) -> Result<&'e mut SchedClassifier, Error> {
+    let program_err = |source| Error::Program { name, source };
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(Error::MissingProgram(name))?
+        .try_into()
+        .map_err(program_err)?;
+    if program.fd().is_err() {
+        program.load().map_err(program_err)?;
+    }
+    Ok(program)
+}
+
+/// Makes [`TC_PRIMARY_INGRESS`] the first program on `primary`'s ingress,
+/// through a link pinned like the trunk's (see [`attach_pinned`]).
+pub fn attach_primary(
+    ebpf: &mut Ebpf,
+    primary: &str,
+    pin_path: &Path,
+) -> Result<Attachment, Error> {
+    create_dir(pin_path.join("links"))?;
+    create_dir(pin_path.join("programs"))?;
+    let name = TC_PRIMARY_INGRESS;
+    let program = loaded_classifier(ebpf, name)?;
+    let done = attach_one(program, name, primary, TcAttachType::Ingress, pin_path)?;
+    repin_program(ebpf, pin_path, name)?;
     Ok(done)
 }
 
@@ -275,15 +304,14 @@ pub fn attached_programs(
 /// Detaches the programs (TC and XDP) and removes every pin under `pin_path`, then the
 /// directory itself; returns the pins removed. Missing pins are not an error.
 pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>, Error> {
-    let mut pins: Vec<PathBuf> = CLASSIFIERS
-        .iter()
-        .map(|(name, _)| link_pin(pin_path, name))
-        .collect();
-    pins.extend(
+    let names = || {
         CLASSIFIERS
             .iter()
-            .map(|(name, _)| program_pin(pin_path, name)),
-    );
+            .map(|(name, _)| *name)
+            .chain([TC_PRIMARY_INGRESS])
+    };
+    let mut pins: Vec<PathBuf> = names().map(|name| link_pin(pin_path, name)).collect();
+    pins.extend(names().map(|name| program_pin(pin_path, name)));
     pins.extend(super::xdp::pins(pin_path));
     pins.extend(map_names::ALL.iter().map(|name| map_pin(pin_path, name)));
     // Maps of an upgrade that did not finish.
@@ -295,7 +323,7 @@ pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>, Error> {
     // Detached first, whoever else holds the links: removing the last pin only
     // lets them go once every descriptor is closed, and the kernel may do even
     // that later.
-    for (name, _) in CLASSIFIERS {
+    for name in names() {
         detach_pinned_link(&link_pin(pin_path, name))
             .map_err(|source| Error::Detach { name, source })?;
     }

@@ -7,6 +7,7 @@ pub mod sgp;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -327,6 +328,11 @@ impl InstanceLimits {
     }
 }
 
+/// `snatPortRange` unless the NodeConfig says otherwise: above Linux's default
+/// `ip_local_port_range` (32768-60999), so translated flows never take a port
+/// the node's own connections may use.
+pub const DEFAULT_SNAT_PORT_RANGE: RangeInclusive<u16> = 61000..=65535;
+
 /// This node, from the `NodeConfig` object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -339,7 +345,15 @@ pub struct NodeConfig {
     pub primary_ips: Vec<IpAddr>,
     pub primary_security_groups: Vec<GroupId>,
     pub vpc_cidrs: Vec<Cidr>,
+    /// `AWS_VPC_K8S_CNI_EXTERNALSNAT`: standard mode leaves source NAT to
+    /// something else (a NAT gateway); the enforcer translates nothing.
     pub external_snat: bool,
+    /// `excludeSnatCidrs` (`AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS`): destinations
+    /// outside the VPC that standard mode reaches untranslated.
+    pub exclude_snat_cidrs: Vec<Cidr>,
+    /// `snatPortRange`: the ports translated flows leave from, disjoint from the
+    /// node's `net.ipv4.ip_local_port_range` (the agent refuses an overlap).
+    pub snat_port_range: RangeInclusive<u16>,
     pub unknown_vlan: UnknownVlanAction,
     pub connection_tracking: ConntrackTimeouts,
     /// The instance type (`m5.large`), when the NodeConfig names it: it sets

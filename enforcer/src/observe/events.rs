@@ -57,6 +57,9 @@ pub struct FlowEvent {
     pub rule: Option<String>,
     /// Standard mode: the node's rule that allowed it too.
     pub primary_rule: Option<String>,
+    /// A source-NATed flow: its source as it left the node, `address:port`
+    /// (the port is the ICMP echo identifier for a ping).
+    pub translated: Option<String>,
     pub len: u32,
 }
 
@@ -164,6 +167,13 @@ impl EventStream {
             }))
         };
         let at = self.clock_offset + Duration::from_nanos(event.timestamp_ns);
+        let translated = match event.nat_port {
+            0 => None,
+            port => Some(format!(
+                "{}:{port}",
+                std::net::Ipv4Addr::from(self.maps.settings()?.nat.address)
+            )),
+        };
         Ok(FlowEvent {
             time: at.as_secs_f64(),
             vlan: event.vlan,
@@ -191,6 +201,7 @@ impl EventStream {
             icmp_code: icmp.then_some(event.icmp_code),
             rule: rule(event.rule)?,
             primary_rule: rule(event.primary_rule)?,
+            translated,
             len: event.len,
         })
     }
@@ -260,6 +271,9 @@ impl fmt::Display for FlowEvent {
         }
         if let Some(rule) = &self.primary_rule {
             write!(f, " and node {rule}")?;
+        }
+        if let Some(translated) = &self.translated {
+            write!(f, ", leaves as {translated}")?;
         }
         Ok(())
     }

@@ -18,7 +18,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use crate::kernel::maps::{KernelMaps, MapsError};
+use crate::kernel::maps::{KernelMaps, MapsError, NatUse};
 use crate::policy::eval::RuleRef;
 use crate::source::SourceHealth;
 
@@ -150,6 +150,7 @@ impl Source {
 struct Sample {
     view: Arc<AgentView>,
     conntrack_entries: usize,
+    nat: NatUse,
     verdicts: [u64; COUNTER_SLOTS as usize],
     suppressed_events: u64,
     pods: Vec<(String, u16, PodTraffic)>,
@@ -174,6 +175,7 @@ impl Sample {
         Ok(Self {
             audited,
             conntrack_entries: maps.flow_count()?,
+            nat: maps.nat_use()?,
             verdicts: maps.counters()?,
             suppressed_events: maps.suppressed_events()?,
             pods,
@@ -350,6 +352,27 @@ impl Collector for Sample {
             "Tracked flows.",
             self.conntrack_entries as i64,
         )?;
+        gauge(
+            e,
+            "enforcer_nat_mappings",
+            "Standard mode's source-NATed flows.",
+            self.nat.mappings as i64,
+        )?;
+        gauge(
+            e,
+            "enforcer_nat_ports",
+            "Ports of snatPortRange (0: source NAT off).",
+            match self.nat.address {
+                Some(_) => i64::from(self.nat.ports.1 - self.nat.ports.0) + 1,
+                None => 0,
+            },
+        )?;
+        gauge(
+            e,
+            "enforcer_nat_busiest_peer_ports",
+            "The most ports of snatPortRange one peer endpoint holds (new flows to it drop at enforcer_nat_ports).",
+            self.nat.busiest_peer as i64,
+        )?;
         counters(
             e,
             "enforcer_verdicts",
@@ -494,6 +517,12 @@ mod tests {
         let sample = Sample {
             view: Arc::new(view),
             conntrack_entries: 9,
+            nat: NatUse {
+                address: Some(std::net::Ipv4Addr::new(10, 0, 1, 10)),
+                ports: (61000, 61009),
+                mappings: 4,
+                busiest_peer: 3,
+            },
             verdicts,
             suppressed_events: 5,
             pods: vec![(
@@ -530,6 +559,9 @@ mod tests {
             "enforcer_pods 1",
             "enforcer_state_warnings 2",
             "enforcer_conntrack_entries 9",
+            "enforcer_nat_mappings 4",
+            "enforcer_nat_ports 10",
+            "enforcer_nat_busiest_peer_ports 3",
             r#"enforcer_verdicts_total{reason="drop_policy",verdict="deny"} 4"#,
             r#"enforcer_verdicts_total{reason="pass_new",verdict="allow"} 0"#,
             r#"enforcer_verdicts_total{reason="drop_policy",verdict="would_deny"} 3"#,

@@ -13,7 +13,7 @@ use enforcer_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::kernel::ebpf::LinkState;
-use crate::kernel::maps::{KernelMaps, MapsError};
+use crate::kernel::maps::{KernelMaps, MapsError, NatUse};
 use crate::kernel::xdp::XdpState;
 use crate::model::GroupsSource;
 use crate::source::SourceHealth;
@@ -192,6 +192,8 @@ pub struct Status {
     pub sources: Vec<SourceReport>,
     pub conntrack_entries: usize,
     pub conntrack_capacity: u32,
+    /// Standard mode's source NAT: address, port range and its use.
+    pub nat: NatUse,
     pub pods: Vec<PodStatus>,
     /// Frames by verdict reason since the maps were created.
     pub verdicts: BTreeMap<&'static str, u64>,
@@ -279,6 +281,7 @@ impl Status {
             sources: report.sources,
             conntrack_entries: flows.len(),
             conntrack_capacity: MAX_FLOWS,
+            nat: maps.nat_use()?,
             pods,
             verdicts: Reason::ALL
                 .iter()
@@ -387,6 +390,22 @@ impl fmt::Display for Status {
             "conntrack: {} of {} flows",
             self.conntrack_entries, self.conntrack_capacity
         )?;
+        let nat = &self.nat;
+        match nat.address {
+            Some(address) => writeln!(
+                f,
+                "source NAT: to {address}, ports {}-{}: {} translated flows, the busiest peer holds {} of {} ports",
+                nat.ports.0,
+                nat.ports.1,
+                nat.mappings,
+                nat.busiest_peer,
+                u32::from(nat.ports.1 - nat.ports.0) + 1
+            )?,
+            None => writeln!(
+                f,
+                "source NAT: off (externalSnat, no IPv4 primary IP, or an interface missing)"
+            )?,
+        }
         writeln!(f, "pods: {}", self.pods.len())?;
         for pod in &self.pods {
             let addresses: Vec<String> = pod

@@ -171,6 +171,58 @@ pub struct Evaluation {
     pub primary: Vec<RuleRef>,
     /// The flow takes no conntrack entry: untracked (§4), unfiltered, or same-node.
     pub untracked: bool,
+    /// Standard mode's source NAT of an allowed flow leaving the VPC (§6): the
+    /// address it leaves from. A translated flow is tracked whatever its rules
+    /// (`untracked` says what the rules alone make it).
+    pub nat: Option<SourceNat>,
+}
+
+/// Where a translated flow leaves the node: from `address` (`primaryIPs[0]`,
+/// at a port of `snatPortRange`) out of `interface`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceNat {
+    pub address: Ipv4Addr,
+    pub interface: String,
+}
+
+/// The address standard mode translates a pod's IPv4 flows to `peer` to: the
+/// node's first IPv4 primary address, unless external SNAT is on (sg-semantics.md
+/// §6), `peer` is IPv6 (EC2 translates no IPv6), or it is inside the VPC or an
+/// `excludeSnatCidrs` entry.
+pub fn snat_address(node: &crate::model::NodeConfig, peer: IpAddr) -> Option<Ipv4Addr> {
+    let exempt = node
+        .vpc_cidrs
+        .iter()
+        .chain(&node.exclude_snat_cidrs)
+        .any(|cidr| cidr.contains(peer));
+    if node.external_snat || !peer.is_ipv4() || exempt {
+        return None;
+    }
+    node.primary_ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// The source NAT of a new flow the groups allowed: a standard-mode pod's TCP,
+/// UDP or ICMP echo request to an address [`snat_address`] translates.
+fn source_nat(model: &Model, pod: &BranchPod, query: &Query) -> Option<SourceNat> {
+    let L4Query::Packet(packet) = query.l4 else {
+        return None;
+    };
+    let translatable = match packet.protocol {
+        PROTO_TCP | PROTO_UDP => true,
+        PROTO_ICMP => packet.selector >> 8 == 8,
+        _ => false,
+    };
+    if pod.mode != EnforcingMode::Standard || query.direction != Direction::Egress || !translatable
+    {
+        return None;
+    }
+    Some(SourceNat {
+        address: snat_address(&model.node, query.peer)?,
+        interface: model.node.primary_interface.clone(),
+    })
 }
 
 impl Evaluation {
@@ -347,6 +399,7 @@ pub fn evaluate(model: &Model, pod: &BranchPod, query: &Query) -> Evaluation {
         branch: Vec::new(),
         primary: Vec::new(),
         untracked: true,
+        nat: None,
     };
     if let Some(kind) = unfiltered(model, pod, query) {
         return unchecked(Reason::Unfiltered(kind));
@@ -376,6 +429,10 @@ pub fn evaluate(model: &Model, pod: &BranchPod, query: &Query) -> Evaluation {
     let untracked =
         refused.is_none() && branch.untracked && primary.as_ref().is_none_or(|p| p.untracked);
     let primary = primary.map(|p| p.matched).unwrap_or_default();
+    let nat = refused
+        .is_none()
+        .then(|| source_nat(model, pod, query))
+        .flatten();
     Evaluation {
         allowed: refused.is_none(),
         mode,
@@ -384,6 +441,7 @@ pub fn evaluate(model: &Model, pod: &BranchPod, query: &Query) -> Evaluation {
         branch: branch.matched,
         primary,
         untracked,
+        nat,
     }
 }
 
@@ -621,6 +679,8 @@ pub(crate) mod fixtures {
             primary_security_groups: primary_groups.iter().map(|g| g.to_string()).collect(),
             vpc_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
             external_snat: false,
+            exclude_snat_cidrs: Vec::new(),
+            snat_port_range: crate::model::DEFAULT_SNAT_PORT_RANGE,
             unknown_vlan: UnknownVlanAction::Drop,
             connection_tracking: ConntrackTimeouts::default(),
             instance_type: None,

@@ -118,6 +118,13 @@ pub struct MatchedRule {
     pub rule: String,
 }
 
+/// Where a translated flow leaves the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NatJson {
+    pub to: std::net::Ipv4Addr,
+    pub interface: String,
+}
+
 /// The verdict on one new flow with everything a person or a script needs to act on it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -146,6 +153,8 @@ pub struct Explanation {
     pub side: Option<&'static str>,
     /// Allowed without a conntrack entry.
     pub untracked: bool,
+    /// Standard mode's source NAT: `{"to": IP, "interface": NAME}`, null when not translated.
+    pub nat: Option<NatJson>,
     /// The rules allowing the flow (every checked side); empty on deny.
     pub matched: Vec<MatchedRule>,
     /// On deny in standard mode, the rules of the side that did allow it.
@@ -226,7 +235,11 @@ pub fn explanation(
             }),
             _ => None,
         },
-        untracked: evaluation.untracked,
+        untracked: evaluation.untracked && evaluation.nat.is_none(),
+        nat: evaluation.nat.as_ref().map(|nat| NatJson {
+            to: nat.address,
+            interface: nat.interface.clone(),
+        }),
         matched,
         other_side_matched,
         hints: hints(model, pod, query, evaluation),
@@ -278,6 +291,13 @@ impl fmt::Display for Explanation {
                 f,
                 "    {} ({}) {} #{}: {}{side}",
                 rule.group_id, rule.group_name, rule.direction, rule.rule_index, rule.rule
+            )?;
+        }
+        if let Some(nat) = &self.nat {
+            writeln!(
+                f,
+                "  source NAT: leaves {} from {} (a port of snatPortRange); replies come back to the pod",
+                nat.interface, nat.to
             )?;
         }
         writeln!(
@@ -673,6 +693,42 @@ mod tests {
             q("all", Some(1), None, None),
             Err(QueryError::PortNotApplicable)
         );
+    }
+
+    #[test]
+    fn standard_mode_says_when_a_flow_is_source_natted_and_to_what() {
+        let m = setup(EnforcingMode::Standard);
+        let pod = &m.pods[0];
+        let out = explain(
+            &m,
+            pod,
+            &query(Direction::Egress, "192.0.2.7", "tcp", Some(443)),
+        );
+        let json = serde_json::to_value(&out).unwrap();
+        assert_eq!(json["nat"]["to"], "10.0.1.10");
+        assert_eq!(json["nat"]["interface"], "eth0");
+        assert!(
+            out.to_string()
+                .contains("source NAT: leaves eth0 from 10.0.1.10"),
+            "{out}"
+        );
+        for (dir, peer) in [
+            (Direction::Egress, "10.0.9.9"),
+            (Direction::Ingress, "192.0.2.7"),
+        ] {
+            let out = explain(&m, pod, &query(dir, peer, "tcp", Some(443)));
+            assert_eq!(
+                serde_json::to_value(&out).unwrap()["nat"],
+                serde_json::Value::Null
+            );
+        }
+        let strict = setup(EnforcingMode::Strict);
+        let out = explain(
+            &strict,
+            &strict.pods[0],
+            &query(Direction::Egress, "192.0.2.7", "tcp", Some(443)),
+        );
+        assert_eq!(out.nat, None, "strict mode never translates");
     }
 
     #[test]

@@ -20,6 +20,16 @@
 //!    (untracked rules, never-filtered traffic, same-node): pass, no entry. Allowed and
 //!    tracked: create (or overwrite an expired) entry with the packet recorded, the
 //!    direction of origin and the lowest allowing rule of each side.
+//! 5. Source NAT (standard mode, sg-semantics.md §6): an allowed new flow the evaluator
+//!    translates ([`Evaluation::nat`]), unless its packet is a first fragment (the
+//!    fragments that follow could not be translated), is tracked whatever its rules, and maps to a port of
+//!    `snatPortRange` before its entry is made: the port of its own (expired or reopened)
+//!    entry if that mapping is still its own, else the first free of
+//!    [`NatSettings::candidate_port`]'s `min(range, NAT_PROBES)` candidates. None
+//!    free: [`FlowVerdict::NatExhausted`], nothing recorded. A mapping taken for a flow then
+//!    refused by the allowance is given back. Mappings leave with their entries. The pod's
+//!    packets of a translated flow, and the errors it sends about one (step 3), leave
+//!    translated to the port its entry holds.
 //!
 //! Recording a packet: set `SEEN_<direction>`, and for TCP FIN set `FIN_<direction>`; then
 //! TCP: CLOSING if already CLOSING, or the packet has RST, or both FIN bits are set; else
@@ -37,7 +47,10 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use enforcer_common::{CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, ct_flag, ct_state, ct_timeouts};
+use enforcer_common::{
+    CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, NatKey, NatSettings, ct_flag, ct_state, ct_timeouts,
+    nat_port_hash,
+};
 
 use crate::model::{BranchPod, ConntrackTimeouts, Direction, Model};
 use crate::policy::eval::{
@@ -88,6 +101,9 @@ pub struct PacketMeta {
     pub embedded: Option<EmbeddedHeader>,
     /// Frame length, for the byte counters.
     pub len: u32,
+    /// The first fragment of a datagram: its flow is never source-NATed (the
+    /// kernel cannot translate the fragments that follow).
+    pub first_fragment: bool,
 }
 
 impl PacketMeta {
@@ -105,6 +121,7 @@ impl PacketMeta {
             icmp_id: 0,
             embedded: None,
             len: 100,
+            first_fragment: false,
         }
     }
 
@@ -383,6 +400,8 @@ pub struct FlowEntry {
     pub origin: Direction,
     /// [`ct_flag`] bits.
     pub flags: u8,
+    /// The translated port of a source-NATed flow; 0: not translated.
+    pub nat_port: u16,
 }
 
 impl FlowEntry {
@@ -438,7 +457,9 @@ impl FlowEntry {
                 Direction::Egress => DIR_EGRESS as u8,
             },
             flags: self.flags,
-            _pad: [0; 5],
+            _pad: 0,
+            nat_port: self.nat_port,
+            _pad2: [0; 2],
         }
     }
 }
@@ -462,12 +483,18 @@ pub enum FlowVerdict {
     /// The first packet of a flow the rules allow, dropped because the pod holds
     /// its whole allowance of entries (`maxFlowsPerPod`): nothing recorded.
     OverLimit(Evaluation),
+    /// The first packet of a flow the rules allow and standard mode translates,
+    /// dropped because no port of `snatPortRange` was free for it.
+    NatExhausted(Evaluation),
 }
 
 impl FlowVerdict {
     /// Whether the groups (or the tracker) admit the packet.
     pub fn allowed(&self) -> bool {
-        !matches!(self, Self::Denied(_) | Self::OverLimit(_))
+        !matches!(
+            self,
+            Self::Denied(_) | Self::OverLimit(_) | Self::NatExhausted(_)
+        )
     }
 
     /// Whether the packet passes: admitted, or denied on an audited pod (the
@@ -475,7 +502,7 @@ impl FlowVerdict {
     pub fn passes(&self) -> bool {
         match self {
             Self::Denied(evaluation) => evaluation.would_deny(),
-            Self::OverLimit(_) => false,
+            Self::OverLimit(_) | Self::NatExhausted(_) => false,
             _ => true,
         }
     }
@@ -490,6 +517,24 @@ pub struct FlowTable {
     entries: BTreeMap<CtKey, FlowEntry>,
     /// Entries per VLAN.
     held: BTreeMap<u16, u32>,
+    /// Source NAT mappings: the translated tuple -> the pod's flow.
+    nat: BTreeMap<NatKey, CtKey>,
+}
+
+/// The mapping key of `flow` translated to `nat_port` (the kernel's `NAT_PORTS` key).
+pub fn nat_key(flow: &CtKey, nat_port: u16) -> NatKey {
+    NatKey {
+        peer_addr: [
+            flow.peer_addr[12],
+            flow.peer_addr[13],
+            flow.peer_addr[14],
+            flow.peer_addr[15],
+        ],
+        peer_port: flow.peer_port,
+        nat_port,
+        protocol: flow.protocol,
+        _pad: [0; 3],
+    }
 }
 
 impl FlowTable {
@@ -536,13 +581,25 @@ impl FlowTable {
         if !evaluation.allowed {
             return FlowVerdict::Denied(evaluation);
         }
-        let tracked = !evaluation.untracked;
+        let translated = evaluation.nat.is_some() && !packet.first_fragment;
+        let tracked = !evaluation.untracked || translated;
+        let nat_port = if translated {
+            match self.map_port(model, &key) {
+                Some(port) => port,
+                None => return FlowVerdict::NatExhausted(evaluation),
+            }
+        } else {
+            0
+        };
         if tracked {
             // The flow's own (expired or reopened) entry is overwritten at no cost;
             // a new one needs room in the pod's allowance.
             let held = self.held.get(&pod.vlan).copied().unwrap_or(0);
             if !self.entries.contains_key(&key) {
                 if held >= model.node.max_flows_per_pod {
+                    if nat_port != 0 {
+                        self.nat.remove(&nat_key(&key, nat_port));
+                    }
                     return FlowVerdict::OverLimit(evaluation);
                 }
                 self.held.insert(pod.vlan, held + 1);
@@ -557,6 +614,7 @@ impl FlowTable {
                 state: CtState::next(None, key.protocol, 0, 0, true),
                 origin: packet.direction,
                 flags: 0,
+                nat_port,
             };
             entry.record(key.protocol, &packet, now_ns);
             self.entries.insert(key, entry);
@@ -567,8 +625,46 @@ impl FlowTable {
         }
     }
 
+    /// The port a translated new flow `key` leaves from: its own entry's, if
+    /// that mapping is still its own, else the first free candidate (taken).
+    fn map_port(&mut self, model: &Model, key: &CtKey) -> Option<u16> {
+        if let Some(entry) = self.entries.get(key)
+            && entry.nat_port != 0
+            && self.nat.get(&nat_key(key, entry.nat_port)) == Some(key)
+        {
+            return Some(entry.nat_port);
+        }
+        let range = &model.node.snat_port_range;
+        let ports = NatSettings {
+            port_first: *range.start(),
+            port_last: *range.end(),
+            ..NatSettings::default()
+        };
+        let hash = nat_port_hash(key);
+        (0..ports.probes())
+            .map(|attempt| ports.candidate_port(hash, attempt))
+            .find(|&port| {
+                let mapping = nat_key(key, port);
+                let free = !self.nat.contains_key(&mapping);
+                if free {
+                    self.nat.insert(mapping, *key);
+                }
+                free
+            })
+    }
+
     pub fn get(&self, key: &CtKey) -> Option<&FlowEntry> {
         self.entries.get(key)
+    }
+
+    /// The pod's flow a translated tuple maps to.
+    pub fn nat_target(&self, key: &NatKey) -> Option<&CtKey> {
+        self.nat.get(key)
+    }
+
+    /// Every source NAT mapping.
+    pub fn nat_mappings(&self) -> &BTreeMap<NatKey, CtKey> {
+        &self.nat
     }
 
     pub fn len(&self) -> usize {
@@ -588,6 +684,7 @@ impl FlowTable {
     pub fn remove_vlan(&mut self, vlan: u16) {
         self.entries.retain(|key, _| key.vlan != vlan);
         self.held.remove(&vlan);
+        self.nat.retain(|_, flow| flow.vlan != vlan);
     }
 
     /// Drops the entries idle past their timeout at `now_ns` (the agent's sweep).
@@ -598,6 +695,12 @@ impl FlowTable {
         for key in self.entries.keys() {
             *self.held.entry(key.vlan).or_default() += 1;
         }
+        let entries = &self.entries;
+        self.nat.retain(|mapping, flow| {
+            entries
+                .get(flow)
+                .is_some_and(|entry| entry.nat_port == mapping.nat_port)
+        });
     }
 }
 
@@ -1082,5 +1185,93 @@ mod tests {
         assert_eq!(entry.origin, DIR_EGRESS as u8);
         assert_eq!(entry.flags, ct_flag::SEEN_EGRESS);
         assert_eq!(entry.packets, [0, 1]);
+    }
+
+    /// Standard mode's source NAT: pod 5 in standard mode, the node's group allowing all
+    /// egress, a range of two ports: two flows to one peer endpoint take both, a third is
+    /// refused; another peer has the range to itself; a mapping leaves with its flow, and
+    /// a flow replacing its own expired entry keeps its port.
+    #[test]
+    fn translated_flows_take_free_ports_and_give_them_back_with_their_flows() {
+        let mut m = setup();
+        m.pods[0].mode = EnforcingMode::Standard;
+        m.pods[0].groups.push("sg-all".to_string());
+        m.node.primary_security_groups = vec!["sg-all".to_string()];
+        let everywhere = vec![
+            rule(L4Match::All, cidr("0.0.0.0/0")),
+            rule(L4Match::All, cidr("::/0")),
+        ];
+        m.groups
+            .insert("sg-all".to_string(), group("sg-all", vec![], everywhere));
+        m.node.snat_port_range = 61000..=61001;
+        let https = |pod_port, peer: &str| {
+            PacketMeta::tcp(OUT, ip("10.0.64.5"), ip(peer), pod_port, 443, SYN)
+        };
+        let mut t = FlowTable::new();
+        let mut ports = Vec::new();
+        for pod_port in [40000, 40001] {
+            let v = t.process(&m, pod5(&m), https(pod_port, "192.0.2.7"), 0);
+            assert!(matches!(v, FlowVerdict::New { tracked: true, .. }), "{v:?}");
+            let entry = t.get(&flow_key(5, &https(pod_port, "192.0.2.7"))).unwrap();
+            ports.push(entry.nat_port);
+        }
+        ports.sort();
+        assert_eq!(ports, [61000, 61001]);
+        let v = t.process(&m, pod5(&m), https(40002, "192.0.2.7"), 0);
+        assert!(matches!(v, FlowVerdict::NatExhausted(_)), "{v:?}");
+        assert!(!v.passes());
+        assert!(t.get(&flow_key(5, &https(40002, "192.0.2.7"))).is_none());
+        let v = t.process(&m, pod5(&m), https(40002, "192.0.2.8"), 0);
+        assert!(matches!(v, FlowVerdict::New { .. }), "{v:?}");
+        assert_eq!(t.nat_mappings().len(), 3);
+        for (mapping, flow) in t.nat_mappings() {
+            assert_eq!(t.get(flow).unwrap().nat_port, mapping.nat_port);
+        }
+
+        // An opening TCP flow lives 60 s: the first one is refreshed, the others expire.
+        let first = https(40000, "192.0.2.7");
+        let port = t.get(&flow_key(5, &first)).unwrap().nat_port;
+        t.process(
+            &m,
+            pod5(&m),
+            PacketMeta {
+                tcp_flags: ACK,
+                ..first
+            },
+            50 * SEC,
+        );
+        t.expire(&m.node.connection_tracking, 61 * SEC);
+        assert_eq!((t.len(), t.nat_mappings().len()), (1, 1));
+        let v = t.process(&m, pod5(&m), https(40003, "192.0.2.7"), 61 * SEC);
+        assert!(
+            matches!(v, FlowVerdict::New { .. }),
+            "a freed port is free: {v:?}"
+        );
+        // Expired but not swept: the flow's new packet keeps its own mapping.
+        let v = t.process(&m, pod5(&m), first, 200 * SEC);
+        assert!(matches!(v, FlowVerdict::New { .. }), "{v:?}");
+        assert_eq!(t.get(&flow_key(5, &first)).unwrap().nat_port, port);
+
+        // IPv6, the VPC, excluded CIDRs and external SNAT are never translated.
+        m.node.exclude_snat_cidrs = vec!["198.51.100.0/24".parse().unwrap()];
+        for peer in ["2001:db8::7", "10.0.9.9", "198.51.100.7"] {
+            let pod = if peer.contains(':') {
+                "2600:1f00::5"
+            } else {
+                "10.0.64.5"
+            };
+            let packet = PacketMeta::tcp(OUT, ip(pod), ip(peer), 40000, 443, SYN);
+            let v = t.process(&m, pod5(&m), packet, 300 * SEC);
+            assert!(
+                matches!(&v, FlowVerdict::New { evaluation, .. } if evaluation.nat.is_none()),
+                "{peer}: {v:?}"
+            );
+        }
+        m.node.external_snat = true;
+        let v = t.process(&m, pod5(&m), https(40009, "192.0.2.9"), 300 * SEC);
+        assert!(
+            matches!(&v, FlowVerdict::New { evaluation, .. } if evaluation.nat.is_none()),
+            "{v:?}"
+        );
     }
 }

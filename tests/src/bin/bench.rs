@@ -12,9 +12,9 @@ use anyhow::{Context, Result, bail};
 use aya::EbpfLoader;
 use aya::maps::HashMap;
 use aya::programs::SchedClassifier;
-use enforcer::model::{Direction, L4Match, Model, NodeConfig};
+use enforcer::model::{Direction, EnforcingMode, L4Match, Model, NodeConfig};
 use enforcer_common::{MAX_UNFILTERED_V4, MAX_UNFILTERED_V6, POD_HAS_IPV4, PodEntry, Reason};
-use enforcer_tests::frame::{self, Ip, L4, Tag};
+use enforcer_tests::frame::{self, Ip, L4, TCP_ACK, Tag};
 use enforcer_tests::kernel::Kernel;
 use enforcer_tests::random::{Rng, packet_for_rule, scale_model};
 use enforcer_tests::staged;
@@ -101,6 +101,42 @@ fn floor_ns(frame: &[u8], vlan: u16, samples: usize) -> Result<f64> {
         (0..samples)
             .map(|_| enforcer_tests::time_run(program, frame))
             .collect(),
+    ))
+}
+
+/// Standard mode's source NAT against a plain allowed flow, on one kernel in one
+/// run: a standard pod's egress frame of an established TCP flow to a peer in the
+/// VPC (passed on) and to one outside it (translated, checksums updated,
+/// redirected to the primary interface). Medians in ns: (plain, translated).
+fn nat_costs(samples: usize) -> Result<(f64, f64)> {
+    use enforcer_tests::models;
+    let pod_ip = Ipv4Addr::new(10, 0, 64, 7);
+    let mut pod = models::branch_pod("bench", 7, pod_ip, None, &["sg-out"]);
+    pod.mode = EnforcingMode::Standard;
+    let https = L4Match::Ports {
+        protocol: 6,
+        from: 443,
+        to: 443,
+    };
+    let out = models::group("sg-out", vec![], vec![models::rule(https, "0.0.0.0/0")]);
+    let node = models::node_config(vec!["sg-out".into()]);
+    let kernel = Kernel::load(&models::model(node, vec![out], vec![pod]));
+    let time = |peer: Ipv4Addr, translated: bool| -> Result<f64> {
+        let packet = frame::tcp(pod_ip, 40000, peer, 443, TCP_ACK);
+        let frame = frame::ip_frame(Tag::Vlan(7), &packet);
+        let first = kernel.run(Direction::Egress, &frame);
+        if first.reason != Reason::PassNew || first.redirected != translated {
+            bail!("to {peer}: the kernel said {first:?}");
+        }
+        Ok(median(
+            (0..samples)
+                .map(|_| kernel.time(Direction::Egress, &frame))
+                .collect(),
+        ))
+    };
+    Ok((
+        time(Ipv4Addr::new(10, 0, 9, 9), false)?,
+        time(Ipv4Addr::new(192, 0, 2, 7), true)?,
     ))
 }
 
@@ -446,6 +482,7 @@ fn main() -> Result<()> {
         new_flow.insert(rules.to_string(), json!(worst));
     }
     let floor = floor_ns(&floor_frame, 1, samples)?;
+    let (plain_ns, translated_ns) = nat_costs(samples)?;
 
     // Control plane at full scale: from a parsed state to an enforcing kernel.
     let big = scale_model(&mut rng, PODS, 16, 60);
@@ -500,6 +537,7 @@ fn main() -> Result<()> {
         "floor_ns": floor,
         "established_ns": established_ns,
         "established_xdp_ns": established_xdp_ns,
+        "nat_established_ns": {"plain": plain_ns, "translated": translated_ns},
         "deny_warm_ns": {"tc": deny_tc_warm_ns, "xdp": deny_xdp_ns},
         "new_flow_ns": new_flow,
         "new_flow_rows": new_flow_rows,
@@ -537,6 +575,10 @@ fn main() -> Result<()> {
         established_ns / floor
     );
     println!("established flow, 960 rules/pod, XDP    {established_xdp_ns:>8.0} ns");
+    println!(
+        "established egress, standard mode: plain {plain_ns:.0} ns, source-NATed {translated_ns:.0} ns ({:.2}x)",
+        translated_ns / plain_ns
+    );
     for line in &table {
         println!("{line}");
     }

@@ -24,6 +24,8 @@ pub struct Explainer {
 pub struct Explanation {
     pub allowed: bool,
     pub text: String,
+    /// The address standard mode's source NAT gives the flow, if it translates it.
+    pub nat: Option<IpAddr>,
 }
 
 impl Explainer {
@@ -85,12 +87,19 @@ impl Explainer {
                 ));
             }
         }
-        let text = if allowed && !rules.is_empty() {
+        let nat = match json["nat"]["to"].as_str() {
+            Some(to) => Some(to.parse().context("`enforcer explain`'s nat.to")?),
+            None => None,
+        };
+        let mut text = if allowed && !rules.is_empty() {
             rules.join("; ")
         } else {
             json["reason"].as_str().unwrap_or_default().to_string()
         };
-        Ok(Explanation { allowed, text })
+        if let Some(to) = nat {
+            let _ = write!(text, "; source NAT to {to}");
+        }
+        Ok(Explanation { allowed, text, nat })
     }
 }
 
@@ -105,14 +114,12 @@ pub enum Verdict {
 #[derive(Clone, Debug)]
 pub struct Row {
     pub flow: Flow,
-    /// Allow or deny (the evaluator's, when the flow defers to it), or not judged.
-    pub expected: Option<Verdict>,
-    /// Why the flow is not judged.
-    pub not_yet: Option<&'static str>,
+    /// Allow or deny (the evaluator's, when the flow defers to it).
+    pub expected: Verdict,
     pub observation: Observation,
     /// What `enforcer explain` says about each branch pod's side of the flow.
     pub explanation: Vec<Explanation>,
-    /// What went against the expectation; `None`: as expected, or not judged.
+    /// What went against the expectation; `None`: as expected.
     pub problem: Option<String>,
 }
 
@@ -162,24 +169,21 @@ pub fn drive(
             Some(explainer) => explain(node, flow, explainer)?,
             None => Vec::new(),
         };
-        let (expected, not_yet) = match flow.expected(mode) {
-            Expect::Allow => (Some(Verdict::Allow), None),
-            Expect::Deny => (Some(Verdict::Deny), None),
-            Expect::NotYet(why) => (None, Some(why)),
+        let expected = match flow.expected(mode) {
+            Expect::Allow => Verdict::Allow,
+            Expect::Deny => Verdict::Deny,
             Expect::Evaluator if explanation.is_empty() => {
                 bail!("{flow}: no branch pod to ask the evaluator about")
             }
-            Expect::Evaluator if explanation.iter().all(|e| e.allowed) => {
-                (Some(Verdict::Allow), None)
-            }
-            Expect::Evaluator => (Some(Verdict::Deny), None),
+            Expect::Evaluator if explanation.iter().all(|e| e.allowed) => Verdict::Allow,
+            Expect::Evaluator => Verdict::Deny,
         };
         let observation = node.probe(flow)?;
-        let problem = expected.and_then(|expected| judge(expected, &observation));
+        let translated = explanation.iter().find_map(|e| e.nat);
+        let problem = judge(expected, &observation).or_else(|| seen_as(translated, &observation));
         let row = Row {
             flow: flow.clone(),
             expected,
-            not_yet,
             observation,
             explanation,
             problem,
@@ -200,6 +204,20 @@ fn judge(expected: Verdict, observation: &Observation) -> Option<String> {
         }
         (Verdict::Deny, Outcome::Completed { .. }) => Some("expected to be dropped, passed".into()),
         (_, Outcome::Failed(why)) => Some(why.clone()),
+    }
+}
+
+/// A flow `enforcer explain` says is source-NATed must reach its peer from
+/// the NAT address (TCP and UDP servers report the address they saw).
+fn seen_as(translated: Option<IpAddr>, observation: &Observation) -> Option<String> {
+    match (translated, &observation.outcome) {
+        (
+            Some(nat),
+            Outcome::Completed {
+                seen_as: Some(seen),
+            },
+        ) if *seen != nat => Some(format!("the peer saw {seen}, not the node's address {nat}")),
+        _ => None,
     }
 }
 
@@ -233,11 +251,10 @@ fn explain(node: &VirtualNode, flow: &Flow, explainer: &Explainer) -> Result<Vec
     Ok(explanations)
 }
 
-fn verdict_text(verdict: Option<Verdict>) -> &'static str {
+fn verdict_text(verdict: Verdict) -> &'static str {
     match verdict {
-        Some(Verdict::Allow) => "allow",
-        Some(Verdict::Deny) => "deny",
-        None => "-",
+        Verdict::Allow => "allow",
+        Verdict::Deny => "deny",
     }
 }
 
@@ -255,11 +272,7 @@ pub fn render_header() -> String {
 
 /// A row in two lines: the flow with its verdicts, then the rules or the reason.
 pub fn render_row(row: &Row) -> String {
-    let mark = match (&row.problem, row.expected) {
-        (Some(_), _) => "FAIL",
-        (None, None) => "n/a",
-        (None, Some(_)) => "ok",
-    };
+    let mark = if row.problem.is_some() { "FAIL" } else { "ok" };
     let observed = match (&row.observation.outcome, row.observation.policy_drops()) {
         (Outcome::TimedOut, 0) => "deny (timed out)".to_string(),
         (Outcome::TimedOut, drops) => format!("deny ({drops} dropped)"),
@@ -277,9 +290,6 @@ pub fn render_row(row: &Row) -> String {
     if !why.is_empty() {
         let _ = writeln!(out, "        {}", why.join(" / "));
     }
-    if let Some(not_yet) = row.not_yet {
-        let _ = writeln!(out, "        not judged: {not_yet}");
-    }
     if let Some(problem) = &row.problem {
         let _ = writeln!(out, "        MISMATCH: {problem}");
     }
@@ -288,16 +298,11 @@ pub fn render_row(row: &Row) -> String {
 
 /// One line per mode: how many flows went as expected.
 pub fn render_summary(matrix: &Matrix) -> String {
-    let judged = matrix.rows.iter().filter(|r| r.expected.is_some()).count();
+    let judged = matrix.rows.len();
     let failed = matrix.mismatches().count();
-    let not_yet = matrix.rows.len() - judged;
-    let mut line = format!(
+    format!(
         "{} mode: {}/{judged} as expected",
         matrix.mode.name(),
         judged - failed
-    );
-    if not_yet > 0 {
-        let _ = write!(line, ", {not_yet} not judged yet");
-    }
-    line
+    )
 }

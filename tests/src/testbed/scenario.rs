@@ -80,14 +80,9 @@ impl fmt::Display for Endpoint {
 pub enum Expect {
     Allow,
     Deny,
-    /// Not what the finished project will do: driven and shown, not judged.
-    NotYet(&'static str),
     /// Whatever the reference evaluator (`enforcer explain`) says.
     Evaluator,
 }
-
-/// Standard mode source-NATs traffic leaving the VPC to the node's IP: a later issue.
-pub const SNAT_NOT_YET: &str = "off-VPC egress in standard mode: SNAT is a later issue";
 
 /// A flow: one probe from one end to the other, and its expected verdict per mode.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -234,7 +229,7 @@ pub mod example {
 
 /// The bundled example's flows, with the verdicts sg-semantics.md gives them.
 pub fn example_flows() -> Vec<Flow> {
-    use Expect::{Allow, Deny, NotYet};
+    use Expect::{Allow, Deny};
     use Probe::{Ping, Tcp, Udp};
     use example::*;
     let peer = Endpoint::peer;
@@ -333,17 +328,21 @@ pub fn example_flows() -> Vec<Flow> {
         )
         .expect(Allow, Allow),
         Flow::new(orders(), peer("imds", IMDS), Tcp(80), "never filtered").expect(Allow, Allow),
-        Flow::new(web(), partner_api(), Tcp(443), "prefix list")
-            .expect(Allow, NotYet(SNAT_NOT_YET)),
-        Flow::new(web(), internet(), Tcp(443), "no rule for the internet")
-            .expect(Deny, NotYet(SNAT_NOT_YET)),
+        Flow::new(
+            web(),
+            partner_api(),
+            Tcp(443),
+            "prefix list; standard: from the node's address",
+        )
+        .expect(Allow, Allow),
+        Flow::new(web(), internet(), Tcp(443), "no rule for the internet").expect(Deny, Deny),
         Flow::new(
             payments(),
             peer("partner", PARTNER_V6),
             Ping,
-            "ICMPv6 to the partner",
+            "ICMPv6 to the partner (IPv6: no source NAT)",
         )
-        .expect(Allow, NotYet(SNAT_NOT_YET)),
+        .expect(Allow, Allow),
         Flow::new(web(), orders(), Tcp(8080), "pod to pod: both pods' groups").expect(Allow, Allow),
         Flow::new(orders(), web(), Tcp(443), "pod to pod: no egress rule").expect(Deny, Allow),
         Flow::new(
@@ -405,7 +404,7 @@ pub fn derived_flows(model: &Model) -> Vec<Flow> {
                             Direction::Ingress => Flow::new(other, me.clone(), probe, &story),
                             Direction::Egress => Flow::new(me.clone(), other, probe, &story),
                         };
-                        push_new(&mut flows, with_scope(model, flow));
+                        push_new(&mut flows, flow);
                     }
                 }
             }
@@ -422,10 +421,7 @@ pub fn derived_flows(model: &Model) -> Vec<Flow> {
             &mut flows,
             Flow::new(outside.clone(), me.clone(), Probe::Tcp(9), "no rule"),
         );
-        push_new(
-            &mut flows,
-            with_scope(model, Flow::new(me, outside, Probe::Tcp(9), "no rule")),
-        );
+        push_new(&mut flows, Flow::new(me, outside, Probe::Tcp(9), "no rule"));
     }
     flows
 }
@@ -437,21 +433,6 @@ fn push_new(flows: &mut Vec<Flow>, flow: Flow) {
     if !seen {
         flows.push(flow);
     }
-}
-
-/// Standard mode's off-VPC egress is not judged yet (see [`SNAT_NOT_YET`]).
-fn with_scope(model: &Model, mut flow: Flow) -> Flow {
-    let unfiltered: Vec<IpAddr> = eval::node_unfiltered(model)
-        .into_iter()
-        .map(|(a, _)| a)
-        .collect();
-    if let (Some(_), Endpoint::Peer { addr, .. }) = (flow.from.branch_pod(), &flow.to)
-        && !model.node.vpc_cidrs.iter().any(|c| c.contains(*addr))
-        && !unfiltered.contains(addr)
-    {
-        flow.standard = Expect::NotYet(SNAT_NOT_YET);
-    }
-    flow
 }
 
 fn probe_for(l4: &L4Match) -> Option<Probe> {
@@ -546,7 +527,7 @@ mod tests {
     }
 
     #[test]
-    fn derived_flows_cover_every_pod_and_mark_off_vpc_egress() {
+    fn derived_flows_cover_every_pod_and_judge_off_vpc_egress() {
         let model = example_model();
         let flows = derived_flows(&model);
         for pod in &model.pods {
@@ -562,7 +543,7 @@ mod tests {
             .expect("web's rule to the partner prefix list");
         assert_eq!(to_partner.probe, Probe::Tcp(443));
         assert_eq!(to_partner.strict, Expect::Evaluator);
-        assert_eq!(to_partner.standard, Expect::NotYet(SNAT_NOT_YET));
+        assert_eq!(to_partner.standard, Expect::Evaluator);
         let probe = flows
             .iter()
             .find(|f| f.from == Endpoint::Node && f.probe == Probe::Tcp(8080))

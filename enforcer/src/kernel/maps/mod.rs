@@ -10,8 +10,9 @@ use aya::{Ebpf, Pod};
 use enforcer_common::{
     AddrKey, COUNTER_SLOTS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, EventBudget, FragmentKey,
     FragmentVerdict, MAX_ADDRESSES, MAX_CLASSES, MAX_GROUPS_PER_POD, MAX_PEER_ENTRIES, MAX_PODS,
-    MAX_PORT_RANGES, MAX_RULES, NO_POLICY, PeerClass, PeerKeyV4, PeerKeyV6, PodEntry, PodGroups,
-    PodTracked, PodTraffic, PodUid, RuleName, RuleTraffic, Settings, ct_timeouts, map_names,
+    MAX_PORT_RANGES, MAX_RULES, NO_POLICY, NatKey, NatPrefix, NatSettings, NatTarget, PeerClass,
+    PeerKeyV4, PeerKeyV6, PodEntry, PodGroups, PodTracked, PodTraffic, PodUid, RuleName,
+    RuleTraffic, Settings, ct_timeouts, map_names,
 };
 
 use crate::compile::{ClassEntries, Compiled, PolicyEntries, RuleIds};
@@ -103,6 +104,7 @@ pub struct KernelMaps {
     pod_traffic: PerCpuArray<MapData, PodTraffic>,
     rule_traffic: PerCpuHashMap<MapData, u32, RuleTraffic>,
     event_budget: PerCpuArray<MapData, EventBudget>,
+    nat_ports: HashMap<MapData, NatKey, NatTarget>,
     tracked: tracked::TrackedCounts,
     /// What rules no longer in the maps admitted, by rule.
     /// Shared with the views the agent publishes: an apply that retires rules
@@ -180,6 +182,7 @@ impl KernelMaps {
             pod_traffic: typed(source, map_names::POD_TRAFFIC)?,
             rule_traffic: typed(source, map_names::RULE_TRAFFIC)?,
             event_budget: typed(source, map_names::EVENT_BUDGET)?,
+            nat_ports: typed(source, map_names::NAT_PORTS)?,
             tracked: tracked::TrackedCounts::open(source)?,
             retired_traffic: Arc::default(),
             enforced: None,
@@ -211,6 +214,7 @@ impl KernelMaps {
             |key, _| doomed(key),
             |key| key.vlan,
         )?;
+        self.remove_nat_where(|_, target| doomed(&target.flow))?;
         Ok(self.release(&removed, &BTreeMap::new()))
     }
 
@@ -244,7 +248,51 @@ impl KernelMaps {
             |key, _| doomed(key.vlan),
             |key| key.vlan,
         )?;
+        self.remove_nat_where(|_, target| doomed(target.flow.vlan))?;
         Ok(self.release(&flows, &fragments))
+    }
+
+    /// Removes the source NAT mappings `doomed` selects; returns how many.
+    fn remove_nat_where(
+        &mut self,
+        doomed: impl Fn(&NatKey, &NatTarget) -> bool,
+    ) -> Result<u64, MapsError> {
+        let removed = remove_where(&mut self.nat_ports, map_names::NAT_PORTS, doomed, |_| 0)?;
+        Ok(removed.values().sum())
+    }
+
+    /// How much of the source NAT's port range is in use.
+    pub fn nat_use(&self) -> Result<NatUse, MapsError> {
+        let nat = self.settings()?.nat;
+        let mut by_peer = BTreeMap::<(NatKey, u8), usize>::new();
+        let mappings = self.nat_mappings()?;
+        for key in mappings.keys() {
+            let peer = NatKey {
+                nat_port: 0,
+                ..*key
+            };
+            *by_peer.entry((peer, key.protocol)).or_default() += 1;
+        }
+        Ok(NatUse {
+            address: nat.enabled().then(|| std::net::Ipv4Addr::from(nat.address)),
+            ports: (nat.port_first, nat.port_last),
+            mappings: mappings.len(),
+            busiest_peer: by_peer.values().copied().max().unwrap_or(0),
+        })
+    }
+
+    /// One source NAT mapping, if the kernel holds it.
+    pub fn nat_mapping(&self, key: &NatKey) -> Result<Option<NatTarget>, MapsError> {
+        match self.nat_ports.get(key, 0) {
+            Ok(target) => Ok(Some(target)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::NAT_PORTS)(e)),
+        }
+    }
+
+    /// Every source NAT mapping the kernel holds.
+    pub fn nat_mappings(&self) -> Result<BTreeMap<NatKey, NatTarget>, MapsError> {
+        read_hash(&self.nat_ports, map_names::NAT_PORTS)
     }
 
     /// Deletes the flows idle past their timeout and the fragment verdicts
@@ -273,9 +321,21 @@ impl KernelMaps {
             |_, verdict| now_ns.saturating_sub(verdict.created_ns) > fragment_timeout,
             |key| key.vlan,
         )?;
+        // A mapping leaves with its flow. The kernel maps a port before it
+        // writes the flow's entry: a young mapping without one is being made.
+        let conntrack = &self.conntrack;
+        let orphan = |key: &NatKey, target: &NatTarget| {
+            now_ns.saturating_sub(target.created_ns) >= NAT_SETTLE_NS
+                && !matches!(conntrack.get(&target.flow, 0),
+                    Ok(entry) if entry.nat_port == key.nat_port)
+        };
+        let nat_mappings = remove_where(&mut self.nat_ports, map_names::NAT_PORTS, orphan, |_| 0)?
+            .values()
+            .sum();
         let swept = Swept {
             flows: flows.values().sum(),
             fragments: fragments.values().sum(),
+            nat_mappings,
         };
         self.release(&flows, &fragments);
         Ok(swept)
@@ -582,7 +642,8 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-/// The kernel's copy of the NodeConfig settings it needs per packet.
+/// The kernel's copy of the NodeConfig settings it needs per packet. The
+/// interfaces are looked up in the caller's network namespace (the node's).
 pub fn settings(node: &NodeConfig) -> Settings {
     Settings {
         unknown_vlan_pass: u32::from(node.unknown_vlan == UnknownVlanAction::Pass),
@@ -591,8 +652,56 @@ pub fn settings(node: &NodeConfig) -> Settings {
         udp_timeout: node.connection_tracking.udp,
         max_flows_per_pod: node.max_flows_per_pod,
         max_fragments_per_pod: node.max_fragments_per_pod,
+        nat: nat_settings(node),
         ..Settings::default()
     }
+}
+
+/// Standard mode's source NAT as the kernel needs it: off (zero) with
+/// `externalSnat`, without an IPv4 primary address, or while an interface is
+/// missing (`status` says so).
+fn nat_settings(node: &NodeConfig) -> NatSettings {
+    let address = node.primary_ips.iter().find_map(|ip| match ip {
+        std::net::IpAddr::V4(v4) => Some(v4.octets()),
+        std::net::IpAddr::V6(_) => None,
+    });
+    let Some(address) = address.filter(|_| !node.external_snat) else {
+        return NatSettings::default();
+    };
+    let mut nat = NatSettings {
+        address,
+        port_first: *node.snat_port_range.start(),
+        port_last: *node.snat_port_range.end(),
+        primary_ifindex: ifindex(&node.primary_interface),
+        trunk_ifindex: ifindex(&node.trunk_interface),
+        ..NatSettings::default()
+    };
+    let exempt = node
+        .vpc_cidrs
+        .iter()
+        .chain(&node.exclude_snat_cidrs)
+        .filter_map(|cidr| match cidr.addr() {
+            std::net::IpAddr::V4(v4) => Some(NatPrefix {
+                addr: v4.octets(),
+                len: cidr.prefix_len(),
+                _pad: [0; 3],
+            }),
+            std::net::IpAddr::V6(_) => None,
+        });
+    // The parser refuses more than the array holds.
+    for (slot, prefix) in nat.exempt.iter_mut().zip(exempt) {
+        *slot = prefix;
+        nat.exempt_count += 1;
+    }
+    nat
+}
+
+/// The index of interface `name` in this network namespace; 0 if there is none.
+fn ifindex(name: &str) -> u32 {
+    std::ffi::CString::new(name)
+        // SAFETY: a valid C string for the duration of the call.
+        .map(|name| unsafe { libc::if_nametoindex(name.as_ptr()) })
+        .unwrap_or(0)
 }
 
 /// Removes the entries `doomed` selects; returns how many this call deleted,
@@ -625,12 +734,32 @@ fn remove_where<K: Pod, V: Pod>(
     Ok(removed)
 }
 
+/// Standard mode's source NAT as the kernel holds it (`status`, metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NatUse {
+    /// The address translated flows leave from; `None`: translation is off
+    /// (`externalSnat`, no IPv4 primary address, or an interface missing).
+    pub address: Option<std::net::Ipv4Addr>,
+    /// `snatPortRange`.
+    pub ports: (u16, u16),
+    /// Translated flows (mappings in `NAT_PORTS`).
+    pub mappings: usize,
+    /// The most ports one peer endpoint (address, port, protocol) holds: a
+    /// new flow to it is dropped once this reaches the range's size.
+    pub busiest_peer: usize,
+}
+
 /// What one [`KernelMaps::sweep`] deleted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Swept {
     pub flows: u64,
     pub fragments: u64,
+    pub nat_mappings: u64,
 }
+
+/// How long a source NAT mapping may wait for its flow's entry before the sweep
+/// counts it an orphan (the kernel writes the two one after the other).
+const NAT_SETTLE_NS: u64 = 1_000_000_000;
 
 fn read_hash<K: Pod + Ord, V: Pod>(
     map: &HashMap<MapData, K, V>,
@@ -663,6 +792,43 @@ mod tests {
         );
         state.node = node(mode, &["sg-node"]);
         crate::compile::compile(&state).expect("compiles")
+    }
+
+    /// Translation is on with both interfaces found and an IPv4 primary address; the
+    /// VPC's IPv4 CIDRs and `excludeSnatCidrs` are exempt, IPv6 ones are not kept.
+    #[test]
+    fn nat_settings_follow_the_node_config() {
+        let mut config = node(EnforcingMode::Standard, &["sg-node"]);
+        config.trunk_interface = "lo".to_string();
+        config.primary_interface = "lo".to_string();
+        config.vpc_cidrs.push("2600:1f00::/56".parse().unwrap());
+        config.exclude_snat_cidrs = vec!["192.168.0.0/16".parse().unwrap()];
+        config.snat_port_range = 50000..=50009;
+        let nat = settings(&config).nat;
+        assert!(nat.enabled());
+        assert_eq!(nat.address, [10, 0, 1, 10]);
+        assert_eq!(
+            (nat.port_first, nat.port_last, nat.port_count()),
+            (50000, 50009, 10)
+        );
+        assert_eq!(nat.exempt_count, 2);
+        for (addr, exempt) in [
+            ([10, 0, 200, 1], true),
+            ([192, 168, 3, 4], true),
+            ([192, 0, 2, 7], false),
+            ([10, 1, 0, 1], false),
+        ] {
+            assert_eq!(nat.exempts(addr), exempt, "{addr:?}");
+        }
+        let mut external = config.clone();
+        external.external_snat = true;
+        assert_eq!(settings(&external).nat, NatSettings::default());
+        let mut missing = config.clone();
+        missing.primary_interface = "sgp-no-such0".to_string();
+        assert!(!settings(&missing).nat.enabled());
+        let mut v6_only = config;
+        v6_only.primary_ips = vec!["2600:1f00::10".parse().unwrap()];
+        assert!(!settings(&v6_only).nat.enabled());
     }
 
     #[test]

@@ -464,6 +464,8 @@ const NODE_CONFIG_FIELDS: &[&str] = &[
     "primarySecurityGroups",
     "vpcCidrs",
     "externalSnat",
+    "excludeSnatCidrs",
+    "snatPortRange",
     "unknownVlan",
     "connectionTracking",
     "instanceType",
@@ -551,6 +553,25 @@ fn node_spec(
         None => Some(false),
         Some(f) => problems.ok(f.bool()),
     };
+    let exclude_snat_cidrs = optional_cidrs(spec, "excludeSnatCidrs", problems);
+    let exempt = vpc_cidrs
+        .iter()
+        .chain(&exclude_snat_cidrs)
+        .filter(|c| c.is_ipv4())
+        .count();
+    if exempt > enforcer_common::MAX_NAT_EXEMPT {
+        problems.push(Invalid::new(
+            &spec.path_of("excludeSnatCidrs"),
+            format!(
+                "{exempt} IPv4 CIDRs in vpcCidrs and excludeSnatCidrs; the kernel holds {}",
+                enforcer_common::MAX_NAT_EXEMPT
+            ),
+        ));
+    }
+    let snat_port_range = match spec.get("snatPortRange") {
+        None => Some(crate::model::DEFAULT_SNAT_PORT_RANGE),
+        Some(f) => problems.ok(f.str().and_then(|s| port_range(s, &f))),
+    };
     let tcp_early_demux_disabled = match spec.get("tcpEarlyDemuxDisabled") {
         None => Some(false),
         Some(f) => problems.ok(f.bool()),
@@ -573,15 +594,7 @@ fn node_spec(
         None => Some(defaults),
         Some(f) => conntrack(&f, defaults, problems),
     };
-    let service_cidrs: Vec<Cidr> = match spec.get("serviceCidrs") {
-        None => Vec::new(),
-        Some(f) => problems
-            .ok(f.items())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|c| problems.ok(c.cidr()))
-            .collect(),
-    };
+    let service_cidrs = optional_cidrs(spec, "serviceCidrs", problems);
     let bounded = |key, range, default, problems: &mut Problems| match spec.get(key) {
         None => Some(default),
         Some(f) => problems.ok(f.int_in::<usize>(range)),
@@ -624,6 +637,8 @@ fn node_spec(
         primary_security_groups,
         vpc_cidrs,
         external_snat: external_snat?,
+        exclude_snat_cidrs,
+        snat_port_range: snat_port_range?,
         unknown_vlan: unknown_vlan?,
         connection_tracking: connection_tracking?,
         instance_type: instance_type?,
@@ -634,6 +649,36 @@ fn node_spec(
         max_flows_per_pod: max_flows_per_pod?,
         max_fragments_per_pod: max_fragments_per_pod?,
     })
+}
+
+/// An optional list of CIDRs (empty when absent); each bad one is a problem.
+fn optional_cidrs(spec: &Field, key: &str, problems: &mut Problems) -> Vec<Cidr> {
+    match spec.get(key) {
+        None => Vec::new(),
+        Some(f) => problems
+            .ok(f.items())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| problems.ok(c.cidr()))
+            .collect(),
+    }
+}
+
+/// `snatPortRange`: `"FROM-TO"`, unprivileged ports, FROM <= TO.
+fn port_range(value: &str, field: &Field) -> Result<std::ops::RangeInclusive<u16>, Invalid> {
+    let parsed = value.split_once('-').and_then(|(from, to)| {
+        Some((
+            from.trim().parse::<u16>().ok()?,
+            to.trim().parse::<u16>().ok()?,
+        ))
+    });
+    match parsed {
+        Some((from, to)) if (1024..=to).contains(&from) => Ok(from..=to),
+        _ => Err(Invalid::new(
+            &field.path,
+            format!("{value:?} is not a port range FROM-TO with 1024 <= FROM <= TO <= 65535"),
+        )),
+    }
 }
 
 /// `enforce` or `audit` (NodeConfig `enforcingAction`, the pod's action annotation).
@@ -1117,12 +1162,14 @@ status: {podIP: 10.0.9.9}
         );
         assert_eq!(node.primary_ips, ["10.0.1.10".parse::<IpAddr>().unwrap()]);
         assert_eq!(node.vpc_cidrs, ["10.0.0.0/16".parse::<Cidr>().unwrap()]);
+        assert!(node.exclude_snat_cidrs.is_empty());
+        assert_eq!(node.snat_port_range, crate::model::DEFAULT_SNAT_PORT_RANGE);
     }
 
     #[test]
     fn node_config_settings() {
         let config = format!(
-            "{NODE_CONFIG}  enforcingMode: standard\n  enforcingAction: audit\n  tcpEarlyDemuxDisabled: true\n  unknownVlan: pass\n  externalSnat: true\n  maxSecurityGroupsPerPod: 16\n  maxRulesPerGroup: 62\n  maxFlowsPerPod: 1000\n  maxFragmentsPerPod: 20\n  connectionTracking: {{tcpEstablishedTimeout: 350, udpStreamTimeout: 60, udpTimeout: 60}}\n"
+            "{NODE_CONFIG}  enforcingMode: standard\n  enforcingAction: audit\n  tcpEarlyDemuxDisabled: true\n  unknownVlan: pass\n  externalSnat: true\n  excludeSnatCidrs: [198.51.100.0/24]\n  snatPortRange: 50000-50009\n  maxSecurityGroupsPerPod: 16\n  maxRulesPerGroup: 62\n  maxFlowsPerPod: 1000\n  maxFragmentsPerPod: 20\n  connectionTracking: {{tcpEstablishedTimeout: 350, udpStreamTimeout: 60, udpTimeout: 60}}\n"
         );
         let dir = StateDir::empty()
             .file("node.yaml", &config)
@@ -1133,6 +1180,11 @@ status: {podIP: 10.0.9.9}
         assert!(node.tcp_early_demux_disabled);
         assert_eq!(node.unknown_vlan, UnknownVlanAction::Pass);
         assert!(node.external_snat);
+        assert_eq!(
+            node.exclude_snat_cidrs,
+            ["198.51.100.0/24".parse::<Cidr>().unwrap()]
+        );
+        assert_eq!(node.snat_port_range, 50000..=50009);
         assert_eq!(
             (node.max_groups_per_pod, node.max_rules_per_group),
             (16, 62)
@@ -1222,6 +1274,17 @@ status: {podIP: 10.0.9.9}
         node_error(
             "  externalSNAT: true\n",
             &["spec.externalSNAT", "unknown field"],
+        );
+        for range in ["1000-2000", "60000-50000", "61000", "61000-70000"] {
+            node_error(
+                &format!("  snatPortRange: \"{range}\"\n"),
+                &["spec.snatPortRange", "not a port range"],
+            );
+        }
+        let many: Vec<String> = (0..32).map(|i| format!("198.51.{i}.0/24")).collect();
+        node_error(
+            &format!("  excludeSnatCidrs: [{}]\n", many.join(", ")),
+            &["spec.excludeSnatCidrs", "33 IPv4 CIDRs"],
         );
         node_error(
             "  instanceType: m5\n",
