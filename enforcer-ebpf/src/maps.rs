@@ -112,9 +112,17 @@ pub static EVENT_BUDGET: PerCpuArray<EventBudget, 1> = PerCpuArray::new();
 
 /// Standard mode's translated flows, by the tuple their peer answers; each
 /// names its `CONNTRACK` entry, which holds the same port. Not LRU: a mapping
-/// leaves with its flow (the agent's sweep), never while the flow lives.
+/// leaves with its flow (the agent's sweep), never while the flow lives. Not
+/// preallocated: a node without translated flows (strict pods, external SNAT)
+/// pays for the buckets alone, and a translated flow's first packet already
+/// pays for a rewrite.
 #[btf_map]
-pub static NAT_PORTS: HashMap<NatKey, NatTarget, { MAX_NAT_ENTRIES as usize }> = HashMap::new();
+pub static NAT_PORTS: HashMap<
+    NatKey,
+    NatTarget,
+    { MAX_NAT_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// The TC programs' [`crate::verdict::Subject`] of the frame being judged
 /// (see `tc_verdict` in main.rs for why not on the stack). Kernel only.

@@ -80,6 +80,22 @@ fn metadata(
     paths
 }
 
+/// IMDS of the example's node (`deploy/agent/example-state/node-config.yaml`) as
+/// `instance`, serving in the current network namespace.
+fn example_node_imds(instance: &str) -> Imds {
+    Imds::serve(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        metadata(
+            instance,
+            "0a:1b:2c:3d:4e:01",
+            &["10.0.1.10"],
+            &["sg-0node0000000000001"],
+            &["10.0.0.0/16", "2600:1f18:4a3:6900::/56"],
+        ),
+    )
+    .expect("IMDS")
+}
+
 /// An instance with a trunk ENI (moto's type set to `trunk`, as the VPC resource
 /// controller's is) in `subnet`; its instance ID and the trunk's ID and MAC.
 fn instance_with_trunk(
@@ -209,17 +225,7 @@ fn a_snapshot_of_the_served_example_reads_as_the_example() {
         kube.apply(object.clone());
     }
     let node = "ip-10-0-1-10.ec2.internal";
-    let imds = Imds::serve(
-        TcpListener::bind("127.0.0.1:0").unwrap(),
-        metadata(
-            &instance,
-            "0a:1b:2c:3d:4e:01",
-            &["10.0.1.10"],
-            &["sg-0node0000000000001"],
-            &["10.0.0.0/16", "2600:1f18:4a3:6900::/56"],
-        ),
-    )
-    .expect("IMDS");
+    let imds = example_node_imds(&instance);
     let kubeconfig = kube.kubeconfig(&work).expect("kubeconfig");
     let out_dir = work.join("snapshot");
     let snapshot = |out: &Path| {
@@ -778,17 +784,7 @@ fn the_example_served_live_is_enforced_on_the_virtual_node() {
     let (kube, imds) = namespace
         .enter(move || {
             let kube = KubeApi::serve(TcpListener::bind("127.0.0.1:0").unwrap()).expect("the API");
-            let imds = Imds::serve(
-                TcpListener::bind("127.0.0.1:0").unwrap(),
-                metadata(
-                    &instance,
-                    "0a:1b:2c:3d:4e:01",
-                    &["10.0.1.10"],
-                    &["sg-0node0000000000001"],
-                    &["10.0.0.0/16", "2600:1f18:4a3:6900::/56"],
-                ),
-            )
-            .expect("IMDS");
+            let imds = example_node_imds(&instance);
             (kube, imds)
         })
         .expect("servers in the node's namespace");
