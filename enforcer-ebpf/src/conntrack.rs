@@ -15,7 +15,7 @@ use crate::maps::{CONNTRACK, POD_TRACKED};
 use crate::parse::{
     Embedded, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Packet, is_icmp_echo,
 };
-use crate::verdict::FlowContext;
+use crate::subject::FlowContext;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;

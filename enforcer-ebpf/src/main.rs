@@ -14,6 +14,7 @@ mod nat;
 mod observe;
 mod parse;
 mod policy;
+mod subject;
 mod verdict;
 
 use aya_ebpf::{
@@ -25,7 +26,7 @@ use enforcer_common::Reason;
 
 use crate::maps::SUBJECTS;
 use crate::parse::Frame as _;
-use crate::verdict::{Deferred, Subject};
+use crate::subject::{Deferred, Subject};
 
 /// Which way a frame crosses the trunk, as seen by the pod.
 #[derive(Clone, Copy)]

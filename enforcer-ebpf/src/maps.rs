@@ -58,15 +58,28 @@ pub static NODE_LOCAL: HashMap<
 > = HashMap::new();
 
 /// Not LRU: an LRU table lets one pod's flood of new flows evict every other
-/// pod's. Entries are preallocated (no allocation per new flow) and leave when
-/// the agent sweeps them expired; each pod's share is capped (`POD_TRACKED`).
+/// pod's. Entries leave when the agent sweeps them expired; each pod's share is
+/// capped (`POD_TRACKED`). Not preallocated: memory follows the flows tracked
+/// (preallocated, the full table cost 42 MiB on every node, idle or not), and
+/// a new entry comes from the kernel's per-CPU element cache (BENCHMARKS.md
+/// measures what that costs a new flow). An allocation that fails refuses the
+/// flow's tracking as a full table does.
 #[btf_map]
-pub static CONNTRACK: HashMap<CtKey, CtEntry, { MAX_FLOWS as usize }> = HashMap::new();
+pub static CONNTRACK: HashMap<
+    CtKey,
+    CtEntry,
+    { MAX_FLOWS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
-/// Allowed fragmented datagrams; not LRU, for the same reason as `CONNTRACK`.
+/// Allowed fragmented datagrams; not LRU and not preallocated, as `CONNTRACK`.
 #[btf_map]
-pub static FRAGMENTS: HashMap<FragmentKey, FragmentVerdict, { MAX_FRAGMENTED_DATAGRAMS as usize }> =
-    HashMap::new();
+pub static FRAGMENTS: HashMap<
+    FragmentKey,
+    FragmentVerdict,
+    { MAX_FRAGMENTED_DATAGRAMS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Memory-mapped, so that the agent's sweep subtracts what it deleted with an
 /// atomic instruction, as the kernel adds.
@@ -124,7 +137,7 @@ pub static NAT_PORTS: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
-/// The TC programs' [`crate::verdict::Subject`] of the frame being judged
+/// The TC programs' [`crate::subject::Subject`] of the frame being judged
 /// (see `tc_verdict` in main.rs for why not on the stack). Kernel only.
 #[btf_map]
-pub static SUBJECTS: PerCpuArray<crate::verdict::Subject, 1> = PerCpuArray::new();
+pub static SUBJECTS: PerCpuArray<crate::subject::Subject, 1> = PerCpuArray::new();

@@ -10,7 +10,7 @@ use enforcer_common::{
 use crate::Direction;
 use crate::conntrack::now_ns;
 use crate::maps::{COUNTERS, EVENT_BUDGET, EVENTS, POD_TRAFFIC, RULE_TRAFFIC, SETTINGS};
-use crate::verdict::Subject;
+use crate::subject::Subject;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 const NS_PER_TOKEN: u64 = NS_PER_SEC / EVENTS_PER_SECOND;

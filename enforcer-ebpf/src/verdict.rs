@@ -16,59 +16,7 @@ use crate::parse::{
     self, Embedded, Fragment, Frame, IPPROTO_ICMPV6, IPPROTO_UDP, L3, Packet, ParseError,
 };
 use crate::policy;
-
-/// What a verdict was about, filled in as the frame is read, for the
-/// counters and events of `observe`.
-#[repr(C)]
-#[derive(Default)]
-pub struct Subject {
-    pub packet: Packet,
-    pub vlan: u16,
-    /// The VLAN has a pod.
-    pub pod: bool,
-    /// `packet` holds a parsed IP header.
-    pub ip: bool,
-    /// The pod is audited ([`POD_AUDIT`]).
-    pub audit: bool,
-    pub admitted: Admission,
-}
-
-/// What admitted a flow, beyond the verdict.
-#[repr(C)]
-#[derive(Default)]
-pub struct Admission {
-    /// Rule IDs ([`PortVerdict::rule`]) of the branch and primary rules
-    /// that allowed a new flow; 0 where none did.
-    pub rules: [u32; 2],
-    /// An egress frame of a source-NATed flow: its translated port (`nat.rs`); else 0.
-    pub nat_port: u16,
-    /// A new flow whose tracking waits for [`crate::nat::track`].
-    pub deferred: Deferred,
-}
-
-/// Tracking left to [`crate::nat::track`]: a standard-mode pod's new IPv4 flow
-/// that may leave the VPC, which decides whether it is translated.
-#[repr(u8)]
-#[derive(Clone, Copy, Default, PartialEq, Eq)]
-pub enum Deferred {
-    #[default]
-    No,
-    /// Tracked whatever happens.
-    Tracked,
-    /// Its rules make it untracked, unless it is translated.
-    Untracked,
-}
-
-impl Subject {
-    /// Whether a frame judged `reason` passes only because its pod is audited: the
-    /// groups refused it ([`Reason::is_audited`]). Judging never looks at audit, so
-    /// such a flow creates no conntrack entry (its first fragment is remembered as
-    /// refused): switched to enforce, the pod drops its next packet.
-    #[inline(always)]
-    pub fn would_drop(&self, reason: Reason) -> bool {
-        self.audit && reason.is_audited()
-    }
-}
+use crate::subject::{Admission, Deferred, FlowContext, Subject};
 
 /// Judges one frame: the reason says pass or drop, and why (audit aside:
 /// [`Subject::would_drop`]); `subject` says what about.
@@ -189,16 +137,6 @@ fn remember_first_fragment(packet: &Packet, vlan: u16, flow: &FlowContext) -> bo
                 .is_ok()
         },
     )
-}
-
-/// What every stage of a flow's verdict needs besides the packet.
-pub struct FlowContext<'a> {
-    pub vlan: u16,
-    pub direction: Direction,
-    /// Frame length, for the flow's byte counters.
-    pub len: u32,
-    pub now: u64,
-    pub settings: &'a Settings,
 }
 
 /// The verdict for a whole packet or a first fragment of a pod; what

@@ -13,8 +13,8 @@ use aya::maps::MapInfo;
 use enforcer::kernel::maps::KernelMaps;
 use enforcer_common::{PodEntry, PodTraffic, Reason, map_names};
 use support::{
-    Node, TestPod, TestState, ack_to, maps_of_attached_program, pin_pods_map_of_an_older_layout,
-    pinned_map, syn_to, wait_for,
+    Node, TestPod, TestState, ack_to, maps_of_attached_program, pin_conntrack_of_an_older_layout,
+    pin_pods_map_of_an_older_layout, pinned_map, syn_to, wait_for,
 };
 
 const OPEN: u16 = 80;
@@ -127,6 +127,39 @@ fn an_upgrade_over_a_pods_map_of_another_layout_migrates_it_without_a_moment_une
         .map(|name| pinned_map(&node, name).id())
         .collect();
     assert_eq!(again, ids, "a restart of the same build migrates nothing");
+}
+
+#[test]
+fn an_upgrade_over_a_conntrack_of_another_capacity_and_flags_keeps_the_tracked_flows() {
+    let mut node = Node::new();
+    let web = web();
+    node.write_state(&state(vec![web.clone()]));
+    node.start_agent();
+    node.wait_ready();
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 49000)], &[(Reason::PassNew, 1)]);
+    node.stop_agent(0);
+    let tracked = maps(&node).flows().expect("read CONNTRACK");
+    assert_eq!(tracked.len(), 1);
+    let counted = maps(&node).tracked(web.vlan);
+    let older = pin_conntrack_of_an_older_layout(&node, &tracked);
+
+    node.start_agent_under_denied_traffic(syn_to(&web, CLOSED, 49001));
+
+    // The new table replaced the older one, with the older one's flows in it.
+    let conntrack = pinned_map(&node, map_names::CONNTRACK);
+    assert_ne!(conntrack.id(), older, "the older CONNTRACK pin is replaced");
+    assert!(maps_of_attached_program(&node).contains(&conntrack.id()));
+    let carried: Vec<_> = maps(&node).flows().expect("read CONNTRACK");
+    assert_eq!(carried, tracked, "the tracked flow is carried as it was");
+    assert_eq!(
+        maps(&node).tracked(web.vlan),
+        counted,
+        "the pod's count still counts its entries"
+    );
+    node.expect_verdicts(
+        vec![ack_to(&web, OPEN, 49000)],
+        &[(Reason::PassEstablished, 1)],
+    );
 }
 
 #[test]

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::compile::{self, CompileError, Compiled};
 use crate::kernel::ebpf::{Attachment, LinkState};
-use crate::kernel::maps::{ApplyStats, KernelMaps, MapsError};
+use crate::kernel::maps::{ApplyStats, CarryStats, KernelMaps, MapsError, Pass};
 use crate::kernel::pins::Migration;
 use crate::kernel::xdp::{XdpMode, XdpSetting, XdpState};
 use crate::model::{BranchPod, EnforcingMode, GroupId, GroupsSource, Model};
@@ -338,11 +338,22 @@ impl Agent {
             self.attached = false;
         }
         if !self.migration.is_empty() {
+            // Flows the previous build tracked are tracked by this one from its first frame.
+            let before = self.maps.carry(self.migration.carried(), Pass::Before)?;
             // The new maps replace the old pins only once the programs that use them run.
             if !self.supervise() {
                 return Err(AgentError::Migration {
                     trunk: trunk.clone(),
                 });
+            }
+            let after = self.maps.carry(self.migration.carried(), Pass::After)?;
+            if before != CarryStats::default() || after != CarryStats::default() {
+                log::warn!(
+                    "tracked entries carried into the new tables: {}, then {} tracked meanwhile; {} found no room",
+                    before.copied,
+                    after.copied,
+                    after.dropped
+                );
             }
             self.migration.commit()?;
             self.map_pins = open_map_pins(&self.pin_path)?;

@@ -23,19 +23,26 @@
 //! path always names a whole map, never nothing (with unlink and pin, a
 //! reader would find no map, and a starting agent would create an empty one).
 //! A migrated map starts empty: entries the agent computes are written again,
-//! what the kernel accumulated in it (flows, counters) is lost.
+//! what the kernel accumulated in it (counters) is lost, except the tracked
+//! flows: a conntrack or fragment table whose keys and values kept their sizes
+//! (a new capacity, new flags) is **carried**: its entries are copied into the
+//! new table before the new programs run, and what the old programs tracked
+//! meanwhile once more after ([`Carried`]), so an upgrade never turns an
+//! established connection's replies into refused new flows. The pods' counts
+//! (`POD_TRACKED`) then stay as they are, counting the same entries.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use aya::Ebpf;
-use aya::maps::{MapError, MapInfo};
+use aya::maps::{MapData, MapError, MapInfo};
 use aya::sys::SyscallError;
 use enforcer_common::map_names;
 
 use crate::Error;
 use crate::kernel::bpffs::{create_dir, map_pin, remove_pin, staging_pin};
 use crate::kernel::ebpf::{loader, object};
+use crate::kernel::maps::Carried;
 
 /// The programs and maps of the embedded object, loaded over a pin path.
 pub struct Loaded {
@@ -51,7 +58,9 @@ pub struct Loaded {
 pub struct Migration {
     pin_path: PathBuf,
     maps: Vec<&'static str>,
+    carried: Carried,
 }
+
 
 /// Loads the object with every map pinned under `pin_path/maps/`: maps of the
 /// same layout are reused, those of another are migrated (see the module).
@@ -67,6 +76,7 @@ pub fn load(pin_path: &Path) -> Result<Loaded, Error> {
     let mut loader = loader(&level);
     let mut migrated = Vec::new();
     let mut reused = Vec::new();
+    let mut carried = Carried::default();
     for name in map_names::ALL {
         let definition = definitions.get(name).ok_or(Error::MissingMap(name))?;
         // A staging pin left by an upgrade that did not finish.
@@ -75,7 +85,20 @@ pub fn load(pin_path: &Path) -> Result<Loaded, Error> {
         match MapInfo::from_pin(&live) {
             Ok(pinned) if same_layout(definition, &pinned) => reused.push(name),
             // Created unpinned and pinned below: aya would reuse any map at a pin path it is given.
-            Ok(_) => migrated.push(name),
+            Ok(pinned) => {
+                if same_entries(definition, &pinned)
+                    && let Some(slot) = carried.previous(name)
+                {
+                    let previous = MapData::from_pin(&live).map_err(|source| {
+                        Error::PinnedMap {
+                            path: live.clone(),
+                            source,
+                        }
+                    })?;
+                    *slot = Some(previous);
+                }
+                migrated.push(name)
+            }
             Err(MapError::SyscallError(SyscallError { io_error, .. }))
                 if io_error.kind() == io::ErrorKind::NotFound =>
             {
@@ -85,11 +108,8 @@ pub fn load(pin_path: &Path) -> Result<Loaded, Error> {
         }
     }
     // Each pod's count of entries must describe the tables it counts: new
-    // (empty) tables start with new (zero) counts.
-    if migrated
-        .iter()
-        .any(|name| [map_names::CONNTRACK, map_names::FRAGMENTS].contains(name))
-    {
+    // (empty) tables start with new (zero) counts; carried ones keep theirs.
+    if migrated.iter().any(|name| carried.loses(name)) {
         reused.retain(|name| *name != map_names::POD_TRACKED);
         if !migrated.contains(&map_names::POD_TRACKED) {
             migrated.push(map_names::POD_TRACKED);
@@ -116,6 +136,7 @@ pub fn load(pin_path: &Path) -> Result<Loaded, Error> {
         migration: Migration {
             pin_path: pin_path.to_path_buf(),
             maps: migrated,
+            carried,
         },
     })
 }
@@ -148,19 +169,31 @@ fn remove_unknown_pins(pin_path: &Path) -> Result<(), Error> {
 /// Whether the kernel map `pinned` is what the object defines: the programs
 /// and userspace may use it as their own.
 fn same_layout(definition: &aya_obj::Map, pinned: &MapInfo) -> bool {
+    same_entries(definition, pinned)
+        && pinned.max_entries() == definition.max_entries()
+        && pinned.map_flags() == definition.map_flags()
+}
+
+/// Whether the pinned map holds entries of the object's map's shape (type, key
+/// and value sizes: the same test `same_layout` trusts), whatever its capacity
+/// and flags.
+fn same_entries(definition: &aya_obj::Map, pinned: &MapInfo) -> bool {
     pinned
         .map_type()
         .is_ok_and(|t| t as u32 == definition.map_type())
         && pinned.key_size() == definition.key_size()
         && pinned.value_size() == definition.value_size()
-        && pinned.max_entries() == definition.max_entries()
-        && pinned.map_flags() == definition.map_flags()
 }
 
 impl Migration {
     /// No map was migrated.
     pub fn is_empty(&self) -> bool {
         self.maps.is_empty()
+    }
+
+    /// The previous tracking tables whose entries the new ones take over.
+    pub fn carried(&mut self) -> &mut Carried {
+        &mut self.carried
     }
 
     /// Points the live pins at the migrated maps; call only once the programs
@@ -180,6 +213,8 @@ impl Migration {
             self.maps.remove(0);
             log::warn!("map {name}: migrated to the new layout");
         }
+        // The previous tables go with the previous programs.
+        self.carried = Carried::default();
         Ok(())
     }
 }

@@ -13,7 +13,9 @@ use aya::EbpfLoader;
 use aya::maps::HashMap;
 use aya::programs::SchedClassifier;
 use enforcer::model::{Direction, EnforcingMode, L4Match, Model, NodeConfig};
-use enforcer_common::{MAX_UNFILTERED_V4, MAX_UNFILTERED_V6, POD_HAS_IPV4, PodEntry, Reason};
+use enforcer_common::{
+    MAX_FLOWS, MAX_UNFILTERED_V4, MAX_UNFILTERED_V6, POD_HAS_IPV4, PodEntry, Reason, map_names,
+};
 use enforcer_tests::frame::{self, Ip, L4, TCP_ACK, Tag};
 use enforcer_tests::kernel::Kernel;
 use enforcer_tests::random::{Rng, packet_for_rule, scale_model};
@@ -218,6 +220,8 @@ struct Throughput {
     set_elements: usize,
     /// Spot-check frames the groups allow and deny.
     spot_checked: (usize, usize),
+    /// The conntrack's memory: (bytes it grew by, flows it tracked) over one run of new flows.
+    conntrack_growth: (u64, usize),
 }
 
 impl Throughput {
@@ -316,6 +320,13 @@ fn throughput(rng: &mut Rng, model: &Model, quick: bool) -> Result<Throughput> {
         }
     }
 
+    let conntrack_memory = || -> Result<u64> {
+        Ok(map_memory()?
+            .get(map_names::CONNTRACK)
+            .copied()
+            .unwrap_or_default())
+    };
+    let mut conntrack_growth = (0, 0);
     let mut new_runs: Vec<Vec<f64>> = vec![Vec::new(); Filter::ALL.len()];
     let mut established_runs: Vec<Vec<f64>> = vec![Vec::new(); Filter::ALL.len()];
     for _ in 0..repeats {
@@ -324,8 +335,13 @@ fn throughput(rng: &mut Rng, model: &Model, quick: bool) -> Result<Throughput> {
             let measured = (|| -> Result<(f64, f64)> {
                 bed.forget_flows()?;
                 let (tracked_before, new_before) = bed.tracked_counts(filter)?;
+                let memory_before = conntrack_memory()?;
                 let run = bed.run(&stored_flows, false, budget)?;
                 let (tracked_after, new_after) = bed.tracked_counts(filter)?;
+                if filter == Filter::Enforcer {
+                    let grown = conntrack_memory()?.saturating_sub(memory_before);
+                    conntrack_growth = (grown, bed.tracked_flows()?);
+                }
                 if run.received * 2 < run.sent {
                     bail!(
                         "{}: {} of {} new flows arrived",
@@ -418,6 +434,7 @@ fn throughput(rng: &mut Rng, model: &Model, quick: bool) -> Result<Throughput> {
             checks.iter().filter(|(_, allowed)| *allowed).count(),
             checks.iter().filter(|(_, allowed)| !*allowed).count(),
         ),
+        conntrack_growth,
     })
 }
 
@@ -532,6 +549,11 @@ fn main() -> Result<()> {
     let change_split = [ms(incremental_parts.0), ms(incremental_parts.1)];
     let tput = throughput(&mut rng, &big, options.quick)?;
     let (full_ms, change_ms) = (ms(full), ms(incremental));
+    // The conntrack's memory follows the flows tracked: what one costs, and the table full.
+    let (grown, tracked) = tput.conntrack_growth;
+    let per_flow = grown as f64 / tracked.max(1) as f64;
+    let conntrack_full = memory.get(map_names::CONNTRACK).copied().unwrap_or_default() as f64
+        + per_flow * f64::from(MAX_FLOWS);
 
     let report = json!({
         "floor_ns": floor,
@@ -563,7 +585,8 @@ fn main() -> Result<()> {
         "apply_ms": {"pods": PODS, "rules_per_pod": 960, "full": full_ms, "one_group_change": change_ms,
             "full_compile": full_split[0], "full_maps": full_split[1],
             "one_group_change_compile": change_split[0], "one_group_change_maps": change_split[1]},
-        "memory_bytes": {"maps": memory.values().sum::<u64>(), "by_map": memory},
+        "memory_bytes": {"maps": memory.values().sum::<u64>(), "by_map": memory,
+            "conntrack_per_flow": per_flow, "conntrack_full": conntrack_full},
         "entries": {"peers_v4": entries[0], "peers_v6": entries[1], "port_ranges": entries[2]},
     });
     std::fs::write(&options.json, serde_json::to_string_pretty(&report)? + "\n")
@@ -610,6 +633,10 @@ fn main() -> Result<()> {
         .map(|(name, bytes)| format!("{name} {:.1}", mib(**bytes)))
         .collect();
     println!("  largest maps, MiB: {}", largest.join(", "));
+    println!(
+        "  conntrack: {per_flow:.0} bytes a tracked flow ({tracked} flows measured); {:.1} MiB with all {MAX_FLOWS} tracked",
+        conntrack_full / (1 << 20) as f64
+    );
     println!(
         "throughput through the trunk, 960 rules/pod, median of {} (spot check: {} allowed and {} denied frames, same verdicts):",
         tput.repeats, tput.spot_checked.0, tput.spot_checked.1

@@ -281,6 +281,11 @@ impl Bed {
         self.node().enter(flush_conntrack)?
     }
 
+    /// How many flows the enforcer tracks now.
+    pub fn tracked_flows(&self) -> Result<usize> {
+        Ok(self.enforcer.as_ref().expect("loaded").maps.flow_count()?)
+    }
+
     /// What the filter counted as passing tracked flows (enforcer: `PassEstablished`;
     /// nftables: the established rule), and as new flows allowed (enforcer only).
     pub fn tracked_counts(&self, filter: Filter) -> Result<(u64, u64)> {

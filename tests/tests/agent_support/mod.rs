@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aya::maps::MapInfo;
-use enforcer_common::{PodEntry, Reason, counter_slot, map_names};
+use enforcer_common::{CtEntry, CtKey, PodEntry, Reason, counter_slot, map_names};
 use enforcer_tests::frame::{self, Tag};
 
 /// The agent's metrics endpoint inside the node's namespace.
@@ -512,6 +512,43 @@ pub fn pin_pods_map_of_an_older_layout(node: &Node) -> u32 {
 
 /// Creates a map pinned at `pin` with `bpftool map create` and its `definition`
 /// (type, key, value, entries, name, flags), as another build would have.
+/// Replaces the pinned `CONNTRACK` with the table a build that preallocated half
+/// as many entries would have pinned, holding `flows` (the attached programs
+/// keep the map they hold).
+pub fn pin_conntrack_of_an_older_layout(node: &Node, flows: &[(CtKey, CtEntry)]) -> u32 {
+    let pin = enforcer::kernel::bpffs::map_pin(&node.pin_path, map_names::CONNTRACK);
+    let current = pinned_map(node, map_names::CONNTRACK);
+    std::fs::remove_file(&pin).expect("unpin CONNTRACK");
+    let (key, value) = (size_of::<CtKey>().to_string(), size_of::<CtEntry>().to_string());
+    let entries = (current.max_entries() / 2).to_string();
+    create_pinned_map(
+        &pin,
+        &[
+            "type",
+            "hash",
+            "key",
+            &key,
+            "value",
+            &value,
+            "entries",
+            &entries,
+            "name",
+            map_names::CONNTRACK,
+            "flags",
+            "0",
+        ],
+    );
+    let data = aya::maps::MapData::from_pin(&pin).expect("open the older CONNTRACK");
+    let mut older: aya::maps::HashMap<_, CtKey, CtEntry> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("a hash map");
+    for (key, entry) in flows {
+        older.insert(key, entry, 0).expect("write a flow");
+    }
+    let older = pinned_map(node, map_names::CONNTRACK);
+    assert_ne!(older.map_flags(), current.map_flags());
+    older.id()
+}
+
 pub fn create_pinned_map(pin: &std::path::Path, definition: &[&str]) {
     let out = Command::new("bpftool")
         .args(["map", "create"])

@@ -21,11 +21,13 @@ use crate::policy::eval::RuleRef;
 
 mod apply;
 mod batch;
+mod carry;
 mod ports;
 mod tracked;
 
 use apply::Diff;
 pub use apply::admit;
+pub use carry::{CarryStats, Carried, Pass};
 use batch::{remove_hash, write_hash};
 
 /// Errors of reading or writing a map, naming it.
