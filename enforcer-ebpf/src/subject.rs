@@ -1,7 +1,8 @@
 //! What the stages of one frame's verdict share: what the verdict is about
 //! ([`Subject`], for the counters and events) and what every stage of a
-//! flow's verdict needs besides the packet ([`FlowContext`]). Below every
-//! stage, so that the maps, the tracker and source NAT can name them.
+//! flow's verdict needs besides the packet ([`FlowContext`], with the
+//! [`Stage`] judging it). Below every stage, so that the maps, the tracker
+//! and source NAT can name them.
 
 use enforcer_common::{Reason, Settings};
 
@@ -69,4 +70,17 @@ pub struct FlowContext<'a> {
     pub len: u32,
     pub now: u64,
     pub settings: &'a Settings,
+    pub stage: Stage,
+}
+
+/// Who judges a frame (ARCHITECTURE.md, "XDP and TC").
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// TC: the verdict with every effect (flows tracked, fragments remembered).
+    Judge,
+    /// XDP, before TC: the same decision without effects, whose drops are
+    /// final; a pass leaves the frame to TC. A decision that an earlier frame
+    /// of the same batch could still change (a later fragment, whose first
+    /// fragment TC has not remembered yet) is left to TC as a pass.
+    Screen,
 }

@@ -16,12 +16,18 @@ use crate::parse::{
     self, Embedded, Fragment, Frame, IPPROTO_ICMPV6, IPPROTO_UDP, L3, Packet, ParseError,
 };
 use crate::policy;
-use crate::subject::{Admission, Deferred, FlowContext, Subject};
+use crate::subject::{Admission, Deferred, FlowContext, Stage, Subject};
 
-/// Judges one frame: the reason says pass or drop, and why (audit aside:
-/// [`Subject::would_drop`]); `subject` says what about.
+/// Judges one frame at `stage`: the reason says pass or drop, and why (audit
+/// aside: [`Subject::would_drop`]); `subject` says what about.
 #[inline(always)]
-pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut Subject) -> Reason {
+pub fn judge<F: Frame>(
+    frame: &F,
+    direction: Direction,
+    len: u32,
+    subject: &mut Subject,
+    stage: Stage,
+) -> Reason {
     let Some(settings) = SETTINGS.get(0) else {
         return Reason::DropUnknownVlan;
     };
@@ -70,7 +76,7 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut 
         return Reason::DropSpoofed;
     }
     if packet.fragment == Fragment::Later {
-        return if first_fragment_allowed(packet, l2.vlan) {
+        return if stage == Stage::Screen || first_fragment_allowed(packet, l2.vlan) {
             Reason::PassFragment
         } else {
             Reason::DropFragment
@@ -82,9 +88,11 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut 
         len,
         now: conntrack::now_ns(),
         settings,
+        stage,
     };
     let reason = judge_flow(frame, pod, packet, &flow, &mut subject.admitted);
     if packet.fragment == Fragment::First
+        && stage == Stage::Judge
         && !reason.is_drop()
         && !remember_first_fragment(packet, l2.vlan, &flow)
     {
@@ -156,7 +164,12 @@ fn judge_flow<F: Frame>(
         Direction::Egress => &packet.dst,
     };
     let key = conntrack::key(vlan, packet, direction);
-    if let Some(nat_port) = conntrack::track_existing(&key, packet, flow) {
+    if flow.stage == Stage::Screen && conntrack::takes(&key, packet, flow) {
+        return Reason::PassEstablished;
+    }
+    if flow.stage == Stage::Judge
+        && let Some(nat_port) = conntrack::track_existing(&key, packet, flow)
+    {
         if let Direction::Egress = direction {
             admitted.nat_port = nat_port;
         }
@@ -208,6 +221,9 @@ fn judge_flow<F: Frame>(
             branch.flags & primary.flags & VERDICT_UNTRACKED != 0,
         )
     };
+    if flow.stage == Stage::Screen {
+        return Reason::PassNew;
+    }
     if standard && matches!(direction, Direction::Egress) && nat::may_apply(packet, flow.settings) {
         // Tracked (and translated, off the VPC) by `nat::track` once the
         // frame's verdict is in: kept out of here for the verifier's sake.

@@ -216,11 +216,11 @@ fn replies_pass_through_conntrack() {
     assert_dropped_by_the_enforcer(&probe(&mut node, &reverse), &reverse);
 }
 
-/// What the trunk receives is judged at XDP: a denied flow's frames are dropped there, before
-/// the kernel builds a packet (TC ingress never runs for them), and what XDP passes is not
-/// judged again by TC.
+/// What the trunk receives is screened at XDP: a denied flow's frames are dropped there, before
+/// the kernel builds a packet (TC ingress never runs for them), and what XDP passes is judged
+/// and counted by TC alone.
 #[test]
-fn xdp_drops_a_denied_flow_before_tc_and_judges_each_frame_once() {
+fn xdp_drops_a_denied_flow_before_tc_and_each_frame_counts_once() {
     let mut node = example_node(Strict);
     // Run counts are kept while this descriptor is open.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run statistics");
@@ -251,19 +251,23 @@ fn xdp_drops_a_denied_flow_before_tc_and_judges_each_frame_once() {
         "every drop at XDP: XDP ran {xdp} times, TC ingress {tc}, {observation:?}"
     );
 
-    // An allowed flow: its replies arrive on the trunk, are judged at XDP and counted once
-    // (TC recounting them would add a second reason per frame).
+    // An allowed flow: XDP passes its replies on, and TC judges and counts each once
+    // (XDP counting them too would add a second reason per frame).
     let allowed = example_flow(&example::web(), &example::rds(), Probe::Tcp(5432));
     let before = runs(&node);
     let observation = probe(&mut node, &allowed);
     assert_completed(&observation, &allowed);
     let after = runs(&node);
-    let (xdp, egress) = (after.0 - before.0, after.2 - before.2);
+    let (xdp, tc, egress) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
+    assert_eq!(
+        xdp, tc,
+        "XDP passed every frame of the allowed flow on to TC"
+    );
     let counted: u64 = observation.reasons.iter().map(|(_, n)| n).sum();
     assert_eq!(
         counted,
-        xdp + egress,
-        "one reason per frame: XDP ran {xdp} times, TC egress {egress}, {observation:?}"
+        tc + egress,
+        "one reason per frame: TC ingress ran {tc} times, TC egress {egress}, {observation:?}"
     );
 }
 
