@@ -35,7 +35,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use aya::Ebpf;
-use aya::maps::{MapData, MapError, MapInfo};
+use aya::maps::{Map, MapData, MapError, MapInfo};
 use aya::sys::SyscallError;
 use enforcer_common::map_names;
 
@@ -60,7 +60,6 @@ pub struct Migration {
     maps: Vec<&'static str>,
     carried: Carried,
 }
-
 
 /// Loads the object with every map pinned under `pin_path/maps/`: maps of the
 /// same layout are reused, those of another are migrated (see the module).
@@ -89,13 +88,12 @@ pub fn load(pin_path: &Path) -> Result<Loaded, Error> {
                 if same_entries(definition, &pinned)
                     && let Some(slot) = carried.previous(name)
                 {
-                    let previous = MapData::from_pin(&live).map_err(|source| {
-                        Error::PinnedMap {
-                            path: live.clone(),
-                            source,
-                        }
-                    })?;
-                    *slot = Some(previous);
+                    let pinned = |source| Error::PinnedMap {
+                        path: live.clone(),
+                        source,
+                    };
+                    let previous = MapData::from_pin(&live).map_err(pinned)?;
+                    *slot = Some(Map::from_map_data(previous).map_err(pinned)?);
                 }
                 migrated.push(name)
             }

@@ -552,7 +552,10 @@ fn main() -> Result<()> {
     // The conntrack's memory follows the flows tracked: what one costs, and the table full.
     let (grown, tracked) = tput.conntrack_growth;
     let per_flow = grown as f64 / tracked.max(1) as f64;
-    let conntrack_full = memory.get(map_names::CONNTRACK).copied().unwrap_or_default() as f64
+    let conntrack_full = memory
+        .get(map_names::CONNTRACK)
+        .copied()
+        .unwrap_or_default() as f64
         + per_flow * f64::from(MAX_FLOWS);
 
     let report = json!({

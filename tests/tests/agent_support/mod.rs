@@ -519,7 +519,10 @@ pub fn pin_conntrack_of_an_older_layout(node: &Node, flows: &[(CtKey, CtEntry)])
     let pin = enforcer::kernel::bpffs::map_pin(&node.pin_path, map_names::CONNTRACK);
     let current = pinned_map(node, map_names::CONNTRACK);
     std::fs::remove_file(&pin).expect("unpin CONNTRACK");
-    let (key, value) = (size_of::<CtKey>().to_string(), size_of::<CtEntry>().to_string());
+    let (key, value) = (
+        size_of::<CtKey>().to_string(),
+        size_of::<CtEntry>().to_string(),
+    );
     let entries = (current.max_entries() / 2).to_string();
     create_pinned_map(
         &pin,

@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 
 use aya::Pod;
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{HashMap, Map, MapData, MapError};
 use enforcer_common::{CtEntry, CtKey, FragmentKey, FragmentVerdict, map_names};
 
 use super::{KernelMaps, MapsError, map_err};
@@ -22,15 +22,15 @@ use super::{KernelMaps, MapsError, map_err};
 /// open until the migration commits.
 #[derive(Debug, Default)]
 pub struct Carried {
-    conntrack: Option<MapData>,
-    fragments: Option<MapData>,
+    conntrack: Option<Map>,
+    fragments: Option<Map>,
     /// Entries given back to their pods' counts: never twice.
     given_back: (BTreeSet<CtKey>, BTreeSet<FragmentKey>),
 }
 
 impl Carried {
     /// Where the previous table of map `name` is kept, if it is a tracking table.
-    pub fn previous(&mut self, name: &str) -> Option<&mut Option<MapData>> {
+    pub fn previous(&mut self, name: &str) -> Option<&mut Option<Map>> {
         match name {
             map_names::CONNTRACK => Some(&mut self.conntrack),
             map_names::FRAGMENTS => Some(&mut self.fragments),
@@ -112,14 +112,14 @@ impl KernelMaps {
 /// Copies `previous`'s entries into `into` for `pass`; returns the keys that
 /// found no room and were not given back before (now added to `given_back`).
 fn copy<K: Pod + Ord, V: Tracked>(
-    previous: &MapData,
+    previous: &Map,
     into: &mut HashMap<MapData, K, V>,
     pass: Pass,
     given_back: &mut BTreeSet<K>,
     stats: &mut CarryStats,
 ) -> Result<Vec<K>, MapsError> {
     let name = V::MAP;
-    let previous: HashMap<&MapData, K, V> = HashMap::new(previous).map_err(map_err(name))?;
+    let previous: HashMap<&MapData, K, V> = HashMap::try_from(previous).map_err(map_err(name))?;
     let entries: Vec<(K, V)> = previous
         .iter()
         .collect::<Result<_, _>>()

@@ -27,8 +27,8 @@ mod tracked;
 
 use apply::Diff;
 pub use apply::admit;
-pub use carry::{CarryStats, Carried, Pass};
 use batch::{remove_hash, write_hash};
+pub use carry::{Carried, CarryStats, Pass};
 
 /// Errors of reading or writing a map, naming it.
 #[derive(Debug, thiserror::Error)]
