@@ -15,15 +15,9 @@ const TARGET: &str = "bpfel-unknown-none";
 const CRATES: [&str; 2] = ["enforcer-ebpf", "testbed-ebpf"];
 
 /// The objects they build: the enforcer's (embedded by `enforcer/build.rs`), the
-/// benchmarks' floor (`tests/src/bin/bench.rs`), the virtual node's
-/// (`tests/src/testbed.rs`) and the throughput bench's traffic generator
-/// (`tests/src/testbed/generator.rs`).
-const OBJECTS: [&str; 4] = [
-    "enforcer-ebpf",
-    "enforcer-floor",
-    "testbed-ebpf",
-    "testbed-generator",
-];
+/// benchmarks' floor (`tests/src/bin/bench.rs`) and the virtual node's
+/// (`tests/src/testbed.rs`).
+const OBJECTS: [&str; 3] = ["enforcer-ebpf", "enforcer-floor", "testbed-ebpf"];
 
 /// Where the object `name` of `profile` is staged: `target/bpf/<profile>/<name>.o`, with
 /// `profile` named as cargo names its output directories and tells build scripts

@@ -1,59 +1,41 @@
-//! The throughput bench's traffic, made on the node's trunk itself: frames stored in the
-//! generator's map (`tests/testbed-ebpf/src/bin/generator.rs`) are injected into the trunk's
-//! receive path by `BPF_PROG_TEST_RUN` in live-frames mode, as the trunk's driver would pass
-//! them up. No sender pays a system call, a socket or an skb of its own per frame: what the
-//! CPU spends is the node's receive path, the filter, routing and delivery to the pod.
+//! The throughput bench's traffic: frames sent into the trunk from the VPC's end of its
+//! veth pair through a packet socket's transmit ring (`PACKET_TX_RING`, past the queueing
+//! discipline), a ring of frames per system call. The trunk receives them as a NIC's driver
+//! hands frames up (its native XDP program, when attached, runs first), and the node's path,
+//! the filter, routing and delivery to the pod all run on the sender's CPU, in its system
+//! call or that CPU's softirq thread.
+//!
+//! Why not `BPF_PROG_TEST_RUN` in live-frames mode, which injects with no sender at all: the
+//! kernel these nodes run refuses it (`EPERM`). The sender's share of each frame (an skb
+//! built and handed to the veth) is the same for every filter, so it narrows their ratios.
 
 use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use aya::Ebpf;
-use aya::maps::Array;
-use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
 
 use super::netns::Namespace;
 
-const PROGRAM: &str = "generate";
-/// Map layouts, as `tests/testbed-ebpf/src/bin/generator.rs` declares them.
-const FRAMES: &str = "FRAMES";
-const CURSOR: &str = "CURSOR";
-const DRIVER_XDP: &str = "DRIVER_XDP";
-const FRAME_ROOM: usize = 128;
-/// Frames per test run's batch: what a driver's NAPI poll passes up at once.
-const BATCH: u32 = 64;
-/// Frames per test run, at most: the budget is checked between runs, and each run waits
-/// (idle, untimed) for RCU grace periods as it enters and leaves the XDP dispatcher.
-const RUN: u32 = 1 << 15;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Frame {
-    len: u32,
-    bytes: [u8; FRAME_ROOM],
-}
-
-// SAFETY: plain integers, no padding (4 + 128 bytes, 4-aligned).
-unsafe impl aya::Pod for Frame {}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Cursor {
-    next: u32,
-    first: u32,
-    end: u32,
-}
-
-// SAFETY: plain integers, no padding.
-unsafe impl aya::Pod for Cursor {}
+/// Bytes of one ring slot: the slot's header, then the frame.
+const SLOT: usize = 256;
+/// Where a slot's frame starts (`TPACKET2_HDRLEN - sizeof(struct sockaddr_ll)`).
+const DATA: usize = 32;
+/// Slots of the ring: what one system call sends.
+const SLOTS: usize = 1024;
+const BLOCK: usize = 1 << 16;
+/// `tp_status` values (linux/if_packet.h).
+const AVAILABLE: u32 = 0;
+const SEND_REQUEST: u32 = 1;
+const WRONG_FORMAT: u32 = 4;
 
 /// Frames stored in the generator, to be sent by [`Generator::send`].
 #[derive(Clone, Debug)]
-pub struct Frames(Range<u32>);
+pub struct Frames(Range<usize>);
 
 impl Frames {
     pub fn len(&self) -> u64 {
-        u64::from(self.0.end - self.0.start)
+        self.0.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
@@ -61,138 +43,92 @@ impl Frames {
     }
 }
 
-/// The loaded generator for one trunk.
+/// A packet socket on the VPC's end of the trunk, with its transmit ring mapped.
 pub struct Generator {
-    ebpf: Ebpf,
-    /// The trunk's interface index, in its namespace.
-    ifindex: u32,
-    /// Entries of FRAMES in use.
-    stored: u32,
+    socket: OwnedFd,
+    ring: *mut u8,
+    /// The ring slot the kernel sends next: it goes round the ring, send after send.
+    head: usize,
+    /// Every frame stored, in order.
+    stored: Vec<Vec<u8>>,
 }
 
-impl Generator {
-    /// Loads the generator for `trunk` in `node`.
-    pub fn load(node: &Namespace, trunk: &str) -> Result<Self> {
-        let path = crate::staged::object("testbed-generator");
-        let mut ebpf = Ebpf::load_file(&path).with_context(|| {
-            format!(
-                "loading {} (run `{}`)",
-                path.display(),
-                crate::staged::build_command(crate::staged::PROFILE)
-            )
-        })?;
-        program(&mut ebpf)?
-            .load()
-            .context("the verifier rejected the generator")?;
-        let ifindex = node.enter(|| super::datapath::ifindex(trunk))??;
-        Ok(Self {
-            ebpf,
-            ifindex,
-            stored: 0,
-        })
-    }
+// SAFETY: the ring is memory of the socket's own, touched only by the thread that sends.
+unsafe impl Send for Generator {}
 
-    /// Runs `program` (an XDP program) on every frame after the generator made it, as a
-    /// native XDP program runs in the trunk's driver; `None` removes it.
-    pub fn set_driver_xdp(&mut self, program: Option<&aya::programs::ProgramFd>) -> Result<()> {
-        let mut slots: aya::maps::ProgramArray<_> = aya::maps::ProgramArray::try_from(
-            self.ebpf.map_mut(DRIVER_XDP).context("map DRIVER_XDP")?,
-        )?;
-        match program {
-            Some(fd) => slots.set(0, fd, 0)?,
-            None => slots.clear_index(&0)?,
-        }
-        Ok(())
+impl Generator {
+    /// Opens the sender on `link` in `vpc`.
+    pub fn load(vpc: &Namespace, link: &str) -> Result<Self> {
+        let link = link.to_string();
+        let socket = vpc.enter(move || open(&link))??;
+        let ring = map_ring(&socket)?;
+        Ok(Self {
+            socket,
+            ring,
+            head: 0,
+            stored: Vec::new(),
+        })
     }
 
     /// Stores `frames` after those already stored.
     pub fn store(&mut self, frames: &[Vec<u8>]) -> Result<Frames> {
-        let mut map: Array<_, Frame> =
-            Array::try_from(self.ebpf.map_mut(FRAMES).context("map FRAMES")?)?;
-        let first = self.stored;
-        let end = u32::try_from(frames.len())
-            .ok()
-            .and_then(|n| first.checked_add(n))
-            .filter(|end| *end <= map.len())
-            .with_context(|| {
-                format!(
-                    "{} frames do not fit in the generator ({} of {} stored)",
-                    frames.len(),
-                    first,
-                    map.len()
-                )
-            })?;
-        for (index, bytes) in (first..end).zip(frames) {
-            let mut frame = Frame {
-                len: bytes.len() as u32,
-                bytes: [0; FRAME_ROOM],
-            };
-            frame
-                .bytes
-                .get_mut(..bytes.len())
-                .with_context(|| format!("a frame of {} bytes", bytes.len()))?
-                .copy_from_slice(bytes);
-            map.set(index, frame, 0)?;
+        if let Some(frame) = frames.iter().find(|f| f.len() > SLOT - DATA) {
+            bail!("a frame of {} bytes does not fit a ring slot", frame.len());
         }
-        self.stored = end;
-        Ok(Frames(first..end))
+        let first = self.stored.len();
+        self.stored.extend_from_slice(frames);
+        Ok(Frames(first..self.stored.len()))
     }
 
-    /// Passes `count` of `frames` (cycling through them) up the trunk, or as many as take
-    /// `budget` of CPU time, from a thread in `node` pinned to the last CPU: the node's softirq
-    /// work runs there too, so what the kernel times is the cost of the whole path on one CPU.
-    pub fn send(
-        &mut self,
-        node: &Namespace,
-        frames: &Frames,
-        count: u64,
-        budget: Duration,
-    ) -> Result<Sent> {
+    /// Sends `count` of `frames` (cycling through them) into the trunk, or as many as take
+    /// `budget` of CPU time, from a thread pinned to the last CPU: the node's softirq work
+    /// runs there too, in the sending thread or the CPU's `ksoftirqd`, whose CPU times are
+    /// the cost of the whole path on one CPU.
+    pub fn send(&mut self, frames: &Frames, count: u64, budget: Duration) -> Result<Sent> {
         if frames.is_empty() {
             bail!("no frames to send");
         }
-        let mut cursor: Array<_, Cursor> =
-            Array::try_from(self.ebpf.map_mut(CURSOR).context("map CURSOR")?)?;
-        cursor.set(
-            0,
-            Cursor {
-                next: frames.0.start,
-                first: frames.0.start,
-                end: frames.0.end,
-            },
-            0,
-        )?;
-        let program = program(&mut self.ebpf)?;
-        let test_frame = [0u8; FRAME_ROOM];
-        // struct xdp_md: the whole test frame as data, received on the trunk.
-        let context: Vec<u8> = [0, FRAME_ROOM as u32, 0, self.ifindex, 0, 0]
-            .iter()
-            .flat_map(|field| field.to_ne_bytes())
-            .collect();
-        node.enter(|| {
-            pin_to_last_cpu();
-            let mut sent = Sent {
-                frames: 0,
-                busy: Duration::ZERO,
-            };
-            while sent.frames < count && sent.busy < budget {
-                let run = u32::try_from(count - sent.frames).map_or(RUN, |left| left.min(RUN));
-                let mut options = TestRunOptions::new();
-                options.data_in = Some(&test_frame);
-                options.ctx_in = Some(&context);
-                options.repeat = run;
-                options.attrs = TestRunAttrs::new().xdp_live_frames(BATCH);
-                let result = program
-                    .test_run(options)
-                    .context("BPF_PROG_TEST_RUN of the generator")?;
-                // The kernel's mean time per frame, over the run's batches and the softirq
-                // work they caused; time the thread spent preempted between batches, or
-                // asleep before and after them, is not in it.
-                sent.busy += result.duration * run;
-                sent.frames += u64::from(run);
-            }
-            Ok(sent)
-        })?
+        let (socket, ring) = (self.socket.as_raw_fd(), self.ring as usize);
+        let stored = &self.stored[frames.0.clone()];
+        let head = &mut self.head;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> Result<Sent> {
+                    let cpu = pin_to_last_cpu();
+                    let softirq = softirq_clock(cpu)?;
+                    let started = (thread_time(), clock_time(softirq));
+                    let mut sent = Sent {
+                        frames: 0,
+                        busy: Duration::ZERO,
+                    };
+                    let mut next = stored.iter().cycle();
+                    while sent.frames < count && sent.busy < budget {
+                        let batch = usize::try_from(count - sent.frames)
+                            .map_or(SLOTS, |left| left.min(SLOTS));
+                        let slots: Vec<usize> = (0..batch).map(|i| (*head + i) % SLOTS).collect();
+                        for &slot in &slots {
+                            let frame = next.next().expect("cycled");
+                            // SAFETY: slot < SLOTS, within the mapped ring; the kernel gave
+                            // every slot back before the previous batch's flush returned.
+                            unsafe { fill(ring as *mut u8, slot, frame) };
+                        }
+                        flush(socket, ring as *mut u8, &slots)?;
+                        *head = (*head + batch) % SLOTS;
+                        sent.frames += batch as u64;
+                        sent.busy = (thread_time() - started.0) + (clock_time(softirq) - started.1);
+                    }
+                    Ok(sent)
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the sending thread panicked"))?
+        })
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map_ring`, unmapped once.
+        unsafe { libc::munmap(self.ring.cast(), SLOTS * SLOT) };
     }
 }
 
@@ -203,19 +139,171 @@ pub struct Sent {
     pub busy: Duration,
 }
 
-fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
-    Ok(ebpf
-        .program_mut(PROGRAM)
-        .context("program generate")?
-        .try_into()?)
+/// A raw packet socket bound to `link`, sending past the qdisc through a version 2 ring.
+fn open(link: &str) -> Result<OwnedFd> {
+    // SAFETY: plain socket calls; the descriptor is owned from here on.
+    let socket = unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("AF_PACKET socket");
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    let ifindex = super::datapath::ifindex(link)?;
+    option(
+        &socket,
+        libc::PACKET_VERSION,
+        &libc::tpacket_versions::TPACKET_V2,
+    )
+    .context("PACKET_VERSION")?;
+    option(&socket, libc::PACKET_QDISC_BYPASS, &1i32).context("PACKET_QDISC_BYPASS")?;
+    let request = libc::tpacket_req {
+        tp_block_size: BLOCK as u32,
+        tp_block_nr: (SLOTS * SLOT / BLOCK) as u32,
+        tp_frame_size: SLOT as u32,
+        tp_frame_nr: SLOTS as u32,
+    };
+    option(&socket, libc::PACKET_TX_RING, &request).context("PACKET_TX_RING")?;
+    // SAFETY: a zeroed sockaddr_ll with family, protocol and interface set is valid.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_ifindex = i32::try_from(ifindex)?;
+    // SAFETY: bind with an address of the size given.
+    if unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&raw const address).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("binding to {link}"));
+    }
+    Ok(socket)
 }
 
-fn pin_to_last_cpu() {
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+fn map_ring(socket: &OwnedFd) -> Result<*mut u8> {
+    // SAFETY: a shared mapping of the socket's ring, of the size it was set up with.
+    let ring = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SLOTS * SLOT,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            socket.as_raw_fd(),
+            0,
+        )
+    };
+    if ring == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error()).context("mapping the transmit ring");
+    }
+    Ok(ring.cast())
+}
+
+fn option<T>(socket: &OwnedFd, name: i32, value: &T) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads a `T` from a valid reference on an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_PACKET,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The status word of ring slot `slot`.
+///
+/// # Safety
+/// `ring` is the mapped ring and `slot < SLOTS`.
+unsafe fn status<'a>(ring: *mut u8, slot: usize) -> &'a std::sync::atomic::AtomicU32 {
+    // SAFETY: the slot's header starts with its 4-byte-aligned status, shared with the kernel.
+    unsafe { std::sync::atomic::AtomicU32::from_ptr(ring.add(slot * SLOT).cast()) }
+}
+
+/// Writes `frame` into ring slot `slot` and hands the slot to the kernel.
+///
+/// # Safety
+/// As [`status`], and the slot is the sender's (not handed to the kernel).
+unsafe fn fill(ring: *mut u8, slot: usize, frame: &[u8]) {
+    // SAFETY: the caller's; the frame fits the slot (checked when stored).
+    unsafe {
+        let header = ring.add(slot * SLOT).cast::<libc::tpacket2_hdr>();
+        std::ptr::copy_nonoverlapping(frame.as_ptr(), ring.add(slot * SLOT + DATA), frame.len());
+        (*header).tp_len = frame.len() as u32;
+        status(ring, slot).store(SEND_REQUEST, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Sends `slots` (from the ring's head on) and waits until the kernel gave every one back.
+fn flush(socket: i32, ring: *mut u8, slots: &[usize]) -> Result<()> {
+    // SAFETY: send with no buffer: the kernel takes the frames from the ring.
+    if unsafe { libc::send(socket, std::ptr::null(), 0, 0) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("sending the ring");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for &slot in slots {
+        // SAFETY: slot < SLOTS.
+        let status = unsafe { status(ring, slot) };
+        loop {
+            match status.load(std::sync::atomic::Ordering::Acquire) {
+                AVAILABLE => break,
+                WRONG_FORMAT => bail!("the kernel refused ring slot {slot}'s frame"),
+                _ if std::time::Instant::now() > deadline => {
+                    bail!("the kernel kept ring slot {slot} for 5 s")
+                }
+                _ => std::thread::yield_now(),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pins the calling thread to the last CPU, and returns that CPU.
+fn pin_to_last_cpu() -> usize {
+    let cpu = std::thread::available_parallelism().map_or(1, usize::from) - 1;
     // SAFETY: a zeroed cpu_set_t is empty; CPU_SET on an index below its size.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpus - 1, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
     }
+    cpu
+}
+
+/// The CPU-time clock of `ksoftirqd/<cpu>`, where that CPU's softirq work goes when the
+/// sender's own system calls leave it pending.
+fn softirq_clock(cpu: usize) -> Result<libc::clockid_t> {
+    let name = format!("ksoftirqd/{cpu}");
+    let pid = std::fs::read_dir("/proc")?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .with_context(|| format!("no {name} thread"))?;
+    let mut clock = 0;
+    // SAFETY: writes the clock ID of an existing process.
+    let rc = unsafe { libc::clock_getcpuclockid(pid, &mut clock) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc)).context("clock_getcpuclockid");
+    }
+    Ok(clock)
+}
+
+fn clock_time(clock: libc::clockid_t) -> Duration {
+    // SAFETY: a zeroed timespec filled by clock_gettime.
+    let mut time: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(clock, &mut time) };
+    Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
+}
+
+fn thread_time() -> Duration {
+    clock_time(libc::CLOCK_THREAD_CPUTIME_ID)
 }

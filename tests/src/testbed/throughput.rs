@@ -1,7 +1,7 @@
 //! The throughput bench's node: a namespace at the VPC's end of the trunk, the node (trunk
 //! `eth1`, the pod's `vlan.eth.N` link from the test bed), and one branch pod behind it.
-//! Tagged frames arrive on the trunk from the generator (`generator.rs`: injected into the
-//! trunk's receive path, as its driver would pass them up), cross the filter under test
+//! Tagged frames arrive on the trunk from the generator (`generator.rs`: sent from the VPC's
+//! end of the trunk through a packet socket's ring), cross the filter under test
 //! (the enforcer on the trunk, or nftables in the node's forward hook), are untagged and
 //! routed to the pod, whose `eth0` counts them. The node addresses them to a MAC the pod
 //! does not have, so the pod drops them silently: no reply loads the path.
@@ -16,7 +16,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use aya::Ebpf;
 use aya::programs::tc::SchedClassifierLinkId;
-use aya::programs::{SchedClassifier, Xdp};
+use aya::programs::xdp::XdpLinkId;
+use aya::programs::{SchedClassifier, Xdp, XdpMode};
 use enforcer::compile;
 use enforcer::kernel::ebpf::CLASSIFIERS;
 use enforcer::kernel::maps::KernelMaps;
@@ -102,6 +103,7 @@ struct Enforcer {
     ebpf: Ebpf,
     maps: KernelMaps,
     links: Vec<(&'static str, SchedClassifierLinkId)>,
+    xdp_link: Option<XdpLinkId>,
 }
 
 /// The bench's node; dropping it tears everything down.
@@ -194,7 +196,7 @@ impl Bed {
         let mut datapath = Datapath::load()?;
         datapath.attach_vlan_link(node, &self.link, self.pod.vlan)?;
         self.datapath = Some(datapath);
-        self.generator = Some(Generator::load(node, TRUNK)?);
+        self.generator = Some(Generator::load(vpc, VPC_LINK)?);
         Ok(())
     }
 
@@ -208,11 +210,10 @@ impl Bed {
 
     /// Passes `count` of `frames` (cycled) up the trunk, or as many as take `budget` of CPU.
     fn send(&mut self, frames: &Frames, count: u64, budget: Duration) -> Result<Sent> {
-        let node = self.node.as_ref().expect("node namespace");
         self.generator
             .as_mut()
             .expect("loaded at build")
-            .send(node, frames, count, budget)
+            .send(frames, count, budget)
     }
 
     fn node(&self) -> &Namespace {
@@ -236,17 +237,11 @@ impl Bed {
             }
             Filter::EnforcerXdp => {
                 self.install(Filter::Enforcer)?;
-                let enforcer = self.enforcer.as_mut().expect("loaded at build");
-                let xdp: &mut Xdp = enforcer
-                    .ebpf
-                    .program_mut(XDP_INGRESS)
-                    .context("the XDP program")?
-                    .try_into()?;
-                let fd = xdp.fd()?;
-                self.generator
+                let node = self.node.as_ref().expect("node namespace");
+                self.enforcer
                     .as_mut()
                     .expect("loaded at build")
-                    .set_driver_xdp(Some(fd))
+                    .attach_xdp(node)
             }
             Filter::NftLinear => nft_load(self.node(), &self.linear.text),
             Filter::NftSets => nft_load(self.node(), &self.sets.text),
@@ -258,10 +253,7 @@ impl Bed {
             Filter::Unfiltered => Ok(()),
             Filter::Enforcer => self.enforcer.as_mut().expect("loaded").detach(),
             Filter::EnforcerXdp => {
-                self.generator
-                    .as_mut()
-                    .expect("loaded at build")
-                    .set_driver_xdp(None)?;
+                self.enforcer.as_mut().expect("loaded").detach_xdp()?;
                 self.remove(Filter::Enforcer)
             }
             Filter::NftLinear | Filter::NftSets => run(self
@@ -426,11 +418,7 @@ impl Enforcer {
         for (name, _) in CLASSIFIERS {
             classifier(&mut ebpf, name)?.load()?;
         }
-        let xdp: &mut Xdp = ebpf
-            .program_mut(XDP_INGRESS)
-            .context("the XDP program")?
-            .try_into()?;
-        xdp.load()?;
+        xdp(&mut ebpf)?.load()?;
         let mut maps = KernelMaps::take(&mut ebpf)?;
         let compiled = compile::compile(model)?;
         maps.apply(&compiled, &model.node)?;
@@ -438,6 +426,7 @@ impl Enforcer {
             ebpf,
             maps,
             links: Vec::new(),
+            xdp_link: None,
         })
     }
 
@@ -458,6 +447,30 @@ impl Enforcer {
         }
         Ok(())
     }
+
+    /// Attaches the XDP program to the trunk in its driver (veth's native XDP).
+    fn attach_xdp(&mut self, node: &Namespace) -> Result<()> {
+        let program = xdp(&mut self.ebpf)?;
+        let link = node
+            .enter(|| program.attach(TRUNK, XdpMode::Driver))?
+            .with_context(|| format!("attaching {XDP_INGRESS} to {TRUNK}"))?;
+        self.xdp_link = Some(link);
+        Ok(())
+    }
+
+    fn detach_xdp(&mut self) -> Result<()> {
+        if let Some(link) = self.xdp_link.take() {
+            xdp(&mut self.ebpf)?.detach(link)?;
+        }
+        Ok(())
+    }
+}
+
+fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    Ok(ebpf
+        .program_mut(XDP_INGRESS)
+        .context("the XDP program")?
+        .try_into()?)
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
