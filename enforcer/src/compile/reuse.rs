@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{
-    ClassEntries, ClassInputs, Compiled, HashMap, HashSet, Memo, Policy, PolicyEntries, RuleIds,
+    ClassEntries, ClassInputs, Compiled, HashMap, HashSet, Memo, Policy, PolicyEntries, PolicyFold,
+    RuleIds,
 };
-use crate::model::{Model, Peer};
+use crate::model::{Direction, Model, Peer};
 use crate::policy::eval::RuleRef;
 
 /// What of the previous compile this one takes over: policies whose inputs are unchanged,
@@ -17,6 +18,9 @@ pub(super) struct Reuse<'p> {
     /// Stable IDs of rules whose contents changed, or that are gone (their IDs may name
     /// other rules one compile later).
     pub(super) stale: HashSet<u32>,
+    /// By rule position (both compiles' rule tables alike: the same groups with as many
+    /// rules each), whether the rule's ports changed; `None` if the positions differ.
+    pub(super) ports_changed: Option<Vec<bool>>,
 }
 
 impl<'p> Reuse<'p> {
@@ -35,11 +39,47 @@ impl<'p> Reuse<'p> {
                 }
             }
         }
+        let ports_changed = previous.and_then(|(_, memo)| ports_changed(&memo.model, model));
         Self {
             previous,
             model,
             stale,
+            ports_changed,
         }
+    }
+
+    /// The previous folds of `policy`, and which rules' ports changed, if only ports did
+    /// (its rules' peers, and the members and prefix lists they name, are the same).
+    pub(super) fn refoldable(&self, policy: &Policy) -> Option<(&'p PolicyFold, &[bool])> {
+        let (_, memo) = self.previous?;
+        let changed = self.ports_changed.as_deref()?;
+        let fold = memo.folds.get(policy)?;
+        same_peers(&memo.model, self.model, policy).then_some((&**fold, changed))
+    }
+
+    /// The previous folds of `policy`, to keep for the next compile: only while the rules
+    /// keep their positions, which the folds name.
+    pub(super) fn fold(&self, policy: &Policy) -> Option<&'p Arc<PolicyFold>> {
+        self.ports_changed.as_ref()?;
+        self.previous?.1.folds.get(policy)
+    }
+
+    /// The previous handle and entries of `policy`, if `fold` has its previous folds'
+    /// prefixes and classes (so the same entries).
+    pub(super) fn same_table(
+        &self,
+        policy: &Policy,
+        fold: &PolicyFold,
+    ) -> Option<(u32, Arc<PolicyEntries>)> {
+        let (compiled, memo) = self.previous?;
+        let old = memo.folds.get(policy)?;
+        let same = old
+            .iter()
+            .zip(fold)
+            .all(|(old, new)| Arc::ptr_eq(&old.shape, &new.shape) && old.classes == new.classes);
+        let handle = *memo.handles.get(policy)?;
+        let entries = compiled.policies.get(&handle)?;
+        same.then(|| (handle, entries.clone()))
     }
 
     /// The previous handle of `policy`, if what it is compiled from is unchanged.
@@ -58,6 +98,14 @@ impl<'p> Reuse<'p> {
         let unchanged = !inputs.0.iter().any(|id| self.stale.contains(id))
             && compiled.classes.contains_key(&class);
         unchanged.then_some(class)
+    }
+
+    /// The previous ID of a class with these inputs, whatever changed in its rules: the
+    /// ID its new table may be switched to in place (`switch.rs`).
+    pub(super) fn switchable(&self, inputs: &ClassInputs) -> Option<u32> {
+        let (compiled, memo) = self.previous?;
+        let class = *memo.classes.get(inputs)?;
+        compiled.classes.contains_key(&class).then_some(class)
     }
 
     /// The inputs of the previous classes kept in `classes`, for the next compile.
@@ -102,12 +150,64 @@ pub(super) fn same_policy_inputs(old: &Model, new: &Model, policy: &Policy) -> b
                 group
                     .rules(policy.direction)
                     .iter()
-                    .all(|rule| match &rule.peer {
-                        Peer::Group(g) => old.members.get(g) == new.members.get(g),
-                        Peer::PrefixList(l) => old.prefix_lists.get(l) == new.prefix_lists.get(l),
-                        Peer::Cidr(_) => true,
-                    })
+                    .all(|rule| same_addresses(old, new, &rule.peer))
             })
+    })
+}
+
+/// Whether `policy`'s rules name the same peers, standing for the same addresses, in both
+/// models: then its peer folds have the same prefixes, whatever the rules' ports.
+fn same_peers(old: &Model, new: &Model, policy: &Policy) -> bool {
+    policy
+        .groups
+        .iter()
+        .all(|id| match (old.groups.get(id), new.groups.get(id)) {
+            (Some(a), Some(b)) => {
+                let (a, b) = (a.rules(policy.direction), b.rules(policy.direction));
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(b)
+                        .all(|(a, b)| a.peer == b.peer && same_addresses(old, new, &b.peer))
+            }
+            (None, None) => true,
+            _ => false,
+        })
+}
+
+/// Whether `peer` stands for the same addresses in both models.
+fn same_addresses(old: &Model, new: &Model, peer: &Peer) -> bool {
+    match peer {
+        Peer::Group(g) => old.members.get(g) == new.members.get(g),
+        Peer::PrefixList(l) => old.prefix_lists.get(l) == new.prefix_lists.get(l),
+        Peer::Cidr(_) => true,
+    }
+}
+
+/// By rule position (`RuleTable`: groups in order, each group's ingress then egress rules),
+/// whether the rule's ports changed; `None` if the models' rule tables differ in shape.
+fn ports_changed(old: &Model, new: &Model) -> Option<Vec<bool>> {
+    let directions = [Direction::Ingress, Direction::Egress];
+    let same_shape = old.groups.len() == new.groups.len()
+        && old
+            .groups
+            .iter()
+            .zip(&new.groups)
+            .all(|((a_id, a), (b_id, b))| {
+                a_id == b_id
+                    && directions
+                        .iter()
+                        .all(|&d| a.rules(d).len() == b.rules(d).len())
+            });
+    same_shape.then(|| {
+        old.groups
+            .values()
+            .zip(new.groups.values())
+            .flat_map(|(a, b)| {
+                directions
+                    .into_iter()
+                    .flat_map(move |d| a.rules(d).iter().zip(b.rules(d)).map(|(a, b)| a.l4 != b.l4))
+            })
+            .collect()
     })
 }
 

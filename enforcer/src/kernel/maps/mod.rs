@@ -21,6 +21,7 @@ use crate::policy::eval::RuleRef;
 
 mod apply;
 mod batch;
+mod mapped;
 mod ports;
 mod tracked;
 
