@@ -209,6 +209,16 @@ fn packet_flags(packet: &Packet, direction: Direction) -> u8 {
     flags
 }
 
+/// Whether the flow has a live entry that would take the packet, as
+/// [`track_existing`] decides, without recording anything (XDP's screen).
+#[inline(always)]
+pub fn takes(key: &CtKey, packet: &Packet, flow: &FlowContext) -> bool {
+    // SAFETY: read-only look at plain data; a concurrent update only makes it stale.
+    unsafe { CONNTRACK.get(key) }.is_some_and(|entry| {
+        live(entry, key.protocol, flow.settings, flow.now) && !reopens(entry, packet)
+    })
+}
+
 /// Looks the flow up; on a live entry, records the packet and returns the
 /// entry's translated port (0: not source-NATed).
 #[inline(always)]

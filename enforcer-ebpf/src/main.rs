@@ -1,7 +1,8 @@
 //! Programs on the trunk interface: every frame of a branch-ENI pod is judged
-//! by its VLAN, once. XDP judges what the trunk receives before the kernel
-//! builds a packet; TC judges what it sends, and what it receives when XDP did
-//! not judge it. Entry points only compose the modules below.
+//! by its VLAN and counted once. XDP screens what the trunk receives before
+//! the kernel builds a packet and drops what TC would drop; TC judges what it
+//! sends, and what it receives that XDP did not drop. Entry points only
+//! compose the modules below.
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the BPF target has no atomic read-modify-write types (conntrack.rs).
@@ -18,14 +19,13 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    helpers::{bpf_xdp_adjust_meta, bpf_xdp_get_buff_len},
+    helpers::bpf_xdp_get_buff_len,
     programs::{TcContext, XdpContext},
 };
 use enforcer_common::Reason;
 
 use crate::maps::SUBJECTS;
-use crate::parse::Frame as _;
-use crate::verdict::{Deferred, Subject};
+use crate::verdict::{Deferred, Stage, Subject};
 
 /// Which way a frame crosses the trunk, as seen by the pod.
 #[derive(Clone, Copy)]
@@ -54,40 +54,23 @@ impl Direction {
     }
 }
 
-/// XDP's mark in a frame's metadata: this frame was judged as VLAN `vlan`'s,
-/// counted and passed. Only an XDP program can write metadata, and ours is
-/// the trunk's.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct JudgedAtXdp {
-    magic: u32,
-    vlan: u16,
-    _pad: u16,
-}
-
-const JUDGED_MAGIC: u32 = u32::from_be_bytes(*b"SGJ1");
-
-/// Network -> pod, before the kernel builds a packet: a denied frame costs no
-/// more than its verdict. XDP judges the frames whose tag it can see (inline:
-/// a Nitro trunk's NIC strips no tags); an untagged-looking frame may carry a
-/// tag the NIC moved aside, so it goes to TC unjudged. A passed frame is
-/// marked so that TC does not judge (and count) it again; where the driver
-/// keeps no metadata, TC judges it again and finds what XDP left (its flow
-/// tracked, its fragments' verdict).
+/// Network -> pod, before the kernel builds a packet: a frame TC would drop
+/// costs no more than its verdict. XDP screens what the trunk receives with
+/// TC's decision, without its effects ([`Stage::Screen`]): a drop is final
+/// and counted here; anything else goes on to TC, which judges and counts it.
+/// XDP sees inline tags only: a tag the NIC moved aside makes a frame look
+/// untagged, and TC judges it with its tag.
 #[aya_ebpf::macros::xdp]
 pub fn xdp_ingress(ctx: XdpContext) -> u32 {
     // SAFETY: the context pointer the kernel passed to the program.
     let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as u32;
     let mut subject = Subject::default();
-    let reason = verdict::judge(&ctx, Direction::Ingress, len, &mut subject);
-    if reason == Reason::PassUntagged {
+    let reason = verdict::judge(&ctx, Direction::Ingress, len, &mut subject, Stage::Screen);
+    if !reason.is_drop() || subject.would_drop(reason) {
         return xdp_action::XDP_PASS;
     }
-    if !settle(&subject, reason, Direction::Ingress, len) {
-        return xdp_action::XDP_DROP;
-    }
-    mark_judged(&ctx, subject.vlan);
-    xdp_action::XDP_PASS
+    observe::record(&subject, reason, false, Direction::Ingress, len);
+    xdp_action::XDP_DROP
 }
 
 /// Counts and reports the verdict on one frame; whether the frame passes (an
@@ -99,50 +82,9 @@ fn settle(subject: &Subject, reason: Reason, direction: Direction, len: u32) -> 
     !reason.is_drop() || would_drop
 }
 
-#[inline(always)]
-fn mark_judged(ctx: &XdpContext, vlan: u16) {
-    let size = size_of::<JudgedAtXdp>();
-    // SAFETY: as above; on failure the frame is unchanged.
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(size as i32)) } != 0 {
-        return;
-    }
-    let meta = ctx.metadata();
-    if meta + size > ctx.data() {
-        return;
-    }
-    let mark = JudgedAtXdp {
-        magic: JUDGED_MAGIC,
-        vlan,
-        _pad: 0,
-    };
-    // SAFETY: `meta..meta + size` was just checked to lie before the frame's data.
-    unsafe { (meta as *mut JudgedAtXdp).write_unaligned(mark) };
-}
-
-/// Whether XDP already judged (and passed) this frame as TC would: the tag XDP
-/// judged is the one the stack moved into the skb's metadata, and no other tag
-/// follows it inline (a tag the NIC hid from XDP would leave XDP's tag inline).
-#[inline(always)]
-fn judged_at_xdp(ctx: &TcContext) -> bool {
-    // SAFETY: `skb` is the context pointer the kernel passed to the program.
-    let skb = unsafe { &*ctx.skb.skb };
-    let (meta, data) = (skb.data_meta as usize, skb.data as usize);
-    if meta + size_of::<JudgedAtXdp>() > data {
-        return false;
-    }
-    // SAFETY: the metadata was just checked to hold a mark.
-    let mark = unsafe { (meta as *const JudgedAtXdp).read_unaligned() };
-    mark.magic == JUDGED_MAGIC
-        && ctx.vlan_metadata() == Some(mark.vlan)
-        && !parse::starts_with_tag(ctx)
-}
-
-/// Network -> pod: frames arriving on the trunk that XDP did not judge.
+/// Network -> pod: every frame arriving on the trunk that XDP did not drop.
 #[aya_ebpf::macros::classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    if judged_at_xdp(&ctx) {
-        return TC_ACT_UNSPEC;
-    }
     tc_verdict(&ctx, Direction::Ingress)
 }
 
@@ -172,7 +114,7 @@ fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
     // SAFETY: a per-CPU slot no other program run uses meanwhile (above).
     let subject = unsafe { &mut *subject };
     *subject = Subject::default();
-    let mut reason = verdict::judge(ctx, direction, ctx.len(), subject);
+    let mut reason = verdict::judge(ctx, direction, ctx.len(), subject, Stage::Judge);
     // Only egress defers (a constant here: ingress has no such call).
     if matches!(direction, Direction::Egress)
         && reason == Reason::PassNew

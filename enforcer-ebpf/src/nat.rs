@@ -21,7 +21,7 @@ use crate::Direction;
 use crate::conntrack;
 use crate::maps::{CONNTRACK, NAT_PORTS, SETTINGS};
 use crate::parse::{self, Embedded, Fragment, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, L2, Packet};
-use crate::verdict::{Deferred, FlowContext, Subject};
+use crate::verdict::{Deferred, FlowContext, Stage, Subject};
 
 /// TC_ACT_UNSPEC (TCX_NEXT): not a translated flow's frame; the node's stack has it.
 const NOT_OURS: i32 = TC_ACT_UNSPEC;
@@ -66,6 +66,7 @@ pub fn track(ctx: &TcContext, subject: &mut Subject) -> Reason {
         len: ctx.len(),
         now: conntrack::now_ns(),
         settings,
+        stage: Stage::Judge,
     };
     let key = conntrack::key(flow.vlan, packet, Direction::Egress);
     let admitted = &mut subject.admitted;

@@ -217,13 +217,6 @@ fn is_tag(ethertype: u16) -> bool {
     ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD
 }
 
-/// Whether the frame's bytes carry a tag right after the MAC addresses,
-/// whatever tag its metadata holds.
-#[inline(always)]
-pub fn starts_with_tag<F: Frame>(frame: &F) -> bool {
-    matches!(load_be16(frame, ETH_TYPE_OFFSET), Ok(ethertype) if is_tag(ethertype))
-}
-
 /// Where in a datagram a packet sits, for IPv4/IPv6 fragments.
 #[repr(u8)]
 #[derive(Clone, Copy, PartialEq, Eq, Default)]

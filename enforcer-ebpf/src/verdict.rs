@@ -70,10 +70,28 @@ impl Subject {
     }
 }
 
-/// Judges one frame: the reason says pass or drop, and why (audit aside:
-/// [`Subject::would_drop`]); `subject` says what about.
+/// Who judges a frame (ARCHITECTURE.md, "XDP and TC").
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// TC: the verdict with every effect (flows tracked, fragments remembered).
+    Judge,
+    /// XDP, before TC: the same decision without effects, whose drops are
+    /// final; a pass leaves the frame to TC. A decision that an earlier frame
+    /// of the same batch could still change (a later fragment, whose first
+    /// fragment TC has not remembered yet) is left to TC as a pass.
+    Screen,
+}
+
+/// Judges one frame at `stage`: the reason says pass or drop, and why (audit
+/// aside: [`Subject::would_drop`]); `subject` says what about.
 #[inline(always)]
-pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut Subject) -> Reason {
+pub fn judge<F: Frame>(
+    frame: &F,
+    direction: Direction,
+    len: u32,
+    subject: &mut Subject,
+    stage: Stage,
+) -> Reason {
     let Some(settings) = SETTINGS.get(0) else {
         return Reason::DropUnknownVlan;
     };
@@ -122,7 +140,7 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut 
         return Reason::DropSpoofed;
     }
     if packet.fragment == Fragment::Later {
-        return if first_fragment_allowed(packet, l2.vlan) {
+        return if stage == Stage::Screen || first_fragment_allowed(packet, l2.vlan) {
             Reason::PassFragment
         } else {
             Reason::DropFragment
@@ -134,9 +152,11 @@ pub fn judge<F: Frame>(frame: &F, direction: Direction, len: u32, subject: &mut 
         len,
         now: conntrack::now_ns(),
         settings,
+        stage,
     };
     let reason = judge_flow(frame, pod, packet, &flow, &mut subject.admitted);
     if packet.fragment == Fragment::First
+        && stage == Stage::Judge
         && !reason.is_drop()
         && !remember_first_fragment(packet, l2.vlan, &flow)
     {
@@ -199,6 +219,7 @@ pub struct FlowContext<'a> {
     pub len: u32,
     pub now: u64,
     pub settings: &'a Settings,
+    pub stage: Stage,
 }
 
 /// The verdict for a whole packet or a first fragment of a pod; what
@@ -218,7 +239,12 @@ fn judge_flow<F: Frame>(
         Direction::Egress => &packet.dst,
     };
     let key = conntrack::key(vlan, packet, direction);
-    if let Some(nat_port) = conntrack::track_existing(&key, packet, flow) {
+    if flow.stage == Stage::Screen && conntrack::takes(&key, packet, flow) {
+        return Reason::PassEstablished;
+    }
+    if flow.stage == Stage::Judge
+        && let Some(nat_port) = conntrack::track_existing(&key, packet, flow)
+    {
         if let Direction::Egress = direction {
             admitted.nat_port = nat_port;
         }
@@ -270,6 +296,9 @@ fn judge_flow<F: Frame>(
             branch.flags & primary.flags & VERDICT_UNTRACKED != 0,
         )
     };
+    if flow.stage == Stage::Screen {
+        return Reason::PassNew;
+    }
     if standard && matches!(direction, Direction::Egress) && nat::may_apply(packet, flow.settings) {
         // Tracked (and translated, off the VPC) by `nat::track` once the
         // frame's verdict is in: kept out of here for the verifier's sake.

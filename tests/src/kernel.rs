@@ -25,10 +25,8 @@ const XDP_PASS: u32 = 2;
 pub enum IngressPath {
     /// TC alone (`--xdp off`).
     Tc,
-    /// XDP first; TC for what XDP leaves unjudged (untagged-looking frames), as
-    /// the stack hands it on. (A frame XDP passed is marked and TC skips it: the
-    /// mark is metadata `BPF_PROG_TEST_RUN` cannot hand to TC; the agent tests
-    /// check it on a live trunk.)
+    /// XDP's screen first, then TC for every frame XDP passes, as the stack
+    /// hands it on.
     Xdp,
 }
 
@@ -271,18 +269,32 @@ impl Kernel {
         if path == IngressPath::Tc {
             return self.run(Direction::Ingress, frame);
         }
+        let conntrack = self.maps.flows().expect("read CONNTRACK");
         let (verdict, counted) =
             self.test_run(Direction::Ingress, frame, |opts| self.xdp().test_run(opts));
-        if counted.is_empty() {
-            assert_eq!(verdict, XDP_PASS, "XDP drops only frames it counts");
-            return self.run(Direction::Ingress, frame);
-        }
-        let passed = match verdict {
-            XDP_PASS => true,
-            XDP_DROP => false,
+        match verdict {
+            XDP_DROP => {
+                let outcome = outcome(false, &counted);
+                assert!(!outcome.would_drop, "XDP drops no audited frame");
+                outcome
+            }
+            XDP_PASS => {
+                assert!(counted.is_empty(), "XDP counts only what it drops");
+                assert_eq!(
+                    self.maps.flows().expect("read CONNTRACK"),
+                    conntrack,
+                    "XDP's screen leaves the conntrack as it was"
+                );
+                let outcome = self.run(Direction::Ingress, frame);
+                assert!(
+                    outcome.passed || !screened(outcome.reason),
+                    "XDP passed a frame TC then dropped for {:?}",
+                    outcome.reason
+                );
+                outcome
+            }
             other => panic!("unexpected XDP verdict {other}"),
-        };
-        outcome(passed, &counted)
+        }
     }
 
     /// One `BPF_PROG_TEST_RUN` of `frame`: the program's return value and the
@@ -317,6 +329,20 @@ impl Kernel {
             .collect();
         (verdict, counted)
     }
+}
+
+/// Whether XDP's screen drops every frame TC drops for `reason`: all drops but
+/// those an earlier frame's effects decide (a later fragment's datagram) or that
+/// come of an effect itself (tracking a flow or a datagram, translating a flow).
+fn screened(reason: Reason) -> bool {
+    reason.is_drop()
+        && !matches!(
+            reason,
+            Reason::DropFragment
+                | Reason::DropFlowLimit
+                | Reason::DropFragmentLimit
+                | Reason::DropNatExhausted
+        )
 }
 
 /// The outcome of a run that `passed` or not and moved the counter slots `counted`:

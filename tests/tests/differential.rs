@@ -11,7 +11,7 @@
 //! fragment allowances, so the limits are compared too. Some pods are audited:
 //! a frame their groups refuse passes, counted as "would drop" under its
 //! reason, and leaves no conntrack entry. Frames arriving on the trunk go
-//! through the XDP program (then TC for what XDP leaves) or TC alone, in turn.
+//! through the XDP program (its screen, then TC for what it passes) or TC alone, in turn.
 //!
 //! Standard mode's source NAT: a frame the reference says leaves translated must
 //! leave redirected, as [`nat_oracle`] says a translated frame looks, with the

@@ -123,8 +123,10 @@ pub(super) fn policy_peers(
 
 /// The peer table of one policy and family whose rules' peers are those of `old` and of
 /// which only the rules at `changed` positions changed (their ports): the prefixes under
-/// none of those rules keep their sets and classes, the others are folded again. `None` if
-/// the opposite direction now opens other protocols (every class changes).
+/// none of those rules keep their sets and classes (those of `held`, the previous compile's:
+/// a class no entry named, all its keys shadowed by longer prefixes, was not kept), the
+/// others are folded again. `None` if the opposite direction now opens other protocols
+/// (every class changes).
 pub(super) fn refold(
     model: &Model,
     sets: &mut RuleSets,
@@ -132,6 +134,7 @@ pub(super) fn refold(
     v6: bool,
     old: &FamilyFold,
     changed: &[bool],
+    held: &BTreeMap<u32, Arc<ClassEntries>>,
 ) -> Option<Folded> {
     let open = reverse_open(model, policy, v6);
     if open != old.reverse_open {
@@ -148,9 +151,15 @@ pub(super) fn refold(
     for (i, node) in fold.shape.iter().enumerate() {
         dirty[i] =
             node.parent.is_some_and(|p| dirty[p]) || node.own.iter().any(|&id| changed[index(id)]);
+        let class = old.classes[i];
+        if !dirty[i] && class != NO_CLASS && held.contains_key(&class) {
+            table.push((i, ClassRef::Known(class)));
+            continue;
+        }
         if !dirty[i] {
-            if old.classes[i] != NO_CLASS {
-                table.push((i, ClassRef::Known(old.classes[i])));
+            if class != NO_CLASS {
+                let set = sets.intern(fold.sets[i].clone());
+                table.push((i, ClassRef::Key(class_key(sets, set, open))));
             }
             continue;
         }

@@ -226,54 +226,65 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
         }
     }
 
-    // The other policies' peer tables, computed in parallel, point at interned class refs
-    // (value = order of first sight); classes are visited in the order of their rule sets
+    // The other policies' peer tables, computed in parallel, point at kept classes or at
+    // interned class keys (value = order of first sight); classes are visited in the order of their rule sets
     // once all are known, so that fresh IDs depend neither on the walk nor on the threads.
     let pending: Vec<usize> = (0..policies.len())
         .filter(|&i| handles[i].is_none())
         .collect();
     let mut sets = RuleSets::new(&rules);
-    let mut interned: HashMap<ClassRef, usize> = HashMap::default();
+    let mut interned: HashMap<ClassKey, usize> = HashMap::default();
+    let mut known: Vec<u32> = Vec::new();
     let mut folded: Vec<PendingFold> = Vec::with_capacity(pending.len());
+    let mut hints: Vec<(usize, u32)> = Vec::new();
     for work in peer_work(model, &rules, &policies, &pending, &reuse) {
         let global: Vec<usize> = work.sets.into_iter().map(|set| sets.intern(set)).collect();
-        for (i, families) in work.policies {
-            let [(v4, v4_table), (v6, v6_table)] = families;
-            let table: [Vec<(usize, usize)>; 2] = [v4_table, v6_table].map(|table| {
-                table
-                    .into_iter()
-                    .map(|(node, class)| {
-                        let class = match class {
-                            ClassRef::Key(key) => ClassRef::Key(ClassKey {
+        for (i, [(v4, v4_table), (v6, v6_table)]) in work.policies {
+            // A prefix folded again had a class: an ID its new table may take.
+            let previous = reuse.fold(&policies[i]);
+            let fold = [v4, v6];
+            let mut table: [Vec<(usize, Slot)>; 2] = Default::default();
+            for (family, refs) in [v4_table, v6_table].into_iter().enumerate() {
+                let old = previous
+                    .map(|p| &p[family])
+                    .filter(|old| Arc::ptr_eq(&old.shape, &fold[family].shape));
+                for (node, class) in refs {
+                    let slot = match class {
+                        ClassRef::Known(class) => {
+                            known.push(class);
+                            Slot::Known(class)
+                        }
+                        ClassRef::Key(key) => {
+                            let key = ClassKey {
                                 set: global[key.set],
                                 ..key
-                            }),
-                            known => known,
-                        };
-                        let next = interned.len();
-                        (node, *interned.entry(class).or_insert(next))
-                    })
-                    .collect()
-            });
+                            };
+                            let next = interned.len();
+                            let provisional = *interned.entry(key).or_insert(next);
+                            if let Some(old) = old {
+                                hints.push((provisional, old.classes[node]));
+                            }
+                            Slot::Provisional(provisional)
+                        }
+                    };
+                    table[family].push((node, slot));
+                }
+            }
             folded.push(PendingFold {
                 policy: i,
-                fold: [v4, v6],
+                fold,
                 table,
             });
         }
     }
     let mut class_of = vec![0; interned.len()];
-    let mut keys: Vec<(&ClassKey, usize)> = Vec::with_capacity(interned.len());
-    for (class, &provisional) in &interned {
-        match class {
-            // A prefix none of whose rules changed keeps its class, as it is.
-            &ClassRef::Known(class) => {
-                classes.insert(class, reuse.class_entries(class));
-                class_of[provisional] = class;
-            }
-            ClassRef::Key(key) => keys.push((key, provisional)),
-        }
+    // A prefix none of whose rules changed keeps its class, as it is.
+    known.sort_unstable();
+    known.dedup();
+    for class in known {
+        classes.insert(class, reuse.class_entries(class));
     }
+    let mut keys: Vec<(&ClassKey, usize)> = interned.iter().map(|(k, &v)| (k, v)).collect();
     keys.sort_by(|(a, _), (b, _)| {
         (&sets.sets[a.set], a.reverse_open).cmp(&(&sets.sets[b.set], b.reverse_open))
     });
@@ -301,14 +312,21 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
     }
     // A class of the same rules, some of whose ports changed, keeps its ID (its table is
     // switched in place) unless another table of this compile holds it.
+    hints.sort_unstable();
+    hints.dedup();
     let mut computed: HashMap<ClassEntries, u32> = HashMap::default();
     for (provisional, inputs, entries) in recomputed {
         let class = match computed.get(&entries) {
             Some(&class) => class,
             None => {
+                let first = hints.partition_point(|&(p, _)| p < provisional);
+                let had = hints[first..]
+                    .iter()
+                    .take_while(|&&(p, _)| p == provisional)
+                    .map(|&(_, class)| class);
                 let class = reuse
-                    .switchable(&inputs)
-                    .filter(|class| !classes.contains_key(class))
+                    .switchable(&inputs, had)
+                    .find(|class| !classes.contains_key(class))
                     .unwrap_or_else(|| before.class(&entries));
                 classes.insert(class, Arc::new(entries.clone()));
                 computed.insert(entries, class);
@@ -381,9 +399,12 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
     };
     // A class no policy names (its prefixes all folded into longer ones) is not kept: a
     // compile over this one would not take it over, and the two would differ.
-    let named: HashSet<u32> = policy_entries.values().flat_map(|e| e.classes()).collect();
-    classes.retain(|class, _| named.contains(class));
-    class_inputs.retain(|_, class| named.contains(class));
+    let mut named = vec![false; classes.keys().last().map_or(0, |&c| index(c) + 2)];
+    for class in policy_entries.values().flat_map(|e| e.classes()) {
+        named[class as usize] = true;
+    }
+    classes.retain(|&class, _| named[class as usize]);
+    class_inputs.retain(|_, &mut class| named[class as usize]);
 
     let node_local = model
         .node_local
@@ -416,11 +437,19 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
 }
 
 /// A policy compiled again: its folds (IPv4, IPv6) and their peer tables as (prefix
-/// index, provisional class).
+/// index, class).
 struct PendingFold {
     policy: usize,
     fold: [FamilyFold; 2],
-    table: [Vec<(usize, usize)>; 2],
+    table: [Vec<(usize, Slot)>; 2],
+}
+
+/// A peer-table prefix's class: kept from the previous compile, or one to resolve
+/// (`class_of[provisional]`).
+#[derive(Clone, Copy)]
+enum Slot {
+    Known(u32),
+    Provisional(usize),
 }
 
 /// Lays out the peer tables of the policies compiled again, their provisional classes
@@ -441,8 +470,11 @@ fn lay_out_policies(
     for pending in folded {
         for (fold, table) in pending.fold.iter_mut().zip(&pending.table) {
             fold.classes = vec![NO_CLASS; fold.shape.len()];
-            for &(node, provisional) in table {
-                fold.classes[node] = class_of[provisional];
+            for &(node, slot) in table {
+                fold.classes[node] = match slot {
+                    Slot::Known(class) => class,
+                    Slot::Provisional(provisional) => class_of[provisional],
+                };
             }
         }
         if let Some((handle, entries)) = reuse.same_table(&policies[pending.policy], &pending.fold)
@@ -504,8 +536,9 @@ fn peer_work(
                 let previous = reuse.refoldable(policy);
                 let families = [false, true].map(|v6| {
                     previous
-                        .and_then(|(old, changed)| {
-                            refold(model, &mut sets, policy, v6, &old[usize::from(v6)], changed)
+                        .and_then(|(old, changed, held)| {
+                            let old = &old[usize::from(v6)];
+                            refold(model, &mut sets, policy, v6, old, changed, held)
                         })
                         .unwrap_or_else(|| policy_peers(model, &mut sets, policy, v6))
                 });

@@ -400,14 +400,29 @@ fn large_models_compile_right() {
         assert_eq!(c.pods.len(), 120);
         assert_eq!(c.rules.len(), 64 * 120);
         let (pod, peer) = (&m.pods[3], ip("10.0.103.5"));
-        for packet in [L4Packet::tcp(1003), L4Packet::udp(53), L4Packet::icmp(8, 0)] {
-            for direction in [Direction::Ingress, Direction::Egress] {
-                let query = Query {
+        let queries: Vec<Query> = [L4Packet::tcp(1003), L4Packet::udp(53), L4Packet::icmp(8, 0)]
+            .into_iter()
+            .flat_map(|packet| {
+                [Direction::Ingress, Direction::Egress].map(|direction| Query {
                     direction,
                     peer,
                     l4: L4Query::Packet(packet),
-                };
-                check(&m, &c, pod, &query);
+                })
+            })
+            .collect();
+        for query in &queries {
+            check(&m, &c, pod, query);
+        }
+        // One rule's ports changed in a group many pods share (on both sides of the standard
+        // ones: sg-000 is a primary group): compiled over the previous state, in parallel.
+        let mut changed = m.clone();
+        changed.groups.get_mut("sg-000").unwrap().ingress[0].l4 = tcp(8443, 8443);
+        let over = compile_with(&changed, Some(&c)).unwrap();
+        let scratch = compile(&changed).unwrap();
+        for pod in &changed.pods {
+            for query in &queries {
+                check(&changed, &over, pod, query);
+                assert_eq!(answer(&over, pod, query), answer(&scratch, pod, query));
             }
         }
     }

@@ -114,7 +114,7 @@ impl KernelMaps {
         );
         remove_hash(&mut self.peers_v4, &keys(&peers.v4), map_names::PEERS_V4)?;
         remove_hash(&mut self.peers_v6, &keys(&peers.v6), map_names::PEERS_V6)?;
-        let ports = self.ports.retire(&classes);
+        let ports = self.ports.retire(&classes, true);
         for handle in &policies {
             held.policies.remove(handle);
         }
@@ -223,20 +223,7 @@ impl KernelMaps {
         // What no pod uses any more leaves once no program can be reading it.
         let removed_peers = peer_entries(&changes.policies.remove);
         let removed_classes: Vec<u32> = changes.classes.remove.iter().map(|(c, _)| *c).collect();
-        // Tables switched in place leave their previous runs, read until the grace period.
-        let removed_ports: usize = changes
-            .classes
-            .remove
-            .iter()
-            .map(|&(c, _)| old.classes[&c].len())
-            .chain(
-                changes
-                    .classes
-                    .rewritten
-                    .iter()
-                    .map(|&(c, _)| old.classes[&c].len()),
-            )
-            .sum();
+        let removed_ports: usize = changes.classes.remove.iter().map(|(_, e)| e.len()).sum();
         let retired = [
             changes.rules.remove.len(),
             removed_ports,
@@ -244,7 +231,11 @@ impl KernelMaps {
             removed_peers.v6.len(),
             changes.node_local.remove.len(),
         ];
-        if retired.iter().any(|&n| n > 0) && !old.pods.is_empty() {
+        // The runs that tables switched away from are freed after this grace period too,
+        // but never wait for one: they stay reserved until an apply waits anyway, or the
+        // space is needed (`PortTables::write`).
+        let waited = retired.iter().any(|&n| n > 0) && !old.pods.is_empty();
+        if waited {
             wait_for_running_programs();
         }
         let counted = if reconcile {
@@ -285,7 +276,7 @@ impl KernelMaps {
             &keys(&removed_peers.v4),
             map_names::PEERS_V4,
         )?;
-        self.ports.retire(&removed_classes);
+        self.ports.retire(&removed_classes, waited);
         for id in &changes.rules.remove {
             self.rules.remove(id).map_err(map_err(map_names::RULES))?;
         }
@@ -551,20 +542,6 @@ fn peer_entries(policies: &[(u32, &PolicyEntries)]) -> PolicyEntries {
 
 fn keys<K: Copy, V>(entries: &[(K, V)]) -> Vec<K> {
     entries.iter().map(|(k, _)| *k).collect()
-}
-
-/// Waits until every program that may have read a pod's old entry has finished:
-/// `membarrier(MEMBARRIER_CMD_GLOBAL)` is an RCU grace period, and TC programs
-/// run inside RCU read-side sections. Kernels that refuse it (nohz_full) get a
-/// pause far longer than any program run.
-fn wait_for_running_programs() {
-    /// `MEMBARRIER_CMD_GLOBAL` of `linux/membarrier.h`.
-    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
-    // SAFETY: membarrier takes no pointers.
-    let done = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) } == 0;
-    if !done {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 #[cfg(test)]

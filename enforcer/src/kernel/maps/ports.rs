@@ -18,7 +18,7 @@ use enforcer_common::{MAX_CLASSES, PortRange, PortTable, map_names};
 
 use super::batch::{read_array, write_array};
 use super::mapped::Mapped;
-use super::{MapSource, MapsError, typed};
+use super::{MapSource, MapsError, typed, wait_for_running_programs};
 use crate::compile::ClassEntries;
 
 pub(super) struct PortTables {
@@ -83,19 +83,23 @@ impl PortTables {
     /// classes, and classes switched in place, whose previous runs stay until
     /// [`PortTables::retire`]. Returns how many entries.
     pub(super) fn write(&mut self, classes: &[(u32, &ClassEntries)]) -> Result<usize, MapsError> {
-        let mut free = self.free_runs();
+        let full = MapsError::Full {
+            map: map_names::PORT_RANGES,
+            capacity: self.ranges.len(),
+        };
+        let slots = match self.place(classes) {
+            Some(slots) => slots,
+            None if !self.retiring.is_empty() => {
+                // The runs switched away from, once no program can be reading them.
+                wait_for_running_programs();
+                self.retiring.clear();
+                self.place(classes).ok_or(full)?
+            }
+            None => return Err(full),
+        };
         let mut ranges = Vec::new();
-        let mut slots = Vec::with_capacity(classes.len());
-        for &(class, entries) in classes {
-            let count = u32::try_from(entries.len()).expect("admitted: a table fits a search");
-            let Some(first) = take(&mut free, count) else {
-                return Err(MapsError::Full {
-                    map: map_names::PORT_RANGES,
-                    capacity: self.ranges.len(),
-                });
-            };
-            ranges.extend((first..).zip(entries.iter().copied()));
-            slots.push((class, PortTable { first, count }));
+        for (&(_, entries), &(_, table)) in classes.iter().zip(&slots) {
+            ranges.extend((table.first..).zip(entries.iter().copied()));
         }
         let written = write_array(&mut self.ranges, &ranges, map_names::PORT_RANGES)?;
         // The ranges are in the map (the system calls returned) before a slot names them:
@@ -109,20 +113,34 @@ impl PortTables {
         Ok(written + slots.len())
     }
 
-    /// Once no program may still read them (a grace period after the switches): zeroes
-    /// the slots of `classes` and frees their runs and the runs switched away from.
-    /// Returns how many ranges.
-    pub(super) fn retire(&mut self, classes: &[u32]) -> usize {
+    /// Where the tables of `classes` go, first fit in the free runs; `None` if one does not
+    /// fit.
+    fn place(&self, classes: &[(u32, &ClassEntries)]) -> Option<Vec<(u32, PortTable)>> {
+        let mut free = self.free_runs();
+        classes
+            .iter()
+            .map(|&(class, entries)| {
+                let count = u32::try_from(entries.len()).expect("admitted: a table fits a search");
+                take(&mut free, count).map(|first| (class, PortTable { first, count }))
+            })
+            .collect()
+    }
+
+    /// Once no program may still read them: zeroes the slots of `classes` and frees their
+    /// runs, and, if a grace period passed since the switches (`waited`), the runs switched
+    /// away from. Returns how many ranges of `classes`.
+    pub(super) fn retire(&mut self, classes: &[u32], waited: bool) -> usize {
         for &class in classes {
             self.slot(class).store(0, Ordering::Release);
         }
-        let switched: usize = self.retiring.drain(..).map(|t| t.count as usize).sum();
-        switched
-            + classes
-                .iter()
-                .filter_map(|class| self.placed.remove(class))
-                .map(|table| table.count as usize)
-                .sum::<usize>()
+        if waited {
+            self.retiring.clear();
+        }
+        classes
+            .iter()
+            .filter_map(|class| self.placed.remove(class))
+            .map(|table| table.count as usize)
+            .sum()
     }
 
     /// The runs of `PORT_RANGES` no class uses nor may still be read, as (first, count),
