@@ -197,8 +197,11 @@ pub fn compile(model: &Model) -> Result<Compiled, CompileError> {
 /// handle keeps its ID if its entries are identical, and so does a peer class, found by the
 /// rules it was computed from (or, over a state read back from the kernel, by its entries);
 /// entries that change get a fresh class or handle (copy-on-write: `maps/apply.rs` never rewrites
-/// entries in use). Over a compiled `previous`, policies and classes whose inputs did not
-/// change are taken over as they are, not computed again. Fresh IDs are the lowest that
+/// entries in use), but for a class whose rules' ports changed, which keeps its ID where no
+/// pod can see its table switched beside another change (`switch.rs`). Over a compiled
+/// `previous`, policies and classes whose inputs did not change are taken over as they are,
+/// not computed again, and a policy whose rules changed only their ports is folded again
+/// only under those rules' prefixes. Fresh IDs are the lowest that
 /// neither `previous` nor this compile uses, so an ID freed by one compile is reused at the
 /// earliest by the next. Deterministic for (model, previous).
 pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compiled, CompileError> {
@@ -227,8 +230,9 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
     }
 
     // The other policies' peer tables, computed in parallel, point at kept classes or at
-    // interned class keys (value = order of first sight); classes are visited in the order of their rule sets
-    // once all are known, so that fresh IDs depend neither on the walk nor on the threads.
+    // interned class keys (value = order of first sight); classes are visited in the order
+    // of their rule sets once all are known, so that fresh IDs depend neither on the walk
+    // nor on the threads.
     let pending: Vec<usize> = (0..policies.len())
         .filter(|&i| handles[i].is_none())
         .collect();
