@@ -10,7 +10,7 @@ use super::{
     RuleIds,
 };
 use crate::model::{Direction, GroupId, Model, Peer};
-use crate::policy::eval::RuleRef;
+use crate::policy::eval::{PROTO_TCP, PROTO_UDP, RuleRef, opens_all_ports};
 
 /// A policy's previous folds, which rules' ports changed, and the previous classes.
 pub(super) type Refoldable<'a> = (
@@ -23,6 +23,7 @@ pub(super) type Refoldable<'a> = (
 /// and classes computed from the same rules, none of which changed.
 pub(super) struct Reuse<'p> {
     pub(super) previous: Option<(&'p Compiled, &'p Memo)>,
+    model: &'p Model,
     /// Stable IDs of rules whose contents changed, or that are gone (their IDs may name
     /// other rules one compile later).
     pub(super) stale: HashSet<u32>,
@@ -54,6 +55,7 @@ impl<'p> Reuse<'p> {
         });
         Self {
             previous,
+            model,
             stale,
             ports_changed,
             groups,
@@ -107,11 +109,13 @@ impl<'p> Reuse<'p> {
     pub(super) fn policy(&self, policy: &Policy) -> Option<u32> {
         let (compiled, memo) = self.previous?;
         let handle = *memo.handles.get(policy)?;
-        // Its groups' rules (both directions: the opposite one decides what is untracked),
-        // and the members and prefix lists they name.
+        // Its groups' rules of its direction, the members and prefix lists they name, and
+        // what the opposite direction opens to everywhere (it decides what is untracked).
         let direction = usize::from(policy.direction == Direction::Egress);
         let unchanged = policy_changes(&self.groups, policy)
-            .all(|g| g.same_rules && g.same_peers[direction])
+            .all(|g| g.same_rules[direction] && g.same_peers[direction])
+            && (policy_changes(&self.groups, policy).all(|g| g.same_rules[1 - direction])
+                || same_reverse_open(&memo.model, self.model, policy))
             && compiled.policies.contains_key(&handle);
         unchanged.then_some(handle)
     }
@@ -170,8 +174,8 @@ impl<'p> Reuse<'p> {
 /// What changed in one group between two models, per direction (ingress, egress).
 #[derive(Clone, Copy)]
 pub(super) struct GroupChange {
-    /// Its rules are the same, both directions.
-    same_rules: bool,
+    /// Its rules of the direction are the same.
+    same_rules: [bool; 2],
     /// Its rules of the direction name the same peers, standing for the same addresses.
     same_peers: [bool; 2],
 }
@@ -184,7 +188,7 @@ fn group_changes(old: &Model, new: &Model) -> HashMap<GroupId, GroupChange> {
         .map(|id| {
             let change = match (old.groups.get(id), new.groups.get(id)) {
                 (Some(a), Some(b)) => GroupChange {
-                    same_rules: a.ingress == b.ingress && a.egress == b.egress,
+                    same_rules: [a.ingress == b.ingress, a.egress == b.egress],
                     same_peers: [Direction::Ingress, Direction::Egress].map(|d| {
                         let (a, b) = (a.rules(d), b.rules(d));
                         a.len() == b.len()
@@ -194,11 +198,11 @@ fn group_changes(old: &Model, new: &Model) -> HashMap<GroupId, GroupChange> {
                     }),
                 },
                 (None, None) => GroupChange {
-                    same_rules: true,
+                    same_rules: [true; 2],
                     same_peers: [true; 2],
                 },
                 _ => GroupChange {
-                    same_rules: false,
+                    same_rules: [false; 2],
                     same_peers: [false; 2],
                 },
             };
@@ -214,8 +218,20 @@ fn policy_changes<'c>(
 ) -> impl Iterator<Item = GroupChange> + 'c {
     policy.groups.iter().map(|id| {
         changes.get(id).copied().unwrap_or(GroupChange {
-            same_rules: true,
+            same_rules: [true; 2],
             same_peers: [true; 2],
+        })
+    })
+}
+
+/// Whether the opposite direction of `policy` opens every port of the same protocols to
+/// everywhere in both models.
+fn same_reverse_open(old: &Model, new: &Model, policy: &Policy) -> bool {
+    let opposite = policy.direction.opposite();
+    [false, true].into_iter().all(|v6| {
+        [PROTO_TCP, PROTO_UDP].into_iter().all(|protocol| {
+            opens_all_ports(old, &policy.groups, opposite, v6, protocol)
+                == opens_all_ports(new, &policy.groups, opposite, v6, protocol)
         })
     })
 }
