@@ -440,11 +440,33 @@ pub const NO_CLASS: u32 = 0;
 
 /// Value of `PORT_TABLES` (by class): the class's port table is `PORT_RANGES`
 /// `first..first + count`. `count` 0: no such class (its lookups deny).
-#[repr(C)]
+///
+/// A class's table may be switched to another run while programs read it (a class whose
+/// rules' ports changed keeps its ID): both sides move the slot as one aligned 8-byte word
+/// ([`PortTable::word`]), the kernel with one load, userspace with one atomic store
+/// through the memory-mapped array, so a lookup sees the old run or the new, never the
+/// first of one with the count of the other.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortTable {
     pub first: u32,
     pub count: u32,
+}
+
+impl PortTable {
+    /// The slot as the one word both sides load and store (`first` in the low half).
+    #[inline(always)]
+    pub fn word(self) -> u64 {
+        u64::from(self.first) | (u64::from(self.count) << 32)
+    }
+
+    #[inline(always)]
+    pub fn from_word(word: u64) -> Self {
+        Self {
+            first: word as u32,
+            count: (word >> 32) as u32,
+        }
+    }
 }
 
 /// One range of a class's port table, in `PORT_RANGES`: the 24-bit words

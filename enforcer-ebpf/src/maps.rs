@@ -41,8 +41,11 @@ pub static PEERS_V6: HashMap<
 
 /// Port tables are arrays: the verifier inlines an array lookup into an index
 /// check, so a search's fixed run of probes costs little more than its memory reads.
+/// Memory-mapped, so that the agent switches a class's table with one atomic store
+/// (`PortTable::word`).
 #[btf_map]
-pub static PORT_TABLES: Array<PortTable, { MAX_CLASSES as usize }> = Array::new();
+pub static PORT_TABLES: Array<PortTable, { MAX_CLASSES as usize }, { BPF_F_MMAPABLE as usize }> =
+    Array::new();
 
 #[btf_map]
 pub static PORT_RANGES: Array<PortRange, { MAX_PORT_RANGES as usize }> = Array::new();

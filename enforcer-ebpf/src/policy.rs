@@ -5,7 +5,9 @@
 //! of rules.
 
 use enforcer_common::lengths::{self, PeerV4, PeerV6};
-use enforcer_common::{NO_CLASS, NO_RULE, PeerKeyV4, PeerKeyV6, PortVerdict, port_word, ranges};
+use enforcer_common::{
+    NO_CLASS, NO_RULE, PeerKeyV4, PeerKeyV6, PortTable, PortVerdict, port_word, ranges,
+};
 
 use crate::maps::{PEERS_V4, PEERS_V6, PORT_RANGES, PORT_TABLES};
 use crate::parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, Packet};
@@ -34,7 +36,10 @@ pub fn allowed(policy: u32, packet: &Packet, peer: &[u8; 16], verdict: &mut Port
 
 #[inline(always)]
 fn port_verdict(class: u32, word: u32) -> Option<PortVerdict> {
-    let table = PORT_TABLES.get(class)?;
+    let slot = PORT_TABLES.get_ptr(class)?;
+    // SAFETY: an aligned 8-byte slot of the array, read whole with one load: the agent may
+    // switch it to another run meanwhile (`PortTable::word`).
+    let table = PortTable::from_word(unsafe { core::ptr::read_volatile(slot.cast::<u64>()) });
     if table.count == 0 {
         return None;
     }

@@ -179,6 +179,26 @@ fn group_id(i: usize) -> String {
 }
 
 /// A node's worth of random state: groups, members, prefix lists and pods.
+/// `model` with the ports of one rule changed (a rule drawn among all groups' rules; the
+/// model as it is if it has none): the change an apply makes by switching port tables in
+/// place (`compile::compile_with`).
+pub fn change_ports(rng: &mut Rng, model: &Model) -> Model {
+    let mut changed = model.clone();
+    let rules: Vec<&mut Rule> = changed
+        .groups
+        .values_mut()
+        .flat_map(|g| g.ingress.iter_mut().chain(g.egress.iter_mut()))
+        .collect();
+    if !rules.is_empty() {
+        let i = rng.below(rules.len() as u64) as usize;
+        let l4 = random_l4(rng);
+        if let Some(rule) = rules.into_iter().nth(i) {
+            rule.l4 = l4;
+        }
+    }
+    changed
+}
+
 pub fn random_model(rng: &mut Rng) -> Model {
     let mut groups = BTreeMap::new();
     for i in 0..GROUPS {

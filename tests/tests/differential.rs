@@ -38,7 +38,7 @@ use enforcer_tests::frame_oracle::{FrameOracle, PATHS};
 use enforcer_tests::kernel::{IngressPath, Kernel, Outcome, TC_ACT_REDIRECT};
 use enforcer_tests::models::NODE_IP;
 use enforcer_tests::nat_oracle;
-use enforcer_tests::random::{CaseGenerator, Kind, Rng, random_model};
+use enforcer_tests::random::{CaseGenerator, Kind, Rng, change_ports, random_model};
 
 const DEFAULT_SEED: u64 = 0x5eed_c0de;
 const DEFAULT_PACKETS: u64 = 100_000;
@@ -131,6 +131,10 @@ fn kernel_verdicts_equal_the_reference_on_random_policies_and_packets() {
             // A fresh policy and empty tables, so flows and datagrams of one
             // model never meet the next one's rules.
             model = next_model(&mut rng, n / PACKETS_PER_MODEL);
+            kernel.apply(&model);
+            // Then one rule's ports changed: its classes' tables switched in place, the
+            // policies kept (an RNG of its own keeps the models' sequence).
+            model = change_ports(&mut Rng::new(seed ^ n), &model);
             kernel.apply(&model);
             kernel.maps.forget_flows(|_| true).expect("clear conntrack");
             kernel

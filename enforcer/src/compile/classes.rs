@@ -2,8 +2,9 @@
 //! (protocol, port) ranges of each class with their verdicts, as the kernel searches them.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use enforcer_common::{NO_RULE, PortRange, PortVerdict, VERDICT_UNTRACKED, port_word};
+use enforcer_common::{NO_CLASS, NO_RULE, PortRange, PortVerdict, VERDICT_UNTRACKED, port_word};
 
 use super::{ClassEntries, HashMap, Policy, handle, index};
 use crate::compile::prefix::{Prefix, fold};
@@ -21,17 +22,58 @@ pub(super) struct ClassKey {
     pub(super) reverse_open: [bool; 2],
 }
 
-/// The peer table of one policy and family, as (prefix, class key).
+/// What a prefix of a policy's peer table names: a class to compute from a rule set, or,
+/// for a prefix none of whose rules changed, the class it had in the previous compile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum ClassRef {
+    Key(ClassKey),
+    Known(u32),
+}
+
+/// One family's peer fold of a policy, kept for the next compile: when only some rules'
+/// ports change, only the prefixes under those rules' peers are folded again
+/// ([`refold`]).
+#[derive(Debug)]
+pub(super) struct FamilyFold {
+    /// Every prefix the policy's rules name, in (bits, len) order (a depth-first walk of
+    /// its trie), with its own rules (positions) and its nearest covering prefix: what only
+    /// the rules' peers decide, shared from compile to compile while they stay.
+    pub(super) shape: Arc<[FoldNode]>,
+    /// Each prefix's rules (positions, pruned): its own and its covering prefixes'.
+    pub(super) sets: Vec<Arc<[u32]>>,
+    /// For which protocols (TCP, UDP) the opposite direction opens every port.
+    pub(super) reverse_open: [bool; 2],
+    /// Each prefix's class in the peer table; `NO_CLASS` for a prefix left out (its set
+    /// is its parent's). Filled once the classes are resolved.
+    pub(super) classes: Vec<u32>,
+}
+
+#[derive(Debug)]
+pub(super) struct FoldNode {
+    pub(super) prefix: Prefix,
+    pub(super) own: Box<[u32]>,
+    pub(super) parent: Option<usize>,
+}
+
+/// A family's fold and, for each prefix of the peer table (by index), its class.
+pub(super) type Folded = (FamilyFold, Vec<(usize, ClassRef)>);
+
+/// For which protocols (TCP, UDP) the opposite direction of `policy` opens every port of
+/// `family` to everywhere.
+fn reverse_open(model: &Model, policy: &Policy, v6: bool) -> [bool; 2] {
+    [PROTO_TCP, PROTO_UDP].map(|protocol| {
+        let opposite = policy.direction.opposite();
+        opens_all_ports(model, &policy.groups, opposite, v6, protocol)
+    })
+}
+
+/// The peer table of one policy and family, folded from scratch.
 pub(super) fn policy_peers(
     model: &Model,
     sets: &mut RuleSets,
     policy: &Policy,
     v6: bool,
-) -> Vec<(Prefix, ClassKey)> {
-    let reverse_open = [PROTO_TCP, PROTO_UDP].map(|protocol| {
-        let opposite = policy.direction.opposite();
-        opens_all_ports(model, &policy.groups, opposite, v6, protocol)
-    });
+) -> Folded {
     let mut own: BTreeMap<Prefix, Vec<u32>> = BTreeMap::new();
     for group in &policy.groups {
         for (id, rule) in sets.rules.of(model, group, policy.direction) {
@@ -40,23 +82,107 @@ pub(super) fn policy_peers(
             }
         }
     }
-    let folded = fold(own, |inherited: Option<&usize>, own| {
-        sets.extend(inherited.copied(), own)
-    });
-    folded
-        .iter()
-        .filter(|(_, set, parent)| parent.is_none_or(|p| folded[p].1 != *set))
-        .map(|&(prefix, set, _)| {
-            let rules = &sets.sets[set];
-            let everything = rules.iter().any(|&id| sets.rules.everything[index(id)]);
-            let key = ClassKey {
-                set,
-                // Only a rule from everywhere can make a flow untracked.
-                reverse_open: if everything { reverse_open } else { [false; 2] },
-            };
-            (prefix, key)
+    let folded = fold(
+        own,
+        |inherited: Option<&(usize, Box<[u32]>)>, own: Vec<u32>| {
+            let kept: Box<[u32]> = own.as_slice().into();
+            (sets.extend(inherited.map(|i| i.0), own), kept)
+        },
+    );
+    let mut shape = Vec::with_capacity(folded.len());
+    let mut indexes = Vec::with_capacity(folded.len());
+    for (prefix, (set, own), parent) in folded {
+        shape.push(FoldNode {
+            prefix,
+            own,
+            parent,
+        });
+        indexes.push(set);
+    }
+    let fold = FamilyFold {
+        shape: shape.into(),
+        sets: indexes.iter().map(|&i| sets.sets[i].clone()).collect(),
+        reverse_open: reverse_open(model, policy, v6),
+        classes: Vec::new(),
+    };
+    let table = (0..indexes.len())
+        .filter(|&i| {
+            fold.shape[i]
+                .parent
+                .is_none_or(|p| indexes[p] != indexes[i])
         })
-        .collect()
+        .map(|i| {
+            (
+                i,
+                ClassRef::Key(class_key(sets, indexes[i], fold.reverse_open)),
+            )
+        })
+        .collect();
+    (fold, table)
+}
+
+/// The peer table of one policy and family whose rules' peers are those of `old` and of
+/// which only the rules at `changed` positions changed (their ports): the prefixes under
+/// none of those rules keep their sets and classes (those of `held`, the previous compile's:
+/// a class no entry named, all its keys shadowed by longer prefixes, was not kept), the
+/// others are folded again. `None` if the opposite direction now opens other protocols
+/// (every class changes).
+pub(super) fn refold(
+    model: &Model,
+    sets: &mut RuleSets,
+    policy: &Policy,
+    v6: bool,
+    old: &FamilyFold,
+    changed: &[bool],
+    held: &BTreeMap<u32, Arc<ClassEntries>>,
+) -> Option<Folded> {
+    let open = reverse_open(model, policy, v6);
+    if open != old.reverse_open {
+        return None;
+    }
+    let mut fold = FamilyFold {
+        shape: old.shape.clone(),
+        sets: old.sets.clone(),
+        reverse_open: open,
+        classes: Vec::new(),
+    };
+    let mut dirty = vec![false; fold.shape.len()];
+    let mut table = Vec::new();
+    for (i, node) in fold.shape.iter().enumerate() {
+        dirty[i] =
+            node.parent.is_some_and(|p| dirty[p]) || node.own.iter().any(|&id| changed[index(id)]);
+        let class = old.classes[i];
+        if !dirty[i] && class != NO_CLASS && held.contains_key(&class) {
+            table.push((i, ClassRef::Known(class)));
+            continue;
+        }
+        if !dirty[i] {
+            if class != NO_CLASS {
+                let set = sets.intern(fold.sets[i].clone());
+                table.push((i, ClassRef::Key(class_key(sets, set, open))));
+            }
+            continue;
+        }
+        let inherited = node.parent.map_or(&[][..], |p| &*fold.sets[p]);
+        let set = sets.prune(&union(inherited, &node.own));
+        let set = sets.intern(set.into());
+        fold.sets[i] = sets.sets[set].clone();
+        if node.parent.is_none_or(|p| fold.sets[p] != fold.sets[i]) {
+            table.push((i, ClassRef::Key(class_key(sets, set, open))));
+        }
+    }
+    Some((fold, table))
+}
+
+/// The class key of rule set `set`: only a rule from everywhere can make a flow untracked.
+fn class_key(sets: &RuleSets, set: usize, reverse_open: [bool; 2]) -> ClassKey {
+    let everything = sets.sets[set]
+        .iter()
+        .any(|&id| sets.rules.everything[index(id)]);
+    ClassKey {
+        set,
+        reverse_open: if everything { reverse_open } else { [false; 2] },
+    }
 }
 
 /// The global rule table with what the compiler needs per rule.
@@ -121,8 +247,8 @@ impl RuleTable {
 /// one referenced group all extend the same set with the same rules.
 pub(super) struct RuleSets<'r> {
     pub(super) rules: &'r RuleTable,
-    pub(super) sets: Vec<Vec<u32>>,
-    pub(super) ids: HashMap<Vec<u32>, usize>,
+    pub(super) sets: Vec<Arc<[u32]>>,
+    pub(super) ids: HashMap<Arc<[u32]>, usize>,
     pub(super) memo: HashMap<(Option<usize>, Vec<u32>), usize>,
 }
 
@@ -142,15 +268,15 @@ impl<'r> RuleSets<'r> {
         if let Some(&id) = self.memo.get(&key) {
             return id;
         }
-        let base = inherited.map_or(&[][..], |i| &self.sets[i]);
+        let base = inherited.map_or(&[][..], |i| &*self.sets[i]);
         let set = self.prune(&union(base, &key.1));
-        let id = self.intern(set);
+        let id = self.intern(set.into());
         self.memo.insert(key, id);
         id
     }
 
     /// The index of `set`.
-    pub(super) fn intern(&mut self, set: Vec<u32>) -> usize {
+    pub(super) fn intern(&mut self, set: Arc<[u32]>) -> usize {
         match self.ids.get(&set) {
             Some(&id) => id,
             None => {

@@ -18,6 +18,7 @@ mod classes;
 mod interpret;
 mod prefix;
 mod reuse;
+mod switch;
 #[cfg(test)]
 mod tests;
 
@@ -40,9 +41,12 @@ use enforcer_common::{
 use crate::compile::prefix::{Prefix, lay_out};
 use crate::model::{Direction, EnforcingAction, GroupId, Model};
 use crate::policy::eval::{self, RuleRef, sorted_set};
-use classes::{ClassKey, RuleSets, RuleTable, class_ports, policy_peers};
+use classes::{
+    ClassKey, ClassRef, FamilyFold, Folded, RuleSets, RuleTable, class_ports, policy_peers, refold,
+};
 pub use interpret::{Interpretation, SideLookup, disagreement, interpret};
 use reuse::{Previous, Reuse};
+pub use switch::{Switched, unsafe_switches};
 
 /// Why a model cannot be compiled.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -124,7 +128,12 @@ struct Memo {
     model: Model,
     handles: HashMap<Policy, u32>,
     classes: HashMap<ClassInputs, u32>,
+    /// Each policy's peer folds, to fold again only what a change of ports touches.
+    folds: HashMap<Policy, Arc<PolicyFold>>,
 }
+
+/// A policy's IPv4 and IPv6 peer folds.
+type PolicyFold = [FamilyFold; 2];
 
 /// What a class's port entries are computed from, besides the rules' contents: the stable IDs
 /// of its rules (sorted) and for which protocols the opposite direction opens every port.
@@ -188,8 +197,11 @@ pub fn compile(model: &Model) -> Result<Compiled, CompileError> {
 /// handle keeps its ID if its entries are identical, and so does a peer class, found by the
 /// rules it was computed from (or, over a state read back from the kernel, by its entries);
 /// entries that change get a fresh class or handle (copy-on-write: `maps/apply.rs` never rewrites
-/// entries in use). Over a compiled `previous`, policies and classes whose inputs did not
-/// change are taken over as they are, not computed again. Fresh IDs are the lowest that
+/// entries in use), but for a class whose rules' ports changed, which keeps its ID where no
+/// pod can see its table switched beside another change (`switch.rs`). Over a compiled
+/// `previous`, policies and classes whose inputs did not change are taken over as they are,
+/// not computed again, and a policy whose rules changed only their ports is folded again
+/// only under those rules' prefixes. Fresh IDs are the lowest that
 /// neither `previous` nor this compile uses, so an ID freed by one compile is reused at the
 /// earliest by the next. Deterministic for (model, previous).
 pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compiled, CompileError> {
@@ -200,42 +212,81 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
     let mut before = Previous::index(previous);
     let rule_ids: Vec<u32> = rules.refs.iter().map(|r| before.rule_id(r)).collect();
 
-    // Policies whose inputs did not change keep their handle, entries and classes.
+    // Policies whose inputs did not change keep their handle, entries, classes and folds.
     let mut handles: Vec<Option<u32>> = policies.iter().map(|p| reuse.policy(p)).collect();
     let mut policy_entries: BTreeMap<u32, Arc<PolicyEntries>> = BTreeMap::new();
     let mut classes: BTreeMap<u32, Arc<ClassEntries>> = BTreeMap::new();
-    for &handle in handles.iter().flatten() {
+    let mut folds: HashMap<Policy, Arc<PolicyFold>> = HashMap::default();
+    for (policy, handle) in policies.iter().zip(&handles) {
+        let Some(handle) = *handle else { continue };
         let entries = reuse.policy_entries(handle);
         for class in entries.classes() {
             classes.insert(class, reuse.class_entries(class));
         }
         policy_entries.insert(handle, entries);
+        if let Some(fold) = reuse.fold(policy) {
+            folds.insert(policy.clone(), fold.clone());
+        }
     }
 
-    // The other policies' peer entries, computed in parallel, point at interned class keys
-    // (value = order of first sight); classes are visited in the order of their rule sets
-    // once all are known, so that fresh IDs depend neither on the walk nor on the threads.
+    // The other policies' peer tables, computed in parallel, point at kept classes or at
+    // interned class keys (value = order of first sight); classes are visited in the order
+    // of their rule sets once all are known, so that fresh IDs depend neither on the walk
+    // nor on the threads.
     let pending: Vec<usize> = (0..policies.len())
         .filter(|&i| handles[i].is_none())
         .collect();
     let mut sets = RuleSets::new(&rules);
     let mut interned: HashMap<ClassKey, usize> = HashMap::default();
-    let mut peer_entries: Vec<(usize, PeerPrefixes)> = Vec::with_capacity(pending.len());
-    for work in peer_work(model, &rules, &policies, &pending) {
+    let mut known: Vec<u32> = Vec::new();
+    let mut folded: Vec<PendingFold> = Vec::with_capacity(pending.len());
+    let mut hints: Vec<(usize, u32)> = Vec::new();
+    for work in peer_work(model, &rules, &policies, &pending, &reuse) {
         let global: Vec<usize> = work.sets.into_iter().map(|set| sets.intern(set)).collect();
-        for (i, tables) in work.policies {
-            let mut entries = Vec::with_capacity(tables.len());
-            for (v6, prefix, key) in tables {
-                let key = ClassKey {
-                    set: global[key.set],
-                    ..key
-                };
-                let next = interned.len();
-                let provisional = *interned.entry(key).or_insert(next);
-                entries.push((v6, prefix, provisional));
+        for (i, [(v4, v4_table), (v6, v6_table)]) in work.policies {
+            // A prefix folded again had a class: an ID its new table may take.
+            let previous = reuse.fold(&policies[i]);
+            let fold = [v4, v6];
+            let mut table: [Vec<(usize, Slot)>; 2] = Default::default();
+            for (family, refs) in [v4_table, v6_table].into_iter().enumerate() {
+                let old = previous
+                    .map(|p| &p[family])
+                    .filter(|old| Arc::ptr_eq(&old.shape, &fold[family].shape));
+                for (node, class) in refs {
+                    let slot = match class {
+                        ClassRef::Known(class) => {
+                            known.push(class);
+                            Slot::Known(class)
+                        }
+                        ClassRef::Key(key) => {
+                            let key = ClassKey {
+                                set: global[key.set],
+                                ..key
+                            };
+                            let next = interned.len();
+                            let provisional = *interned.entry(key).or_insert(next);
+                            if let Some(old) = old {
+                                hints.push((provisional, old.classes[node]));
+                            }
+                            Slot::Provisional(provisional)
+                        }
+                    };
+                    table[family].push((node, slot));
+                }
             }
-            peer_entries.push((i, entries));
+            folded.push(PendingFold {
+                policy: i,
+                fold,
+                table,
+            });
         }
+    }
+    let mut class_of = vec![0; interned.len()];
+    // A prefix none of whose rules changed keeps its class, as it is.
+    known.sort_unstable();
+    known.dedup();
+    for class in known {
+        classes.insert(class, reuse.class_entries(class));
     }
     let mut keys: Vec<(&ClassKey, usize)> = interned.iter().map(|(k, &v)| (k, v)).collect();
     keys.sort_by(|(a, _), (b, _)| {
@@ -244,30 +295,46 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
 
     // A class computed from the same unchanged rules keeps its ID and entries; classes with
     // identical port entries share one ID.
-    let mut class_of = vec![0; keys.len()];
-    let mut computed: HashMap<ClassEntries, u32> = HashMap::default();
     let mut class_inputs: HashMap<ClassInputs, u32> = reuse.kept_class_inputs(&classes);
+    let mut recomputed = Vec::new();
     for (key, provisional) in keys {
         let set = &sets.sets[key.set];
         let mut ids: Vec<u32> = set.iter().map(|&p| rule_ids[index(p)]).collect();
         ids.sort_unstable();
         let inputs = (ids, key.reverse_open);
-        let class = match reuse.class(&inputs) {
+        match reuse.class(&inputs) {
             Some(class) => {
                 classes.insert(class, reuse.class_entries(class));
-                class
+                class_of[provisional] = class;
+                class_inputs.insert(inputs, class);
             }
             None => {
                 let entries = class_ports(&rules, &rule_ids, set, key.reverse_open);
-                match computed.get(&entries) {
-                    Some(&class) => class,
-                    None => {
-                        let class = before.class(&entries);
-                        classes.insert(class, Arc::new(entries.clone()));
-                        computed.insert(entries, class);
-                        class
-                    }
-                }
+                recomputed.push((provisional, inputs, entries));
+            }
+        }
+    }
+    // A class of the same rules, some of whose ports changed, keeps its ID (its table is
+    // switched in place) unless another table of this compile holds it.
+    hints.sort_unstable();
+    hints.dedup();
+    let mut computed: HashMap<ClassEntries, u32> = HashMap::default();
+    for (provisional, inputs, entries) in recomputed {
+        let class = match computed.get(&entries) {
+            Some(&class) => class,
+            None => {
+                let first = hints.partition_point(|&(p, _)| p < provisional);
+                let had = hints[first..]
+                    .iter()
+                    .take_while(|&&(p, _)| p == provisional)
+                    .map(|&(_, class)| class);
+                let class = reuse
+                    .switchable(&inputs, had)
+                    .find(|class| !classes.contains_key(class))
+                    .unwrap_or_else(|| before.class(&entries));
+                classes.insert(class, Arc::new(entries.clone()));
+                computed.insert(entries, class);
+                class
             }
         };
         class_of[provisional] = class;
@@ -275,37 +342,73 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
     }
 
     // Policies with identical peer entries share one handle (a kept policy's is found by
-    // `before`, which indexes every previous policy by its entries).
-    let mut seen: HashMap<Arc<PolicyEntries>, u32> = HashMap::default();
-    for (i, entries) in peer_entries {
-        let mut tables: [Vec<(Prefix, PeerClass)>; 2] = Default::default();
-        for (is_v6, prefix, provisional) in entries {
-            let class = PeerClass {
-                class: class_of[provisional],
-            };
-            tables[usize::from(is_v6)].push((prefix, class));
-        }
-        let entries = policy_layout(&tables[0], &tables[1]);
-        let handle = match seen.get(&entries) {
-            Some(&handle) => handle,
-            None => {
-                let handle = before.policy(&entries);
-                let entries = Arc::new(entries);
-                policy_entries.insert(handle, entries.clone());
-                seen.insert(entries, handle);
-                handle
-            }
+    // `before`, which indexes every previous policy by its entries). A switched class that
+    // some pod could see beside other changes (`unsafe_switches`) takes a fresh ID, and the
+    // policies are laid out again.
+    let kept_entries = policy_entries.clone();
+    let fresh_handles = before.handles.last;
+    let (pods, handles) = loop {
+        let laid = lay_out_policies(
+            &policies,
+            &mut folded,
+            &class_of,
+            &reuse,
+            &mut before,
+            &mut handles,
+        );
+        policy_entries = kept_entries.clone();
+        policy_entries.extend(laid);
+        let all: Vec<u32> = handles.iter().flatten().copied().collect();
+        let pods = pod_entries(model, &policies, &all)?;
+        let switched: Switched = match previous {
+            Some(previous) => classes
+                .iter()
+                .filter(|(class, entries)| {
+                    previous
+                        .classes
+                        .get(class)
+                        .is_some_and(|held| !Arc::ptr_eq(held, entries) && held != *entries)
+                })
+                .map(|(&class, _)| class)
+                .collect(),
+            None => Switched::new(),
         };
-        handles[i] = Some(handle);
-    }
+        let candidate = Compiled {
+            pods,
+            policies: policy_entries.clone(),
+            ..Compiled::default()
+        };
+        let refused = match previous {
+            Some(previous) => unsafe_switches(previous, &candidate, &switched),
+            None => Vec::new(),
+        };
+        if refused.is_empty() {
+            break (candidate.pods, all);
+        }
+        for class in refused {
+            let fresh = before.class_ids.next();
+            for slot in class_of.iter_mut().filter(|c| **c == class) {
+                *slot = fresh;
+            }
+            let entries = classes.remove(&class).expect("a switched class is held");
+            classes.insert(fresh, entries);
+            for value in class_inputs.values_mut().filter(|c| **c == class) {
+                *value = fresh;
+            }
+        }
+        for &i in &pending {
+            handles[i] = None;
+        }
+        before.handles.last = fresh_handles;
+    };
     // A class no policy names (its prefixes all folded into longer ones) is not kept: a
     // compile over this one would not take it over, and the two would differ.
-    let named: HashSet<u32> = policy_entries.values().flat_map(|e| e.classes()).collect();
-    classes.retain(|class, _| named.contains(class));
-    class_inputs.retain(|_, class| named.contains(class));
-
-    let handles: Vec<u32> = handles.into_iter().flatten().collect();
-    let pods = pod_entries(model, &policies, &handles)?;
+    let mut named = vec![false; classes.keys().last().map_or(0, |&c| index(c) + 2)];
+    for class in policy_entries.values().flat_map(|e| e.classes()) {
+        named[class as usize] = true;
+    }
+    classes.retain(|&class, _| named[class as usize]);
+    class_inputs.retain(|_, &mut class| named[class as usize]);
 
     let node_local = model
         .node_local
@@ -317,10 +420,15 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
     for (rule, id) in rules.refs.into_iter().zip(rule_ids) {
         ids.insert(id, rule);
     }
+    for pending in folded {
+        let [v4, v6] = pending.fold;
+        folds.insert(policies[pending.policy].clone(), Arc::new([v4, v6]));
+    }
     let memo = Memo {
         model: model.clone(),
         handles: policies.into_iter().zip(handles).collect(),
         classes: class_inputs,
+        folds,
     };
     Ok(Compiled {
         pods,
@@ -332,37 +440,113 @@ pub fn compile_with(model: &Model, previous: Option<&Compiled>) -> Result<Compil
     })
 }
 
-/// One policy's (IPv6, prefix, class key) of both families.
-type PolicyPeers = Vec<(bool, Prefix, ClassKey)>;
-
-/// Peer prefixes of some policies (by index), their classes' rule sets local to the work.
-struct PeerWork {
-    sets: Vec<Vec<u32>>,
-    policies: Vec<(usize, PolicyPeers)>,
+/// A policy compiled again: its folds (IPv4, IPv6) and their peer tables as (prefix
+/// index, class).
+struct PendingFold {
+    policy: usize,
+    fold: [FamilyFold; 2],
+    table: [Vec<(usize, Slot)>; 2],
 }
 
-/// The peer prefixes of `policies[pending]`, the work spread over the CPUs (each policy's
-/// fold is independent; a node's hundreds of policies are most of a compile).
+/// A peer-table prefix's class: kept from the previous compile, or one to resolve
+/// (`class_of[provisional]`).
+#[derive(Clone, Copy)]
+enum Slot {
+    Known(u32),
+    Provisional(usize),
+}
+
+/// Lays out the peer tables of the policies compiled again, their provisional classes
+/// replaced by `class_of` (and recorded in their folds), and gives each a handle
+/// (`handles[i]`): a policy whose prefixes and classes are those of its previous fold keeps
+/// its handle and entries; otherwise policies with identical entries share one, and
+/// `before` finds a previous policy's by its entries.
+fn lay_out_policies(
+    policies: &[Policy],
+    folded: &mut [PendingFold],
+    class_of: &[u32],
+    reuse: &Reuse,
+    before: &mut Previous,
+    handles: &mut [Option<u32>],
+) -> BTreeMap<u32, Arc<PolicyEntries>> {
+    let mut laid = BTreeMap::new();
+    let mut seen: HashMap<Arc<PolicyEntries>, u32> = HashMap::default();
+    for pending in folded {
+        for (fold, table) in pending.fold.iter_mut().zip(&pending.table) {
+            fold.classes = vec![NO_CLASS; fold.shape.len()];
+            for &(node, slot) in table {
+                fold.classes[node] = match slot {
+                    Slot::Known(class) => class,
+                    Slot::Provisional(provisional) => class_of[provisional],
+                };
+            }
+        }
+        if let Some((handle, entries)) = reuse.same_table(&policies[pending.policy], &pending.fold)
+        {
+            laid.insert(handle, entries);
+            handles[pending.policy] = Some(handle);
+            continue;
+        }
+        let tables = pending.fold.each_ref().map(|fold| {
+            (0..fold.shape.len())
+                .filter(|&node| fold.classes[node] != NO_CLASS)
+                .map(|node| {
+                    let class = PeerClass {
+                        class: fold.classes[node],
+                    };
+                    (fold.shape[node].prefix, class)
+                })
+                .collect::<Vec<_>>()
+        });
+        let entries = policy_layout(&tables[0], &tables[1]);
+        let handle = match seen.get(&entries) {
+            Some(&handle) => handle,
+            None => {
+                let handle = before.policy(&entries);
+                let entries = Arc::new(entries);
+                laid.insert(handle, entries.clone());
+                seen.insert(entries, handle);
+                handle
+            }
+        };
+        handles[pending.policy] = Some(handle);
+    }
+    laid
+}
+
+/// Peer tables of some policies (by index), their classes' rule sets local to the work.
+struct PeerWork {
+    sets: Vec<Arc<[u32]>>,
+    policies: Vec<(usize, [Folded; 2])>,
+}
+
+/// The peer tables of `policies[pending]`, each folded again from its previous fold where
+/// only rules' ports changed (`Reuse::refoldable`), from scratch otherwise; the work spread
+/// over the CPUs (each policy's fold is independent; a node's hundreds of policies are most
+/// of a compile).
 fn peer_work(
     model: &Model,
     rules: &RuleTable,
     policies: &[Policy],
     pending: &[usize],
+    reuse: &Reuse,
 ) -> Vec<PeerWork> {
     let work = |chunk: &[usize]| {
         let mut sets = RuleSets::new(rules);
         let policies = chunk
             .iter()
             .map(|&i| {
-                let tables = [false, true]
-                    .into_iter()
-                    .flat_map(|v6| {
-                        policy_peers(model, &mut sets, &policies[i], v6)
-                            .into_iter()
-                            .map(move |(prefix, key)| (v6, prefix, key))
-                    })
-                    .collect();
-                (i, tables)
+                let policy = &policies[i];
+                let previous = reuse.refoldable(policy);
+                let families = [false, true].map(|v6| {
+                    previous
+                        .and_then(|(old, changed, held)| {
+                            let old = &old[usize::from(v6)];
+                            refold(model, &mut sets, policy, v6, old, changed, held)
+                        })
+                        .unwrap_or_else(|| policy_peers(model, &mut sets, policy, v6))
+                });
+                (i, families)
             })
             .collect();
         PeerWork {
@@ -387,9 +571,6 @@ fn peer_work(
             .collect()
     })
 }
-
-/// A policy's peer prefixes: (IPv6, prefix, provisional class).
-type PeerPrefixes = Vec<(bool, Prefix, usize)>;
 
 /// A policy's peer tables laid out for the kernel's search, keys sorted.
 fn policy_layout(v4: &[(Prefix, PeerClass)], v6: &[(Prefix, PeerClass)]) -> PolicyEntries {

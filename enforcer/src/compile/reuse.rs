@@ -3,20 +3,34 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use enforcer_common::NO_CLASS;
+
 use super::{
-    ClassEntries, ClassInputs, Compiled, HashMap, HashSet, Memo, Policy, PolicyEntries, RuleIds,
+    ClassEntries, ClassInputs, Compiled, HashMap, HashSet, Memo, Policy, PolicyEntries, PolicyFold,
+    RuleIds,
 };
-use crate::model::{Model, Peer};
-use crate::policy::eval::RuleRef;
+use crate::model::{Direction, GroupId, Model, Peer};
+use crate::policy::eval::{PROTO_TCP, PROTO_UDP, RuleRef, opens_all_ports};
+
+/// A policy's previous folds, which rules' ports changed, and the previous classes.
+pub(super) type Refoldable<'a> = (
+    &'a PolicyFold,
+    &'a [bool],
+    &'a BTreeMap<u32, Arc<ClassEntries>>,
+);
 
 /// What of the previous compile this one takes over: policies whose inputs are unchanged,
 /// and classes computed from the same rules, none of which changed.
 pub(super) struct Reuse<'p> {
     pub(super) previous: Option<(&'p Compiled, &'p Memo)>,
-    pub(super) model: &'p Model,
+    model: &'p Model,
     /// Stable IDs of rules whose contents changed, or that are gone (their IDs may name
     /// other rules one compile later).
     pub(super) stale: HashSet<u32>,
+    /// By rule position (both compiles' rule tables alike: the same groups with as many
+    /// rules each), whether the rule's ports changed; `None` if the positions differ.
+    pub(super) ports_changed: Option<Vec<bool>>,
+    groups: HashMap<GroupId, GroupChange>,
 }
 
 impl<'p> Reuse<'p> {
@@ -35,18 +49,73 @@ impl<'p> Reuse<'p> {
                 }
             }
         }
+        let ports_changed = previous.and_then(|(_, memo)| ports_changed(&memo.model, model));
+        let groups = previous.map_or_else(HashMap::default, |(_, memo)| {
+            group_changes(&memo.model, model)
+        });
         Self {
             previous,
             model,
             stale,
+            ports_changed,
+            groups,
         }
+    }
+
+    /// The previous folds of `policy`, which rules' ports changed, and the previous
+    /// classes, if only ports did (its rules' peers, and the members and prefix lists they
+    /// name, are the same).
+    pub(super) fn refoldable(&self, policy: &Policy) -> Option<Refoldable<'_>> {
+        let (compiled, memo) = self.previous?;
+        let changed = self.ports_changed.as_deref()?;
+        let fold = memo.folds.get(policy)?;
+        let direction = usize::from(policy.direction == Direction::Egress);
+        let same = policy_changes(&self.groups, policy).all(|g| g.same_peers[direction]);
+        same.then_some((&**fold, changed, &compiled.classes))
+    }
+
+    /// The previous folds of `policy`, to keep for the next compile: only while the rules
+    /// keep their positions, which the folds name.
+    pub(super) fn fold(&self, policy: &Policy) -> Option<&'p Arc<PolicyFold>> {
+        self.ports_changed.as_ref()?;
+        self.previous?.1.folds.get(policy)
+    }
+
+    /// The previous handle and entries of `policy`, if `fold` has its previous folds'
+    /// prefixes and classes (so the same entries; a class the previous entries did not name,
+    /// all its keys shadowed by longer prefixes', may differ: it is shadowed again).
+    pub(super) fn same_table(
+        &self,
+        policy: &Policy,
+        fold: &PolicyFold,
+    ) -> Option<(u32, Arc<PolicyEntries>)> {
+        let (compiled, memo) = self.previous?;
+        let old = memo.folds.get(policy)?;
+        let same = old.iter().zip(fold).all(|(old, new)| {
+            Arc::ptr_eq(&old.shape, &new.shape)
+                && old.classes.iter().zip(&new.classes).all(|(&was, &is)| {
+                    was == is
+                        || (was != NO_CLASS
+                            && is != NO_CLASS
+                            && !compiled.classes.contains_key(&was))
+                })
+        });
+        let handle = *memo.handles.get(policy)?;
+        let entries = compiled.policies.get(&handle)?;
+        same.then(|| (handle, entries.clone()))
     }
 
     /// The previous handle of `policy`, if what it is compiled from is unchanged.
     pub(super) fn policy(&self, policy: &Policy) -> Option<u32> {
         let (compiled, memo) = self.previous?;
         let handle = *memo.handles.get(policy)?;
-        let unchanged = same_policy_inputs(&memo.model, self.model, policy)
+        // Its groups' rules of its direction, the members and prefix lists they name, and
+        // what the opposite direction opens to everywhere (it decides what is untracked).
+        let direction = usize::from(policy.direction == Direction::Egress);
+        let unchanged = policy_changes(&self.groups, policy)
+            .all(|g| g.same_rules[direction] && g.same_peers[direction])
+            && (policy_changes(&self.groups, policy).all(|g| g.same_rules[1 - direction])
+                || same_reverse_open(&memo.model, self.model, policy))
             && compiled.policies.contains_key(&handle);
         unchanged.then_some(handle)
     }
@@ -58,6 +127,20 @@ impl<'p> Reuse<'p> {
         let unchanged = !inputs.0.iter().any(|id| self.stale.contains(id))
             && compiled.classes.contains_key(&class);
         unchanged.then_some(class)
+    }
+
+    /// The previous classes a new table may be switched into in place (`switch.rs`): that
+    /// of the same inputs, whatever changed in its rules, then those its prefixes `had`.
+    pub(super) fn switchable<'a>(
+        &'a self,
+        inputs: &ClassInputs,
+        had: impl Iterator<Item = u32> + 'a,
+    ) -> impl Iterator<Item = u32> + 'a {
+        let (compiled, memo) = self.previous.unzip();
+        let same = memo.and_then(|memo| memo.classes.get(inputs).copied());
+        same.into_iter()
+            .chain(had)
+            .filter(move |class| compiled.is_some_and(|c| c.classes.contains_key(class)))
     }
 
     /// The inputs of the previous classes kept in `classes`, for the next compile.
@@ -88,26 +171,105 @@ impl<'p> Reuse<'p> {
     }
 }
 
-/// Whether `policy` compiles the same in both models: its groups' rules (both directions: the
-/// opposite one decides what is untracked), and the members and prefix lists they name.
-pub(super) fn same_policy_inputs(old: &Model, new: &Model, policy: &Policy) -> bool {
-    policy.groups.iter().all(|id| {
-        let same_rules = match (old.groups.get(id), new.groups.get(id)) {
-            (Some(a), Some(b)) => a.ingress == b.ingress && a.egress == b.egress,
-            (None, None) => true,
-            _ => false,
-        };
-        same_rules
-            && new.groups.get(id).is_none_or(|group| {
-                group
-                    .rules(policy.direction)
-                    .iter()
-                    .all(|rule| match &rule.peer {
-                        Peer::Group(g) => old.members.get(g) == new.members.get(g),
-                        Peer::PrefixList(l) => old.prefix_lists.get(l) == new.prefix_lists.get(l),
-                        Peer::Cidr(_) => true,
-                    })
+/// What changed in one group between two models, per direction (ingress, egress).
+#[derive(Clone, Copy)]
+pub(super) struct GroupChange {
+    /// Its rules of the direction are the same.
+    same_rules: [bool; 2],
+    /// Its rules of the direction name the same peers, standing for the same addresses.
+    same_peers: [bool; 2],
+}
+
+/// What changed in each group of either model (a policy's inputs are its groups', so each
+/// group is compared once, not once per policy).
+fn group_changes(old: &Model, new: &Model) -> HashMap<GroupId, GroupChange> {
+    let ids: HashSet<&GroupId> = old.groups.keys().chain(new.groups.keys()).collect();
+    ids.into_iter()
+        .map(|id| {
+            let change = match (old.groups.get(id), new.groups.get(id)) {
+                (Some(a), Some(b)) => GroupChange {
+                    same_rules: [a.ingress == b.ingress, a.egress == b.egress],
+                    same_peers: [Direction::Ingress, Direction::Egress].map(|d| {
+                        let (a, b) = (a.rules(d), b.rules(d));
+                        a.len() == b.len()
+                            && a.iter()
+                                .zip(b)
+                                .all(|(a, b)| a.peer == b.peer && same_addresses(old, new, &b.peer))
+                    }),
+                },
+                (None, None) => GroupChange {
+                    same_rules: [true; 2],
+                    same_peers: [true; 2],
+                },
+                _ => GroupChange {
+                    same_rules: [false; 2],
+                    same_peers: [false; 2],
+                },
+            };
+            (id.clone(), change)
+        })
+        .collect()
+}
+
+/// The changes of `policy`'s groups (a group in neither model did not change).
+fn policy_changes<'c>(
+    changes: &'c HashMap<GroupId, GroupChange>,
+    policy: &'c Policy,
+) -> impl Iterator<Item = GroupChange> + 'c {
+    policy.groups.iter().map(|id| {
+        changes.get(id).copied().unwrap_or(GroupChange {
+            same_rules: [true; 2],
+            same_peers: [true; 2],
+        })
+    })
+}
+
+/// Whether the opposite direction of `policy` opens every port of the same protocols to
+/// everywhere in both models.
+fn same_reverse_open(old: &Model, new: &Model, policy: &Policy) -> bool {
+    let opposite = policy.direction.opposite();
+    [false, true].into_iter().all(|v6| {
+        [PROTO_TCP, PROTO_UDP].into_iter().all(|protocol| {
+            opens_all_ports(old, &policy.groups, opposite, v6, protocol)
+                == opens_all_ports(new, &policy.groups, opposite, v6, protocol)
+        })
+    })
+}
+
+/// Whether `peer` stands for the same addresses in both models.
+fn same_addresses(old: &Model, new: &Model, peer: &Peer) -> bool {
+    match peer {
+        Peer::Group(g) => old.members.get(g) == new.members.get(g),
+        Peer::PrefixList(l) => old.prefix_lists.get(l) == new.prefix_lists.get(l),
+        Peer::Cidr(_) => true,
+    }
+}
+
+/// By rule position (`RuleTable`: groups in order, each group's ingress then egress rules),
+/// whether the rule's ports changed; `None` if the models' rule tables differ in shape.
+fn ports_changed(old: &Model, new: &Model) -> Option<Vec<bool>> {
+    let directions = [Direction::Ingress, Direction::Egress];
+    let same_shape = old.groups.len() == new.groups.len()
+        && old
+            .groups
+            .iter()
+            .zip(&new.groups)
+            .all(|((a_id, a), (b_id, b))| {
+                a_id == b_id
+                    && directions
+                        .iter()
+                        .all(|&d| a.rules(d).len() == b.rules(d).len())
+            });
+    same_shape.then(|| {
+        old.groups
+            .values()
+            .zip(new.groups.values())
+            .flat_map(|(a, b)| {
+                directions
+                    .into_iter()
+                    .flat_map(move |d| a.rules(d).iter().zip(b.rules(d)).map(|(a, b)| a.l4 != b.l4))
             })
+            .collect()
     })
 }
 
@@ -117,7 +279,10 @@ pub(super) struct Previous<'p> {
     /// Class IDs by entries: only for a previous state read back from the kernel (a
     /// compiled one finds its classes by their inputs, far cheaper).
     pub(super) classes: HashMap<Arc<ClassEntries>, u32>,
-    pub(super) policies: HashMap<Arc<PolicyEntries>, u32>,
+    /// Policy handles by entries, indexed on first use (a compile that lays out no policy
+    /// again needs none).
+    pub(super) policies: Option<HashMap<Arc<PolicyEntries>, u32>>,
+    compiled: Option<&'p Compiled>,
     pub(super) rule_ids: Fresh,
     pub(super) class_ids: Fresh,
     pub(super) handles: Fresh,
@@ -128,7 +293,8 @@ impl<'p> Previous<'p> {
         let mut index = Self {
             rules: previous.map(|p| &p.rules),
             classes: HashMap::default(),
-            policies: HashMap::default(),
+            policies: None,
+            compiled: previous,
             rule_ids: Fresh::default(),
             class_ids: Fresh::default(),
             handles: Fresh::default(),
@@ -150,8 +316,10 @@ impl<'p> Previous<'p> {
         }
         for (&handle, entries) in &previous.policies {
             index.handles.taken.insert(handle);
-            index.class_ids.taken.extend(entries.classes());
-            index.policies.entry(entries.clone()).or_insert(handle);
+            // A compiled state holds every class its policies name; one read back may not.
+            if previous.memo.is_none() {
+                index.class_ids.taken.extend(entries.classes());
+            }
         }
         index
     }
@@ -171,7 +339,16 @@ impl<'p> Previous<'p> {
     }
 
     pub(super) fn policy(&mut self, entries: &PolicyEntries) -> u32 {
-        match self.policies.get(entries) {
+        let compiled = self.compiled;
+        let policies = self.policies.get_or_insert_with(|| {
+            // Ascending: entries found under several handles keep the lowest.
+            let mut index = HashMap::default();
+            for (&handle, entries) in compiled.iter().flat_map(|c| &c.policies) {
+                index.entry(entries.clone()).or_insert(handle);
+            }
+            index
+        });
+        match policies.get(entries) {
             Some(&handle) => handle,
             None => self.handles.next(),
         }

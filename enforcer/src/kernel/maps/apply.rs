@@ -54,7 +54,7 @@ impl KernelMaps {
             swept = self.sweep_unreached(&mut old)?;
         }
         let changes = Changes::between(&old, compiled);
-        if let Err(error) = changes.copy_on_write(&old) {
+        if let Err(error) = changes.copy_on_write(&old, compiled) {
             self.enforced = Some(old);
             return Err(error);
         }
@@ -114,7 +114,7 @@ impl KernelMaps {
         );
         remove_hash(&mut self.peers_v4, &keys(&peers.v4), map_names::PEERS_V4)?;
         remove_hash(&mut self.peers_v6, &keys(&peers.v6), map_names::PEERS_V6)?;
-        let ports = self.ports.remove(&classes)?;
+        let ports = self.ports.retire(&classes, true);
         for handle in &policies {
             held.policies.remove(handle);
         }
@@ -165,7 +165,16 @@ impl KernelMaps {
         }
         stats.written += changes.rules.write.len();
         let written = peer_entries(&changes.policies.write);
-        stats.written += self.ports.write(&changes.classes.write)?;
+        // New classes, and classes whose tables switch in place (`Changes::copy_on_write`
+        // checked that no pod can see the switch beside another of its lookups' changes).
+        let tables: Vec<(u32, &ClassEntries)> = changes
+            .classes
+            .write
+            .iter()
+            .chain(&changes.classes.rewritten)
+            .copied()
+            .collect();
+        stats.written += self.ports.write(&tables)?;
         stats.written += write_hash(&mut self.peers_v4, &written.v4, map_names::PEERS_V4)?;
         stats.written += write_hash(&mut self.peers_v6, &written.v6, map_names::PEERS_V6)?;
         stats.written += write_hash(
@@ -222,7 +231,11 @@ impl KernelMaps {
             removed_peers.v6.len(),
             changes.node_local.remove.len(),
         ];
-        if retired.iter().any(|&n| n > 0) && !old.pods.is_empty() {
+        // The runs that tables switched away from are freed after this grace period too,
+        // but never wait for one: they stay reserved until an apply waits anyway, or the
+        // space is needed (`PortTables::write`).
+        let waited = retired.iter().any(|&n| n > 0) && !old.pods.is_empty();
+        if waited {
             wait_for_running_programs();
         }
         let counted = if reconcile {
@@ -263,7 +276,7 @@ impl KernelMaps {
             &keys(&removed_peers.v4),
             map_names::PEERS_V4,
         )?;
-        self.ports.remove(&removed_classes)?;
+        self.ports.retire(&removed_classes, waited);
         for id in &changes.rules.remove {
             self.rules.remove(id).map_err(map_err(map_names::RULES))?;
         }
@@ -450,14 +463,17 @@ impl<'c> Changes<'c> {
         }
     }
 
-    /// Checks that no policy, class or rule of `old` changes under its ID: what changes
-    /// must be under fresh IDs.
-    fn copy_on_write(&self, old: &Compiled) -> Result<(), MapsError> {
+    /// Checks that no policy or rule of `old` changes under its ID (what changes must be
+    /// under fresh IDs), and that a class switched in place under its ID is one no pod can
+    /// see switched beside another change ([`crate::compile::unsafe_switches`]).
+    fn copy_on_write(&self, old: &Compiled, new: &Compiled) -> Result<(), MapsError> {
         let in_place = |map, id| Err(MapsError::InPlace { map, id });
-        if let Some(&id) = self.policies.rewritten.first() {
+        if let Some(&(id, _)) = self.policies.rewritten.first() {
             return in_place(map_names::PEERS_V4, id);
         }
-        if let Some(&id) = self.classes.rewritten.first() {
+        let switched: crate::compile::Switched =
+            self.classes.rewritten.iter().map(|&(c, _)| c).collect();
+        if let Some(&id) = crate::compile::unsafe_switches(old, new, &switched).first() {
             return in_place(map_names::PORT_TABLES, id);
         }
         match self
@@ -473,11 +489,12 @@ impl<'c> Changes<'c> {
 }
 
 /// The IDs whose entries an apply writes (new IDs) and removes (gone IDs). `rewritten`:
-/// IDs of both states whose entries differ, which copy-on-write forbids.
+/// IDs of both states whose entries differ, with the new entries: copy-on-write forbids
+/// it but for classes switched in place.
 struct IdDiff<'c, E> {
     write: Vec<(u32, &'c E)>,
     remove: Vec<(u32, &'c E)>,
-    rewritten: Vec<u32>,
+    rewritten: Vec<(u32, &'c E)>,
 }
 
 impl<'c, E: PartialEq> IdDiff<'c, E> {
@@ -492,7 +509,7 @@ impl<'c, E: PartialEq> IdDiff<'c, E> {
                 None => diff.write.push((id, entries)),
                 // Shared with the previous compile, or equal.
                 Some(held) if Arc::ptr_eq(held, entries) || held == entries => {}
-                Some(_) => diff.rewritten.push(id),
+                Some(_) => diff.rewritten.push((id, entries)),
             }
         }
         for (&id, entries) in old {
@@ -527,20 +544,6 @@ fn keys<K: Copy, V>(entries: &[(K, V)]) -> Vec<K> {
     entries.iter().map(|(k, _)| *k).collect()
 }
 
-/// Waits until every program that may have read a pod's old entry has finished:
-/// `membarrier(MEMBARRIER_CMD_GLOBAL)` is an RCU grace period, and TC programs
-/// run inside RCU read-side sections. Kernels that refuse it (nohz_full) get a
-/// pause far longer than any program run.
-fn wait_for_running_programs() {
-    /// `MEMBARRIER_CMD_GLOBAL` of `linux/membarrier.h`.
-    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
-    // SAFETY: membarrier takes no pointers.
-    let done = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) } == 0;
-    if !done {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,8 +558,8 @@ mod tests {
         assert_eq!(diff.remove, [1, 6]);
     }
 
-    /// Four pods on distinct groups; `port` opens one rule of sg-3, which only pod 4 uses.
-    fn spread(port: u16) -> crate::model::Model {
+    /// Four pods on distinct groups; `peer` is that of one rule of sg-x, which only pod 4 uses.
+    fn spread(peer: &str) -> crate::model::Model {
         let groups = (0..4)
             .map(|g| {
                 let rules = (0..20)
@@ -568,11 +571,7 @@ mod tests {
                     vec![rule(tcp(53, 53), cidr("10.9.0.0/16"))],
                 )
             })
-            .chain([group(
-                "sg-x",
-                vec![rule(tcp(port, port), cidr("10.8.0.0/16"))],
-                vec![],
-            )])
+            .chain([group("sg-x", vec![rule(tcp(80, 80), cidr(peer))], vec![])])
             .collect();
         let pods = (0..4u16)
             .map(|i| {
@@ -591,11 +590,13 @@ mod tests {
 
     #[test]
     fn one_changed_rule_writes_only_the_entries_of_its_policy() {
-        let before = crate::compile::compile(&spread(80)).expect("compiles");
-        let state = spread(81);
+        let before = crate::compile::compile(&spread("10.8.0.0/16")).expect("compiles");
+        let state = spread("10.8.0.0/17");
         let after = crate::compile::compile_with(&state, Some(&before)).expect("compiles");
         let changes = Changes::between(&before, &after);
-        changes.copy_on_write(&before).expect("copy-on-write");
+        changes
+            .copy_on_write(&before, &after)
+            .expect("copy-on-write");
 
         // The new policy of pod 4's ingress side, with its new classes, is all that is written.
         let (handle, old_handle) = (after.pods[&4].policies[0], before.pods[&4].policies[0]);
@@ -603,7 +604,6 @@ mod tests {
         let written: Vec<u32> = changes.policies.write.iter().map(|(h, _)| *h).collect();
         assert_eq!(written, [handle]);
         let classes: Vec<u32> = after.policies[&handle].classes().collect();
-        assert!(!changes.classes.write.is_empty());
         assert!(
             changes
                 .classes
@@ -623,21 +623,100 @@ mod tests {
         assert_eq!(again, after);
     }
 
+    /// Four pods, each on a group of its own and the shared sg-s, whose first ingress rule
+    /// opens `port` to 10.7.0.0/16; each pod's own group opens another port to it, so each
+    /// pod's ingress policy has a class of its own for 10.7.0.0/16.
+    fn shared(port: u16) -> crate::model::Model {
+        let groups = (0..4u16)
+            .map(|g| {
+                let mut rules: Vec<_> = (0..20)
+                    .map(|r| rule(tcp(1000 + r, 1000 + r), cidr(&format!("10.{g}.{r}.0/24"))))
+                    .collect();
+                rules.push(rule(tcp(2000 + g, 2000 + g), cidr("10.7.0.0/16")));
+                group(&format!("sg-{g}"), rules, vec![])
+            })
+            .chain([group(
+                "sg-s",
+                vec![
+                    rule(tcp(port, port), cidr("10.7.0.0/16")),
+                    rule(tcp(22, 22), cidr("10.9.0.0/16")),
+                ],
+                vec![rule(tcp(53, 53), cidr("10.9.0.0/16"))],
+            )])
+            .collect();
+        let pods = (0..4u16)
+            .map(|i| {
+                let own = format!("sg-{i}");
+                let address = format!("10.0.1.{}", i + 1);
+                pod(
+                    i + 1,
+                    &address,
+                    &[own.as_str(), "sg-s"],
+                    EnforcingMode::Strict,
+                )
+            })
+            .collect();
+        model(groups, pods)
+    }
+
+    #[test]
+    fn a_shared_rule_whose_ports_change_switches_the_tables_of_its_classes_and_nothing_else() {
+        let before = crate::compile::compile(&shared(80)).expect("compiles");
+        let after = crate::compile::compile_with(&shared(8443), Some(&before)).expect("compiles");
+        let changes = Changes::between(&before, &after);
+        changes
+            .copy_on_write(&before, &after)
+            .expect("switches no pod can see beside another change");
+
+        // No policy, pod, rule or new class is written.
+        assert!(changes.policies.write.is_empty() && changes.policies.remove.is_empty());
+        assert!(changes.pods.write.is_empty() && changes.pods.remove.is_empty());
+        assert!(changes.classes.write.is_empty() && changes.classes.remove.is_empty());
+        assert!(changes.rules.write.is_empty() && changes.rules.remove.is_empty());
+        // Exactly the tables that name the rule are switched: one class per pod.
+        let shared_rule = RuleRef {
+            group_id: "sg-s".into(),
+            direction: crate::model::Direction::Ingress,
+            index: 0,
+        };
+        let id = after.rule_id(&shared_rule).expect("the rule keeps its ID");
+        let naming: BTreeSet<u32> = before
+            .classes
+            .iter()
+            .filter(|(_, table)| table.iter().any(|range| range.verdict.rule == id))
+            .map(|(class, _)| *class)
+            .collect();
+        let switched: BTreeSet<u32> = changes.classes.rewritten.iter().map(|(c, _)| *c).collect();
+        assert_eq!(switched, naming);
+        assert_eq!(switched.len(), 4);
+        // A pod that also changes (its groups) would see a switched table through its old
+        // policy before it switches: that class gets a fresh ID and the pod a new policy.
+        let mut moved = shared(8443);
+        moved.pods[0].groups.push("sg-2".into());
+        let over = crate::compile::compile_with(&moved, Some(&before)).expect("compiles");
+        let changes = Changes::between(&before, &over);
+        changes
+            .copy_on_write(&before, &over)
+            .expect("copy-on-write");
+        assert_eq!(changes.classes.rewritten.len(), 3);
+        assert_eq!(changes.pods.write.len(), 1);
+    }
+
     #[test]
     fn a_state_not_compiled_over_the_enforced_one_is_refused() {
-        let before = crate::compile::compile(&spread(80)).expect("compiles");
-        let mut state = spread(80);
+        let before = crate::compile::compile(&spread("10.8.0.0/16")).expect("compiles");
+        let mut state = spread("10.8.0.0/16");
         state.pods.remove(0);
         // Fresh IDs renumber: entries in use would change in place.
         let fresh = crate::compile::compile(&state).expect("compiles");
         let changes = Changes::between(&before, &fresh);
         assert!(matches!(
-            changes.copy_on_write(&before),
+            changes.copy_on_write(&before, &fresh),
             Err(MapsError::InPlace { .. })
         ));
         let over = crate::compile::compile_with(&state, Some(&before)).expect("compiles");
         Changes::between(&before, &over)
-            .copy_on_write(&before)
+            .copy_on_write(&before, &over)
             .expect("copy-on-write");
     }
 }

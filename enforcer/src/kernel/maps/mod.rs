@@ -22,6 +22,7 @@ use crate::policy::eval::RuleRef;
 mod apply;
 mod batch;
 mod carry;
+mod mapped;
 mod ports;
 mod tracked;
 
@@ -768,6 +769,20 @@ fn read_hash<K: Pod + Ord, V: Pod>(
     name: &'static str,
 ) -> Result<BTreeMap<K, V>, MapsError> {
     map.iter().collect::<Result<_, _>>().map_err(map_err(name))
+}
+
+/// Waits until every program that may have read a pod's old entry has finished:
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)` is an RCU grace period, and TC programs
+/// run inside RCU read-side sections. Kernels that refuse it (nohz_full) get a
+/// pause far longer than any program run.
+pub(super) fn wait_for_running_programs() {
+    /// `MEMBARRIER_CMD_GLOBAL` of `linux/membarrier.h`.
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: membarrier takes no pointers.
+    let done = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) } == 0;
+    if !done {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[cfg(test)]
