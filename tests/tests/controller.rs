@@ -45,6 +45,8 @@ struct Cluster {
     kube: KubeApi,
     imds: Imds,
     instance: String,
+    /// The example's VPC in moto.
+    vpc: String,
     work: PathBuf,
     runtime: tokio::runtime::Runtime,
 }
@@ -57,9 +59,13 @@ impl Cluster {
         let subnet = seeded["subnets"]["10.0.1.0/24"].as_str().unwrap().to_string();
         let (instance, _, _) = instance_with_trunk(&mut moto, &subnet, &[NODE_GROUP], "10.0.1.11");
         // Its primary ENI carries the groups IMDS names (moto gave it the VPC's default).
+        let described = moto
+            .call("describe_instances", json!({"InstanceIds": [instance]}))
+            .expect("the instance");
+        let primary = &described["Reservations"][0]["Instances"][0]["NetworkInterfaces"][0];
         moto.call(
-            "modify_instance_attribute",
-            json!({"InstanceId": instance, "Groups": [NODE_GROUP]}),
+            "modify_network_interface_attribute",
+            json!({"NetworkInterfaceId": primary["NetworkInterfaceId"], "Groups": [NODE_GROUP]}),
         )
         .expect("the node's groups");
         let kube = KubeApi::serve(TcpListener::bind("127.0.0.1:0").unwrap()).expect("the API");
@@ -75,6 +81,7 @@ impl Cluster {
             .build()
             .expect("a runtime for the simulated agents");
         Self {
+            vpc: seeded["vpc"].as_str().unwrap().to_string(),
             moto,
             kube,
             imds,
@@ -384,6 +391,38 @@ fn the_controller_publishes_each_group_once_and_agents_enforce_its_views() {
             what: "apply",
         }]
     );
+
+    // A group a new policy names gets its view; once no policy names it, the view goes.
+    let extra = cluster
+        .moto
+        .call(
+            "create_security_group",
+            json!({"GroupName": "extra", "Description": "extra", "VpcId": cluster.vpc}),
+        )
+        .expect("a group")["GroupId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cluster.kube.apply(json!({"kind": "SecurityGroupPolicy",
+        "metadata": {"name": "extra", "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"app": "none"}},
+                 "securityGroups": {"groupIds": [extra]}}}));
+    let published = |kube: &KubeApi| {
+        kube.objects(Kind::SecurityGroupView)
+            .iter()
+            .any(|v| v["metadata"]["name"] == extra.as_str())
+    };
+    let start = Instant::now();
+    while !published(&cluster.kube) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no view of {extra}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.kube.delete(Kind::SecurityGroupPolicy, "default", "extra");
+    let start = Instant::now();
+    while published(&cluster.kube) {
+        assert!(start.elapsed() < Duration::from_secs(10), "{extra}'s view stays");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let grants = |list: &[access::KubernetesRead]| -> BTreeSet<(&str, &str, &str)> {
         list.iter()
