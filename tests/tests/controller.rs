@@ -56,7 +56,10 @@ impl Cluster {
         let work = tempfile_dir(&format!("controller-{what}"));
         let mut moto = Moto::start(Command::new(moto::python()), free_port()).expect("moto");
         let seeded = moto.seed(&example_dir()).expect("seed moto");
-        let subnet = seeded["subnets"]["10.0.1.0/24"].as_str().unwrap().to_string();
+        let subnet = seeded["subnets"]["10.0.1.0/24"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let (instance, _, _) = instance_with_trunk(&mut moto, &subnet, &[NODE_GROUP], "10.0.1.11");
         // Its primary ENI carries the groups IMDS names (moto gave it the VPC's default).
         let described = moto
@@ -92,7 +95,9 @@ impl Cluster {
     }
 
     fn kubeconfig(&self, user: &str) -> PathBuf {
-        self.kube.kubeconfig_as(&self.work, user).expect("a kubeconfig")
+        self.kube
+            .kubeconfig_as(&self.work, user)
+            .expect("a kubeconfig")
     }
 
     /// `enforcer controller` as `identity`, signing EC2 requests with `access_key`.
@@ -138,9 +143,9 @@ impl Cluster {
                 .map(|v| (v["metadata"]["name"].as_str().unwrap().to_string(), v))
                 .collect();
             let stamped = !views.is_empty()
-                && views.values().all(|v| {
-                    v["status"]["observedGeneration"] == v["metadata"]["generation"]
-                });
+                && views
+                    .values()
+                    .all(|v| v["status"]["observedGeneration"] == v["metadata"]["generation"]);
             let specs = |v: &BTreeMap<String, Value>| -> Vec<Value> {
                 v.values().map(|v| v["spec"].clone()).collect()
             };
@@ -165,7 +170,9 @@ impl Cluster {
         let kubeconfig = self.kubeconfig(AGENT_USER);
         let (follower, node) = (hub.clone(), name.to_string());
         self.runtime.block_on(async move {
-            let client = live_kube::client(Some(&kubeconfig)).await.expect("a client");
+            let client = live_kube::client(Some(&kubeconfig))
+                .await
+                .expect("a client");
             follow::spawn(client, &node, follower, max_age);
         });
         hub
@@ -329,8 +336,9 @@ fn open_port(moto: &mut Moto, group: &str, port: u16) {
 /// Whether `hub`'s EC2 view has a rule on `port`.
 fn has_port(hub: &Hub, port: u16) -> bool {
     hub.documents_of(names::EC2).is_some_and(|d| {
-        d.files()
-            .any(|(name, text)| name == ec2::GROUPS_FILE && text.contains(&format!("\"FromPort\": {port}")))
+        d.files().any(|(name, text)| {
+            name == ec2::GROUPS_FILE && text.contains(&format!("\"FromPort\": {port}"))
+        })
     })
 }
 
@@ -360,25 +368,44 @@ fn the_controller_publishes_each_group_once_and_agents_enforce_its_views() {
         let key = format!("agent-{mode}");
         let out = cluster.work.join(mode);
         cluster.snapshot(mode, &key, &out);
-        assert_eq!(check_stdout(&out), check_stdout(&example_dir()), "--ec2 {mode}");
+        assert_eq!(
+            check_stdout(&out),
+            check_stdout(&example_dir()),
+            "--ec2 {mode}"
+        );
         assert_eq!(cluster.requests(&key), 0, "--ec2 {mode} called EC2");
     }
 
     // Nothing changed in EC2: nothing is written but read times.
     let before = spec_writes(&cluster.kube);
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(spec_writes(&cluster.kube), before, "views written unchanged");
-    let stamps = cluster.kube.writes().iter().filter(|w| w.what == "status").count();
+    assert_eq!(
+        spec_writes(&cluster.kube),
+        before,
+        "views written unchanged"
+    );
+    let stamps = cluster
+        .kube
+        .writes()
+        .iter()
+        .filter(|w| w.what == "status")
+        .count();
     assert!(stamps > views.len(), "no read time restamped");
 
     // A rule added in EC2: that group's view is written once.
     let group = a_policy_group(&cluster.kube);
     open_port(&mut cluster.moto, &group, 8443);
     let start = Instant::now();
-    while !cluster.kube.objects(Kind::SecurityGroupView).iter().any(|v| {
-        v["spec"]["groupId"] == group.as_str() && v["spec"].to_string().contains("8443")
-    }) {
-        assert!(start.elapsed() < Duration::from_secs(15), "the new rule is not published");
+    while !cluster
+        .kube
+        .objects(Kind::SecurityGroupView)
+        .iter()
+        .any(|v| v["spec"]["groupId"] == group.as_str() && v["spec"].to_string().contains("8443"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the new rule is not published"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(3));
@@ -414,13 +441,21 @@ fn the_controller_publishes_each_group_once_and_agents_enforce_its_views() {
     };
     let start = Instant::now();
     while !published(&cluster.kube) {
-        assert!(start.elapsed() < Duration::from_secs(10), "no view of {extra}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no view of {extra}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    cluster.kube.delete(Kind::SecurityGroupPolicy, "default", "extra");
+    cluster
+        .kube
+        .delete(Kind::SecurityGroupPolicy, "default", "extra");
     let start = Instant::now();
     while published(&cluster.kube) {
-        assert!(start.elapsed() < Duration::from_secs(10), "{extra}'s view stays");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{extra}'s view stays"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -444,8 +479,16 @@ fn the_controller_publishes_each_group_once_and_agents_enforce_its_views() {
         .iter()
         .map(|a| a.strip_prefix("ec2:").unwrap().to_string())
         .collect();
-    let used: BTreeSet<String> = cluster.moto.actions("controller-a").unwrap().into_iter().collect();
-    assert_eq!(used, listed, "the controller's EC2 actions against access::EC2");
+    let used: BTreeSet<String> = cluster
+        .moto
+        .actions("controller-a")
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        used, listed,
+        "the controller's EC2 actions against access::EC2"
+    );
     assert_eq!(cluster.kube.unserved(), Vec::<String>::new());
 }
 
@@ -461,14 +504,20 @@ fn ec2_calls_stay_flat_with_the_controller_and_grow_with_direct_agents() {
     for (round, nodes) in [1usize, 10, 100].into_iter().enumerate() {
         for n in 1..nodes {
             // Nodes whose instances are not in moto: their ENIs read as none.
-            cluster.kube.apply(node_object(&format!("sim-{n}"), &format!("i-{n:017x}")));
+            cluster
+                .kube
+                .apply(node_object(&format!("sim-{n}"), &format!("i-{n:017x}")));
         }
         // One poll: an interval long enough that a second does not start.
         let key = format!("controller-{nodes}");
         let controller = cluster.controller(&format!("calls-{round}"), &key, 3600);
         let start = Instant::now();
         while !controller.log().contains("leading") || cluster.requests(&key) == 0 {
-            assert!(start.elapsed() < Duration::from_secs(30), "{}", controller.log());
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{}",
+                controller.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         cluster.until_published(Duration::from_secs(30));
@@ -491,7 +540,10 @@ fn ec2_calls_stay_flat_with_the_controller_and_grow_with_direct_agents() {
         }
         let start = Instant::now();
         while !agents.iter().all(|a| a.documents_of(names::EC2).is_some()) {
-            assert!(start.elapsed() < Duration::from_secs(60), "agents without views");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "agents without views"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         // Direct mode: each node polls EC2 itself, once per interval.
@@ -502,13 +554,20 @@ fn ec2_calls_stay_flat_with_the_controller_and_grow_with_direct_agents() {
             .kube
             .objects(Kind::SecurityGroupPolicy)
             .iter()
-            .flat_map(|p| p["spec"]["securityGroups"]["groupIds"].as_array().cloned().unwrap_or_default())
+            .flat_map(|p| {
+                p["spec"]["securityGroups"]["groupIds"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
             .filter_map(|g| g.as_str().map(str::to_string))
             .chain(identity.security_groups.iter().cloned())
             .collect();
         cluster.runtime.block_on(async {
             for _ in 0..nodes {
-                ec2::poll(&client, &identity, &wanted).await.expect("a direct poll");
+                ec2::poll(&client, &identity, &wanted)
+                    .await
+                    .expect("a direct poll");
             }
         });
         let direct_calls = cluster.requests(&key);
@@ -520,8 +579,15 @@ fn ec2_calls_stay_flat_with_the_controller_and_grow_with_direct_agents() {
     }
     let (_, controller_one, direct_one) = table[0];
     for &(nodes, controller, direct) in &table {
-        assert_eq!(controller, controller_one, "the controller's calls grew with {nodes} nodes");
-        assert_eq!(direct, direct_one * nodes as u64, "direct calls not linear at {nodes} nodes");
+        assert_eq!(
+            controller, controller_one,
+            "the controller's calls grew with {nodes} nodes"
+        );
+        assert_eq!(
+            direct,
+            direct_one * nodes as u64,
+            "direct calls not linear at {nodes} nodes"
+        );
     }
     // 10 % of a refill of 20 describes a second, over the default 30 s interval.
     let budget = 0.1 * 20.0 * 30.0;
@@ -546,7 +612,10 @@ fn an_ec2_change_reaches_100_agents_within_an_interval_and_2s() {
         .collect();
     let start = Instant::now();
     while !agents.iter().all(|a| a.documents_of(names::EC2).is_some()) {
-        assert!(start.elapsed() < Duration::from_secs(60), "agents without views");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "agents without views"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let group = a_policy_group(&cluster.kube);
@@ -579,7 +648,10 @@ fn the_lease_hands_over_within_its_duration_and_agents_see_no_change() {
     cluster.until_published(Duration::from_secs(60));
     let holder = || -> String {
         let leases = cluster.kube.objects(Kind::Lease);
-        leases[0]["spec"]["holderIdentity"].as_str().unwrap_or_default().to_string()
+        leases[0]["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     };
     let leader = holder();
     let (leading, other, other_name) = match leader.as_str() {
@@ -593,7 +665,10 @@ fn the_lease_hands_over_within_its_duration_and_agents_see_no_change() {
         .collect();
     let start = Instant::now();
     while !agents.iter().all(|a| a.documents_of(names::EC2).is_some()) {
-        assert!(start.elapsed() < Duration::from_secs(30), "agents without views");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "agents without views"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let seen: Vec<_> = agents.iter().map(|a| a.documents_of(names::EC2)).collect();
@@ -610,7 +685,10 @@ fn the_lease_hands_over_within_its_duration_and_agents_see_no_change() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let handover = killed.elapsed();
-    eprintln!("failover: the lease ({LEASE_SECONDS} s) went to {} in {handover:?}", holder());
+    eprintln!(
+        "failover: the lease ({LEASE_SECONDS} s) went to {} in {handover:?}",
+        holder()
+    );
     assert_eq!(holder(), other_name);
     assert!(
         handover <= Duration::from_secs(LEASE_SECONDS) + Duration::from_millis(300),
@@ -619,29 +697,43 @@ fn the_lease_hands_over_within_its_duration_and_agents_see_no_change() {
     // The new leader's polls find the views as they are.
     std::thread::sleep(Duration::from_secs(3));
     assert!(other.log().contains("leading"));
-    assert_eq!(spec_writes(&cluster.kube), writes, "views written during the handover");
+    assert_eq!(
+        spec_writes(&cluster.kube),
+        writes,
+        "views written during the handover"
+    );
     let now: Vec<_> = agents.iter().map(|a| a.documents_of(names::EC2)).collect();
-    assert!(now == seen, "an agent's EC2 view changed during the handover");
+    assert!(
+        now == seen,
+        "an agent's EC2 view changed during the handover"
+    );
 
     // No controller: the views age; agents keep them and flag them.
     drop(first);
     drop(second);
     let stopped = Instant::now();
     let stale = |hub: &Hub| {
-        hub.view()
-            .sources
-            .iter()
-            .any(|s| s.name == names::EC2 && s.error.as_ref().is_some_and(|e| e.contains("last confirmed")))
+        hub.view().sources.iter().any(|s| {
+            s.name == names::EC2
+                && s.error
+                    .as_ref()
+                    .is_some_and(|e| e.contains("last confirmed"))
+        })
     };
     while !agents.iter().all(|a| stale(a)) {
-        assert!(stopped.elapsed() < Duration::from_secs(20), "the views not flagged stale");
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "the views not flagged stale"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let now: Vec<_> = agents.iter().map(|a| a.documents_of(names::EC2)).collect();
     assert!(now == seen, "a stale view was dropped");
     let events = cluster.kube.objects(Kind::Event);
     assert!(
-        events.iter().any(|e| e["reason"] == "StaleSecurityGroupViews" && e["regarding"]["name"] == "agent-0"),
+        events.iter().any(
+            |e| e["reason"] == "StaleSecurityGroupViews" && e["regarding"]["name"] == "agent-0"
+        ),
         "{events:?}"
     );
 }

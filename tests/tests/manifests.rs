@@ -335,10 +335,7 @@ fn controller_mode_runs_two_controllers_with_their_permissions_and_the_crd() {
 
     let budget = &rendered.pod_disruption_budgets[0];
     let budget_spec = budget.spec.as_ref().unwrap();
-    assert_eq!(
-        budget_spec.min_available,
-        Some(IntOrString::Int(1))
-    );
+    assert_eq!(budget_spec.min_available, Some(IntOrString::Int(1)));
     assert_eq!(
         budget_spec.selector.as_ref().unwrap().match_labels,
         spec.selector.match_labels
@@ -347,11 +344,17 @@ fn controller_mode_runs_two_controllers_with_their_permissions_and_the_crd() {
     // The controller's grants: its ClusterRole's and, in its namespace, its Role's.
     let bound_to_controller = |subjects: &Option<Vec<Subject>>| {
         subjects.iter().flatten().any(|s| {
-            s.kind == "ServiceAccount" && s.name == account && s.namespace.as_ref() == Some(&namespace)
+            s.kind == "ServiceAccount"
+                && s.name == account
+                && s.namespace.as_ref() == Some(&namespace)
         })
     };
     let mut granted = BTreeSet::new();
-    for binding in rendered.cluster_role_bindings.iter().filter(|b| bound_to_controller(&b.subjects)) {
+    for binding in rendered
+        .cluster_role_bindings
+        .iter()
+        .filter(|b| bound_to_controller(&b.subjects))
+    {
         let role = rendered
             .cluster_roles
             .iter()
@@ -359,7 +362,11 @@ fn controller_mode_runs_two_controllers_with_their_permissions_and_the_crd() {
             .expect("the bound ClusterRole");
         granted.extend(rules(&role.rules));
     }
-    for binding in rendered.role_bindings.iter().filter(|b| bound_to_controller(&b.subjects)) {
+    for binding in rendered
+        .role_bindings
+        .iter()
+        .filter(|b| bound_to_controller(&b.subjects))
+    {
         assert_eq!(binding.metadata.namespace.as_ref(), Some(&namespace));
         let role = rendered
             .roles

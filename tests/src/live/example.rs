@@ -146,4 +146,3 @@ pub fn tempfile_dir(what: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("a work directory");
     dir
 }
-

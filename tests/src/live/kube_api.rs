@@ -299,7 +299,10 @@ impl KubeApi {
         object["apiVersion"] = json!(kind.api_version());
         let metadata = &object["metadata"];
         let namespace = match kind.namespaced() {
-            true => metadata["namespace"].as_str().unwrap_or("default").to_string(),
+            true => metadata["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string(),
             false => String::new(),
         };
         let name = metadata["name"]
@@ -307,7 +310,15 @@ impl KubeApi {
             .expect("metadata.name")
             .to_string();
         let mut store = self.shared.store.lock().unwrap();
-        store.put(&self.shared.events, kind, namespace, name, object, send, keep);
+        store.put(
+            &self.shared.events,
+            kind,
+            namespace,
+            name,
+            object,
+            send,
+            keep,
+        );
     }
 }
 
@@ -435,7 +446,11 @@ async fn dispatch(state: State<Shared>, request: axum::extract::Request) -> Resp
     if method == Method::GET {
         if path == format!("/apis/{VIEWS_API}") {
             if !views_crd {
-                return failure(StatusCode::NOT_FOUND, "NotFound", format!("{path} not found"));
+                return failure(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("{path} not found"),
+                );
             }
             let list = json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": VIEWS_API,
                 "resources": [{"name": "securitygroupviews", "singularName": "securitygroupview",
@@ -472,7 +487,10 @@ async fn dispatch(state: State<Shared>, request: axum::extract::Request) -> Resp
             }
             false => (String::new(), rest),
         };
-        let name = rest.strip_prefix(resource)?.strip_prefix('/').unwrap_or_default();
+        let name = rest
+            .strip_prefix(resource)?
+            .strip_prefix('/')
+            .unwrap_or_default();
         Some((namespace, name.to_string()))
     };
     let record = |resource: (&'static str, &'static str), verb: &'static str| {
@@ -503,10 +521,18 @@ async fn dispatch(state: State<Shared>, request: axum::extract::Request) -> Resp
             let key = (Kind::SecurityGroupView, String::new(), name.clone());
             return match store.remove(&shared.events, &key) {
                 Some(object) => {
-                    store.writes.push(Write { kind: key.0, name, what: "delete" });
+                    store.writes.push(Write {
+                        kind: key.0,
+                        name,
+                        what: "delete",
+                    });
                     json_response(StatusCode::OK, &object)
                 }
-                None => failure(StatusCode::NOT_FOUND, "NotFound", format!("{name} not found")),
+                None => failure(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("{name} not found"),
+                ),
             };
         }
     }
@@ -532,7 +558,11 @@ async fn dispatch(state: State<Shared>, request: axum::extract::Request) -> Resp
         if verb == "get" {
             return match store.objects.get(&key) {
                 Some(object) => json_response(StatusCode::OK, object),
-                None => failure(StatusCode::NOT_FOUND, "NotFound", format!("{name} not found")),
+                None => failure(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("{name} not found"),
+                ),
             };
         }
         let Ok(mut object) = parsed() else {
@@ -540,7 +570,10 @@ async fn dispatch(state: State<Shared>, request: axum::extract::Request) -> Resp
         };
         object["kind"] = json!(kind.name());
         let name = match verb {
-            "create" => object["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+            "create" => object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             _ => name,
         };
         let key = (kind, namespace.clone(), name.clone());
@@ -554,7 +587,11 @@ async fn dispatch(state: State<Shared>, request: axum::extract::Request) -> Resp
             _ => current.is_none(),
         };
         if conflict {
-            store.writes.push(Write { kind, name: name.clone(), what: "refused" });
+            store.writes.push(Write {
+                kind,
+                name: name.clone(),
+                what: "refused",
+            });
             let (reason, message) = match current {
                 Some(_) if verb == "create" => ("AlreadyExists", format!("{name} already exists")),
                 Some(_) => ("Conflict", format!("the object {name} has been modified")),
@@ -572,9 +609,17 @@ async fn dispatch(state: State<Shared>, request: axum::extract::Request) -> Resp
             object = merged;
         }
         object["metadata"]["name"] = json!(name);
-        store.writes.push(Write { kind, name: name.clone(), what: verb });
+        store.writes.push(Write {
+            kind,
+            name: name.clone(),
+            what: verb,
+        });
         let stored = store.put(&shared.events, kind, namespace, name, object, true, true);
-        let code = if verb == "create" { StatusCode::CREATED } else { StatusCode::OK };
+        let code = if verb == "create" {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
         return json_response(code, &stored);
     }
     let what = format!("{method} {path}");
@@ -610,7 +655,11 @@ fn apply_view(shared: &Shared, name: String, applied: Value, status: bool) -> Re
     let mut object = match (&current, status) {
         (Some(current), _) => current.clone(),
         (None, true) => {
-            return failure(StatusCode::NOT_FOUND, "NotFound", format!("{name} not found"));
+            return failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{name} not found"),
+            );
         }
         (None, false) => json!({"apiVersion": VIEWS_API, "kind": "SecurityGroupView",
             "metadata": {"name": name, "generation": 0}}),
@@ -630,7 +679,11 @@ fn apply_view(shared: &Shared, name: String, applied: Value, status: bool) -> Re
     }
     let bytes = object.to_string().len();
     if bytes > ETCD_LIMIT {
-        store.writes.push(Write { kind: key.0, name, what: "refused" });
+        store.writes.push(Write {
+            kind: key.0,
+            name,
+            what: "refused",
+        });
         return failure(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RequestEntityTooLarge",
@@ -642,8 +695,20 @@ fn apply_view(shared: &Shared, name: String, applied: Value, status: bool) -> Re
         (false, true) => "apply",
         (false, false) => "create",
     };
-    store.writes.push(Write { kind: key.0, name: name.clone(), what });
-    let stored = store.put(&shared.events, key.0, String::new(), name, object, true, true);
+    store.writes.push(Write {
+        kind: key.0,
+        name: name.clone(),
+        what,
+    });
+    let stored = store.put(
+        &shared.events,
+        key.0,
+        String::new(),
+        name,
+        object,
+        true,
+        true,
+    );
     json_response(StatusCode::OK, &stored)
 }
 

@@ -111,7 +111,10 @@ impl Moto {
     }
 
     /// How many requests signed with `access_key` moto served so far, by action.
-    pub fn requests(&mut self, access_key: &str) -> Result<std::collections::BTreeMap<String, u64>> {
+    pub fn requests(
+        &mut self,
+        access_key: &str,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
         let answer = self.request(json!({ "requests": access_key }))?;
         serde_json::from_value(answer).context("moto's request counts")
     }

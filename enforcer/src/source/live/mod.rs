@@ -71,10 +71,13 @@ pub async fn start(config: &LiveConfig) -> Result<Arc<Hub>, LiveError> {
         Ec2Mode::Auto => Ec2Mode::Direct,
         mode => mode,
     };
-    log::info!("EC2's groups from {}", match mode {
-        Ec2Mode::Controller => "the controller's SecurityGroupViews",
-        _ => "this node's own polls",
-    });
+    log::info!(
+        "EC2's groups from {}",
+        match mode {
+            Ec2Mode::Controller => "the controller's SecurityGroupViews",
+            _ => "this node's own polls",
+        }
+    );
     kube::spawn(kube.clone(), &config.node_name, hub.clone());
     imds::spawn(imds::client(), hub.clone(), IMDS_INTERVAL);
     if mode == Ec2Mode::Controller {

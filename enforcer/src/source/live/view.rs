@@ -439,10 +439,14 @@ impl Assembly {
     pub fn update(&mut self, objects: &[Arc<SecurityGroupView>]) -> bool {
         let mut by_group: BTreeMap<&str, Vec<&Arc<SecurityGroupView>>> = BTreeMap::new();
         for object in objects {
-            by_group.entry(&object.spec.group_id).or_default().push(object);
+            by_group
+                .entry(&object.spec.group_id)
+                .or_default()
+                .push(object);
         }
         let before = self.groups.len();
-        self.groups.retain(|id, _| by_group.contains_key(id.as_str()));
+        self.groups
+            .retain(|id, _| by_group.contains_key(id.as_str()));
         let mut changed = self.groups.len() != before;
         for (id, mut objects) in by_group {
             let Some(assembled) = assemble(&mut objects) else {
@@ -450,7 +454,11 @@ impl Assembly {
             };
             let same = self.groups.get(id).is_some_and(|last| {
                 last.read_at == assembled.read_at
-                    && last.parts.iter().map(|p| &p.spec).eq(assembled.parts.iter().map(|p| &p.spec))
+                    && last
+                        .parts
+                        .iter()
+                        .map(|p| &p.spec)
+                        .eq(assembled.parts.iter().map(|p| &p.spec))
             });
             if !same {
                 self.groups.insert(id.to_string(), assembled);

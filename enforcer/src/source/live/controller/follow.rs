@@ -38,10 +38,13 @@ pub fn spawn(client: Client, node_name: &str, hub: Arc<Hub>, max_age: Duration) 
     };
     tokio::spawn(async move {
         let (store, writer) = reflector::store();
-        let events = watcher(Api::<SecurityGroupView>::all(client), watcher::Config::default())
-            .default_backoff()
-            .modify(|object| object.managed_fields_mut().clear())
-            .reflect(writer);
+        let events = watcher(
+            Api::<SecurityGroupView>::all(client),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(|object| object.managed_fields_mut().clear())
+        .reflect(writer);
         futures::pin_mut!(events);
         let mut identities = hub.subscribe();
         let mut follower = Follower {
@@ -147,7 +150,9 @@ impl Follower {
     /// Flags the views when they turn stale; the event's note when they just did.
     fn judge_age(&mut self) -> Option<String> {
         let read_at = self.assembly.oldest_read()?;
-        let age = SystemTime::now().duration_since(read_at).unwrap_or_default();
+        let age = SystemTime::now()
+            .duration_since(read_at)
+            .unwrap_or_default();
         if age <= self.max_age {
             return None;
         }

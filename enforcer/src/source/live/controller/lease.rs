@@ -86,10 +86,13 @@ impl Elector {
         };
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        let until = spec.renew_time.as_ref().map_or(SystemTime::UNIX_EPOCH, |t| {
-            let seconds = spec.lease_duration_seconds.unwrap_or(0).max(0);
-            SystemTime::from(t.0) + Duration::from_secs(seconds.unsigned_abs().into())
-        });
+        let until = spec
+            .renew_time
+            .as_ref()
+            .map_or(SystemTime::UNIX_EPOCH, |t| {
+                let seconds = spec.lease_duration_seconds.unwrap_or(0).max(0);
+                SystemTime::from(t.0) + Duration::from_secs(seconds.unsigned_abs().into())
+            });
         let mine = holder.as_ref() == Some(me);
         if !mine && holder.is_some() && until > now {
             return Ok(Attempt::Following { until });

@@ -134,9 +134,15 @@ impl Controller {
     /// runtime ends.
     pub async fn run(&self) {
         for (what, ready) in [
-            ("securitygrouppolicies", self.publisher.policies.wait_until_ready().await),
+            (
+                "securitygrouppolicies",
+                self.publisher.policies.wait_until_ready().await,
+            ),
             ("nodes", self.publisher.nodes.wait_until_ready().await),
-            ("securitygroupviews", self.publisher.stored.wait_until_ready().await),
+            (
+                "securitygroupviews",
+                self.publisher.stored.wait_until_ready().await,
+            ),
         ] {
             if ready.is_err() {
                 log::error!("the {what} cache ended before its first list");
@@ -175,7 +181,12 @@ fn instance_of(node: &Node) -> Option<String> {
 impl Publisher {
     fn needs(&self) -> Needs {
         Needs {
-            instances: self.nodes.state().iter().filter_map(|n| instance_of(n)).collect(),
+            instances: self
+                .nodes
+                .state()
+                .iter()
+                .filter_map(|n| instance_of(n))
+                .collect(),
             groups: self
                 .policies
                 .state()
@@ -235,7 +246,10 @@ impl Publisher {
         let mut desired: BTreeMap<String, SecurityGroupViewSpec> = BTreeMap::new();
         let mut kept: BTreeSet<String> = BTreeSet::new();
         for read in reads {
-            let id = read.group["GroupId"].as_str().unwrap_or_default().to_string();
+            let id = read.group["GroupId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             match specs(read) {
                 Ok(specs) => desired.extend(
                     specs
@@ -243,7 +257,10 @@ impl Publisher {
                         .map(|s| (view::object_name(&s.group_id, s.part), s)),
                 ),
                 Err(error) => {
-                    log::error!("security group {id} not published: {}", crate::error_chain(&error));
+                    log::error!(
+                        "security group {id} not published: {}",
+                        crate::error_chain(&error)
+                    );
                     kept.insert(id);
                 }
             }
@@ -313,7 +330,10 @@ impl Publisher {
             }
         }
         if written > 0 {
-            log::info!("{written} SecurityGroupView(s) written or deleted ({} published)", desired.len());
+            log::info!(
+                "{written} SecurityGroupView(s) written or deleted ({} published)",
+                desired.len()
+            );
         }
         Ok(())
     }

@@ -256,10 +256,7 @@ pub async fn poll(
         pretty(&shapes::security_groups(&security_groups)),
     );
     let enis: Vec<_> = enis.into_values().collect();
-    documents.insert(
-        INTERFACES_FILE,
-        pretty(&shapes::network_interfaces(&enis)),
-    );
+    documents.insert(INTERFACES_FILE, pretty(&shapes::network_interfaces(&enis)));
     for (id, document) in prefix_list_documents(client, &prefix_lists).await? {
         documents.insert(prefix_list_file(&id), pretty(&document));
     }

@@ -36,8 +36,14 @@ fn sdk_eni(n: u32, kind: Option<NetworkInterfaceType>, instance: Option<&str>) -
     NetworkInterface::builder()
         .network_interface_id(format!("eni-{n:08x}"))
         .set_interface_type(kind)
-        .mac_address(format!("0A:00:00:00:{:02x}:{:02x}", (n >> 8) & 255, n & 255))
-        .set_attachment(instance.map(|i| NetworkInterfaceAttachment::builder().instance_id(i).build()))
+        .mac_address(format!(
+            "0A:00:00:00:{:02x}:{:02x}",
+            (n >> 8) & 255,
+            n & 255
+        ))
+        .set_attachment(
+            instance.map(|i| NetworkInterfaceAttachment::builder().instance_id(i).build()),
+        )
         .groups(SdkGroup::builder().group_id("sg-web").build())
         .private_ip_address(&ip)
         .private_ip_addresses(
@@ -50,7 +56,10 @@ fn sdk_eni(n: u32, kind: Option<NetworkInterfaceType>, instance: Option<&str>) -
         .build()
 }
 
-fn read(group: &SdkGroupDef, enis: &[NetworkInterface]) -> (SecurityGroup, Vec<Member>, Vec<PrefixList>) {
+fn read(
+    group: &SdkGroupDef,
+    enis: &[NetworkInterface],
+) -> (SecurityGroup, Vec<Member>, Vec<PrefixList>) {
     let list = ManagedPrefixList::builder().prefix_list_id("pl-1").build();
     let entry = SdkEntry::builder().cidr("192.0.2.0/24").build();
     (
@@ -116,13 +125,25 @@ fn views_rebuild_what_the_ec2_poll_writes() {
     direct.insert(INTERFACES_FILE, pretty(&shapes::network_interfaces(&enis)));
     let list = ManagedPrefixList::builder().prefix_list_id("pl-1").build();
     let entry = SdkEntry::builder().cidr("192.0.2.0/24").build();
-    direct.insert(prefix_list_file("pl-1"), pretty(&shapes::prefix_list(&list, &[entry])));
+    direct.insert(
+        prefix_list_file("pl-1"),
+        pretty(&shapes::prefix_list(&list, &[entry])),
+    );
     let origin = Path::new("cluster");
-    let (views, poll) = (read_documents(origin, &from_views), read_documents(origin, &direct));
+    let (views, poll) = (
+        read_documents(origin, &from_views),
+        read_documents(origin, &direct),
+    );
     assert!(views.errors.is_empty(), "{:?}", views.errors);
     assert_eq!(format!("{:?}", views.groups), format!("{:?}", poll.groups));
-    assert_eq!(format!("{:?}", views.interfaces), format!("{:?}", poll.interfaces));
-    assert_eq!(format!("{:?}", views.prefix_lists), format!("{:?}", poll.prefix_lists));
+    assert_eq!(
+        format!("{:?}", views.interfaces),
+        format!("{:?}", poll.interfaces)
+    );
+    assert_eq!(
+        format!("{:?}", views.prefix_lists),
+        format!("{:?}", poll.prefix_lists)
+    );
     assert_eq!(from_views.files().count(), direct.files().count());
 }
 
@@ -143,7 +164,11 @@ fn a_group_over_the_object_limit_is_split_and_rebuilt_whole() {
     let objects = stored(specs, Timestamp::UNIX_EPOCH);
     for object in &objects {
         let bytes = serde_json::to_vec(&**object).unwrap().len();
-        assert!(bytes < ETCD_REQUEST_LIMIT, "{} takes {bytes} bytes", object.name_any());
+        assert!(
+            bytes < ETCD_REQUEST_LIMIT,
+            "{} takes {bytes} bytes",
+            object.name_any()
+        );
         assert!(object.name_any().starts_with("sg-web"));
     }
     let mut assembly = Assembly::default();
@@ -156,7 +181,10 @@ fn a_group_over_the_object_limit_is_split_and_rebuilt_whole() {
     members[0].description = Some("x".repeat(MAX_SPEC_BYTES));
     assert!(matches!(
         split(group, members, lists, MAX_SPEC_BYTES),
-        Err(ViewError::TooLarge { what: "one member", .. })
+        Err(ViewError::TooLarge {
+            what: "one member",
+            ..
+        })
     ));
 }
 
@@ -170,7 +198,9 @@ fn a_group_being_rewritten_keeps_its_last_whole_version() {
     let at = Timestamp::from_second(1_000).unwrap();
     assembly.update(&stored(old.clone(), at));
     let count = |a: &Assembly| {
-        read_documents(Path::new("c"), &a.documents("i-1").0).interfaces.len()
+        read_documents(Path::new("c"), &a.documents("i-1").0)
+            .interfaces
+            .len()
     };
     assert_eq!(count(&assembly), 300);
 
