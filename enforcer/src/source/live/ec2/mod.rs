@@ -94,14 +94,19 @@ impl Asked {
     }
 }
 
-/// Polls EC2 for `hub` until the runtime ends, once IMDS has said who this node is.
+/// Polls EC2 for `hub` until the runtime ends, once IMDS has said who this node is
+/// and Kubernetes which pods and policies there are (what names the groups wanted:
+/// a first poll before them would publish a view missing their groups).
 pub fn spawn(client: Client, hub: Arc<Hub>, interval: Duration) {
     tokio::spawn(async move {
         let mut changes = hub.subscribe();
         let mut asked = Asked::default();
         let mut failures = 0u32;
         loop {
-            let Some(identity) = hub.identity() else {
+            let listed = [names::PODS, names::POLICIES]
+                .iter()
+                .all(|source| hub.documents_of(source).is_some());
+            let (Some(identity), true) = (hub.identity(), listed) else {
                 if changes.changed().await.is_err() {
                     return;
                 }
