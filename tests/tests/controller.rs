@@ -638,8 +638,9 @@ fn an_ec2_change_reaches_100_agents_within_an_interval_and_2s() {
 
 /// Two controllers: one leads. Killed, the other takes over within the Lease's
 /// duration; the views are not written during the handover, so no agent's view
-/// changes. With no controller left, agents keep the last views, flagged stale (the
-/// source's error, and a Warning event on the node).
+/// changes. Stopped (SIGTERM), a leader releases the lease. With no controller left,
+/// agents keep the last views, flagged stale (the source's error, and a Warning
+/// event on the node).
 #[test]
 fn the_lease_hands_over_within_its_duration_and_agents_see_no_change() {
     let cluster = Cluster::start("failover");
@@ -707,6 +708,19 @@ fn the_lease_hands_over_within_its_duration_and_agents_see_no_change() {
         now == seen,
         "an agent's EC2 view changed during the handover"
     );
+
+    // The new leader stopped (SIGTERM): it gives the lease up as it exits.
+    let survivor = if other_name == "replica-1" {
+        &mut first
+    } else {
+        &mut second
+    };
+    let pid = i32::try_from(survivor.child.id()).expect("a pid");
+    // SAFETY: a signal to the child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = survivor.child.wait().expect("the controller exits");
+    assert!(status.success(), "{status}: {}", survivor.log());
+    assert_eq!(holder(), "", "the lease not released");
 
     // No controller: the views age; agents keep them and flag them.
     drop(first);
