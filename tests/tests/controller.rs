@@ -26,7 +26,7 @@ use enforcer_tests::live::example::{
     tempfile_dir,
 };
 use enforcer_tests::live::imds::Imds;
-use enforcer_tests::live::kube_api::{Kind, KubeApi, Write};
+use enforcer_tests::live::kube_api::{ETCD_LIMIT, Kind, KubeApi, Write};
 use enforcer_tests::live::moto::{self, Moto};
 use serde_json::{Value, json};
 
@@ -749,5 +749,70 @@ fn the_lease_hands_over_within_its_duration_and_agents_see_no_change() {
             |e| e["reason"] == "StaleSecurityGroupViews" && e["regarding"]["name"] == "agent-0"
         ),
         "{events:?}"
+    );
+}
+
+/// A group whose members would not fit in one object is published in parts, each
+/// under etcd's limit (which the stand-in enforces), and an agent rebuilds it whole.
+#[test]
+fn a_group_too_large_for_one_object_is_split_and_rebuilt_whole() {
+    let mut cluster = Cluster::start("split");
+    let subnet = cluster
+        .moto
+        .call(
+            "create_subnet",
+            json!({"VpcId": cluster.vpc, "CidrBlock": "10.0.128.0/17"}),
+        )
+        .expect("a subnet")["Subnet"]["SubnetId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // 400 ENIs of 50 addresses each: about 1.4 MB of members in the node's group.
+    for _ in 0..400 {
+        cluster
+            .moto
+            .call(
+                "create_network_interface",
+                json!({"SubnetId": subnet, "Groups": [NODE_GROUP],
+                       "SecondaryPrivateIpAddressCount": 49}),
+            )
+            .expect("an ENI");
+    }
+    let _controller = cluster.controller("split", "controller-split", 1);
+    let views = cluster.until_published(Duration::from_secs(120));
+    let parts: Vec<&Value> = views
+        .values()
+        .filter(|v| v["spec"]["groupId"] == NODE_GROUP)
+        .collect();
+    assert!(parts.len() > 1, "{} part(s)", parts.len());
+    let mut members = 0;
+    for part in &parts {
+        assert!(part.to_string().len() < ETCD_LIMIT);
+        assert_eq!(part["spec"]["parts"], parts.len());
+        members += part["spec"]["members"].as_array().unwrap().len();
+    }
+    assert!(members > 400, "{members} members");
+    let refused: Vec<Write> = cluster
+        .kube
+        .writes()
+        .into_iter()
+        .filter(|w| w.what == "refused")
+        .collect();
+    assert_eq!(refused, []);
+
+    let out = cluster.work.join("split");
+    cluster.snapshot("controller", "agent-split", &out);
+    let text = std::fs::read_to_string(out.join(ec2::INTERFACES_FILE)).expect("the ENIs");
+    let enis: Value = serde_json::from_str(&text).unwrap();
+    let carrying = enis["NetworkInterfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["Groups"].to_string().contains(NODE_GROUP))
+        .count();
+    assert_eq!(carrying, members, "the agent's members of {NODE_GROUP}");
+    eprintln!(
+        "split: {members} members of {NODE_GROUP} in {} objects",
+        parts.len()
     );
 }
