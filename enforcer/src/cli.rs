@@ -83,6 +83,10 @@ pub enum Command {
         #[command(flatten)]
         live: LiveArgs,
     },
+    /// One EC2 poller for the cluster: the leader (a Lease) publishes every group the
+    /// nodes need as SecurityGroupView objects, which agents with `--ec2 controller` read
+    /// instead of polling EC2. Runs until SIGTERM/SIGINT (then gives the lease up).
+    Controller(ControllerArgs),
     /// What the kernel enforces now, from the pinned maps (with or without a running agent).
     Status {
         #[arg(long, value_name = "P", default_value = DEFAULT_PIN_PATH)]
@@ -136,6 +140,14 @@ pub struct LiveArgs {
     /// Mean seconds between EC2 polls (jittered ±20 %).
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub ec2_interval: u64,
+    /// Where EC2's groups come from: this node's polls (`direct`), `enforcer controller`'s
+    /// SecurityGroupViews (`controller`), or the views if their CRD is installed (`auto`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub ec2: Ec2Mode,
+    /// With the controller's views: seconds after which a view not confirmed by the
+    /// controller is flagged stale (it stays enforced).
+    #[arg(long, value_name = "SECONDS", default_value_t = 900)]
+    pub view_max_age: u64,
     /// The trunk interface (default: the local interface with the trunk ENI's MAC).
     #[arg(long, value_name = "IFACE")]
     pub trunk_interface: Option<String>,
@@ -145,6 +157,45 @@ pub struct LiveArgs {
     /// A NodeConfig file for what IMDS does not tell (unknownVlan, connectionTracking, …).
     #[arg(long, value_name = "FILE")]
     pub node_config: Option<PathBuf>,
+}
+
+/// Where a node's EC2 view comes from (`--ec2`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ec2Mode {
+    Direct,
+    Controller,
+    Auto,
+}
+
+/// `enforcer controller`'s settings; the AWS SDK's standard environment applies
+/// (AWS_REGION, AWS_ENDPOINT_URL_EC2, IRSA's credentials).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControllerArgs {
+    /// A kubeconfig file (default: KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The EC2 region, unless AWS_REGION or AWS_DEFAULT_REGION names it (IRSA sets them).
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// Mean seconds between EC2 polls (jittered ±20 %).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub interval: u64,
+    /// Seconds after which an unchanged view's read time is written again (what tells
+    /// agents the controller is alive).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub refresh: u64,
+    /// The namespace of the leader election's Lease (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE", value_name = "NS")]
+    pub lease_namespace: String,
+    /// The Lease's name.
+    #[arg(long, value_name = "NAME", default_value = "enforcer-controller")]
+    pub lease_name: String,
+    /// Seconds a leader that stopped renewing keeps the lease.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+    pub lease_duration: u64,
+    /// This replica's name in the Lease (its pod's).
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    pub identity: String,
 }
 
 /// Where maps, programs and links are pinned unless `--pin-path` says otherwise.
@@ -175,6 +226,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             timeout,
             live,
         } => snapshot(&live, &out, std::time::Duration::from_secs(timeout)),
+        Command::Controller(args) => controller(&args),
         Command::Status { pin_path, json } => status(&pin_path, json),
         Command::Uninstall { pin_path } => uninstall(&pin_path),
         Command::Flows {
@@ -311,10 +363,17 @@ fn live_config(args: &LiveArgs) -> Result<enforcer::source::live::LiveConfig> {
         Some(path) => NodeSettings::read_spec(path)?,
         None => Default::default(),
     };
+    use enforcer::source::live::Ec2Mode as Mode;
     Ok(LiveConfig {
         node_name,
         kubeconfig: args.kubeconfig.clone(),
         ec2_interval: std::time::Duration::from_secs(args.ec2_interval.max(1)),
+        ec2: match args.ec2 {
+            Ec2Mode::Direct => Mode::Direct,
+            Ec2Mode::Controller => Mode::Controller,
+            Ec2Mode::Auto => Mode::Auto,
+        },
+        view_max_age: std::time::Duration::from_secs(args.view_max_age.max(1)),
         node: NodeSettings {
             trunk_interface: args.trunk_interface.clone(),
             primary_interface: args.primary_interface.clone(),
@@ -339,6 +398,52 @@ fn start_live(
 #[cfg(not(feature = "live"))]
 fn no_live() -> anyhow::Error {
     anyhow::anyhow!("this enforcer was built without the live sources (feature `live`)")
+}
+
+/// `enforcer controller`: publish until a signal, then give the lease up.
+fn controller(args: &ControllerArgs) -> Result<ExitCode> {
+    #[cfg(not(feature = "live"))]
+    {
+        let _ = args;
+        Err(no_live())
+    }
+    #[cfg(feature = "live")]
+    {
+        use enforcer::source::live::controller::{self, ControllerConfig, LeaseConfig};
+        use std::time::Duration;
+        let config = ControllerConfig {
+            kubeconfig: args.kubeconfig.clone(),
+            region: args.region.clone(),
+            interval: Duration::from_secs(args.interval.max(1)),
+            refresh: Duration::from_secs(args.refresh.max(1)),
+            lease: LeaseConfig {
+                namespace: args.lease_namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: args.identity.clone(),
+                duration: Duration::from_secs(args.lease_duration.max(1)),
+            },
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        runtime.block_on(async {
+            let running = controller::start(&config)
+                .await
+                .context("starting the controller")?;
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("installing the SIGTERM handler")?;
+            tokio::select! {
+                () = running.run() => anyhow::bail!("the controller's caches ended"),
+                _ = terminate.recv() => log::info!("SIGTERM: giving the lease up"),
+                _ = tokio::signal::ctrl_c() => log::info!("SIGINT: giving the lease up"),
+            }
+            running.release().await.context("giving the lease up")
+        })?;
+        Ok(ExitCode::SUCCESS)
+    }
 }
 
 /// `enforcer snapshot`: the live view, once every source has spoken, as files.

@@ -12,6 +12,8 @@ stdin with one JSON line each on stdout:
   {"actions": ACCESS_KEY}              the EC2 actions of the requests signed with
                                        ACCESS_KEY so far, each once, sorted (moto's
                                        recorder logs every request)
+  {"requests": ACCESS_KEY}             how many requests signed with ACCESS_KEY so
+                                       far, by action
 Answers are {"ok": RESPONSE} or {"error": TEXT}.
 """
 
@@ -183,11 +185,10 @@ def seed(directory):
     return created
 
 
-def actions(access_key):
-    """The actions of the recorded requests signed with `access_key`."""
-    found = set()
+def signed_actions(access_key):
+    """The action of each recorded request signed with `access_key`, in order."""
     if not os.path.exists(RECORDING):
-        return []
+        return
     with open(RECORDING) as log:
         for line in log:
             entry = json.loads(line)
@@ -198,8 +199,20 @@ def actions(access_key):
                 body = base64.b64decode(body).decode()
             query = urllib.parse.urlsplit(entry["url"]).query
             for text in (body, query):
-                found.update(urllib.parse.parse_qs(text).get("Action", []))
-    return sorted(found)
+                yield from urllib.parse.parse_qs(text).get("Action", [])
+
+
+def actions(access_key):
+    """The actions of the recorded requests signed with `access_key`."""
+    return sorted(set(signed_actions(access_key)))
+
+
+def requests(access_key):
+    """How many recorded requests signed with `access_key`, by action."""
+    counts = {}
+    for action in signed_actions(access_key):
+        counts[action] = counts.get(action, 0) + 1
+    return counts
 
 
 print(json.dumps({"ready": PORT}), flush=True)
@@ -221,6 +234,8 @@ for line in sys.stdin:
             response = seed(request["seed"])
         elif "actions" in request:
             response = actions(request["actions"])
+        elif "requests" in request:
+            response = requests(request["requests"])
         else:
             raise ValueError(f"unknown request {request}")
         print(json.dumps({"ok": response}, default=str), flush=True)

@@ -7,9 +7,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::de::DeserializeOwned;
 
 /// The workspace root.
@@ -25,6 +27,11 @@ pub struct Rendered {
     pub service_accounts: Vec<ServiceAccount>,
     pub cluster_roles: Vec<ClusterRole>,
     pub cluster_role_bindings: Vec<ClusterRoleBinding>,
+    pub deployments: Vec<Deployment>,
+    pub roles: Vec<Role>,
+    pub role_bindings: Vec<RoleBinding>,
+    pub pod_disruption_budgets: Vec<PodDisruptionBudget>,
+    pub custom_resource_definitions: Vec<CustomResourceDefinition>,
 }
 
 impl Rendered {
@@ -61,6 +68,15 @@ pub fn render(dir: &str) -> Rendered {
             "ServiceAccount" => rendered.service_accounts.push(exactly(value)),
             "ClusterRole" => rendered.cluster_roles.push(exactly(value)),
             "ClusterRoleBinding" => rendered.cluster_role_bindings.push(exactly(value)),
+            "Deployment" => rendered.deployments.push(exactly(value)),
+            "Role" => rendered.roles.push(exactly(value)),
+            "RoleBinding" => rendered.role_bindings.push(exactly(value)),
+            "PodDisruptionBudget" => rendered.pod_disruption_budgets.push(exactly(value)),
+            // Generated from the code, so compared with it by the tests rather than
+            // round-tripped: its schema's bounds (f64) do not read back byte for byte.
+            "CustomResourceDefinition" => rendered
+                .custom_resource_definitions
+                .push(serde_json::from_value(value).expect("a CustomResourceDefinition")),
             other => panic!("deploy/{dir} renders a {other:?}, which the tests do not know"),
         }
     }

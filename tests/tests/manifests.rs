@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use enforcer_tests::deploy::{self, Rendered};
 use enforcer_tests::testbed::scenario::example_state;
 use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Subject};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 fn pod_spec(rendered: &Rendered) -> &PodSpec {
@@ -270,15 +271,12 @@ fn the_state_config_map_is_the_example_state() {
     assert_eq!(data, files);
 }
 
-/// The ClusterRole allows exactly what `enforcer::source::access::KUBERNETES` reads,
-/// bound to the DaemonSet's service account.
-#[test]
-fn rbac_grants_what_the_agent_reads_and_nothing_more() {
-    let rendered = deploy::render("");
-    assert_eq!(rendered.cluster_roles.len(), 1);
-    let role = &rendered.cluster_roles[0];
+type Grant = (String, String, String);
+
+/// What a role's rules allow: (API group, resource, verb).
+fn rules(rules: &Option<Vec<PolicyRule>>) -> BTreeSet<Grant> {
     let mut granted = BTreeSet::new();
-    for rule in role.rules.iter().flatten() {
+    for rule in rules.iter().flatten() {
         assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
         for group in rule.api_groups.iter().flatten() {
             for resource in rule.resources.iter().flatten() {
@@ -288,17 +286,133 @@ fn rbac_grants_what_the_agent_reads_and_nothing_more() {
             }
         }
     }
-    let read: BTreeSet<(String, String, String)> = enforcer::source::access::KUBERNETES
-        .iter()
+    granted
+}
+
+/// What `list` says is read or written, as grants.
+fn grants(list: &[enforcer::source::access::KubernetesRead]) -> BTreeSet<Grant> {
+    list.iter()
         .flat_map(|r| {
             r.verbs
                 .iter()
                 .map(|v| (r.group.to_string(), r.resource.to_string(), v.to_string()))
         })
+        .collect()
+}
+
+/// Controller mode: the agents read the views (`--ec2 controller`); the controller
+/// runs as two replicas under a PodDisruptionBudget, with exactly the permissions
+/// `enforcer::source::access::CONTROLLER` lists (its Lease's in its own namespace),
+/// and the CRD is the one the code generates.
+#[test]
+fn controller_mode_runs_two_controllers_with_their_permissions_and_the_crd() {
+    let rendered = deploy::render("controller-mode");
+    let agent = agent(&rendered);
+    let args = &agent.args.as_ref().unwrap();
+    let at = args.iter().position(|a| a == "--ec2").expect("--ec2");
+    assert_eq!(args[at + 1], "controller");
+
+    assert_eq!(rendered.deployments.len(), 1);
+    let deployment = &rendered.deployments[0];
+    let spec = deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.as_ref().unwrap();
+    let container = &pod.containers[0];
+    assert_eq!(container.args.as_ref().unwrap()[0], "controller");
+    let env: BTreeSet<(String, String)> = container
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let path = &e.value_from.as_ref()?.field_ref.as_ref()?.field_path;
+            Some((e.name.clone(), path.clone()))
+        })
+        .collect();
+    assert!(env.contains(&("POD_NAME".into(), "metadata.name".into())));
+    assert!(env.contains(&("POD_NAMESPACE".into(), "metadata.namespace".into())));
+    let account = pod.service_account_name.clone().unwrap();
+    let namespace = deployment.metadata.namespace.clone().unwrap();
+
+    let budget = &rendered.pod_disruption_budgets[0];
+    let budget_spec = budget.spec.as_ref().unwrap();
+    assert_eq!(budget_spec.min_available, Some(IntOrString::Int(1)));
+    assert_eq!(
+        budget_spec.selector.as_ref().unwrap().match_labels,
+        spec.selector.match_labels
+    );
+
+    // The controller's grants: its ClusterRole's and, in its namespace, its Role's.
+    let bound_to_controller = |subjects: &Option<Vec<Subject>>| {
+        subjects.iter().flatten().any(|s| {
+            s.kind == "ServiceAccount"
+                && s.name == account
+                && s.namespace.as_ref() == Some(&namespace)
+        })
+    };
+    let mut granted = BTreeSet::new();
+    for binding in rendered
+        .cluster_role_bindings
+        .iter()
+        .filter(|b| bound_to_controller(&b.subjects))
+    {
+        let role = rendered
+            .cluster_roles
+            .iter()
+            .find(|r| r.metadata.name.as_ref() == Some(&binding.role_ref.name))
+            .expect("the bound ClusterRole");
+        granted.extend(rules(&role.rules));
+    }
+    for binding in rendered
+        .role_bindings
+        .iter()
+        .filter(|b| bound_to_controller(&b.subjects))
+    {
+        assert_eq!(binding.metadata.namespace.as_ref(), Some(&namespace));
+        let role = rendered
+            .roles
+            .iter()
+            .find(|r| r.metadata.name.as_ref() == Some(&binding.role_ref.name))
+            .expect("the bound Role");
+        assert_eq!(role.metadata.namespace.as_ref(), Some(&namespace));
+        let leases = rules(&role.rules);
+        assert!(leases.iter().all(|(_, resource, _)| resource == "leases"));
+        granted.extend(leases);
+    }
+    assert_eq!(
+        granted,
+        grants(enforcer::source::access::CONTROLLER),
+        "the controller's roles against enforcer::source::access::CONTROLLER"
+    );
+
+    let crd = enforcer::source::live::view::crd();
+    assert_eq!(rendered.custom_resource_definitions.len(), 1);
+    assert_eq!(rendered.custom_resource_definitions[0].spec, crd.spec);
+    let columns: Vec<String> = crd.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.clone())
+        .collect();
+    for column in ["Group", "Rules", "Members", "Age"] {
+        assert!(columns.iter().any(|c| c == column), "{columns:?}");
+    }
+}
+
+/// The ClusterRole allows exactly what `enforcer::source::access::KUBERNETES` and
+/// `CONTROLLER_MODE` read, bound to the DaemonSet's service account.
+#[test]
+fn rbac_grants_what_the_agent_reads_and_nothing_more() {
+    let rendered = deploy::render("");
+    assert_eq!(rendered.cluster_roles.len(), 1);
+    let role = &rendered.cluster_roles[0];
+    let read: BTreeSet<_> = grants(enforcer::source::access::KUBERNETES)
+        .union(&grants(enforcer::source::access::CONTROLLER_MODE))
+        .cloned()
         .collect();
     assert_eq!(
-        granted, read,
-        "the ClusterRole against enforcer::source::access::KUBERNETES"
+        rules(&role.rules),
+        read,
+        "the ClusterRole against enforcer::source::access::KUBERNETES and CONTROLLER_MODE"
     );
     // Bound to the agent's service account, which the base creates.
     assert_eq!(rendered.service_accounts.len(), 1);

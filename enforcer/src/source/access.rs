@@ -4,7 +4,10 @@
 //! permissions are checked against these lists, not written by hand: the
 //! ClusterRole in `deploy/agent/rbac.yaml` and `deploy/iam-policy.json`
 //! (`tests/tests/manifests.rs`). The sources' requests to the stand-in API server
-//! and to moto are checked against them too (`tests/tests/live.rs`).
+//! and to moto are checked against them too (`tests/tests/live.rs`,
+//! `tests/tests/controller.rs`). The same for `enforcer controller`
+//! ([`CONTROLLER`], `deploy/controller/rbac.yaml`) and for agents reading its views
+//! ([`CONTROLLER_MODE`]).
 
 /// A Kubernetes resource the agent reads, and the verbs it needs on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,6 +21,56 @@ pub struct KubernetesRead {
 
 /// A reflector lists, then watches from the list's version; it never gets one object.
 const WATCH: &[&str] = &["list", "watch"];
+
+/// What an agent reads besides [`KUBERNETES`] when its groups come from the
+/// controller (`--ec2 controller`, or `auto` with the CRD installed), instead of EC2.
+pub const CONTROLLER_MODE: &[KubernetesRead] = &[
+    // The groups, members and prefix lists `enforcer controller` publishes.
+    KubernetesRead {
+        group: "enforcer.sgp.dev",
+        resource: "securitygroupviews",
+        verbs: WATCH,
+    },
+    // A Warning event on the node when the views turn stale (a repeat patches it).
+    KubernetesRead {
+        group: "events.k8s.io",
+        resource: "events",
+        verbs: &["create", "patch"],
+    },
+];
+
+/// What `enforcer controller` reads and writes in the cluster (its EC2 reads are [`EC2`]).
+pub const CONTROLLER: &[KubernetesRead] = &[
+    // Nodes: their instances (`spec.providerID`), whose ENIs carry the nodes' groups.
+    KubernetesRead {
+        group: "",
+        resource: "nodes",
+        verbs: WATCH,
+    },
+    // SecurityGroupPolicies: the pods' groups.
+    KubernetesRead {
+        group: "vpcresources.k8s.aws",
+        resource: "securitygrouppolicies",
+        verbs: WATCH,
+    },
+    // Its views: followed, applied (server-side), and deleted when a group is no longer needed.
+    KubernetesRead {
+        group: "enforcer.sgp.dev",
+        resource: "securitygroupviews",
+        verbs: &["delete", "list", "patch", "watch"],
+    },
+    KubernetesRead {
+        group: "enforcer.sgp.dev",
+        resource: "securitygroupviews/status",
+        verbs: &["patch"],
+    },
+    // Leader election (a Role in its own namespace).
+    KubernetesRead {
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["create", "get", "update"],
+    },
+];
 
 /// The Kubernetes objects of the state directory (the node itself comes from IMDS).
 pub const KUBERNETES: &[KubernetesRead] = &[

@@ -110,6 +110,15 @@ impl Moto {
         serde_json::from_value(answer).context("moto's actions")
     }
 
+    /// How many requests signed with `access_key` moto served so far, by action.
+    pub fn requests(
+        &mut self,
+        access_key: &str,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
+        let answer = self.request(json!({ "requests": access_key }))?;
+        serde_json::from_value(answer).context("moto's request counts")
+    }
+
     /// Recreates the EC2 objects of the state directory `dir`, with their IDs.
     pub fn seed(&mut self, dir: &Path) -> Result<Value> {
         self.request(json!({"seed": dir}))

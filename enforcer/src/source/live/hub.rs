@@ -26,6 +26,8 @@ pub const ENFORCING_MODE_VAR: &str = "POD_SECURITY_GROUP_ENFORCING_MODE";
 pub enum LiveError {
     #[error("reading the Kubernetes configuration")]
     KubeConfig(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("asking the API server whether it serves SecurityGroupViews (--ec2 auto)")]
+    Discovery(#[source] ::kube::Error),
     #[error("reading the NodeConfig file {path}")]
     NodeConfigFile {
         path: PathBuf,
@@ -222,6 +224,21 @@ impl Hub {
                 ..node
             };
             succeeded(parts, names::EC2, Some(documents));
+        });
+    }
+
+    /// EC2's documents as the controller's views hold them: dated by when EC2 was
+    /// read (`read_at`), not when they arrived, so that the source's staleness is theirs.
+    pub fn publish_ec2_read(&self, documents: Documents, node: Ec2Node, read_at: SystemTime) {
+        self.update(|parts| {
+            parts.ec2_node = Ec2Node {
+                listed: true,
+                ..node
+            };
+            succeeded(parts, names::EC2, Some(documents));
+            if let Some(part) = parts.parts.get_mut(names::EC2) {
+                part.last_success = Some(read_at);
+            }
         });
     }
 

@@ -2,6 +2,7 @@
 //! referenced groups, this instance's trunk and branch ENIs and the prefix lists,
 //! polled (jittered) and early when Kubernetes names a group or branch ENI not yet
 //! asked for. An error never shrinks the view: the last good one stays.
+//! [`poll_cluster`] reads the same for every node at once (`enforcer controller`).
 
 pub mod shapes;
 
@@ -26,6 +27,14 @@ const FILTER_VALUES: usize = 100;
 const THROTTLED: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(300));
 /// Waits after another failure: doubling from 1 s, up to the poll interval.
 const FAILED_FIRST: Duration = Duration::from_secs(1);
+/// The documents of the live view that EC2's answers become.
+pub const GROUPS_FILE: &str = "ec2-security-groups.json";
+pub const INTERFACES_FILE: &str = "ec2-network-interfaces.json";
+
+/// The document of the prefix list `id`.
+pub fn prefix_list_file(id: &str) -> String {
+    format!("ec2-prefix-list-{id}.json")
+}
 
 /// A failed EC2 request.
 #[derive(Debug, thiserror::Error)]
@@ -57,12 +66,13 @@ impl Ec2Error {
 
 /// An EC2 client as the SDK's default chain configures it (`AWS_ENDPOINT_URL_EC2`/
 /// `AWS_ENDPOINT_URL`, credentials), over rustls with ring; the region from
-/// `AWS_REGION`/`AWS_DEFAULT_REGION`, else the instance's (IMDS, already read).
-pub async fn client(instance_region: &str) -> Client {
+/// `AWS_REGION`/`AWS_DEFAULT_REGION`, else `region` (the instance's, from IMDS, or the
+/// controller's `--region`).
+pub async fn client(region: Option<&str>) -> Client {
     use aws_config::environment::EnvironmentVariableRegionProvider;
     use aws_config::meta::region::RegionProviderChain;
     let region = RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
-        .or_else(aws_config::Region::new(instance_region.to_string()));
+        .or_else(region.map(|r| aws_config::Region::new(r.to_string())));
     let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .http_client(super::imds::https_client())
         .region(region)
@@ -84,14 +94,19 @@ impl Asked {
     }
 }
 
-/// Polls EC2 for `hub` until the runtime ends, once IMDS has said who this node is.
+/// Polls EC2 for `hub` until the runtime ends, once IMDS has said who this node is
+/// and Kubernetes which pods and policies there are (what names the groups wanted:
+/// a first poll before them would publish a view missing their groups).
 pub fn spawn(client: Client, hub: Arc<Hub>, interval: Duration) {
     tokio::spawn(async move {
         let mut changes = hub.subscribe();
         let mut asked = Asked::default();
         let mut failures = 0u32;
         loop {
-            let Some(identity) = hub.identity() else {
+            let listed = [names::PODS, names::POLICIES]
+                .iter()
+                .all(|source| hub.documents_of(source).is_some());
+            let (Some(identity), true) = (hub.identity(), listed) else {
                 if changes.changed().await.is_err() {
                     return;
                 }
@@ -146,7 +161,7 @@ fn wanted_now(hub: &Hub) -> Asked {
 }
 
 /// The wait before the next poll after `failures` failures in a row.
-fn retry_wait(error: &Ec2Error, failures: u32, interval: Duration) -> Duration {
+pub fn retry_wait(error: &Ec2Error, failures: u32, interval: Duration) -> Duration {
     let doubled = |first: Duration, max: Duration| {
         first
             .saturating_mul(1 << failures.saturating_sub(1).min(16))
@@ -160,7 +175,7 @@ fn retry_wait(error: &Ec2Error, failures: u32, interval: Duration) -> Duration {
 }
 
 /// The interval, ±20 %: nodes started together do not poll together.
-fn jittered(interval: Duration) -> Duration {
+pub fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(rand::random_range(0.8..1.2))
 }
 
@@ -242,16 +257,13 @@ pub async fn poll(
     }
     let mut documents = Documents::default();
     documents.insert(
-        "ec2-security-groups.json",
+        GROUPS_FILE,
         pretty(&shapes::security_groups(&security_groups)),
     );
     let enis: Vec<_> = enis.into_values().collect();
-    documents.insert(
-        "ec2-network-interfaces.json",
-        pretty(&shapes::network_interfaces(&enis)),
-    );
+    documents.insert(INTERFACES_FILE, pretty(&shapes::network_interfaces(&enis)));
     for (id, document) in prefix_list_documents(client, &prefix_lists).await? {
-        documents.insert(format!("ec2-prefix-list-{id}.json"), pretty(&document));
+        documents.insert(prefix_list_file(&id), pretty(&document));
     }
     let node = Ec2Node {
         trunk_mac: trunk
@@ -295,10 +307,8 @@ async fn group_closure(
                             referenced.extend(pair.group_id.clone());
                             more.extend(pair.group_id.clone());
                         }
-                        for list in rule.prefix_list_ids() {
-                            prefix_lists.extend(list.prefix_list_id.clone());
-                        }
                     }
+                    prefix_lists.extend(named_prefix_lists(&group));
                     found.insert(group.group_id.clone().unwrap_or_default(), group);
                 }
             }
@@ -306,6 +316,80 @@ async fn group_closure(
         next = more.difference(&asked).cloned().collect();
     }
     Ok((found.into_values().collect(), referenced, prefix_lists))
+}
+
+/// The prefix lists the rules of `group` name.
+fn named_prefix_lists(group: &SecurityGroup) -> BTreeSet<String> {
+    let permissions = group.ip_permissions().iter();
+    permissions
+        .chain(group.ip_permissions_egress())
+        .flat_map(|rule| rule.prefix_list_ids())
+        .filter_map(|list| list.prefix_list_id.clone())
+        .collect()
+}
+
+/// One group as the cluster's view holds it: CLI-shaped (`shapes`), with its members
+/// (every ENI carrying it) and the prefix lists its rules name.
+#[derive(Clone, Debug)]
+pub struct GroupRead {
+    pub group: Value,
+    pub members: Vec<Value>,
+    pub prefix_lists: Vec<Value>,
+}
+
+/// One view of EC2 for the whole cluster: the groups of the ENIs attached to
+/// `instances` (the nodes: primary, secondary and trunk ENIs carry the node's groups),
+/// the groups `wanted` (the SecurityGroupPolicies'), every group their rules
+/// reference, transitively, each with its members and prefix lists. Its requests grow
+/// with the groups, not the nodes (but for one per [`FILTER_VALUES`] nodes).
+pub async fn poll_cluster(
+    client: &Client,
+    instances: &BTreeSet<String>,
+    wanted: &BTreeSet<String>,
+) -> Result<Vec<GroupRead>, Ec2Error> {
+    let mut groups = wanted.clone();
+    let instances: Vec<_> = instances.iter().collect();
+    for chunk in instances.chunks(FILTER_VALUES) {
+        let attached = [filter("attachment.instance-id", chunk.iter().copied())];
+        for eni in interfaces(client, &attached).await? {
+            groups.extend(eni.groups().iter().filter_map(|g| g.group_id.clone()));
+        }
+    }
+    let (security_groups, _, prefix_lists) = group_closure(client, groups).await?;
+    let ids: Vec<String> = security_groups
+        .iter()
+        .filter_map(|g| g.group_id.clone())
+        .collect();
+    let mut enis: BTreeMap<String, NetworkInterface> = BTreeMap::new();
+    for chunk in ids.chunks(FILTER_VALUES) {
+        for eni in interfaces(client, &[filter("group-id", chunk.iter().cloned())]).await? {
+            enis.insert(eni.network_interface_id().unwrap_or_default().into(), eni);
+        }
+    }
+    let lists: BTreeMap<String, Value> = prefix_list_documents(client, &prefix_lists)
+        .await?
+        .into_iter()
+        .collect();
+    let reads = security_groups
+        .iter()
+        .map(|group| {
+            let id = group.group_id().unwrap_or_default();
+            let members = enis
+                .values()
+                .filter(|eni| eni.groups().iter().any(|g| g.group_id() == Some(id)))
+                .map(shapes::network_interface)
+                .collect();
+            GroupRead {
+                group: shapes::security_group(group),
+                members,
+                prefix_lists: named_prefix_lists(group)
+                    .iter()
+                    .filter_map(|id| lists.get(id).cloned())
+                    .collect(),
+            }
+        })
+        .collect();
+    Ok(reads)
 }
 
 async fn interfaces(

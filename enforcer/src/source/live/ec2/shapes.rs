@@ -47,7 +47,8 @@ pub fn security_groups(groups: &[SecurityGroup]) -> Value {
     json!({ "SecurityGroups": groups })
 }
 
-fn security_group(group: &SecurityGroup) -> Value {
+/// One group of `describe-security-groups` output.
+pub fn security_group(group: &SecurityGroup) -> Value {
     Object::default()
         .put("GroupId", text(group.group_id()))
         .put("GroupName", text(group.group_name()))
@@ -117,7 +118,8 @@ pub fn network_interfaces(interfaces: &[NetworkInterface]) -> Value {
     json!({ "NetworkInterfaces": interfaces })
 }
 
-fn network_interface(eni: &NetworkInterface) -> Value {
+/// One ENI of `describe-network-interfaces` output.
+pub fn network_interface(eni: &NetworkInterface) -> Value {
     let attachment = eni.attachment().map(|a| {
         Object::default()
             .put("AttachmentId", text(a.attachment_id()))
