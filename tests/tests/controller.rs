@@ -16,7 +16,7 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_support::enforcer_binary;
+use agent_support::{check_stdout, enforcer_binary};
 use enforcer::source::access;
 use enforcer::source::live::controller::follow;
 use enforcer::source::live::hub::{Hub, Identity, NodeSettings, names};
@@ -297,21 +297,6 @@ fn groups_of(dir: &Path) -> BTreeSet<String> {
         .iter()
         .map(|g| g["GroupId"].as_str().unwrap().to_string())
         .collect()
-}
-
-fn check_stdout(dir: &Path) -> String {
-    let out = Command::new(enforcer_binary())
-        .args(["check", "--state"])
-        .arg(dir)
-        .output()
-        .expect("run enforcer check");
-    assert!(
-        out.status.success(),
-        "enforcer check --state {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
 }
 
 /// A group of a SecurityGroupPolicy of the example.

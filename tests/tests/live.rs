@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent_support::{METRICS_PORT, Node, PEER, TestPod, enforcer_binary, syn_to, wait_for};
+use agent_support::{
+    METRICS_PORT, Node, PEER, TestPod, check_stdout, enforcer_binary, syn_to, wait_for,
+};
 use enforcer::model::EnforcingMode;
 use enforcer_common::Reason;
 use enforcer_tests::live::example::{
@@ -61,21 +63,6 @@ fn other_nodes_branch_enis(moto: &mut Moto, dir: &Path, node: &str, seeded: &Val
             moto.set_interface_type(id, "branch").unwrap();
         }
     }
-}
-
-fn check_stdout(dir: &Path) -> String {
-    let out = Command::new(enforcer_binary())
-        .args(["check", "--state"])
-        .arg(dir)
-        .output()
-        .expect("run enforcer check");
-    assert!(
-        out.status.success(),
-        "enforcer check --state {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
 }
 
 /// The example state served live: moto holds its EC2 objects (same IDs), the fake API

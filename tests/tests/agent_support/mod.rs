@@ -512,6 +512,22 @@ pub fn pin_pods_map_of_an_older_layout(node: &Node) -> u32 {
 
 /// Creates a map pinned at `pin` with `bpftool map create` and its `definition`
 /// (type, key, value, entries, name, flags), as another build would have.
+/// What `enforcer check --state dir` prints; the check must pass.
+pub fn check_stdout(dir: &std::path::Path) -> String {
+    let out = Command::new(enforcer_binary())
+        .args(["check", "--state"])
+        .arg(dir)
+        .output()
+        .expect("run enforcer check");
+    assert!(
+        out.status.success(),
+        "enforcer check --state {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
 /// Replaces the pinned `CONNTRACK` with the table a build that preallocated half
 /// as many entries would have pinned, holding `flows` (the attached programs
 /// keep the map they hold).
