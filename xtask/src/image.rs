@@ -1,7 +1,7 @@
 //! `cargo xtask image [--tag T]`: the agent's container image. A static
 //! `x86_64-unknown-linux-musl` release build of `enforcer` (the release eBPF
-//! object embedded, as in every build), copied alone into a build context and
-//! built `FROM scratch` (`image/Containerfile`) by Debian's podman as the
+//! object embedded, as in every build), copied alone into a build context,
+//! stripped of its symbols, and built `FROM scratch` (`image/Containerfile`) by Debian's podman as the
 //! project runs it (`image/podman`). Podman's layer cache makes a rebuild of
 //! an unchanged binary a no-op.
 
@@ -37,8 +37,12 @@ pub fn run(tag: Option<&str>) -> Result<()> {
     std::fs::create_dir_all(&context)
         .with_context(|| format!("cannot create {}", context.display()))?;
     let binary = root.join("target").join(TARGET).join("release/enforcer");
-    std::fs::copy(&binary, context.join("enforcer"))
+    let copy = context.join("enforcer");
+    std::fs::copy(&binary, &copy)
         .with_context(|| format!("cannot copy {} into the build context", binary.display()))?;
+    // Symbols are a fifth of the binary and nothing in a container reads them
+    // (the copy only: the build keeps its own for profiling).
+    run_command(Command::new("strip").arg("--strip-all").arg(&copy))?;
     run_command(
         Command::new(root.join(PODMAN))
             .current_dir(&root)

@@ -29,6 +29,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // The image's static build compiles ring (rustls' crypto, for the live sources'
     // Kubernetes and AWS clients) for musl: its C needs musl's compiler wrapper.
     ("musl-tools", "musl-gcc"),
+    // The image's binary is stripped of its symbols (`cargo xtask image`).
+    ("binutils", "strip"),
 ];
 
 /// The image's binary is a static build for this target (`cargo xtask image`).
