@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::netns::Namespace;
+use super::throughput::set_option;
 
 /// Bytes of one ring slot: the slot's header, then the frame.
 const SLOT: usize = 256;
@@ -150,20 +151,23 @@ fn open(link: &str) -> Result<OwnedFd> {
         OwnedFd::from_raw_fd(fd)
     };
     let ifindex = super::datapath::ifindex(link)?;
-    option(
+    set_option(
         &socket,
+        libc::SOL_PACKET,
         libc::PACKET_VERSION,
         &libc::tpacket_versions::TPACKET_V2,
     )
     .context("PACKET_VERSION")?;
-    option(&socket, libc::PACKET_QDISC_BYPASS, &1i32).context("PACKET_QDISC_BYPASS")?;
+    set_option(&socket, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, &1i32)
+        .context("PACKET_QDISC_BYPASS")?;
     let request = libc::tpacket_req {
         tp_block_size: BLOCK as u32,
         tp_block_nr: (SLOTS * SLOT / BLOCK) as u32,
         tp_frame_size: SLOT as u32,
         tp_frame_nr: SLOTS as u32,
     };
-    option(&socket, libc::PACKET_TX_RING, &request).context("PACKET_TX_RING")?;
+    set_option(&socket, libc::SOL_PACKET, libc::PACKET_TX_RING, &request)
+        .context("PACKET_TX_RING")?;
     // SAFETY: a zeroed sockaddr_ll with family, protocol and interface set is valid.
     let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     address.sll_family = libc::AF_PACKET as u16;
@@ -198,24 +202,6 @@ fn map_ring(socket: &OwnedFd) -> Result<*mut u8> {
         return Err(std::io::Error::last_os_error()).context("mapping the transmit ring");
     }
     Ok(ring.cast())
-}
-
-fn option<T>(socket: &OwnedFd, name: i32, value: &T) -> std::io::Result<()> {
-    // SAFETY: setsockopt reads a `T` from a valid reference on an open socket.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_PACKET,
-            name,
-            (value as *const T).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// The status word of ring slot `slot`.

@@ -535,21 +535,26 @@ fn receiver(dev: &str, frames: u64) -> Result<OwnedFd> {
         tv_sec: 0,
         tv_usec: 200_000,
     };
-    set_option(&socket, libc::SO_RCVTIMEO, &timeout).context("SO_RCVTIMEO")?;
+    set_option(&socket, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout).context("SO_RCVTIMEO")?;
     // The generator's frames arrive all at once, each in a page of its own (the truesize a
     // receive buffer is charged): beyond the default buffer, most would be dropped.
     let room = i32::try_from(frames * 8192).unwrap_or(i32::MAX);
-    set_option(&socket, libc::SO_RCVBUFFORCE, &room).context("SO_RCVBUFFORCE")?;
+    set_option(&socket, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &room).context("SO_RCVBUFFORCE")?;
     Ok(socket)
 }
 
-/// Sets the socket-level option `name` to `value`.
-fn set_option<T>(socket: &OwnedFd, name: i32, value: &T) -> std::io::Result<()> {
+/// Sets option `name` of `level` (`SOL_SOCKET`, `SOL_PACKET`, …) to `value`.
+pub(super) fn set_option<T>(
+    socket: &OwnedFd,
+    level: i32,
+    name: i32,
+    value: &T,
+) -> std::io::Result<()> {
     // SAFETY: setsockopt reads a `T` from a valid reference on an open socket.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             name,
             (value as *const T).cast(),
             size_of::<T>() as libc::socklen_t,
