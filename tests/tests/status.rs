@@ -82,6 +82,13 @@ fn status_tells_what_the_kernel_enforces_with_and_without_the_agent() {
     assert_eq!(entry["ingress_rules"], 1);
     assert_eq!(entry["egress_rules"], 1);
     assert_eq!(entry["flows"], 1);
+    assert_eq!(entry["tracked_flows"], 1, "the kernel counted the flow");
+    assert_eq!(entry["tracked_fragments"], 0);
+    assert_eq!(pod(&status, "default/api")["tracked_flows"], 0);
+    assert_eq!(
+        status["max_flows_per_pod"],
+        enforcer_common::DEFAULT_MAX_FLOWS_PER_POD
+    );
     assert_eq!(entry["allowed_packets"], 1);
     assert_eq!(entry["denied_packets"], 1);
     assert_eq!(status["verdicts"]["drop_policy"], 1);
@@ -93,6 +100,7 @@ fn status_tells_what_the_kernel_enforces_with_and_without_the_agent() {
         "10.0.1.51",
         "sg-app",
         "conntrack: 1 of",
+        "flows 1 (counted 1, fragments 0)",
     ] {
         assert!(
             text.contains(expected),
@@ -263,6 +271,10 @@ fn the_metrics_endpoint_serves_counters_health_and_readiness() {
         &[(Reason::PassNew, 1), (Reason::DropPolicy, 1)],
     );
     let rule = r#"enforcer_rule_packets_total{group="sg-app",direction="ingress",rule="0"} 1"#;
+    let max_flows = format!(
+        "enforcer_max_flows_per_pod {}",
+        enforcer_common::DEFAULT_MAX_FLOWS_PER_POD
+    );
     let expected = [
         "enforcer_ready 1",
         "enforcer_state_error 0",
@@ -273,6 +285,10 @@ fn the_metrics_endpoint_serves_counters_health_and_readiness() {
         r#"enforcer_pod_packets_total{pod="default/web",vlan="10",verdict="allow"} 1"#,
         r#"enforcer_pod_packets_total{pod="default/web",vlan="10",verdict="deny"} 1"#,
         r#"enforcer_pod_packets_total{pod="default/api",vlan="11",verdict="deny"} 0"#,
+        r#"enforcer_pod_tracked_flows{pod="default/web",vlan="10"} 1"#,
+        r#"enforcer_pod_tracked_flows{pod="default/api",vlan="11"} 0"#,
+        r#"enforcer_pod_tracked_fragments{pod="default/web",vlan="10"} 0"#,
+        &max_flows,
         rule,
     ];
     let (code, metrics) = node.http_get("/metrics").expect("metrics");

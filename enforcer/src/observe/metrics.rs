@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use enforcer_common::{COUNTER_SLOTS, POD_AUDIT, PodTraffic, Reason, RuleTraffic, counter_slot};
+use enforcer_common::{
+    COUNTER_SLOTS, POD_AUDIT, PodTracked, PodTraffic, Reason, RuleTraffic, counter_slot,
+};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
@@ -150,13 +152,35 @@ impl Source {
 struct Sample {
     view: Arc<AgentView>,
     conntrack_entries: usize,
+    /// `maxFlowsPerPod` and `maxFragmentsPerPod` as the kernel enforces them.
+    allowances: (u32, u32),
     nat: NatUse,
     verdicts: [u64; COUNTER_SLOTS as usize],
     suppressed_events: u64,
-    pods: Vec<(String, u16, PodTraffic)>,
+    pods: Vec<PodSample>,
     /// VLANs whose pod the kernel audits.
     audited: BTreeSet<u16>,
     rules: BTreeMap<RuleRef, RuleTraffic>,
+}
+
+/// One pod's figures in a scrape.
+#[derive(Debug)]
+struct PodSample {
+    pod: String,
+    vlan: u16,
+    traffic: PodTraffic,
+    tracked: PodTracked,
+}
+
+impl PodSample {
+    fn labels(&self) -> [(&'static str, String); 2] {
+        [("pod", self.pod.clone()), ("vlan", self.vlan.to_string())]
+    }
+
+    fn verdict_labels(&self, verdict: &'static str) -> [(&'static str, String); 3] {
+        let [pod, vlan] = self.labels();
+        [pod, vlan, ("verdict", verdict.to_string())]
+    }
 }
 
 impl Sample {
@@ -164,8 +188,16 @@ impl Sample {
         let pods = view
             .pods
             .iter()
-            .map(|(pod, vlan)| Ok((pod.clone(), *vlan, maps.pod_traffic(*vlan)?)))
+            .map(|(pod, vlan)| {
+                Ok(PodSample {
+                    pod: pod.clone(),
+                    vlan: *vlan,
+                    traffic: maps.pod_traffic(*vlan)?,
+                    tracked: maps.tracked(*vlan),
+                })
+            })
             .collect::<Result<_, MapsError>>()?;
+        let settings = maps.settings()?;
         let audited = maps
             .pods()?
             .into_iter()
@@ -174,7 +206,12 @@ impl Sample {
             .collect();
         Ok(Self {
             audited,
+            // A walk, not the sum of the pods' counts: those count what the
+            // kernel inserted, but a table kept over an upgrade that reset the
+            // counts (`kernel::pins`), or an entry written by hand, is in the
+            // table and in no count.
             conntrack_entries: maps.flow_count()?,
+            allowances: (settings.max_flows_per_pod, settings.max_fragments_per_pod),
             nat: maps.nat_use()?,
             verdicts: maps.counters()?,
             suppressed_events: maps.suppressed_events()?,
@@ -206,11 +243,11 @@ fn gauge<N: EncodeGaugeValue + Clone + std::fmt::Debug>(
 }
 
 /// A gauge family, one sample per label set.
-fn gauges<L: EncodeLabelSet>(
+fn gauges<L: EncodeLabelSet, N: EncodeGaugeValue + Clone + std::fmt::Debug>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    samples: impl IntoIterator<Item = (L, f64)>,
+    samples: impl IntoIterator<Item = (L, N)>,
 ) -> std::fmt::Result {
     let mut family = encoder.encode_descriptor(
         name,
@@ -405,34 +442,27 @@ impl Collector for Sample {
             None,
             suppressed.metric_type(),
         )?)?;
-        let pod_labels = |pod: &str, vlan: u16, verdict: &'static str| {
-            [
-                ("pod", pod.to_string()),
-                ("vlan", vlan.to_string()),
-                ("verdict", verdict.to_string()),
-            ]
-        };
         let mut audit = encoder.encode_descriptor(
             "enforcer_pod_audit",
             "1 when the pod is audited (enforcingAction: audit): what its groups refuse passes.",
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
-        for (pod, vlan, _) in &self.pods {
-            let labels = [("pod", pod.clone()), ("vlan", vlan.to_string())];
-            ConstGauge::new(i64::from(self.audited.contains(vlan)))
-                .encode(audit.encode_family(&labels)?)?;
+        for pod in &self.pods {
+            ConstGauge::new(i64::from(self.audited.contains(&pod.vlan)))
+                .encode(audit.encode_family(&pod.labels())?)?;
         }
         let e = &mut encoder;
         counters(
             e,
             "enforcer_pod_packets",
             "Packets of each pod, by verdict (would_deny: refused, passed by audit).",
-            self.pods.iter().flat_map(|(pod, vlan, t)| {
+            self.pods.iter().flat_map(|p| {
+                let t = &p.traffic;
                 [
-                    (pod_labels(pod, *vlan, "allow"), t.allowed_packets),
-                    (pod_labels(pod, *vlan, "deny"), t.denied_packets),
-                    (pod_labels(pod, *vlan, "would_deny"), t.would_drop_packets),
+                    (p.verdict_labels("allow"), t.allowed_packets),
+                    (p.verdict_labels("deny"), t.denied_packets),
+                    (p.verdict_labels("would_deny"), t.would_drop_packets),
                 ]
             }),
         )?;
@@ -440,13 +470,42 @@ impl Collector for Sample {
             e,
             "enforcer_pod_bytes",
             "Bytes of each pod, by verdict (would_deny: refused, passed by audit).",
-            self.pods.iter().flat_map(|(pod, vlan, t)| {
+            self.pods.iter().flat_map(|p| {
+                let t = &p.traffic;
                 [
-                    (pod_labels(pod, *vlan, "allow"), t.allowed_bytes),
-                    (pod_labels(pod, *vlan, "deny"), t.denied_bytes),
-                    (pod_labels(pod, *vlan, "would_deny"), t.would_drop_bytes),
+                    (p.verdict_labels("allow"), t.allowed_bytes),
+                    (p.verdict_labels("deny"), t.denied_bytes),
+                    (p.verdict_labels("would_deny"), t.would_drop_bytes),
                 ]
             }),
+        )?;
+        gauge(
+            e,
+            "enforcer_max_flows_per_pod",
+            "Tracked flows each pod may hold (maxFlowsPerPod); its new flows drop beyond.",
+            i64::from(self.allowances.0),
+        )?;
+        gauge(
+            e,
+            "enforcer_max_fragments_per_pod",
+            "Fragment verdicts each pod may hold (maxFragmentsPerPod); its fragmented datagrams drop beyond.",
+            i64::from(self.allowances.1),
+        )?;
+        gauges(
+            e,
+            "enforcer_pod_tracked_flows",
+            "Tracked flows each pod holds, as the kernel counts them against enforcer_max_flows_per_pod.",
+            self.pods
+                .iter()
+                .map(|p| (p.labels(), p.tracked.flows as i64)),
+        )?;
+        gauges(
+            e,
+            "enforcer_pod_tracked_fragments",
+            "Fragment verdicts each pod holds, as the kernel counts them against enforcer_max_fragments_per_pod.",
+            self.pods
+                .iter()
+                .map(|p| (p.labels(), p.tracked.fragments as i64)),
         )?;
         let rule_labels = |rule: &RuleRef| {
             [
@@ -525,10 +584,11 @@ mod tests {
             },
             verdicts,
             suppressed_events: 5,
-            pods: vec![(
-                "shop/web".to_string(),
-                7,
-                PodTraffic {
+            allowances: (512, 64),
+            pods: vec![PodSample {
+                pod: "shop/web".to_string(),
+                vlan: 7,
+                traffic: PodTraffic {
                     allowed_packets: 1,
                     allowed_bytes: 60,
                     denied_packets: 2,
@@ -536,7 +596,11 @@ mod tests {
                     would_drop_packets: 3,
                     would_drop_bytes: 180,
                 },
-            )],
+                tracked: PodTracked {
+                    flows: 8,
+                    fragments: 2,
+                },
+            }],
             audited: BTreeSet::from([7]),
             rules: BTreeMap::from([(
                 rule,
@@ -570,6 +634,10 @@ mod tests {
             "enforcer_events_suppressed_total 5",
             r#"enforcer_pod_packets_total{pod="shop/web",vlan="7",verdict="deny"} 2"#,
             r#"enforcer_pod_bytes_total{pod="shop/web",vlan="7",verdict="allow"} 60"#,
+            "enforcer_max_flows_per_pod 512",
+            "enforcer_max_fragments_per_pod 64",
+            r#"enforcer_pod_tracked_flows{pod="shop/web",vlan="7"} 8"#,
+            r#"enforcer_pod_tracked_fragments{pod="shop/web",vlan="7"} 2"#,
             r#"enforcer_rule_packets_total{group="sg-0a\"b",direction="ingress",rule="3"} 6"#,
             r#"enforcer_rule_bytes_total{group="sg-0a\"b",direction="ingress",rule="3"} 600"#,
             r#"enforcer_source_last_success_timestamp_seconds{source="ec2"} 1000.0"#,

@@ -154,6 +154,10 @@ pub struct PodStatus {
     pub egress_rules: Option<usize>,
     /// Tracked flows of this VLAN.
     pub flows: usize,
+    /// Tracked flows and fragment verdicts as the kernel counts them against
+    /// the pod's allowances (`max_flows_per_pod`, `max_fragments_per_pod`).
+    pub tracked_flows: u64,
+    pub tracked_fragments: u64,
     pub allowed_packets: u64,
     pub allowed_bytes: u64,
     pub denied_packets: u64,
@@ -192,6 +196,9 @@ pub struct Status {
     pub sources: Vec<SourceReport>,
     pub conntrack_entries: usize,
     pub conntrack_capacity: u32,
+    /// `maxFlowsPerPod` and `maxFragmentsPerPod`, as the kernel enforces them.
+    pub max_flows_per_pod: u32,
+    pub max_fragments_per_pod: u32,
     /// Standard mode's source NAT: address, port range and its use.
     pub nat: NatUse,
     pub pods: Vec<PodStatus>,
@@ -212,6 +219,7 @@ impl Status {
         for (vlan, entry) in maps.pods()? {
             let reported = report.pods.iter().find(|p| p.vlan == vlan);
             let traffic = maps.pod_traffic(vlan)?;
+            let tracked = maps.tracked(vlan);
             pods.push(PodStatus {
                 vlan,
                 pod: reported.map(|p| format!("{}/{}", p.namespace, p.name)),
@@ -230,6 +238,8 @@ impl Status {
                 ingress_rules: reported.map(|p| p.ingress_rules),
                 egress_rules: reported.map(|p| p.egress_rules),
                 flows: flows.iter().filter(|(k, _)| k.vlan == vlan).count(),
+                tracked_flows: tracked.flows,
+                tracked_fragments: tracked.fragments,
                 allowed_packets: traffic.allowed_packets,
                 allowed_bytes: traffic.allowed_bytes,
                 denied_packets: traffic.denied_packets,
@@ -281,6 +291,8 @@ impl Status {
             sources: report.sources,
             conntrack_entries: flows.len(),
             conntrack_capacity: MAX_FLOWS,
+            max_flows_per_pod: settings.max_flows_per_pod,
+            max_fragments_per_pod: settings.max_fragments_per_pod,
             nat: maps.nat_use()?,
             pods,
             verdicts: Reason::ALL
@@ -387,8 +399,11 @@ impl fmt::Display for Status {
         }
         writeln!(
             f,
-            "conntrack: {} of {} flows",
-            self.conntrack_entries, self.conntrack_capacity
+            "conntrack: {} of {} flows; each pod at most {} flows, {} fragment verdicts",
+            self.conntrack_entries,
+            self.conntrack_capacity,
+            self.max_flows_per_pod,
+            self.max_fragments_per_pod
         )?;
         let nat = &self.nat;
         match nat.address {
@@ -425,7 +440,7 @@ impl fmt::Display for Status {
             };
             writeln!(
                 f,
-                "  VLAN {:>4}  {}  {}  {}  groups {}  rules {} in / {} out  flows {}  allowed {} pkts {} B  denied {} pkts {} B{audit}",
+                "  VLAN {:>4}  {}  {}  {}  groups {}  rules {} in / {} out  flows {} (counted {}, fragments {})  allowed {} pkts {} B  denied {} pkts {} B{audit}",
                 pod.vlan,
                 pod.pod.as_deref().unwrap_or("?"),
                 addresses.join(", "),
@@ -438,6 +453,8 @@ impl fmt::Display for Status {
                 count(pod.ingress_rules),
                 count(pod.egress_rules),
                 pod.flows,
+                pod.tracked_flows,
+                pod.tracked_fragments,
                 pod.allowed_packets,
                 pod.allowed_bytes,
                 pod.denied_packets,
@@ -469,5 +486,75 @@ impl fmt::Display for Status {
             writeln!(f, "audit, passed but would drop: {}", would_drop.join(", "))?;
         }
         writeln!(f, "events suppressed: {}", self.suppressed_events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_shows_each_pods_tracked_counts_and_the_allowances() {
+        let status = Status {
+            pin_path: PathBuf::from("/sys/fs/bpf/enforcer"),
+            attached: true,
+            links: ["first".to_string(), "first".to_string()],
+            xdp: "native".to_string(),
+            agent_pid: None,
+            agent_running: false,
+            node: None,
+            enforcing_mode: None,
+            trunk: None,
+            unknown_vlan: "drop",
+            applied_at: None,
+            error: None,
+            error_at: None,
+            attach_error: None,
+            warnings: Vec::new(),
+            sources: Vec::new(),
+            conntrack_entries: 3,
+            conntrack_capacity: MAX_FLOWS,
+            max_flows_per_pod: 512,
+            max_fragments_per_pod: 64,
+            nat: NatUse::default(),
+            pods: vec![PodStatus {
+                vlan: 7,
+                pod: Some("shop/web".to_string()),
+                ipv4: Some(Ipv4Addr::new(10, 0, 1, 50)),
+                ipv6: None,
+                mode: "strict".to_string(),
+                action: "enforce",
+                groups: vec!["sg-app".to_string()],
+                ingress_rules: Some(1),
+                egress_rules: Some(1),
+                flows: 3,
+                tracked_flows: 3,
+                tracked_fragments: 2,
+                allowed_packets: 0,
+                allowed_bytes: 0,
+                denied_packets: 0,
+                denied_bytes: 0,
+                would_drop_packets: 0,
+                would_drop_bytes: 0,
+            }],
+            verdicts: BTreeMap::new(),
+            would_drop: BTreeMap::new(),
+            suppressed_events: 0,
+        };
+        let text = status.to_string();
+        for expected in [
+            "each pod at most 512 flows, 64 fragment verdicts",
+            "flows 3 (counted 3, fragments 2)",
+        ] {
+            assert!(
+                text.contains(expected),
+                "{expected:?} missing from:\n{text}"
+            );
+        }
+        let json = serde_json::to_value(&status).expect("status as JSON");
+        assert_eq!(json["max_flows_per_pod"], 512);
+        assert_eq!(json["max_fragments_per_pod"], 64);
+        assert_eq!(json["pods"][0]["tracked_flows"], 3);
+        assert_eq!(json["pods"][0]["tracked_fragments"], 2);
     }
 }

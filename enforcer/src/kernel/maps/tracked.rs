@@ -24,7 +24,9 @@ impl TrackedCounts {
         self.0.slot(usize::from(vlan))
     }
 
-    /// The pod's counts now.
+    /// The pod's counts now. The kernel compares them as signed, and a
+    /// release racing its give-back may leave one below zero for a moment:
+    /// such a count reads as 0, not as 2^64 - 1.
     pub fn get(&self, vlan: u16) -> PodTracked {
         self.slot(vlan)
             .map(|slot| {
@@ -36,8 +38,8 @@ impl TrackedCounts {
                     )
                 };
                 PodTracked {
-                    flows: flows.load(Ordering::Relaxed),
-                    fragments: fragments.load(Ordering::Relaxed),
+                    flows: held(flows.load(Ordering::Relaxed)),
+                    fragments: held(fragments.load(Ordering::Relaxed)),
                 }
             })
             .unwrap_or_default()
@@ -60,5 +62,19 @@ impl TrackedCounts {
             release(AtomicU64::from_ptr(&raw mut (*slot).flows), flows);
             release(AtomicU64::from_ptr(&raw mut (*slot).fragments), fragments);
         }
+    }
+}
+
+/// A count as the kernel reads it (signed), none below zero.
+fn held(count: u64) -> u64 {
+    if (count as i64) < 0 { 0 } else { count }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_count_raced_below_zero_reads_as_none_held() {
+        assert_eq!(super::held(u64::MAX), 0);
+        assert_eq!(super::held(7), 7);
     }
 }
