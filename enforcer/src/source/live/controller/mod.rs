@@ -27,7 +27,8 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::ec2::{self, GroupRead};
+use super::ec2::schedule::{self, Poller, Wanted};
+use super::ec2::{self, Ec2Error, GroupRead};
 use super::hub::LiveError;
 use super::kube::SecurityGroupPolicy;
 use super::view::{
@@ -149,7 +150,11 @@ impl Controller {
                 return;
             }
         }
-        self.elector.lead(|| self.publisher.publish()).await;
+        // Polls and publishes until dropped (leadership lost).
+        let publisher = &self.publisher;
+        self.elector
+            .lead(|| schedule::run(publisher, publisher.interval))
+            .await;
     }
 
     /// Gives up the lease, for a stopping controller.
@@ -159,13 +164,13 @@ impl Controller {
 }
 
 /// What the cluster needs from EC2: the nodes' instances and the policies' groups.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Needs {
     instances: BTreeSet<String>,
     groups: BTreeSet<String>,
 }
 
-impl Needs {
+impl Wanted for Needs {
     fn covers(&self, other: &Needs) -> bool {
         other.instances.is_subset(&self.instances) && other.groups.is_subset(&self.groups)
     }
@@ -194,47 +199,6 @@ impl Publisher {
                 .filter_map(|p| p.spec.security_groups.as_ref())
                 .flat_map(|g| g.group_ids.iter().cloned())
                 .collect(),
-        }
-    }
-
-    /// Polls and publishes until dropped (leadership lost): jittered, early when the
-    /// cluster needs what the last poll did not read, backing off on EC2's errors.
-    async fn publish(&self) {
-        let mut failures = 0u32;
-        let mut asked = Needs::default();
-        loop {
-            let needs = self.needs();
-            let wait = match ec2::poll_cluster(&self.ec2, &needs.instances, &needs.groups).await {
-                Ok(reads) => {
-                    failures = 0;
-                    asked = needs;
-                    if let Err(error) = self.write(reads).await {
-                        log::warn!("{} (the next poll tries again)", crate::error_chain(&error));
-                    }
-                    ec2::jittered(self.interval)
-                }
-                Err(error) => {
-                    failures = failures.saturating_add(1);
-                    let wait = ec2::retry_wait(&error, failures, self.interval);
-                    log::warn!(
-                        "EC2: {} (the views stay; next try in {wait:?})",
-                        crate::error_chain(&error)
-                    );
-                    wait
-                }
-            };
-            let sleep = tokio::time::sleep(wait);
-            tokio::pin!(sleep);
-            loop {
-                tokio::select! {
-                    () = &mut sleep => break,
-                    () = self.changed.notified() => {
-                        if failures == 0 && !asked.covers(&self.needs()) {
-                            break;
-                        }
-                    }
-                }
-            }
         }
     }
 
@@ -336,6 +300,37 @@ impl Publisher {
             );
         }
         Ok(())
+    }
+}
+
+impl Poller for &Publisher {
+    type Wanted = Needs;
+    type Read = Vec<GroupRead>;
+
+    fn wanted(&self) -> Option<Needs> {
+        Some(self.needs())
+    }
+
+    async fn poll(&self, needs: &Needs) -> Result<Vec<GroupRead>, Ec2Error> {
+        ec2::poll_cluster(&self.ec2, &needs.instances, &needs.groups).await
+    }
+
+    async fn publish(&self, reads: Vec<GroupRead>) {
+        if let Err(error) = self.write(reads).await {
+            log::warn!("{} (the next poll tries again)", crate::error_chain(&error));
+        }
+    }
+
+    fn failed(&self, error: &Ec2Error, wait: Duration) {
+        log::warn!(
+            "EC2: {} (the views stay; next try in {wait:?})",
+            crate::error_chain(error)
+        );
+    }
+
+    async fn changed(&mut self) -> bool {
+        self.changed.notified().await;
+        true
     }
 }
 

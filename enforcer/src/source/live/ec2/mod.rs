@@ -4,6 +4,7 @@
 //! asked for. An error never shrinks the view: the last good one stays.
 //! [`poll_cluster`] reads the same for every node at once (`enforcer controller`).
 
+pub(super) mod schedule;
 pub mod shapes;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,18 +16,15 @@ use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_ec2::types::{Filter, NetworkInterface, NetworkInterfaceType, SecurityGroup};
 use serde_json::Value;
 
-use super::hub::{Ec2Node, Hub, Identity, names, pretty};
+use super::hub::{Ec2Node, Hub, Identity, LiveView, names, pretty};
 use super::kube::{PODS_FILE, POLICIES_FILE};
 use crate::source::state::{Documents, POD_ENI_ANNOTATION};
+use schedule::{Poller, Wanted};
 
 /// The tag the VPC resource controller puts on each branch ENI: its trunk ENI.
 pub const TRUNK_TAG: &str = "vpcresources.k8s.aws/trunk-eni-id";
 /// Values per filter in one request (EC2 accepts up to 200).
 const FILTER_VALUES: usize = 100;
-/// Waits after a throttled poll (`RequestLimitExceeded`): doubling, up to 5 minutes.
-const THROTTLED: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(300));
-/// Waits after another failure: doubling from 1 s, up to the poll interval.
-const FAILED_FIRST: Duration = Duration::from_secs(1);
 /// The documents of the live view that EC2's answers become.
 pub const GROUPS_FILE: &str = "ec2-security-groups.json";
 pub const INTERFACES_FILE: &str = "ec2-network-interfaces.json";
@@ -82,13 +80,15 @@ pub async fn client(region: Option<&str>) -> Client {
 }
 
 /// What one poll asked for: a later view of Kubernetes naming more wakes the poller.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Asked {
+    /// Who asks (IMDS's view of this node).
+    identity: Identity,
     groups: BTreeSet<String>,
     branch_enis: BTreeSet<String>,
 }
 
-impl Asked {
+impl Wanted for Asked {
     fn covers(&self, wanted: &Asked) -> bool {
         wanted.groups.is_subset(&self.groups) && wanted.branch_enis.is_subset(&self.branch_enis)
     }
@@ -98,93 +98,64 @@ impl Asked {
 /// and Kubernetes which pods and policies there are (what names the groups wanted:
 /// a first poll before them would publish a view missing their groups).
 pub fn spawn(client: Client, hub: Arc<Hub>, interval: Duration) {
-    tokio::spawn(async move {
-        let mut changes = hub.subscribe();
-        let mut asked = Asked::default();
-        let mut failures = 0u32;
-        loop {
-            let listed = [names::PODS, names::POLICIES]
-                .iter()
-                .all(|source| hub.documents_of(source).is_some());
-            let (Some(identity), true) = (hub.identity(), listed) else {
-                if changes.changed().await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            let wanted = wanted(&hub, &identity);
-            let wait = match poll(&client, &identity, &wanted.groups).await {
-                Ok((documents, node)) => {
-                    failures = 0;
-                    asked = wanted;
-                    hub.publish_ec2(documents, node);
-                    jittered(interval)
-                }
-                Err(error) => {
-                    failures = failures.saturating_add(1);
-                    let wait = retry_wait(&error, failures, interval);
-                    hub.failed(
-                        names::EC2,
-                        format!(
-                            "{} (the last view stays; next try in {wait:?})",
-                            crate::error_chain(&error)
-                        ),
-                    );
-                    wait
-                }
-            };
-            let sleep = tokio::time::sleep(wait);
-            tokio::pin!(sleep);
-            loop {
-                tokio::select! {
-                    () = &mut sleep => break,
-                    changed = changes.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        // Early only after a success: a failing EC2 keeps its backoff.
-                        if failures == 0 && !asked.covers(&wanted_now(&hub)) {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-    });
-}
-
-fn wanted_now(hub: &Hub) -> Asked {
-    match hub.identity() {
-        Some(identity) => wanted(hub, &identity),
-        None => Asked::default(),
-    }
-}
-
-/// The wait before the next poll after `failures` failures in a row.
-pub fn retry_wait(error: &Ec2Error, failures: u32, interval: Duration) -> Duration {
-    let doubled = |first: Duration, max: Duration| {
-        first
-            .saturating_mul(1 << failures.saturating_sub(1).min(16))
-            .min(max)
+    let changes = hub.subscribe();
+    let poller = NodePoller {
+        client,
+        hub,
+        changes,
     };
-    if error.is_throttling() {
-        doubled(THROTTLED.0, THROTTLED.1)
-    } else {
-        doubled(FAILED_FIRST, interval.max(FAILED_FIRST))
-    }
+    tokio::spawn(schedule::run(poller, interval));
 }
 
-/// The interval, ±20 %: nodes started together do not poll together.
-pub fn jittered(interval: Duration) -> Duration {
-    interval.mul_f64(rand::random_range(0.8..1.2))
+/// The node's poller: what the hub's view names, published into it.
+struct NodePoller {
+    client: Client,
+    hub: Arc<Hub>,
+    changes: tokio::sync::watch::Receiver<Arc<LiveView>>,
+}
+
+impl Poller for NodePoller {
+    type Wanted = Asked;
+    type Read = (Documents, Ec2Node);
+
+    fn wanted(&self) -> Option<Asked> {
+        let listed = [names::PODS, names::POLICIES]
+            .iter()
+            .all(|source| self.hub.documents_of(source).is_some());
+        let identity = self.hub.identity().filter(|_| listed)?;
+        Some(wanted(&self.hub, identity))
+    }
+
+    async fn poll(&self, asked: &Asked) -> Result<Self::Read, Ec2Error> {
+        poll(&self.client, &asked.identity, &asked.groups).await
+    }
+
+    async fn publish(&self, (documents, node): Self::Read) {
+        self.hub.publish_ec2(documents, node);
+    }
+
+    fn failed(&self, error: &Ec2Error, wait: Duration) {
+        self.hub.failed(
+            names::EC2,
+            format!(
+                "{} (the last view stays; next try in {wait:?})",
+                crate::error_chain(error)
+            ),
+        );
+    }
+
+    async fn changed(&mut self) -> bool {
+        self.changes.changed().await.is_ok()
+    }
 }
 
 /// The groups this node's pods and the node itself carry (the primary ENI's, every
 /// SecurityGroupPolicy's), and the branch ENIs its pods' annotations name.
-fn wanted(hub: &Hub, identity: &Identity) -> Asked {
+fn wanted(hub: &Hub, identity: Identity) -> Asked {
     let mut asked = Asked {
         groups: identity.security_groups.iter().cloned().collect(),
-        ..Asked::default()
+        branch_enis: BTreeSet::new(),
+        identity,
     };
     let items = |source, file| -> Vec<Value> {
         hub.documents_of(source)

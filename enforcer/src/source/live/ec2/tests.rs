@@ -11,6 +11,7 @@ use aws_sdk_ec2::types::{IpPermission, NetworkInterface, UserIdGroupPair};
 use aws_smithy_mocks::{RuleMode, mock, mock_client};
 use aws_smithy_types::error::ErrorMetadata;
 
+use super::schedule::retry_wait;
 use super::*;
 
 fn identity() -> Identity {
