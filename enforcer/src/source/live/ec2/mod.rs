@@ -4,6 +4,7 @@
 //! asked for. An error never shrinks the view: the last good one stays.
 //! [`poll_cluster`] reads the same for every node at once (`enforcer controller`).
 
+mod error;
 pub(super) mod schedule;
 pub mod shapes;
 
@@ -12,13 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_ec2::Client;
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_ec2::types::{Filter, NetworkInterface, NetworkInterfaceType, SecurityGroup};
 use serde_json::Value;
 
 use super::hub::{Ec2Node, Hub, Identity, LiveView, names, pretty};
 use super::kube::{PODS_FILE, POLICIES_FILE};
 use crate::source::state::{Documents, POD_ENI_ANNOTATION};
+pub use error::Ec2Error;
 use schedule::{Poller, Wanted};
 
 /// The tag the VPC resource controller puts on each branch ENI: its trunk ENI.
@@ -32,34 +33,6 @@ pub const INTERFACES_FILE: &str = "ec2-network-interfaces.json";
 /// The document of the prefix list `id`.
 pub fn prefix_list_file(id: &str) -> String {
     format!("ec2-prefix-list-{id}.json")
-}
-
-/// A failed EC2 request.
-#[derive(Debug, thiserror::Error)]
-#[error("{operation}: {message}")]
-pub struct Ec2Error {
-    pub operation: &'static str,
-    /// The EC2 error code (`RequestLimitExceeded`, `UnauthorizedOperation`, …).
-    pub code: Option<String>,
-    pub message: String,
-}
-
-impl Ec2Error {
-    fn new<E>(operation: &'static str, error: E) -> Self
-    where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
-    {
-        Self {
-            operation,
-            code: error.code().map(str::to_string),
-            message: DisplayErrorContext(&error).to_string(),
-        }
-    }
-
-    /// EC2's API throttling: back off exponentially.
-    pub fn is_throttling(&self) -> bool {
-        self.code.as_deref() == Some("RequestLimitExceeded")
-    }
 }
 
 /// An EC2 client as the SDK's default chain configures it (`AWS_ENDPOINT_URL_EC2`/

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::Ec2Error;
+use super::error::Ec2Error;
 
 /// Waits after a throttled poll (`RequestLimitExceeded`): doubling, up to 5 minutes.
 const THROTTLED: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(300));
