@@ -1,0 +1,31 @@
+//! Kubernetes objects as `kubectl get -o yaml|json` prints them (Pod, ServiceAccount,
+//! SecurityGroupPolicy) and this node's `NodeConfig`.
+
+mod meta;
+mod node;
+mod pod;
+mod policy;
+
+pub(crate) use node::node_config;
+pub use pod::ACTION_ANNOTATION;
+pub(crate) use pod::{POD_ENI_ANNOTATION, Pod, pod};
+pub(crate) use policy::{ServiceAccount, security_group_policy, service_account};
+
+#[cfg(test)]
+mod tests {
+    use crate::source::state::testdir::StateDir;
+
+    #[test]
+    fn duplicated_pod_and_service_account() {
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\n";
+        let account =
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sa, namespace: shop}\n";
+        let dir = StateDir::with_node()
+            .file("a.yaml", &format!("{pod}---\n{account}"))
+            .file("b.yaml", &format!("{pod}---\n{account}"));
+        let errors = dir.errors();
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(errors[0].contains("b.yaml: Pod shop/p: defined twice: also in"));
+        assert!(errors[1].contains("b.yaml: ServiceAccount shop/sa: defined twice"));
+    }
+}
