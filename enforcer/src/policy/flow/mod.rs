@@ -40,9 +40,9 @@
 //! protocols: BOTH_WAYS if both SEEN bits are set, else ONE_WAY. CLOSING is final for the
 //! entry (until a new SYN, above).
 //!
-//! Idle timeouts: TCP OPENING [`ct_timeouts::TCP_OPENING`], ESTABLISHED the node's
-//! `tcp_established`, CLOSING [`ct_timeouts::TCP_CLOSING`]; UDP BOTH_WAYS (a stream) the
-//! node's `udp_stream`, every other UDP state `udp`; ICMP/ICMPv6 [`ct_timeouts::ICMP`]; others [`ct_timeouts::OTHER`].
+//! Idle timeouts: TCP OPENING `ct_timeouts::TCP_OPENING`, ESTABLISHED the node's
+//! `tcp_established`, CLOSING `ct_timeouts::TCP_CLOSING`; UDP BOTH_WAYS (a stream) the
+//! node's `udp_stream`, every other UDP state `udp`; ICMP/ICMPv6 `ct_timeouts::ICMP`; others `ct_timeouts::OTHER`.
 
 mod entry;
 mod packet;
