@@ -162,9 +162,9 @@ impl VirtualNode {
         node.ip(&wiring::node(
             vpc.name(),
             &config.primary_interface,
-            &config.trunk_interface,
             &config.primary_ips,
         ))?;
+        node.ip(&wiring::trunk_veth(vpc.name(), &config.trunk_interface))?;
         // The trunk carries only branch traffic: no addresses or discovery of its own.
         node.sysctl(&[(
             &format!("net.ipv6.conf.{}.disable_ipv6", config.trunk_interface),

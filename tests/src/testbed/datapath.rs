@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::tc::TcAttachOptions;
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::programs::xdp::XdpLinkId;
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode};
 
 use super::netns::Namespace;
 
@@ -21,6 +22,7 @@ const FABRIC_RECEIVE: &str = "fabric_receive";
 const FABRIC_DELIVER: &str = "fabric_deliver";
 const TRUNK_WITNESS_INGRESS: &str = "trunk_witness_ingress";
 const TRUNK_WITNESS_EGRESS: &str = "trunk_witness_egress";
+const XDP_PASS_ALL: &str = "xdp_pass_all";
 const PROGRAMS: [&str; 6] = [
     VLAN_LINK_TRANSMIT,
     VLAN_LINK_RECEIVE,
@@ -92,6 +94,9 @@ impl Datapath {
                 .load()
                 .with_context(|| format!("the verifier rejected {name}"))?;
         }
+        xdp_pass_all(&mut ebpf)?
+            .load()
+            .with_context(|| format!("the verifier rejected {XDP_PASS_ALL}"))?;
         Ok(Self { ebpf })
     }
 
@@ -149,6 +154,17 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches a program that passes every frame to `dev`'s driver (native XDP).
+    pub fn attach_xdp_pass_all(&mut self, ns: &Namespace, dev: &str) -> Result<XdpLinkId> {
+        let program = xdp_pass_all(&mut self.ebpf)?;
+        ns.enter(|| program.attach(dev, XdpMode::Driver))?
+            .with_context(|| format!("attaching {XDP_PASS_ALL} to {dev}"))
+    }
+
+    pub fn detach_xdp_pass_all(&mut self, link: XdpLinkId) -> Result<()> {
+        Ok(xdp_pass_all(&mut self.ebpf)?.detach(link)?)
+    }
+
     /// What the witness counted for `vlan` (0: untagged frames) in `direction`.
     pub fn trunk_frames(&self, direction: TrunkDirection, vlan: u16) -> Result<TrunkFrames> {
         let frames: PerCpuArray<&MapData, [u64; 3]> = PerCpuArray::try_from(
@@ -191,6 +207,13 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassif
         .with_context(|| format!("program {name} in the test bed's object"))?
         .try_into()
         .with_context(|| format!("{name} is a TC classifier"))
+}
+
+fn xdp_pass_all(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    ebpf.program_mut(XDP_PASS_ALL)
+        .with_context(|| format!("program {XDP_PASS_ALL} in the test bed's object"))?
+        .try_into()
+        .with_context(|| format!("{XDP_PASS_ALL} is an XDP program"))
 }
 
 /// The index of `dev` in the calling thread's namespace.

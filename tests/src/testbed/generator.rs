@@ -1,13 +1,16 @@
-//! The throughput bench's traffic: frames sent into the trunk from the VPC's end of its
-//! veth pair through a packet socket's transmit ring (`PACKET_TX_RING`, past the queueing
-//! discipline), a ring of frames per system call. The trunk receives them as a NIC's driver
-//! hands frames up (its native XDP program, when attached, runs first), and the node's path,
-//! the filter, routing and delivery to the pod all run on the sender's CPU, in its system
-//! call or that CPU's softirq thread.
+//! The throughput bench's traffic: the node's trunk is a TAP device, and the generator
+//! writes the VPC's frames into it, a frame per `write(2)`. The kernel receives each one
+//! as a NIC's driver does: the frame is copied into a page, the trunk's native XDP program
+//! (when attached) judges it there, before any skb exists, and only a frame it passes gets
+//! an skb and goes up the stack (`tun_build_skb` in drivers/net/tun.c). The node's whole
+//! path, XDP, the filter, routing and delivery to the pod, runs in the writing thread's
+//! system call or that CPU's softirq thread.
 //!
 //! Why not `BPF_PROG_TEST_RUN` in live-frames mode, which injects with no sender at all: the
-//! kernel these nodes run refuses it (`EPERM`). The sender's share of each frame (an skb
-//! built and handed to the veth) is the same for every filter, so it narrows their ratios.
+//! kernel these nodes run refuses it (`EPERM`). Why not a veth: a frame sent into a veth
+//! already has an skb, which the veth copies again for a native XDP program, so XDP could
+//! save nothing and would cost a copy no NIC makes. The system call's share of each frame is
+//! the same for every filter, so it narrows their ratios.
 
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -16,19 +19,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::netns::Namespace;
-use super::throughput::set_option;
 
-/// Bytes of one ring slot: the slot's header, then the frame.
-const SLOT: usize = 256;
-/// Where a slot's frame starts (`TPACKET2_HDRLEN - sizeof(struct sockaddr_ll)`).
-const DATA: usize = 32;
-/// Slots of the ring: what one system call sends.
-const SLOTS: usize = 1024;
-const BLOCK: usize = 1 << 16;
-/// `tp_status` values (linux/if_packet.h).
-const AVAILABLE: u32 = 0;
-const SEND_REQUEST: u32 = 1;
-const WRONG_FORMAT: u32 = 4;
+/// `TUNSETIFF` (linux/if_tun.h) and the flags of a TAP device whose frames carry no header.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
 
 /// Frames stored in the generator, to be sent by [`Generator::send`].
 #[derive(Clone, Debug)]
@@ -44,54 +39,42 @@ impl Frames {
     }
 }
 
-/// A packet socket on the VPC's end of the trunk, with its transmit ring mapped.
+/// The trunk's TAP device, held open: the device lives as long as the generator.
 pub struct Generator {
-    socket: OwnedFd,
-    ring: *mut u8,
-    /// The ring slot the kernel sends next: it goes round the ring, send after send.
-    head: usize,
+    tap: OwnedFd,
     /// Every frame stored, in order.
     stored: Vec<Vec<u8>>,
 }
 
-// SAFETY: the ring is memory of the socket's own, touched only by the thread that sends.
-unsafe impl Send for Generator {}
-
 impl Generator {
-    /// Opens the sender on `link` in `vpc`.
-    pub fn load(vpc: &Namespace, link: &str) -> Result<Self> {
-        let link = link.to_string();
-        let socket = vpc.enter(move || open(&link))??;
-        let ring = map_ring(&socket)?;
+    /// Creates the TAP device `trunk` in `node` (down, without an address: the caller
+    /// configures it like any link).
+    pub fn create(node: &Namespace, trunk: &str) -> Result<Self> {
+        let name = trunk.to_string();
+        let tap = node.enter(move || create_tap(&name))??;
         Ok(Self {
-            socket,
-            ring,
-            head: 0,
+            tap,
             stored: Vec::new(),
         })
     }
 
     /// Stores `frames` after those already stored.
     pub fn store(&mut self, frames: &[Vec<u8>]) -> Result<Frames> {
-        if let Some(frame) = frames.iter().find(|f| f.len() > SLOT - DATA) {
-            bail!("a frame of {} bytes does not fit a ring slot", frame.len());
-        }
         let first = self.stored.len();
         self.stored.extend_from_slice(frames);
         Ok(Frames(first..self.stored.len()))
     }
 
-    /// Sends `count` of `frames` (cycling through them) into the trunk, or as many as take
+    /// Writes `count` of `frames` (cycling through them) into the trunk, or as many as take
     /// `budget` of CPU time, from a thread pinned to the last CPU: the node's softirq work
-    /// runs there too, in the sending thread or the CPU's `ksoftirqd`, whose CPU times are
+    /// runs there too, in the writing thread or the CPU's `ksoftirqd`, whose CPU times are
     /// the cost of the whole path on one CPU.
     pub fn send(&mut self, frames: &Frames, count: u64, budget: Duration) -> Result<Sent> {
         if frames.is_empty() {
             bail!("no frames to send");
         }
-        let (socket, ring) = (self.socket.as_raw_fd(), self.ring as usize);
+        let tap = self.tap.as_raw_fd();
         let stored = &self.stored[frames.0.clone()];
-        let head = &mut self.head;
         std::thread::scope(|scope| {
             scope
                 .spawn(move || -> Result<Sent> {
@@ -104,18 +87,12 @@ impl Generator {
                     };
                     let mut next = stored.iter().cycle();
                     while sent.frames < count && sent.busy < budget {
-                        let batch = usize::try_from(count - sent.frames)
-                            .map_or(SLOTS, |left| left.min(SLOTS));
-                        let slots: Vec<usize> = (0..batch).map(|i| (*head + i) % SLOTS).collect();
-                        for &slot in &slots {
-                            let frame = next.next().expect("cycled");
-                            // SAFETY: slot < SLOTS, within the mapped ring; the kernel gave
-                            // every slot back before the previous batch's flush returned.
-                            unsafe { fill(ring as *mut u8, slot, frame) };
+                        // Clocks are read once per batch: they cost a system call each.
+                        let batch = (count - sent.frames).min(256);
+                        for _ in 0..batch {
+                            write_frame(tap, next.next().expect("cycled"))?;
                         }
-                        flush(socket, ring as *mut u8, &slots)?;
-                        *head = (*head + batch) % SLOTS;
-                        sent.frames += batch as u64;
+                        sent.frames += batch;
                         sent.busy = (thread_time() - started.0) + (clock_time(softirq) - started.1);
                     }
                     Ok(sent)
@@ -126,13 +103,6 @@ impl Generator {
     }
 }
 
-impl Drop for Generator {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map_ring`, unmapped once.
-        unsafe { libc::munmap(self.ring.cast(), SLOTS * SLOT) };
-    }
-}
-
 /// What [`Generator::send`] sent, and the CPU time the node took for it.
 #[derive(Clone, Copy, Debug)]
 pub struct Sent {
@@ -140,113 +110,47 @@ pub struct Sent {
     pub busy: Duration,
 }
 
-/// A raw packet socket bound to `link`, sending past the qdisc through a version 2 ring.
-fn open(link: &str) -> Result<OwnedFd> {
-    // SAFETY: plain socket calls; the descriptor is owned from here on.
-    let socket = unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+/// A TAP device named `name` in the calling thread's namespace, gone when the descriptor
+/// closes. Non-blocking, as the kernel receives a written frame into a page (and runs native
+/// XDP on it) only for a non-blocking writer.
+fn create_tap(name: &str) -> Result<OwnedFd> {
+    // SAFETY: open(2) of a path given as a C string; the descriptor is owned from here on.
+    let tap = unsafe {
+        let fd = libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        );
         if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("AF_PACKET socket");
+            return Err(std::io::Error::last_os_error()).context("opening /dev/net/tun");
         }
         OwnedFd::from_raw_fd(fd)
     };
-    let ifindex = super::datapath::ifindex(link)?;
-    set_option(
-        &socket,
-        libc::SOL_PACKET,
-        libc::PACKET_VERSION,
-        &libc::tpacket_versions::TPACKET_V2,
-    )
-    .context("PACKET_VERSION")?;
-    set_option(&socket, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, &1i32)
-        .context("PACKET_QDISC_BYPASS")?;
-    let request = libc::tpacket_req {
-        tp_block_size: BLOCK as u32,
-        tp_block_nr: (SLOTS * SLOT / BLOCK) as u32,
-        tp_frame_size: SLOT as u32,
-        tp_frame_nr: SLOTS as u32,
-    };
-    set_option(&socket, libc::SOL_PACKET, libc::PACKET_TX_RING, &request)
-        .context("PACKET_TX_RING")?;
-    // SAFETY: a zeroed sockaddr_ll with family, protocol and interface set is valid.
-    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    address.sll_family = libc::AF_PACKET as u16;
-    address.sll_ifindex = i32::try_from(ifindex)?;
-    // SAFETY: bind with an address of the size given.
-    if unsafe {
-        libc::bind(
-            socket.as_raw_fd(),
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("binding to {link}"));
+    // SAFETY: a zeroed ifreq is valid; the name is set below, shorter than IFNAMSIZ.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= request.ifr_name.len() {
+        bail!("the interface name {name} is too long");
     }
-    Ok(socket)
+    for (to, from) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *to = from as libc::c_char;
+    }
+    request.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI;
+    // SAFETY: TUNSETIFF reads and writes an ifreq.
+    if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF, &raw mut request) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("creating the TAP device {name}"));
+    }
+    Ok(tap)
 }
 
-fn map_ring(socket: &OwnedFd) -> Result<*mut u8> {
-    // SAFETY: a shared mapping of the socket's ring, of the size it was set up with.
-    let ring = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            SLOTS * SLOT,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            socket.as_raw_fd(),
-            0,
-        )
-    };
-    if ring == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error()).context("mapping the transmit ring");
+/// Writes one frame into the TAP device: the trunk receives it.
+fn write_frame(tap: i32, frame: &[u8]) -> Result<()> {
+    // SAFETY: write(2) of a buffer of the length given.
+    let n = unsafe { libc::write(tap, frame.as_ptr().cast(), frame.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error()).context("writing a frame into the trunk");
     }
-    Ok(ring.cast())
-}
-
-/// The status word of ring slot `slot`.
-///
-/// # Safety
-/// `ring` is the mapped ring and `slot < SLOTS`.
-unsafe fn status<'a>(ring: *mut u8, slot: usize) -> &'a std::sync::atomic::AtomicU32 {
-    // SAFETY: the slot's header starts with its 4-byte-aligned status, shared with the kernel.
-    unsafe { std::sync::atomic::AtomicU32::from_ptr(ring.add(slot * SLOT).cast()) }
-}
-
-/// Writes `frame` into ring slot `slot` and hands the slot to the kernel.
-///
-/// # Safety
-/// As [`status`], and the slot is the sender's (not handed to the kernel).
-unsafe fn fill(ring: *mut u8, slot: usize, frame: &[u8]) {
-    // SAFETY: the caller's; the frame fits the slot (checked when stored).
-    unsafe {
-        let header = ring.add(slot * SLOT).cast::<libc::tpacket2_hdr>();
-        std::ptr::copy_nonoverlapping(frame.as_ptr(), ring.add(slot * SLOT + DATA), frame.len());
-        (*header).tp_len = frame.len() as u32;
-        status(ring, slot).store(SEND_REQUEST, std::sync::atomic::Ordering::Release);
-    }
-}
-
-/// Sends `slots` (from the ring's head on) and waits until the kernel gave every one back.
-fn flush(socket: i32, ring: *mut u8, slots: &[usize]) -> Result<()> {
-    // SAFETY: send with no buffer: the kernel takes the frames from the ring.
-    if unsafe { libc::send(socket, std::ptr::null(), 0, 0) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("sending the ring");
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    for &slot in slots {
-        // SAFETY: slot < SLOTS.
-        let status = unsafe { status(ring, slot) };
-        loop {
-            match status.load(std::sync::atomic::Ordering::Acquire) {
-                AVAILABLE => break,
-                WRONG_FORMAT => bail!("the kernel refused ring slot {slot}'s frame"),
-                _ if std::time::Instant::now() > deadline => {
-                    bail!("the kernel kept ring slot {slot} for 5 s")
-                }
-                _ => std::thread::yield_now(),
-            }
-        }
+    if n as usize != frame.len() {
+        bail!("the trunk took {n} of a frame's {} bytes", frame.len());
     }
     Ok(())
 }

@@ -1,10 +1,12 @@
-//! The throughput bench's node: a namespace at the VPC's end of the trunk, the node (trunk
-//! `eth1`, the pod's `vlan.eth.N` link from the test bed), and one branch pod behind it.
-//! Tagged frames arrive on the trunk from the generator (`generator.rs`: sent from the VPC's
-//! end of the trunk through a packet socket's ring), cross the filter under test
-//! (the enforcer on the trunk, or nftables in the node's forward hook), are untagged and
-//! routed to the pod, whose `eth0` counts them. The node addresses them to a MAC the pod
-//! does not have, so the pod drops them silently: no reply loads the path.
+//! The throughput bench's node: a namespace for the VPC (the primary ENI's other end), the
+//! node (trunk `eth1`, the pod's `vlan.eth.N` link from the test bed), and one branch pod
+//! behind it. The trunk is a TAP device: tagged frames arrive on it from the generator
+//! (`generator.rs`: written into it, received as a NIC's driver receives them), cross the
+//! filter under test (the enforcer on the trunk, or nftables in the node's forward hook),
+//! are untagged and routed to the pod, whose `eth0` counts them. The node addresses them to
+//! a MAC the pod does not have, so the pod drops them silently: no reply loads the path.
+//! What the node sends out of the trunk (the one reply that establishes a flow) goes to the
+//! TAP device's queue, unread.
 
 use std::collections::HashSet;
 use std::mem::size_of;
@@ -19,7 +21,7 @@ use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{SchedClassifier, Xdp, XdpMode};
 use enforcer::compile;
-use enforcer::kernel::ebpf::CLASSIFIERS;
+use enforcer::kernel::ebpf::{CLASSIFIERS, TC_INGRESS};
 use enforcer::kernel::maps::KernelMaps;
 use enforcer::kernel::xdp::XDP_INGRESS;
 use enforcer::model::{BranchPod, Direction, L4Match, Model, Peer};
@@ -38,8 +40,6 @@ use crate::random::{Rng, packet_for_rule, random_addr};
 /// The node's trunk and primary interface (the model's NodeConfig names are not needed here).
 const TRUNK: &str = "eth1";
 const PRIMARY: &str = "eth0";
-/// The VPC's end of the trunk (named by `wiring::node`), where the pod's replies go.
-const VPC_LINK: &str = wiring::VPC_TRUNK;
 /// Where the node sends the pod's frames: not the pod's MAC, so the pod drops them unanswered.
 const ELSEWHERE: Mac = Mac([0x02, 0x73, 0x67, 8, 0, 0]);
 /// The nftables table (one per node namespace).
@@ -53,15 +53,19 @@ pub enum Filter {
     Enforcer,
     /// The enforcer's XDP program in the trunk's driver, then its TC programs.
     EnforcerXdp,
+    /// The enforcer's TC programs behind an XDP program that passes everything: what the
+    /// driver's XDP hook costs, apart from the enforcer's screen.
+    EnforcerXdpHook,
     NftLinear,
     NftSets,
 }
 
 impl Filter {
-    pub const ALL: [Filter; 5] = [
+    pub const ALL: [Filter; 6] = [
         Filter::Unfiltered,
         Filter::Enforcer,
         Filter::EnforcerXdp,
+        Filter::EnforcerXdpHook,
         Filter::NftLinear,
         Filter::NftSets,
     ];
@@ -71,6 +75,7 @@ impl Filter {
             Filter::Unfiltered => "unfiltered",
             Filter::Enforcer => "enforcer",
             Filter::EnforcerXdp => "enforcer + xdp",
+            Filter::EnforcerXdpHook => "enforcer + xdp pass-all",
             Filter::NftLinear => "nftables linear",
             Filter::NftSets => "nftables sets",
         }
@@ -117,6 +122,8 @@ pub struct Bed {
     link: String,
     /// The trunk's traffic.
     generator: Option<Generator>,
+    /// The pass-all XDP program's link, while [`Filter::EnforcerXdpHook`] is installed.
+    xdp_pass_all: Option<XdpLinkId>,
     /// nftables rulesets by layout, with their sizes.
     pub linear: nft::Ruleset,
     pub sets: nft::Ruleset,
@@ -144,6 +151,7 @@ impl Bed {
             pod,
             link,
             generator: None,
+            xdp_pass_all: None,
         };
         bed.wire(&run)?;
         bed.enforcer = Some(Enforcer::load(model)?);
@@ -163,10 +171,17 @@ impl Bed {
         let node = self.node.as_ref().expect("created");
         let pod_ns = self.pod_ns.as_ref().expect("created");
 
-        node.ip(&wiring::node(vpc.name(), PRIMARY, TRUNK, &[]))?;
+        node.ip(&wiring::node(vpc.name(), PRIMARY, &[]))?;
+        self.generator = Some(Generator::create(node, TRUNK)?);
         node.sysctl(&[(&format!("net.ipv6.conf.{TRUNK}.disable_ipv6"), "1")])?;
-        vpc.sysctl(&[(&format!("net.ipv6.conf.{VPC_LINK}.disable_ipv6"), "1")])?;
-        run(vpc.command("ip").args(["link", "set", VPC_LINK, "up"]))?;
+        run(node.command("ip").args([
+            "link",
+            "set",
+            TRUNK,
+            "address",
+            &Mac::NODE_TRUNK.to_string(),
+            "up",
+        ]))?;
         let addresses: Vec<IpAddr> = self.pod.addresses().collect();
         let host = wiring::host_link("vlan", &self.pod.name);
         let pod_mac = Mac::parse(&self.pod.mac).context("the pod's MAC")?;
@@ -196,7 +211,6 @@ impl Bed {
         let mut datapath = Datapath::load()?;
         datapath.attach_vlan_link(node, &self.link, self.pod.vlan)?;
         self.datapath = Some(datapath);
-        self.generator = Some(Generator::load(vpc, VPC_LINK)?);
         Ok(())
     }
 
@@ -243,6 +257,13 @@ impl Bed {
                     .expect("loaded at build")
                     .attach_xdp(node)
             }
+            Filter::EnforcerXdpHook => {
+                self.install(Filter::Enforcer)?;
+                let node = self.node.as_ref().expect("node namespace");
+                let datapath = self.datapath.as_mut().expect("loaded at build");
+                self.xdp_pass_all = Some(datapath.attach_xdp_pass_all(node, TRUNK)?);
+                Ok(())
+            }
             Filter::NftLinear => nft_load(self.node(), &self.linear.text),
             Filter::NftSets => nft_load(self.node(), &self.sets.text),
         }
@@ -254,6 +275,13 @@ impl Bed {
             Filter::Enforcer => self.enforcer.as_mut().expect("loaded").detach(),
             Filter::EnforcerXdp => {
                 self.enforcer.as_mut().expect("loaded").detach_xdp()?;
+                self.remove(Filter::Enforcer)
+            }
+            Filter::EnforcerXdpHook => {
+                if let Some(link) = self.xdp_pass_all.take() {
+                    let datapath = self.datapath.as_mut().expect("loaded at build");
+                    datapath.detach_xdp_pass_all(link)?;
+                }
                 self.remove(Filter::Enforcer)
             }
             Filter::NftLinear | Filter::NftSets => run(self
@@ -283,7 +311,7 @@ impl Bed {
     pub fn tracked_counts(&self, filter: Filter) -> Result<(u64, u64)> {
         match filter {
             Filter::Unfiltered => Ok((0, 0)),
-            Filter::Enforcer | Filter::EnforcerXdp => {
+            Filter::Enforcer | Filter::EnforcerXdp | Filter::EnforcerXdpHook => {
                 let counters = self.enforcer.as_ref().expect("loaded").maps.counters()?;
                 Ok((
                     counters[Reason::PassEstablished as usize],
@@ -307,6 +335,19 @@ impl Bed {
                 Ok((packets, 0))
             }
         }
+    }
+
+    /// The run time and run count (kept while `aya::sys::enable_stats` holds) of the
+    /// enforcer's program that meets a trunk frame first under `filter`: XDP with XDP on,
+    /// else TC ingress.
+    pub fn first_program_runs(&mut self, filter: Filter) -> Result<(Duration, u64)> {
+        let ebpf = &mut self.enforcer.as_mut().expect("loaded at build").ebpf;
+        let info = match filter {
+            Filter::EnforcerXdp => xdp(ebpf)?.info()?,
+            Filter::Enforcer => classifier(ebpf, TC_INGRESS)?.info()?,
+            _ => bail!("{} runs no program of the enforcer's first", filter.name()),
+        };
+        Ok((info.run_time(), info.run_count()))
     }
 
     /// Frames the pod's `eth0` received so far.
@@ -448,7 +489,7 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Attaches the XDP program to the trunk in its driver (veth's native XDP).
+    /// Attaches the XDP program to the trunk in its driver (the TAP driver's native XDP).
     fn attach_xdp(&mut self, node: &Namespace) -> Result<()> {
         let program = xdp(&mut self.ebpf)?;
         let link = node

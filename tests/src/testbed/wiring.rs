@@ -173,9 +173,9 @@ pub fn vpc(peers: &[IpAddr], on_primary: &[IpAddr], branches: &[(IpAddr, u16)]) 
     s
 }
 
-/// The node's primary ENI (`primary_interface`, with `primary_ips`) and trunk ENI, each a
-/// veth to the VPC; the node routes everything not on it to the VPC.
-pub fn node(vpc_ns: &str, primary: &str, trunk: &str, primary_ips: &[IpAddr]) -> Script {
+/// The node's primary ENI (`primary_interface`, with `primary_ips`), a veth to the VPC;
+/// the node routes everything not on it to the VPC. The trunk is [`trunk_veth`]'s.
+pub fn node(vpc_ns: &str, primary: &str, primary_ips: &[IpAddr]) -> Script {
     let mut s = Script::default();
     s.line("link set lo up");
     s.line(format!(
@@ -183,14 +183,7 @@ pub fn node(vpc_ns: &str, primary: &str, trunk: &str, primary_ips: &[IpAddr]) ->
         Mac::NODE_PRIMARY,
         Mac::VPC_PRIMARY
     ));
-    s.line(format!(
-        "link add {trunk} address {} type veth peer name {VPC_TRUNK} address {} netns {vpc_ns}",
-        Mac::NODE_TRUNK,
-        Mac::VPC_TRUNK
-    ));
-    for dev in [primary, trunk] {
-        s.line(format!("link set {dev} up"));
-    }
+    s.line(format!("link set {primary} up"));
     for v6 in [false, true] {
         let ips: Vec<_> = primary_ips.iter().filter(|a| a.is_ipv6() == v6).collect();
         for ip in &ips {
@@ -209,6 +202,18 @@ pub fn node(vpc_ns: &str, primary: &str, trunk: &str, primary_ips: &[IpAddr]) ->
         s.rule(v6, format!("rule add lookup local pref {PREF_LOCAL}"));
         s.rule(v6, "rule del lookup local pref 0");
     }
+    s
+}
+
+/// The node's trunk ENI, a veth to the VPC.
+pub fn trunk_veth(vpc_ns: &str, trunk: &str) -> Script {
+    let mut s = Script::default();
+    s.line(format!(
+        "link add {trunk} address {} type veth peer name {VPC_TRUNK} address {} netns {vpc_ns}",
+        Mac::NODE_TRUNK,
+        Mac::VPC_TRUNK
+    ));
+    s.line(format!("link set {trunk} up"));
     s
 }
 
