@@ -20,16 +20,19 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Judges a new flow of a pod against its security groups (no conntrack): the verdict and
-    /// the rules that decide it. Exit 0 whatever the verdict.
+    /// the rules that decide it, or why the pod is quarantined. Exit 0 whatever the verdict,
+    /// 2 when the state is refused or the pod unknown.
     Explain(ExplainArgs),
-    /// Validates a state directory and summarises what this node enforces; exit 1 on errors.
+    /// Validates a state directory and summarises what this node enforces, its findings (objects
+    /// isolated, pods quarantined) on stderr; exit 0 when the node can enforce it, 2 when the
+    /// state is refused (unreadable, the node unknown, more than the kernel holds).
     Check {
         /// Directory of EC2 CLI output, Kubernetes objects and the NodeConfig.
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
     },
     /// Finds the pitfalls of security groups for pods in a state before they break anything;
-    /// exit 0 clean, 1 findings at or above --severity, 2 the state could not be read.
+    /// exit 0 clean, 1 findings at or above --severity, 2 the state is refused.
     Lint {
         /// Directory of EC2 CLI output, Kubernetes objects and the NodeConfig.
         #[arg(long, value_name = "DIR")]
@@ -239,10 +242,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// `enforcer check`: the summary on stdout, or every error on stderr, one per
-/// line; warnings (what EC2 accepts but deserves a look) go to stderr and
-/// leave the exit status 0. It runs the agent's own checks, so it refuses
-/// what `run` would.
+/// `enforcer check`: the summary on stdout, the findings on stderr (exit 0),
+/// or every error of a refused state on stderr, one per line (exit 2). It runs
+/// the agent's own checks, so it refuses what `run` would.
 fn check(dir: &Path) -> ExitCode {
     let model = match enforcer::source::load(dir) {
         Ok(model) => model,
@@ -250,24 +252,27 @@ fn check(dir: &Path) -> ExitCode {
             for error in &errors.0 {
                 eprintln!("{error}");
             }
-            eprintln!("{} error(s) in {}", errors.0.len(), dir.display());
-            return ExitCode::from(1);
+            eprintln!("{} error(s) in {}: the state is refused", errors.0.len(), dir.display());
+            return ExitCode::from(STATE_REFUSED);
         }
     };
     match enforcer::agent::compile_checked(&model, None) {
         Ok(_) => {
             print!("{}", summary(&model));
-            for warning in &model.warnings {
-                eprintln!("warning: {warning}");
+            for finding in &model.findings {
+                eprintln!("{finding}");
             }
             ExitCode::SUCCESS
         }
         Err(error) => {
             eprintln!("{}: {}", dir.display(), enforcer::error_chain(&error));
-            ExitCode::from(1)
+            ExitCode::from(STATE_REFUSED)
         }
     }
 }
+
+/// The exit status of `check`, `lint` and `explain` for a state the agent would refuse.
+const STATE_REFUSED: u8 = 2;
 
 /// `enforcer lint`: the findings at or above `severity`, as text or JSON.
 fn lint(dir: &Path, json: bool, severity: enforcer::policy::lint::Severity) -> Result<ExitCode> {
@@ -277,8 +282,8 @@ fn lint(dir: &Path, json: bool, severity: enforcer::policy::lint::Severity) -> R
             for error in &errors.0 {
                 eprintln!("{error}");
             }
-            eprintln!("the state in {} cannot be linted", dir.display());
-            return Ok(ExitCode::from(2));
+            eprintln!("the state in {} is refused: it cannot be linted", dir.display());
+            return Ok(ExitCode::from(STATE_REFUSED));
         }
     };
     let findings: Vec<_> = enforcer::policy::lint::lint(&model)
@@ -337,10 +342,12 @@ fn summary(model: &Model) -> String {
             pod.groups.join(", "),
             count(Direction::Ingress),
             count(Direction::Egress),
-            if pod.action == EnforcingAction::Audit {
-                "  AUDIT (refused traffic passes, reported as would-drops)"
-            } else {
-                ""
+            match (&pod.facts.quarantine, pod.action) {
+                (Some(held), _) => format!("  QUARANTINED: {}", held.reason),
+                (None, EnforcingAction::Audit) => {
+                    "  AUDIT (refused traffic passes, reported as would-drops)".to_string()
+                }
+                (None, EnforcingAction::Enforce) => String::new(),
             },
         );
     }

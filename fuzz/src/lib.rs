@@ -261,6 +261,7 @@ pub fn model(b: &mut Bytes) -> Model {
             instance_type: None,
             service_cidrs: Vec::new(),
             enforcing_action: EnforcingAction::Enforce,
+            audit_namespaces: Vec::new(),
             tcp_early_demux_disabled: false,
             max_groups_per_pod: 16,
             max_rules_per_group: 60,
@@ -272,7 +273,7 @@ pub fn model(b: &mut Bytes) -> Model {
         members,
         pods,
         node_local,
-        warnings: Vec::new(),
+        findings: Vec::new(),
         nlb_groups: BTreeSet::new(),
         cluster: Default::default(),
     }

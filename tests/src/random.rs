@@ -311,7 +311,7 @@ pub fn random_model(rng: &mut Rng) -> Model {
         members,
         pods,
         node_local,
-        warnings: Vec::new(),
+        findings: Vec::new(),
         nlb_groups: Default::default(),
         cluster: Default::default(),
     }
@@ -1156,7 +1156,7 @@ pub fn scale_model(
         members,
         pods,
         node_local,
-        warnings: Vec::new(),
+        findings: Vec::new(),
         nlb_groups: Default::default(),
         cluster: Default::default(),
     }

@@ -187,6 +187,7 @@ pub fn model() -> Model {
             max_groups_per_pod: 16,
             max_rules_per_group: 60,
             enforcing_action: EnforcingAction::Enforce,
+            audit_namespaces: Vec::new(),
             tcp_early_demux_disabled: false,
             max_flows_per_pod: enforcer_common::DEFAULT_MAX_FLOWS_PER_POD,
             max_fragments_per_pod: enforcer_common::DEFAULT_MAX_FRAGMENTS_PER_POD,
@@ -199,7 +200,7 @@ pub fn model() -> Model {
         prefix_lists: BTreeMap::new(),
         pods,
         node_local,
-        warnings: Vec::new(),
+        findings: Vec::new(),
         nlb_groups: BTreeSet::new(),
         cluster: Default::default(),
     }

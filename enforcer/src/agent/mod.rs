@@ -21,7 +21,7 @@ use crate::kernel::ebpf::{Attachment, LinkState};
 use crate::kernel::maps::{ApplyStats, CarryStats, KernelMaps, MapsError, Pass};
 use crate::kernel::pins::Migration;
 use crate::kernel::xdp::{XdpMode, XdpSetting, XdpState};
-use crate::model::{BranchPod, EnforcingMode, GroupId, GroupsSource, Model};
+use crate::model::{BranchPod, EnforcingMode, GroupId, GroupsSource, Model, QuarantineCause};
 use crate::observe::metrics::{AgentView, Feed};
 use crate::observe::status::{AgentReport, PodReport, SourceReport};
 use crate::source::SourceHealth;
@@ -568,15 +568,18 @@ impl Agent {
                     .unwrap_or_default(),
             ),
             retired_traffic: self.maps.retired_traffic().clone(),
-            warnings: self.warnings().len(),
+            findings: crate::model::FindingKind::ALL
+                .iter()
+                .map(|&kind| (kind, self.findings().iter().filter(|f| f.kind == kind).count()))
+                .collect(),
             xdp_mode: self.xdp_mode().map(XdpMode::name),
             sources: Arc::new(self.source.health()),
         }
     }
 
-    /// The applied state's warnings.
-    fn warnings(&self) -> &[crate::source::state::StateWarning] {
-        self.applied.as_ref().map_or(&[], |a| &a.model.warnings)
+    /// The applied state's findings.
+    fn findings(&self) -> &[crate::model::Finding] {
+        self.applied.as_ref().map_or(&[], |a| &a.model.findings)
     }
 
     /// Tells `enforcer status` what the maps cannot: names, groups, errors.
@@ -600,7 +603,7 @@ impl Agent {
             error: self.failure.as_ref().map(|f| f.message.clone()),
             error_at: self.failure.as_ref().map(|f| unix_seconds(f.at)),
             attach_error: self.attach_error.clone(),
-            warnings: self.warnings().iter().map(ToString::to_string).collect(),
+            findings: self.findings().iter().map(ToString::to_string).collect(),
             pods: self
                 .applied
                 .as_ref()
@@ -629,8 +632,8 @@ impl Agent {
                     applied.stats.written,
                     applied.stats.removed,
                 );
-                for warning in &applied.model.warnings {
-                    log::warn!("state warning: {warning}");
+                for finding in &applied.model.findings {
+                    log::warn!("state finding: {finding}");
                 }
             }
             Err(error) => log::error!(
@@ -868,28 +871,49 @@ pub struct Pinned {
 }
 
 /// Gives each pod what it had when the agent first saw it: its mode
-/// (sg-semantics.md §6: a mode change affects only pods created after it) and,
-/// unless its branch ENI's groups are known, its groups (§2: a policy change
+/// (sg-semantics: a mode change affects only pods created after it) and,
+/// unless its branch ENI's groups are known, its groups (a policy change
 /// does not touch running pods). A pod seen for the first time takes the
-/// node's mode and its policies' groups. Returns what to remember: pods gone
-/// from the state are forgotten, so a recreated pod (new UID) takes what is
-/// in force when it comes back.
+/// node's mode and its policies' groups; one quarantined because its policies
+/// cannot give its groups is released by the groups it kept, and kept groups
+/// the state does not define quarantine it. A quarantined pod's groups are
+/// never remembered, so it takes its policies' groups once they are known.
+/// Returns what to remember: pods gone from the state are forgotten, so a
+/// recreated pod (new UID) takes what is in force when it comes back.
 pub fn pin_pods(model: &mut Model, known: &Pinned) -> Pinned {
     let node_mode = model.node.enforcing_mode;
     let mut pinned = Pinned::default();
-    for pod in &mut model.pods {
+    for index in 0..model.pods.len() {
+        let pod = &mut model.pods[index];
         let identity = pod.identity();
         pod.mode = known.modes.get(&identity).copied().unwrap_or(node_mode);
         pinned.modes.insert(identity.clone(), pod.mode);
         if pod.facts.groups_source == GroupsSource::BranchEni {
             continue;
         }
-        if let Some(groups) = known.groups.get(&identity) {
-            pod.groups = groups.clone();
-            pod.facts.groups_source = GroupsSource::Pinned;
+        let cause = pod.facts.quarantine.as_ref().map(|q| q.cause);
+        match (known.groups.get(&identity), cause) {
+            // Still remembered: a pod whose annotation breaks for a while keeps what it had.
+            (Some(groups), Some(QuarantineCause::Pod)) => {
+                pinned.groups.insert(identity, groups.clone());
+            }
+            (None, Some(QuarantineCause::Pod)) => {}
+            (Some(groups), _) => {
+                if cause.is_some() {
+                    model.release(index, groups.clone());
+                }
+                let pod = &mut model.pods[index];
+                pod.groups = groups.clone();
+                pod.facts.groups_source = GroupsSource::Pinned;
+                pinned.groups.insert(identity, groups.clone());
+            }
+            (None, Some(QuarantineCause::Policies)) => {}
+            (None, None) => {
+                pinned.groups.insert(identity, pod.groups.clone());
+            }
         }
-        pinned.groups.insert(identity, pod.groups.clone());
     }
+    crate::source::quarantine_unknown_groups(model);
     pinned
 }
 
@@ -911,6 +935,7 @@ fn pod_report(model: &Model, pod: &BranchPod) -> PodReport {
         groups_source: pod.facts.groups_source,
         ingress_rules: rules(crate::model::Direction::Ingress),
         egress_rules: rules(crate::model::Direction::Egress),
+        quarantine: pod.facts.quarantine.as_ref().map(|q| q.reason.clone()),
     }
 }
 
@@ -947,7 +972,7 @@ async fn forward_kernel_log(kernel_log: KernelLog) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::eval::fixtures::{model, node, pod};
+    use crate::policy::eval::fixtures::{group, model, node, pod};
 
     const STRICT: EnforcingMode = EnforcingMode::Strict;
     const STANDARD: EnforcingMode = EnforcingMode::Standard;
@@ -1015,8 +1040,9 @@ mod tests {
 
     #[test]
     fn known_pods_keep_their_groups_unless_their_branch_eni_says_otherwise() {
+        let groups = ["sg-old", "sg-new", "sg-eni"].map(|id| group(id, vec![], vec![]));
         let mut state = model(
-            vec![],
+            groups.to_vec(),
             vec![
                 pod(1, "10.0.1.1", &["sg-new"], STRICT),
                 pod(2, "10.0.1.2", &["sg-new"], STRICT),

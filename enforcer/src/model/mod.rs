@@ -340,6 +340,10 @@ pub struct NodeConfig {
     pub enforcing_mode: EnforcingMode,
     /// `enforcingAction`: the action of pods without an `enforcer.sgp.dev/action` annotation.
     pub enforcing_action: EnforcingAction,
+    /// `auditNamespaces`: the namespaces whose pods may choose `audit` with the
+    /// `enforcer.sgp.dev/action` annotation (none by default): a pod's own metadata
+    /// never loosens its enforcement unless the node allows it.
+    pub audit_namespaces: Vec<String>,
     pub trunk_interface: String,
     pub primary_interface: String,
     pub primary_ips: Vec<IpAddr>,
@@ -394,7 +398,8 @@ pub struct BranchPod {
     /// The branch ENI's groups, in SGP order (or the node's groups when no SGP matched).
     pub groups: Vec<GroupId>,
     pub mode: EnforcingMode,
-    /// Audit or enforce: the pod's annotation, else the NodeConfig's `enforcingAction`.
+    /// Audit or enforce: the NodeConfig's `enforcingAction`, or the pod's annotation
+    /// where `auditNamespaces` lets its namespace choose.
     pub action: EnforcingAction,
     /// What `explain` and `lint` report; enforcement never reads it.
     pub facts: PodFacts,
@@ -429,6 +434,36 @@ pub struct PodFacts {
     pub termination_grace_seconds: Option<i64>,
     /// The SecurityGroupPolicies that select the pod, as `namespace/name`.
     pub policies: Vec<String>,
+    /// Why the pod's groups cannot be known, when they cannot: its VLAN then drops
+    /// everything security groups filter.
+    pub quarantine: Option<Quarantine>,
+    /// The state file the pod was read from (findings about it name it).
+    pub file: PathBuf,
+}
+
+/// A pod of this node whose groups cannot be known (docs/isolation.md): it is
+/// enforced with no group at all, so its VLAN drops everything security groups
+/// filter, and only it; every other pod keeps its verdicts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quarantine {
+    pub reason: String,
+    pub cause: QuarantineCause,
+    /// The action the pod has once released (its groups known again).
+    pub action: EnforcingAction,
+}
+
+/// What can release a quarantined pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuarantineCause {
+    /// The policies that select the pod now cannot give its groups (a policy that
+    /// cannot be read, a group EC2 does not list yet, more groups than a branch ENI
+    /// takes): the groups the agent kept from the pod's first enforcement release it,
+    /// as EC2 keeps a running pod's groups whatever the policies say now.
+    Policies,
+    /// The pod itself (its annotation, a VLAN another pod claims, a group its branch
+    /// ENI or its kept groups name that the state does not define): only a change of
+    /// the state releases it.
+    Pod,
 }
 
 /// A liveness, readiness or startup probe over TCP (`httpGet`, `tcpSocket`, `grpc`).
@@ -493,9 +528,9 @@ pub struct Model {
     /// Addresses that are "on the node" (sg-semantics.md §6): the node's primary
     /// IPs and every pod whose `spec.nodeName` is this node, branch or not.
     pub node_local: BTreeSet<IpAddr>,
-    /// What the state directory holds that EC2 accepts but deserves a look
-    /// (a rule referencing a group the state does not define).
-    pub warnings: Vec<StateWarning>,
+    /// What the resolver noticed, set aside or quarantined, each with the object,
+    /// field and reason (docs/isolation.md): reported, never a refusal.
+    pub findings: Vec<Finding>,
     /// Groups carried by a Network Load Balancer's ENIs (`ELB net/…`): with
     /// client IP preservation, relayed traffic keeps the client's address, so
     /// a rule naming such a group cannot match it on the pod's side.
@@ -509,6 +544,53 @@ impl Model {
     pub fn pod(&self, key: &str) -> Option<&BranchPod> {
         self.pods.iter().find(|p| p.key() == key)
     }
+
+    /// Findings of one kind.
+    pub fn findings_of(&self, kind: FindingKind) -> impl Iterator<Item = &Finding> {
+        self.findings.iter().filter(move |f| f.kind == kind)
+    }
+
+    /// Enforces `self.pods[index]` with no group, for `reason` (a finding names it).
+    pub fn quarantine(&mut self, index: usize, reason: String, cause: QuarantineCause) {
+        let pod = &mut self.pods[index];
+        let action = match &pod.facts.quarantine {
+            Some(held) => held.action,
+            None => pod.action,
+        };
+        self.findings.retain(|f| !is_quarantine_of(f, pod));
+        self.findings.push(Finding {
+            kind: FindingKind::Quarantined,
+            at: StateError {
+                file: pod.facts.file.clone(),
+                object: format!("Pod {}", pod.key()),
+                field: None,
+                message: format!("quarantined (VLAN {}: drops what security groups filter): {reason}", pod.vlan),
+            },
+        });
+        pod.groups.clear();
+        // The node's own action still holds: a node in audit never drops.
+        pod.action = self.node.enforcing_action;
+        pod.facts.quarantine = Some(Quarantine {
+            reason,
+            cause,
+            action,
+        });
+    }
+
+    /// Ends `self.pods[index]`'s quarantine: it takes `groups` and its own action.
+    pub fn release(&mut self, index: usize, groups: Vec<GroupId>) {
+        let pod = &mut self.pods[index];
+        if let Some(held) = pod.facts.quarantine.take() {
+            pod.action = held.action;
+        }
+        pod.groups = groups;
+        self.findings.retain(|f| !is_quarantine_of(f, pod));
+    }
+}
+
+fn is_quarantine_of(finding: &Finding, pod: &BranchPod) -> bool {
+    finding.kind == FindingKind::Quarantined
+        && finding.at.object.strip_prefix("Pod ") == Some(pod.key().as_str())
 }
 
 /// One problem in a state directory: where it is, and what is wrong.
@@ -537,9 +619,51 @@ impl fmt::Display for StateError {
 
 impl std::error::Error for StateError {}
 
-/// Something in a state directory that EC2 accepts but that may not do what
-/// its author meant: reported (`check`, `status`, metrics), never refused.
-pub type StateWarning = StateError;
+/// What the resolver did with an object that is not as it should be: the unit of
+/// failure is the object, so each is reported (`check`, `status`, metrics, Events)
+/// and the rest of the state is enforced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: FindingKind,
+    pub at: StateError,
+}
+
+/// How far an object's problem reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FindingKind {
+    /// Accepted as it is, worth a look: EC2 accepts it too (a rule naming a group
+    /// the state does not define, a group over the default rule quota).
+    Warning,
+    /// An annotation not applied (an action the node does not let the pod choose,
+    /// a value that is not one), or an object of another node that cannot be read.
+    Ignored,
+    /// An object set aside: a policy, group, prefix list, interface or service account
+    /// that cannot be read or used; what depends on it is quarantined.
+    Skipped,
+    /// A pod of this node whose groups cannot be known: its VLAN drops what security
+    /// groups filter ([`Quarantine`]).
+    Quarantined,
+}
+
+impl FindingKind {
+    pub const ALL: [Self; 4] = [Self::Warning, Self::Ignored, Self::Skipped, Self::Quarantined];
+
+    /// As status, metrics labels and `check` spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Warning => "warning",
+            Self::Ignored => "ignored",
+            Self::Skipped => "skipped",
+            Self::Quarantined => "quarantined",
+        }
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.name(), self.at)
+    }
+}
 
 #[cfg(test)]
 mod tests {

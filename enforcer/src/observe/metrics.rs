@@ -41,8 +41,8 @@ pub struct AgentView {
     pub pods: Arc<Vec<(String, u16)>>,
     /// What rules no longer in the maps admitted (the kernel forgot it).
     pub retired_traffic: Arc<BTreeMap<RuleRef, RuleTraffic>>,
-    /// Warnings of the applied state (accepted, worth a look).
-    pub warnings: usize,
+    /// Findings of the applied state by kind (docs/isolation.md), every kind listed.
+    pub findings: Vec<(crate::model::FindingKind, usize)>,
     /// Where the XDP program runs on the trunk (`native`, `generic`), if it does.
     pub xdp_mode: Option<&'static str>,
     /// The live sources' health (empty for a state directory).
@@ -375,11 +375,15 @@ impl Collector for Sample {
                 seconds,
             )?;
             gauge(e, "enforcer_pods", "Pods enforced.", view.pods.len() as i64)?;
-            gauge(
+            gauges(
                 e,
-                "enforcer_state_warnings",
-                "Warnings of the applied state (e.g. a rule referencing a group the state does not define).",
-                view.warnings as i64,
+                "enforcer_state_findings",
+                "Findings of the applied state by kind: warning (accepted, worth a look), ignored \
+                 (an annotation not applied), skipped (an object set aside), quarantined (a pod \
+                 whose groups cannot be known, its VLAN dropping what groups filter).",
+                view.findings
+                    .iter()
+                    .map(|(kind, count)| ([("kind", kind.name())], *count as i64)),
             )?;
         }
         sources(e, &view.sources, SystemTime::now())?;
@@ -553,7 +557,12 @@ mod tests {
             applied_at: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)),
             pods: Arc::new(vec![("shop/web".to_string(), 7)]),
             retired_traffic: Arc::default(),
-            warnings: 2,
+            findings: vec![
+                (crate::model::FindingKind::Warning, 2),
+                (crate::model::FindingKind::Ignored, 0),
+                (crate::model::FindingKind::Skipped, 1),
+                (crate::model::FindingKind::Quarantined, 3),
+            ],
             xdp_mode: Some("native"),
             sources: Arc::new(vec![
                 SourceHealth {
@@ -621,7 +630,10 @@ mod tests {
             r#"enforcer_reloads_total{result="rejected"} 1"#,
             "enforcer_state_applied_timestamp_seconds 1.5",
             "enforcer_pods 1",
-            "enforcer_state_warnings 2",
+            r#"enforcer_state_findings{kind="warning"} 2"#,
+            r#"enforcer_state_findings{kind="ignored"} 0"#,
+            r#"enforcer_state_findings{kind="skipped"} 1"#,
+            r#"enforcer_state_findings{kind="quarantined"} 3"#,
             "enforcer_conntrack_entries 9",
             "enforcer_nat_mappings 4",
             "enforcer_nat_ports 10",

@@ -48,9 +48,9 @@ pub struct AgentReport {
     /// Why the programs could not be attached to the trunk the last time.
     #[serde(default)]
     pub attach_error: Option<String>,
-    /// The applied state's warnings (accepted, worth a look), one line each.
+    /// The applied state's findings (docs/isolation.md), one line each, its kind first.
     #[serde(default)]
-    pub warnings: Vec<String>,
+    pub findings: Vec<String>,
     /// The live sources (`--source cluster`): each one's last success and error.
     #[serde(default)]
     pub sources: Vec<SourceReport>,
@@ -98,6 +98,9 @@ pub struct PodReport {
     pub groups_source: GroupsSource,
     pub ingress_rules: usize,
     pub egress_rules: usize,
+    /// Why the pod is quarantined, when it is (its VLAN drops what groups filter).
+    #[serde(default)]
+    pub quarantine: Option<String>,
 }
 
 impl AgentReport {
@@ -150,6 +153,8 @@ pub struct PodStatus {
     /// `enforce` or `audit`, as the kernel enforces it.
     pub action: &'static str,
     pub groups: Vec<String>,
+    /// Why the pod is quarantined, when the agent reported it so.
+    pub quarantine: Option<String>,
     pub ingress_rules: Option<usize>,
     pub egress_rules: Option<usize>,
     /// Tracked flows of this VLAN.
@@ -191,7 +196,7 @@ pub struct Status {
     pub error_at: Option<u64>,
     /// Why the agent could not attach the programs the last time it tried.
     pub attach_error: Option<String>,
-    pub warnings: Vec<String>,
+    pub findings: Vec<String>,
     /// The live sources' last success and error, as the agent last reported them.
     pub sources: Vec<SourceReport>,
     pub conntrack_entries: usize,
@@ -235,6 +240,7 @@ impl Status {
                     "enforce"
                 },
                 groups: reported.map(|p| p.groups.clone()).unwrap_or_default(),
+                quarantine: reported.and_then(|p| p.quarantine.clone()),
                 ingress_rules: reported.map(|p| p.ingress_rules),
                 egress_rules: reported.map(|p| p.egress_rules),
                 flows: flows.iter().filter(|(k, _)| k.vlan == vlan).count(),
@@ -287,7 +293,7 @@ impl Status {
             error: report.error,
             error_at: report.error_at,
             attach_error: report.attach_error,
-            warnings: report.warnings,
+            findings: report.findings,
             sources: report.sources,
             conntrack_entries: flows.len(),
             conntrack_capacity: MAX_FLOWS,
@@ -382,8 +388,8 @@ impl fmt::Display for Status {
                 "cannot attach to the trunk (the agent keeps trying): {error}"
             )?;
         }
-        for warning in &self.warnings {
-            writeln!(f, "warning: {warning}")?;
+        for finding in &self.findings {
+            writeln!(f, "{finding}")?;
         }
         for source in &self.sources {
             writeln!(
@@ -430,6 +436,10 @@ impl fmt::Display for Status {
                 .chain(pod.ipv6.map(|a| a.to_string()))
                 .collect();
             let count = |n: Option<usize>| n.map_or("?".to_string(), |n| n.to_string());
+            let quarantine = match &pod.quarantine {
+                Some(reason) => format!("  QUARANTINED: {reason}"),
+                None => String::new(),
+            };
             let audit = if pod.action == "audit" {
                 format!(
                     "  AUDIT: would drop {} pkts {} B",
@@ -440,12 +450,14 @@ impl fmt::Display for Status {
             };
             writeln!(
                 f,
-                "  VLAN {:>4}  {}  {}  {}  groups {}  rules {} in / {} out  flows {} (counted {}, fragments {})  allowed {} pkts {} B  denied {} pkts {} B{audit}",
+                "  VLAN {:>4}  {}  {}  {}  groups {}  rules {} in / {} out  flows {} (counted {}, fragments {})  allowed {} pkts {} B  denied {} pkts {} B{audit}{quarantine}",
                 pod.vlan,
                 pod.pod.as_deref().unwrap_or("?"),
                 addresses.join(", "),
                 pod.mode,
-                if pod.groups.is_empty() {
+                if pod.quarantine.is_some() {
+                    "none".to_string()
+                } else if pod.groups.is_empty() {
                     "?".to_string()
                 } else {
                     pod.groups.join(",")
@@ -510,7 +522,7 @@ mod tests {
             error: None,
             error_at: None,
             attach_error: None,
-            warnings: Vec::new(),
+            findings: Vec::new(),
             sources: Vec::new(),
             conntrack_entries: 3,
             conntrack_capacity: MAX_FLOWS,
@@ -525,6 +537,7 @@ mod tests {
                 mode: "strict".to_string(),
                 action: "enforce",
                 groups: vec!["sg-app".to_string()],
+                quarantine: None,
                 ingress_rules: Some(1),
                 egress_rules: Some(1),
                 flows: 3,

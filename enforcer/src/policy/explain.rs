@@ -165,6 +165,8 @@ pub struct Explanation {
     /// SecurityGroupPolicies selecting it now).
     pub groups: Vec<String>,
     pub groups_source: GroupsSource,
+    /// Why the pod is quarantined (enforced with no group), when it is.
+    pub quarantine: Option<String>,
 }
 
 /// Evaluates `query` for `pod` and explains the verdict.
@@ -245,6 +247,7 @@ pub fn explanation(
         hints: hints(model, pod, query, evaluation),
         groups: pod.groups.clone(),
         groups_source: pod.facts.groups_source,
+        quarantine: pod.facts.quarantine.as_ref().map(|q| q.reason.clone()),
     }
 }
 
@@ -298,6 +301,13 @@ impl fmt::Display for Explanation {
                 f,
                 "  source NAT: leaves {} from {} (a port of snatPortRange); replies come back to the pod",
                 nat.interface, nat.to
+            )?;
+        }
+        if let Some(reason) = &self.quarantine {
+            writeln!(
+                f,
+                "  the pod is QUARANTINED, enforced with no group (its VLAN drops what security \
+                 groups filter): {reason}"
             )?;
         }
         writeln!(

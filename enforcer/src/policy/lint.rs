@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde::Serialize;
 
-use crate::model::{
+use crate::model::{FindingKind, 
     BranchPod, Cidr, Direction, EnforcingMode, GroupsSource, InstanceLimits, L4Match, Model, Peer,
     Rule,
 };
@@ -83,16 +83,40 @@ pub fn lint(model: &Model) -> Vec<Finding> {
             reference: GUIDE,
         });
     }
-    for warning in &model.warnings {
+    for found in &model.findings {
+        let (id, severity, fix) = match found.kind {
+            FindingKind::Warning => (
+                "SGP011",
+                Severity::Warning,
+                "if a rule names a deleted group, remove the rule; if it is another account's or \
+                 a peered VPC's, its members are unknown here; raise maxRulesPerGroup or \
+                 maxSecurityGroupsPerPod to the account's quotas",
+            ),
+            FindingKind::Ignored => (
+                "SGP015",
+                Severity::Warning,
+                "fix or remove the annotation; to let a namespace's pods choose audit, list it \
+                 in the NodeConfig's auditNamespaces",
+            ),
+            FindingKind::Skipped => (
+                "SGP015",
+                Severity::Error,
+                "fix the object: until then it is set aside and what depends on it is quarantined",
+            ),
+            FindingKind::Quarantined => (
+                "SGP015",
+                Severity::Error,
+                "fix what the reason names (or wait for EC2 to list a new group); the pod's VLAN \
+                 drops what security groups filter until then",
+            ),
+        };
         findings.push(Finding {
-            id: "SGP011",
-            severity: Severity::Warning,
-            objects: vec![warning.object.clone()],
-            message: warning.to_string(),
-            fix: "if the group was deleted, remove the rule; if it is another account's or a \
-                  peered VPC's, its members are unknown here"
-                .to_string(),
-            reference: "EC2 User Guide, Security group rules (referencing security groups)",
+            id,
+            severity,
+            objects: vec![found.at.object.clone()],
+            message: found.to_string(),
+            fix: fix.to_string(),
+            reference: "docs/isolation.md",
         });
     }
     findings

@@ -9,6 +9,8 @@ mod resolve;
 pub mod state;
 pub mod watch;
 
+pub use resolve::quarantine_unknown_groups;
+
 use std::path::Path;
 use std::time::SystemTime;
 

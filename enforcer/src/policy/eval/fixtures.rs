@@ -89,6 +89,7 @@ pub(crate) fn node(mode: EnforcingMode, primary_groups: &[&str]) -> NodeConfig {
         max_groups_per_pod: 16,
         max_rules_per_group: 60,
         enforcing_action: Default::default(),
+        audit_namespaces: Vec::new(),
         tcp_early_demux_disabled: false,
         max_flows_per_pod: enforcer_common::DEFAULT_MAX_FLOWS_PER_POD,
         max_fragments_per_pod: enforcer_common::DEFAULT_MAX_FRAGMENTS_PER_POD,
@@ -106,7 +107,7 @@ pub(crate) fn model(groups: Vec<SecurityGroup>, pods: Vec<BranchPod>) -> Model {
         members: BTreeMap::new(),
         pods,
         node_local,
-        warnings: Vec::new(),
+        findings: Vec::new(),
         nlb_groups: BTreeSet::new(),
         cluster: Default::default(),
     }

@@ -74,20 +74,23 @@ pub(crate) fn security_groups(file: &Path, list: Field, inventory: &mut Inventor
             Some(id) => format!("SecurityGroup {id}"),
             None => format!("SecurityGroups[{i}]"),
         };
-        problems.report(file, &object, &mut inventory.errors);
         inventory.add_references(file, &object, references);
-        // A group with a bad rule is still defined: references to it must not
-        // add a second, misleading error.
-        if let Some(id) = id {
-            let group = SecurityGroup {
-                id,
-                name,
-                description,
-                tags,
-                ingress,
-                egress,
-            };
-            inventory.groups.push(Located::new(file, object, group));
+        // A group with a bad rule is still defined (the resolver sets it aside):
+        // references to it must not add a second, misleading error.
+        match id {
+            Some(id) => {
+                let group = SecurityGroup {
+                    id,
+                    name,
+                    description,
+                    tags,
+                    ingress,
+                    egress,
+                };
+                let located = Located::with_problems(file, object, group, problems);
+                inventory.groups.push(located);
+            }
+            None => problems.report(file, &object, &mut inventory.errors),
         }
     }
 }
@@ -141,17 +144,20 @@ pub(crate) fn network_interfaces(file: &Path, list: Field, inventory: &mut Inven
             Some(id) => format!("NetworkInterface {id}"),
             None => format!("NetworkInterfaces[{i}]"),
         };
-        problems.report(file, &object, &mut inventory.errors);
-        if let Some(id) = id {
-            let eni = NetworkInterface {
-                id,
-                groups,
-                addresses,
-                prefixes,
-                dns_name,
-                network_load_balancer,
-            };
-            inventory.interfaces.push(Located::new(file, object, eni));
+        match id {
+            Some(id) => {
+                let eni = NetworkInterface {
+                    id,
+                    groups,
+                    addresses,
+                    prefixes,
+                    dns_name,
+                    network_load_balancer,
+                };
+                let located = Located::with_problems(file, object, eni, problems);
+                inventory.interfaces.push(located);
+            }
+            None => problems.report(file, &object, &mut inventory.errors),
         }
     }
 }
@@ -170,11 +176,12 @@ pub(crate) fn prefix_list(file: &Path, root: Field, inventory: &mut Inventory) {
         Some(id) => format!("PrefixList {id}"),
         None => "PrefixList".to_string(),
     };
-    problems.report(file, &object, &mut inventory.errors);
-    if let Some(id) = id {
-        inventory
-            .prefix_lists
-            .push(Located::new(file, object, (id, cidrs)));
+    match id {
+        Some(id) => {
+            let located = Located::with_problems(file, object, (id, cidrs), problems);
+            inventory.prefix_lists.push(located);
+        }
+        None => problems.report(file, &object, &mut inventory.errors),
     }
 }
 
@@ -690,7 +697,7 @@ mod tests {
                     "Ipv4Prefixes": [{"Ipv4Prefix": "10.0.9.16/28"}]}]}"#,
             );
         let model = dir.model();
-        let warnings: Vec<String> = model.warnings.iter().map(ToString::to_string).collect();
+        let warnings: Vec<String> = model.findings.iter().map(ToString::to_string).collect();
         assert_eq!(warnings.len(), 2, "{warnings:#?}");
         assert!(warnings[0].contains(
             "app.json: SecurityGroup sg-0app: IpPermissions[0].UserIdGroupPairs[1].GroupId: security group sg-0peer is not defined"
@@ -727,10 +734,28 @@ mod tests {
             "SecurityGroups[1]: IpPermissionsEgress[0].IpProtocol",
             "SecurityGroups[2]: GroupId: missing",
         ];
+        // Unnamed groups cannot be set aside: the state is refused, with every problem.
+        assert_eq!(errors, dir.refusal());
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
-        for (error, expected) in errors.iter().zip(expected) {
-            assert!(error.contains(expected), "{error:?} lacks {expected:?}");
+        for expected in expected {
+            assert!(errors.iter().any(|e| e.contains(expected)), "{errors:#?} lacks {expected:?}");
         }
+    }
+
+    #[test]
+    fn a_group_that_cannot_be_read_is_set_aside() {
+        let dir = StateDir::with_node().file(
+            "bad.json",
+            r#"{"SecurityGroups": [
+                {"GroupId": "sg-0a", "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 9, "ToPort": 1, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}]}]}"#,
+        );
+        let skipped = dir.findings(crate::model::FindingKind::Skipped);
+        assert_eq!(skipped.len(), 1, "{skipped:#?}");
+        assert!(skipped[0].contains("SecurityGroup sg-0a: IpPermissions[0].ToPort"));
+        assert!(skipped[0].contains("the group is set aside"));
+        let model = dir.model();
+        assert!(!model.groups.contains_key("sg-0a"));
+        assert!(model.groups.contains_key("sg-0node"));
     }
 
     #[test]
@@ -768,7 +793,7 @@ mod tests {
 
         let over = format!("[{}]", many_rules(61, false));
         let dir = StateDir::with_node().file("big.json", &group("sg-0big", "[]", &over));
-        dir.error(&[
+        warning(&dir, &[
             "big.json",
             "SecurityGroup sg-0big",
             "IpPermissionsEgress",
@@ -777,12 +802,22 @@ mod tests {
         ]);
     }
 
+    /// The single warning, which must mention every one of `parts`: EC2 accepted a
+    /// group over the default quota, so the account's quota is higher.
+    fn warning(dir: &StateDir, parts: &[&str]) {
+        let warnings = dir.findings(crate::model::FindingKind::Warning);
+        assert_eq!(warnings.len(), 1, "{warnings:#?}");
+        for part in parts {
+            assert!(warnings[0].contains(part), "{warnings:#?} lacks {part:?}");
+        }
+    }
+
     #[test]
     fn references_count_in_both_families() {
         let refs = r#"{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-0node"}]}"#;
         let ingress = format!("[{}, {refs}]", many_rules(60, true));
         let dir = StateDir::with_node().file("big.json", &group("sg-0big", &ingress, "[]"));
-        dir.error(&[
+        warning(&dir, &[
             "SecurityGroup sg-0big",
             "IpPermissions",
             "61 IPv6 ingress rules",
@@ -849,13 +884,14 @@ mod tests {
         );
         let errors = dir.errors();
         assert_eq!(errors.len(), 3, "{errors:#?}");
-        assert!(errors[0].contains(
-            "NetworkInterface eni-1: PrivateIpAddress: \"10.0.3.999\" is not an IP address"
-        ));
-        assert!(errors[1].contains(
-            "NetworkInterface eni-2: Ipv4Prefixes[0].Ipv4Prefix: \"10.0.3.33/28\" has host bits set"
-        ));
-        assert!(errors[2].contains("NetworkInterface eni-1: defined twice"));
+        for expected in [
+            "NetworkInterface eni-1: PrivateIpAddress: \"10.0.3.999\" is not an IP address",
+            "NetworkInterface eni-2: Ipv4Prefixes[0].Ipv4Prefix: \"10.0.3.33/28\" has host bits set",
+            "NetworkInterface eni-1: defined twice",
+        ] {
+            assert!(errors.iter().any(|e| e.contains(expected)), "{errors:#?} lacks {expected:?}");
+        }
+        assert!(errors.iter().all(|e| e.contains("the interface is set aside")));
     }
 
     #[test]

@@ -14,13 +14,13 @@ use serde_json::Value;
 
 pub(crate) use ec2::{NetworkInterface, rule_counts};
 pub use k8s::ACTION_ANNOTATION;
-pub(crate) use k8s::{POD_ENI_ANNOTATION, Pod, ServiceAccount};
-use reader::{Field, Invalid};
+pub(crate) use k8s::{BranchEni, POD_ENI_ANNOTATION, Pod, ServiceAccount};
+use reader::{Field, Invalid, Problems};
 
 use crate::model::sgp::SecurityGroupPolicy;
 use crate::model::{Cidr, NodeConfig, SecurityGroup};
 
-pub use crate::model::{StateError, StateWarning};
+pub use crate::model::{Finding, FindingKind, StateError};
 
 /// Every error found in a state directory, in file order; never empty.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +110,8 @@ pub(crate) struct Located<T> {
     /// As errors name it, e.g. `Pod shop/web`.
     pub object: String,
     pub item: T,
+    /// What could not be read of it: the resolver isolates the object (never the state).
+    pub problems: Vec<StateError>,
 }
 
 impl<T> Located<T> {
@@ -118,7 +120,21 @@ impl<T> Located<T> {
             file: file.to_path_buf(),
             object,
             item,
+            problems: Vec::new(),
         }
+    }
+
+    /// The object with what could not be read of it.
+    pub fn with_problems(file: &Path, object: String, item: T, problems: Problems) -> Self {
+        let problems = problems.into_errors(file, &object);
+        Self {
+            problems,
+            ..Self::new(file, object, item)
+        }
+    }
+
+    pub fn is_sound(&self) -> bool {
+        self.problems.is_empty()
     }
 }
 
@@ -154,7 +170,12 @@ impl Reference {
 /// Everything read from a state directory, before resolution.
 #[derive(Debug, Default)]
 pub(crate) struct Inventory {
+    /// What no object can be blamed for (a file that cannot be read or parsed, an
+    /// object of no known kind or without a name, the NodeConfig): the state is refused.
     pub errors: Vec<StateError>,
+    /// Objects set aside as they were read (a policy whose selector cannot be
+    /// evaluated selects nothing, as the VPC resource controller skips it).
+    pub skipped: Vec<StateError>,
     pub groups: Vec<Located<SecurityGroup>>,
     pub interfaces: Vec<Located<NetworkInterface>>,
     pub prefix_lists: Vec<Located<(String, Vec<Cidr>)>>,

@@ -227,12 +227,23 @@ impl Problems {
 
     /// Names the object and the file of every problem.
     pub fn report(self, file: &Path, object: &str, errors: &mut Vec<StateError>) {
-        errors.extend(self.0.into_iter().map(|i| StateError {
-            file: file.to_path_buf(),
-            object: object.to_string(),
-            field: i.field,
-            message: i.message,
-        }));
+        errors.extend(self.into_errors(file, object));
+    }
+
+    pub fn into_errors(self, file: &Path, object: &str) -> Vec<StateError> {
+        self.0
+            .into_iter()
+            .map(|i| StateError {
+                file: file.to_path_buf(),
+                object: object.to_string(),
+                field: i.field,
+                message: i.message,
+            })
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 

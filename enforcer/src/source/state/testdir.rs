@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::StateErrors;
-use crate::model::Model;
+use crate::model::{FindingKind, Model};
 use crate::source::load;
 
 /// The node every test directory starts with.
@@ -64,15 +64,43 @@ impl StateDir {
             .unwrap_or_else(|e| panic!("unexpected errors:\n{e}"))
     }
 
-    /// Every error line; panics if the directory loads.
+    /// Every problem line: the errors of a refused state, or else the findings
+    /// that are not warnings (objects set aside or ignored, pods quarantined);
+    /// panics if there are none.
     pub fn errors(&self) -> Vec<String> {
+        let lines: Vec<String> = match self.load() {
+            Ok(model) => model
+                .findings
+                .iter()
+                .filter(|f| f.kind != FindingKind::Warning)
+                .map(|f| f.at.to_string())
+                .collect(),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        };
+        assert!(!lines.is_empty(), "the state directory loaded without problems");
+        lines
+    }
+
+    /// The errors of a refused state; panics if the directory loads.
+    pub fn refusal(&self) -> Vec<String> {
         match self.load() {
-            Ok(_) => panic!("the state directory loaded without errors"),
+            Ok(model) => panic!(
+                "the state loaded, with findings {:#?}",
+                model.findings
+            ),
             Err(e) => e.0.iter().map(ToString::to_string).collect(),
         }
     }
 
-    /// The single error line, which must mention every one of `parts`.
+    /// The findings of `kind`, as lines; panics if the state is refused.
+    pub fn findings(&self, kind: FindingKind) -> Vec<String> {
+        self.model()
+            .findings_of(kind)
+            .map(|f| f.at.to_string())
+            .collect()
+    }
+
+    /// The single problem line, which must mention every one of `parts`.
     pub fn error(&self, parts: &[&str]) -> String {
         let errors = self.errors();
         assert_eq!(errors.len(), 1, "expected one error, got {errors:#?}");

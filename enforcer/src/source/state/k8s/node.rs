@@ -29,6 +29,7 @@ const NODE_CONFIG_FIELDS: &[&str] = &[
     "maxSecurityGroupsPerPod",
     "maxRulesPerGroup",
     "enforcingAction",
+    "auditNamespaces",
     "tcpEarlyDemuxDisabled",
 ];
 
@@ -78,6 +79,15 @@ fn node_spec(
     let enforcing_action = match spec.get("enforcingAction") {
         None => Some(EnforcingAction::Enforce),
         Some(f) => problems.ok(f.str().and_then(|s| action(s, &f))),
+    };
+    let audit_namespaces: Vec<String> = match spec.get("auditNamespaces") {
+        None => Vec::new(),
+        Some(f) => problems
+            .ok(f.items())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| problems.ok(n.name().map(str::to_string)))
+            .collect(),
     };
     let unknown_vlan = match spec.get("unknownVlan") {
         None => Some(UnknownVlanAction::Drop),
@@ -187,6 +197,7 @@ fn node_spec(
         name,
         enforcing_mode: enforcing_mode?,
         enforcing_action: enforcing_action?,
+        audit_namespaces,
         trunk_interface: trunk_interface?,
         primary_interface: primary_interface?,
         primary_ips,
@@ -495,12 +506,13 @@ mod tests {
             )
             .file("g.json", NODE_GROUP);
         dir.error(&["NodeConfig", "spec.primaryIPs", "at least one"]);
+        // The node's group undefined: its pods that need it are quarantined.
         let dir = StateDir::empty().file("node.yaml", NODE_CONFIG);
-        dir.error(&[
-            "NodeConfig",
-            "spec.primarySecurityGroups[0]",
-            "sg-0node is not defined",
-        ]);
+        let warnings = dir.findings(crate::model::FindingKind::Warning);
+        assert_eq!(warnings.len(), 1, "{warnings:#?}");
+        for part in ["NodeConfig", "spec.primarySecurityGroups[0]", "sg-0node is not defined"] {
+            assert!(warnings[0].contains(part), "{warnings:#?}");
+        }
     }
 
     #[test]

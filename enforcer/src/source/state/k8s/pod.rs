@@ -7,7 +7,7 @@ use super::super::reader::{Field, Invalid, Problems};
 use super::super::{Inventory, Located};
 use super::meta::{action, labels, namespaced_name, object_name};
 use crate::model::sgp::Labels;
-use crate::model::{Cidr, EnforcingAction, PodFacts, Probe};
+use crate::model::{Cidr, EnforcingAction, PodFacts, Probe, StateError};
 
 /// The annotation the VPC resource controller writes on a pod with a branch ENI.
 pub(crate) const POD_ENI_ANNOTATION: &str = "vpc.amazonaws.com/pod-eni";
@@ -27,10 +27,26 @@ pub(crate) struct Pod {
     /// `status.podIP` and `status.podIPs`.
     pub ips: Vec<IpAddr>,
     pub branch: Option<BranchEni>,
+    /// The branch ENI annotation, when it cannot be read: what is wrong with it, and
+    /// its VLAN if that much can be read (the resolver quarantines that VLAN).
+    pub unreadable_branch: Option<UnreadableBranch>,
     /// The [`ACTION_ANNOTATION`], when set.
     pub action: Option<EnforcingAction>,
+    /// Why the [`ACTION_ANNOTATION`] cannot be read, when it cannot (it is ignored).
+    pub unreadable_action: Vec<StateError>,
+    /// `status.phase` is `Succeeded` or `Failed`: the VPC resource controller releases
+    /// a completed pod's branch ENI (it handles it as deleted: `hasPodCompleted` in its
+    /// controllers/core/pod_controller.go), so its VLAN and addresses go to new pods.
+    pub completed: bool,
     /// What `enforcer lint` looks at (the policies are filled in by resolution).
     pub facts: PodFacts,
+}
+
+/// A `vpc.amazonaws.com/pod-eni` annotation that cannot be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct UnreadableBranch {
+    pub vlan: Option<u16>,
+    pub problems: Vec<StateError>,
 }
 
 impl Pod {
@@ -79,9 +95,14 @@ pub(crate) fn pod(file: &Path, root: Field, inventory: &mut Inventory) {
             .find(|(k, _)| *k == name)
             .map(|(_, f)| f.clone())
     };
-    let branch = annotation(POD_ENI_ANNOTATION).and_then(|f| branch_eni(&f, &mut problems));
+    let mut branch_problems = Problems::default();
+    let (branch, vlan) = match annotation(POD_ENI_ANNOTATION) {
+        Some(f) => branch_eni(&f, &mut branch_problems),
+        None => (None, None),
+    };
+    let mut action_problems = Problems::default();
     let action = annotation(ACTION_ANNOTATION)
-        .and_then(|f| problems.ok(f.str().and_then(|s| action(s, &f))));
+        .and_then(|f| action_problems.ok(f.str().and_then(|s| action(s, &f))));
     let spec = root.get("spec");
     let spec_field = |key: &str| spec.as_ref().and_then(|s| s.get(key));
     let node_name = spec_field("nodeName").and_then(|f| problems.ok(f.name().map(str::to_string)));
@@ -91,8 +112,14 @@ pub(crate) fn pod(file: &Path, root: Field, inventory: &mut Inventory) {
     let host_network = spec_field("hostNetwork")
         .and_then(|f| problems.ok(f.bool()))
         .unwrap_or(false);
-    let facts = spec.as_ref().map(pod_facts).unwrap_or_default();
+    let mut facts = spec.as_ref().map(pod_facts).unwrap_or_default();
+    facts.file = file.to_path_buf();
     let status = root.get("status");
+    let completed = status
+        .as_ref()
+        .and_then(|s| s.get("phase"))
+        .and_then(|f| problems.ok(f.str()))
+        .is_some_and(|phase| matches!(phase, "Succeeded" | "Failed"));
     let mut ip_fields: Vec<Field> = status.iter().filter_map(|s| s.get("podIP")).collect();
     let listed = status.as_ref().and_then(|s| s.get("podIPs"));
     for entry in listed
@@ -110,23 +137,35 @@ pub(crate) fn pod(file: &Path, root: Field, inventory: &mut Inventory) {
         }
     }
     let object = object_name("Pod", &namespace, name.as_deref());
-    problems.report(file, &object, &mut inventory.errors);
-    if let Some(name) = name {
-        let pod = Pod {
-            namespace,
-            name,
-            uid,
-            labels,
-            node_name,
-            service_account,
-            host_network,
-            ips,
-            branch,
-            action,
-            facts,
-        };
-        inventory.pods.push(Located::new(file, object, pod));
-    }
+    let Some(name) = name else {
+        problems.report(file, &object, &mut inventory.errors);
+        branch_problems.report(file, &object, &mut inventory.errors);
+        action_problems.report(file, &object, &mut inventory.errors);
+        return;
+    };
+    let unreadable_branch = (!branch_problems.is_empty()).then(|| UnreadableBranch {
+        vlan,
+        problems: branch_problems.into_errors(file, &object),
+    });
+    let pod = Pod {
+        namespace,
+        name,
+        uid,
+        labels,
+        node_name,
+        service_account,
+        host_network,
+        ips,
+        branch: branch.filter(|_| unreadable_branch.is_none()),
+        unreadable_branch,
+        action,
+        unreadable_action: action_problems.into_errors(file, &object),
+        completed,
+        facts,
+    };
+    inventory
+        .pods
+        .push(Located::with_problems(file, object, pod, problems));
 }
 
 /// Probes, DNS servers and grace period, read leniently: enforcement does not
@@ -173,8 +212,6 @@ fn pod_facts(spec: &Field) -> PodFacts {
         }
     }
     PodFacts {
-        groups_source: Default::default(),
-        policy_groups: Vec::new(),
         probes,
         dns_nameservers: spec
             .get("dnsConfig")
@@ -187,31 +224,39 @@ fn pod_facts(spec: &Field) -> PodFacts {
         termination_grace_seconds: spec
             .get("terminationGracePeriodSeconds")
             .and_then(|g| g.int().ok()),
-        policies: Vec::new(),
+        ..PodFacts::default()
     }
 }
 
 /// The annotation's JSON array, element 0; field names are matched without
 /// regard to case, as both `vlanId` and `vlanID` occur in the wild.
-fn branch_eni(annotation: &Field, problems: &mut Problems) -> Option<BranchEni> {
-    let text = problems.ok(annotation.str())?;
+/// Also returns the VLAN when it can be read, so that a pod whose annotation is
+/// otherwise broken can still be quarantined on it.
+fn branch_eni(annotation: &Field, problems: &mut Problems) -> (Option<BranchEni>, Option<u16>) {
+    let Some(text) = problems.ok(annotation.str()) else {
+        return (None, None);
+    };
     let value: serde_json::Value = match serde_json::from_str(text) {
         Ok(value) => value,
         Err(e) => {
             problems.push(Invalid::new(&annotation.path, format!("not JSON: {e}")));
-            return None;
+            return (None, None);
         }
     };
     let list = Field {
         value: &value,
         path: annotation.path.clone(),
     };
-    let items = problems.ok(list.items())?;
+    let Some(items) = problems.ok(list.items()) else {
+        return (None, None);
+    };
     let Some(eni) = items.first() else {
         problems.push(Invalid::new(&list.path, "empty list: no branch ENI"));
-        return None;
+        return (None, None);
     };
-    let entries = problems.ok(eni.entries())?;
+    let Some(entries) = problems.ok(eni.entries()) else {
+        return (None, None);
+    };
     let get = |name: &str| {
         entries
             .iter()
@@ -247,15 +292,19 @@ fn branch_eni(annotation: &Field, problems: &mut Problems) -> Option<BranchEni> 
             "no address: privateIp and ipv6Addr are both empty",
         ));
     }
-    Some(BranchEni {
-        eni_id: eni_id?,
-        mac: mac?,
-        ipv4,
-        ipv6,
-        vlan: vlan?,
-        subnet_v4,
-        subnet_v6,
-    })
+    let branch = match (eni_id, mac, vlan) {
+        (Some(eni_id), Some(mac), Some(vlan)) => Some(BranchEni {
+            eni_id,
+            mac,
+            ipv4,
+            ipv6,
+            vlan,
+            subnet_v4,
+            subnet_v6,
+        }),
+        _ => None,
+    };
+    (branch, vlan)
 }
 
 fn ipv4(field: &Field) -> Result<Ipv4Addr, Invalid> {
@@ -349,23 +398,40 @@ spec:
                 .action
         };
         let plain = pod_with_eni(ENI);
+        let allowed = "  auditNamespaces: [shop]\n";
         assert_eq!(action("", &plain), EnforcingAction::Enforce);
         assert_eq!(
             action("  enforcingAction: audit\n", &plain),
             EnforcingAction::Audit
         );
-        assert_eq!(action("", &annotated("audit")), EnforcingAction::Audit);
+        assert_eq!(action(allowed, &annotated("audit")), EnforcingAction::Audit);
         assert_eq!(
             action("  enforcingAction: audit\n", &annotated("enforce")),
             EnforcingAction::Enforce
         );
+        // A pod never loosens its own enforcement unless the node lets its namespace.
+        assert_eq!(action("", &annotated("audit")), EnforcingAction::Enforce);
+        assert_eq!(
+            action("  auditNamespaces: [other]\n", &annotated("audit")),
+            EnforcingAction::Enforce
+        );
+        let dir = StateDir::with_node().file("pod.yaml", &annotated("audit"));
+        dir.error(&["pod.yaml", "Pod shop/web", "audit is ignored", "auditNamespaces"]);
+        assert_eq!(
+            dir.findings(crate::model::FindingKind::Ignored).len(),
+            1
+        );
+        // A value that is not an action is ignored: the pod is enforced.
         let dir = StateDir::with_node().file("pod.yaml", &annotated("Audit"));
         dir.error(&[
             "pod.yaml",
             "Pod shop/web",
             "metadata.annotations[\"enforcer.sgp.dev/action\"]",
             "\"Audit\" is not enforce or audit",
+            "the annotation is ignored",
         ]);
+        assert_eq!(dir.model().pods[0].action, EnforcingAction::Enforce);
+        assert!(dir.model().pods[0].facts.quarantine.is_none());
     }
 
     #[test]
