@@ -252,7 +252,11 @@ fn check(dir: &Path) -> ExitCode {
             for error in &errors.0 {
                 eprintln!("{error}");
             }
-            eprintln!("{} error(s) in {}: the state is refused", errors.0.len(), dir.display());
+            eprintln!(
+                "{} error(s) in {}: the state is refused",
+                errors.0.len(),
+                dir.display()
+            );
             return ExitCode::from(STATE_REFUSED);
         }
     };
@@ -282,7 +286,10 @@ fn lint(dir: &Path, json: bool, severity: enforcer::policy::lint::Severity) -> R
             for error in &errors.0 {
                 eprintln!("{error}");
             }
-            eprintln!("the state in {} is refused: it cannot be linted", dir.display());
+            eprintln!(
+                "the state in {} is refused: it cannot be linted",
+                dir.display()
+            );
             return Ok(ExitCode::from(STATE_REFUSED));
         }
     };

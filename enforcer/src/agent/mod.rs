@@ -570,7 +570,12 @@ impl Agent {
             retired_traffic: self.maps.retired_traffic().clone(),
             findings: crate::model::FindingKind::ALL
                 .iter()
-                .map(|&kind| (kind, self.findings().iter().filter(|f| f.kind == kind).count()))
+                .map(|&kind| {
+                    (
+                        kind,
+                        self.findings().iter().filter(|f| f.kind == kind).count(),
+                    )
+                })
                 .collect(),
             xdp_mode: self.xdp_mode().map(XdpMode::name),
             sources: Arc::new(self.source.health()),
@@ -1036,6 +1041,73 @@ mod tests {
         let remembered = pin_pods(&mut state, &modes(&[(&key, STANDARD)]));
         assert_eq!(remembered.modes, BTreeMap::from([(key, STANDARD)]));
         assert_eq!(state.pods[0].mode, STANDARD);
+    }
+
+    /// A pod whose policies cannot give its groups is released by the groups it kept
+    /// from its first enforcement; one whose own object is at fault is not, and keeps
+    /// them remembered; a quarantined pod's groups are never remembered; kept groups
+    /// the state does not define quarantine the pod.
+    #[test]
+    fn kept_groups_and_quarantine() {
+        let groups = ["sg-kept", "sg-new"].map(|id| group(id, vec![], vec![]));
+        let mut state = model(
+            groups.to_vec(),
+            (1..=5)
+                .map(|vlan| pod(vlan, &format!("10.0.1.{vlan}"), &["sg-new"], STRICT))
+                .collect(),
+        );
+        state.quarantine(0, "policy unreadable".into(), QuarantineCause::Policies);
+        state.quarantine(1, "policy unreadable".into(), QuarantineCause::Policies);
+        state.quarantine(2, "annotation broken".into(), QuarantineCause::Pod);
+        let kept = |groups: &[&str]| groups.iter().map(|g| g.to_string()).collect::<Vec<_>>();
+        let known = Pinned {
+            modes: BTreeMap::new(),
+            groups: BTreeMap::from([
+                ("uid-1".to_string(), kept(&["sg-kept"])),
+                ("uid-3".to_string(), kept(&["sg-kept"])),
+                ("uid-4".to_string(), kept(&["sg-gone"])),
+            ]),
+        };
+        let remembered = pin_pods(&mut state, &known);
+        let held: Vec<(Vec<String>, Option<QuarantineCause>)> = state
+            .pods
+            .iter()
+            .map(|p| {
+                (
+                    p.groups.clone(),
+                    p.facts.quarantine.as_ref().map(|q| q.cause),
+                )
+            })
+            .collect();
+        assert_eq!(
+            held,
+            [
+                (kept(&["sg-kept"]), None),
+                (vec![], Some(QuarantineCause::Policies)),
+                (vec![], Some(QuarantineCause::Pod)),
+                (vec![], Some(QuarantineCause::Pod)),
+                (kept(&["sg-new"]), None),
+            ]
+        );
+        assert_eq!(
+            remembered.groups,
+            BTreeMap::from([
+                ("uid-1".to_string(), kept(&["sg-kept"])),
+                ("uid-3".to_string(), kept(&["sg-kept"])),
+                ("uid-4".to_string(), kept(&["sg-gone"])),
+                ("uid-5".to_string(), kept(&["sg-new"])),
+            ])
+        );
+        // One finding per quarantined pod, none for the released one.
+        let quarantined: Vec<&str> = state
+            .findings_of(crate::model::FindingKind::Quarantined)
+            .map(|f| f.at.object.as_str())
+            .collect();
+        assert_eq!(quarantined.len(), 3, "{quarantined:?}");
+        assert!(
+            !quarantined.contains(&"Pod default/pod1"),
+            "{quarantined:?}"
+        );
     }
 
     #[test]

@@ -564,7 +564,10 @@ impl Model {
                 file: pod.facts.file.clone(),
                 object: format!("Pod {}", pod.key()),
                 field: None,
-                message: format!("quarantined (VLAN {}: drops what security groups filter): {reason}", pod.vlan),
+                message: format!(
+                    "quarantined (VLAN {}: drops what security groups filter): {reason}",
+                    pod.vlan
+                ),
             },
         });
         pod.groups.clear();
@@ -646,7 +649,12 @@ pub enum FindingKind {
 }
 
 impl FindingKind {
-    pub const ALL: [Self; 4] = [Self::Warning, Self::Ignored, Self::Skipped, Self::Quarantined];
+    pub const ALL: [Self; 4] = [
+        Self::Warning,
+        Self::Ignored,
+        Self::Skipped,
+        Self::Quarantined,
+    ];
 
     /// As status, metrics labels and `check` spell it.
     pub const fn name(self) -> &'static str {

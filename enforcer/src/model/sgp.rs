@@ -87,7 +87,19 @@ impl SecurityGroupPolicy {
         pod_labels: &Labels,
         service_account_labels: &Labels,
     ) -> bool {
-        if self.namespace != namespace || self.group_ids.is_empty() {
+        !self.group_ids.is_empty()
+            && self.selectors_match(namespace, pod_labels, service_account_labels)
+    }
+
+    /// Whether the policy's namespace and selectors take in such a pod, its groups
+    /// aside: what a policy whose groups cannot be read may select.
+    pub fn selectors_match(
+        &self,
+        namespace: &str,
+        pod_labels: &Labels,
+        service_account_labels: &Labels,
+    ) -> bool {
+        if self.namespace != namespace {
             return false;
         }
         let pod = self.pod_selector.as_ref().map(|s| s.matches(pod_labels));

@@ -7,9 +7,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde::Serialize;
 
-use crate::model::{FindingKind, 
-    BranchPod, Cidr, Direction, EnforcingMode, GroupsSource, InstanceLimits, L4Match, Model, Peer,
-    Rule,
+use crate::model::{
+    BranchPod, Cidr, Direction, EnforcingMode, FindingKind, GroupsSource, InstanceLimits, L4Match,
+    Model, Peer, Rule,
 };
 use crate::policy::eval::{self, L4Packet, L4Query, Query, Reason, Refused};
 

@@ -12,8 +12,8 @@ use crate::model::{
     GroupsSource, Model, NodeConfig, PodFacts, QuarantineCause, UnknownVlanAction,
 };
 use crate::source::state::{
-    ACTION_ANNOTATION, BranchEni, Inventory, Located, NetworkInterface, Pod, Reference,
-    StateError, Target, rule_counts,
+    ACTION_ANNOTATION, BranchEni, Inventory, Located, NetworkInterface, Pod, Reference, StateError,
+    Target, rule_counts,
 };
 
 /// Resolves the inventory. The state is refused (every such error returned, in
@@ -48,7 +48,12 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
         errors.extend(problems(&policies));
         errors.extend(problems(&pods));
         for pod in &pods {
-            errors.extend(pod.item.unreadable_branch.iter().flat_map(|b| b.problems.clone()));
+            errors.extend(
+                pod.item
+                    .unreadable_branch
+                    .iter()
+                    .flat_map(|b| b.problems.clone()),
+            );
             errors.extend(pod.item.unreadable_action.iter().cloned());
         }
         return Err(in_file_order(errors));
@@ -142,15 +147,14 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
     // whether something that might select it cannot be read.
     let selection = |pod: &Pod| -> Selection<'_> {
         let account = (pod.namespace.clone(), pod.service_account.clone());
-        let account_labels = accounts.get(&account).map_or(&no_labels, |a| &a.item.labels);
+        let account_labels = accounts
+            .get(&account)
+            .map_or(&no_labels, |a| &a.item.labels);
         let unreadable_account = unreadable_accounts.contains_key(&account);
-        let unreadable = sgp::matching(
-            unreadable_policies.iter().copied(),
-            &pod.namespace,
-            &pod.labels,
-            account_labels,
-        );
-        let uncertainty = if let Some(policy) = unreadable.first() {
+        let unreadable = unreadable_policies
+            .iter()
+            .find(|p| p.selectors_match(&pod.namespace, &pod.labels, account_labels));
+        let uncertainty = if let Some(policy) = unreadable {
             Some(format!(
                 "SecurityGroupPolicy {}/{} selects it and cannot be read",
                 policy.namespace, policy.name
@@ -252,7 +256,13 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
         if here && !pod.host_network {
             for problem in &pod.unreadable_action {
                 let message = format!("{}: the annotation is ignored", problem.message);
-                findings.push(FindingKind::Ignored, StateError { message, ..problem.clone() });
+                findings.push(
+                    FindingKind::Ignored,
+                    StateError {
+                        message,
+                        ..problem.clone()
+                    },
+                );
             }
         }
         if !located.is_sound() || pod.unreadable_branch.is_some() {
@@ -277,9 +287,17 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
                 (true, Some(vlan)) => {
                     // Quarantined on the VLAN it claims, with no address and no group.
                     node_local.extend(pod.branch.iter().flat_map(|b| b.addresses()));
-                    vlans.entry(vlan).or_default().push((pod.key(), located.file.clone()));
+                    vlans
+                        .entry(vlan)
+                        .or_default()
+                        .push((pod.key(), located.file.clone()));
                     branch_pods.push(branch_pod(pod, vlan, None, &node));
-                    held.push((pod.key(), located.file.clone(), reason, QuarantineCause::Pod));
+                    held.push((
+                        pod.key(),
+                        located.file.clone(),
+                        reason,
+                        QuarantineCause::Pod,
+                    ));
                 }
                 (true, None) if pod.unreadable_branch.is_some() => findings.push(
                     FindingKind::Quarantined,
@@ -297,14 +315,24 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
                     ),
                 ),
                 _ => {
-                    let kind = if here { FindingKind::Skipped } else { FindingKind::Ignored };
+                    let kind = if here {
+                        FindingKind::Skipped
+                    } else {
+                        FindingKind::Ignored
+                    };
                     for problem in problems {
                         let message = format!(
                             "{}: the pod is set aside (its addresses are members of no group \
                              through it)",
                             problem.message
                         );
-                        findings.push(kind, StateError { message, ..problem.clone() });
+                        findings.push(
+                            kind,
+                            StateError {
+                                message,
+                                ..problem.clone()
+                            },
+                        );
                     }
                 }
             }
@@ -598,7 +626,13 @@ impl Findings {
         for object in unsound.values() {
             for problem in &object.problems {
                 let message = format!("{}: {what}", problem.message);
-                self.push(FindingKind::Skipped, StateError { message, ..problem.clone() });
+                self.push(
+                    FindingKind::Skipped,
+                    StateError {
+                        message,
+                        ..problem.clone()
+                    },
+                );
             }
         }
         (sound, unsound)
@@ -711,5 +745,7 @@ fn check_rule_quota(
     }
 }
 
+#[cfg(test)]
+mod hostile;
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::model::{EnforcingMode, FindingKind};
+use crate::model::{EnforcingMode, FindingKind, Model, QuarantineCause};
 use crate::source::state::testdir::{NODE, NODE_CONFIG, NODE_GROUP, StateDir, group};
 
 const OTHER_NODE: &str = "ip-10-0-2-20.ec2.internal";
@@ -426,8 +426,14 @@ fn a_vlan_twice_on_this_node_quarantines_it() {
     let dir = cluster(&pods);
     let quarantined = dir.findings(FindingKind::Quarantined);
     assert_eq!(quarantined.len(), 2, "{quarantined:#?}");
-    assert!(quarantined[0].contains("Pod shop/payments") && quarantined[0].contains("also claimed by pod shop/web-3"));
-    assert!(quarantined[1].contains("Pod shop/web-3") && quarantined[1].contains("also claimed by pod shop/payments"));
+    assert!(
+        quarantined[0].contains("Pod shop/payments")
+            && quarantined[0].contains("also claimed by pod shop/web-3")
+    );
+    assert!(
+        quarantined[1].contains("Pod shop/web-3")
+            && quarantined[1].contains("also claimed by pod shop/payments")
+    );
     // One pod stands for the VLAN in the kernel, with no group; the others keep theirs.
     let model = dir.model();
     let on_vlan: Vec<_> = model.pods.iter().filter(|p| p.vlan == 2).collect();
@@ -449,7 +455,10 @@ fn a_completed_pod_releases_its_vlan() {
     });
     for phase in ["Succeeded", "Failed"] {
         let mut all = pods.clone();
-        all.push(done.replace(r#""status": {"#, &format!(r#""status": {{"phase": "{phase}", "#)));
+        all.push(done.replace(
+            r#""status": {"#,
+            &format!(r#""status": {{"phase": "{phase}", "#),
+        ));
         let model = cluster(&all).model();
         assert!(model.findings.is_empty(), "{:#?}", model.findings);
         let payments = model.pod("shop/payments").unwrap();
@@ -496,7 +505,12 @@ fn rule_quota_follows_the_node_as_a_warning() {
         .file("two.json", &group("sg-0two", two, "[]"));
     let warnings = dir.findings(FindingKind::Warning);
     assert_eq!(warnings.len(), 1, "{warnings:#?}");
-    for part in ["two.json", "SecurityGroup sg-0two", "IpPermissions", "2 IPv4 ingress rules"] {
+    for part in [
+        "two.json",
+        "SecurityGroup sg-0two",
+        "IpPermissions",
+        "2 IPv4 ingress rules",
+    ] {
         assert!(warnings[0].contains(part), "{warnings:#?}");
     }
     assert!(dir.model().groups.contains_key("sg-0two"));
@@ -596,4 +610,319 @@ fn the_bundled_example() {
             "2600:1f18:4a3:6901:8a2f::4",
         ])
     );
+}
+
+/// The VPC resource controller's choice of a pod's groups, from its documented
+/// behaviour (EKS user guide, "Security groups for Pods"; the controller's
+/// `filterPodSecurityGroups` and pod reconciler): one pod `shop/p` of this node
+/// labelled `app: web`, run by service account `shop/sa` labelled `team: a`,
+/// against the policies of each case. `None`: not enforced.
+#[test]
+fn groups_as_the_vpc_resource_controller_gives_them() {
+    let policy = |name: &str, namespace: &str, spec: &str| {
+        format!(
+            "---\napiVersion: vpcresources.k8s.aws/v1beta1\nkind: SecurityGroupPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}"
+        )
+    };
+    let pods_sel = |sel: &str, groups: &str| {
+        format!("  podSelector: {sel}\n  securityGroups: {{groupIds: [{groups}]}}\n")
+    };
+    let sa_sel = |sel: &str, groups: &str| {
+        format!("  serviceAccountSelector: {sel}\n  securityGroups: {{groupIds: [{groups}]}}\n")
+    };
+    let both = |pod: &str, sa: &str, groups: &str| {
+        format!(
+            "  podSelector: {pod}\n  serviceAccountSelector: {sa}\n  securityGroups: {{groupIds: [{groups}]}}\n"
+        )
+    };
+    let cases: Vec<(&str, String, &str, Option<&[&str]>)> = vec![
+        (
+            "pod selector matches",
+            policy("a", "shop", &pods_sel("{matchLabels: {app: web}}", "sg-0a")),
+            "Running",
+            Some(&["sg-0a"]),
+        ),
+        (
+            "service account selector matches",
+            policy("a", "shop", &sa_sel("{matchLabels: {team: a}}", "sg-0a")),
+            "Running",
+            Some(&["sg-0a"]),
+        ),
+        (
+            "both selectors must match",
+            policy(
+                "a",
+                "shop",
+                &both(
+                    "{matchLabels: {app: web}}",
+                    "{matchLabels: {team: b}}",
+                    "sg-0a",
+                ),
+            ),
+            "Running",
+            Some(&["sg-0node"]),
+        ),
+        (
+            "both selectors match",
+            policy(
+                "a",
+                "shop",
+                &both(
+                    "{matchLabels: {app: web}}",
+                    "{matchLabels: {team: a}}",
+                    "sg-0a",
+                ),
+            ),
+            "Running",
+            Some(&["sg-0a"]),
+        ),
+        (
+            "a policy selects pods of its own namespace only",
+            policy("a", "other", &pods_sel("{}", "sg-0a")),
+            "Running",
+            Some(&["sg-0node"]),
+        ),
+        (
+            "an empty pod selector selects every pod of the namespace",
+            policy("a", "shop", &pods_sel("{}", "sg-0a")),
+            "Running",
+            Some(&["sg-0a"]),
+        ),
+        (
+            "a policy without a selector selects nothing",
+            policy("a", "shop", "  securityGroups: {groupIds: [sg-0a]}\n"),
+            "Running",
+            Some(&["sg-0node"]),
+        ),
+        (
+            "a policy without groups selects nothing",
+            policy(
+                "a",
+                "shop",
+                "  podSelector: {}\n  securityGroups: {groupIds: []}\n",
+            ),
+            "Running",
+            Some(&["sg-0node"]),
+        ),
+        (
+            "a selector that cannot be evaluated selects nothing; the others still apply",
+            policy(
+                "a",
+                "shop",
+                &pods_sel("{matchExpressions: [{key: app, operator: In}]}", "sg-0a"),
+            ) + &policy("b", "shop", &pods_sel("{}", "sg-0b")),
+            "Running",
+            Some(&["sg-0b"]),
+        ),
+        (
+            "several policies: their groups in policy-name order, each once",
+            policy("z", "shop", &pods_sel("{}", "sg-0b, sg-0a"))
+                + &policy("a", "shop", &pods_sel("{matchLabels: {app: web}}", "sg-0a")),
+            "Running",
+            Some(&["sg-0a", "sg-0b"]),
+        ),
+        (
+            "NotIn holds when the key is absent",
+            policy(
+                "a",
+                "shop",
+                &pods_sel(
+                    "{matchExpressions: [{key: tier, operator: NotIn, values: [db]}]}",
+                    "sg-0a",
+                ),
+            ),
+            "Running",
+            Some(&["sg-0a"]),
+        ),
+        (
+            "no policy: the node's groups",
+            String::new(),
+            "Pending",
+            Some(&["sg-0node"]),
+        ),
+        (
+            "a completed pod's branch ENI is released",
+            policy("a", "shop", &pods_sel("{}", "sg-0a")),
+            "Succeeded",
+            None,
+        ),
+        (
+            "a failed pod's too",
+            policy("a", "shop", &pods_sel("{}", "sg-0a")),
+            "Failed",
+            None,
+        ),
+    ];
+    for (case, policies, phase, expected) in cases {
+        let pod = format!(
+            r#"{{"apiVersion": "v1", "kind": "Pod",
+                "metadata": {{"name": "p", "namespace": "shop", "uid": "u", "labels": {{"app": "web"}},
+                  "annotations": {{"vpc.amazonaws.com/pod-eni": "[{{\"eniId\":\"eni-1\",\"ifAddress\":\"02:00:00:00:00:01\",\"privateIp\":\"10.0.1.101\",\"vlanId\":1}}]"}}}},
+                "spec": {{"nodeName": "{NODE}", "serviceAccountName": "sa"}},
+                "status": {{"phase": "{phase}"}}}}"#
+        );
+        let mut dir = StateDir::with_node()
+            .file("g-a.json", &group("sg-0a", "[]", "[]"))
+            .file("g-b.json", &group("sg-0b", "[]", "[]"))
+            .file(
+                "sa.yaml",
+                "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sa, namespace: shop, labels: {team: a}}\n",
+            )
+            .file("pod.json", &pod);
+        if !policies.is_empty() {
+            dir = dir.file("policies.yaml", &policies);
+        }
+        let model = dir.model();
+        let groups = model.pod("shop/p").map(|p| p.groups.clone());
+        let expected = expected.map(|g| g.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(groups, expected, "{case}");
+    }
+}
+
+/// A baseline of the scenario, and the same with `extra` files: the pods other than
+/// `touched` keep their groups, action and quarantine.
+fn only_touches(extra: &[(&str, &str)], touched: &[&str]) -> Model {
+    let baseline = cluster(&scenario()).model();
+    let mut dir = cluster(&scenario());
+    for (name, text) in extra {
+        dir = dir.file(name, text);
+    }
+    let model = dir.model();
+    for pod in baseline
+        .pods
+        .iter()
+        .filter(|p| !touched.contains(&p.key().as_str()))
+    {
+        let now = model.pod(&pod.key()).expect("still enforced");
+        assert_eq!(
+            (&now.groups, now.action, now.vlan, &now.facts.quarantine),
+            (&pod.groups, pod.action, pod.vlan, &None),
+            "{}",
+            pod.key()
+        );
+    }
+    model
+}
+
+fn quarantine_of(model: &Model, key: &str) -> (String, QuarantineCause) {
+    let pod = model.pod(key).expect("enforced");
+    assert!(pod.groups.is_empty(), "{key} keeps groups {:?}", pod.groups);
+    let held = pod.facts.quarantine.as_ref().expect("quarantined");
+    (held.reason.clone(), held.cause)
+}
+
+#[test]
+fn a_policy_of_another_namespace_naming_an_unknown_group_touches_no_pod() {
+    let sgp = "apiVersion: vpcresources.k8s.aws/v1beta1\nkind: SecurityGroupPolicy\nmetadata: {name: typo, namespace: team-a}\nspec:\n  podSelector: {}\n  securityGroups: {groupIds: [sg-0typo]}\n";
+    let model = only_touches(&[("typo.yaml", sgp)], &[]);
+    assert_eq!(model.findings.len(), 1, "{:#?}", model.findings);
+    assert_eq!(model.findings[0].kind, FindingKind::Warning);
+    assert!(
+        model.findings[0]
+            .at
+            .to_string()
+            .contains("SecurityGroupPolicy team-a/typo")
+    );
+}
+
+#[test]
+fn a_policy_naming_a_group_ec2_does_not_list_yet_quarantines_the_pods_it_gives_it() {
+    let sgp = "apiVersion: vpcresources.k8s.aws/v1beta1\nkind: SecurityGroupPolicy\nmetadata: {name: new, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  securityGroups: {groupIds: [sg-0new]}\n";
+    let model = only_touches(&[("new.yaml", sgp)], &["shop/web-1"]);
+    let (reason, cause) = quarantine_of(&model, "shop/web-1");
+    assert!(reason.contains("sg-0new is not defined"), "{reason}");
+    assert_eq!(cause, QuarantineCause::Policies);
+    // Once EC2 lists it, the pod takes it.
+    let model = cluster(&scenario())
+        .file("new.yaml", sgp)
+        .file("g-new.json", &group("sg-0new", "[]", "[]"))
+        .model();
+    assert_eq!(
+        model.pod("shop/web-1").unwrap().groups,
+        ["sg-0new", "sg-0web"]
+    );
+}
+
+#[test]
+fn a_policy_that_cannot_be_read_quarantines_the_pods_it_selects() {
+    let sgp = "apiVersion: vpcresources.k8s.aws/v1beta1\nkind: SecurityGroupPolicy\nmetadata: {name: broken, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  securityGroups: {groupIds: sg-0db}\n";
+    let model = only_touches(&[("broken.yaml", sgp)], &["shop/web-1"]);
+    let (reason, cause) = quarantine_of(&model, "shop/web-1");
+    assert!(
+        reason.contains("SecurityGroupPolicy shop/broken selects it and cannot be read"),
+        "{reason}"
+    );
+    assert_eq!(cause, QuarantineCause::Policies);
+    assert!(
+        model
+            .findings_of(FindingKind::Skipped)
+            .any(|f| f.at.object == "SecurityGroupPolicy shop/broken")
+    );
+}
+
+#[test]
+fn a_service_account_that_cannot_be_read_quarantines_the_pods_it_runs() {
+    let account = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: orders, namespace: shop, labels: {db-access: 1}}\n";
+    let model = only_touches(
+        &[(
+            "accounts.yaml",
+            &format!("{account}---\n{}", ACCOUNTS.split("---\n").nth(1).unwrap()),
+        )],
+        &["shop/orders"],
+    );
+    let (reason, _) = quarantine_of(&model, "shop/orders");
+    assert!(
+        reason.contains("ServiceAccount shop/orders cannot be read"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_branch_annotation_that_cannot_be_read() {
+    let eni = |vlan: &str, mac: &str| {
+        format!(
+            r#"{{"vpc.amazonaws.com/pod-eni": "[{{\"eniId\":\"eni-9\",\"ifAddress\":\"{mac}\",\"privateIp\":\"10.0.1.109\",\"vlanId\":{vlan}}}]"}}"#
+        )
+    };
+    let pod = |name: &str, node: &str, annotations: &str| {
+        format!(
+            r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "{name}", "namespace": "shop", "uid": "u-{name}", "labels": {{"app": "web"}}, "annotations": {annotations}}}, "spec": {{"nodeName": "{node}"}}}}"#
+        )
+    };
+    let mut pods = scenario();
+    pods.push(pod("bad-mac", NODE, &eni("9", "zz")));
+    pods.push(pod(
+        "garbled",
+        NODE,
+        r#"{"vpc.amazonaws.com/pod-eni": "[{"}"#,
+    ));
+    pods.push(pod("elsewhere", OTHER_NODE, &eni("9", "zz")));
+    let baseline = cluster(&scenario()).model();
+    let model = cluster(&pods).model();
+    for pod in &baseline.pods {
+        assert_eq!(model.pod(&pod.key()).unwrap().groups, pod.groups);
+    }
+    // Its VLAN known: quarantined on it, with no address.
+    let (reason, cause) = quarantine_of(&model, "shop/bad-mac");
+    assert!(
+        reason.contains("ifAddress") && reason.contains("not a MAC address"),
+        "{reason}"
+    );
+    assert_eq!(cause, QuarantineCause::Pod);
+    let bad = model.pod("shop/bad-mac").unwrap();
+    assert_eq!((bad.vlan, bad.ipv4, bad.ipv6), (9, None, None));
+    // Its VLAN unknown: reported; the node's unknownVlan action holds for it.
+    let garbled: Vec<_> = model
+        .findings_of(FindingKind::Quarantined)
+        .filter(|f| f.at.object == "Pod shop/garbled")
+        .collect();
+    assert_eq!(garbled.len(), 1);
+    assert!(garbled[0].at.message.contains("unknownVlan action (drop)"));
+    // Another node's: ignored, and its address is a member of nothing through it.
+    assert!(
+        model
+            .findings_of(FindingKind::Ignored)
+            .any(|f| f.at.object == "Pod shop/elsewhere")
+    );
+    assert_eq!(model.members, baseline.members);
 }

@@ -738,7 +738,10 @@ mod tests {
         assert_eq!(errors, dir.refusal());
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
         for expected in expected {
-            assert!(errors.iter().any(|e| e.contains(expected)), "{errors:#?} lacks {expected:?}");
+            assert!(
+                errors.iter().any(|e| e.contains(expected)),
+                "{errors:#?} lacks {expected:?}"
+            );
         }
     }
 
@@ -793,13 +796,16 @@ mod tests {
 
         let over = format!("[{}]", many_rules(61, false));
         let dir = StateDir::with_node().file("big.json", &group("sg-0big", "[]", &over));
-        warning(&dir, &[
-            "big.json",
-            "SecurityGroup sg-0big",
-            "IpPermissionsEgress",
-            "61 IPv4 egress rules",
-            "quota of 60",
-        ]);
+        warning(
+            &dir,
+            &[
+                "big.json",
+                "SecurityGroup sg-0big",
+                "IpPermissionsEgress",
+                "61 IPv4 egress rules",
+                "quota of 60",
+            ],
+        );
     }
 
     /// The single warning, which must mention every one of `parts`: EC2 accepted a
@@ -817,11 +823,14 @@ mod tests {
         let refs = r#"{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-0node"}]}"#;
         let ingress = format!("[{}, {refs}]", many_rules(60, true));
         let dir = StateDir::with_node().file("big.json", &group("sg-0big", &ingress, "[]"));
-        warning(&dir, &[
-            "SecurityGroup sg-0big",
-            "IpPermissions",
-            "61 IPv6 ingress rules",
-        ]);
+        warning(
+            &dir,
+            &[
+                "SecurityGroup sg-0big",
+                "IpPermissions",
+                "61 IPv6 ingress rules",
+            ],
+        );
     }
 
     #[test]
@@ -889,9 +898,16 @@ mod tests {
             "NetworkInterface eni-2: Ipv4Prefixes[0].Ipv4Prefix: \"10.0.3.33/28\" has host bits set",
             "NetworkInterface eni-1: defined twice",
         ] {
-            assert!(errors.iter().any(|e| e.contains(expected)), "{errors:#?} lacks {expected:?}");
+            assert!(
+                errors.iter().any(|e| e.contains(expected)),
+                "{errors:#?} lacks {expected:?}"
+            );
         }
-        assert!(errors.iter().all(|e| e.contains("the interface is set aside")));
+        assert!(
+            errors
+                .iter()
+                .all(|e| e.contains("the interface is set aside"))
+        );
     }
 
     #[test]

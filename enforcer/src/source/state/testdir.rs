@@ -77,17 +77,17 @@ impl StateDir {
                 .collect(),
             Err(e) => e.0.iter().map(ToString::to_string).collect(),
         };
-        assert!(!lines.is_empty(), "the state directory loaded without problems");
+        assert!(
+            !lines.is_empty(),
+            "the state directory loaded without problems"
+        );
         lines
     }
 
     /// The errors of a refused state; panics if the directory loads.
     pub fn refusal(&self) -> Vec<String> {
         match self.load() {
-            Ok(model) => panic!(
-                "the state loaded, with findings {:#?}",
-                model.findings
-            ),
+            Ok(model) => panic!("the state loaded, with findings {:#?}", model.findings),
             Err(e) => e.0.iter().map(ToString::to_string).collect(),
         }
     }

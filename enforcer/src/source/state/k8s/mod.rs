@@ -26,7 +26,11 @@ mod tests {
         // Which of the two is right cannot be known: both are set aside.
         let errors = dir.errors();
         assert_eq!(errors.len(), 2, "{errors:#?}");
-        assert!(errors.iter().any(|e| e.contains("b.yaml: Pod shop/p: defined twice: also in")));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("b.yaml: Pod shop/p: defined twice: also in"))
+        );
         assert!(
             errors
                 .iter()

@@ -510,7 +510,11 @@ mod tests {
         let dir = StateDir::empty().file("node.yaml", NODE_CONFIG);
         let warnings = dir.findings(crate::model::FindingKind::Warning);
         assert_eq!(warnings.len(), 1, "{warnings:#?}");
-        for part in ["NodeConfig", "spec.primarySecurityGroups[0]", "sg-0node is not defined"] {
+        for part in [
+            "NodeConfig",
+            "spec.primarySecurityGroups[0]",
+            "sg-0node is not defined",
+        ] {
             assert!(warnings[0].contains(part), "{warnings:#?}");
         }
     }

@@ -416,11 +416,13 @@ spec:
             EnforcingAction::Enforce
         );
         let dir = StateDir::with_node().file("pod.yaml", &annotated("audit"));
-        dir.error(&["pod.yaml", "Pod shop/web", "audit is ignored", "auditNamespaces"]);
-        assert_eq!(
-            dir.findings(crate::model::FindingKind::Ignored).len(),
-            1
-        );
+        dir.error(&[
+            "pod.yaml",
+            "Pod shop/web",
+            "audit is ignored",
+            "auditNamespaces",
+        ]);
+        assert_eq!(dir.findings(crate::model::FindingKind::Ignored).len(), 1);
         // A value that is not an action is ignored: the pod is enforced.
         let dir = StateDir::with_node().file("pod.yaml", &annotated("Audit"));
         dir.error(&[

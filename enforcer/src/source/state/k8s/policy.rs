@@ -210,7 +210,10 @@ mod tests {
         );
         let warnings = dir.findings(crate::model::FindingKind::Warning);
         assert_eq!(warnings.len(), 1, "{warnings:#?}");
-        assert!(warnings[0].contains("spec.securityGroups.groupIds[1]: security group sg-0rds is not defined"));
+        assert!(
+            warnings[0]
+                .contains("spec.securityGroups.groupIds[1]: security group sg-0rds is not defined")
+        );
         error(
             "  podSelector:\n    matchExpressions: [{key: app, operator: Equals, values: [db]}]\n  securityGroups: {groupIds: [sg-0node]}\n",
             &[
