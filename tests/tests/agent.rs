@@ -269,40 +269,112 @@ fn a_bad_state_is_rejected_whole_and_the_kernel_keeps_the_last_good_one() {
         "status names the file:\n{status}"
     );
 
-    // A dangling group reference: rejected too, naming the object.
+    // Fixed: the change elsewhere applies.
     std::fs::remove_file(node.state_dir.join("broken.yaml")).expect("remove");
-    support::write_atomically(
-        &node.state_dir.join("sgp-dangling.json"),
-        &serde_json::json!({
-            "apiVersion": "vpcresources.k8s.aws/v1beta1",
-            "kind": "SecurityGroupPolicy",
-            "metadata": {"name": "dangling", "namespace": "default"},
-            "spec": {
-                "podSelector": {"matchLabels": {"app": "test"}},
-                "securityGroups": {"groupIds": ["sg-missing"]},
-            },
-        })
-        .to_string(),
-    );
-    wait_for(
-        "the dangling group reported",
-        Duration::from_secs(5),
-        || {
-            node.enforcer(&["status", "--pin-path", &pin_path])
-                .contains("sg-missing")
-        },
-    );
-    assert_eq!(kernel_pods(&node), good, "the kernel maps changed");
-    let metrics = node.http_get("/metrics").expect("metrics").1;
-    assert!(metrics.contains("enforcer_state_error 1"), "{metrics}");
-
-    std::fs::remove_file(node.state_dir.join("sgp-dangling.json")).expect("remove");
     node.wait_ready();
     assert!(
         kernel_pods(&node).contains_key(&api().vlan),
         "the fixed state applies"
     );
     node.expect_verdicts(vec![syn_to(&web, CLOSED, 43002)], &[(Reason::PassNew, 1)]);
+}
+
+/// One JSON file in the state directory holding `object`.
+fn write_object(node: &Node, name: &str, object: serde_json::Value) {
+    support::write_atomically(&node.state_dir.join(name), &object.to_string());
+}
+
+/// A pod of this node with the given phase and branch annotation.
+fn pod_object(name: &str, vlan: u16, mac: &str, ip: &str, phase: &str) -> serde_json::Value {
+    let eni = serde_json::json!([{
+        "eniId": format!("eni-{vlan:017x}"), "ifAddress": mac, "privateIp": ip, "vlanId": vlan,
+    }]);
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
+                     "labels": {"app": "test"},
+                     "annotations": {"vpc.amazonaws.com/pod-eni": eni.to_string()}},
+        "spec": {"nodeName": "node-1"},
+        "status": {"phase": phase, "podIP": ip},
+    })
+}
+
+/// The unit of failure is the object: while the node enforces, a policy of another
+/// namespace naming a group EC2 does not list, a policy whose selector cannot be
+/// evaluated, a completed Job pod still annotated with a running pod's VLAN, and a
+/// pod whose annotation is broken arrive with a new branch pod. The new pod is
+/// enforced within the usual bound, the broken one is quarantined on its VLAN
+/// (everything the groups filter dropped), `/readyz` stays 200, and `status` and
+/// `/metrics` report each finding.
+#[test]
+fn bad_objects_are_isolated_and_the_node_keeps_enforcing() {
+    let mut node = Node::new();
+    let web = web();
+    node.write_state(&state("strict", vec![web.clone()]));
+    node.start_agent();
+    node.wait_ready();
+    let pin_path = node.pin_path.to_str().expect("utf-8").to_string();
+
+    write_object(&node, "typo.json", serde_json::json!({
+        "apiVersion": "vpcresources.k8s.aws/v1beta1", "kind": "SecurityGroupPolicy",
+        "metadata": {"name": "typo", "namespace": "team-a"},
+        "spec": {"podSelector": {}, "securityGroups": {"groupIds": ["sg-0typo"]}},
+    }));
+    write_object(&node, "selector.json", serde_json::json!({
+        "apiVersion": "vpcresources.k8s.aws/v1beta1", "kind": "SecurityGroupPolicy",
+        "metadata": {"name": "selector", "namespace": "default"},
+        "spec": {"podSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]},
+                 "securityGroups": {"groupIds": ["sg-node"]}},
+    }));
+    write_object(&node, "job.json",
+        pod_object("job-old", web.vlan, "0a:00:00:00:00:09", "10.0.1.99", "Succeeded"));
+    let broken = TestPod::new("broken", "uid-broken", 30, [10, 0, 1, 60]);
+    write_object(&node, "broken.json",
+        pod_object("broken", broken.vlan, "not-a-mac", "10.0.1.60", "Running"));
+    let started = Instant::now();
+    node.write_state(&state("strict", vec![web.clone(), api()]));
+    wait_for("the new pod and the quarantine", Duration::from_secs(5), || {
+        let pods = kernel_pods(&node);
+        pods.contains_key(&api().vlan) && pods.contains_key(&broken.vlan)
+    });
+    eprintln!("enforced {:?} after the change", started.elapsed());
+    assert_eq!(node.http_get("/readyz").map(|(code, _)| code), Some(200));
+    node.expect_verdicts(vec![syn_to(&api(), OPEN, 45000)], &[(Reason::PassNew, 1)]);
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 45001)], &[(Reason::PassNew, 1)]);
+    // The quarantined pod: what its groups would have allowed is dropped; no address
+    // of a broken annotation is trusted, so no frame is even the pod's.
+    node.expect_verdicts(vec![syn_to(&broken, OPEN, 45002)], &[(Reason::DropSpoofed, 1)]);
+
+    let status = node.enforcer(&["status", "--pin-path", &pin_path]);
+    for expected in [
+        "warning: ",
+        "SecurityGroupPolicy team-a/typo",
+        "skipped: ",
+        "SecurityGroupPolicy default/selector",
+        "quarantined: ",
+        "QUARANTINED: ",
+        "default/broken",
+    ] {
+        assert!(status.contains(expected), "status lacks {expected:?}:\n{status}");
+    }
+    assert!(!status.contains("job-old"), "a completed pod is no finding:\n{status}");
+    let metrics = node.http_get("/metrics").expect("metrics").1;
+    for expected in [
+        r#"enforcer_state_findings{kind="warning"} 1"#,
+        r#"enforcer_state_findings{kind="skipped"} 1"#,
+        r#"enforcer_state_findings{kind="quarantined"} 1"#,
+        "enforcer_state_error 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == expected), "metrics lack {expected:?}:\n{metrics}");
+    }
+
+    // The pod fixed: released from quarantine with its policies' groups.
+    write_object(&node, "broken.json",
+        pod_object("broken", broken.vlan, "0a:00:00:00:00:30", "10.0.1.60", "Running"));
+    wait_for("the quarantine lifted", Duration::from_secs(5), || {
+        !node.enforcer(&["status", "--pin-path", &pin_path]).contains("QUARANTINED")
+    });
+    node.expect_verdicts(vec![syn_to(&broken, OPEN, 45003)], &[(Reason::PassNew, 1)]);
 }
 
 #[test]

@@ -734,6 +734,6 @@ fn check_refuses_what_run_refuses() {
         .output()
         .expect("run check");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("longer than the kernel's"), "{stderr}");
 }

@@ -686,7 +686,7 @@ fn dotted(ip: [u8; 4]) -> String {
 }
 
 fn node_config(node: &Node, state: &TestState) -> String {
-    serde_json::json!({
+    let mut config = serde_json::json!({
         "apiVersion": "enforcer.sgp.dev/v1alpha1",
         "kind": "NodeConfig",
         "metadata": {"name": "node-1"},
@@ -698,8 +698,13 @@ fn node_config(node: &Node, state: &TestState) -> String {
             "primarySecurityGroups": ["sg-node"],
             "vpcCidrs": ["10.0.0.0/16"],
         }
-    })
-    .to_string()
+    });
+    // A pod's own audit annotation needs the node's leave: a state that asks for
+    // one gives it to the pods' namespace.
+    if state.pods.iter().any(|p| p.action == Some("audit")) {
+        config["spec"]["auditNamespaces"] = serde_json::json!(["default"]);
+    }
+    config.to_string()
 }
 
 /// `describe-security-groups` output: `sg-app` (the pods' group) and `sg-node`.
