@@ -1,14 +1,22 @@
 //! The node agent as real `enforcer` processes on a veth trunk in a fresh namespace:
-//! restarts, live and rejected states, pod lifecycle, enforcing-mode pinning.
+//! restarts, live and rejected states, pod lifecycle, enforcing-mode pinning; and the
+//! agent run in-process, to change its state at each stage of its start-up.
 
 #[path = "agent_support/mod.rs"]
 mod support;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use enforcer::agent::{Startup, StateSource};
 use enforcer::kernel::maps::KernelMaps;
+use enforcer::kernel::xdp::XdpSetting;
+use enforcer::observe::status::Status;
+use enforcer::source::live::hub::{Ec2Node, Identity, names};
+use enforcer::source::live::{Hub, NodeSettings};
+use enforcer::source::state::Documents;
+use enforcer::source::watch::MAX_DELAY;
 use enforcer_common::{EnforcingMode, POD_AUDIT, PodEntry, Reason, counter_slot};
 use support::{Node, TestPod, TestState, ack_to, syn_to, wait_for};
 
@@ -645,4 +653,214 @@ fn switching_a_pod_between_audit_and_enforce_keeps_its_flows() {
         vec![ack_to(&web, CLOSED, 50000)],
         &[(Reason::DropPolicy, 1)],
     );
+}
+
+/// The longest a change may take to be enforced: the watch reloads at most
+/// [`MAX_DELAY`] after it, and the read, the apply and the frames take well under a second.
+const RELOAD_BOUND: Duration = MAX_DELAY.saturating_add(Duration::from_secs(1));
+
+/// The stages of the start-up a change is made at, in the order the agent reaches them.
+const STAGES: [Startup; 4] = [
+    Startup::Loaded,
+    Startup::Read,
+    Startup::Applied,
+    Startup::Attached,
+];
+
+/// Where an agent of [`change_during_start_up`] reads its state.
+#[derive(Clone, Copy, Debug)]
+enum Origin {
+    Directory,
+    Live,
+}
+
+/// What the observer of a start-up saw.
+#[derive(Debug, Default)]
+struct StartUp {
+    stages: Vec<Startup>,
+    changed_at: Option<Instant>,
+    /// When the start-up ended: a change made before is applied within the bound of it.
+    attached_at: Option<Instant>,
+    /// At each stage from the first apply on: the VLANs `enforcer status` could not name.
+    unnamed: Vec<(Startup, Vec<u16>)>,
+}
+
+#[test]
+fn a_state_file_replaced_at_any_stage_of_the_start_up_is_applied() {
+    changes_during_start_up(Origin::Directory);
+}
+
+#[test]
+fn a_live_view_published_at_any_stage_of_the_start_up_is_applied() {
+    changes_during_start_up(Origin::Live);
+}
+
+/// [`change_during_start_up`] at every stage, XDP on and off; fails with every case
+/// that failed, each one's message printed as it fails.
+fn changes_during_start_up(origin: Origin) {
+    let mut failed = Vec::new();
+    for xdp in [XdpSetting::Auto, XdpSetting::Off] {
+        for stage in STAGES {
+            let case = std::panic::AssertUnwindSafe(|| change_during_start_up(origin, xdp, stage));
+            if std::panic::catch_unwind(case).is_err() {
+                failed.push(format!("XDP {xdp:?}, change at {stage:?}"));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{origin:?} source: failed {failed:#?}");
+}
+
+/// Starts an agent over a state allowing `OPEN` to `web`, adds an ingress rule for
+/// `CLOSED` when the start-up reaches `stage`, and checks that the rule is enforced
+/// within [`RELOAD_BOUND`] of the change (or of the start-up's end, if later), that the start-up went through every stage,
+/// and that `status` named every pod the maps held from the first apply on.
+fn change_during_start_up(origin: Origin, xdp: XdpSetting, stage: Startup) {
+    let case = format!("{origin:?} source, XDP {xdp:?}, change at {stage:?}");
+    eprintln!("{case}");
+    let node = Node::new();
+    let web = web();
+    let initial = state("strict", vec![web.clone()]);
+    let mut groups = support::security_groups(&initial);
+    groups["SecurityGroups"][0]["IpPermissions"]
+        .as_array_mut()
+        .expect("sg-app's ingress rules")
+        .push(serde_json::json!({
+            "IpProtocol": "tcp", "FromPort": CLOSED, "ToPort": CLOSED,
+            "IpRanges": [{"CidrIp": "10.0.0.0/16"}],
+            "Ipv6Ranges": [], "PrefixListIds": [], "UserIdGroupPairs": [],
+        }));
+    let groups = groups.to_string();
+    let (source, change): (StateSource, Box<dyn FnOnce() + Send>) = match origin {
+        Origin::Directory => {
+            node.write_state(&initial);
+            let file = node.state_dir.join("security-groups.json");
+            (
+                StateSource::Directory(node.state_dir.clone()),
+                Box::new(move || support::write_atomically(&file, &groups)),
+            )
+        }
+        Origin::Live => {
+            let hub = live_hub(&node, &initial);
+            let changed = hub.clone();
+            (
+                StateSource::Live(hub),
+                Box::new(move || {
+                    changed.publish_ec2(documents("security-groups.json", &groups), ec2_node());
+                }),
+            )
+        }
+    };
+    let seen = Arc::new(Mutex::new(StartUp::default()));
+    let observer = seen.clone();
+    let pin_path = node.pin_path.clone();
+    let mut change = Some(change);
+    let agent = node.start_in_process(source, xdp, move |at| {
+        let mut seen = observer.lock().expect("the observer's record");
+        seen.stages.push(at);
+        if matches!(at, Startup::Applied | Startup::Attached) {
+            let unnamed = match Status::read(&pin_path) {
+                Ok(status) => status
+                    .pods
+                    .iter()
+                    .filter(|p| p.pod.is_none() || p.groups.is_empty())
+                    .map(|p| p.vlan)
+                    .collect(),
+                Err(error) => panic!("status at {at:?}: {}", enforcer::error_chain(&error)),
+            };
+            seen.unnamed.push((at, unnamed));
+        }
+        if at == stage {
+            (change.take().expect("one change"))();
+            seen.changed_at = Some(Instant::now());
+        }
+        if at == Startup::Attached {
+            seen.attached_at = Some(Instant::now());
+        }
+    });
+    node.wait_ready();
+    let (changed_at, attached_at) = {
+        let seen = seen.lock().expect("the observer's record");
+        let reached = |at: Option<Instant>| {
+            at.unwrap_or_else(|| panic!("{case}: the start-up never reached the stage"))
+        };
+        (reached(seen.changed_at), reached(seen.attached_at))
+    };
+    // The attachment (a second or more with XDP) is the start-up's, not the reload's.
+    let deadline = changed_at.max(attached_at) + RELOAD_BOUND;
+    let mut port = 47000;
+    loop {
+        port += 1;
+        let before = node.counters()[Reason::PassNew as usize];
+        node.send_to_trunk(vec![syn_to(&web, CLOSED, port)]);
+        std::thread::sleep(Duration::from_millis(10));
+        if node.counters()[Reason::PassNew as usize] > before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{case}: the added rule is not enforced {RELOAD_BOUND:?} after the change and the start-up"
+        );
+    }
+    eprintln!("  applied {:?} after the change", changed_at.elapsed());
+    node.expect_verdicts(vec![syn_to(&web, OPEN, 46999)], &[(Reason::PassNew, 1)]);
+    let (_, metrics) = node.http_get("/metrics").expect("the agent's metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"enforcer_reloads_total{result="rejected"} 0"#),
+        "{case}: a reload was rejected"
+    );
+    agent.stop();
+    let seen = seen.lock().expect("the observer's record");
+    assert_eq!(seen.stages, STAGES, "{case}: the stages of the start-up");
+    for (at, unnamed) in &seen.unnamed {
+        assert!(
+            unnamed.is_empty(),
+            "{case}: at {at:?}, `enforcer status` names no pod for VLANs {unnamed:?}"
+        );
+    }
+}
+
+/// A live view of `state` as the sources would publish it: the pods and the policy
+/// from Kubernetes, the groups from EC2, the node's identity from IMDS.
+fn live_hub(node: &Node, state: &TestState) -> Arc<Hub> {
+    let settings = NodeSettings {
+        trunk_interface: Some(node.trunk.clone()),
+        primary_interface: Some("eth0".to_string()),
+        enforcing_mode: Some(state.mode.to_string()),
+        spec: serde_json::Map::new(),
+    };
+    let hub = Hub::new("node-1".to_string(), settings);
+    let files: std::collections::BTreeMap<_, _> = node.state_files(state).into_iter().collect();
+    hub.publish(names::PODS, documents("pods.json", &files["pods.json"]));
+    hub.publish(names::SERVICE_ACCOUNTS, Documents::default());
+    hub.publish(names::POLICIES, Documents::default());
+    hub.publish_ec2(
+        documents("security-groups.json", &files["security-groups.json"]),
+        ec2_node(),
+    );
+    hub.publish_identity(Identity {
+        instance_id: "i-0test".to_string(),
+        region: "eu-west-1".to_string(),
+        mac: "0a:00:00:00:00:01".to_string(),
+        primary_ips: vec!["10.0.1.10".parse().expect("an address")],
+        security_groups: vec!["sg-node".to_string()],
+        vpc_cidrs: vec!["10.0.0.0/16".to_string()],
+    });
+    let view = hub.view();
+    assert!(view.incomplete.is_empty(), "{:?}", view.incomplete);
+    hub
+}
+
+fn ec2_node() -> Ec2Node {
+    Ec2Node {
+        listed: true,
+        ..Ec2Node::default()
+    }
+}
+
+fn documents(name: &str, text: &str) -> Documents {
+    let mut documents = Documents::default();
+    documents.insert(name, text);
+    documents
 }

@@ -151,6 +151,26 @@ impl StateSource {
         }
     }
 
+    /// Starts watching the source's changes. Done before the state's first read:
+    /// a change made while the agent starts is then seen, never lost between
+    /// that read and the watch.
+    fn watch(&self) -> Result<Watched, AgentError> {
+        match self {
+            Self::Directory(dir) => crate::source::watch::StateWatch::new(dir)
+                .map(Watched::Directory)
+                .map_err(|source| AgentError::Watch {
+                    path: dir.clone(),
+                    source,
+                }),
+            #[cfg(feature = "live")]
+            Self::Live(hub) => {
+                let mut views = hub.subscribe();
+                let seen = views.borrow_and_update().clone();
+                Ok(Watched::Live { views, seen })
+            }
+        }
+    }
+
     fn load(&self) -> Result<Model, AgentError> {
         match self {
             Self::Directory(dir) => Ok(crate::source::load(dir)?),
@@ -167,9 +187,40 @@ impl StateSource {
     }
 }
 
+/// A source's changes, watched from before the state's first read.
+enum Watched {
+    /// The state directory's inotify watch, in place.
+    Directory(crate::source::watch::StateWatch),
+    /// The live view, subscribed: any view published after `seen` is a change.
+    #[cfg(feature = "live")]
+    Live {
+        views: tokio::sync::watch::Receiver<Arc<crate::source::live::LiveView>>,
+        seen: Arc<crate::source::live::LiveView>,
+    },
+}
+
+/// The stages of an agent's start-up, in order, at which [`Agent::start_observed`]
+/// calls its observer. A change to the state made at any of them is applied: a
+/// ConfigMap update during a rolling restart, or a controller writing the state
+/// while the agent comes up, lands at one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Startup {
+    /// The programs are loaded over the pins; the state is not read yet.
+    Loaded,
+    /// The first state is read, not yet applied.
+    Read,
+    /// The first state is applied, the programs not attached yet.
+    Applied,
+    /// The programs are attached (or their attachment is retried); the agent does
+    /// not run yet, so `/readyz` is not served.
+    Attached,
+}
+
 /// The programs, their maps and what they enforce, for one pin path.
 pub struct Agent {
     source: StateSource,
+    /// The source's changes since before the first read, until [`run`] takes them.
+    watched: Option<Watched>,
     pin_path: PathBuf,
     /// The loaded programs; attached through pinned links, so dropping them detaches nothing.
     ebpf: Ebpf,
@@ -208,10 +259,12 @@ pub struct Agent {
 type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 impl Agent {
-    /// Loads the programs over the maps pinned under `pin_path` (creating
-    /// them on a first start, migrating those of another layout: see
-    /// [`crate::kernel::pins`]), applies the state directory and attaches the
-    /// programs to its trunk. A state that does not apply, or a trunk that is
+    /// Watches the state directory, loads the programs over the maps pinned
+    /// under `pin_path` (creating them on a first start, migrating those of
+    /// another layout: see [`crate::kernel::pins`]), applies the state and
+    /// attaches the programs to its trunk. The watch comes first: a change
+    /// made while the agent starts is applied by [`run`], even one the first
+    /// read missed. A state that does not apply, or a trunk that is
     /// not there yet, is reported (see [`Agent::failure`], [`Agent::is_ready`]),
     /// not fatal: whatever a previous agent left pinned keeps enforcing, and
     /// [`run`] tries again.
@@ -229,6 +282,19 @@ impl Agent {
         pin_path: &Path,
         xdp: XdpSetting,
     ) -> Result<Self, AgentError> {
+        Self::start_observed(source, pin_path, xdp, &mut |_| {})
+    }
+
+    /// [`Agent::start_from`], calling `at` at each [`Startup`] stage as it is
+    /// reached: how a test changes the state at a chosen moment of the start-up.
+    /// The command line never passes an observer.
+    pub fn start_observed(
+        source: StateSource,
+        pin_path: &Path,
+        xdp: XdpSetting,
+        at: &mut dyn FnMut(Startup),
+    ) -> Result<Self, AgentError> {
+        let watched = source.watch()?;
         let crate::kernel::pins::Loaded {
             mut ebpf,
             migration,
@@ -246,6 +312,7 @@ impl Agent {
         let maps = KernelMaps::take(&mut ebpf)?;
         let mut agent = Self {
             source,
+            watched: Some(watched),
             pin_path: pin_path.to_path_buf(),
             ebpf,
             maps,
@@ -264,11 +331,13 @@ impl Agent {
             kernel_log,
             reported_sources: Vec::new(),
         };
-        match agent.reload() {
-            // The report is how the failure would be told: without it, give up.
-            Err(error @ AgentError::Report { .. }) => Err(error),
-            _ => Ok(agent),
+        at(Startup::Loaded);
+        // The report is how a failure would be told: without it, give up.
+        if let Err(error @ AgentError::Report { .. }) = agent.reload_observed(at) {
+            return Err(error);
         }
+        at(Startup::Attached);
+        Ok(agent)
     }
 
     /// Reads the state directory again and makes the kernel enforce it, then
@@ -276,7 +345,12 @@ impl Agent {
     /// kernel keeps the last good state and the error is kept for `status`,
     /// metrics and the next report.
     pub fn reload(&mut self) -> Result<&Applied, AgentError> {
-        let result = self.try_reload();
+        self.reload_observed(&mut |_| {})
+    }
+
+    /// [`Agent::reload`], calling `at` once the state is read and once it is applied.
+    fn reload_observed(&mut self, at: &mut dyn FnMut(Startup)) -> Result<&Applied, AgentError> {
+        let result = self.try_reload(at);
         let now = SystemTime::now();
         match &result {
             Ok(()) => {
@@ -291,8 +365,18 @@ impl Agent {
                 self.reloads.1 += 1;
             }
         }
+        // The report goes with the apply, not after the attachment (which takes a
+        // while): `status` names every pod the maps now hold.
+        let reported = self.write_report();
+        if result.is_ok() {
+            at(Startup::Applied);
+        }
+        let attachment = (self.attached, self.attach_error.clone());
         self.supervise();
-        self.write_report()?;
+        reported?;
+        if (self.attached, self.attach_error.clone()) != attachment {
+            self.write_report()?;
+        }
         result?;
         Ok(self
             .applied
@@ -300,8 +384,9 @@ impl Agent {
             .expect("a successful reload leaves a state applied"))
     }
 
-    fn try_reload(&mut self) -> Result<(), AgentError> {
+    fn try_reload(&mut self, at: &mut dyn FnMut(Startup)) -> Result<(), AgentError> {
         let mut model = self.source.load()?;
+        at(Startup::Read);
         if !model.node.external_snat {
             let local =
                 std::fs::read_to_string(LOCAL_PORT_RANGE).map_err(AgentError::LocalPorts)?;
@@ -708,7 +793,8 @@ impl Backoff {
 }
 
 /// Keeps the kernel enforcing the state directory until `stop` completes:
-/// every change (debounced) is reloaded, a rejected state is tried again with
+/// every change (debounced) since the agent started watching, before its
+/// first read, is reloaded, a rejected state is tried again with
 /// backoff, the attachment is checked every [`SUPERVISE_INTERVAL`] and
 /// restored, and `metrics` (if given, bound before the agent started) serves
 /// `/metrics`, `/healthz` and `/readyz`. Errors of a reload are logged and
@@ -719,10 +805,14 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let state_dir = agent.source.origin();
-    let mut changes = match &agent.source {
-        StateSource::Directory(dir) => watch_changes(dir)?,
+    let watched = agent
+        .watched
+        .take()
+        .expect("an agent watches its source from its start");
+    let mut changes = match watched {
+        Watched::Directory(watch) => watch_changes(watch),
         #[cfg(feature = "live")]
-        StateSource::Live(hub) => live_changes(hub),
+        Watched::Live { views, seen } => live_changes(views, &seen),
     };
     if let Some(kernel_log) = agent.kernel_log.take() {
         tokio::spawn(forward_kernel_log(kernel_log));
@@ -797,13 +887,8 @@ fn spawn_sweeper(pin_path: PathBuf) {
 /// change seen while the agent is busy is kept (one pending reload), never
 /// lost with a cancelled wait.
 fn watch_changes(
-    state_dir: &Path,
-) -> Result<tokio::sync::mpsc::Receiver<std::io::Result<()>>, AgentError> {
-    let mut watch =
-        crate::source::watch::StateWatch::new(state_dir).map_err(|source| AgentError::Watch {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
+    mut watch: crate::source::watch::StateWatch,
+) -> tokio::sync::mpsc::Receiver<std::io::Result<()>> {
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         loop {
@@ -823,28 +908,30 @@ fn watch_changes(
             }
         }
     });
-    Ok(receiver)
+    receiver
 }
 
-/// Changes of the live view's documents, from a task of their own into a one-slot
+/// Changes of the live view's documents (or of its completeness) since `seen`, the
+/// view as subscribed before the first read, from a task of their own into a one-slot
 /// channel like a directory's; a change of the sources' health alone is no reload
 /// (the supervision tick reports it).
 #[cfg(feature = "live")]
 fn live_changes(
-    hub: &crate::source::live::Hub,
+    mut views: tokio::sync::watch::Receiver<Arc<crate::source::live::LiveView>>,
+    seen: &crate::source::live::LiveView,
 ) -> tokio::sync::mpsc::Receiver<std::io::Result<()>> {
-    let mut views = hub.subscribe();
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    let mut seen = (seen.documents.clone(), seen.incomplete.clone());
     tokio::spawn(async move {
-        let mut seen = views.borrow_and_update().documents.clone();
         while views.changed().await.is_ok() {
             // A burst of events (a relist, a rollout) is one reload.
             tokio::time::sleep(LIVE_SETTLE).await;
-            let documents = views.borrow_and_update().documents.clone();
-            if documents == seen {
+            let view = views.borrow_and_update().clone();
+            let current = (view.documents.clone(), view.incomplete.clone());
+            if current == seen {
                 continue;
             }
-            seen = documents;
+            seen = current;
             if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) = sender.try_send(Ok(()))
             {
                 return;

@@ -40,7 +40,11 @@ pub struct StateWatch {
     dir: PathBuf,
     /// The directory's parent and its name there, if it has a name.
     entry: Option<(PathBuf, OsString)>,
-    inotify: AsyncFd<OwnedFd>,
+    /// The inotify instance. Its watches are in place from [`StateWatch::new`] on:
+    /// what changes before the first wait queues in the kernel and is seen by it.
+    inotify: OwnedFd,
+    /// A duplicate of `inotify` registered with the runtime, from the first wait on.
+    readable: Option<AsyncFd<OwnedFd>>,
     /// The watch descriptor of the directory (of its target, if it is a symlink),
     /// while it is in place (it is renewed when the directory reappears or is replaced).
     dir_watch: Option<i32>,
@@ -49,7 +53,9 @@ pub struct StateWatch {
 }
 
 impl StateWatch {
-    /// Watches `dir` (it need not exist yet). Needs a Tokio runtime.
+    /// Watches `dir` (it need not exist yet) from now on. Needs no runtime, so
+    /// the watch can be placed before the state's first read; waiting for a
+    /// change ([`StateWatch::changed`]) needs a Tokio runtime.
     pub fn new(dir: &Path) -> io::Result<Self> {
         // SAFETY: plain syscall; the descriptor is owned below.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
@@ -57,9 +63,7 @@ impl StateWatch {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: an OwnedFd keeps returning its own open descriptor until dropped with the AsyncFd.
-        let inotify = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?;
+        let inotify = unsafe { OwnedFd::from_raw_fd(fd) };
         let entry = dir.file_name().map(|name| {
             let parent = match dir.parent() {
                 Some(parent) if !parent.as_os_str().is_empty() => parent,
@@ -71,6 +75,7 @@ impl StateWatch {
             dir: dir.to_path_buf(),
             entry,
             inotify,
+            readable: None,
             dir_watch: None,
             parent_watch: None,
         };
@@ -82,9 +87,8 @@ impl StateWatch {
     fn add_watch(&self, path: &Path, events: u32) -> Option<i32> {
         let path = CString::new(path.as_os_str().as_bytes()).ok()?;
         // SAFETY: valid descriptor and NUL-terminated path.
-        let wd = unsafe {
-            libc::inotify_add_watch(self.inotify.get_ref().as_raw_fd(), path.as_ptr(), events)
-        };
+        let wd =
+            unsafe { libc::inotify_add_watch(self.inotify.as_raw_fd(), path.as_ptr(), events) };
         (wd >= 0).then_some(wd)
     }
 
@@ -94,7 +98,7 @@ impl StateWatch {
         let renewed = self.add_watch(&self.dir, ENTRY_EVENTS | SELF_EVENTS);
         if let Some(old) = self.dir_watch.filter(|&old| Some(old) != renewed) {
             // SAFETY: valid descriptor; a watch the kernel already dropped is EINVAL, harmless.
-            unsafe { libc::inotify_rm_watch(self.inotify.get_ref().as_raw_fd(), old) };
+            unsafe { libc::inotify_rm_watch(self.inotify.as_raw_fd(), old) };
         }
         self.dir_watch = renewed;
         if self.parent_watch.is_none() {
@@ -141,7 +145,15 @@ impl StateWatch {
     /// Reads pending events; true if one of them may change the state.
     async fn drain(&mut self) -> io::Result<bool> {
         let mut buffer = [0u8; 4096];
-        let mut guard = self.inotify.readable().await?;
+        if self.readable.is_none() {
+            let duplicate = self.inotify.try_clone()?;
+            // SAFETY: an OwnedFd keeps returning its own open descriptor until dropped with the AsyncFd.
+            let registered =
+                unsafe { AsyncFd::register_with_interest(duplicate, Interest::READABLE) }?;
+            self.readable = Some(registered);
+        }
+        let readable = self.readable.as_ref().expect("registered above");
+        let mut guard = readable.readable().await?;
         let read = guard.try_io(|fd| {
             // SAFETY: reading into a buffer we own, of its length.
             let n = unsafe {
@@ -207,6 +219,23 @@ mod tests {
             .await
             .unwrap_or_else(|_| panic!("no reload within {limit:?} after {what}"))
             .expect("the watch works");
+    }
+
+    #[test]
+    fn a_change_made_before_the_first_wait_is_seen_by_it() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        // Placed outside any runtime, as the agent places it before its first read.
+        let mut watch = StateWatch::new(dir.path()).expect("watch");
+        std::fs::write(dir.path().join("pods.yaml"), "x").expect("write");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(change_within(
+            &mut watch,
+            Duration::from_secs(2),
+            "a write before the first wait",
+        ));
     }
 
     #[tokio::test]

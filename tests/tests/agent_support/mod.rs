@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aya::maps::MapInfo;
+use enforcer::agent::{Startup, StateSource};
+use enforcer::kernel::xdp::XdpSetting;
 use enforcer_common::{CtEntry, CtKey, PodEntry, Reason, counter_slot, map_names};
 use enforcer_tests::frame::{self, Tag};
 
@@ -441,6 +443,80 @@ impl Node {
             let ids = |t| enforcer::kernel::ebpf::attached_programs(&trunk, t).expect("query TCX");
             (ids(TcAttachType::Ingress), ids(TcAttachType::Egress))
         })
+    }
+}
+
+/// An agent the test runs itself, through the library rather than the binary, on a
+/// thread inside the node's namespace: how a test reaches the start-up stages
+/// ([`Startup`]) the command line never exposes. Its endpoint listens on
+/// [`METRICS_PORT`] like a started `enforcer run`'s.
+pub struct InProcessAgent {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl Node {
+    /// Starts an agent on `source` in this process, calling `at` at each stage of its start-up.
+    pub fn start_in_process(
+        &self,
+        source: StateSource,
+        xdp: XdpSetting,
+        mut at: impl FnMut(Startup) + Send + 'static,
+    ) -> InProcessAgent {
+        let pin_path = self.pin_path.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = self.spawn_in_netns(move || {
+            let listener = std::net::TcpListener::bind(("127.0.0.1", METRICS_PORT))
+                .map_err(|e| format!("binding the metrics endpoint: {e}"))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| format!("a non-blocking endpoint: {e}"))?;
+            // Built on this thread, so its workers are in the node's namespace too;
+            // two of them, as `enforcer run` has.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| format!("a runtime: {e}"))?;
+            let agent = enforcer::agent::Agent::start_observed(source, &pin_path, xdp, &mut at)
+                .map_err(|e| enforcer::error_chain(&e))?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .map_err(|e| format!("serving the endpoint: {e}"))?;
+                let stop = async move {
+                    let _ = stopped.await;
+                };
+                enforcer::agent::run(agent, Some(listener), stop)
+                    .await
+                    .map_err(|e| enforcer::error_chain(&e))
+            })
+        });
+        InProcessAgent {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl InProcessAgent {
+    /// Stops the agent; it must have run without error.
+    pub fn stop(mut self) {
+        self.stop.take().map(|stop| stop.send(()));
+        let thread = self.thread.take().expect("the agent's thread");
+        let result = thread.join().expect("the agent's thread does not panic");
+        assert_eq!(result, Ok(()), "the in-process agent failed");
+    }
+}
+
+impl Drop for InProcessAgent {
+    fn drop(&mut self) {
+        // A test that failed still stops its agent before the node goes.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
