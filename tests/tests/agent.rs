@@ -323,35 +323,62 @@ fn bad_objects_are_isolated_and_the_node_keeps_enforcing() {
     node.wait_ready();
     let pin_path = node.pin_path.to_str().expect("utf-8").to_string();
 
-    write_object(&node, "typo.json", serde_json::json!({
-        "apiVersion": "vpcresources.k8s.aws/v1beta1", "kind": "SecurityGroupPolicy",
-        "metadata": {"name": "typo", "namespace": "team-a"},
-        "spec": {"podSelector": {}, "securityGroups": {"groupIds": ["sg-0typo"]}},
-    }));
-    write_object(&node, "selector.json", serde_json::json!({
-        "apiVersion": "vpcresources.k8s.aws/v1beta1", "kind": "SecurityGroupPolicy",
-        "metadata": {"name": "selector", "namespace": "default"},
-        "spec": {"podSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]},
-                 "securityGroups": {"groupIds": ["sg-node"]}},
-    }));
-    write_object(&node, "job.json",
-        pod_object("job-old", web.vlan, "0a:00:00:00:00:09", "10.0.1.99", "Succeeded"));
+    write_object(
+        &node,
+        "typo.json",
+        serde_json::json!({
+            "apiVersion": "vpcresources.k8s.aws/v1beta1", "kind": "SecurityGroupPolicy",
+            "metadata": {"name": "typo", "namespace": "team-a"},
+            "spec": {"podSelector": {}, "securityGroups": {"groupIds": ["sg-0typo"]}},
+        }),
+    );
+    write_object(
+        &node,
+        "selector.json",
+        serde_json::json!({
+            "apiVersion": "vpcresources.k8s.aws/v1beta1", "kind": "SecurityGroupPolicy",
+            "metadata": {"name": "selector", "namespace": "default"},
+            "spec": {"podSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]},
+                     "securityGroups": {"groupIds": ["sg-node"]}},
+        }),
+    );
+    write_object(
+        &node,
+        "job.json",
+        pod_object(
+            "job-old",
+            web.vlan,
+            "0a:00:00:00:00:09",
+            "10.0.1.99",
+            "Succeeded",
+        ),
+    );
     let broken = TestPod::new("broken", "uid-broken", 30, [10, 0, 1, 60]);
-    write_object(&node, "broken.json",
-        pod_object("broken", broken.vlan, "not-a-mac", "10.0.1.60", "Running"));
+    write_object(
+        &node,
+        "broken.json",
+        pod_object("broken", broken.vlan, "not-a-mac", "10.0.1.60", "Running"),
+    );
     let started = Instant::now();
     node.write_state(&state("strict", vec![web.clone(), api()]));
-    wait_for("the new pod and the quarantine", Duration::from_secs(5), || {
-        let pods = kernel_pods(&node);
-        pods.contains_key(&api().vlan) && pods.contains_key(&broken.vlan)
-    });
+    wait_for(
+        "the new pod and the quarantine",
+        Duration::from_secs(5),
+        || {
+            let pods = kernel_pods(&node);
+            pods.contains_key(&api().vlan) && pods.contains_key(&broken.vlan)
+        },
+    );
     eprintln!("enforced {:?} after the change", started.elapsed());
     assert_eq!(node.http_get("/readyz").map(|(code, _)| code), Some(200));
     node.expect_verdicts(vec![syn_to(&api(), OPEN, 45000)], &[(Reason::PassNew, 1)]);
     node.expect_verdicts(vec![syn_to(&web, OPEN, 45001)], &[(Reason::PassNew, 1)]);
     // The quarantined pod: what its groups would have allowed is dropped; no address
     // of a broken annotation is trusted, so no frame is even the pod's.
-    node.expect_verdicts(vec![syn_to(&broken, OPEN, 45002)], &[(Reason::DropSpoofed, 1)]);
+    node.expect_verdicts(
+        vec![syn_to(&broken, OPEN, 45002)],
+        &[(Reason::DropSpoofed, 1)],
+    );
 
     let status = node.enforcer(&["status", "--pin-path", &pin_path]);
     for expected in [
@@ -363,9 +390,15 @@ fn bad_objects_are_isolated_and_the_node_keeps_enforcing() {
         "QUARANTINED: ",
         "default/broken",
     ] {
-        assert!(status.contains(expected), "status lacks {expected:?}:\n{status}");
+        assert!(
+            status.contains(expected),
+            "status lacks {expected:?}:\n{status}"
+        );
     }
-    assert!(!status.contains("job-old"), "a completed pod is no finding:\n{status}");
+    assert!(
+        !status.contains("job-old"),
+        "a completed pod is no finding:\n{status}"
+    );
     let metrics = node.http_get("/metrics").expect("metrics").1;
     for expected in [
         r#"enforcer_state_findings{kind="warning"} 1"#,
@@ -373,14 +406,28 @@ fn bad_objects_are_isolated_and_the_node_keeps_enforcing() {
         r#"enforcer_state_findings{kind="quarantined"} 1"#,
         "enforcer_state_error 0",
     ] {
-        assert!(metrics.lines().any(|l| l == expected), "metrics lack {expected:?}:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == expected),
+            "metrics lack {expected:?}:\n{metrics}"
+        );
     }
 
     // The pod fixed: released from quarantine with its policies' groups.
-    write_object(&node, "broken.json",
-        pod_object("broken", broken.vlan, "0a:00:00:00:00:30", "10.0.1.60", "Running"));
+    write_object(
+        &node,
+        "broken.json",
+        pod_object(
+            "broken",
+            broken.vlan,
+            "0a:00:00:00:00:30",
+            "10.0.1.60",
+            "Running",
+        ),
+    );
     wait_for("the quarantine lifted", Duration::from_secs(5), || {
-        !node.enforcer(&["status", "--pin-path", &pin_path]).contains("QUARANTINED")
+        !node
+            .enforcer(&["status", "--pin-path", &pin_path])
+            .contains("QUARANTINED")
     });
     node.expect_verdicts(vec![syn_to(&broken, OPEN, 45003)], &[(Reason::PassNew, 1)]);
 }

@@ -543,6 +543,53 @@ fn the_agent_enforces_what_the_cluster_says_and_follows_it() {
     kube.delete(Kind::Pod, "default", "web-2");
     until_judged(&node, &api, 8080, Reason::DropUnknownVlan, bound);
 
+    // A policy naming a group EC2 does not list yet (created before it, or a typo):
+    // only the pod it selects is quarantined, with an Event on it; the node stays
+    // ready and every other pod enforced. The group named, EC2 is polled early, and
+    // once it exists the pod takes it.
+    kube.apply(json!({"kind": "SecurityGroupPolicy",
+        "metadata": {"name": "batch", "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"app": "batch"}}, "securityGroups": {"groupIds": ["sg-batch"]}}}));
+    let batch = TestPod::new("batch-1", "uid-batch-1", 14, [10, 0, 1, 24]);
+    kube.apply(pod_object(&batch, "batch"));
+    until_judged(&node, &batch, 8080, Reason::DropPolicy, bound);
+    until_judged(&node, &web, 8080, Reason::PassNew, bound);
+    assert_eq!(node.http_get("/readyz").map(|(code, _)| code), Some(200));
+    let quarantined = |events: &[Value]| {
+        events.iter().any(|e| {
+            e["reason"] == "PodQuarantined"
+                && e["regarding"]["name"] == "batch-1"
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("sg-batch is not defined"))
+        })
+    };
+    wait_for("the quarantine's Event", Duration::from_secs(5), || {
+        quarantined(&kube.objects(Kind::Event))
+    });
+    let status = node.enforcer(&["status", "--pin-path", node.pin_path.to_str().unwrap()]);
+    assert!(
+        status.contains("QUARANTINED") && status.contains("default/batch-1"),
+        "{status}"
+    );
+    group(&mut moto, "sg-batch");
+    moto.call(
+        "authorize_security_group_ingress",
+        json!({"GroupId": "sg-batch", "IpPermissions": [
+            {"IpProtocol": "tcp", "FromPort": 8080, "ToPort": 8080, "IpRanges": [{"CidrIp": "10.0.0.0/16"}]}]}),
+    )
+    .unwrap();
+    let released = until_judged(&node, &batch, 8080, Reason::PassNew, Duration::from_secs(5));
+    eprintln!("a quarantined pod released {released:?} after its group appeared in EC2");
+    // One Event for the quarantine, however many reloads it lasted.
+    let events = kube.objects(Kind::Event);
+    let about_batch = events
+        .iter()
+        .filter(|e| e["regarding"]["name"] == "batch-1")
+        .count();
+    assert_eq!(about_batch, 1, "{events:#?}");
+    kube.delete(Kind::Pod, "default", "batch-1");
+
     // A rule added in EC2 and a prefix list changed: within a poll (1 s, jittered) and the apply.
     let ec2_bound = Duration::from_secs(5);
     moto.call(

@@ -357,7 +357,9 @@ fn a_reference_to_an_undefined_group_is_a_warning_everywhere() {
     );
     let metrics = node.http_get("/metrics").expect("metrics").1;
     assert!(
-        metrics.lines().any(|l| l == r#"enforcer_state_findings{kind="warning"} 1"#),
+        metrics
+            .lines()
+            .any(|l| l == r#"enforcer_state_findings{kind="warning"} 1"#),
         "{metrics}"
     );
     let web = web();

@@ -2,7 +2,7 @@
 //! previous agent pinned, applying every valid change and keeping the last good state,
 //! and keeping its programs first on the trunk whatever happens to the links.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
@@ -142,6 +142,21 @@ impl StateSource {
         }
     }
 
+    /// The findings of the state just applied: those not in `logged` are logged,
+    /// and in live mode every one goes to the Events publisher (which says each once
+    /// while it persists).
+    fn announce(&self, findings: &[crate::model::Finding], logged: &BTreeSet<String>) {
+        for finding in findings {
+            if !logged.contains(&finding.to_string()) {
+                log::warn!("state finding: {finding}");
+            }
+        }
+        #[cfg(feature = "live")]
+        if let Self::Live(hub) = self {
+            hub.report_findings(findings);
+        }
+    }
+
     /// Each live source's health (none for a directory).
     pub fn health(&self) -> Vec<SourceHealth> {
         match self {
@@ -253,6 +268,9 @@ pub struct Agent {
     kernel_log: Option<KernelLog>,
     /// The sources' health as last reported.
     reported_sources: Vec<SourceHealth>,
+    /// The applied state's findings as last announced: a reload announces only
+    /// what is new (every pod status update reloads in live mode).
+    announced: BTreeSet<String>,
 }
 
 /// Reader of the programs' aya-log records, forwarding them to `log`.
@@ -330,6 +348,7 @@ impl Agent {
             reloads: (0, 0),
             kernel_log,
             reported_sources: Vec::new(),
+            announced: Default::default(),
         };
         at(Startup::Loaded);
         // The report is how a failure would be told: without it, give up.
@@ -356,6 +375,9 @@ impl Agent {
             Ok(()) => {
                 self.failure = None;
                 self.reloads.0 += 1;
+                let findings = self.findings();
+                self.source.announce(findings, &self.announced);
+                self.announced = findings.iter().map(ToString::to_string).collect();
             }
             Err(error) => {
                 self.failure = Some(Failure {
@@ -722,9 +744,6 @@ impl Agent {
                     applied.stats.written,
                     applied.stats.removed,
                 );
-                for finding in &applied.model.findings {
-                    log::warn!("state finding: {finding}");
-                }
             }
             Err(error) => log::error!(
                 "state not applied, the kernel keeps the previous one: {}",

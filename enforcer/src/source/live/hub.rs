@@ -159,6 +159,8 @@ pub struct Hub {
     /// Local interfaces by MAC; a test may swap the lookup.
     interfaces: fn() -> BTreeMap<String, String>,
     view: watch::Sender<Arc<LiveView>>,
+    /// Where the applied state's findings go to become Events (`findings::spawn`).
+    findings: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Vec<crate::model::Finding>>>>,
 }
 
 impl Hub {
@@ -181,9 +183,25 @@ impl Hub {
             node_name,
             interfaces,
             view: watch::Sender::new(Arc::default()),
+            findings: Mutex::new(None),
         };
         hub.update(|_| {});
         Arc::new(hub)
+    }
+
+    pub(super) fn set_findings_sink(
+        &self,
+        sink: tokio::sync::mpsc::UnboundedSender<Vec<crate::model::Finding>>,
+    ) {
+        *self.findings.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink);
+    }
+
+    /// The findings of the state just applied from this hub's view: each becomes
+    /// an Event on its object (rate-limited), where Events are published.
+    pub fn report_findings(&self, findings: &[crate::model::Finding]) {
+        if let Some(sink) = &*self.findings.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = sink.send(findings.to_vec());
+        }
     }
 
     /// The latest view, and its changes.

@@ -5,6 +5,7 @@
 
 pub mod controller;
 pub mod ec2;
+pub mod findings;
 pub mod hub;
 pub mod imds;
 pub mod kube;
@@ -79,6 +80,7 @@ pub async fn start(config: &LiveConfig) -> Result<Arc<Hub>, LiveError> {
         }
     );
     kube::spawn(kube.clone(), &config.node_name, hub.clone());
+    findings::spawn(kube.clone(), &config.node_name, &hub);
     imds::spawn(imds::client(), hub.clone(), IMDS_INTERVAL);
     if mode == Ec2Mode::Controller {
         controller::follow::spawn(kube, &config.node_name, hub.clone(), config.view_max_age);
