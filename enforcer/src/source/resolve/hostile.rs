@@ -257,7 +257,7 @@ fn queries(model: &Model) -> Vec<Query> {
                 queries.push(Query {
                     direction,
                     peer,
-                    l4: l4.clone(),
+                    l4: *l4,
                 });
             }
         }

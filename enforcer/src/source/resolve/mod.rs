@@ -475,7 +475,7 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
             ));
         }
     }
-    branch_pods.sort_by(|a, b| (a.vlan, a.key()).cmp(&(b.vlan, b.key())));
+    branch_pods.sort_by_key(|p| (p.vlan, p.key()));
     // One pod per VLAN in the kernel: the first claimant stands quarantined for all.
     branch_pods.dedup_by_key(|p| p.vlan);
     let warnings = unknown.into_iter().map(|reference| {
