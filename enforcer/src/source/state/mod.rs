@@ -14,7 +14,9 @@ use serde_json::Value;
 
 pub(crate) use ec2::{NetworkInterface, rule_counts};
 pub use k8s::ACTION_ANNOTATION;
-pub(crate) use k8s::{BranchEni, POD_ENI_ANNOTATION, Pod, ServiceAccount};
+#[cfg(feature = "live")]
+pub(crate) use k8s::POD_ENI_ANNOTATION;
+pub(crate) use k8s::{BranchEni, Pod, ServiceAccount};
 use reader::{Field, Invalid, Problems};
 
 use crate::model::sgp::SecurityGroupPolicy;
