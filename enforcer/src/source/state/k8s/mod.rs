@@ -8,7 +8,9 @@ mod policy;
 
 pub(crate) use node::node_config;
 pub use pod::ACTION_ANNOTATION;
-pub(crate) use pod::{BranchEni, POD_ENI_ANNOTATION, Pod, pod};
+#[cfg(feature = "live")]
+pub(crate) use pod::POD_ENI_ANNOTATION;
+pub(crate) use pod::{BranchEni, Pod, pod};
 pub(crate) use policy::{ServiceAccount, security_group_policy, service_account};
 
 #[cfg(test)]
