@@ -266,7 +266,10 @@ pub fn random_model(rng: &mut Rng) -> Model {
         .enumerate()
         .map(|(i, vlan)| {
             let has_v6 = rng.chance(60);
-            let groups = (0..1 + rng.below(3))
+            // A pod without a group is how a quarantined pod is enforced
+            // (docs/isolation.md): only what is never filtered passes.
+            let count = if rng.chance(10) { 0 } else { 1 + rng.below(3) };
+            let groups = (0..count)
                 .map(|_| group_id(rng.below(GROUPS as u64) as usize))
                 .collect::<BTreeSet<_>>()
                 .into_iter()
