@@ -355,6 +355,12 @@ fn an_audited_pods_denied_flow_connects_and_is_reported_as_would_drop() {
         &format!("      enforcer.sgp.dev/action: audit\n{web_eni}"),
     );
     std::fs::write(&pods, annotated).expect("annotate web");
+    // A pod audits itself only where the node lets its namespace.
+    let config = node.state_dir().join("node-config.yaml");
+    let text = std::fs::read_to_string(&config).expect("read the NodeConfig");
+    assert_eq!(text.matches("auditNamespaces: []").count(), 1, "{text}");
+    let allowed = text.replace("auditNamespaces: []", "auditNamespaces: [shop]");
+    std::fs::write(&config, allowed).expect("let shop audit");
     node.start_agent()
         .expect("restart the agent on the audited state");
 

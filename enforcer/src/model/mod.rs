@@ -565,7 +565,7 @@ impl Model {
                 object: format!("Pod {}", pod.key()),
                 field: None,
                 message: format!(
-                    "quarantined (VLAN {}: drops what security groups filter): {reason}",
+                    "VLAN {} drops what security groups filter: {reason}",
                     pod.vlan
                 ),
             },

@@ -518,7 +518,9 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
                     file,
                     object: format!("Pod {key}"),
                     field: None,
-                    message: format!("quarantined: {reason}"),
+                    message: format!(
+                        "not enforced (another claimant stands quarantined for the VLAN): {reason}"
+                    ),
                 },
             });
         }

@@ -482,7 +482,7 @@ fn groups_over_quota_quarantine_the_pod() {
     dir.error(&[
         "pods.json",
         "Pod shop/payments",
-        "quarantined",
+        "VLAN 2 drops what security groups filter",
         "2 security groups (sg-0db, sg-0vpn) from SecurityGroupPolicies db, payments",
         "quota of 1 per branch ENI",
     ]);
