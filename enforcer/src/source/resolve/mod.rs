@@ -254,16 +254,11 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
         let pod = &located.item;
         let here = on_node(pod);
         if here && !pod.host_network {
-            for problem in &pod.unreadable_action {
-                let message = format!("{}: the annotation is ignored", problem.message);
-                findings.push(
-                    FindingKind::Ignored,
-                    StateError {
-                        message,
-                        ..problem.clone()
-                    },
-                );
-            }
+            findings.extend(
+                FindingKind::Ignored,
+                &pod.unreadable_action,
+                "the annotation is ignored",
+            );
         }
         if !located.is_sound() || pod.unreadable_branch.is_some() {
             let vlan = pod
@@ -320,20 +315,11 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
                     } else {
                         FindingKind::Ignored
                     };
-                    for problem in problems {
-                        let message = format!(
-                            "{}: the pod is set aside (its addresses are members of no group \
-                             through it)",
-                            problem.message
-                        );
-                        findings.push(
-                            kind,
-                            StateError {
-                                message,
-                                ..problem.clone()
-                            },
-                        );
-                    }
+                    findings.extend(
+                        kind,
+                        problems,
+                        "the pod is set aside (its addresses are members of no group through it)",
+                    );
                 }
             }
             continue;
@@ -608,6 +594,25 @@ impl Findings {
         self.0.push(Finding { kind, at });
     }
 
+    /// Each of `problems` as a finding of `kind`, with `what` after its message.
+    fn extend<'e>(
+        &mut self,
+        kind: FindingKind,
+        problems: impl IntoIterator<Item = &'e StateError>,
+        what: &str,
+    ) {
+        for problem in problems {
+            let message = format!("{}: {what}", problem.message);
+            self.push(
+                kind,
+                StateError {
+                    message,
+                    ..problem.clone()
+                },
+            );
+        }
+    }
+
     /// The objects read whole; each other one is a finding (`what` says what follows).
     fn sound<K: Ord, T>(
         &mut self,
@@ -626,16 +631,7 @@ impl Findings {
         let (sound, unsound): (BTreeMap<_, _>, BTreeMap<_, _>) =
             objects.into_iter().partition(|(_, o)| o.is_sound());
         for object in unsound.values() {
-            for problem in &object.problems {
-                let message = format!("{}: {what}", problem.message);
-                self.push(
-                    FindingKind::Skipped,
-                    StateError {
-                        message,
-                        ..problem.clone()
-                    },
-                );
-            }
+            self.extend(FindingKind::Skipped, &object.problems, what);
         }
         (sound, unsound)
     }

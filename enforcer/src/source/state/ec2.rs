@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use super::reader::{Field, Invalid, Problems};
-use super::{Inventory, Located, Reference, Target};
+use super::{Inventory, Reference, Target};
 use crate::model::{Cidr, Direction, GroupId, L4Match, Peer, Rule, SecurityGroup};
 
 /// `describe-network-interfaces`: what matters is which addresses carry which groups.
@@ -77,21 +77,15 @@ pub(crate) fn security_groups(file: &Path, list: Field, inventory: &mut Inventor
         inventory.add_references(file, &object, references);
         // A group with a bad rule is still defined (the resolver sets it aside):
         // references to it must not add a second, misleading error.
-        match id {
-            Some(id) => {
-                let group = SecurityGroup {
-                    id,
-                    name,
-                    description,
-                    tags,
-                    ingress,
-                    egress,
-                };
-                let located = Located::with_problems(file, object, group, problems);
-                inventory.groups.push(located);
-            }
-            None => problems.report(file, &object, &mut inventory.errors),
-        }
+        let group = id.map(|id| SecurityGroup {
+            id,
+            name,
+            description,
+            tags,
+            ingress,
+            egress,
+        });
+        inventory.admit(|i| &mut i.groups, file, object, group, problems);
     }
 }
 
@@ -144,21 +138,15 @@ pub(crate) fn network_interfaces(file: &Path, list: Field, inventory: &mut Inven
             Some(id) => format!("NetworkInterface {id}"),
             None => format!("NetworkInterfaces[{i}]"),
         };
-        match id {
-            Some(id) => {
-                let eni = NetworkInterface {
-                    id,
-                    groups,
-                    addresses,
-                    prefixes,
-                    dns_name,
-                    network_load_balancer,
-                };
-                let located = Located::with_problems(file, object, eni, problems);
-                inventory.interfaces.push(located);
-            }
-            None => problems.report(file, &object, &mut inventory.errors),
-        }
+        let eni = id.map(|id| NetworkInterface {
+            id,
+            groups,
+            addresses,
+            prefixes,
+            dns_name,
+            network_load_balancer,
+        });
+        inventory.admit(|i| &mut i.interfaces, file, object, eni, problems);
     }
 }
 
@@ -176,13 +164,8 @@ pub(crate) fn prefix_list(file: &Path, root: Field, inventory: &mut Inventory) {
         Some(id) => format!("PrefixList {id}"),
         None => "PrefixList".to_string(),
     };
-    match id {
-        Some(id) => {
-            let located = Located::with_problems(file, object, (id, cidrs), problems);
-            inventory.prefix_lists.push(located);
-        }
-        None => problems.report(file, &object, &mut inventory.errors),
-    }
+    let list = id.map(|id| (id, cidrs));
+    inventory.admit(|i| &mut i.prefix_lists, file, object, list, problems);
 }
 
 /// The elements of an optional list member; a non-list is recorded.

@@ -202,6 +202,25 @@ impl Inventory {
         });
     }
 
+    /// A named object (`item`) joins its list with what could not be read of it;
+    /// an unnamed one cannot be attributed, so its problems refuse the state.
+    pub fn admit<T>(
+        &mut self,
+        list: impl FnOnce(&mut Self) -> &mut Vec<Located<T>>,
+        file: &Path,
+        object: String,
+        item: Option<T>,
+        problems: Problems,
+    ) {
+        match item {
+            Some(item) => {
+                let located = Located::with_problems(file, object, item, problems);
+                list(self).push(located);
+            }
+            None => problems.report(file, &object, &mut self.errors),
+        }
+    }
+
     pub fn add_references(&mut self, file: &Path, object: &str, references: Vec<Reference>) {
         let located = references
             .into_iter()

@@ -19,18 +19,12 @@ pub(crate) fn service_account(file: &Path, root: Field, inventory: &mut Inventor
     let (namespace, name) = namespaced_name(&root, &mut problems);
     let labels = labels(&root, &mut problems);
     let object = object_name("ServiceAccount", &namespace, name.as_deref());
-    match name {
-        Some(name) => {
-            let account = ServiceAccount {
-                namespace,
-                name,
-                labels,
-            };
-            let located = Located::with_problems(file, object, account, problems);
-            inventory.service_accounts.push(located);
-        }
-        None => problems.report(file, &object, &mut inventory.errors),
-    }
+    let account = name.map(|name| ServiceAccount {
+        namespace,
+        name,
+        labels,
+    });
+    inventory.admit(|i| &mut i.service_accounts, file, object, account, problems);
 }
 
 pub(crate) fn security_group_policy(file: &Path, root: Field, inventory: &mut Inventory) {
