@@ -57,7 +57,8 @@ pub const CONTROLLER: &[KubernetesRead] = &[
     KubernetesRead {
         group: "enforcer.sgp.dev",
         resource: "securitygroupviews",
-        verbs: &["delete", "list", "patch", "watch"],
+        // A server-side apply that creates its object is authorized as `create`.
+        verbs: &["create", "delete", "list", "patch", "watch"],
     },
     KubernetesRead {
         group: "enforcer.sgp.dev",

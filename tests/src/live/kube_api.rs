@@ -509,7 +509,11 @@ async fn dispatch(state: State<Shared>, request: axum::extract::Request) -> Resp
                 true => ("enforcer.sgp.dev", "securitygroupviews/status"),
                 false => Kind::SecurityGroupView.resource(),
             };
-            record(resource, "patch");
+            // Kubernetes authorizes a server-side apply that creates its object as
+            // `create` ("Patch and apply" in the API concepts), otherwise as `patch`.
+            let key = (Kind::SecurityGroupView, String::new(), name.clone());
+            let exists = shared.store.lock().unwrap().objects.contains_key(&key);
+            record(resource, if exists || status { "patch" } else { "create" });
             let Ok(object) = parsed() else {
                 return failure(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
             };
