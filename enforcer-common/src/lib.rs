@@ -973,11 +973,18 @@ impl Reason {
     }
 }
 
+/// Bytes of a pod identity in [`PodUid`]: a Kubernetes UID (a UUID, 36 bytes) fits;
+/// a longer identity is stored as its digest (`BranchPod::identity`).
+pub const POD_IDENTITY_BYTES: usize = 48;
+
+/// Bytes of a security group ID in [`PodGroups`] and [`RuleName`] (EC2's are 11 or 20).
+pub const GROUP_ID_BYTES: usize = 32;
+
 /// Key of `POD_MODES`: a Kubernetes pod UID (a UUID), zero-padded.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PodUid {
-    pub uid: [u8; 48],
+    pub uid: [u8; POD_IDENTITY_BYTES],
 }
 
 /// Value of `RULES`: the group, direction and index a rule ID stands for.
@@ -985,7 +992,7 @@ pub struct PodUid {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuleName {
     /// The security group ID, zero-padded.
-    pub group: [u8; 32],
+    pub group: [u8; GROUP_ID_BYTES],
     /// Index of the rule in the group's rules of that direction.
     pub index: u32,
     /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
@@ -1003,7 +1010,7 @@ pub struct PodGroups {
     /// How many of `groups` are in use.
     pub count: u8,
     pub _pad: [u8; 3],
-    pub groups: [[u8; 32]; MAX_GROUPS_PER_POD],
+    pub groups: [[u8; GROUP_ID_BYTES]; MAX_GROUPS_PER_POD],
 }
 
 /// A pod's traffic by verdict (per CPU, indexed by VLAN in `POD_TRAFFIC`): each frame

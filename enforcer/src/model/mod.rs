@@ -496,13 +496,24 @@ impl BranchPod {
     }
 
     /// What tells this pod from another of the same name or VLAN: its UID, or
-    /// `namespace/name` for an object without one.
+    /// `namespace/name` for an object without one. One longer than the kernel's
+    /// key holds is given as its digest, so that no pod is refused for its name.
     pub fn identity(&self) -> String {
-        if self.uid.is_empty() {
+        let identity = if self.uid.is_empty() {
             self.key()
         } else {
             self.uid.clone()
+        };
+        if identity.len() <= enforcer_common::POD_IDENTITY_BYTES {
+            return identity;
         }
+        // FNV-1a: stable across builds, so an upgraded agent finds what it kept.
+        let digest = identity
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+        format!("fnv1a64:{digest:016x}")
     }
 
     pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {

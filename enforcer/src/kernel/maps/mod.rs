@@ -87,8 +87,8 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> MapsError {
     move |source| MapsError::Map { map, source }
 }
 
-const UID_BYTES: usize = 48;
-const GROUP_BYTES: usize = 32;
+const UID_BYTES: usize = enforcer_common::POD_IDENTITY_BYTES;
+const GROUP_BYTES: usize = enforcer_common::GROUP_ID_BYTES;
 
 /// Typed handles on every map userspace fills or reads.
 pub struct KernelMaps {

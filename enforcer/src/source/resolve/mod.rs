@@ -535,7 +535,14 @@ pub fn quarantine_unknown_groups(model: &mut Model) {
             continue;
         }
         let missing = undefined(&pod.groups);
-        if !missing.is_empty() {
+        if pod.groups.len() > enforcer_common::MAX_GROUPS_PER_POD {
+            let reason = format!(
+                "{} security groups: more than a branch ENI carries ({})",
+                pod.groups.len(),
+                enforcer_common::MAX_GROUPS_PER_POD
+            );
+            held.push((index, reason, QuarantineCause::Pod));
+        } else if !missing.is_empty() {
             let cause = match pod.facts.groups_source {
                 GroupsSource::Policies => QuarantineCause::Policies,
                 GroupsSource::BranchEni | GroupsSource::Pinned => QuarantineCause::Pod,

@@ -926,3 +926,54 @@ fn a_branch_annotation_that_cannot_be_read() {
     );
     assert_eq!(model.members, baseline.members);
 }
+
+/// What the kernel cannot hold is never a reason to refuse the node: an identity
+/// longer than its key is held as a digest, a group ID longer than any is set
+/// aside, and more groups than a branch ENI carries quarantine the pod.
+#[test]
+fn what_the_kernel_cannot_hold_is_isolated() {
+    let long_uid = "u".repeat(60);
+    let pod = |name: &str, uid: &str, vlan: u16, eni: &str| {
+        format!(
+            r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "{name}", "namespace": "shop", "uid": "{uid}", "labels": {{}},
+                "annotations": {{"vpc.amazonaws.com/pod-eni": "[{{\"eniId\":\"{eni}\",\"ifAddress\":\"02:00:00:00:00:01\",\"privateIp\":\"10.0.1.{vlan}\",\"vlanId\":{vlan}}}]"}}}},
+                "spec": {{"nodeName": "{NODE}"}}}}"#
+        )
+    };
+    let groups: Vec<String> = (0..17).map(|i| format!("sg-0many{i:012}")).collect();
+    let many: Vec<String> = groups
+        .iter()
+        .map(|id| format!(r#"{{"GroupId": "{id}", "GroupName": "m", "Description": "", "IpPermissions": [], "IpPermissionsEgress": []}}"#))
+        .collect();
+    let pairs: Vec<String> = groups
+        .iter()
+        .map(|id| format!(r#"{{"GroupId": "{id}"}}"#))
+        .collect();
+    let long_group = format!("sg-{}", "0".repeat(40));
+    let dir = StateDir::with_node()
+        .file("long.json", &pod("long", &long_uid, 7, "eni-7"))
+        .file("crowded.json", &pod("crowded", "u-crowded", 8, "eni-8"))
+        .file("many.json", &format!(r#"{{"SecurityGroups": [{}]}}"#, many.join(",")))
+        .file(
+            "enis.json",
+            &format!(
+                r#"{{"NetworkInterfaces": [{{"NetworkInterfaceId": "eni-8", "Groups": [{}], "PrivateIpAddress": "10.0.1.8"}}]}}"#,
+                pairs.join(",")
+            ),
+        )
+        .file("long-group.json", &group(&long_group, "[]", "[]"));
+    let model = dir.model();
+    let long = model.pod("shop/long").unwrap();
+    assert!(long.facts.quarantine.is_none());
+    assert_eq!(long.identity().len(), "fnv1a64:".len() + 16);
+    assert_ne!(long.identity(), long_uid);
+    let (reason, cause) = quarantine_of(&model, "shop/crowded");
+    assert!(reason.contains("17 security groups"), "{reason}");
+    assert_eq!(cause, QuarantineCause::Pod);
+    assert!(!model.groups.contains_key(&long_group));
+    assert!(
+        model
+            .findings_of(FindingKind::Skipped)
+            .any(|f| f.at.object == format!("SecurityGroup {long_group}"))
+    );
+}

@@ -49,7 +49,14 @@ pub(crate) fn security_groups(file: &Path, list: Field, inventory: &mut Inventor
         let group = Field::root(item.value);
         let mut problems = Problems::default();
         let mut references = Vec::new();
-        let id = problems.ok(group.require("GroupId").and_then(|f| group_id(&f)));
+        // A group named by something that is not a group ID is still that object:
+        // it is set aside, and the state is refused only for a group without a name.
+        let id = problems.ok(group
+            .require("GroupId")
+            .and_then(|f| f.name().map(str::to_string)));
+        if let (Some(_), Some(field)) = (&id, group.get("GroupId")) {
+            problems.ok(group_id(&field));
+        }
         let text = |key, problems: &mut Problems| {
             group
                 .get(key)
@@ -182,6 +189,15 @@ fn group_id(field: &Field) -> Result<GroupId, Invalid> {
         return Err(Invalid::new(
             &field.path,
             format!("{id:?} is not a security group ID (sg-…)"),
+        ));
+    }
+    if id.len() > enforcer_common::GROUP_ID_BYTES {
+        return Err(Invalid::new(
+            &field.path,
+            format!(
+                "{id:?} is longer than any security group ID ({} bytes at most)",
+                enforcer_common::GROUP_ID_BYTES
+            ),
         ));
     }
     Ok(id.to_string())
@@ -713,8 +729,8 @@ mod tests {
         let expected = [
             "SecurityGroup sg-0a: IpPermissions[0].ToPort",
             "SecurityGroup sg-0a: IpPermissions[0].IpRanges[0].CidrIp",
-            "SecurityGroups[1]: GroupId: \"0b\" is not a security group ID",
-            "SecurityGroups[1]: IpPermissionsEgress[0].IpProtocol",
+            "SecurityGroup 0b: GroupId: \"0b\" is not a security group ID",
+            "SecurityGroup 0b: IpPermissionsEgress[0].IpProtocol",
             "SecurityGroups[2]: GroupId: missing",
         ];
         // Unnamed groups cannot be set aside: the state is refused, with every problem.
