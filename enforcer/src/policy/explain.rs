@@ -832,6 +832,31 @@ mod tests {
     }
 
     #[test]
+    fn a_quarantined_pod_says_why() {
+        let mut m = setup(EnforcingMode::Strict);
+        let https = query(Direction::Ingress, "192.0.2.1", "tcp", Some(443));
+        assert_eq!(explain(&m, &m.pods[0], &https).verdict, "allow");
+        m.quarantine(
+            0,
+            "SecurityGroupPolicy default/x cannot be read".into(),
+            crate::model::QuarantineCause::Policies,
+        );
+        let held = explain(&m, &m.pods[0], &https);
+        assert_eq!(held.verdict, "deny");
+        assert!(held.groups.is_empty());
+        let text = held.to_string();
+        assert!(
+            text.contains("QUARANTINED") && text.contains("default/x cannot be read"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&held).unwrap();
+        assert_eq!(
+            json["quarantine"].as_str(),
+            Some("SecurityGroupPolicy default/x cannot be read")
+        );
+    }
+
+    #[test]
     fn denied_flow_says_who_refused_and_why() {
         let m = setup(EnforcingMode::Strict);
         let x = explain(
