@@ -268,8 +268,8 @@ pub struct Agent {
     kernel_log: Option<KernelLog>,
     /// The sources' health as last reported.
     reported_sources: Vec<SourceHealth>,
-    /// The applied state's findings as last announced: a reload announces only
-    /// what is new (every pod status update reloads in live mode).
+    /// The applied state's findings as last logged: a reload logs only what is
+    /// new (every pod status update reloads in live mode).
     announced: BTreeSet<String>,
 }
 
