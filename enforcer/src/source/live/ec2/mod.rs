@@ -30,9 +30,19 @@ const FILTER_VALUES: usize = 100;
 pub const GROUPS_FILE: &str = "ec2-security-groups.json";
 pub const INTERFACES_FILE: &str = "ec2-network-interfaces.json";
 
-/// The document of the prefix list `id`.
+/// The document of the prefix list `id`. An ID EC2 would never give (a view's
+/// content is another process's) is named by its bytes in hex: a file name never
+/// holds a `/` or a dot-file, and no two IDs share a file.
 pub fn prefix_list_file(id: &str) -> String {
-    format!("ec2-prefix-list-{id}.json")
+    let plain = !id.is_empty()
+        && id.len() <= 64
+        && id.starts_with("pl-")
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if plain {
+        return format!("ec2-prefix-list-{id}.json");
+    }
+    let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("ec2-prefix-list-x{hex}.json")
 }
 
 /// An EC2 client as the SDK's default chain configures it (`AWS_ENDPOINT_URL_EC2`/

@@ -227,3 +227,47 @@ fn a_group_being_rewritten_keeps_its_last_whole_version() {
     assert!(assembly.update(&[]));
     assert!(!assembly.has("sg-web"));
 }
+
+/// A view is another process's content: a prefix list ID no EC2 would give (a `/`,
+/// a leading dot, the empty string) still makes a state file of its own, read back
+/// under its ID, instead of panicking the follower.
+#[test]
+fn any_prefix_list_id_makes_a_file_of_its_own() {
+    let ids = [
+        "pl-1", "pl-../x", "pl-a/b", ".hidden", "", "pl-a_b", "pl-a-b",
+    ];
+    let mut documents = Documents::default();
+    for id in ids {
+        let list = ManagedPrefixList::builder().prefix_list_id(id).build();
+        let entry = SdkEntry::builder().cidr("192.0.2.0/24").build();
+        documents.insert(
+            prefix_list_file(id),
+            pretty(&shapes::prefix_list(&list, &[entry])),
+        );
+    }
+    assert_eq!(
+        documents.files().count(),
+        ids.len(),
+        "no two IDs share a file"
+    );
+    assert!(documents.files().all(|(name, _)| !name.contains('/')));
+    let read = read_documents(Path::new("cluster"), &documents);
+    let mut read_ids: Vec<&str> = read
+        .prefix_lists
+        .iter()
+        .map(|l| l.item.0.as_str())
+        .collect();
+    read_ids.sort_unstable();
+    let mut expected = ids.to_vec();
+    expected.retain(|id| !id.is_empty());
+    expected.sort_unstable();
+    assert_eq!(read_ids, expected);
+    // A list without an ID cannot be attributed: it is the one error (the state
+    // is refused, the kernel keeps the last good one), never a panic.
+    assert_eq!(read.errors.len(), 1, "{:?}", read.errors);
+    assert!(
+        read.errors[0].to_string().contains("PrefixListId"),
+        "{:?}",
+        read.errors
+    );
+}
