@@ -76,12 +76,9 @@ pub(crate) fn resolve(dir: &Path, inventory: Inventory) -> Result<Model, Vec<Sta
     for reference in &references {
         let Reference { target, id, field } = &reference.item;
         if *target == Target::PrefixList && !prefix_lists.contains_key(id) {
-            let group = groups
-                .iter()
-                .find(|(_, g)| g.object == reference.object)
-                .map(|(gid, _)| gid.clone());
-            if let Some(group) = group {
-                groups.remove(&group);
+            // Only groups' rules name prefix lists: the object is `SecurityGroup <id>`.
+            let group = reference.object.strip_prefix("SecurityGroup ");
+            if group.is_some_and(|group| groups.remove(group).is_some()) {
                 let message = format!(
                     "prefix list {id} is not defined (no file has PrefixListId {id}): the \
                      group is set aside, pods that carry it are quarantined"
